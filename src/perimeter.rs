@@ -1,0 +1,534 @@
+//! The perimeter rule, in one place: it renders the IAM Deny policy attached to the lockdown
+//! group, and it classifies every recorded CloudTrail call as "would that policy allow or deny
+//! it?". The two must never disagree; `tests/agreement.rs` evaluates the rendered JSON against
+//! each record's request context and compares it with [`Perimeter::classify`].
+//!
+//! How a record maps onto IAM's request context (the modelling assumptions both sides share):
+//! - a call through a VPC endpoint has `aws:SourceVpc` = the endpoint's VPC from configuration
+//!   (CloudTrail records only the endpoint ID) and no `aws:SourceIp`; an endpoint that is not
+//!   listed, or that belongs to another account, is in some VPC we do not trust;
+//! - a call made by an AWS service for the user (`invokedBy`, a service DNS name or `AWS Internal`
+//!   as the source) has `aws:ViaAWSService` = true, `aws:CalledVia` = that service, and no
+//!   network keys;
+//! - any other call has `aws:SourceIp` = `sourceIPAddress` when that is a valid address.
+
+use std::collections::{BTreeMap, HashSet};
+use std::net::IpAddr;
+
+use ipnet::IpNet;
+use serde::Serialize;
+
+use crate::trail::Record;
+
+/// IAM's limit for a managed policy document, counted without whitespace.
+pub const MANAGED_POLICY_LIMIT: usize = 6_144;
+
+/// Actions that no IAM policy can deny (AWS documents that a Deny on them has no effect).
+const NEVER_DENIED: &[&str] = &["sts:GetCallerIdentity"];
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Perimeter {
+    pub account_id: String,
+    pub trusted_vpcs: Vec<String>,
+    /// Endpoint ID -> the VPC it lives in.
+    pub trusted_endpoints: BTreeMap<String, String>,
+    pub trusted_cidrs: Vec<IpNet>,
+    pub allow_aws_service_calls: bool,
+    pub called_via_services: Vec<String>,
+    pub allow_presigned_s3_reads: bool,
+    pub exempt_tag_key: Option<String>,
+    pub not_actions: Vec<String>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize)]
+#[serde(tag = "verdict", content = "reason", rename_all = "snake_case")]
+pub enum Verdict {
+    Allowed(AllowReason),
+    WouldDeny(DenyReason),
+    NotApplicable(SkipReason),
+}
+
+/// Declares a reason enum whose variants have stable snake_case names (used in output,
+/// metrics labels and the store).
+macro_rules! reasons {
+    ($(#[$meta:meta])* $name:ident { $($(#[$vmeta:meta])* $variant:ident = $text:literal,)* }) => {
+        $(#[$meta])*
+        #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+        pub enum $name { $($(#[$vmeta])* $variant,)* }
+
+        impl $name {
+            pub const ALL: &'static [$name] = &[$($name::$variant,)*];
+
+            pub fn as_str(self) -> &'static str {
+                match self { $($name::$variant => $text,)* }
+            }
+
+            pub fn from_name(text: &str) -> Option<$name> {
+                Self::ALL.iter().copied().find(|r| r.as_str() == text)
+            }
+        }
+
+        impl Serialize for $name {
+            fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+                s.serialize_str(self.as_str())
+            }
+        }
+    };
+}
+
+reasons!(AllowReason {
+    NotAction = "not_action",
+    Exempt = "exempt",
+    ViaAwsService = "via_aws_service",
+    CalledVia = "called_via",
+    PresignedRead = "presigned_read",
+    TrustedEndpoint = "trusted_endpoint",
+    TrustedCidr = "trusted_cidr",
+});
+
+reasons!(DenyReason {
+    /// A public address outside every trusted CIDR.
+    UntrustedIp = "untrusted_ip",
+    /// A VPC endpoint that is not listed (for example AWS-owned) or belongs to another account.
+    UntrustedEndpoint = "untrusted_endpoint",
+    /// A service acted for the user, but service calls are not allowed and it is not a
+    /// `called_via` service.
+    UntrustedService = "untrusted_service",
+    /// `sourceIPAddress` is neither an address nor a service name, so nothing proves the call
+    /// came from a trusted network.
+    UnrecognizedSource = "unrecognized_source",
+    /// No source address recorded at all.
+    NoSource = "no_source",
+});
+
+reasons!(SkipReason {
+    NoUserIdentity = "no_user_identity",
+    /// A role session, the root user, an AWS service: the group policy does not apply.
+    NotIamUser = "not_iam_user",
+    OtherAccount = "other_account",
+    /// Service events, console sign-ins, network-activity events: not API calls by the user.
+    NotApiCall = "not_api_call",
+    NoAction = "no_action",
+    /// Actions IAM never denies.
+    NeverDenied = "never_denied",
+});
+
+impl Verdict {
+    pub fn reason_name(&self) -> &'static str {
+        match self {
+            Verdict::Allowed(r) => r.as_str(),
+            Verdict::WouldDeny(r) => r.as_str(),
+            Verdict::NotApplicable(r) => r.as_str(),
+        }
+    }
+
+    pub fn kind_name(&self) -> &'static str {
+        match self {
+            Verdict::Allowed(_) => "allowed",
+            Verdict::WouldDeny(_) => "would_deny",
+            Verdict::NotApplicable(_) => "not_applicable",
+        }
+    }
+}
+
+/// Where the call came from, as the policy's condition keys see it.
+enum Origin<'a> {
+    Endpoint { id: &'a str, account: Option<&'a str> },
+    Service(&'a str),
+    Address(IpAddr),
+    Unrecognized,
+    Missing,
+}
+
+fn origin(record: &Record) -> Origin<'_> {
+    if let Some(id) = record.vpc_endpoint_id.as_deref().filter(|id| !id.is_empty()) {
+        return Origin::Endpoint {
+            id,
+            account: record.vpc_endpoint_account_id.as_deref().filter(|a| !a.is_empty()),
+        };
+    }
+    let invoked_by = record.user_identity.as_ref().and_then(|u| u.invoked_by.as_deref());
+    if let Some(service) = invoked_by.filter(|s| !s.is_empty()) {
+        return Origin::Service(service);
+    }
+    match record.source_ip_address.as_deref().map(str::trim) {
+        None | Some("") => Origin::Missing,
+        Some(source) => match source.parse::<IpAddr>() {
+            Ok(ip) => Origin::Address(ip),
+            Err(_) if source == "AWS Internal" || source.ends_with(".amazonaws.com") => Origin::Service(source),
+            Err(_) => Origin::Unrecognized,
+        },
+    }
+}
+
+impl Perimeter {
+    /// Would the rendered policy deny this recorded call? `exempt` answers whether a user name
+    /// carries the exemption tag (CloudTrail records do not carry tags).
+    pub fn classify(&self, record: &Record, exempt: &HashSet<String>) -> Verdict {
+        use Verdict::*;
+        let Some(identity) = record.user_identity.as_ref() else {
+            return NotApplicable(SkipReason::NoUserIdentity);
+        };
+        if identity.kind.as_deref() != Some("IAMUser") {
+            return NotApplicable(SkipReason::NotIamUser);
+        }
+        let account = identity.account_id.as_deref().or(record.recipient_account_id.as_deref());
+        if account != Some(self.account_id.as_str()) {
+            return NotApplicable(SkipReason::OtherAccount);
+        }
+        if matches!(
+            record.event_type.as_deref(),
+            Some("AwsServiceEvent" | "AwsConsoleSignIn" | "AwsVpceEvent")
+        ) {
+            return NotApplicable(SkipReason::NotApiCall);
+        }
+        let Some(action) = record.action() else {
+            return NotApplicable(SkipReason::NoAction);
+        };
+        if NEVER_DENIED.iter().any(|a| a.eq_ignore_ascii_case(&action)) {
+            return NotApplicable(SkipReason::NeverDenied);
+        }
+        if self.not_actions.iter().any(|pattern| action_matches(pattern, &action)) {
+            return Allowed(AllowReason::NotAction);
+        }
+        if self.exempt_tag_key.is_some() && identity.user_name.as_ref().is_some_and(|u| exempt.contains(u)) {
+            return Allowed(AllowReason::Exempt);
+        }
+        let origin = origin(record);
+        if let Origin::Service(service) = origin {
+            if self.allow_aws_service_calls {
+                return Allowed(AllowReason::ViaAwsService);
+            }
+            if self.called_via_services.iter().any(|s| s == service) {
+                return Allowed(AllowReason::CalledVia);
+            }
+        }
+        if self.allow_presigned_s3_reads
+            && action.eq_ignore_ascii_case("s3:GetObject")
+            && record.s3_auth_method.as_deref() == Some("QueryString")
+        {
+            return Allowed(AllowReason::PresignedRead);
+        }
+        match origin {
+            Origin::Endpoint { id, account } => {
+                let ours = account.is_none_or(|a| a == self.account_id);
+                if ours && self.trusted_endpoints.contains_key(id) {
+                    Allowed(AllowReason::TrustedEndpoint)
+                } else {
+                    WouldDeny(DenyReason::UntrustedEndpoint)
+                }
+            }
+            Origin::Address(ip) if self.trusted_cidrs.iter().any(|net| net.contains(&ip)) => {
+                Allowed(AllowReason::TrustedCidr)
+            }
+            Origin::Address(_) => WouldDeny(DenyReason::UntrustedIp),
+            Origin::Service(_) => WouldDeny(DenyReason::UntrustedService),
+            Origin::Unrecognized => WouldDeny(DenyReason::UnrecognizedSource),
+            Origin::Missing => WouldDeny(DenyReason::NoSource),
+        }
+    }
+
+    /// The IAM policy document for the lockdown group.
+    pub fn policy(&self) -> PolicyDocument {
+        let mut network = BTreeMap::new();
+        if self.allow_aws_service_calls {
+            network.insert("BoolIfExists", condition("aws:ViaAWSService", ["false".to_string()]));
+        }
+        if !self.called_via_services.is_empty() {
+            network.insert(
+                "ForAllValues:StringNotEquals",
+                condition("aws:CalledVia", self.called_via_services.iter().cloned()),
+            );
+        }
+        if !self.trusted_cidrs.is_empty() {
+            network.insert(
+                "NotIpAddressIfExists",
+                condition("aws:SourceIp", self.trusted_cidrs.iter().map(|n| n.to_string())),
+            );
+        }
+        if !self.trusted_vpcs.is_empty() {
+            network.insert(
+                "StringNotEqualsIfExists",
+                condition("aws:SourceVpc", self.trusted_vpcs.iter().cloned()),
+            );
+        }
+        if let Some(key) = &self.exempt_tag_key {
+            network
+                .entry("StringNotEqualsIfExists")
+                .or_default()
+                .insert(format!("aws:PrincipalTag/{key}"), vec!["true".to_string()]);
+        }
+
+        let mut not_actions = self.not_actions.clone();
+        let mut statements = Vec::new();
+        if self.allow_presigned_s3_reads {
+            not_actions.push("s3:GetObject".to_string());
+            let mut presigned = network.clone();
+            presigned
+                .entry("StringNotEqualsIfExists")
+                .or_default()
+                .insert("s3:authType".to_string(), vec!["REST-QUERY-STRING".to_string()]);
+            statements.push(Statement {
+                sid: "DenyObjectReadsOutsideTrustedNetworksUnlessPresigned",
+                effect: "Deny",
+                action: Some(vec!["s3:GetObject".to_string()]),
+                not_action: None,
+                resource: "*",
+                condition: presigned,
+            });
+        }
+        not_actions.sort();
+        not_actions.dedup();
+        statements.insert(
+            0,
+            Statement {
+                sid: "DenyOutsideTrustedNetworks",
+                effect: "Deny",
+                action: None,
+                not_action: Some(not_actions),
+                resource: "*",
+                condition: network,
+            },
+        );
+        PolicyDocument {
+            version: "2012-10-17",
+            statement: statements,
+        }
+    }
+}
+
+fn condition(key: &str, values: impl IntoIterator<Item = String>) -> BTreeMap<String, Vec<String>> {
+    BTreeMap::from([(key.to_string(), values.into_iter().collect())])
+}
+
+/// IAM action matching: case-insensitive, `*` any run, `?` one character.
+pub fn action_matches(pattern: &str, action: &str) -> bool {
+    fn go(p: &[u8], a: &[u8]) -> bool {
+        match (p.first(), a.first()) {
+            (None, None) => true,
+            (Some(b'*'), _) => go(&p[1..], a) || (!a.is_empty() && go(p, &a[1..])),
+            (Some(b'?'), Some(_)) => go(&p[1..], &a[1..]),
+            (Some(x), Some(y)) if x.eq_ignore_ascii_case(y) => go(&p[1..], &a[1..]),
+            _ => false,
+        }
+    }
+    go(pattern.as_bytes(), action.as_bytes())
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct PolicyDocument {
+    #[serde(rename = "Version")]
+    pub version: &'static str,
+    #[serde(rename = "Statement")]
+    pub statement: Vec<Statement>,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct Statement {
+    #[serde(rename = "Sid")]
+    pub sid: &'static str,
+    #[serde(rename = "Effect")]
+    pub effect: &'static str,
+    #[serde(rename = "Action", skip_serializing_if = "Option::is_none")]
+    pub action: Option<Vec<String>>,
+    #[serde(rename = "NotAction", skip_serializing_if = "Option::is_none")]
+    pub not_action: Option<Vec<String>>,
+    #[serde(rename = "Resource")]
+    pub resource: &'static str,
+    #[serde(rename = "Condition")]
+    pub condition: BTreeMap<&'static str, BTreeMap<String, Vec<String>>>,
+}
+
+#[derive(Debug, thiserror::Error)]
+#[error("the rendered policy is {size} characters without whitespace, over IAM's {MANAGED_POLICY_LIMIT}-character limit for a managed policy; trust fewer, wider CIDRs or fewer VPCs")]
+pub struct PolicyTooLarge {
+    pub size: usize,
+}
+
+impl PolicyDocument {
+    /// Compact JSON as IAM stores it, checked against the managed-policy size limit.
+    pub fn to_json(&self) -> Result<String, PolicyTooLarge> {
+        let json = serde_json::to_string(self).unwrap_or_default();
+        let size = json.chars().filter(|c| !c.is_whitespace()).count();
+        if size > MANAGED_POLICY_LIMIT {
+            return Err(PolicyTooLarge { size });
+        }
+        Ok(json)
+    }
+
+    pub fn to_pretty_json(&self) -> Result<String, PolicyTooLarge> {
+        self.to_json()?;
+        Ok(serde_json::to_string_pretty(self).unwrap_or_default())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::trail::UserIdentity;
+
+    const ACCOUNT: &str = "123456789012";
+
+    fn perimeter() -> Perimeter {
+        Perimeter {
+            account_id: ACCOUNT.into(),
+            trusted_vpcs: vec!["vpc-0a1b2c3d".into()],
+            trusted_endpoints: BTreeMap::from([("vpce-0123456789abcdef0".into(), "vpc-0a1b2c3d".into())]),
+            trusted_cidrs: vec!["203.0.113.0/24".parse().unwrap(), "2001:db8:1234::/48".parse().unwrap()],
+            allow_aws_service_calls: true,
+            called_via_services: vec!["athena.amazonaws.com".into()],
+            allow_presigned_s3_reads: true,
+            exempt_tag_key: Some("lockstep-exempt".into()),
+            not_actions: crate::config::DEFAULT_NOT_ACTIONS.iter().map(|s| s.to_string()).collect(),
+        }
+    }
+
+    fn call(source_ip: &str) -> Record {
+        Record {
+            event_source: Some("ec2.amazonaws.com".into()),
+            event_name: Some("DescribeInstances".into()),
+            event_type: Some("AwsApiCall".into()),
+            source_ip_address: Some(source_ip.into()),
+            recipient_account_id: Some(ACCOUNT.into()),
+            user_identity: Some(UserIdentity {
+                kind: Some("IAMUser".into()),
+                user_name: Some("alice".into()),
+                arn: Some(format!("arn:aws:iam::{ACCOUNT}:user/alice")),
+                account_id: Some(ACCOUNT.into()),
+                ..UserIdentity::default()
+            }),
+            ..Record::default()
+        }
+    }
+
+    fn with(mut r: Record, f: impl FnOnce(&mut Record)) -> Record {
+        f(&mut r);
+        r
+    }
+
+    #[test]
+    fn classifier_table() {
+        use AllowReason as A;
+        use DenyReason as D;
+        use SkipReason as S;
+        use Verdict::*;
+        let exempt: HashSet<String> = HashSet::from(["bob".to_string()]);
+        let via_endpoint = |id: &str, account: Option<&str>| {
+            with(call("10.1.2.3"), |r| {
+                r.vpc_endpoint_id = Some(id.into());
+                r.vpc_endpoint_account_id = account.map(Into::into);
+            })
+        };
+        let service = |source: &str, invoked_by: Option<&str>| {
+            with(call(source), |r| {
+                r.user_identity.as_mut().unwrap().invoked_by = invoked_by.map(Into::into);
+            })
+        };
+        let table: Vec<(&str, Record, Verdict)> = vec![
+            ("trusted IPv4", call("203.0.113.77"), Allowed(A::TrustedCidr)),
+            ("untrusted IPv4", call("198.51.100.1"), WouldDeny(D::UntrustedIp)),
+            ("IPv6 inside", call("2001:db8:1234:5::1"), Allowed(A::TrustedCidr)),
+            ("IPv6 outside", call("2001:db8:9999::1"), WouldDeny(D::UntrustedIp)),
+            ("trusted endpoint", via_endpoint("vpce-0123456789abcdef0", None), Allowed(A::TrustedEndpoint)),
+            ("trusted endpoint, our account", via_endpoint("vpce-0123456789abcdef0", Some(ACCOUNT)), Allowed(A::TrustedEndpoint)),
+            ("AWS-owned endpoint (S3 console)", via_endpoint("vpce-0aaaaaaaaaaaaaaaa", Some("999999999999")), WouldDeny(D::UntrustedEndpoint)),
+            ("listed endpoint id, other account", via_endpoint("vpce-0123456789abcdef0", Some("999999999999")), WouldDeny(D::UntrustedEndpoint)),
+            ("endpoint without a trusted mapping", via_endpoint("vpce-0bbbbbbbbbbbbbbbb", None), WouldDeny(D::UntrustedEndpoint)),
+            ("service DNS name as source", service("athena.amazonaws.com", None), Allowed(A::ViaAwsService)),
+            ("invokedBy", service("athena.amazonaws.com", Some("athena.amazonaws.com")), Allowed(A::ViaAwsService)),
+            ("AWS Internal", service("AWS Internal", None), Allowed(A::ViaAwsService)),
+            ("zero-padded junk IP", call("035.249.253.232"), WouldDeny(D::UnrecognizedSource)),
+            ("no source at all", with(call(""), |r| r.source_ip_address = None), WouldDeny(D::NoSource)),
+            ("exempt user", with(call("198.51.100.1"), |r| r.user_identity.as_mut().unwrap().user_name = Some("bob".into())), Allowed(A::Exempt)),
+            ("not-action service", with(call("198.51.100.1"), |r| {
+                r.event_source = Some("es.amazonaws.com".into());
+                r.event_name = Some("ESHttpGet".into());
+            }), Allowed(A::NotAction)),
+            ("presigned read from anywhere", with(call("198.51.100.1"), |r| {
+                r.event_source = Some("s3.amazonaws.com".into());
+                r.event_name = Some("GetObject".into());
+                r.s3_auth_method = Some("QueryString".into());
+            }), Allowed(A::PresignedRead)),
+            ("header-signed read from outside", with(call("198.51.100.1"), |r| {
+                r.event_source = Some("s3.amazonaws.com".into());
+                r.event_name = Some("GetObject".into());
+                r.s3_auth_method = Some("AuthHeader".into());
+            }), WouldDeny(D::UntrustedIp)),
+            ("presigned put is not a read", with(call("198.51.100.1"), |r| {
+                r.event_source = Some("s3.amazonaws.com".into());
+                r.event_name = Some("PutObject".into());
+                r.s3_auth_method = Some("QueryString".into());
+            }), WouldDeny(D::UntrustedIp)),
+            ("console session from outside", with(call("198.51.100.1"), |r| {
+                r.user_identity.as_mut().unwrap().access_key_id = Some("ASIAEXAMPLE".into());
+            }), WouldDeny(D::UntrustedIp)),
+            ("missing userIdentity", with(call("198.51.100.1"), |r| r.user_identity = None), NotApplicable(S::NoUserIdentity)),
+            ("assumed role", with(call("198.51.100.1"), |r| r.user_identity.as_mut().unwrap().kind = Some("AssumedRole".into())), NotApplicable(S::NotIamUser)),
+            ("other account", with(call("198.51.100.1"), |r| {
+                r.user_identity.as_mut().unwrap().account_id = Some("999999999999".into());
+            }), NotApplicable(S::OtherAccount)),
+            ("service event", with(call("198.51.100.1"), |r| r.event_type = Some("AwsServiceEvent".into())), NotApplicable(S::NotApiCall)),
+            ("console sign-in", with(call("198.51.100.1"), |r| r.event_type = Some("AwsConsoleSignIn".into())), NotApplicable(S::NotApiCall)),
+            ("GetCallerIdentity", with(call("198.51.100.1"), |r| {
+                r.event_source = Some("sts.amazonaws.com".into());
+                r.event_name = Some("GetCallerIdentity".into());
+            }), NotApplicable(S::NeverDenied)),
+        ];
+        let p = perimeter();
+        for (name, record, expected) in table {
+            assert_eq!(p.classify(&record, &exempt), expected, "{name}");
+        }
+    }
+
+    #[test]
+    fn service_calls_when_only_called_via_is_trusted() {
+        let p = Perimeter {
+            allow_aws_service_calls: false,
+            ..perimeter()
+        };
+        let none = HashSet::new();
+        let athena = with(call("athena.amazonaws.com"), |r| {
+            r.user_identity.as_mut().unwrap().invoked_by = Some("athena.amazonaws.com".into())
+        });
+        assert_eq!(p.classify(&athena, &none), Verdict::Allowed(AllowReason::CalledVia));
+        let cfn = with(call("cloudformation.amazonaws.com"), |r| {
+            r.user_identity.as_mut().unwrap().invoked_by = Some("cloudformation.amazonaws.com".into())
+        });
+        assert_eq!(p.classify(&cfn, &none), Verdict::WouldDeny(DenyReason::UntrustedService));
+    }
+
+    #[test]
+    fn action_patterns() {
+        assert!(action_matches("es:ES*", "es:ESHttpGet"));
+        assert!(action_matches("elasticfilesystem:client*", "elasticfilesystem:ClientMount"));
+        assert!(action_matches("s3:Get?bject", "S3:GETOBJECT"));
+        assert!(!action_matches("dax:*", "dynamodb:GetItem"));
+        assert!(!action_matches("rds-db:connect", "rds-db:connectx"));
+    }
+
+    #[test]
+    fn policy_is_deterministic_and_shaped() {
+        let doc = perimeter().policy();
+        let json = doc.to_pretty_json().unwrap();
+        assert_eq!(json, perimeter().policy().to_pretty_json().unwrap());
+        let value: serde_json::Value = serde_json::from_str(&json).unwrap();
+        assert_eq!(value["Version"], "2012-10-17");
+        let statements = value["Statement"].as_array().unwrap();
+        assert_eq!(statements.len(), 2);
+        assert!(statements[0]["NotAction"].as_array().unwrap().contains(&"s3:GetObject".into()));
+        assert_eq!(statements[1]["Action"][0], "s3:GetObject");
+        assert_eq!(statements[1]["Condition"]["StringNotEqualsIfExists"]["s3:authType"][0], "REST-QUERY-STRING");
+        assert_eq!(statements[0]["Condition"]["StringNotEqualsIfExists"]["aws:PrincipalTag/lockstep-exempt"][0], "true");
+    }
+
+    #[test]
+    fn oversized_policy_is_refused() {
+        let mut p = perimeter();
+        p.trusted_cidrs = (0..400u32)
+            .map(|i| IpNet::from(ipnet::Ipv4Net::new(std::net::Ipv4Addr::from(0x0b00_0000 + (i << 8)), 24).unwrap()))
+            .collect();
+        let err = p.policy().to_json().unwrap_err();
+        assert!(err.size > MANAGED_POLICY_LIMIT);
+        assert!(err.to_string().contains("6144"));
+    }
+}

@@ -1,0 +1,402 @@
+//! CloudTrail records: a tolerant model of one record and readers for the file shapes seen in the
+//! wild (`{"Records": [...]}` as CloudTrail writes it, a bare JSON array, or one record per line;
+//! each plain or gzip-compressed).
+//!
+//! Every field may be missing or null. A record that does not parse at all is reported with its
+//! position and skipped; the rest of the file is still read.
+
+use std::borrow::Cow;
+use std::fmt;
+use std::io::Read;
+use std::path::Path;
+
+use serde::Deserialize;
+use serde_json::value::RawValue;
+
+#[derive(Debug, Clone, Default, PartialEq, Deserialize)]
+#[serde(rename_all = "camelCase", default)]
+pub struct Record {
+    #[serde(rename = "eventID")]
+    pub event_id: Option<String>,
+    pub event_time: Option<String>,
+    pub event_source: Option<String>,
+    pub event_name: Option<String>,
+    pub event_type: Option<String>,
+    pub aws_region: Option<String>,
+    pub recipient_account_id: Option<String>,
+    #[serde(rename = "sourceIPAddress")]
+    pub source_ip_address: Option<String>,
+    pub error_code: Option<String>,
+    pub error_message: Option<String>,
+    pub user_identity: Option<UserIdentity>,
+    pub vpc_endpoint_id: Option<String>,
+    pub vpc_endpoint_account_id: Option<String>,
+    #[serde(deserialize_with = "auth_method", rename = "additionalEventData")]
+    pub s3_auth_method: Option<String>,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Deserialize)]
+#[serde(rename_all = "camelCase", default)]
+pub struct UserIdentity {
+    #[serde(rename = "type")]
+    pub kind: Option<String>,
+    pub arn: Option<String>,
+    pub user_name: Option<String>,
+    pub account_id: Option<String>,
+    pub access_key_id: Option<String>,
+    pub invoked_by: Option<String>,
+}
+
+/// Pulls `AuthenticationMethod` out of `additionalEventData`, which is an object in trail files
+/// and JSON text in Athena; anything else is ignored rather than failing the record.
+fn auth_method<'de, D: serde::Deserializer<'de>>(de: D) -> Result<Option<String>, D::Error> {
+    #[derive(Deserialize)]
+    struct Data {
+        #[serde(rename = "AuthenticationMethod")]
+        method: Option<String>,
+    }
+    let value = Option::<serde_json::Value>::deserialize(de)?;
+    Ok(match value {
+        Some(serde_json::Value::Object(map)) => map
+            .get("AuthenticationMethod")
+            .and_then(|m| m.as_str())
+            .map(str::to_string),
+        Some(serde_json::Value::String(text)) => serde_json::from_str::<Data>(&text).ok().and_then(|d| d.method),
+        _ => None,
+    })
+}
+
+/// How a recorded call was refused, if it was.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Denial {
+    /// "explicit deny in an identity-based policy", or the message names the lockdown policy:
+    /// what the lockdown policy produces.
+    ExplicitIdentityDeny,
+    /// Any other access denial ("no identity-based policy allows ...", SCPs, resource policies).
+    Other,
+}
+
+impl Record {
+    pub fn user_name(&self) -> Option<&str> {
+        self.user_identity.as_ref()?.user_name.as_deref()
+    }
+
+    pub fn user_arn(&self) -> Option<&str> {
+        self.user_identity.as_ref()?.arn.as_deref()
+    }
+
+    /// The IAM action, `s3:GetObject`, from event source and name.
+    pub fn action(&self) -> Option<String> {
+        let source = self.event_source.as_deref()?;
+        let name = self.event_name.as_deref()?;
+        Some(format!("{}:{name}", action_prefix(source)))
+    }
+
+    pub fn event_time(&self) -> Option<chrono::DateTime<chrono::Utc>> {
+        let text = self.event_time.as_deref()?;
+        chrono::DateTime::parse_from_rfc3339(text).ok().map(|t| t.to_utc())
+    }
+
+    /// Whether the call was refused for lack of permission, and how. Throttling and other errors
+    /// are not denials.
+    pub fn denial(&self, lockdown_policy: &str) -> Option<Denial> {
+        let code = self.error_code.as_deref()?;
+        let is_denial = code.starts_with("AccessDenied") || code.ends_with("UnauthorizedOperation");
+        if !is_denial {
+            return None;
+        }
+        let message = self.error_message.as_deref().unwrap_or("");
+        if names_policy(message, lockdown_policy) || message.contains("explicit deny in an identity-based policy") {
+            Some(Denial::ExplicitIdentityDeny)
+        } else {
+            Some(Denial::Other)
+        }
+    }
+}
+
+/// Whether a denial message ends with the ARN of the named policy (AWS appends the denying
+/// policy's ARN, `arn:aws:iam::<acct>:policy/[path/]<name>`, for same-account policies).
+fn names_policy(message: &str, name: &str) -> bool {
+    !name.is_empty()
+        && message.match_indices(":policy/").any(|(at, marker)| {
+            let arn_rest = &message[at + marker.len()..];
+            let token = arn_rest.split(char::is_whitespace).next().unwrap_or("");
+            let token = token.trim_end_matches(['.', ',', ')']);
+            token == name || token.ends_with(&format!("/{name}"))
+        })
+}
+
+/// The IAM service prefix for an event source; most are the host's first label.
+pub fn action_prefix(event_source: &str) -> &str {
+    let host = event_source.strip_suffix(".amazonaws.com").unwrap_or(event_source);
+    match host {
+        "monitoring" => "cloudwatch",
+        "email" => "ses",
+        "elasticmapreduce" => "elasticmapreduce",
+        "runtime.sagemaker" | "api.sagemaker" => "sagemaker",
+        "execute-api" => "execute-api",
+        other => other.split('.').next().unwrap_or(other),
+    }
+}
+
+/// Where a bad record sits in its file.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Position {
+    /// Index into the `Records` array or the bare array.
+    Index(usize),
+    /// 1-based line of a one-record-per-line file.
+    Line(usize),
+    /// The file as a whole.
+    File,
+}
+
+impl fmt::Display for Position {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Position::Index(i) => write!(f, "record {i}"),
+            Position::Line(n) => write!(f, "line {n}"),
+            Position::File => write!(f, "file"),
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BadRecord {
+    pub position: Position,
+    pub reason: String,
+}
+
+/// What one file yielded.
+#[derive(Debug, Default)]
+pub struct Parsed {
+    pub records: Vec<Record>,
+    pub bad: Vec<BadRecord>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ReadError {
+    #[error("cannot read {path}: {source}")]
+    Io { path: String, source: std::io::Error },
+    #[error("{path}: {why}")]
+    Malformed { path: String, why: String },
+}
+
+/// Whether a file inside a directory looks like trail data (explicitly named files are always read).
+pub fn is_trail_file_name(name: &str) -> bool {
+    [".json", ".json.gz", ".jsonl", ".jsonl.gz", ".ndjson", ".ndjson.gz"]
+        .iter()
+        .any(|ext| name.ends_with(ext))
+}
+
+/// Expands files and directories (recursively, in name order) into the trail files to read.
+pub fn expand_inputs(inputs: &[std::path::PathBuf]) -> Vec<Result<std::path::PathBuf, ReadError>> {
+    let mut files = Vec::new();
+    for input in inputs {
+        if !input.is_dir() {
+            files.push(Ok(input.clone()));
+            continue;
+        }
+        for entry in walkdir::WalkDir::new(input).sort_by_file_name() {
+            match entry {
+                Ok(e) if e.file_type().is_file() && is_trail_file_name(&e.file_name().to_string_lossy()) => {
+                    files.push(Ok(e.into_path()))
+                }
+                Ok(_) => {}
+                Err(e) => files.push(Err(ReadError::Io {
+                    path: e.path().map(|p| p.display().to_string()).unwrap_or_else(|| input.display().to_string()),
+                    source: e.into(),
+                })),
+            }
+        }
+    }
+    files
+}
+
+/// Reads and parses one trail file from disk (gzip detected by its magic bytes).
+pub fn read_file(path: &Path) -> Result<Parsed, ReadError> {
+    let raw = std::fs::read(path).map_err(|source| ReadError::Io {
+        path: path.display().to_string(),
+        source,
+    })?;
+    parse_bytes(&raw).map_err(|why| ReadError::Malformed {
+        path: path.display().to_string(),
+        why,
+    })
+}
+
+/// Parses the bytes of one trail file, compressed or not.
+pub fn parse_bytes(raw: &[u8]) -> Result<Parsed, String> {
+    let text = decompress(raw)?;
+    let text = std::str::from_utf8(&text).map_err(|e| format!("not UTF-8 text: {e}"))?;
+    Ok(parse_text(text))
+}
+
+fn decompress(raw: &[u8]) -> Result<Cow<'_, [u8]>, String> {
+    if raw.starts_with(&[0x1f, 0x8b]) {
+        // Trail files are ~10x compressed; reserving up front avoids repeated regrowth.
+        let mut out = Vec::with_capacity(raw.len().saturating_mul(10));
+        flate2::read::MultiGzDecoder::new(raw)
+            .read_to_end(&mut out)
+            .map_err(|e| format!("bad gzip data: {e}"))?;
+        Ok(Cow::Owned(out))
+    } else {
+        Ok(Cow::Borrowed(raw))
+    }
+}
+
+/// Parses decompressed text in any of the accepted shapes.
+pub fn parse_text(text: &str) -> Parsed {
+    let trimmed = text.trim_start_matches('\u{feff}').trim_start();
+    if trimmed.starts_with('[') {
+        return parse_array(trimmed);
+    }
+    if trimmed.starts_with('{') {
+        #[derive(Deserialize)]
+        struct Envelope<'a> {
+            #[serde(rename = "Records", borrow)]
+            records: Vec<&'a RawValue>,
+        }
+        if let Ok(envelope) = serde_json::from_str::<Envelope>(trimmed) {
+            return parse_each(envelope.records.into_iter().enumerate().map(|(i, r)| (Position::Index(i), r.get())));
+        }
+    }
+    parse_lines(text)
+}
+
+fn parse_array(text: &str) -> Parsed {
+    match serde_json::from_str::<Vec<&RawValue>>(text) {
+        Ok(items) => parse_each(items.into_iter().enumerate().map(|(i, r)| (Position::Index(i), r.get()))),
+        Err(e) => Parsed {
+            records: Vec::new(),
+            bad: vec![BadRecord {
+                position: Position::File,
+                reason: format!("not a JSON array of records: {e}"),
+            }],
+        },
+    }
+}
+
+fn parse_lines(text: &str) -> Parsed {
+    let lines = text
+        .lines()
+        .enumerate()
+        .filter(|(_, line)| !line.trim().is_empty())
+        .map(|(n, line)| (Position::Line(n + 1), line));
+    let parsed = parse_each(lines);
+    if parsed.records.is_empty() && !parsed.bad.is_empty() {
+        // Nothing parsed line by line either: say what the file is not, once.
+        return Parsed {
+            records: Vec::new(),
+            bad: vec![BadRecord {
+                position: Position::File,
+                reason: format!(
+                    "not a CloudTrail file ({{\"Records\": [...]}}, a JSON array, or one record per line); first error at {}: {}",
+                    parsed.bad[0].position, parsed.bad[0].reason
+                ),
+            }],
+        };
+    }
+    parsed
+}
+
+fn parse_each<'a>(items: impl Iterator<Item = (Position, &'a str)>) -> Parsed {
+    let mut parsed = Parsed::default();
+    for (position, text) in items {
+        match serde_json::from_str::<Record>(text) {
+            Ok(record) => parsed.records.push(record),
+            Err(e) => parsed.bad.push(BadRecord {
+                position,
+                reason: e.to_string(),
+            }),
+        }
+    }
+    parsed
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const ONE: &str = r#"{"eventTime":"2024-01-02T03:04:05Z","eventSource":"s3.amazonaws.com","eventName":"GetObject",
+        "sourceIPAddress":"203.0.113.9","userIdentity":{"type":"IAMUser","userName":"alice","arn":"arn:aws:iam::123456789012:user/alice"},
+        "additionalEventData":{"AuthenticationMethod":"QueryString","SignatureVersion":"SigV4"}}"#;
+
+    #[test]
+    fn all_shapes_parse_to_the_same_record() {
+        let one = ONE.replace('\n', " ");
+        let shapes = [format!("{{\"Records\": [{one}]}}"), format!("[{one}]"), format!("{one}\n")];
+        for shape in shapes {
+            let parsed = parse_text(&shape);
+            assert!(parsed.bad.is_empty(), "{shape}: {:?}", parsed.bad);
+            assert_eq!(parsed.records.len(), 1);
+            let r = &parsed.records[0];
+            assert_eq!(r.user_name(), Some("alice"));
+            assert_eq!(r.action().as_deref(), Some("s3:GetObject"));
+            assert_eq!(r.s3_auth_method.as_deref(), Some("QueryString"));
+        }
+    }
+
+    #[test]
+    fn gzip_is_detected() {
+        use std::io::Write;
+        let mut enc = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
+        enc.write_all(format!("{{\"Records\": [{ONE}]}}").as_bytes()).unwrap();
+        let parsed = parse_bytes(&enc.finish().unwrap()).unwrap();
+        assert_eq!(parsed.records.len(), 1);
+        assert!(parse_bytes(&[0x1f, 0x8b, 0, 1, 2]).is_err());
+    }
+
+    #[test]
+    fn nulls_and_missing_fields_are_fine_and_bad_records_are_skipped() {
+        let text = r#"{"Records": [
+            {"eventTime": null, "userIdentity": null, "additionalEventData": "{\"AuthenticationMethod\":\"AuthHeader\"}"},
+            {"eventTime": 42},
+            {}
+        ]}"#;
+        let parsed = parse_text(text);
+        assert_eq!(parsed.records.len(), 2);
+        assert_eq!(parsed.records[0].s3_auth_method.as_deref(), Some("AuthHeader"));
+        assert_eq!(parsed.bad.len(), 1);
+        assert_eq!(parsed.bad[0].position, Position::Index(1));
+    }
+
+    #[test]
+    fn line_files_report_the_bad_line() {
+        let text = format!("{}\nnot json\n\n{}\n", ONE.replace('\n', " "), ONE.replace('\n', " "));
+        let parsed = parse_text(&text);
+        assert_eq!(parsed.records.len(), 2);
+        assert_eq!(parsed.bad[0].position, Position::Line(2));
+    }
+
+    #[test]
+    fn garbage_is_one_file_level_error() {
+        let parsed = parse_text("hello\nworld\n");
+        assert!(parsed.records.is_empty());
+        assert_eq!(parsed.bad.len(), 1);
+        assert_eq!(parsed.bad[0].position, Position::File);
+    }
+
+    #[test]
+    fn denials_are_told_apart() {
+        let mut r = Record {
+            error_code: Some("AccessDenied".into()),
+            error_message: Some("User: arn:aws:iam::1:user/a is not authorized to perform: s3:GetObject because no identity-based policy allows the s3:GetObject action".into()),
+            ..Record::default()
+        };
+        assert_eq!(r.denial("lockstep"), Some(Denial::Other));
+        r.error_message = Some("... with an explicit deny in an identity-based policy".into());
+        assert_eq!(r.denial("lockstep"), Some(Denial::ExplicitIdentityDeny));
+        r.error_message = Some("... explicit deny in an identity-based policy: arn:aws:iam::1:policy/lockstep".into());
+        assert_eq!(r.denial("lockstep"), Some(Denial::ExplicitIdentityDeny));
+        r.error_message = Some("User x is not authorized ... because no identity-based policy allows: arn:aws:iam::1:policy/team/lockstep".into());
+        assert_eq!(r.denial("lockstep"), Some(Denial::ExplicitIdentityDeny));
+        r.error_message = Some("... because no identity-based policy allows: arn:aws:iam::1:policy/lockstep-other".into());
+        assert_eq!(r.denial("lockstep"), Some(Denial::Other));
+        r.error_code = Some("Client.UnauthorizedOperation".into());
+        r.error_message = None;
+        assert_eq!(r.denial("lockstep"), Some(Denial::Other));
+        r.error_code = Some("ThrottlingException".into());
+        assert_eq!(r.denial("lockstep"), None);
+    }
+}
