@@ -5,5 +5,6 @@
 //! the clock). The `lockstep` binary is the imperative shell around it.
 
 pub mod config;
+pub mod evidence;
 pub mod perimeter;
 pub mod trail;

@@ -1,0 +1,90 @@
+//! Evidence: how each IAM user really calls AWS, read from CloudTrail, judged by the perimeter
+//! rule, aggregated per user and hour, and kept in the store.
+//!
+//! Every source (trail files in a folder, the trail bucket in S3, an Athena query) produces
+//! [`CallGroup`]s: one representative record with how many calls it stands for and when they
+//! happened. Files and S3 yield one group per record; Athena yields grouped rows, so that
+//! classification stays in Rust, in one place, whatever the source.
+
+use chrono::{DateTime, Utc};
+
+use crate::trail::Record;
+
+/// Identical calls, as far as the classifier and the aggregates are concerned.
+#[derive(Debug, Clone, PartialEq)]
+pub struct CallGroup {
+    pub record: Record,
+    pub calls: u64,
+    pub first: DateTime<Utc>,
+    pub last: DateTime<Utc>,
+}
+
+impl CallGroup {
+    /// One recorded call; `None` when the record has no usable `eventTime`.
+    pub fn single(record: Record) -> Option<CallGroup> {
+        let at = record.event_time()?;
+        Some(CallGroup {
+            record,
+            calls: 1,
+            first: at,
+            last: at,
+        })
+    }
+}
+
+/// What the evidence says about one user over a window: the answers an operator (and the
+/// eligibility rules) need before locking them.
+#[derive(Debug, Clone, PartialEq, serde::Serialize)]
+pub struct UserEvidence {
+    pub user: String,
+    pub arn: Option<String>,
+    pub first_call: DateTime<Utc>,
+    pub last_call: DateTime<Utc>,
+    /// Calls the perimeter applies to (not_applicable ones are not counted).
+    pub calls: u64,
+    /// Calls the lockdown policy would have denied.
+    pub would_deny: u64,
+    /// The most recent call from outside the perimeter.
+    pub last_outside: Option<OutsideCall>,
+    /// Outside sources (IP, endpoint, service), most calls first.
+    pub outside_sources: Vec<OutsideSource>,
+    /// Recorded denials that look like the lockdown policy's (explicit identity-based deny).
+    pub explicit_denials: u64,
+    /// Every other recorded denial ("no policy allows", SCPs, resource policies).
+    pub other_denials: u64,
+}
+
+#[derive(Debug, Clone, PartialEq, serde::Serialize)]
+pub struct OutsideCall {
+    pub at: DateTime<Utc>,
+    /// The IP address, VPC endpoint ID or service that the call came from.
+    pub source: String,
+    pub action: String,
+    pub reason: crate::perimeter::DenyReason,
+}
+
+#[derive(Debug, Clone, PartialEq, serde::Serialize)]
+pub struct OutsideSource {
+    pub source: String,
+    pub calls: u64,
+    pub last_seen: DateTime<Utc>,
+}
+
+/// How current the evidence is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize)]
+pub struct Freshness {
+    /// When the last refresh finished successfully.
+    pub last_success: Option<DateTime<Utc>>,
+    /// The end of the newest window a successful refresh covered.
+    pub covered_until: Option<DateTime<Utc>>,
+}
+
+/// The evidence the controller reads. SQLite implements it today; a server database can later.
+pub trait EvidenceStore {
+    type Error: std::error::Error + Send + Sync + 'static;
+
+    /// Every user with applicable calls in `[since, until)`, in user-name order.
+    fn user_evidence(&self, since: DateTime<Utc>, until: DateTime<Utc>) -> Result<Vec<UserEvidence>, Self::Error>;
+
+    fn freshness(&self) -> Result<Freshness, Self::Error>;
+}
