@@ -88,3 +88,32 @@ pub trait EvidenceStore {
 
     fn freshness(&self) -> Result<Freshness, Self::Error>;
 }
+
+/// Where trail files are delivered: a local folder or the trail bucket. Keys are `/`-separated
+/// paths relative to the root (the bucket prefix, or the folder); listing is in key order, which
+/// for CloudTrail's layout is delivery order within a day prefix.
+pub trait TrailObjects: Send + Sync {
+    /// The immediate "sub-folders" of `prefix` (each ending in `/`), in order.
+    fn list_prefixes(&self, prefix: &str) -> impl Future<Output = Result<Vec<String>, SourceError>> + Send;
+
+    /// Object keys under `prefix` (recursively) that sort after `start_after`, in order.
+    fn list_keys(
+        &self,
+        prefix: &str,
+        start_after: Option<&str>,
+    ) -> impl Future<Output = Result<Vec<String>, SourceError>> + Send;
+
+    /// The object's bytes, as stored (possibly gzip-compressed).
+    fn fetch(&self, key: &str) -> impl Future<Output = Result<Vec<u8>, SourceError>> + Send;
+}
+
+/// A source could not be read. Carries what was being done and why.
+#[derive(Debug, thiserror::Error)]
+pub enum SourceError {
+    #[error("{what}: {source}")]
+    Io { what: String, source: std::io::Error },
+    #[error("{operation}: {message}")]
+    Aws { operation: String, message: String },
+    #[error("{0}")]
+    Other(String),
+}
