@@ -4,7 +4,49 @@
 //! aggregation, the planner and the guard) and the edges behind small traits (AWS, the store,
 //! the clock). The `lockstep` binary is the imperative shell around it.
 
+/// Declares an enum whose variants have stable snake_case names, used in output, metric labels
+/// and the store: `as_str`, `from_name`, `ALL`, `Display` and `Serialize` come with it.
+macro_rules! named_enum {
+    ($(#[$meta:meta])* $name:ident { $($(#[$vmeta:meta])* $variant:ident = $text:literal,)* }) => {
+        $(#[$meta])*
+        #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+        pub enum $name { $($(#[$vmeta])* $variant,)* }
+
+        impl $name {
+            pub const ALL: &'static [$name] = &[$($name::$variant,)*];
+
+            pub fn as_str(self) -> &'static str {
+                match self { $($name::$variant => $text,)* }
+            }
+
+            pub fn from_name(text: &str) -> Option<$name> {
+                Self::ALL.iter().copied().find(|v| v.as_str() == text)
+            }
+        }
+
+        impl std::fmt::Display for $name {
+            fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str(self.as_str())
+            }
+        }
+
+        impl serde::Serialize for $name {
+            fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+                s.serialize_str(self.as_str())
+            }
+        }
+    };
+}
+
+pub mod aws;
+pub mod clock;
 pub mod config;
 pub mod evidence;
+pub mod guard;
+pub mod iam;
+pub mod ledger;
 pub mod perimeter;
+pub mod planner;
+pub mod rollout;
+pub mod store;
 pub mod trail;

@@ -48,35 +48,7 @@ pub enum Verdict {
     NotApplicable(SkipReason),
 }
 
-/// Declares a reason enum whose variants have stable snake_case names (used in output,
-/// metrics labels and the store).
-macro_rules! reasons {
-    ($(#[$meta:meta])* $name:ident { $($(#[$vmeta:meta])* $variant:ident = $text:literal,)* }) => {
-        $(#[$meta])*
-        #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
-        pub enum $name { $($(#[$vmeta])* $variant,)* }
-
-        impl $name {
-            pub const ALL: &'static [$name] = &[$($name::$variant,)*];
-
-            pub fn as_str(self) -> &'static str {
-                match self { $($name::$variant => $text,)* }
-            }
-
-            pub fn from_name(text: &str) -> Option<$name> {
-                Self::ALL.iter().copied().find(|r| r.as_str() == text)
-            }
-        }
-
-        impl Serialize for $name {
-            fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
-                s.serialize_str(self.as_str())
-            }
-        }
-    };
-}
-
-reasons!(AllowReason {
+named_enum!(AllowReason {
     NotAction = "not_action",
     Exempt = "exempt",
     ViaAwsService = "via_aws_service",
@@ -86,7 +58,7 @@ reasons!(AllowReason {
     TrustedCidr = "trusted_cidr",
 });
 
-reasons!(DenyReason {
+named_enum!(DenyReason {
     /// A public address outside every trusted CIDR.
     UntrustedIp = "untrusted_ip",
     /// A VPC endpoint that is not listed (for example AWS-owned) or belongs to another account.
@@ -101,7 +73,7 @@ reasons!(DenyReason {
     NoSource = "no_source",
 });
 
-reasons!(SkipReason {
+named_enum!(SkipReason {
     NoUserIdentity = "no_user_identity",
     /// A role session, the root user, an AWS service: the group policy does not apply.
     NotIamUser = "not_iam_user",
@@ -151,7 +123,7 @@ fn origin(record: &Record) -> Origin<'_> {
     if let Some(service) = invoked_by.filter(|s| !s.is_empty()) {
         return Origin::Service(service);
     }
-    match record.source_ip_address.as_deref().map(str::trim) {
+    match record.source_ip_address.as_deref() {
         None | Some("") => Origin::Missing,
         Some(source) => match source.parse::<IpAddr>() {
             Ok(ip) => Origin::Address(ip),
@@ -212,7 +184,8 @@ impl Perimeter {
         match origin {
             Origin::Endpoint { id, account } => {
                 let ours = account.is_none_or(|a| a == self.account_id);
-                if ours && self.trusted_endpoints.contains_key(id) {
+                let vpc = self.trusted_endpoints.get(id);
+                if ours && vpc.is_some_and(|vpc| self.trusted_vpcs.contains(vpc)) {
                     Allowed(AllowReason::TrustedEndpoint)
                 } else {
                     WouldDeny(DenyReason::UntrustedEndpoint)
@@ -261,7 +234,10 @@ impl Perimeter {
 
         let mut not_actions = self.not_actions.clone();
         let mut statements = Vec::new();
-        if self.allow_presigned_s3_reads {
+        // If a not_action already exempts s3:GetObject, a presigned-read statement would deny
+        // reads that the not_action lets through.
+        let object_reads_exempt = self.not_actions.iter().any(|p| action_matches(p, "s3:GetObject"));
+        if self.allow_presigned_s3_reads && !object_reads_exempt {
             not_actions.push("s3:GetObject".to_string());
             let mut presigned = network.clone();
             presigned
@@ -519,6 +495,19 @@ mod tests {
         assert_eq!(statements[1]["Action"][0], "s3:GetObject");
         assert_eq!(statements[1]["Condition"]["StringNotEqualsIfExists"]["s3:authType"][0], "REST-QUERY-STRING");
         assert_eq!(statements[0]["Condition"]["StringNotEqualsIfExists"]["aws:PrincipalTag/lockstep-exempt"][0], "true");
+    }
+
+    #[test]
+    fn no_presigned_statement_when_a_not_action_covers_object_reads() {
+        let mut p = perimeter();
+        p.not_actions.push("s3:Get*".into());
+        let doc = p.policy();
+        assert_eq!(doc.statement.len(), 1, "{doc:#?}");
+        let outside_read = with(call("198.51.100.1"), |r| {
+            r.event_source = Some("s3.amazonaws.com".into());
+            r.event_name = Some("GetObject".into());
+        });
+        assert_eq!(p.classify(&outside_read, &HashSet::new()), Verdict::Allowed(AllowReason::NotAction));
     }
 
     #[test]

@@ -6,6 +6,10 @@
 //! happened. Files and S3 yield one group per record; Athena yields grouped rows, so that
 //! classification stays in Rust, in one place, whatever the source.
 
+pub mod aggregate;
+pub mod athena;
+pub mod s3;
+
 use chrono::{DateTime, Utc};
 
 use crate::trail::Record;

@@ -1,0 +1,369 @@
+//! Aggregation: turns [`CallGroup`]s into per-user, per-hour aggregates. Pure: no I/O, no clock.
+//!
+//! Calls are judged with [`Perimeter::classify`] and an *empty* exempt set: evidence records how a
+//! user really calls AWS; whether the user is exempt is a property of the user, decided elsewhere.
+//! Only IAM users of the configured account are kept; role sessions, service events and other
+//! accounts say nothing about an IAM user.
+
+use std::collections::{BTreeMap, HashSet};
+
+use chrono::{DateTime, DurationRound, TimeDelta, Utc};
+
+use crate::config::Config;
+use crate::evidence::CallGroup;
+use crate::perimeter::{DenyReason, Perimeter, SkipReason, Verdict};
+use crate::trail::{Denial, Record};
+
+/// What aggregation needs from the configuration: the perimeter rule and the lockdown policy's
+/// name (to tell its denials from everyone else's).
+#[derive(Debug, Clone)]
+pub struct Judge {
+    pub perimeter: Perimeter,
+    pub lockdown_policy: String,
+}
+
+impl Judge {
+    pub fn new(config: &Config) -> Judge {
+        Judge {
+            perimeter: config.perimeter.clone(),
+            lockdown_policy: config.lockdown.policy_name.clone(),
+        }
+    }
+}
+
+/// Per-user, per-hour aggregates of some calls (one trail file, or one Athena window).
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Aggregates {
+    users: BTreeMap<String, BTreeMap<DateTime<Utc>, UserHour>>,
+}
+
+/// One user's calls in one hour.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct UserHour {
+    pub arn: Option<String>,
+    /// First and last call the perimeter applies to (`None` when every call was not applicable).
+    pub first_call: Option<DateTime<Utc>>,
+    pub last_call: Option<DateTime<Utc>>,
+    /// Calls by verdict and reason, not-applicable ones included.
+    pub verdicts: BTreeMap<Verdict, u64>,
+    /// Sources of calls the policy would deny, by source.
+    pub outside: BTreeMap<String, OutsideSeen>,
+    pub explicit_denials: u64,
+    pub other_denials: u64,
+}
+
+/// Calls from one outside source.
+#[derive(Debug, Clone, PartialEq)]
+pub struct OutsideSeen {
+    pub calls: u64,
+    pub last_seen: DateTime<Utc>,
+    pub last_action: String,
+    pub reason: DenyReason,
+}
+
+/// Aggregates `groups` in one go.
+pub fn aggregate<'a>(groups: impl IntoIterator<Item = &'a CallGroup>, judge: &Judge) -> Aggregates {
+    let mut aggregates = Aggregates::default();
+    for group in groups {
+        aggregates.add(group, judge);
+    }
+    aggregates
+}
+
+/// The start of the hour `at` falls in.
+pub fn hour_of(at: DateTime<Utc>) -> DateTime<Utc> {
+    at.duration_trunc(TimeDelta::hours(1)).unwrap_or(at)
+}
+
+impl Aggregates {
+    /// Adds one group, counted in the hour of its first call.
+    pub fn add(&mut self, group: &CallGroup, judge: &Judge) {
+        let record = &group.record;
+        let verdict = judge.perimeter.classify(record, &HashSet::new());
+        if matches!(
+            verdict,
+            Verdict::NotApplicable(SkipReason::NoUserIdentity | SkipReason::NotIamUser | SkipReason::OtherAccount)
+        ) {
+            return;
+        }
+        let Some(user) = record.user_name().filter(|u| !u.is_empty()) else {
+            return;
+        };
+        // Most records add to an existing user: look up by &str before allocating a key.
+        if !self.users.contains_key(user) {
+            self.users.insert(user.to_string(), BTreeMap::new());
+        }
+        let Some(hours) = self.users.get_mut(user) else {
+            return;
+        };
+        let hour = hours.entry(hour_of(group.first)).or_default();
+        if hour.arn.is_none() {
+            hour.arn = record.user_arn().map(str::to_string);
+        }
+        *hour.verdicts.entry(verdict).or_default() += group.calls;
+        if !matches!(verdict, Verdict::NotApplicable(_)) {
+            hour.first_call = Some(hour.first_call.map_or(group.first, |t| t.min(group.first)));
+            hour.last_call = Some(hour.last_call.map_or(group.last, |t| t.max(group.last)));
+        }
+        if let Verdict::WouldDeny(reason) = verdict {
+            let source = outside_source(record, reason);
+            let action = record.action().unwrap_or_default();
+            match hour.outside.get_mut(&source) {
+                Some(seen) => {
+                    seen.calls += group.calls;
+                    // Ties go to the later record, so the result follows input order.
+                    if group.last >= seen.last_seen {
+                        seen.last_seen = group.last;
+                        seen.last_action = action;
+                        seen.reason = reason;
+                    }
+                }
+                None => {
+                    hour.outside.insert(
+                        source,
+                        OutsideSeen {
+                            calls: group.calls,
+                            last_seen: group.last,
+                            last_action: action,
+                            reason,
+                        },
+                    );
+                }
+            }
+        }
+        match record.denial(&judge.lockdown_policy) {
+            Some(Denial::ExplicitIdentityDeny) => hour.explicit_denials += group.calls,
+            Some(Denial::Other) => hour.other_denials += group.calls,
+            None => {}
+        }
+    }
+
+    /// Every (user, hour) in user and hour order.
+    pub fn iter(&self) -> impl Iterator<Item = (&str, DateTime<Utc>, &UserHour)> {
+        self.users
+            .iter()
+            .flat_map(|(user, hours)| hours.iter().map(move |(hour, agg)| (user.as_str(), *hour, agg)))
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.users.is_empty()
+    }
+
+    /// The latest hour with any call.
+    pub fn newest_hour(&self) -> Option<DateTime<Utc>> {
+        self.users.values().filter_map(|hours| hours.keys().next_back()).max().copied()
+    }
+
+    /// Keeps only the hours `keep` accepts.
+    pub fn retain_hours(&mut self, keep: impl Fn(DateTime<Utc>) -> bool) {
+        for hours in self.users.values_mut() {
+            hours.retain(|hour, _| keep(*hour));
+        }
+        self.users.retain(|_, hours| !hours.is_empty());
+    }
+}
+
+/// What a denied call came from, as an operator would name it: the endpoint ID, the service, or
+/// the address as recorded.
+fn outside_source(record: &Record, reason: DenyReason) -> String {
+    let invoked_by = record
+        .user_identity
+        .as_ref()
+        .and_then(|u| u.invoked_by.as_deref())
+        .filter(|s| !s.is_empty());
+    let source = match reason {
+        DenyReason::UntrustedEndpoint => record.vpc_endpoint_id.as_deref(),
+        DenyReason::UntrustedService => invoked_by.or(record.source_ip_address.as_deref()),
+        DenyReason::UntrustedIp | DenyReason::UnrecognizedSource => record.source_ip_address.as_deref(),
+        DenyReason::NoSource => None,
+    };
+    source.map(str::trim).filter(|s| !s.is_empty()).unwrap_or("(no source)").to_string()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::perimeter::AllowReason;
+    use crate::trail::UserIdentity;
+
+    const ACCOUNT: &str = "123456789012";
+
+    fn judge() -> Judge {
+        Judge {
+            perimeter: Perimeter {
+                account_id: ACCOUNT.into(),
+                trusted_vpcs: vec!["vpc-0a1b2c3d".into()],
+                trusted_endpoints: BTreeMap::from([("vpce-0123456789abcdef0".into(), "vpc-0a1b2c3d".into())]),
+                trusted_cidrs: vec!["203.0.113.0/24".parse().unwrap()],
+                allow_aws_service_calls: true,
+                called_via_services: vec![],
+                allow_presigned_s3_reads: true,
+                // Set, so that a non-empty exempt set would change verdicts: it must not be used.
+                exempt_tag_key: Some("lockstep-exempt".into()),
+                not_actions: vec!["es:ES*".into()],
+            },
+            lockdown_policy: "lockstep".into(),
+        }
+    }
+
+    fn at(text: &str) -> DateTime<Utc> {
+        text.parse().unwrap()
+    }
+
+    fn call(user: &str, time: &str, source: &str, action: &str) -> CallGroup {
+        let (service, name) = action.split_once(':').unwrap();
+        CallGroup::single(Record {
+            event_time: Some(time.into()),
+            event_source: Some(format!("{service}.amazonaws.com")),
+            event_name: Some(name.into()),
+            event_type: Some("AwsApiCall".into()),
+            source_ip_address: Some(source.into()),
+            user_identity: Some(UserIdentity {
+                kind: Some("IAMUser".into()),
+                user_name: Some(user.into()),
+                arn: Some(format!("arn:aws:iam::{ACCOUNT}:user/{user}")),
+                account_id: Some(ACCOUNT.into()),
+                ..UserIdentity::default()
+            }),
+            ..Record::default()
+        })
+        .unwrap()
+    }
+
+    fn with(mut g: CallGroup, f: impl FnOnce(&mut Record)) -> CallGroup {
+        f(&mut g.record);
+        g
+    }
+
+    fn hour<'a>(a: &'a Aggregates, user: &str, h: &str) -> &'a UserHour {
+        a.iter()
+            .find(|(u, t, _)| *u == user && *t == at(h))
+            .map(|(_, _, agg)| agg)
+            .unwrap_or_else(|| panic!("no {user} at {h} in {a:#?}"))
+    }
+
+    #[test]
+    fn calls_are_split_by_user_and_hour_with_verdicts() {
+        let groups = [
+            call("alice", "2024-01-02T10:05:00Z", "203.0.113.5", "ec2:DescribeInstances"),
+            call("alice", "2024-01-02T10:59:59Z", "203.0.113.6", "s3:ListBuckets"),
+            call("alice", "2024-01-02T11:00:00Z", "198.51.100.7", "s3:ListBuckets"),
+            call("bob", "2024-01-02T10:30:00Z", "198.51.100.7", "es:ESHttpGet"),
+        ];
+        let a = aggregate(&groups, &judge());
+        assert_eq!(a.iter().count(), 3);
+        let ten = hour(&a, "alice", "2024-01-02T10:00:00Z");
+        assert_eq!(ten.verdicts, BTreeMap::from([(Verdict::Allowed(AllowReason::TrustedCidr), 2)]));
+        assert_eq!(ten.first_call, Some(at("2024-01-02T10:05:00Z")));
+        assert_eq!(ten.last_call, Some(at("2024-01-02T10:59:59Z")));
+        assert!(ten.outside.is_empty());
+        assert_eq!(ten.arn.as_deref(), Some("arn:aws:iam::123456789012:user/alice"));
+        let eleven = hour(&a, "alice", "2024-01-02T11:00:00Z");
+        assert_eq!(eleven.verdicts, BTreeMap::from([(Verdict::WouldDeny(DenyReason::UntrustedIp), 1)]));
+        assert_eq!(eleven.outside["198.51.100.7"].last_action, "s3:ListBuckets");
+        let bob = hour(&a, "bob", "2024-01-02T10:00:00Z");
+        assert_eq!(bob.verdicts, BTreeMap::from([(Verdict::Allowed(AllowReason::NotAction), 1)]));
+        assert_eq!(a.newest_hour(), Some(at("2024-01-02T11:00:00Z")));
+    }
+
+    #[test]
+    fn exemption_is_not_applied() {
+        // Even a user that carries the exempt tag is recorded with the verdict of their network.
+        let a = aggregate(&[call("break-glass", "2024-01-02T10:00:00Z", "198.51.100.7", "iam:ListUsers")], &judge());
+        let h = hour(&a, "break-glass", "2024-01-02T10:00:00Z");
+        assert_eq!(h.verdicts.keys().next(), Some(&Verdict::WouldDeny(DenyReason::UntrustedIp)));
+    }
+
+    #[test]
+    fn outside_sources_are_named_counted_and_keep_the_latest_call() {
+        let endpoint = |time: &str, id: &str| {
+            with(call("carol", time, "10.0.0.9", "s3:ListBuckets"), |r| r.vpc_endpoint_id = Some(id.into()))
+        };
+        let groups = [
+            endpoint("2024-01-02T10:10:00Z", "vpce-0aaaaaaaaaaaaaaaa"),
+            with(endpoint("2024-01-02T10:40:00Z", "vpce-0aaaaaaaaaaaaaaaa"), |r| {
+                r.event_name = Some("GetBucketAcl".into())
+            }),
+            endpoint("2024-01-02T10:20:00Z", "vpce-0aaaaaaaaaaaaaaaa"),
+            call("carol", "2024-01-02T10:30:00Z", "035.249.253.232", "s3:ListBuckets"),
+            with(call("carol", "2024-01-02T10:31:00Z", "", "s3:ListBuckets"), |r| r.source_ip_address = None),
+            endpoint("2024-01-02T10:50:00Z", "vpce-0123456789abcdef0"),
+        ];
+        let a = aggregate(&groups, &judge());
+        let h = hour(&a, "carol", "2024-01-02T10:00:00Z");
+        let seen = &h.outside["vpce-0aaaaaaaaaaaaaaaa"];
+        assert_eq!(seen.calls, 3);
+        assert_eq!(seen.last_seen, at("2024-01-02T10:40:00Z"));
+        assert_eq!(seen.last_action, "s3:GetBucketAcl");
+        assert_eq!(seen.reason, DenyReason::UntrustedEndpoint);
+        assert_eq!(h.outside["035.249.253.232"].reason, DenyReason::UnrecognizedSource);
+        assert_eq!(h.outside["(no source)"].reason, DenyReason::NoSource);
+        assert_eq!(h.outside.len(), 3, "the trusted endpoint is not outside: {:?}", h.outside);
+        assert_eq!(h.verdicts[&Verdict::Allowed(AllowReason::TrustedEndpoint)], 1);
+    }
+
+    #[test]
+    fn denials_are_split_and_throttling_is_not_one() {
+        let denied = |message: &str| {
+            with(call("dave", "2024-01-02T10:00:00Z", "203.0.113.5", "s3:GetObject"), |r| {
+                r.error_code = Some("AccessDenied".into());
+                r.error_message = Some(message.into());
+            })
+        };
+        let groups = [
+            denied("User: x is not authorized to perform: s3:GetObject because no identity-based policy allows the s3:GetObject action"),
+            denied("User: x is not authorized to perform: s3:GetObject with an explicit deny in an identity-based policy: arn:aws:iam::123456789012:policy/lockstep"),
+            with(call("dave", "2024-01-02T10:00:00Z", "203.0.113.5", "s3:GetObject"), |r| {
+                r.error_code = Some("ThrottlingException".into())
+            }),
+        ];
+        let a = aggregate(&groups, &judge());
+        let h = hour(&a, "dave", "2024-01-02T10:00:00Z");
+        assert_eq!((h.explicit_denials, h.other_denials), (1, 1));
+        assert_eq!(h.verdicts.values().sum::<u64>(), 3);
+    }
+
+    #[test]
+    fn groups_count_their_calls_and_span() {
+        let mut g = call("erin", "2024-01-02T10:00:00Z", "198.51.100.7", "s3:ListBuckets");
+        g.calls = 40;
+        g.last = at("2024-01-02T10:45:00Z");
+        let a = aggregate(&[g], &judge());
+        let h = hour(&a, "erin", "2024-01-02T10:00:00Z");
+        assert_eq!(h.verdicts.values().sum::<u64>(), 40);
+        assert_eq!(h.outside["198.51.100.7"].calls, 40);
+        assert_eq!(h.last_call, Some(at("2024-01-02T10:45:00Z")));
+    }
+
+    #[test]
+    fn records_that_are_not_about_our_iam_users_are_dropped() {
+        let groups = [
+            with(call("role", "2024-01-02T10:00:00Z", "198.51.100.7", "s3:ListBuckets"), |r| {
+                r.user_identity.as_mut().unwrap().kind = Some("AssumedRole".into())
+            }),
+            with(call("other", "2024-01-02T10:00:00Z", "198.51.100.7", "s3:ListBuckets"), |r| {
+                r.user_identity.as_mut().unwrap().account_id = Some("999999999999".into())
+            }),
+            with(call("x", "2024-01-02T10:00:00Z", "198.51.100.7", "s3:ListBuckets"), |r| r.user_identity = None),
+        ];
+        assert!(aggregate(&groups, &judge()).is_empty());
+        // An IAM user's not-applicable calls are kept as verdicts but are not "calls".
+        let sts = aggregate(&[call("frank", "2024-01-02T10:00:00Z", "198.51.100.7", "sts:GetCallerIdentity")], &judge());
+        let h = hour(&sts, "frank", "2024-01-02T10:00:00Z");
+        assert_eq!(h.verdicts.keys().next(), Some(&Verdict::NotApplicable(SkipReason::NeverDenied)));
+        assert_eq!(h.first_call, None);
+    }
+
+    #[test]
+    fn retention_drops_old_hours_and_empty_users() {
+        let groups = [
+            call("gina", "2024-01-02T08:00:00Z", "203.0.113.5", "s3:ListBuckets"),
+            call("gina", "2024-01-02T10:00:00Z", "203.0.113.5", "s3:ListBuckets"),
+            call("hank", "2024-01-02T08:00:00Z", "203.0.113.5", "s3:ListBuckets"),
+        ];
+        let mut a = aggregate(&groups, &judge());
+        a.retain_hours(|h| h >= at("2024-01-02T09:00:00Z"));
+        let left: Vec<_> = a.iter().map(|(u, h, _)| (u.to_string(), h)).collect();
+        assert_eq!(left, vec![("gina".to_string(), at("2024-01-02T10:00:00Z"))]);
+    }
+}

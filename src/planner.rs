@@ -1,0 +1,646 @@
+//! The planner: a pure function from configuration, ledger, evidence, guard verdicts and `now`
+//! to the next actions, with a readable reason for everything it does and does not do.
+//!
+//! It never guesses. Missing or stale evidence closes the gate (`inconclusive`): no promotions
+//! at all until a refresh succeeds. A batch succeeds only when its soak is over *and* the guard
+//! calls it healthy. Users are chosen deterministically: most applicable calls first (the users
+//! the evidence knows best), then by name.
+
+use std::collections::BTreeMap;
+
+use chrono::{DateTime, Utc};
+use serde::Serialize;
+
+use crate::config::{Config, Selector, Wave};
+use crate::evidence::{Freshness, UserEvidence};
+use crate::guard;
+use crate::iam::IamUser;
+use crate::rollout::{BatchState, Snapshot, UserState};
+
+pub struct Inputs<'a> {
+    pub config: &'a Config,
+    pub ledger: &'a Snapshot,
+    pub users: &'a [IamUser],
+    /// Evidence over `eligibility.window` ending at `now`.
+    pub evidence: &'a [UserEvidence],
+    pub freshness: Freshness,
+    /// The guard's latest verdict for each batch it watches.
+    pub verdicts: &'a BTreeMap<i64, guard::Verdict>,
+    pub now: DateTime<Utc>,
+    /// An operator asked for the next batch now: skip the soaking-batch cap, nothing else.
+    pub promote_now: bool,
+}
+
+/// Whether new batches may start.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(tag = "gate", content = "why", rename_all = "snake_case")]
+pub enum Gate {
+    Open,
+    Paused(String),
+    /// Evidence missing or stale, or the guard cannot see: nothing is promoted.
+    Inconclusive(String),
+    /// Every wave is finished.
+    Finished,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(tag = "action", rename_all = "snake_case")]
+pub enum Action {
+    /// Take the batch's members back out of the group and hold them; pause the rollout.
+    RollBack { batch: i64, reason: String },
+    Succeed { batch: i64, detail: String },
+    FinishWave { wave: String, why: String },
+    StartBatch { wave: String, users: Vec<Candidate> },
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Candidate {
+    pub user: String,
+    pub why: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(tag = "status", content = "reason", rename_all = "snake_case")]
+pub enum Eligibility {
+    Eligible(String),
+    Ineligible(String),
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Plan {
+    pub gate: Gate,
+    pub current_wave: Option<String>,
+    pub actions: Vec<Action>,
+    /// Why nothing (more) happens right now.
+    pub waiting: Vec<String>,
+    pub users: BTreeMap<String, Eligibility>,
+}
+
+fn human(d: chrono::Duration) -> String {
+    let secs = d.num_seconds().max(0) as u64;
+    // Round to the largest unit that keeps it readable.
+    let rounded = match secs {
+        s if s >= 86_400 => s / 3_600 * 3_600,
+        s if s >= 3_600 => s / 60 * 60,
+        s => s,
+    };
+    humantime::format_duration(std::time::Duration::from_secs(rounded)).to_string()
+}
+
+fn chrono_of(d: std::time::Duration) -> chrono::Duration {
+    chrono::Duration::from_std(d).unwrap_or(chrono::Duration::MAX)
+}
+
+/// Why evidence this old or absent cannot be acted on, if it cannot.
+pub fn evidence_problem(freshness: &Freshness, config: &Config, now: DateTime<Utc>) -> Option<String> {
+    let limit = chrono_of(config.eligibility.max_evidence_age);
+    match freshness.last_success {
+        None => Some("no successful evidence refresh yet; run `lockstep evidence refresh`".to_string()),
+        Some(at) if now - at > limit => Some(format!(
+            "evidence is stale: last successful refresh {} ago (limit {})",
+            human(now - at),
+            human(limit)
+        )),
+        Some(_) => None,
+    }
+}
+
+/// Whether one user may be promoted, and why (not).
+pub fn eligibility(user: &IamUser, evidence: Option<&UserEvidence>, ledger: &Snapshot, config: &Config, now: DateTime<Utc>) -> Eligibility {
+    use Eligibility::*;
+    let rules = &config.eligibility;
+    if let Some(member) = ledger.members.get(&user.name) {
+        match member.state {
+            UserState::Promoting | UserState::Locked => return Ineligible(format!("already {}", member.state)),
+            UserState::RollingBack => return Ineligible("being rolled back".to_string()),
+            UserState::RemovedByHand => {
+                return Ineligible("removed from the group by hand; an operator must release the user".to_string());
+            }
+            UserState::Held => {
+                let why = member.reason.clone().unwrap_or_default();
+                match member.hold_until {
+                    Some(until) if until <= now => {} // lapsed: clean evidence decides below
+                    Some(until) => return Ineligible(format!("held until {}: {why}", until.format("%Y-%m-%d %H:%MZ"))),
+                    None => return Ineligible(format!("held: {why}")),
+                }
+            }
+        }
+    }
+    if rules.exclude_users.contains(&user.name) {
+        return Ineligible("excluded in rollout.yaml".to_string());
+    }
+    if let Some(key) = &config.perimeter.exempt_tag_key {
+        if user.tags.get(key).is_some_and(|v| v == "true") {
+            return Ineligible(format!("exempt (tag {key}=true)"));
+        }
+    }
+    let Some(ev) = evidence else {
+        return Ineligible(format!("no recorded calls in the last {}", human(chrono_of(rules.window))));
+    };
+    let span = now - ev.first_call;
+    if span < chrono_of(rules.min_history) {
+        return Ineligible(format!(
+            "evidence spans only {} (needs {})",
+            human(span),
+            human(chrono_of(rules.min_history))
+        ));
+    }
+    if ev.calls < rules.min_calls {
+        return Ineligible(format!("only {} calls in the window (needs {})", ev.calls, rules.min_calls));
+    }
+    let last_outside = ev.last_outside.as_ref();
+    if ev.would_deny > rules.max_would_deny {
+        let last = last_outside
+            .map(|o| format!("; last {} from {} {} ago", o.action, o.source, human(now - o.at)))
+            .unwrap_or_default();
+        return Ineligible(format!(
+            "{} calls in the window would have been denied (allowed: {}){last}",
+            ev.would_deny, rules.max_would_deny
+        ));
+    }
+    if let Some(outside) = last_outside.filter(|o| now - o.at < chrono_of(rules.quiet_for)) {
+        return Ineligible(format!(
+            "last outside call {} ago ({} from {}; needs {} quiet)",
+            human(now - outside.at),
+            outside.action,
+            outside.source,
+            human(chrono_of(rules.quiet_for))
+        ));
+    }
+    Eligible(format!(
+        "{} calls over {}, {}",
+        ev.calls,
+        human(span),
+        match last_outside {
+            None => "all from trusted networks".to_string(),
+            Some(o) => format!("last outside call {} ago", human(now - o.at)),
+        }
+    ))
+}
+
+pub fn selects(selector: &Selector, user: &IamUser) -> bool {
+    selector.path_prefix.as_ref().is_none_or(|p| user.path.starts_with(p.as_str()))
+        && selector.user_glob.as_ref().is_none_or(|g| g.matches(&user.name))
+        && selector.tag.as_ref().is_none_or(|(k, v)| user.tags.get(k) == Some(v))
+}
+
+pub fn plan(inputs: &Inputs) -> Plan {
+    let Inputs { config, ledger, now, .. } = *inputs;
+    let evidence: BTreeMap<&str, &UserEvidence> = inputs.evidence.iter().map(|e| (e.user.as_str(), e)).collect();
+    let users: BTreeMap<String, Eligibility> = inputs
+        .users
+        .iter()
+        .map(|u| (u.name.clone(), eligibility(u, evidence.get(u.name.as_str()).copied(), ledger, config, now)))
+        .collect();
+    let mut plan = Plan {
+        gate: Gate::Open,
+        current_wave: None,
+        actions: Vec::new(),
+        waiting: Vec::new(),
+        users,
+    };
+
+    // Batches under watch: roll back on a spike, succeed when soaked and healthy.
+    let mut guard_blind = None;
+    for batch in &ledger.batches {
+        let verdict = inputs.verdicts.get(&batch.id);
+        match (batch.state, verdict) {
+            (BatchState::Soaking | BatchState::Succeeded, Some(guard::Verdict::Spike { detail, .. })) => {
+                plan.actions.push(Action::RollBack {
+                    batch: batch.id,
+                    reason: format!("guard: AccessDenied spike: {detail}"),
+                });
+            }
+            (BatchState::Soaking, verdict) => {
+                let soaked = batch.soak_until.is_some_and(|until| until <= now);
+                match verdict {
+                    Some(guard::Verdict::Inconclusive { why }) => {
+                        guard_blind = Some(format!("batch {} cannot be judged: {why}", batch.id));
+                    }
+                    Some(guard::Verdict::Healthy { detail }) if soaked => plan.actions.push(Action::Succeed {
+                        batch: batch.id,
+                        detail: detail.clone(),
+                    }),
+                    Some(_) => plan.waiting.push(format!(
+                        "batch {} ({}) soaking until {}",
+                        batch.id,
+                        batch.wave,
+                        batch.soak_until.map(|t| t.format("%Y-%m-%d %H:%MZ").to_string()).unwrap_or_default()
+                    )),
+                    None => guard_blind = Some(format!("batch {} has no guard verdict yet", batch.id)),
+                }
+            }
+            _ => {}
+        }
+    }
+    let rolling_back = plan.actions.iter().any(|a| matches!(a, Action::RollBack { .. }));
+
+    plan.gate = if let Some(pause) = &ledger.paused {
+        Gate::Paused(format!("paused by {}: {}", pause.by, pause.reason))
+    } else if rolling_back {
+        Gate::Paused("rolling back a batch".to_string())
+    } else if let Some(problem) = evidence_problem(&inputs.freshness, config, now) {
+        Gate::Inconclusive(problem)
+    } else if let Some(why) = guard_blind.clone() {
+        Gate::Inconclusive(why)
+    } else {
+        Gate::Open
+    };
+    if let Some(why) = guard_blind {
+        plan.waiting.push(why);
+    }
+
+    let finishing: Vec<&str> = plan_waves(inputs, &mut plan);
+    if plan.current_wave.is_none() && finishing.len() + ledger.waves_done.len() >= config.waves.len() && plan.gate == Gate::Open {
+        plan.gate = Gate::Finished;
+    }
+    plan
+}
+
+/// Walks the waves in order: finishes the ones that are done and starts the next batch of the
+/// first one that is not. Returns the waves it finishes.
+fn plan_waves<'c>(inputs: &Inputs<'c>, plan: &mut Plan) -> Vec<&'c str> {
+    let Inputs { config, ledger, now, .. } = *inputs;
+    let mut finishing = Vec::new();
+    let chosen_users: Vec<&IamUser> = inputs
+        .users
+        .iter()
+        .filter(|u| matches!(plan.users.get(&u.name), Some(Eligibility::Eligible(_))))
+        .collect();
+    for wave in &config.waves {
+        if ledger.waves_done.contains_key(&wave.name) {
+            continue;
+        }
+        let batches: Vec<_> = ledger.batches.iter().filter(|b| b.wave == wave.name && b.state != BatchState::Failed).collect();
+        let active = batches.iter().any(|b| b.state.is_active());
+        let candidates = candidates(wave, &chosen_users, inputs.evidence);
+        let all_batches_run = wave.batches.is_some_and(|n| batches.len() >= n);
+        if !active && (all_batches_run || (candidates.is_empty() && plan.gate == Gate::Open)) {
+            let why = if all_batches_run {
+                format!("all {} batches done", batches.len())
+            } else {
+                "no eligible user matches it".to_string()
+            };
+            plan.actions.push(Action::FinishWave {
+                wave: wave.name.clone(),
+                why,
+            });
+            finishing.push(wave.name.as_str());
+            continue;
+        }
+        plan.current_wave = Some(wave.name.clone());
+        if plan.gate != Gate::Open {
+            return finishing;
+        }
+        if all_batches_run {
+            plan.waiting.push(format!("wave {}: all batches started; waiting for them to finish", wave.name));
+            return finishing;
+        }
+        let soaking = ledger.active_batches().count();
+        if soaking >= config.rollout.max_soaking_batches && !inputs.promote_now {
+            plan.waiting.push(format!(
+                "{soaking} batch(es) soaking (max {}); the next batch starts when one succeeds",
+                config.rollout.max_soaking_batches
+            ));
+            return finishing;
+        }
+        let promoted_today = ledger.promoted_since(now - chrono::Duration::days(1));
+        let room = config.rollout.max_promotions_per_day.saturating_sub(promoted_today);
+        if room == 0 {
+            plan.waiting.push(format!(
+                "daily cap reached: {promoted_today} users promoted in the last 24h (max {})",
+                config.rollout.max_promotions_per_day
+            ));
+            return finishing;
+        }
+        let take = wave.batch_size.min(room);
+        let users = candidates
+            .into_iter()
+            .take(take)
+            .map(|u| Candidate {
+                user: u.name.clone(),
+                why: match plan.users.get(&u.name) {
+                    Some(Eligibility::Eligible(why)) => why.clone(),
+                    _ => String::new(),
+                },
+            })
+            .collect();
+        plan.actions.push(Action::StartBatch {
+            wave: wave.name.clone(),
+            users,
+        });
+        return finishing;
+    }
+    finishing
+}
+
+/// Eligible users the wave selects, best-known first.
+fn candidates<'u>(wave: &Wave, eligible: &[&'u IamUser], evidence: &[UserEvidence]) -> Vec<&'u IamUser> {
+    let calls: BTreeMap<&str, u64> = evidence.iter().map(|e| (e.user.as_str(), e.calls)).collect();
+    let mut chosen: Vec<&IamUser> = eligible.iter().copied().filter(|u| selects(&wave.select, u)).collect();
+    chosen.sort_by(|a, b| {
+        let calls_of = |u: &IamUser| calls.get(u.name.as_str()).copied().unwrap_or(0);
+        calls_of(b).cmp(&calls_of(a)).then_with(|| a.name.cmp(&b.name))
+    });
+    chosen
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::evidence::OutsideCall;
+    use crate::perimeter::DenyReason;
+    use crate::rollout::{Batch, Member, Pause};
+    use chrono::TimeZone;
+    use std::path::Path;
+
+    fn now() -> DateTime<Utc> {
+        Utc.with_ymd_and_hms(2026, 3, 20, 12, 0, 0).unwrap()
+    }
+
+    fn config() -> Config {
+        Config::parse(include_str!("../rollout.yaml"), Path::new("rollout.yaml")).unwrap()
+    }
+
+    fn user(name: &str, path: &str) -> IamUser {
+        IamUser {
+            name: name.into(),
+            arn: format!("arn:aws:iam::123456789012:user{path}{name}"),
+            path: path.into(),
+            tags: BTreeMap::new(),
+        }
+    }
+
+    fn clean(name: &str, calls: u64) -> UserEvidence {
+        UserEvidence {
+            user: name.into(),
+            arn: None,
+            first_call: now() - chrono::Duration::days(13),
+            last_call: now() - chrono::Duration::hours(1),
+            calls,
+            would_deny: 0,
+            last_outside: None,
+            outside_sources: vec![],
+            explicit_denials: 0,
+            other_denials: 0,
+        }
+    }
+
+    fn fresh() -> Freshness {
+        Freshness {
+            last_success: Some(now() - chrono::Duration::minutes(30)),
+            covered_until: Some(now() - chrono::Duration::minutes(30)),
+        }
+    }
+
+    struct World {
+        config: Config,
+        ledger: Snapshot,
+        users: Vec<IamUser>,
+        evidence: Vec<UserEvidence>,
+        freshness: Freshness,
+        verdicts: BTreeMap<i64, guard::Verdict>,
+    }
+
+    impl World {
+        fn new() -> World {
+            World {
+                config: config(),
+                ledger: Snapshot::default(),
+                users: vec![
+                    user("ann", "/engineering/"),
+                    user("ben", "/engineering/"),
+                    user("cat", "/engineering/"),
+                    user("dan", "/data/"),
+                ],
+                evidence: vec![clean("ann", 50), clean("ben", 500), clean("cat", 100), clean("dan", 80)],
+                freshness: fresh(),
+                verdicts: BTreeMap::new(),
+            }
+        }
+
+        fn plan(&self) -> Plan {
+            plan(&Inputs {
+                config: &self.config,
+                ledger: &self.ledger,
+                users: &self.users,
+                evidence: &self.evidence,
+                freshness: self.freshness,
+                verdicts: &self.verdicts,
+                now: now(),
+                promote_now: false,
+            })
+        }
+    }
+
+    fn started(plan: &Plan) -> Option<(&str, Vec<&str>)> {
+        plan.actions.iter().find_map(|a| match a {
+            Action::StartBatch { wave, users } => Some((wave.as_str(), users.iter().map(|c| c.user.as_str()).collect())),
+            _ => None,
+        })
+    }
+
+    fn soaking_batch(id: i64, wave: &str, members: &[&str], soak_left_hours: i64) -> Batch {
+        Batch {
+            id,
+            wave: wave.into(),
+            state: BatchState::Soaking,
+            members: members.iter().map(|m| m.to_string()).collect(),
+            created_at: now() - chrono::Duration::hours(2),
+            applied_at: Some(now() - chrono::Duration::hours(2)),
+            soak_until: Some(now() + chrono::Duration::hours(soak_left_hours)),
+            finished_at: None,
+            verdict: None,
+        }
+    }
+
+    #[test]
+    fn first_batch_takes_the_best_known_matching_users() {
+        let plan = World::new().plan();
+        assert_eq!(plan.gate, Gate::Open);
+        assert_eq!(started(&plan), Some(("canary", vec!["ben", "cat"])));
+        assert_eq!(plan.current_wave.as_deref(), Some("canary"));
+    }
+
+    #[test]
+    fn stale_or_missing_evidence_promotes_nobody() {
+        let mut world = World::new();
+        world.freshness.last_success = Some(now() - chrono::Duration::hours(5));
+        let plan = world.plan();
+        assert!(matches!(&plan.gate, Gate::Inconclusive(why) if why.contains("stale")), "{:?}", plan.gate);
+        assert_eq!(started(&plan), None);
+        world.freshness = Freshness::default();
+        assert!(matches!(world.plan().gate, Gate::Inconclusive(_)));
+        assert_eq!(started(&world.plan()), None);
+    }
+
+    #[test]
+    fn each_ineligible_user_has_a_reason() {
+        let mut world = World::new();
+        world.config.eligibility.exclude_users.push("dan".into());
+        world.users.push(user("eve", "/x/"));
+        world.users.push(user("fay", "/x/"));
+        world.users.push(user("gus", "/x/"));
+        world.users.push(user("hal", "/x/"));
+        world.users[0].tags.insert("lockstep-exempt".into(), "true".into());
+        let mut recent = clean("fay", 100);
+        recent.first_call = now() - chrono::Duration::days(2);
+        let mut few = clean("gus", 3);
+        few.first_call = now() - chrono::Duration::days(10);
+        let mut outside = clean("hal", 100);
+        outside.would_deny = 2;
+        outside.last_outside = Some(OutsideCall {
+            at: now() - chrono::Duration::hours(3),
+            source: "198.51.100.7".into(),
+            action: "s3:PutObject".into(),
+            reason: DenyReason::UntrustedIp,
+        });
+        world.evidence.extend([recent, few, outside]);
+        let plan = world.plan();
+        let reason = |u: &str| match &plan.users[u] {
+            Eligibility::Ineligible(r) => r.clone(),
+            Eligibility::Eligible(r) => panic!("{u} eligible: {r}"),
+        };
+        assert_eq!(reason("ann"), "exempt (tag lockstep-exempt=true)");
+        assert_eq!(reason("dan"), "excluded in rollout.yaml");
+        assert_eq!(reason("eve"), "no recorded calls in the last 14days");
+        assert!(reason("fay").starts_with("evidence spans only 2days"), "{}", reason("fay"));
+        assert_eq!(reason("gus"), "only 3 calls in the window (needs 20)");
+        assert!(reason("hal").contains("2 calls in the window would have been denied") && reason("hal").contains("198.51.100.7"));
+        assert!(matches!(&plan.users["ben"], Eligibility::Eligible(why) if why.contains("all from trusted networks")));
+    }
+
+    #[test]
+    fn quiet_period_counts_from_the_last_outside_call() {
+        let mut world = World::new();
+        world.config.eligibility.max_would_deny = 5;
+        world.evidence[1].would_deny = 1;
+        world.evidence[1].last_outside = Some(OutsideCall {
+            at: now() - chrono::Duration::days(2),
+            source: "vpce-0aaaaaaaaaaaaaaaa".into(),
+            action: "s3:GetObject".into(),
+            reason: DenyReason::UntrustedEndpoint,
+        });
+        let plan = world.plan();
+        assert!(matches!(&plan.users["ben"], Eligibility::Ineligible(r) if r.starts_with("last outside call 2days ago")));
+        assert_eq!(started(&plan), Some(("canary", vec!["cat", "ann"])));
+    }
+
+    #[test]
+    fn soaking_batch_blocks_the_next_until_it_succeeds() {
+        let mut world = World::new();
+        world.ledger.batches.push(soaking_batch(1, "canary", &["ben", "cat"], 3));
+        for user in ["ben", "cat"] {
+            world.ledger.members.insert(user.into(), Member {
+                user: user.into(),
+                state: UserState::Locked,
+                batch: Some(1),
+                since: now(),
+                reason: None,
+                hold_until: None,
+            });
+        }
+        world.verdicts.insert(1, guard::Verdict::Healthy { detail: "0 denials".into() });
+        let plan = world.plan();
+        assert_eq!(started(&plan), None);
+        assert!(plan.waiting.iter().any(|w| w.contains("soaking until")), "{:?}", plan.waiting);
+
+        // Soak over and healthy: succeed; the canary wave (1 batch) finishes; engineering starts.
+        world.ledger.batches[0].soak_until = Some(now() - chrono::Duration::minutes(1));
+        let plan = world.plan();
+        assert!(plan.actions.contains(&Action::Succeed { batch: 1, detail: "0 denials".into() }));
+        assert_eq!(started(&plan), None, "the succeeding batch still counts as soaking this step");
+
+        world.ledger.batches[0].state = BatchState::Succeeded;
+        let plan = world.plan();
+        assert!(plan.actions.contains(&Action::FinishWave { wave: "canary".into(), why: "all 1 batches done".into() }));
+        assert_eq!(started(&plan), Some(("engineering", vec!["ann"])));
+    }
+
+    #[test]
+    fn inconclusive_guard_blocks_success_and_promotion() {
+        let mut world = World::new();
+        world.ledger.batches.push(soaking_batch(1, "canary", &["ben"], -1));
+        world.verdicts.insert(1, guard::Verdict::Inconclusive { why: "event source silent for 45m".into() });
+        let plan = world.plan();
+        assert!(matches!(&plan.gate, Gate::Inconclusive(why) if why.contains("silent")));
+        assert!(!plan.actions.iter().any(|a| matches!(a, Action::Succeed { .. } | Action::StartBatch { .. })));
+    }
+
+    #[test]
+    fn spike_rolls_back_even_a_succeeded_batch_and_even_when_paused() {
+        let mut world = World::new();
+        let mut batch = soaking_batch(4, "canary", &["ben"], -1);
+        batch.state = BatchState::Succeeded;
+        world.ledger.batches.push(batch);
+        world.ledger.paused = Some(Pause { reason: "checking".into(), by: "ops".into(), at: now() });
+        world.verdicts.insert(4, guard::Verdict::Spike {
+            affected: vec!["ben".into()],
+            weighted_denials: 5,
+            offending: vec![],
+            detail: "1 of 1 members denied".into(),
+        });
+        let plan = world.plan();
+        assert!(matches!(&plan.actions[0], Action::RollBack { batch: 4, reason } if reason.contains("spike")));
+        assert!(matches!(plan.gate, Gate::Paused(_)));
+        assert_eq!(started(&plan), None);
+    }
+
+    #[test]
+    fn daily_cap_limits_the_batch() {
+        let mut world = World::new();
+        world.config.rollout.max_promotions_per_day = 1;
+        assert_eq!(started(&world.plan()), Some(("canary", vec!["ben"])));
+        let mut done = soaking_batch(1, "x", &["zed"], -1);
+        done.state = BatchState::Succeeded;
+        world.ledger.batches.push(done);
+        let plan = world.plan();
+        assert_eq!(started(&plan), None);
+        assert!(plan.waiting.iter().any(|w| w.starts_with("daily cap reached")));
+    }
+
+    #[test]
+    fn waves_without_matching_users_finish_and_the_rollout_ends() {
+        let mut world = World::new();
+        world.users.retain(|u| u.name == "dan");
+        let plan = world.plan();
+        assert!(plan.actions.contains(&Action::FinishWave { wave: "canary".into(), why: "no eligible user matches it".into() }));
+        assert_eq!(started(&plan), Some(("everyone", vec!["dan"])));
+        world.users.clear();
+        let plan = world.plan();
+        assert_eq!(plan.gate, Gate::Finished);
+    }
+
+    #[test]
+    fn held_users_wait_for_expiry_and_clean_evidence() {
+        let mut world = World::new();
+        world.users.retain(|u| u.name == "ben");
+        world.ledger.members.insert("ben".into(), Member {
+            user: "ben".into(),
+            state: UserState::Held,
+            batch: Some(1),
+            since: now() - chrono::Duration::days(1),
+            reason: Some("guard spike".into()),
+            hold_until: Some(now() + chrono::Duration::days(1)),
+        });
+        assert!(matches!(&world.plan().users["ben"], Eligibility::Ineligible(r) if r.starts_with("held until")));
+        world.ledger.members.get_mut("ben").unwrap().hold_until = Some(now() - chrono::Duration::hours(1));
+        assert!(matches!(&world.plan().users["ben"], Eligibility::Eligible(_)));
+    }
+
+    #[test]
+    fn selectors() {
+        let mut u = user("ci-deploy", "/engineering/bots/");
+        u.tags.insert("team".into(), "platform".into());
+        let sel = |p: Option<&str>, g: Option<&str>, t: Option<(&str, &str)>| Selector {
+            path_prefix: p.map(Into::into),
+            user_glob: g.map(|g| glob::Pattern::new(g).unwrap()),
+            tag: t.map(|(k, v)| (k.into(), v.into())),
+        };
+        assert!(selects(&sel(None, None, None), &u));
+        assert!(selects(&sel(Some("/engineering/"), Some("ci-*"), Some(("team", "platform"))), &u));
+        assert!(!selects(&sel(Some("/data/"), None, None), &u));
+        assert!(!selects(&sel(None, Some("human-*"), None), &u));
+        assert!(!selects(&sel(None, None, Some(("team", "data"))), &u));
+    }
+}

@@ -1,0 +1,934 @@
+//! The store: one embedded SQLite database (WAL, busy timeout) holding the evidence and, in
+//! later migrations, the rollout ledger.
+//!
+//! The schema is versioned with `PRAGMA user_version`: [`MIGRATIONS`] is an ordered list applied
+//! on open, each in its own transaction, so a database is always at a known version. Append new
+//! migrations; never edit one that has shipped.
+//!
+//! Evidence layout: per user, hour and origin ("trail" for trail files, read additively, each
+//! file once; "athena" for query windows, replaced window by window) the calls by verdict, the
+//! outside sources and the denials. Reads sum across origins. `trail_file` marks each file read;
+//! a file's mark and its contribution are written in one transaction, so a crash leaves either
+//! both or neither.
+
+use std::collections::{BTreeMap, HashSet};
+use std::path::Path;
+use std::sync::{Mutex, MutexGuard};
+use std::time::Duration;
+
+use chrono::{DateTime, Utc};
+use rusqlite::{Connection, OptionalExtension, Transaction, params};
+
+use crate::evidence::aggregate::{Aggregates, hour_of};
+use crate::evidence::{EvidenceStore, Freshness, OutsideCall, OutsideSource, UserEvidence};
+use crate::perimeter::{AllowReason, DenyReason, SkipReason, Verdict};
+
+/// Schema migrations, applied in order; `user_version` is the number applied.
+pub const MIGRATIONS: &[&str] = &[
+    // 1: evidence.
+    "
+    CREATE TABLE trail_file (
+        key TEXT PRIMARY KEY,
+        read_at INTEGER NOT NULL,
+        records INTEGER NOT NULL,
+        skipped INTEGER NOT NULL,
+        bytes INTEGER NOT NULL,
+        newest_hour INTEGER,
+        error TEXT
+    ) WITHOUT ROWID;
+
+    CREATE TABLE evidence_hour (
+        user_name TEXT NOT NULL,
+        hour INTEGER NOT NULL,
+        origin TEXT NOT NULL,
+        arn TEXT,
+        first_call INTEGER,
+        last_call INTEGER,
+        explicit_denials INTEGER NOT NULL,
+        other_denials INTEGER NOT NULL,
+        PRIMARY KEY (user_name, hour, origin)
+    ) WITHOUT ROWID;
+    CREATE INDEX evidence_hour_by_hour ON evidence_hour (hour, origin);
+
+    CREATE TABLE evidence_verdict (
+        user_name TEXT NOT NULL,
+        hour INTEGER NOT NULL,
+        origin TEXT NOT NULL,
+        verdict TEXT NOT NULL,
+        reason TEXT NOT NULL,
+        calls INTEGER NOT NULL,
+        PRIMARY KEY (user_name, hour, origin, verdict, reason)
+    ) WITHOUT ROWID;
+    CREATE INDEX evidence_verdict_by_hour ON evidence_verdict (hour, origin);
+
+    CREATE TABLE evidence_outside (
+        user_name TEXT NOT NULL,
+        hour INTEGER NOT NULL,
+        origin TEXT NOT NULL,
+        source TEXT NOT NULL,
+        calls INTEGER NOT NULL,
+        last_seen INTEGER NOT NULL,
+        last_action TEXT NOT NULL,
+        last_reason TEXT NOT NULL,
+        PRIMARY KEY (user_name, hour, origin, source)
+    ) WITHOUT ROWID;
+    CREATE INDEX evidence_outside_by_hour ON evidence_outside (hour, origin);
+
+    CREATE TABLE refresh_run (
+        id INTEGER PRIMARY KEY,
+        source TEXT NOT NULL,
+        window_start INTEGER NOT NULL,
+        window_end INTEGER NOT NULL,
+        started INTEGER NOT NULL,
+        finished INTEGER,
+        status TEXT NOT NULL CHECK (status IN ('running', 'succeeded', 'failed')),
+        files INTEGER NOT NULL DEFAULT 0,
+        files_corrupt INTEGER NOT NULL DEFAULT 0,
+        records_read INTEGER NOT NULL DEFAULT 0,
+        records_skipped INTEGER NOT NULL DEFAULT 0,
+        bytes_scanned INTEGER NOT NULL DEFAULT 0,
+        error TEXT
+    );
+    CREATE INDEX refresh_run_by_status ON refresh_run (status, finished);
+    ",
+];
+
+/// The origin of trail-file contributions (folder or S3).
+pub const TRAIL_ORIGIN: &str = "trail";
+
+/// The tables whose rows are the evidence itself (what [`Store::dump_evidence`] compares).
+const EVIDENCE_TABLES: &[&str] = &["evidence_hour", "evidence_verdict", "evidence_outside"];
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("{doing}: {source}")]
+    Sqlite { doing: String, source: rusqlite::Error },
+    #[error("the store is at schema version {found}, newer than this lockstep knows ({known}); use a newer lockstep")]
+    TooNew { found: i64, known: usize },
+    #[error("{doing}: the store holds an unexpected value: {what}")]
+    Corrupt { doing: String, what: String },
+}
+
+/// Adds what was being done to a SQLite error.
+pub(crate) trait Doing<T> {
+    fn doing(self, what: &str) -> Result<T, StoreError>;
+}
+
+impl<T> Doing<T> for rusqlite::Result<T> {
+    fn doing(self, what: &str) -> Result<T, StoreError> {
+        self.map_err(|source| StoreError::Sqlite {
+            doing: what.to_string(),
+            source,
+        })
+    }
+}
+
+pub struct Store {
+    conn: Mutex<Connection>,
+}
+
+impl std::fmt::Debug for Store {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Store").finish_non_exhaustive()
+    }
+}
+
+/// A row of the refresh log, as the refresh fills it in.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize)]
+pub struct RunCounts {
+    pub files: u64,
+    pub files_corrupt: u64,
+    pub records_read: u64,
+    pub records_skipped: u64,
+    pub bytes_scanned: u64,
+}
+
+/// What one trail file contributed; written with [`Store::add_trail_file`].
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct TrailFile {
+    pub key: String,
+    pub bytes: u64,
+    pub records: u64,
+    pub skipped: u64,
+    /// Why the file as a whole could not be read (bad gzip, not trail data).
+    pub error: Option<String>,
+    pub aggregates: Aggregates,
+}
+
+impl Store {
+    /// Opens (creating if needed) the database at `path` and brings its schema up to date.
+    pub fn open(path: &Path) -> Result<Store, StoreError> {
+        let doing = format!("opening the store {}", path.display());
+        let conn = Connection::open(path).doing(&doing)?;
+        Store::init(conn, &doing)
+    }
+
+    /// A private database in memory, for tests and dry runs.
+    pub fn open_in_memory() -> Result<Store, StoreError> {
+        let doing = "opening an in-memory store";
+        Store::init(Connection::open_in_memory().doing(doing)?, doing)
+    }
+
+    fn init(mut conn: Connection, doing: &str) -> Result<Store, StoreError> {
+        // Other processes (the CLI next to the daemon) wait for a lock instead of failing.
+        conn.busy_timeout(Duration::from_secs(10)).doing(doing)?;
+        conn.pragma_update(None, "journal_mode", "WAL").doing(doing)?;
+        // WAL with NORMAL keeps every commit atomic; only the last commits may be lost on power loss.
+        conn.pragma_update(None, "synchronous", "NORMAL").doing(doing)?;
+        conn.pragma_update(None, "foreign_keys", "ON").doing(doing)?;
+        migrate(&mut conn)?;
+        Ok(Store { conn: Mutex::new(conn) })
+    }
+
+    /// The connection, for other `impl Store` blocks in the crate. A panic while holding it
+    /// cannot leave a transaction half-applied (rusqlite rolls back on drop), so a poisoned lock
+    /// is still usable.
+    pub(crate) fn conn(&self) -> MutexGuard<'_, Connection> {
+        self.conn.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    /// The schema version (number of migrations applied).
+    pub fn schema_version(&self) -> Result<i64, StoreError> {
+        schema_version(&self.conn())
+    }
+
+    // -----------------------------------------------------------------------------------------
+    // Writing evidence.
+
+    /// Adds one trail file's contribution and marks it read, in one transaction. Returns false
+    /// (and changes nothing) if the file was already read, e.g. by a concurrent refresh.
+    pub fn add_trail_file(&self, file: &TrailFile, now: DateTime<Utc>) -> Result<bool, StoreError> {
+        let doing = format!("recording trail file {}", file.key);
+        let mut conn = self.conn();
+        let tx = conn.transaction().doing(&doing)?;
+        let marked = tx
+            .execute(
+                "INSERT OR IGNORE INTO trail_file (key, read_at, records, skipped, bytes, newest_hour, error)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
+                params![
+                    file.key,
+                    now.timestamp(),
+                    file.records as i64,
+                    file.skipped as i64,
+                    file.bytes as i64,
+                    file.aggregates.newest_hour().map(|h| h.timestamp()),
+                    file.error,
+                ],
+            )
+            .doing(&doing)?;
+        if marked == 0 {
+            return Ok(false);
+        }
+        add_aggregates(&tx, TRAIL_ORIGIN, &file.aggregates).doing(&doing)?;
+        tx.commit().doing(&doing)?;
+        Ok(true)
+    }
+
+    /// Replaces everything `origin` holds for the hours overlapping `[since, until)` with
+    /// `aggregates` (hours outside that range are ignored), in one transaction.
+    pub fn replace_hours(
+        &self,
+        origin: &str,
+        since: DateTime<Utc>,
+        until: DateTime<Utc>,
+        aggregates: &Aggregates,
+    ) -> Result<(), StoreError> {
+        let doing = format!("replacing {origin} evidence from {since} to {until}");
+        let (from, to) = (hour_of(since), until);
+        let mut within = aggregates.clone();
+        within.retain_hours(|h| h >= from && h < to);
+        let mut conn = self.conn();
+        let tx = conn.transaction().doing(&doing)?;
+        for table in EVIDENCE_TABLES {
+            tx.execute(
+                &format!("DELETE FROM {table} WHERE origin = ?1 AND hour >= ?2 AND hour < ?3"),
+                params![origin, from.timestamp(), to.timestamp()],
+            )
+            .doing(&doing)?;
+        }
+        add_aggregates(&tx, origin, &within).doing(&doing)?;
+        tx.commit().doing(&doing)
+    }
+
+    /// The greatest key read under `prefix` (keys are `/`-separated; `prefix` ends with `/` or is
+    /// empty).
+    pub fn last_read(&self, prefix: &str) -> Result<Option<String>, StoreError> {
+        let (low, high) = key_range(prefix);
+        self.conn()
+            .query_row(
+                "SELECT max(key) FROM trail_file WHERE key >= ?1 AND (?2 IS NULL OR key < ?2)",
+                params![low, high],
+                |row| row.get(0),
+            )
+            .doing(&format!("finding the last trail file read under {prefix:?}"))
+    }
+
+    /// The keys read under `prefix` that sort after `after` (all of them when `None`).
+    pub fn read_keys(&self, prefix: &str, after: Option<&str>) -> Result<HashSet<String>, StoreError> {
+        let doing = format!("listing trail files read under {prefix:?}");
+        let (low, high) = key_range(prefix);
+        let low = after.filter(|a| *a >= low.as_str()).unwrap_or(&low);
+        let conn = self.conn();
+        let mut stmt = conn
+            .prepare_cached("SELECT key FROM trail_file WHERE key >= ?1 AND (?2 IS NULL OR key < ?2)")
+            .doing(&doing)?;
+        let keys = stmt
+            .query_map(params![low, high], |row| row.get::<_, String>(0))
+            .doing(&doing)?
+            .collect::<Result<HashSet<_>, _>>()
+            .doing(&doing)?;
+        Ok(keys)
+    }
+
+    /// Drops evidence hours, read marks and refresh runs older than `cutoff`.
+    pub fn drop_before(&self, cutoff: DateTime<Utc>) -> Result<(), StoreError> {
+        let doing = format!("dropping evidence older than {cutoff}");
+        let cutoff = cutoff.timestamp();
+        let mut conn = self.conn();
+        let tx = conn.transaction().doing(&doing)?;
+        for table in EVIDENCE_TABLES {
+            tx.execute(&format!("DELETE FROM {table} WHERE hour < ?1"), [cutoff]).doing(&doing)?;
+        }
+        // A mark may go once all the file contributed is gone: were the file read again, its
+        // hours would be dropped on write.
+        tx.execute("DELETE FROM trail_file WHERE coalesce(newest_hour, read_at) < ?1", [cutoff])
+            .doing(&doing)?;
+        tx.execute("DELETE FROM refresh_run WHERE started < ?1 AND status != 'running'", [cutoff])
+            .doing(&doing)?;
+        tx.commit().doing(&doing)
+    }
+
+    // -----------------------------------------------------------------------------------------
+    // The refresh log.
+
+    /// Records the start of a refresh; returns its ID for [`Store::finish_run`].
+    pub fn start_run(
+        &self,
+        source: &str,
+        since: DateTime<Utc>,
+        until: DateTime<Utc>,
+        now: DateTime<Utc>,
+    ) -> Result<i64, StoreError> {
+        let conn = self.conn();
+        conn.execute(
+            "INSERT INTO refresh_run (source, window_start, window_end, started, status) VALUES (?1, ?2, ?3, ?4, 'running')",
+            params![source, since.timestamp(), until.timestamp(), now.timestamp()],
+        )
+        .doing("recording the start of a refresh")?;
+        Ok(conn.last_insert_rowid())
+    }
+
+    /// Records how a refresh ended: `error` is `None` for success.
+    pub fn finish_run(
+        &self,
+        id: i64,
+        counts: &RunCounts,
+        error: Option<&str>,
+        now: DateTime<Utc>,
+    ) -> Result<(), StoreError> {
+        self.conn()
+            .execute(
+                "UPDATE refresh_run SET finished = ?2, status = ?3, files = ?4, files_corrupt = ?5,
+                 records_read = ?6, records_skipped = ?7, bytes_scanned = ?8, error = ?9 WHERE id = ?1",
+                params![
+                    id,
+                    now.timestamp(),
+                    if error.is_none() { "succeeded" } else { "failed" },
+                    counts.files as i64,
+                    counts.files_corrupt as i64,
+                    counts.records_read as i64,
+                    counts.records_skipped as i64,
+                    counts.bytes_scanned as i64,
+                    error,
+                ],
+            )
+            .doing("recording the end of a refresh")?;
+        Ok(())
+    }
+
+    /// The most recent refresh runs, newest first.
+    pub fn recent_runs(&self, limit: usize) -> Result<Vec<Run>, StoreError> {
+        let doing = "reading the refresh log";
+        let conn = self.conn();
+        let mut stmt = conn
+            .prepare_cached(
+                "SELECT source, window_start, window_end, started, finished, status, files, files_corrupt,
+                        records_read, records_skipped, bytes_scanned, error
+                 FROM refresh_run ORDER BY started DESC, id DESC LIMIT ?1",
+            )
+            .doing(doing)?;
+        let rows = stmt
+            .query_map([limit as i64], |row| {
+                Ok((
+                    row.get::<_, String>(0)?,
+                    [row.get::<_, i64>(1)?, row.get(2)?, row.get(3)?],
+                    row.get::<_, Option<i64>>(4)?,
+                    row.get::<_, String>(5)?,
+                    RunCounts {
+                        files: row.get::<_, i64>(6)? as u64,
+                        files_corrupt: row.get::<_, i64>(7)? as u64,
+                        records_read: row.get::<_, i64>(8)? as u64,
+                        records_skipped: row.get::<_, i64>(9)? as u64,
+                        bytes_scanned: row.get::<_, i64>(10)? as u64,
+                    },
+                    row.get::<_, Option<String>>(11)?,
+                ))
+            })
+            .doing(doing)?;
+        rows.map(|row| {
+            let (source, [since, until, started], finished, status, counts, error) = row.doing(doing)?;
+            Ok(Run {
+                source,
+                since: time(since, doing)?,
+                until: time(until, doing)?,
+                started: time(started, doing)?,
+                finished: finished.map(|t| time(t, doing)).transpose()?,
+                status,
+                counts,
+                error,
+            })
+        })
+        .collect()
+    }
+
+    // -----------------------------------------------------------------------------------------
+    // Reading evidence.
+
+    /// Like [`EvidenceStore::user_evidence`], for one user or all.
+    pub fn evidence(
+        &self,
+        since: DateTime<Utc>,
+        until: DateTime<Utc>,
+        user: Option<&str>,
+    ) -> Result<Vec<UserEvidence>, StoreError> {
+        let doing = format!("reading evidence from {since} to {until}");
+        let doing = doing.as_str();
+        let conn = self.conn();
+        let window = params![hour_of(since).timestamp(), until.timestamp(), user];
+        let filter = "hour >= ?1 AND hour < ?2 AND (?3 IS NULL OR user_name = ?3)";
+
+        let mut users: BTreeMap<String, UserEvidence> = BTreeMap::new();
+        let mut stmt = conn
+            .prepare_cached(&format!(
+                "SELECT user_name, max(arn), min(first_call), max(last_call), sum(explicit_denials), sum(other_denials)
+                 FROM evidence_hour WHERE {filter} GROUP BY user_name HAVING min(first_call) IS NOT NULL"
+            ))
+            .doing(doing)?;
+        let mut rows = stmt.query(window).doing(doing)?;
+        while let Some(row) = rows.next().doing(doing)? {
+            let user: String = row.get(0).doing(doing)?;
+            users.insert(
+                user.clone(),
+                UserEvidence {
+                    user,
+                    arn: row.get(1).doing(doing)?,
+                    first_call: time(row.get(2).doing(doing)?, doing)?,
+                    last_call: time(row.get(3).doing(doing)?, doing)?,
+                    calls: 0,
+                    would_deny: 0,
+                    last_outside: None,
+                    outside_sources: Vec::new(),
+                    explicit_denials: count(row.get(4).doing(doing)?),
+                    other_denials: count(row.get(5).doing(doing)?),
+                },
+            );
+        }
+
+        let mut stmt = conn
+            .prepare_cached(&format!(
+                "SELECT user_name, verdict, sum(calls) FROM evidence_verdict
+                 WHERE {filter} AND verdict != 'not_applicable' GROUP BY user_name, verdict"
+            ))
+            .doing(doing)?;
+        let mut rows = stmt.query(window).doing(doing)?;
+        while let Some(row) = rows.next().doing(doing)? {
+            let user: String = row.get(0).doing(doing)?;
+            let verdict: String = row.get(1).doing(doing)?;
+            let calls = count(row.get(2).doing(doing)?);
+            if let Some(e) = users.get_mut(&user) {
+                e.calls += calls;
+                if verdict == "would_deny" {
+                    e.would_deny += calls;
+                }
+            }
+        }
+
+        let mut stmt = conn
+            .prepare_cached(&format!(
+                "SELECT user_name, source, calls, last_seen, last_action, last_reason FROM evidence_outside
+                 WHERE {filter} ORDER BY user_name, last_seen, source"
+            ))
+            .doing(doing)?;
+        let mut rows = stmt.query(window).doing(doing)?;
+        let mut sources: BTreeMap<(String, String), OutsideSource> = BTreeMap::new();
+        while let Some(row) = rows.next().doing(doing)? {
+            let user: String = row.get(0).doing(doing)?;
+            let source: String = row.get(1).doing(doing)?;
+            let calls = count(row.get(2).doing(doing)?);
+            let seen = time(row.get(3).doing(doing)?, doing)?;
+            let Some(e) = users.get_mut(&user) else { continue };
+            // Rows come oldest first, so the last one wins.
+            let reason: String = row.get(5).doing(doing)?;
+            e.last_outside = Some(OutsideCall {
+                at: seen,
+                source: source.clone(),
+                action: row.get(4).doing(doing)?,
+                reason: DenyReason::from_name(&reason).ok_or_else(|| StoreError::Corrupt {
+                    doing: doing.to_string(),
+                    what: format!("deny reason {reason:?}"),
+                })?,
+            });
+            let entry = sources.entry((user, source.clone())).or_insert(OutsideSource {
+                source,
+                calls: 0,
+                last_seen: seen,
+            });
+            entry.calls += calls;
+            entry.last_seen = entry.last_seen.max(seen);
+        }
+        for ((user, _), source) in sources {
+            if let Some(e) = users.get_mut(&user) {
+                e.outside_sources.push(source);
+            }
+        }
+        let mut evidence: Vec<UserEvidence> = users.into_values().filter(|e| e.calls > 0).collect();
+        for e in &mut evidence {
+            e.outside_sources
+                .sort_by(|a, b| b.calls.cmp(&a.calls).then(b.last_seen.cmp(&a.last_seen)).then(a.source.cmp(&b.source)));
+        }
+        Ok(evidence)
+    }
+
+    /// One user's calls in `[since, until)` by verdict and reason, most calls first.
+    pub fn verdict_counts(
+        &self,
+        user: &str,
+        since: DateTime<Utc>,
+        until: DateTime<Utc>,
+    ) -> Result<Vec<(Verdict, u64)>, StoreError> {
+        let doing = format!("reading {user}'s calls by verdict");
+        let doing = doing.as_str();
+        let conn = self.conn();
+        let mut stmt = conn
+            .prepare_cached(
+                "SELECT verdict, reason, sum(calls) AS n FROM evidence_verdict
+                 WHERE user_name = ?1 AND hour >= ?2 AND hour < ?3
+                 GROUP BY verdict, reason ORDER BY n DESC, verdict, reason",
+            )
+            .doing(doing)?;
+        let mut rows = stmt
+            .query(params![user, hour_of(since).timestamp(), until.timestamp()])
+            .doing(doing)?;
+        let mut counts = Vec::new();
+        while let Some(row) = rows.next().doing(doing)? {
+            let kind: String = row.get(0).doing(doing)?;
+            let reason: String = row.get(1).doing(doing)?;
+            let verdict = verdict_from_names(&kind, &reason).ok_or_else(|| StoreError::Corrupt {
+                doing: doing.to_string(),
+                what: format!("verdict {kind}/{reason}"),
+            })?;
+            counts.push((verdict, count(row.get(2).doing(doing)?)));
+        }
+        Ok(counts)
+    }
+
+    /// The evidence as canonical text: every evidence row and read mark (without the time it
+    /// was read), sorted. Two stores with equal dumps hold the same evidence.
+    pub fn dump_evidence(&self) -> Result<String, StoreError> {
+        let mut out = String::new();
+        for table in EVIDENCE_TABLES {
+            out.push_str(&self.dump_query(table, &format!("SELECT * FROM {table}"))?);
+        }
+        out.push_str(&self.dump_query(
+            "trail_file",
+            "SELECT key, records, skipped, bytes, newest_hour, error FROM trail_file",
+        )?);
+        Ok(out)
+    }
+
+    /// The rows of `query` as sorted lines, under a `[title]` header: for comparing store
+    /// contents in tests.
+    pub fn dump_query(&self, title: &str, query: &str) -> Result<String, StoreError> {
+        let doing = format!("dumping {title}");
+        let conn = self.conn();
+        let mut stmt = conn.prepare(query).doing(&doing)?;
+        let columns = stmt.column_count();
+        let mut lines = stmt
+            .query_map([], |row| {
+                (0..columns)
+                    .map(|i| {
+                        Ok(match row.get_ref(i)? {
+                            rusqlite::types::ValueRef::Null => "NULL".to_string(),
+                            rusqlite::types::ValueRef::Integer(n) => n.to_string(),
+                            rusqlite::types::ValueRef::Real(x) => x.to_string(),
+                            rusqlite::types::ValueRef::Text(t) => format!("{:?}", String::from_utf8_lossy(t)),
+                            rusqlite::types::ValueRef::Blob(b) => format!("blob:{}", b.len()),
+                        })
+                    })
+                    .collect::<Result<Vec<_>, rusqlite::Error>>()
+                    .map(|cells| cells.join("|"))
+            })
+            .doing(&doing)?
+            .collect::<Result<Vec<_>, _>>()
+            .doing(&doing)?;
+        lines.sort();
+        Ok(format!("[{title}]\n{}\n", lines.join("\n")))
+    }
+}
+
+/// A refresh as the log recorded it.
+#[derive(Debug, Clone, PartialEq, serde::Serialize)]
+pub struct Run {
+    pub source: String,
+    pub since: DateTime<Utc>,
+    pub until: DateTime<Utc>,
+    pub started: DateTime<Utc>,
+    pub finished: Option<DateTime<Utc>>,
+    /// `running` (or interrupted), `succeeded` or `failed`.
+    pub status: String,
+    pub counts: RunCounts,
+    pub error: Option<String>,
+}
+
+impl EvidenceStore for Store {
+    type Error = StoreError;
+
+    fn user_evidence(&self, since: DateTime<Utc>, until: DateTime<Utc>) -> Result<Vec<UserEvidence>, StoreError> {
+        self.evidence(since, until, None)
+    }
+
+    fn freshness(&self) -> Result<Freshness, StoreError> {
+        let doing = "reading evidence freshness";
+        let (finished, covered): (Option<i64>, Option<i64>) = self
+            .conn()
+            .query_row(
+                "SELECT max(finished), max(window_end) FROM refresh_run WHERE status = 'succeeded'",
+                [],
+                |row| Ok((row.get(0)?, row.get(1)?)),
+            )
+            .doing(doing)?;
+        Ok(Freshness {
+            last_success: finished.map(|t| time(t, doing)).transpose()?,
+            covered_until: covered.map(|t| time(t, doing)).transpose()?,
+        })
+    }
+}
+
+fn schema_version(conn: &Connection) -> Result<i64, StoreError> {
+    conn.query_row("PRAGMA user_version", [], |row| row.get(0))
+        .doing("reading the store's schema version")
+}
+
+fn migrate(conn: &mut Connection) -> Result<(), StoreError> {
+    let found = schema_version(conn)?;
+    let applied = usize::try_from(found).unwrap_or(usize::MAX);
+    if applied > MIGRATIONS.len() {
+        return Err(StoreError::TooNew {
+            found,
+            known: MIGRATIONS.len(),
+        });
+    }
+    for (index, sql) in MIGRATIONS.iter().enumerate().skip(applied) {
+        let version = index + 1;
+        let doing = format!("migrating the store to schema version {version}");
+        // IMMEDIATE takes the write lock first, so two processes opening a new store do not
+        // both apply the same migration.
+        let tx = conn
+            .transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)
+            .doing(&doing)?;
+        let current: i64 = tx.query_row("PRAGMA user_version", [], |row| row.get(0)).doing(&doing)?;
+        if current >= version as i64 {
+            continue;
+        }
+        tx.execute_batch(sql).doing(&doing)?;
+        tx.pragma_update(None, "user_version", version as i64).doing(&doing)?;
+        tx.commit().doing(&doing)?;
+    }
+    Ok(())
+}
+
+/// Adds `aggregates` to `origin`'s rows, summing counts and keeping the latest outside call.
+fn add_aggregates(tx: &Transaction<'_>, origin: &str, aggregates: &Aggregates) -> rusqlite::Result<()> {
+    let mut hour_stmt = tx.prepare_cached(
+        "INSERT INTO evidence_hour (user_name, hour, origin, arn, first_call, last_call, explicit_denials, other_denials)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)
+         ON CONFLICT (user_name, hour, origin) DO UPDATE SET
+             arn = coalesce(excluded.arn, arn),
+             first_call = min(coalesce(first_call, excluded.first_call), coalesce(excluded.first_call, first_call)),
+             last_call = max(coalesce(last_call, excluded.last_call), coalesce(excluded.last_call, last_call)),
+             explicit_denials = explicit_denials + excluded.explicit_denials,
+             other_denials = other_denials + excluded.other_denials",
+    )?;
+    let mut verdict_stmt = tx.prepare_cached(
+        "INSERT INTO evidence_verdict (user_name, hour, origin, verdict, reason, calls) VALUES (?1, ?2, ?3, ?4, ?5, ?6)
+         ON CONFLICT (user_name, hour, origin, verdict, reason) DO UPDATE SET calls = calls + excluded.calls",
+    )?;
+    // SET expressions see the old row, so the CASEs compare against the previous last_seen.
+    let mut outside_stmt = tx.prepare_cached(
+        "INSERT INTO evidence_outside (user_name, hour, origin, source, calls, last_seen, last_action, last_reason)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)
+         ON CONFLICT (user_name, hour, origin, source) DO UPDATE SET
+             calls = calls + excluded.calls,
+             last_action = CASE WHEN excluded.last_seen >= last_seen THEN excluded.last_action ELSE last_action END,
+             last_reason = CASE WHEN excluded.last_seen >= last_seen THEN excluded.last_reason ELSE last_reason END,
+             last_seen = max(last_seen, excluded.last_seen)",
+    )?;
+    for (user, hour, agg) in aggregates.iter() {
+        let hour = hour.timestamp();
+        hour_stmt.execute(params![
+            user,
+            hour,
+            origin,
+            agg.arn,
+            agg.first_call.map(|t| t.timestamp()),
+            agg.last_call.map(|t| t.timestamp()),
+            agg.explicit_denials as i64,
+            agg.other_denials as i64,
+        ])?;
+        for (verdict, calls) in &agg.verdicts {
+            verdict_stmt.execute(params![
+                user,
+                hour,
+                origin,
+                verdict.kind_name(),
+                verdict.reason_name(),
+                *calls as i64
+            ])?;
+        }
+        for (source, seen) in &agg.outside {
+            outside_stmt.execute(params![
+                user,
+                hour,
+                origin,
+                source,
+                seen.calls as i64,
+                seen.last_seen.timestamp(),
+                seen.last_action,
+                seen.reason.as_str(),
+            ])?;
+        }
+    }
+    Ok(())
+}
+
+fn verdict_from_names(kind: &str, reason: &str) -> Option<Verdict> {
+    match kind {
+        "allowed" => AllowReason::from_name(reason).map(Verdict::Allowed),
+        "would_deny" => DenyReason::from_name(reason).map(Verdict::WouldDeny),
+        "not_applicable" => SkipReason::from_name(reason).map(Verdict::NotApplicable),
+        _ => None,
+    }
+}
+
+/// `[prefix, next prefix)`: the key range under a prefix (unbounded above for "").
+fn key_range(prefix: &str) -> (String, Option<String>) {
+    let mut chars: Vec<char> = prefix.chars().collect();
+    let high = chars.pop().map(|last| {
+        let next = char::from_u32(last as u32 + 1).unwrap_or(char::MAX);
+        chars.iter().chain(std::iter::once(&next)).collect()
+    });
+    (prefix.to_string(), high)
+}
+
+fn time(seconds: i64, doing: &str) -> Result<DateTime<Utc>, StoreError> {
+    DateTime::from_timestamp(seconds, 0).ok_or_else(|| StoreError::Corrupt {
+        doing: doing.to_string(),
+        what: format!("timestamp {seconds}"),
+    })
+}
+
+/// SQLite sums are signed; counts are never negative.
+fn count(sum: Option<i64>) -> u64 {
+    sum.and_then(|n| u64::try_from(n).ok()).unwrap_or(0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::evidence::CallGroup;
+    use crate::evidence::aggregate::{Judge, aggregate};
+    use crate::perimeter::Perimeter;
+    use crate::trail::{Record, UserIdentity};
+
+    const ACCOUNT: &str = "123456789012";
+
+    fn judge() -> Judge {
+        Judge {
+            perimeter: Perimeter {
+                account_id: ACCOUNT.into(),
+                trusted_vpcs: vec![],
+                trusted_endpoints: BTreeMap::new(),
+                trusted_cidrs: vec!["203.0.113.0/24".parse().unwrap()],
+                allow_aws_service_calls: true,
+                called_via_services: vec![],
+                allow_presigned_s3_reads: true,
+                exempt_tag_key: None,
+                not_actions: vec![],
+            },
+            lockdown_policy: "lockstep".into(),
+        }
+    }
+
+    fn at(text: &str) -> DateTime<Utc> {
+        text.parse().unwrap()
+    }
+
+    fn call(user: &str, time: &str, source: &str, denied: bool) -> CallGroup {
+        CallGroup::single(Record {
+            event_time: Some(time.into()),
+            event_source: Some("s3.amazonaws.com".into()),
+            event_name: Some("ListBuckets".into()),
+            source_ip_address: Some(source.into()),
+            error_code: denied.then(|| "AccessDenied".into()),
+            error_message: denied.then(|| "... with an explicit deny in an identity-based policy".into()),
+            user_identity: Some(UserIdentity {
+                kind: Some("IAMUser".into()),
+                user_name: Some(user.into()),
+                arn: Some(format!("arn:aws:iam::{ACCOUNT}:user/{user}")),
+                account_id: Some(ACCOUNT.into()),
+                ..UserIdentity::default()
+            }),
+            ..Record::default()
+        })
+        .unwrap()
+    }
+
+    fn file(key: &str, groups: &[CallGroup]) -> TrailFile {
+        TrailFile {
+            key: key.into(),
+            bytes: 100,
+            records: groups.len() as u64,
+            aggregates: aggregate(groups, &judge()),
+            ..TrailFile::default()
+        }
+    }
+
+    #[test]
+    fn migrations_run_once_and_a_newer_store_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("s.db");
+        let store = Store::open(&path).unwrap();
+        assert_eq!(store.schema_version().unwrap(), MIGRATIONS.len() as i64);
+        let mode: String = store.conn().query_row("PRAGMA journal_mode", [], |r| r.get(0)).unwrap();
+        assert_eq!(mode, "wal");
+        drop(store);
+        let store = Store::open(&path).unwrap();
+        assert_eq!(store.schema_version().unwrap(), MIGRATIONS.len() as i64);
+        store.conn().pragma_update(None, "user_version", 999).unwrap();
+        drop(store);
+        let err = Store::open(&path).unwrap_err();
+        assert!(matches!(err, StoreError::TooNew { found: 999, .. }), "{err}");
+    }
+
+    #[test]
+    fn a_file_is_added_once_and_evidence_sums_files() {
+        let store = Store::open_in_memory().unwrap();
+        let now = at("2024-01-03T00:00:00Z");
+        let a = file("AWSLogs/1/a.json.gz", &[
+            call("alice", "2024-01-02T10:00:00Z", "203.0.113.5", false),
+            call("alice", "2024-01-02T10:10:00Z", "198.51.100.7", false),
+        ]);
+        let b = file("AWSLogs/1/b.json.gz", &[
+            call("alice", "2024-01-02T10:20:00Z", "198.51.100.7", true),
+            call("alice", "2024-01-02T11:30:00Z", "198.51.100.8", false),
+        ]);
+        assert!(store.add_trail_file(&a, now).unwrap());
+        let once = store.dump_evidence().unwrap();
+        assert!(!store.add_trail_file(&a, now).unwrap(), "second add is refused");
+        assert_eq!(store.dump_evidence().unwrap(), once);
+        assert!(store.add_trail_file(&b, now).unwrap());
+
+        let all = store.user_evidence(at("2024-01-02T00:00:00Z"), now).unwrap();
+        assert_eq!(all.len(), 1);
+        let e = &all[0];
+        assert_eq!((e.calls, e.would_deny, e.explicit_denials, e.other_denials), (4, 3, 1, 0));
+        assert_eq!(e.first_call, at("2024-01-02T10:00:00Z"));
+        assert_eq!(e.last_call, at("2024-01-02T11:30:00Z"));
+        let last = e.last_outside.as_ref().unwrap();
+        assert_eq!((last.source.as_str(), last.at), ("198.51.100.8", at("2024-01-02T11:30:00Z")));
+        let top: Vec<_> = e.outside_sources.iter().map(|s| (s.source.as_str(), s.calls)).collect();
+        assert_eq!(top, vec![("198.51.100.7", 2), ("198.51.100.8", 1)]);
+
+        // The window is by hour: 11:00 onwards sees only the last call.
+        let late = store.evidence(at("2024-01-02T11:00:00Z"), now, Some("alice")).unwrap();
+        assert_eq!(late[0].calls, 1);
+        assert!(store.evidence(at("2024-01-02T00:00:00Z"), now, Some("bob")).unwrap().is_empty());
+        let verdicts = store.verdict_counts("alice", at("2024-01-02T00:00:00Z"), now).unwrap();
+        assert_eq!(verdicts[0], (Verdict::WouldDeny(DenyReason::UntrustedIp), 3));
+    }
+
+    #[test]
+    fn read_marks_are_found_by_prefix() {
+        let store = Store::open_in_memory().unwrap();
+        let now = at("2024-01-03T00:00:00Z");
+        for key in ["a/2024/01/02/x1", "a/2024/01/02/x2", "a/2024/01/020", "a/2024/01/03/x0", "b/x"] {
+            store.add_trail_file(&file(key, &[]), now).unwrap();
+        }
+        assert_eq!(store.last_read("a/2024/01/02/").unwrap().as_deref(), Some("a/2024/01/02/x2"));
+        assert_eq!(store.last_read("a/2024/01/04/").unwrap(), None);
+        assert_eq!(store.last_read("").unwrap().as_deref(), Some("b/x"));
+        let after = store.read_keys("a/2024/01/02/", Some("a/2024/01/02/x1")).unwrap();
+        assert_eq!(after, HashSet::from(["a/2024/01/02/x2".to_string()]));
+        assert_eq!(store.read_keys("a/", None).unwrap().len(), 4);
+    }
+
+    #[test]
+    fn replacing_hours_touches_only_that_origin_and_window() {
+        let store = Store::open_in_memory().unwrap();
+        let now = at("2024-01-03T00:00:00Z");
+        store
+            .add_trail_file(&file("f", &[call("alice", "2024-01-02T10:00:00Z", "203.0.113.5", false)]), now)
+            .unwrap();
+        let athena = |n: usize| {
+            let groups: Vec<_> = (0..n).map(|_| call("alice", "2024-01-02T10:30:00Z", "203.0.113.5", false)).collect();
+            let mut early = groups.clone();
+            early.push(call("alice", "2024-01-02T08:00:00Z", "203.0.113.5", false));
+            aggregate(&early, &judge())
+        };
+        let window = (at("2024-01-02T10:15:00Z"), at("2024-01-02T11:00:00Z"));
+        store.replace_hours("athena", window.0, window.1, &athena(5)).unwrap();
+        store.replace_hours("athena", window.0, window.1, &athena(2)).unwrap();
+        let e = store.user_evidence(at("2024-01-02T00:00:00Z"), now).unwrap();
+        // 1 from the file + 2 from the last Athena window; the 08:00 call was outside the window.
+        assert_eq!(e[0].calls, 3);
+    }
+
+    #[test]
+    fn runs_and_freshness() {
+        let store = Store::open_in_memory().unwrap();
+        assert_eq!(store.freshness().unwrap(), Freshness::default());
+        let ok = store.start_run("files", at("2024-01-02T00:00:00Z"), at("2024-01-02T10:00:00Z"), at("2024-01-02T10:00:00Z")).unwrap();
+        let counts = RunCounts { files: 2, records_read: 10, ..RunCounts::default() };
+        store.finish_run(ok, &counts, None, at("2024-01-02T10:01:00Z")).unwrap();
+        let bad = store.start_run("files", at("2024-01-02T08:00:00Z"), at("2024-01-02T11:00:00Z"), at("2024-01-02T11:00:00Z")).unwrap();
+        store.finish_run(bad, &RunCounts::default(), Some("boom"), at("2024-01-02T11:01:00Z")).unwrap();
+        let fresh = store.freshness().unwrap();
+        assert_eq!(fresh.last_success, Some(at("2024-01-02T10:01:00Z")));
+        assert_eq!(fresh.covered_until, Some(at("2024-01-02T10:00:00Z")));
+        let runs = store.recent_runs(5).unwrap();
+        assert_eq!(runs.len(), 2);
+        assert_eq!((runs[0].status.as_str(), runs[0].error.as_deref()), ("failed", Some("boom")));
+        assert_eq!(runs[1].counts, counts);
+    }
+
+    #[test]
+    fn retention_drops_old_hours_marks_and_runs() {
+        let store = Store::open_in_memory().unwrap();
+        let now = at("2024-01-10T00:00:00Z");
+        store.add_trail_file(&file("old", &[call("alice", "2024-01-01T10:00:00Z", "203.0.113.5", false)]), now).unwrap();
+        store.add_trail_file(&file("new", &[call("alice", "2024-01-09T10:00:00Z", "203.0.113.5", false)]), now).unwrap();
+        let run = store.start_run("files", at("2024-01-01T00:00:00Z"), at("2024-01-01T12:00:00Z"), at("2024-01-01T12:00:00Z")).unwrap();
+        store.finish_run(run, &RunCounts::default(), None, at("2024-01-01T12:00:00Z")).unwrap();
+        store.drop_before(at("2024-01-05T00:00:00Z")).unwrap();
+        assert_eq!(store.read_keys("", None).unwrap(), HashSet::from(["new".to_string()]));
+        let e = store.user_evidence(at("2024-01-01T00:00:00Z"), now).unwrap();
+        assert_eq!(e[0].calls, 1);
+        assert!(store.recent_runs(5).unwrap().is_empty());
+    }
+
+    #[test]
+    fn key_ranges() {
+        assert_eq!(key_range("a/b/"), ("a/b/".into(), Some("a/b0".into())));
+        assert_eq!(key_range(""), (String::new(), None));
+    }
+}
