@@ -7,6 +7,11 @@ use chrono::{DateTime, Utc};
 
 pub trait Clock: Send + Sync {
     fn now(&self) -> DateTime<Utc>;
+
+    /// How long to really wait for `virtual_duration` of this clock's time to pass.
+    fn real_duration(&self, virtual_duration: std::time::Duration) -> std::time::Duration {
+        virtual_duration
+    }
 }
 
 /// The wall clock.
@@ -60,17 +65,16 @@ impl AcceleratedClock {
             factor: factor.max(f64::MIN_POSITIVE),
         }
     }
-
-    /// How long to really sleep for `virtual_duration` to pass.
-    pub fn real_duration(&self, virtual_duration: std::time::Duration) -> std::time::Duration {
-        virtual_duration.div_f64(self.factor)
-    }
 }
 
 impl Clock for AcceleratedClock {
     fn now(&self) -> DateTime<Utc> {
         let elapsed = self.real_start.elapsed().mul_f64(self.factor);
         self.start + chrono::Duration::from_std(elapsed).unwrap_or(chrono::Duration::MAX)
+    }
+
+    fn real_duration(&self, virtual_duration: std::time::Duration) -> std::time::Duration {
+        virtual_duration.div_f64(self.factor)
     }
 }
 

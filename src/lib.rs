@@ -38,15 +38,20 @@ macro_rules! named_enum {
     };
 }
 
+pub mod api;
 pub mod aws;
 pub mod clock;
 pub mod config;
+pub mod controller;
 pub mod evidence;
+pub mod feed;
 pub mod guard;
 pub mod iam;
 pub mod ledger;
+pub mod metrics;
 pub mod perimeter;
 pub mod planner;
 pub mod rollout;
 pub mod store;
+pub mod synth;
 pub mod trail;

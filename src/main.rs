@@ -34,8 +34,26 @@ pub enum LogFormat {
 pub enum Command {
     /// Check the configuration and report every problem with its file, line and column.
     Validate,
-    /// Print the IAM policy document rendered from the perimeter.
-    Policy,
+    /// Print the IAM policy rendered from the perimeter, or put it in place.
+    Policy {
+        #[command(subcommand)]
+        action: Option<PolicyAction>,
+    },
+    /// Run the rollout controller: promote eligible users in waves, guard, roll back.
+    ///
+    /// Without --commit this is a dry run: every step plans and reports (and records in the
+    /// audit log) what it would do, and nothing is written to IAM.
+    Run {
+        /// Make IAM changes.
+        #[arg(long)]
+        commit: bool,
+        /// Run one step and exit.
+        #[arg(long)]
+        once: bool,
+        /// Print each step's report as a JSON line on stdout.
+        #[arg(long)]
+        json: bool,
+    },
     /// Judge CloudTrail records against the perimeter; prints one JSON line per record.
     ///
     /// Reads `{"Records": [...]}` trail files, bare JSON arrays of records, and one record per
@@ -48,6 +66,19 @@ pub enum Command {
         /// Treat this user as carrying the exemption tag (repeatable): trail records carry no tags.
         #[arg(long = "exempt", value_name = "USER")]
         exempt: Vec<String>,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum PolicyAction {
+    /// Print the policy document (the default).
+    Show,
+    /// Create the lockdown group and managed policy, make the rendered document its default
+    /// version, attach it. Without --commit, shows what would change.
+    Apply {
+        /// Make the changes.
+        #[arg(long)]
+        commit: bool,
     },
 }
 

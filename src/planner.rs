@@ -9,7 +9,7 @@
 use std::collections::BTreeMap;
 
 use chrono::{DateTime, Utc};
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 use crate::config::{Config, Selector, Wave};
 use crate::evidence::{Freshness, UserEvidence};
@@ -32,18 +32,21 @@ pub struct Inputs<'a> {
 }
 
 /// Whether new batches may start.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "gate", content = "why", rename_all = "snake_case")]
 pub enum Gate {
     Open,
     Paused(String),
     /// Evidence missing or stale, or the guard cannot see: nothing is promoted.
     Inconclusive(String),
+    /// Promotions are stopped by something outside the plan (the lockdown policy is missing
+    /// or drifted); rollbacks and successes still proceed.
+    Blocked(String),
     /// Every wave is finished.
     Finished,
 }
 
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "action", rename_all = "snake_case")]
 pub enum Action {
     /// Take the batch's members back out of the group and hold them; pause the rollout.
@@ -53,20 +56,20 @@ pub enum Action {
     StartBatch { wave: String, users: Vec<Candidate> },
 }
 
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Candidate {
     pub user: String,
     pub why: String,
 }
 
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "status", content = "reason", rename_all = "snake_case")]
 pub enum Eligibility {
     Eligible(String),
     Ineligible(String),
 }
 
-#[derive(Debug, Clone, PartialEq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Plan {
     pub gate: Gate,
     pub current_wave: Option<String>,

@@ -72,7 +72,7 @@ pub struct Batch {
     pub verdict: Option<String>,
 }
 
-#[derive(Debug, Clone, PartialEq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, serde::Deserialize)]
 pub struct Pause {
     pub reason: String,
     pub by: String,

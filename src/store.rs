@@ -17,9 +17,10 @@ use std::sync::{Mutex, MutexGuard};
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
-use rusqlite::{Connection, OptionalExtension, Transaction, params};
+use rusqlite::{Connection, Transaction, params};
 
 use crate::evidence::aggregate::{Aggregates, hour_of};
+use crate::evidence::files::TrailFile;
 use crate::evidence::{EvidenceStore, Freshness, OutsideCall, OutsideSource, UserEvidence};
 use crate::perimeter::{AllowReason, DenyReason, SkipReason, Verdict};
 
@@ -95,6 +96,8 @@ pub const MIGRATIONS: &[&str] = &[
 
 /// The origin of trail-file contributions (folder or S3).
 pub const TRAIL_ORIGIN: &str = "trail";
+/// The origin of Athena query windows.
+pub const ATHENA_ORIGIN: &str = "athena";
 
 /// The tables whose rows are the evidence itself (what [`Store::dump_evidence`] compares).
 const EVIDENCE_TABLES: &[&str] = &["evidence_hour", "evidence_verdict", "evidence_outside"];
@@ -141,18 +144,6 @@ pub struct RunCounts {
     pub records_read: u64,
     pub records_skipped: u64,
     pub bytes_scanned: u64,
-}
-
-/// What one trail file contributed; written with [`Store::add_trail_file`].
-#[derive(Debug, Clone, Default, PartialEq)]
-pub struct TrailFile {
-    pub key: String,
-    pub bytes: u64,
-    pub records: u64,
-    pub skipped: u64,
-    /// Why the file as a whole could not be read (bad gzip, not trail data).
-    pub error: Option<String>,
-    pub aggregates: Aggregates,
 }
 
 impl Store {
@@ -267,13 +258,14 @@ impl Store {
     pub fn read_keys(&self, prefix: &str, after: Option<&str>) -> Result<HashSet<String>, StoreError> {
         let doing = format!("listing trail files read under {prefix:?}");
         let (low, high) = key_range(prefix);
-        let low = after.filter(|a| *a >= low.as_str()).unwrap_or(&low);
         let conn = self.conn();
         let mut stmt = conn
-            .prepare_cached("SELECT key FROM trail_file WHERE key >= ?1 AND (?2 IS NULL OR key < ?2)")
+            .prepare_cached(
+                "SELECT key FROM trail_file WHERE key >= ?1 AND (?2 IS NULL OR key < ?2) AND (?3 IS NULL OR key > ?3)",
+            )
             .doing(&doing)?;
         let keys = stmt
-            .query_map(params![low, high], |row| row.get::<_, String>(0))
+            .query_map(params![low, high, after], |row| row.get::<_, String>(0))
             .doing(&doing)?
             .collect::<Result<HashSet<_>, _>>()
             .doing(&doing)?;
@@ -653,7 +645,7 @@ fn add_aggregates(tx: &Transaction<'_>, origin: &str, aggregates: &Aggregates) -
         "INSERT INTO evidence_hour (user_name, hour, origin, arn, first_call, last_call, explicit_denials, other_denials)
          VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)
          ON CONFLICT (user_name, hour, origin) DO UPDATE SET
-             arn = coalesce(excluded.arn, arn),
+             arn = max(coalesce(arn, excluded.arn), coalesce(excluded.arn, arn)),
              first_call = min(coalesce(first_call, excluded.first_call), coalesce(excluded.first_call, first_call)),
              last_call = max(coalesce(last_call, excluded.last_call), coalesce(excluded.last_call, last_call)),
              explicit_denials = explicit_denials + excluded.explicit_denials,
@@ -663,14 +655,17 @@ fn add_aggregates(tx: &Transaction<'_>, origin: &str, aggregates: &Aggregates) -
         "INSERT INTO evidence_verdict (user_name, hour, origin, verdict, reason, calls) VALUES (?1, ?2, ?3, ?4, ?5, ?6)
          ON CONFLICT (user_name, hour, origin, verdict, reason) DO UPDATE SET calls = calls + excluded.calls",
     )?;
-    // SET expressions see the old row, so the CASEs compare against the previous last_seen.
+    // SET expressions see the old row. The latest call wins, ties by the greater action and
+    // reason, so the result does not depend on the order files are added in.
     let mut outside_stmt = tx.prepare_cached(
         "INSERT INTO evidence_outside (user_name, hour, origin, source, calls, last_seen, last_action, last_reason)
          VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)
          ON CONFLICT (user_name, hour, origin, source) DO UPDATE SET
              calls = calls + excluded.calls,
-             last_action = CASE WHEN excluded.last_seen >= last_seen THEN excluded.last_action ELSE last_action END,
-             last_reason = CASE WHEN excluded.last_seen >= last_seen THEN excluded.last_reason ELSE last_reason END,
+             last_action = CASE WHEN (excluded.last_seen, excluded.last_action, excluded.last_reason) > (last_seen, last_action, last_reason)
+                 THEN excluded.last_action ELSE last_action END,
+             last_reason = CASE WHEN (excluded.last_seen, excluded.last_action, excluded.last_reason) > (last_seen, last_action, last_reason)
+                 THEN excluded.last_reason ELSE last_reason END,
              last_seen = max(last_seen, excluded.last_seen)",
     )?;
     for (user, hour, agg) in aggregates.iter() {

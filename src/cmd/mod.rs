@@ -5,9 +5,11 @@ use std::process::ExitCode;
 use anyhow::Context;
 use lockstep::config::Config;
 
-use crate::{Cli, Command, LogFormat};
+use crate::{Cli, Command, LogFormat, PolicyAction};
 
 mod classify;
+mod policy;
+mod run;
 
 pub fn init_logging(format: LogFormat) {
     let filter = tracing_subscriber::EnvFilter::try_from_env("LOCKSTEP_LOG")
@@ -22,17 +24,31 @@ pub fn init_logging(format: LogFormat) {
 pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     match cli.command {
         Command::Validate => validate(&cli.config),
-        Command::Policy => {
+        Command::Policy { action } => {
             let config = load(&cli.config)?;
-            let json = config.perimeter.policy().to_pretty_json()?;
-            println!("{json}");
-            Ok(ExitCode::SUCCESS)
+            match action.unwrap_or(PolicyAction::Show) {
+                PolicyAction::Show => policy::show(&config),
+                PolicyAction::Apply { commit } => block_on(policy::apply(&config, commit)),
+            }
+        }
+        Command::Run { commit, once, json } => {
+            let config = load(&cli.config)?;
+            block_on(run::run(config, run::Options { commit, once, json }))
         }
         Command::Classify { files, exempt } => {
             let config = load(&cli.config)?;
             classify::run(&config, &files, exempt.into_iter().collect())
         }
     }
+}
+
+/// Runs an async command body on a multi-threaded runtime.
+pub fn block_on<T>(work: impl std::future::Future<Output = anyhow::Result<T>>) -> anyhow::Result<T> {
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("cannot start the async runtime")?
+        .block_on(work)
 }
 
 /// Loads and validates the configuration; every problem is in the error.

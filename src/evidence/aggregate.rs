@@ -97,7 +97,8 @@ impl Aggregates {
             return;
         };
         let hour = hours.entry(hour_of(group.first)).or_default();
-        if hour.arn.is_none() {
+        // Like every merge here, independent of input order: a renamed user keeps one ARN.
+        if record.user_arn() > hour.arn.as_deref() {
             hour.arn = record.user_arn().map(str::to_string);
         }
         *hour.verdicts.entry(verdict).or_default() += group.calls;
@@ -111,8 +112,10 @@ impl Aggregates {
             match hour.outside.get_mut(&source) {
                 Some(seen) => {
                     seen.calls += group.calls;
-                    // Ties go to the later record, so the result follows input order.
-                    if group.last >= seen.last_seen {
+                    // The latest call wins; ties by the greater action and reason (as in the store).
+                    if (group.last, action.as_str(), reason.as_str())
+                        > (seen.last_seen, seen.last_action.as_str(), seen.reason.as_str())
+                    {
                         seen.last_seen = group.last;
                         seen.last_action = action;
                         seen.reason = reason;

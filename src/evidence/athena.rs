@@ -50,37 +50,77 @@ const MAX_POLL_INTERVAL: Duration = Duration::from_secs(10);
 /// `GetQueryResults` page size (Athena's maximum).
 const PAGE_SIZE: i32 = 1000;
 
-// A private module so that the generated enum stays crate-internal.
-mod columns {
-    named_enum!(
-        /// The result columns in SELECT order: a row's cell `i` is `Col::ALL[i]`. All but the
-        /// last three are grouping keys.
-        Col {
-            UserName = "user_name",
-            UserArn = "user_arn",
-            IdentityType = "identity_type",
-            IdentityAccount = "identity_account",
-            InvokedBy = "invoked_by",
-            RecipientAccount = "recipient_account",
-            EventSource = "event_source",
-            EventName = "event_name",
-            EventType = "event_type",
-            SourceIp = "source_ip",
-            VpcEndpointId = "vpc_endpoint_id",
-            VpcEndpointAccount = "vpc_endpoint_account",
-            S3AuthMethod = "s3_auth_method",
-            ErrorCode = "error_code",
-            /// 1 when the error message shows an explicit identity-based deny (see `explicit_deny`).
-            ExplicitDeny = "explicit_deny",
-            Calls = "calls",
-            FirstTime = "first_time",
-            LastTime = "last_time",
-        }
-    );
+/// The result columns. A row's cell `i` is `Col::ALL[i]`; all but the last three are grouping keys.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Col {
+    UserName,
+    UserArn,
+    IdentityType,
+    IdentityAccount,
+    InvokedBy,
+    RecipientAccount,
+    EventSource,
+    EventName,
+    EventType,
+    SourceIp,
+    VpcEndpointId,
+    VpcEndpointAccount,
+    S3AuthMethod,
+    ErrorCode,
+    /// 1 when the error message shows an explicit identity-based deny (see `explicit_deny`).
+    ExplicitDeny,
+    Calls,
+    FirstTime,
+    LastTime,
 }
-use columns::Col;
 
 impl Col {
+    /// SELECT order, which is declaration order (a test checks).
+    const ALL: [Col; 18] = [
+        Col::UserName,
+        Col::UserArn,
+        Col::IdentityType,
+        Col::IdentityAccount,
+        Col::InvokedBy,
+        Col::RecipientAccount,
+        Col::EventSource,
+        Col::EventName,
+        Col::EventType,
+        Col::SourceIp,
+        Col::VpcEndpointId,
+        Col::VpcEndpointAccount,
+        Col::S3AuthMethod,
+        Col::ErrorCode,
+        Col::ExplicitDeny,
+        Col::Calls,
+        Col::FirstTime,
+        Col::LastTime,
+    ];
+
+    /// The column's alias in the query and its label in the results.
+    fn name(self) -> &'static str {
+        match self {
+            Col::UserName => "user_name",
+            Col::UserArn => "user_arn",
+            Col::IdentityType => "identity_type",
+            Col::IdentityAccount => "identity_account",
+            Col::InvokedBy => "invoked_by",
+            Col::RecipientAccount => "recipient_account",
+            Col::EventSource => "event_source",
+            Col::EventName => "event_name",
+            Col::EventType => "event_type",
+            Col::SourceIp => "source_ip",
+            Col::VpcEndpointId => "vpc_endpoint_id",
+            Col::VpcEndpointAccount => "vpc_endpoint_account",
+            Col::S3AuthMethod => "s3_auth_method",
+            Col::ErrorCode => "error_code",
+            Col::ExplicitDeny => "explicit_deny",
+            Col::Calls => "calls",
+            Col::FirstTime => "first_time",
+            Col::LastTime => "last_time",
+        }
+    }
+
     /// The column's expression over Athena's CloudTrail table.
     fn expression(self, lockdown_policy: &str) -> String {
         let plain = match self {
@@ -151,7 +191,7 @@ pub fn window_query(
 ) -> String {
     let select: Vec<String> = Col::ALL
         .iter()
-        .map(|col| format!("  {} AS {}", col.expression(lockdown_policy), col.as_str()))
+        .map(|col| format!("  {} AS {}", col.expression(lockdown_policy), col.name()))
         .collect();
     let mut group_by: Vec<String> = Col::ALL
         .iter()
@@ -450,14 +490,14 @@ fn parse_row(cells: &[Option<String>]) -> Result<CallGroup, String> {
         return Err(format!("{} columns instead of {}", cells.len(), Col::ALL.len()));
     }
     let text = |col: Col| cells[col as usize].clone();
-    let required = |col: Col| text(col).ok_or_else(|| format!("{col} is NULL"));
+    let required = |col: Col| text(col).ok_or_else(|| format!("{} is NULL", col.name()));
     let calls = required(Col::Calls)?;
     let calls: u64 = calls.parse().map_err(|e| format!("calls {calls:?}: {e}"))?;
     let time = |col: Col| -> Result<DateTime<Utc>, String> {
         let value = required(col)?;
         DateTime::parse_from_rfc3339(&value)
             .map(|t| t.to_utc())
-            .map_err(|e| format!("{col} {value:?}: {e}"))
+            .map_err(|e| format!("{} {value:?}: {e}", col.name()))
     };
     let (first, last) = (time(Col::FirstTime)?, time(Col::LastTime)?);
     let explicit_deny = match text(Col::ExplicitDeny).as_deref() {
@@ -552,11 +592,16 @@ mod tests {
     }
 
     #[test]
+    fn columns_are_listed_in_declaration_order() {
+        assert!(Col::ALL.iter().enumerate().all(|(i, col)| *col as usize == i));
+    }
+
+    #[test]
     fn query_groups_by_every_key_and_the_hour() {
         let q = query(Partitioning::Projected, at(2024, 3, 1, 0, 0), at(2024, 3, 2, 0, 0));
         let (select, group_by) = q.split_once("GROUP BY").unwrap();
         for col in Col::ALL {
-            assert!(select.contains(&format!(" AS {}", col.as_str())), "{col} missing: {q}");
+            assert!(select.contains(&format!(" AS {}", col.name())), "{} missing: {q}", col.name());
         }
         assert_eq!(group_by.matches(",\n").count() + 1, Col::ALL.iter().filter(|c| c.is_key()).count() + 1);
         assert!(group_by.contains("substr(eventtime, 1, 13)"));
@@ -652,14 +697,14 @@ mod tests {
             let mut r = good_row("alice", "1");
             r[col as usize] = value.map(str::to_string);
             let err = parse_row(&r).unwrap_err();
-            assert!(err.contains(expected), "{col}: {err}");
+            assert!(err.contains(expected), "{}: {err}", col.name());
         }
         assert!(parse_row(&[Some("x".into())]).unwrap_err().contains("1 columns instead of 18"));
         assert!(parse_row(&[]).is_err());
     }
 
     fn header() -> Vec<Option<String>> {
-        Col::ALL.iter().map(|c| Some(c.as_str().to_string())).collect()
+        Col::ALL.iter().map(|c| Some(c.name().to_string())).collect()
     }
 
     #[tokio::test]

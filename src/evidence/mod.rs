@@ -8,6 +8,8 @@
 
 pub mod aggregate;
 pub mod athena;
+pub mod files;
+pub mod refresh;
 pub mod s3;
 
 use chrono::{DateTime, Utc};
@@ -75,7 +77,7 @@ pub struct OutsideSource {
 }
 
 /// How current the evidence is.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
 pub struct Freshness {
     /// When the last refresh finished successfully.
     pub last_success: Option<DateTime<Utc>>,

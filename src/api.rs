@@ -1,0 +1,402 @@
+//! The daemon's HTTP side: `/metrics`, `/healthz` and `/readyz` on the metrics listener, and the
+//! admin API on its own listener (default 127.0.0.1), every call authenticated with a bearer
+//! token compared in constant time and never logged.
+//!
+//! Operator commands change the ledger (each refused, unchanged, when it does not apply in the
+//! current state) and wake the controller, whose next step carries out any IAM change.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use axum::extract::{Request, State};
+use axum::http::{StatusCode, header};
+use axum::middleware::{self, Next};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use chrono::{DateTime, Utc};
+use serde::{Deserialize, Serialize};
+use subtle::ConstantTimeEq;
+use tokio::sync::{Mutex, Notify, RwLock};
+
+use crate::clock::Clock;
+use crate::config::{Config, Listeners};
+use crate::controller::{ControllerError, Mode, StepReport, Stepper};
+use crate::evidence::{EvidenceStore, Freshness};
+use crate::ledger::{Ledger, LedgerError};
+use crate::metrics::Metrics;
+use crate::planner::{Gate, Plan};
+use crate::rollout::{BatchState, Pause, Snapshot};
+use crate::store::Store;
+
+/// What the controller loop and the HTTP handlers share.
+#[derive(Clone)]
+pub struct Shared {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    controller: Mutex<Box<dyn Stepper>>,
+    metrics: Metrics,
+    store: Arc<Store>,
+    config: Config,
+    clock: Arc<dyn Clock>,
+    mode: Mode,
+    last_report: RwLock<Option<StepReport>>,
+    promote_now: AtomicBool,
+    wake: Notify,
+    ready: AtomicBool,
+}
+
+impl Shared {
+    pub fn new(controller: impl Stepper + 'static, metrics: Metrics) -> Shared {
+        let config = controller.config().clone();
+        let store = controller.store().clone();
+        let clock = controller.clock().clone();
+        let mode = controller.mode();
+        Shared {
+            inner: Arc::new(Inner {
+                controller: Mutex::new(Box::new(controller)),
+                metrics,
+                store,
+                config,
+                clock,
+                mode,
+                last_report: RwLock::new(None),
+                promote_now: AtomicBool::new(false),
+                wake: Notify::new(),
+                ready: AtomicBool::new(false),
+            }),
+        }
+    }
+
+    pub fn metrics(&self) -> &Metrics {
+        &self.inner.metrics
+    }
+
+    /// Resolves when an operator command wants a step now.
+    pub async fn woken(&self) {
+        self.inner.wake.notified().await;
+    }
+
+    /// Runs one controller step and publishes its report and metrics.
+    pub async fn step(&self) -> Result<StepReport, ControllerError> {
+        let promote_now = self.inner.promote_now.swap(false, Ordering::SeqCst);
+        let mut controller = self.inner.controller.lock().await;
+        let report = controller.step(promote_now).await?;
+        let snapshot = Ledger::new(&self.inner.store.conn()).snapshot()?;
+        let waves: Vec<String> = self.inner.config.waves.iter().map(|w| w.name.clone()).collect();
+        let directory = report.plan.users.len();
+        drop(controller);
+        let metrics = &self.inner.metrics;
+        metrics.observe_step(&report, &snapshot, directory, &waves);
+        let freshness = self.inner.store.freshness()?;
+        if let Some(at) = freshness.last_success {
+            metrics.refresh_last_success.set(at.timestamp() as f64);
+        }
+        log_report(&report);
+        self.inner.ready.store(true, Ordering::SeqCst);
+        *self.inner.last_report.write().await = Some(report.clone());
+        Ok(report)
+    }
+
+    pub async fn preview(&self) -> Result<Plan, ControllerError> {
+        self.inner.controller.lock().await.preview().await
+    }
+
+    /// How long to really wait between steps (the clock may run faster than the wall).
+    pub fn real_poll_interval(&self) -> std::time::Duration {
+        self.inner.clock.real_duration(self.inner.config.guard.poll)
+    }
+
+    pub async fn status(&self) -> Result<Status, ControllerError> {
+        let snapshot = Ledger::new(&self.inner.store.conn()).snapshot()?;
+        let freshness = self.inner.store.freshness()?;
+        let report = self.inner.last_report.read().await.clone();
+        Ok(status(&snapshot, report.as_ref(), freshness, self.inner.mode, self.inner.clock.now()))
+    }
+
+    /// Applies an operator command to the ledger, then wakes the controller.
+    pub fn command(&self, command: &Command) -> Result<String, LedgerError> {
+        let now = self.inner.clock.now();
+        let conn = self.inner.store.conn();
+        let ledger = Ledger::new(&conn);
+        let message = apply_command(&ledger, command, &self.inner.config, now)?;
+        drop(conn);
+        match command {
+            Command::PromoteNext { .. } => self.inner.promote_now.store(true, Ordering::SeqCst),
+            Command::Rollback { .. } => self.inner.metrics.rollbacks.with_label_values(&["manual"]).inc(),
+            _ => {}
+        }
+        self.inner.wake.notify_one();
+        Ok(message)
+    }
+}
+
+fn log_report(report: &StepReport) {
+    for write in &report.iam_writes {
+        tracing::info!(mode = report.mode, %write, "iam");
+    }
+    for error in &report.errors {
+        tracing::warn!(%error, "step error; retried next step");
+    }
+    tracing::debug!(gate = ?report.plan.gate, waiting = ?report.plan.waiting, "step");
+}
+
+/// An operator command, as the admin API and the offline CLI take it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "command", rename_all = "kebab-case")]
+pub enum Command {
+    Pause { operator: String, reason: String },
+    Resume { operator: String },
+    Rollback { operator: String, batch: i64, reason: String },
+    Hold { operator: String, user: String, reason: String },
+    Release { operator: String, user: String },
+    PromoteNext { operator: String },
+}
+
+impl Command {
+    pub fn operator(&self) -> &str {
+        match self {
+            Command::Pause { operator, .. }
+            | Command::Resume { operator }
+            | Command::Rollback { operator, .. }
+            | Command::Hold { operator, .. }
+            | Command::Release { operator, .. }
+            | Command::PromoteNext { operator } => operator,
+        }
+    }
+}
+
+/// The ledger side of an operator command: refused with a reason, or done with a message.
+pub fn apply_command(ledger: &Ledger, command: &Command, config: &Config, now: DateTime<Utc>) -> Result<String, LedgerError> {
+    let operator = command.operator();
+    if operator.trim().is_empty() {
+        return Err(LedgerError::Refused("an operator name is required".to_string()));
+    }
+    match command {
+        Command::Pause { reason, .. } => ledger.pause(operator, reason, now).map(|_| "rollout paused".to_string()),
+        Command::Resume { .. } => ledger.resume(operator, now).map(|_| "rollout resumed".to_string()),
+        Command::Rollback { batch, reason, .. } => {
+            let hold_until = now + chrono::Duration::from_std(config.eligibility.hold_expiry).unwrap_or(chrono::Duration::MAX);
+            let users = ledger.begin_rollback(*batch, operator, reason, hold_until, now)?;
+            Ok(format!(
+                "batch {batch} rolled back; {} user(s) to be removed from the group and held: {}",
+                users.len(),
+                users.join(", ")
+            ))
+        }
+        Command::Hold { user, reason, .. } => ledger.hold(user, operator, reason, now).map(|_| format!("{user} held")),
+        Command::Release { user, .. } => ledger.release(user, operator, now).map(|_| format!("{user} released")),
+        Command::PromoteNext { .. } => {
+            let snapshot = ledger.snapshot()?;
+            if let Some(pause) = snapshot.paused {
+                return Err(LedgerError::Refused(format!("the rollout is paused ({}); resume it first", pause.reason)));
+            }
+            ledger.note(operator, "promote_next", None, None, "start the next batch now (eligibility still applies)", now)?;
+            Ok("the next batch starts on the next step if eligible users remain".to_string())
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct BatchView {
+    pub id: i64,
+    pub wave: String,
+    pub state: String,
+    pub members: Vec<String>,
+    pub soak_remaining_seconds: Option<i64>,
+    pub verdict: Option<String>,
+}
+
+/// The rollout at a glance: what `lockstep status` prints.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Status {
+    pub at: DateTime<Utc>,
+    pub mode: String,
+    pub paused: Option<Pause>,
+    /// The planner's gate at the last step (`open`, `paused`, `inconclusive`, ...), with why.
+    pub gate: Option<Gate>,
+    pub current_wave: Option<String>,
+    pub waiting: Vec<String>,
+    pub batches: Vec<BatchView>,
+    pub users: BTreeMap<String, usize>,
+    pub evidence: Freshness,
+    pub last_step: Option<DateTime<Utc>>,
+}
+
+pub fn status(snapshot: &Snapshot, report: Option<&StepReport>, evidence: Freshness, mode: Mode, now: DateTime<Utc>) -> Status {
+    let mut users: BTreeMap<String, usize> = BTreeMap::new();
+    for member in snapshot.members.values() {
+        *users.entry(member.state.to_string()).or_default() += 1;
+    }
+    if let Some(report) = report {
+        let candidates = report.plan.users.keys().filter(|u| !snapshot.members.contains_key(*u)).count();
+        users.insert("candidate".to_string(), candidates);
+    }
+    Status {
+        at: now,
+        mode: match mode {
+            Mode::Commit => "commit",
+            Mode::DryRun => "dry-run",
+        }
+        .to_string(),
+        paused: snapshot.paused.clone(),
+        gate: report.map(|r| r.plan.gate.clone()),
+        current_wave: report.and_then(|r| r.plan.current_wave.clone()),
+        waiting: report.map(|r| r.plan.waiting.clone()).unwrap_or_default(),
+        batches: snapshot
+            .batches
+            .iter()
+            .map(|b| BatchView {
+                id: b.id,
+                wave: b.wave.clone(),
+                state: b.state.to_string(),
+                members: b.members.clone(),
+                soak_remaining_seconds: (b.state == BatchState::Soaking)
+                    .then(|| b.soak_until.map(|t| (t - now).num_seconds().max(0)))
+                    .flatten(),
+                verdict: b.verdict.clone(),
+            })
+            .collect(),
+        users,
+        evidence,
+        last_step: report.map(|r| r.at),
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// HTTP.
+
+/// The token admin calls must present, from `listeners.token_file` or `listeners.token_env`.
+pub fn admin_token(listeners: &Listeners) -> Result<Option<String>, std::io::Error> {
+    if let Some(path) = &listeners.token_file {
+        let token = std::fs::read_to_string(path)?.trim().to_string();
+        return Ok(Some(token).filter(|t| !t.is_empty()));
+    }
+    Ok(std::env::var(&listeners.token_env).ok().map(|t| t.trim().to_string()).filter(|t| !t.is_empty()))
+}
+
+/// Starts the metrics listener and, if a token is configured, the admin listener.
+pub async fn serve(shared: Shared, listeners: &Listeners) -> Result<tokio::task::JoinHandle<()>, std::io::Error> {
+    let metrics = Router::new()
+        .route("/metrics", get(render_metrics))
+        .route("/healthz", get(|| async { "ok\n" }))
+        .route("/readyz", get(ready))
+        .with_state(shared.clone());
+    let metrics_listener = bind(listeners.metrics).await?;
+    let admin = match admin_token(listeners)? {
+        Some(token) => Some((admin_router(shared, token), bind(listeners.admin).await?)),
+        None => {
+            tracing::warn!(env = %listeners.token_env, "admin API disabled: no token configured (listeners.token_file or the token environment variable)");
+            None
+        }
+    };
+    Ok(tokio::spawn(async move {
+        let metrics_server = axum::serve(metrics_listener, metrics);
+        match admin {
+            Some((router, listener)) => {
+                let admin_server = axum::serve(listener, router);
+                let (a, b) = tokio::join!(metrics_server, admin_server);
+                for result in [a, b] {
+                    if let Err(error) = result {
+                        tracing::error!(%error, "HTTP listener stopped");
+                    }
+                }
+            }
+            None => {
+                if let Err(error) = metrics_server.await {
+                    tracing::error!(%error, "HTTP listener stopped");
+                }
+            }
+        }
+    }))
+}
+
+async fn bind(addr: SocketAddr) -> Result<tokio::net::TcpListener, std::io::Error> {
+    let listener = tokio::net::TcpListener::bind(addr)
+        .await
+        .map_err(|e| std::io::Error::new(e.kind(), format!("cannot listen on {addr}: {e}")))?;
+    tracing::info!(address = %listener.local_addr()?, "listening");
+    Ok(listener)
+}
+
+/// The admin API's routes, behind the bearer-token check.
+pub fn admin_router(shared: Shared, token: String) -> Router {
+    let token = Arc::new(token);
+    Router::new()
+        .route("/v1/status", get(get_status))
+        .route("/v1/plan", get(get_plan))
+        .route("/v1/command", post(post_command))
+        .layer(middleware::from_fn(move |request: Request, next: Next| {
+            let token = token.clone();
+            async move { authenticate(&token, request, next).await }
+        }))
+        .with_state(shared)
+}
+
+async fn authenticate(token: &str, request: Request, next: Next) -> Response {
+    let presented = request
+        .headers()
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .unwrap_or("");
+    if bool::from(presented.as_bytes().ct_eq(token.as_bytes())) {
+        next.run(request).await
+    } else {
+        (StatusCode::UNAUTHORIZED, Json(Answer::error("missing or wrong bearer token"))).into_response()
+    }
+}
+
+/// Every admin answer: a message, or an error saying why nothing was done.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Answer {
+    pub ok: bool,
+    pub message: String,
+}
+
+impl Answer {
+    fn error(message: impl Into<String>) -> Answer {
+        Answer {
+            ok: false,
+            message: message.into(),
+        }
+    }
+}
+
+async fn render_metrics(State(shared): State<Shared>) -> impl IntoResponse {
+    ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], shared.metrics().render())
+}
+
+async fn ready(State(shared): State<Shared>) -> impl IntoResponse {
+    if shared.inner.ready.load(Ordering::SeqCst) {
+        (StatusCode::OK, "ready\n")
+    } else {
+        (StatusCode::SERVICE_UNAVAILABLE, "no controller step has completed yet\n")
+    }
+}
+
+async fn get_status(State(shared): State<Shared>) -> Response {
+    match shared.status().await {
+        Ok(status) => Json(status).into_response(),
+        Err(error) => (StatusCode::INTERNAL_SERVER_ERROR, Json(Answer::error(error.to_string()))).into_response(),
+    }
+}
+
+async fn get_plan(State(shared): State<Shared>) -> Response {
+    match shared.preview().await {
+        Ok(plan) => Json(plan).into_response(),
+        Err(error) => (StatusCode::INTERNAL_SERVER_ERROR, Json(Answer::error(error.to_string()))).into_response(),
+    }
+}
+
+async fn post_command(State(shared): State<Shared>, Json(command): Json<Command>) -> Response {
+    match shared.command(&command) {
+        Ok(message) => Json(Answer { ok: true, message }).into_response(),
+        Err(LedgerError::Refused(why)) => (StatusCode::CONFLICT, Json(Answer::error(why))).into_response(),
+        Err(error) => (StatusCode::INTERNAL_SERVER_ERROR, Json(Answer::error(error.to_string()))).into_response(),
+    }
+}

@@ -1,0 +1,132 @@
+//! `lockstep run`: the daemon. Wires the edges (IAM, the evidence schedule, the guard's event
+//! feed, the store, the clock, the HTTP listeners) around the controller and steps it every
+//! guard poll until interrupted.
+
+use std::process::ExitCode;
+use std::sync::Arc;
+
+use anyhow::Context;
+use lockstep::api::{self, Shared};
+use lockstep::clock::{Clock, SystemClock};
+use lockstep::config::{Config, SourceKind};
+use lockstep::controller::{Controller, EventFeed, Mode};
+use lockstep::evidence::files::Folder;
+use lockstep::evidence::refresh::{self, Source};
+use lockstep::evidence::s3::S3Trail;
+use lockstep::feed::TrailFeed;
+use lockstep::iam::AwsIam;
+use lockstep::metrics::{Metrics, MeteredIam};
+use lockstep::store::Store;
+
+pub struct Options {
+    pub commit: bool,
+    pub once: bool,
+    pub json: bool,
+}
+
+pub async fn run(config: Config, options: Options) -> anyhow::Result<ExitCode> {
+    let clock: Arc<dyn Clock> = Arc::new(SystemClock);
+    let store = Arc::new(
+        Store::open(&config.store.path).with_context(|| format!("opening the store {}", config.store.path.display()))?,
+    );
+    let sdk = lockstep::aws::load(&config.region, None).await;
+    let metrics = Metrics::new();
+    let iam = MeteredIam::new(AwsIam::new(&sdk, &config.account_id), metrics.clone());
+    let mode = if options.commit { Mode::Commit } else { Mode::DryRun };
+    if mode == Mode::DryRun {
+        tracing::warn!("dry run: nothing will be written to IAM; pass --commit to act");
+    }
+
+    let schedule = if options.once {
+        None
+    } else {
+        let source = Source::from_config(&config).await?;
+        Some(refresh::start_schedule(store.clone(), source, Arc::new(config.clone()), clock.clone()).await?)
+    };
+    let lookback = config.guard.window + config.guard.grace;
+    let outcome = match config.guard.source {
+        SourceKind::Files => {
+            let folder = Arc::new(Folder::new(&config.evidence.files_path));
+            let feed = TrailFeed::new(folder, &config.account_id, clock.clone(), lookback);
+            drive(Controller::new(config, store, iam, feed, clock, mode), metrics, options).await
+        }
+        SourceKind::S3 => {
+            let location = config
+                .evidence
+                .s3
+                .clone()
+                .context("guard.source is s3 but the evidence.s3 section is missing")?;
+            let bucket = Arc::new(S3Trail::new(lockstep::aws::s3_client(&sdk), &location));
+            let feed = TrailFeed::new(bucket, &config.account_id, clock.clone(), lookback);
+            drive(Controller::new(config, store, iam, feed, clock, mode), metrics, options).await
+        }
+        SourceKind::Athena => Err(anyhow::anyhow!(
+            "guard.source athena is not supported yet: the guard needs near-real-time events; use files or s3"
+        )),
+    };
+    if let Some(schedule) = schedule {
+        schedule.shutdown().await?;
+    }
+    outcome
+}
+
+/// Steps the controller every guard poll (of the clock's time) until Ctrl-C or SIGTERM.
+pub async fn drive<F: EventFeed + 'static>(
+    controller: Controller<MeteredIam<AwsIam>, F>,
+    metrics: Metrics,
+    options: Options,
+) -> anyhow::Result<ExitCode> {
+    let config = controller.config().clone();
+    let shared = Shared::new(controller, metrics);
+    let servers = if options.once {
+        None
+    } else {
+        Some(api::serve(shared.clone(), &config.listeners).await?)
+    };
+    let poll = shared.real_poll_interval();
+    let mut ticker = tokio::time::interval(poll);
+    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = ticker.tick() => {}
+            _ = shared.woken() => {}
+            _ = shutdown_signal() => {
+                tracing::info!("shutting down after the current step");
+                break;
+            }
+        }
+        match shared.step().await {
+            Ok(report) => {
+                if options.json {
+                    println!("{}", serde_json::to_string(&report)?);
+                }
+            }
+            Err(error) => tracing::error!(error = %format!("{error:#}"), "controller step failed; retrying next poll"),
+        }
+        if options.once {
+            break;
+        }
+    }
+    if let Some(servers) = servers {
+        servers.abort();
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+async fn shutdown_signal() {
+    #[cfg(unix)]
+    {
+        let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(term) => term,
+            Err(_) => return std::future::pending().await,
+        };
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => {}
+            _ = term.recv() => {}
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = tokio::signal::ctrl_c().await;
+    }
+}

@@ -1,0 +1,430 @@
+//! One evidence refresh, and the schedule that runs them.
+//!
+//! A refresh reads what is new in the configured source, aggregates it, and writes it to the
+//! store so that nothing is ever counted twice or half-written: trail files are added one
+//! transaction per file together with their read mark (a re-run skips them); an Athena window
+//! replaces its whole hours for origin "athena" in one transaction. Every run is logged (source,
+//! window, start and end, counts, error), which is what [`EvidenceStore::freshness`] answers
+//! from; only a successful run moves freshness forward.
+//!
+//! [`EvidenceStore::freshness`]: crate::evidence::EvidenceStore::freshness
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use chrono::{DateTime, TimeDelta, Utc};
+use tokio_cron_scheduler::{Job, JobScheduler};
+
+use crate::clock::Clock;
+use crate::config::{self, Config, SourceKind};
+use crate::evidence::aggregate::{Judge, aggregate, hour_of};
+use crate::evidence::files::{self, Folder, TrailFile};
+use crate::evidence::s3::S3Trail;
+use crate::evidence::{EvidenceStore, SourceError, TrailObjects, athena};
+use crate::store::{ATHENA_ORIGIN, RunCounts, Store, StoreError};
+
+/// Where evidence comes from, built once from the configuration.
+pub enum Source {
+    Folder(Arc<Folder>),
+    S3(Arc<S3Trail>),
+    Athena {
+        client: aws_sdk_athena::Client,
+        config: config::Athena,
+    },
+}
+
+impl Source {
+    /// The configured source; AWS clients use the standard credential chain and endpoint.
+    pub async fn from_config(config: &Config) -> Result<Source, SourceError> {
+        let evidence = &config.evidence;
+        let missing = |section: &str| SourceError::Other(format!("evidence.source needs the evidence.{section} section"));
+        Ok(match evidence.source {
+            SourceKind::Files => Source::Folder(Arc::new(Folder::new(&evidence.files_path))),
+            SourceKind::S3 => {
+                let location = evidence.s3.as_ref().ok_or_else(|| missing("s3"))?;
+                let sdk = crate::aws::load(&config.region, None).await;
+                Source::S3(Arc::new(S3Trail::new(crate::aws::s3_client(&sdk), location)))
+            }
+            SourceKind::Athena => {
+                let athena = evidence.athena.clone().ok_or_else(|| missing("athena"))?;
+                let sdk = crate::aws::load(&config.region, None).await;
+                Source::Athena {
+                    client: aws_sdk_athena::Client::new(&sdk),
+                    config: athena,
+                }
+            }
+        })
+    }
+
+    pub fn kind(&self) -> SourceKind {
+        match self {
+            Source::Folder(_) => SourceKind::Files,
+            Source::S3(_) => SourceKind::S3,
+            Source::Athena { .. } => SourceKind::Athena,
+        }
+    }
+}
+
+/// The name a source kind has in the configuration and the refresh log.
+pub fn source_name(kind: SourceKind) -> &'static str {
+    match kind {
+        SourceKind::Files => "files",
+        SourceKind::S3 => "s3",
+        SourceKind::Athena => "athena",
+    }
+}
+
+/// A span of time to refresh, `[since, until)`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+pub struct Window {
+    pub since: DateTime<Utc>,
+    pub until: DateTime<Utc>,
+}
+
+/// How a refresh is getting on, for a progress bar.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Progress {
+    /// Finding new trail files.
+    Listing,
+    /// This many new trail files will be read.
+    Reading { files: u64 },
+    /// One more file read and recorded.
+    FileDone { records: u64, bytes: u64 },
+    /// Waiting for the Athena query.
+    Querying,
+}
+
+/// What a successful refresh did.
+#[derive(Debug, Clone, PartialEq, serde::Serialize)]
+pub struct Report {
+    pub source: &'static str,
+    pub window: Window,
+    pub counts: RunCounts,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum RefreshError {
+    #[error(transparent)]
+    Source(#[from] SourceError),
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error("the refresh did not finish within {}", humantime::format_duration(*.0))]
+    TimedOut(Duration),
+    #[error("evidence.schedule {schedule:?}: {why}")]
+    Schedule { schedule: String, why: String },
+}
+
+/// Runs one refresh of `window` and logs it. Hours older than `evidence.retention` are not
+/// written, and are dropped from the store after a successful run. With `timeout`, a run that
+/// takes longer is abandoned and logged as failed; what it had recorded stays, whole.
+pub async fn refresh(
+    store: &Store,
+    source: &Source,
+    config: &Config,
+    window: Window,
+    clock: &dyn Clock,
+    timeout: Option<Duration>,
+    progress: &mut (dyn FnMut(Progress) + Send),
+) -> Result<Report, RefreshError> {
+    let name = source_name(source.kind());
+    let run = store.start_run(name, window.since, window.until, clock.now())?;
+    let cutoff = before(clock.now(), config.evidence.retention);
+    let judge = Arc::new(Judge::new(config));
+    let mut counts = RunCounts::default();
+    let work = async {
+        match source {
+            Source::Folder(folder) => read_trail(store, folder, config, &judge, window, cutoff, clock, &mut counts, progress).await,
+            Source::S3(bucket) => read_trail(store, bucket, config, &judge, window, cutoff, clock, &mut counts, progress).await,
+            Source::Athena { client, config: athena } => {
+                progress(Progress::Querying);
+                read_athena(store, client, athena, config, &judge, window, cutoff, &mut counts).await
+            }
+        }
+    };
+    let result = match timeout {
+        Some(limit) => tokio::time::timeout(limit, work)
+            .await
+            .unwrap_or(Err(RefreshError::TimedOut(limit))),
+        None => work.await,
+    };
+    let result = result.and_then(|()| Ok(store.drop_before(cutoff)?));
+    let error = result.as_ref().err().map(|e| e.to_string());
+    store.finish_run(run, &counts, error.as_deref(), clock.now())?;
+    result.map(|()| Report {
+        source: name,
+        window,
+        counts,
+    })
+}
+
+#[allow(clippy::too_many_arguments)]
+async fn read_trail<T: TrailObjects + 'static>(
+    store: &Store,
+    objects: &Arc<T>,
+    config: &Config,
+    judge: &Arc<Judge>,
+    window: Window,
+    cutoff: DateTime<Utc>,
+    clock: &dyn Clock,
+    counts: &mut RunCounts,
+    progress: &mut (dyn FnMut(Progress) + Send),
+) -> Result<(), RefreshError> {
+    progress(Progress::Listing);
+    let mut keys = Vec::new();
+    for scan in files::scan_prefixes(&**objects, &config.account_id, window.since, window.until).await? {
+        let after = match scan.ordered {
+            true => store.last_read(&scan.prefix)?.map(|last| files::resume_after(&last).to_string()),
+            false => None,
+        };
+        let read = store.read_keys(&scan.prefix, after.as_deref())?;
+        let listed = objects.list_keys(&scan.prefix, after.as_deref()).await?;
+        keys.extend(listed.into_iter().filter(|key| files::is_trail_key(key) && !read.contains(key)));
+    }
+    progress(Progress::Reading { files: keys.len() as u64 });
+    files::read_files(objects.clone(), keys, judge.clone(), |mut file: TrailFile| {
+        file.aggregates.retain_hours(|hour| hour >= cutoff);
+        // False when a concurrent refresh recorded the file first: then it is not ours to count.
+        if store.add_trail_file(&file, clock.now())? {
+            counts.files += 1;
+            counts.files_corrupt += u64::from(file.error.is_some());
+            counts.records_read += file.records;
+            counts.records_skipped += file.skipped;
+            counts.bytes_scanned += file.bytes;
+        }
+        progress(Progress::FileDone {
+            records: file.records,
+            bytes: file.bytes,
+        });
+        Ok::<(), RefreshError>(())
+    })
+    .await
+}
+
+/// Queries whole hours, so that replacing the window's hours never drops calls a query did not
+/// cover.
+#[allow(clippy::too_many_arguments)]
+async fn read_athena(
+    store: &Store,
+    client: &aws_sdk_athena::Client,
+    athena: &config::Athena,
+    config: &Config,
+    judge: &Judge,
+    window: Window,
+    cutoff: DateTime<Utc>,
+    counts: &mut RunCounts,
+) -> Result<(), RefreshError> {
+    let since = hour_of(window.since);
+    let until = if hour_of(window.until) == window.until {
+        window.until
+    } else {
+        hour_of(window.until) + TimeDelta::hours(1)
+    };
+    let run = athena::run_window(client, athena, &config.account_id, &judge.lockdown_policy, since, until).await?;
+    counts.records_read = run.groups.iter().map(|g| g.calls).sum();
+    counts.records_skipped = run.skipped_rows;
+    counts.bytes_scanned = run.bytes_scanned;
+    let mut aggregates = aggregate(&run.groups, judge);
+    aggregates.retain_hours(|hour| hour >= cutoff);
+    store.replace_hours(ATHENA_ORIGIN, since, until, &aggregates)?;
+    Ok(())
+}
+
+/// The window a scheduled refresh covers: from where the evidence already reaches, or the
+/// previous hour if that is earlier, less `overlap` for late deliveries, up to `now`. Never
+/// further back than `lookback`, which is also what the first run (nothing covered yet) reads,
+/// and what a run after a long outage catches up from.
+pub fn scheduled_window(freshness: &crate::evidence::Freshness, now: DateTime<Utc>, evidence: &config::Evidence) -> Window {
+    let oldest = before(now, evidence.lookback);
+    let since = match freshness.covered_until {
+        None => oldest,
+        Some(covered) => before(covered.min(hour_of(now) - TimeDelta::hours(1)), evidence.overlap).max(oldest),
+    };
+    Window { since, until: now }
+}
+
+/// `at - span`, saturating instead of overflowing.
+pub fn before(at: DateTime<Utc>, span: Duration) -> DateTime<Utc> {
+    TimeDelta::from_std(span)
+        .ok()
+        .and_then(|span| at.checked_sub_signed(span))
+        .unwrap_or(DateTime::<Utc>::MIN_UTC)
+}
+
+/// Outcomes of scheduled refreshes, for logs and metrics.
+#[derive(Debug, Default)]
+pub struct RefreshStats {
+    pub succeeded: AtomicU64,
+    pub failed: AtomicU64,
+    /// Ticks skipped because the previous refresh was still running.
+    pub skipped: AtomicU64,
+}
+
+/// Scheduled refreshes; dropping it does not stop them, [`Schedule::shutdown`] does.
+pub struct Schedule {
+    scheduler: JobScheduler,
+    pub stats: Arc<RefreshStats>,
+}
+
+impl Schedule {
+    pub async fn shutdown(mut self) -> Result<(), RefreshError> {
+        self.scheduler.shutdown().await.map_err(|e| RefreshError::Schedule {
+            schedule: String::new(),
+            why: format!("stopping the scheduler: {e}"),
+        })
+    }
+}
+
+struct Runner {
+    store: Arc<Store>,
+    source: Source,
+    config: Arc<Config>,
+    clock: Arc<dyn Clock>,
+    /// At most one refresh at a time; a tick that finds one running is skipped.
+    busy: tokio::sync::Mutex<()>,
+    /// A run may take one schedule period, then it is abandoned for the next tick.
+    timeout: Duration,
+    stats: Arc<RefreshStats>,
+}
+
+/// Starts refreshing on `evidence.schedule` (six-field cron, seconds first, UTC), plus one run
+/// right away: on a new store that is the `lookback` backfill, after a restart it catches up. A
+/// failed or timed-out run is logged and counted, and the next tick retries it.
+pub async fn start_schedule(
+    store: Arc<Store>,
+    source: Source,
+    config: Arc<Config>,
+    clock: Arc<dyn Clock>,
+) -> Result<Schedule, RefreshError> {
+    let schedule = config.evidence.schedule.clone();
+    let failed = |why: String| RefreshError::Schedule {
+        schedule: schedule.clone(),
+        why,
+    };
+    let runner = Arc::new(Runner {
+        timeout: schedule_period(&schedule).map_err(failed)?,
+        store,
+        source,
+        config,
+        clock,
+        busy: tokio::sync::Mutex::new(()),
+        stats: Arc::new(RefreshStats::default()),
+    });
+    let stats = runner.stats.clone();
+    tokio::spawn({
+        let runner = runner.clone();
+        async move { runner.tick().await }
+    });
+    let job = Job::new_async(schedule.as_str(), move |_, _| {
+        let runner = runner.clone();
+        Box::pin(async move { runner.tick().await })
+    })
+    .map_err(|e| failed(e.to_string()))?;
+    let scheduler = JobScheduler::new().await.map_err(|e| failed(e.to_string()))?;
+    scheduler.add(job).await.map_err(|e| failed(e.to_string()))?;
+    scheduler.start().await.map_err(|e| failed(e.to_string()))?;
+    Ok(Schedule { scheduler, stats })
+}
+
+impl Runner {
+    async fn tick(&self) {
+        let Ok(_running) = self.busy.try_lock() else {
+            tracing::warn!("evidence refresh still running; skipping this tick");
+            self.stats.skipped.fetch_add(1, Ordering::Relaxed);
+            return;
+        };
+        let outcome = match self.store.freshness() {
+            Ok(freshness) => {
+                let window = scheduled_window(&freshness, self.clock.now(), &self.config.evidence);
+                refresh(&self.store, &self.source, &self.config, window, &*self.clock, Some(self.timeout), &mut |_| {}).await
+            }
+            Err(e) => Err(e.into()),
+        };
+        match outcome {
+            Ok(report) => {
+                self.stats.succeeded.fetch_add(1, Ordering::Relaxed);
+                tracing::info!(
+                    source = report.source,
+                    since = %report.window.since,
+                    until = %report.window.until,
+                    files = report.counts.files,
+                    records = report.counts.records_read,
+                    skipped = report.counts.records_skipped,
+                    bytes = report.counts.bytes_scanned,
+                    "evidence refreshed"
+                );
+            }
+            Err(error) => {
+                self.stats.failed.fetch_add(1, Ordering::Relaxed);
+                tracing::error!("evidence refresh failed; the next tick retries: {error}");
+            }
+        }
+    }
+}
+
+/// The time between two ticks of `schedule`: the longest a scheduled run may take.
+fn schedule_period(schedule: &str) -> Result<Duration, String> {
+    let cron = config::parse_cron(schedule)?;
+    let first = cron.find_next_occurrence(&Utc::now(), false).map_err(|e| e.to_string())?;
+    let second = cron.find_next_occurrence(&first, false).map_err(|e| e.to_string())?;
+    (second - first).to_std().map_err(|e| e.to_string())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::evidence::Freshness;
+
+    fn at(text: &str) -> DateTime<Utc> {
+        text.parse().unwrap()
+    }
+
+    fn evidence() -> config::Evidence {
+        config::Evidence {
+            source: SourceKind::Files,
+            files_path: "trail".into(),
+            s3: None,
+            athena: None,
+            schedule: "0 5 * * * *".into(),
+            overlap: Duration::from_secs(2 * 3600),
+            lookback: Duration::from_secs(14 * 86_400),
+            retention: Duration::from_secs(90 * 86_400),
+        }
+    }
+
+    #[test]
+    fn first_run_backfills_lookback() {
+        let now = at("2024-03-20T10:05:00Z");
+        let w = scheduled_window(&Freshness::default(), now, &evidence());
+        assert_eq!(w, Window { since: at("2024-03-06T10:05:00Z"), until: now });
+    }
+
+    #[test]
+    fn regular_run_reads_the_previous_hour_plus_overlap() {
+        let now = at("2024-03-20T10:05:00Z");
+        let fresh = Freshness {
+            last_success: Some(at("2024-03-20T09:05:30Z")),
+            covered_until: Some(at("2024-03-20T09:05:00Z")),
+        };
+        assert_eq!(scheduled_window(&fresh, now, &evidence()).since, at("2024-03-20T07:00:00Z"));
+    }
+
+    #[test]
+    fn after_an_outage_the_gap_is_caught_up_but_not_beyond_lookback() {
+        let now = at("2024-03-20T10:05:00Z");
+        let days_ago = |d: i64| Freshness {
+            last_success: None,
+            covered_until: Some(now - TimeDelta::days(d)),
+        };
+        assert_eq!(scheduled_window(&days_ago(3), now, &evidence()).since, at("2024-03-17T08:05:00Z"));
+        assert_eq!(scheduled_window(&days_ago(30), now, &evidence()).since, at("2024-03-06T10:05:00Z"));
+    }
+
+    #[test]
+    fn schedule_period_and_saturating_arithmetic() {
+        assert_eq!(schedule_period("0 5 * * * *"), Ok(Duration::from_secs(3600)));
+        assert_eq!(schedule_period("*/20 * * * * *"), Ok(Duration::from_secs(20)));
+        assert!(schedule_period("every hour").is_err());
+        assert_eq!(before(at("2024-01-01T00:00:00Z"), Duration::MAX), DateTime::<Utc>::MIN_UTC);
+    }
+}

@@ -1,0 +1,274 @@
+//! Prometheus metrics: one registry with every series the daemon exports, named by Prometheus
+//! conventions (`lockstep_` prefix, `_total` counters, `_seconds` durations). The dashboard in
+//! `dashboards/` and the alert rules query only these names (a test checks that).
+
+use prometheus::{
+    Encoder, Gauge, Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry, TextEncoder,
+};
+
+use crate::controller::StepReport;
+use crate::iam::{Iam, IamError, IamUser, PolicyStatus};
+use crate::planner::{Action, Gate};
+use crate::rollout::{BatchState, Snapshot, UserState};
+
+#[derive(Clone)]
+pub struct Metrics {
+    registry: Registry,
+    pub users: IntGaugeVec,
+    pub batches: IntGaugeVec,
+    pub promotions: IntCounter,
+    pub rollbacks: IntCounterVec,
+    pub soaking_denials: IntGaugeVec,
+    pub guard_verdicts: IntCounterVec,
+    pub rollout_paused: IntGauge,
+    pub gate: IntGaugeVec,
+    pub current_wave: IntGaugeVec,
+    pub refresh_runs: IntCounterVec,
+    pub refresh_failures: IntCounter,
+    pub refresh_duration: Histogram,
+    pub refresh_last_success: Gauge,
+    pub records_read: IntCounter,
+    pub records_skipped: IntCounter,
+    pub athena_bytes_scanned: IntCounter,
+    pub iam_calls: IntCounterVec,
+    pub iam_errors: IntCounterVec,
+    pub reconcile_drift: IntCounterVec,
+    pub steps: IntCounter,
+}
+
+fn register<T: prometheus::core::Collector + Clone + 'static>(registry: &Registry, metric: T) -> T {
+    // Names are fixed and unique below, so registration cannot collide.
+    if let Err(error) = registry.register(Box::new(metric.clone())) {
+        tracing::error!(%error, "metric registration failed");
+    }
+    metric
+}
+
+macro_rules! metric {
+    ($registry:expr, IntGaugeVec, $name:literal, $help:literal, $labels:expr) => {
+        register($registry, IntGaugeVec::new(Opts::new($name, $help), $labels).expect("valid metric"))
+    };
+    ($registry:expr, IntCounterVec, $name:literal, $help:literal, $labels:expr) => {
+        register($registry, IntCounterVec::new(Opts::new($name, $help), $labels).expect("valid metric"))
+    };
+    ($registry:expr, $kind:ident, $name:literal, $help:literal) => {
+        register($registry, $kind::new($name, $help).expect("valid metric"))
+    };
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Metrics::new()
+    }
+}
+
+impl Metrics {
+    pub fn new() -> Metrics {
+        let r = Registry::new();
+        Metrics {
+            users: metric!(&r, IntGaugeVec, "lockstep_users", "IAM users by rollout state (candidate = not in the ledger).", &["state"]),
+            batches: metric!(&r, IntGaugeVec, "lockstep_batches", "Batches by state.", &["state"]),
+            promotions: metric!(&r, IntCounter, "lockstep_promotions_total", "Users journaled for promotion into the lockdown group."),
+            rollbacks: metric!(&r, IntCounterVec, "lockstep_rollbacks_total", "Batches rolled back, by reason (guard, manual).", &["reason"]),
+            soaking_denials: metric!(
+                &r,
+                IntGaugeVec,
+                "lockstep_watched_batch_denials",
+                "Denials recorded for members of batches the guard watches, by kind (explicit_identity_deny, other).",
+                &["kind"]
+            ),
+            guard_verdicts: metric!(&r, IntCounterVec, "lockstep_guard_verdicts_total", "Guard verdicts on watched batches, by verdict.", &["verdict"]),
+            rollout_paused: metric!(&r, IntGauge, "lockstep_rollout_paused", "1 while the rollout is paused."),
+            gate: metric!(&r, IntGaugeVec, "lockstep_gate", "1 for the planner's current gate (open, paused, inconclusive, blocked, finished).", &["gate"]),
+            current_wave: metric!(&r, IntGaugeVec, "lockstep_current_wave", "1 for the wave the rollout is in.", &["wave"]),
+            refresh_runs: metric!(&r, IntCounterVec, "lockstep_evidence_refresh_runs_total", "Evidence refresh runs, by source and outcome.", &["source", "status"]),
+            refresh_failures: metric!(&r, IntCounter, "lockstep_evidence_refresh_failures_total", "Evidence refresh runs that failed or timed out."),
+            refresh_duration: register(
+                &r,
+                Histogram::with_opts(
+                    HistogramOpts::new("lockstep_evidence_refresh_duration_seconds", "Evidence refresh run time.")
+                        .buckets(vec![0.1, 0.5, 1.0, 5.0, 15.0, 60.0, 300.0, 900.0, 3600.0]),
+                )
+                .expect("valid metric"),
+            ),
+            refresh_last_success: metric!(
+                &r,
+                Gauge,
+                "lockstep_evidence_last_success_timestamp_seconds",
+                "Unix time of the last successful evidence refresh."
+            ),
+            records_read: metric!(&r, IntCounter, "lockstep_evidence_records_read_total", "CloudTrail records read by evidence refreshes."),
+            records_skipped: metric!(&r, IntCounter, "lockstep_evidence_records_skipped_total", "Malformed or unusable CloudTrail records skipped."),
+            athena_bytes_scanned: metric!(&r, IntCounter, "lockstep_athena_bytes_scanned_total", "Bytes scanned by Athena evidence queries."),
+            iam_calls: metric!(&r, IntCounterVec, "lockstep_iam_calls_total", "IAM API calls, by operation.", &["operation"]),
+            iam_errors: metric!(&r, IntCounterVec, "lockstep_iam_errors_total", "IAM API errors, by operation and error code.", &["operation", "code"]),
+            reconcile_drift: metric!(
+                &r,
+                IntCounterVec,
+                "lockstep_reconcile_drift_total",
+                "Differences between the ledger and the lockdown group found by reconcile.",
+                &["kind"]
+            ),
+            steps: metric!(&r, IntCounter, "lockstep_controller_steps_total", "Controller steps run."),
+            registry: r,
+        }
+    }
+
+    /// Every metric family name the daemon exports, whether or not it has samples yet.
+    pub fn names(&self) -> Vec<String> {
+        let collectors: [&dyn prometheus::core::Collector; 20] = [
+            &self.users,
+            &self.batches,
+            &self.promotions,
+            &self.rollbacks,
+            &self.soaking_denials,
+            &self.guard_verdicts,
+            &self.rollout_paused,
+            &self.gate,
+            &self.current_wave,
+            &self.refresh_runs,
+            &self.refresh_failures,
+            &self.refresh_duration,
+            &self.refresh_last_success,
+            &self.records_read,
+            &self.records_skipped,
+            &self.athena_bytes_scanned,
+            &self.iam_calls,
+            &self.iam_errors,
+            &self.reconcile_drift,
+            &self.steps,
+        ];
+        let mut names: Vec<String> = collectors.iter().flat_map(|c| c.desc()).map(|d| d.fq_name.clone()).collect();
+        names.sort();
+        names.dedup();
+        names
+    }
+
+    /// The Prometheus text exposition of every series.
+    pub fn render(&self) -> String {
+        let mut out = Vec::new();
+        if let Err(error) = TextEncoder::new().encode(&self.registry.gather(), &mut out) {
+            tracing::error!(%error, "metrics encoding failed");
+        }
+        String::from_utf8(out).unwrap_or_default()
+    }
+
+    /// Updates the gauges from the ledger and counts what one step did.
+    pub fn observe_step(&self, report: &StepReport, snapshot: &Snapshot, directory_size: usize, wave_names: &[String]) {
+        self.steps.inc();
+        for state in UserState::ALL {
+            let count = snapshot.members.values().filter(|m| m.state == *state).count();
+            self.users.with_label_values(&[state.as_str()]).set(count as i64);
+        }
+        let candidates = directory_size.saturating_sub(snapshot.members.len());
+        self.users.with_label_values(&["candidate"]).set(candidates as i64);
+        for state in BatchState::ALL {
+            let count = snapshot.batches.iter().filter(|b| b.state == *state).count();
+            self.batches.with_label_values(&[state.as_str()]).set(count as i64);
+        }
+        self.rollout_paused.set(i64::from(snapshot.paused.is_some()));
+        let gate = match &report.plan.gate {
+            Gate::Open => "open",
+            Gate::Paused(_) => "paused",
+            Gate::Inconclusive(_) => "inconclusive",
+            Gate::Blocked(_) => "blocked",
+            Gate::Finished => "finished",
+        };
+        for name in ["open", "paused", "inconclusive", "blocked", "finished"] {
+            self.gate.with_label_values(&[name]).set(i64::from(name == gate));
+        }
+        for wave in wave_names {
+            let current = report.plan.current_wave.as_deref() == Some(wave.as_str());
+            self.current_wave.with_label_values(&[wave]).set(i64::from(current));
+        }
+        for verdict in report.verdicts.values() {
+            self.guard_verdicts.with_label_values(&[verdict.name()]).inc();
+        }
+        if report.mode == "commit" {
+            for action in &report.plan.actions {
+                match action {
+                    Action::StartBatch { users, .. } => self.promotions.inc_by(users.len() as u64),
+                    Action::RollBack { .. } => self.rollbacks.with_label_values(&["guard"]).inc(),
+                    _ => {}
+                }
+            }
+        }
+        for drift in &report.drift {
+            let kind = if drift.contains("removed from") {
+                "removed_by_hand"
+            } else {
+                "not_added_by_lockstep"
+            };
+            self.reconcile_drift.with_label_values(&[kind]).inc();
+        }
+    }
+
+    pub fn observe_denials(&self, explicit: usize, other: usize) {
+        self.soaking_denials.with_label_values(&["explicit_identity_deny"]).set(explicit as i64);
+        self.soaking_denials.with_label_values(&["other"]).set(other as i64);
+    }
+}
+
+/// An [`Iam`] that counts calls and errors by operation.
+pub struct MeteredIam<I> {
+    inner: I,
+    metrics: Metrics,
+}
+
+impl<I> MeteredIam<I> {
+    pub fn new(inner: I, metrics: Metrics) -> Self {
+        MeteredIam { inner, metrics }
+    }
+
+    fn count<T>(&self, operation: &str, result: Result<T, IamError>) -> Result<T, IamError> {
+        self.metrics.iam_calls.with_label_values(&[operation]).inc();
+        if let Err(e) = &result {
+            self.metrics.iam_errors.with_label_values(&[e.operation, &e.code]).inc();
+        }
+        result
+    }
+}
+
+impl<I: Iam> Iam for MeteredIam<I> {
+    async fn list_users(&self) -> Result<Vec<IamUser>, IamError> {
+        self.count("ListUsers", self.inner.list_users().await)
+    }
+    async fn group_members(&self, group: &str) -> Result<Vec<String>, IamError> {
+        self.count("GetGroup", self.inner.group_members(group).await)
+    }
+    async fn add_to_group(&self, group: &str, user: &str) -> Result<(), IamError> {
+        self.count("AddUserToGroup", self.inner.add_to_group(group, user).await)
+    }
+    async fn remove_from_group(&self, group: &str, user: &str) -> Result<(), IamError> {
+        self.count("RemoveUserFromGroup", self.inner.remove_from_group(group, user).await)
+    }
+    async fn policy_status(&self, group: &str, policy: &str, document: &str) -> Result<PolicyStatus, IamError> {
+        self.count("GetPolicy", self.inner.policy_status(group, policy, document).await)
+    }
+    async fn apply_policy(&self, group: &str, policy: &str, document: &str) -> Result<Vec<String>, IamError> {
+        self.count("ApplyPolicy", self.inner.apply_policy(group, policy, document).await)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_series_follows_the_naming_conventions() {
+        let metrics = Metrics::new();
+        let names = metrics.names();
+        assert_eq!(names.len(), 20, "{names:?}");
+        assert!(names.iter().all(|n| n.starts_with("lockstep_")), "{names:?}");
+        metrics.rollbacks.with_label_values(&["manual"]).inc();
+        metrics.iam_errors.with_label_values(&["GetGroup", "Throttling"]).inc();
+        for family in metrics.registry.gather() {
+            let name = family.get_name();
+            assert!(names.contains(&name.to_string()), "{name} is registered but not listed");
+            let counter = family.get_field_type() == prometheus::proto::MetricType::COUNTER;
+            assert_eq!(counter, name.ends_with("_total"), "{name}: counters and only counters end in _total");
+        }
+        let text = metrics.render();
+        assert!(text.contains("lockstep_rollbacks_total{reason=\"manual\"} 1"), "{text}");
+    }
+}
