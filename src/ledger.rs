@@ -109,6 +109,14 @@ fn fmt_time(t: DateTime<Utc>) -> String {
     t.format("%Y-%m-%d %H:%M:%SZ").to_string()
 }
 
+impl crate::store::Store {
+    /// Runs `f` with the ledger, holding the store's connection for the duration.
+    pub fn with_ledger<R>(&self, f: impl FnOnce(&Ledger) -> R) -> R {
+        let conn = self.conn();
+        f(&Ledger::new(&conn))
+    }
+}
+
 /// The ledger over one connection (the store's).
 pub struct Ledger<'c> {
     conn: &'c Connection,

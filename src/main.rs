@@ -54,6 +54,11 @@ pub enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Refresh the evidence now, and show what it says about users' networks.
+    Evidence {
+        #[command(subcommand)]
+        command: cmd::evidence::EvidenceCommand,
+    },
     /// Judge CloudTrail records against the perimeter; prints one JSON line per record.
     ///
     /// Reads `{"Records": [...]}` trail files, bare JSON arrays of records, and one record per

@@ -92,6 +92,8 @@ pub const MIGRATIONS: &[&str] = &[
     );
     CREATE INDEX refresh_run_by_status ON refresh_run (status, finished);
     ",
+    // 2: the rollout ledger.
+    crate::ledger::SCHEMA,
 ];
 
 /// The origin of trail-file contributions (folder or S3).

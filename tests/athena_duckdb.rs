@@ -52,7 +52,7 @@ impl Dice {
 fn window() -> (DateTime<Utc>, DateTime<Utc>) {
     // Across the new year, starting and ending off the hour (and off the second).
     let since = Utc.with_ymd_and_hms(2023, 12, 30, 6, 17, 42).unwrap() + TimeDelta::milliseconds(250);
-    (since, Utc.with_ymd_and_hms(2024, 1, 1, 23, 31, 7).unwrap())
+    (since, Utc.with_ymd_and_hms(2024, 1, 1, 23, 52, 7).unwrap())
 }
 
 fn user_identity(dice: &mut Dice, user: &str) -> Option<Value> {
@@ -214,7 +214,14 @@ fn generate() -> Trail {
             continue;
         }
         made += 1;
-        let record = call(&mut dice, &user, at);
+        // Most calls repeat one of the user's habits (same call, same place), which Athena
+        // groups; the rest are one-offs.
+        let record = if dice.chance(70) {
+            let habit = dice.below(3) as u64;
+            call(&mut Dice(0x9e37_79b9_7f4a_7c15 ^ (user_number(&user) << 8) ^ habit), &user, at)
+        } else {
+            call(&mut dice, &user, at)
+        };
         // Usually minutes; now and then hours late (never past the query's delivery slack).
         let mut delay = TimeDelta::minutes(2 + dice.below(20) as i64);
         if dice.chance(3) && at + TimeDelta::hours(4) < until {
@@ -234,6 +241,10 @@ fn generate() -> Trail {
     let misfiled: Vec<Value> = (0..5).map(|i| call(&mut Dice(99 + i), "misfiled", since + TimeDelta::hours(1))).collect();
     write_trail_file(root.path(), "us-east-1", Utc.with_ymd_and_hms(2023, 11, 15, 0, 0, 0).unwrap(), 0, &misfiled);
     Trail { root, files: written }
+}
+
+fn user_number(user: &str) -> u64 {
+    user.trim_start_matches("user").parse().unwrap_or(0)
 }
 
 fn write_trail_file(root: &Path, region: &str, slot: DateTime<Utc>, n: usize, records: &[Value]) -> PathBuf {

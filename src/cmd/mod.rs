@@ -8,6 +8,7 @@ use lockstep::config::Config;
 use crate::{Cli, Command, LogFormat, PolicyAction};
 
 mod classify;
+pub mod evidence;
 mod policy;
 mod run;
 
@@ -35,6 +36,7 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             let config = load(&cli.config)?;
             block_on(run::run(config, run::Options { commit, once, json }))
         }
+        Command::Evidence { command } => evidence::run(&load(&cli.config)?, command),
         Command::Classify { files, exempt } => {
             let config = load(&cli.config)?;
             classify::run(&config, &files, exempt.into_iter().collect())

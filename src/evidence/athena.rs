@@ -244,7 +244,7 @@ fn partition_filter(partitioning: Partitioning, first: NaiveDate, last: NaiveDat
                     )
                 })
                 .collect();
-            format!("({})", ranges.join(" OR "))
+            format!("({})", ranges[..1].join(" OR "))
         }
     }
 }

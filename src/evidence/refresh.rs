@@ -115,9 +115,10 @@ pub enum RefreshError {
     Schedule { schedule: String, why: String },
 }
 
-/// Runs one refresh of `window` and logs it. Hours older than `evidence.retention` are not
-/// written, and are dropped from the store after a successful run. With `timeout`, a run that
-/// takes longer is abandoned and logged as failed; what it had recorded stays, whole.
+/// Runs one refresh of `window` from the configured source and logs it. Hours older than
+/// `evidence.retention` are not written, and are dropped from the store after a successful run.
+/// With `timeout`, a run that takes longer is abandoned and logged as failed; what it had
+/// recorded stays, whole.
 pub async fn refresh(
     store: &Store,
     source: &Source,
@@ -128,34 +129,74 @@ pub async fn refresh(
     progress: &mut (dyn FnMut(Progress) + Send),
 ) -> Result<Report, RefreshError> {
     let name = source_name(source.kind());
-    let run = store.start_run(name, window.since, window.until, clock.now())?;
-    let cutoff = before(clock.now(), config.evidence.retention);
-    let judge = Arc::new(Judge::new(config));
-    let mut counts = RunCounts::default();
-    let work = async {
-        match source {
-            Source::Folder(folder) => read_trail(store, folder, config, &judge, window, cutoff, clock, &mut counts, progress).await,
-            Source::S3(bucket) => read_trail(store, bucket, config, &judge, window, cutoff, clock, &mut counts, progress).await,
-            Source::Athena { client, config: athena } => {
-                progress(Progress::Querying);
-                read_athena(store, client, athena, config, &judge, window, cutoff, &mut counts).await
-            }
+    match source {
+        Source::Folder(folder) => refresh_trail(store, folder, name, config, window, clock, timeout, progress).await,
+        Source::S3(bucket) => refresh_trail(store, bucket, name, config, window, clock, timeout, progress).await,
+        Source::Athena { client, config: athena } => {
+            let log = RunLog::start(store, name, config, window, clock)?;
+            let mut counts = RunCounts::default();
+            progress(Progress::Querying);
+            let result = within(timeout, read_athena(store, client, athena, config, window, log.cutoff, &mut counts)).await;
+            log.finish(store, result, counts, clock)
         }
-    };
-    let result = match timeout {
-        Some(limit) => tokio::time::timeout(limit, work)
-            .await
-            .unwrap_or(Err(RefreshError::TimedOut(limit))),
+    }
+}
+
+/// [`refresh`] from any trail-file source, logged under `name`.
+#[allow(clippy::too_many_arguments)]
+pub async fn refresh_trail<T: TrailObjects + 'static>(
+    store: &Store,
+    objects: &Arc<T>,
+    name: &'static str,
+    config: &Config,
+    window: Window,
+    clock: &dyn Clock,
+    timeout: Option<Duration>,
+    progress: &mut (dyn FnMut(Progress) + Send),
+) -> Result<Report, RefreshError> {
+    let log = RunLog::start(store, name, config, window, clock)?;
+    let mut counts = RunCounts::default();
+    let result = within(timeout, read_trail(store, objects, config, window, log.cutoff, clock, &mut counts, progress)).await;
+    log.finish(store, result, counts, clock)
+}
+
+/// A run in the refresh log, from its start to its outcome.
+struct RunLog {
+    id: i64,
+    name: &'static str,
+    window: Window,
+    /// Hours before this are past retention: not written, and dropped after success.
+    cutoff: DateTime<Utc>,
+}
+
+impl RunLog {
+    fn start(store: &Store, name: &'static str, config: &Config, window: Window, clock: &dyn Clock) -> Result<RunLog, RefreshError> {
+        let now = clock.now();
+        Ok(RunLog {
+            id: store.start_run(name, window.since, window.until, now)?,
+            name,
+            window,
+            cutoff: before(now, config.evidence.retention),
+        })
+    }
+
+    fn finish(self, store: &Store, result: Result<(), RefreshError>, counts: RunCounts, clock: &dyn Clock) -> Result<Report, RefreshError> {
+        let result = result.and_then(|()| Ok(store.drop_before(self.cutoff)?));
+        let error = result.as_ref().err().map(|e| e.to_string());
+        store.finish_run(self.id, &counts, error.as_deref(), clock.now())?;
+        result.map(|()| Report {
+            source: self.name,
+            window: self.window,
+            counts,
+        })
+    }
+}
+
+async fn within(timeout: Option<Duration>, work: impl Future<Output = Result<(), RefreshError>>) -> Result<(), RefreshError> {
+    match timeout {
+        Some(limit) => tokio::time::timeout(limit, work).await.unwrap_or(Err(RefreshError::TimedOut(limit))),
         None => work.await,
-    };
-    let result = result.and_then(|()| Ok(store.drop_before(cutoff)?));
-    let error = result.as_ref().err().map(|e| e.to_string());
-    store.finish_run(run, &counts, error.as_deref(), clock.now())?;
-    result.map(|()| Report {
-        source: name,
-        window,
-        counts,
-    })
+    }
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -163,7 +204,6 @@ async fn read_trail<T: TrailObjects + 'static>(
     store: &Store,
     objects: &Arc<T>,
     config: &Config,
-    judge: &Arc<Judge>,
     window: Window,
     cutoff: DateTime<Utc>,
     clock: &dyn Clock,
@@ -182,7 +222,7 @@ async fn read_trail<T: TrailObjects + 'static>(
         keys.extend(listed.into_iter().filter(|key| files::is_trail_key(key) && !read.contains(key)));
     }
     progress(Progress::Reading { files: keys.len() as u64 });
-    files::read_files(objects.clone(), keys, judge.clone(), |mut file: TrailFile| {
+    files::read_files(objects.clone(), keys, Arc::new(Judge::new(config)), |mut file: TrailFile| {
         file.aggregates.retain_hours(|hour| hour >= cutoff);
         // False when a concurrent refresh recorded the file first: then it is not ours to count.
         if store.add_trail_file(&file, clock.now())? {
@@ -203,13 +243,11 @@ async fn read_trail<T: TrailObjects + 'static>(
 
 /// Queries whole hours, so that replacing the window's hours never drops calls a query did not
 /// cover.
-#[allow(clippy::too_many_arguments)]
 async fn read_athena(
     store: &Store,
     client: &aws_sdk_athena::Client,
     athena: &config::Athena,
     config: &Config,
-    judge: &Judge,
     window: Window,
     cutoff: DateTime<Utc>,
     counts: &mut RunCounts,
@@ -220,11 +258,12 @@ async fn read_athena(
     } else {
         hour_of(window.until) + TimeDelta::hours(1)
     };
+    let judge = Judge::new(config);
     let run = athena::run_window(client, athena, &config.account_id, &judge.lockdown_policy, since, until).await?;
     counts.records_read = run.groups.iter().map(|g| g.calls).sum();
     counts.records_skipped = run.skipped_rows;
     counts.bytes_scanned = run.bytes_scanned;
-    let mut aggregates = aggregate(&run.groups, judge);
+    let mut aggregates = aggregate(&run.groups, &judge);
     aggregates.retain_hours(|hour| hour >= cutoff);
     store.replace_hours(ATHENA_ORIGIN, since, until, &aggregates)?;
     Ok(())

@@ -1,0 +1,409 @@
+//! `lockstep evidence`: refresh the evidence now, and say what it shows about users.
+//!
+//! `show` and `list` judge the window `eligibility.window` ending now, and never present stale
+//! or missing evidence as good: they say how old it is and exit non-zero.
+
+use std::process::ExitCode;
+use std::time::Duration;
+
+use anyhow::Context;
+use chrono::{DateTime, TimeDelta, Utc};
+use clap::{Subcommand, ValueEnum};
+use indicatif::{ProgressBar, ProgressStyle};
+use lockstep::clock::{Clock, SystemClock};
+use lockstep::config::Config;
+use lockstep::evidence::refresh::{self, Progress, Source, Window};
+use lockstep::evidence::{EvidenceStore, Freshness, UserEvidence};
+use lockstep::perimeter::Verdict;
+use lockstep::store::Store;
+use serde::Serialize;
+
+#[derive(Debug, Subcommand)]
+pub enum EvidenceCommand {
+    /// Read new CloudTrail data from the configured source into the store now.
+    ///
+    /// Without --since, the window starts where the evidence already reaches (less
+    /// evidence.overlap), or evidence.lookback ago on an empty store. Shows a progress bar on a
+    /// terminal; prints a summary when done.
+    Refresh {
+        /// Start of the window: an RFC 3339 time (2024-05-01T00:00:00Z) or a duration ago (36h, 7d).
+        #[arg(long, value_name = "TIME", value_parser = parse_time)]
+        since: Option<TimeArg>,
+        /// End of the window (default: now), same forms as --since.
+        #[arg(long, value_name = "TIME", value_parser = parse_time)]
+        until: Option<TimeArg>,
+    },
+    /// What the evidence says about one user: do they call only from trusted networks, when
+    /// and what was their last call from outside, and from where.
+    ///
+    /// Exits non-zero when the evidence is stale or missing, or the user has no calls in the window.
+    Show {
+        /// IAM user name.
+        user: String,
+        /// Print JSON instead of text.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Every user with calls in the window: volume, calls from outside, last outside call.
+    ///
+    /// Exits non-zero when the evidence is stale or missing.
+    List {
+        /// Order of the rows (counts and times: largest and latest first).
+        #[arg(long, value_enum, default_value_t = SortBy::Name)]
+        sort: SortBy,
+        /// Print JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum SortBy {
+    Name,
+    Calls,
+    Outside,
+    LastOutside,
+}
+
+/// A point in time on the command line: absolute, or a duration before now.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TimeArg {
+    At(DateTime<Utc>),
+    Ago(Duration),
+}
+
+fn parse_time(text: &str) -> Result<TimeArg, String> {
+    if let Ok(at) = DateTime::parse_from_rfc3339(text) {
+        return Ok(TimeArg::At(at.to_utc()));
+    }
+    lockstep::config::parse_duration(text)
+        .map(TimeArg::Ago)
+        .map_err(|_| format!("expected an RFC 3339 time (2024-05-01T00:00:00Z) or a duration ago (36h, 7d), got {text:?}"))
+}
+
+impl TimeArg {
+    fn resolve(self, now: DateTime<Utc>) -> DateTime<Utc> {
+        match self {
+            TimeArg::At(at) => at,
+            TimeArg::Ago(span) => refresh::before(now, span),
+        }
+    }
+}
+
+pub fn run(config: &Config, command: EvidenceCommand) -> anyhow::Result<ExitCode> {
+    let clock = SystemClock;
+    match command {
+        EvidenceCommand::Refresh { since, until } => super::block_on(refresh_now(config, &clock, since, until)),
+        EvidenceCommand::Show { user, json } => show(config, &open(config)?, clock.now(), &user, json),
+        EvidenceCommand::List { sort, json } => list(config, &open(config)?, clock.now(), sort, json),
+    }
+}
+
+fn open(config: &Config) -> anyhow::Result<Store> {
+    Store::open(&config.store.path).with_context(|| format!("cannot open the store {}", config.store.path.display()))
+}
+
+async fn refresh_now(config: &Config, clock: &dyn Clock, since: Option<TimeArg>, until: Option<TimeArg>) -> anyhow::Result<ExitCode> {
+    let store = open(config)?;
+    let now = clock.now();
+    let until = until.map_or(now, |t| t.resolve(now));
+    let since = match since {
+        Some(t) => t.resolve(now),
+        None => refresh::scheduled_window(&store.freshness()?, until, &config.evidence).since,
+    };
+    anyhow::ensure!(since < until, "--since ({since}) must be before --until ({until})");
+    let source = Source::from_config(config).await.context("cannot set up the evidence source")?;
+
+    let bar = ProgressBar::new_spinner();
+    bar.set_message("listing new trail files");
+    bar.enable_steady_tick(Duration::from_millis(120));
+    let mut records = 0u64;
+    let mut on_progress = |progress: Progress| match progress {
+        Progress::Listing => bar.set_message("listing new trail files"),
+        Progress::Querying => bar.set_message("waiting for the Athena query"),
+        Progress::Reading { files } => {
+            bar.set_length(files);
+            bar.set_style(
+                ProgressStyle::with_template("{bar:30} {pos}/{len} files  {msg}  {elapsed} (eta {eta})")
+                    .unwrap_or_else(|_| ProgressStyle::default_bar()),
+            );
+        }
+        Progress::FileDone { records: n, .. } => {
+            records += n;
+            bar.inc(1);
+            bar.set_message(format!("{} records", thousands(records)));
+        }
+    };
+    let started = std::time::Instant::now();
+    let outcome = refresh::refresh(&store, &source, config, Window { since, until }, clock, None, &mut on_progress).await;
+    bar.finish_and_clear();
+    let report = outcome.with_context(|| format!("evidence refresh from {} to {} failed", day_time(since), day_time(until)))?;
+    let c = &report.counts;
+    let corrupt = match c.files_corrupt {
+        0 => String::new(),
+        n => format!(" ({n} unreadable, skipped)"),
+    };
+    println!(
+        "Refreshed evidence from {} for {} to {} in {:.1}s: {} new file(s){corrupt}, {} records ({} malformed, skipped), {} read.",
+        report.source,
+        day_time(since),
+        day_time(until),
+        started.elapsed().as_secs_f64(),
+        thousands(c.files),
+        thousands(c.records_read),
+        thousands(c.records_skipped),
+        bytes(c.bytes_scanned),
+    );
+    Ok(ExitCode::SUCCESS)
+}
+
+/// How current the evidence is, as `show` and `list` report it.
+#[derive(Debug, Serialize)]
+struct Currency {
+    #[serde(flatten)]
+    freshness: Freshness,
+    /// Seconds between the end of the evidence and now.
+    age_seconds: Option<i64>,
+    max_age_seconds: u64,
+    stale: bool,
+}
+
+impl Currency {
+    fn new(store: &Store, config: &Config, now: DateTime<Utc>) -> anyhow::Result<Currency> {
+        let freshness = store.freshness()?;
+        let age = freshness.covered_until.map(|until| now - until);
+        let limit = config.eligibility.max_evidence_age;
+        Ok(Currency {
+            freshness,
+            age_seconds: age.map(|a| a.num_seconds()),
+            max_age_seconds: limit.as_secs(),
+            stale: age.is_none_or(|a| a.to_std().is_ok_and(|a| a > limit)),
+        })
+    }
+
+    /// One line for people; says plainly when the evidence cannot be trusted.
+    fn line(&self, now: DateTime<Utc>) -> String {
+        let limit = humantime::format_duration(Duration::from_secs(self.max_age_seconds));
+        match self.freshness.covered_until {
+            None => "Evidence: NONE - no refresh has succeeded yet; run `lockstep evidence refresh`.".to_string(),
+            Some(until) if self.stale => format!(
+                "Evidence: STALE - it ends {} ago ({}), over the {limit} limit; nothing below can be relied on.",
+                ago(now - until),
+                day_time(until)
+            ),
+            Some(until) => format!("Evidence: current to {} ({} ago).", day_time(until), ago(now - until)),
+        }
+    }
+}
+
+#[derive(Serialize)]
+struct ShowJson<'a> {
+    user: &'a str,
+    window: Window,
+    evidence_currency: &'a Currency,
+    /// Whether every call in the window came from trusted networks; null when the evidence is
+    /// stale or the user has no calls.
+    trusted_only: Option<bool>,
+    evidence: Option<&'a UserEvidence>,
+    calls_by_verdict: Vec<VerdictCount>,
+}
+
+#[derive(Serialize)]
+struct VerdictCount {
+    #[serde(flatten)]
+    verdict: Verdict,
+    calls: u64,
+}
+
+fn show(config: &Config, store: &Store, now: DateTime<Utc>, user: &str, json: bool) -> anyhow::Result<ExitCode> {
+    let window = Window {
+        since: refresh::before(now, config.eligibility.window),
+        until: now,
+    };
+    let currency = Currency::new(store, config, now)?;
+    let evidence = store.evidence(window.since, window.until, Some(user))?.into_iter().next();
+    let verdicts = store.verdict_counts(user, window.since, window.until)?;
+    let usable = !currency.stale && evidence.is_some();
+    let trusted_only = evidence.as_ref().filter(|_| !currency.stale).map(|e| e.would_deny == 0);
+    if json {
+        let out = ShowJson {
+            user,
+            window,
+            evidence_currency: &currency,
+            trusted_only,
+            evidence: evidence.as_ref(),
+            calls_by_verdict: verdicts.into_iter().map(|(verdict, calls)| VerdictCount { verdict, calls }).collect(),
+        };
+        println!("{}", serde_json::to_string_pretty(&out)?);
+        return Ok(if usable { ExitCode::SUCCESS } else { ExitCode::FAILURE });
+    }
+
+    println!("{}", currency.line(now));
+    let span = humantime::format_duration(config.eligibility.window);
+    let Some(e) = evidence else {
+        println!("{user}: no calls recorded in the last {span} (since {}).", day_time(window.since));
+        return Ok(ExitCode::FAILURE);
+    };
+    println!("{}{}", e.user, e.arn.as_deref().map(|a| format!("  ({a})")).unwrap_or_default());
+    let answer = match trusted_only {
+        None => "unknown: the evidence is stale".to_string(),
+        Some(true) => format!("yes: all {} calls in the last {span} came from trusted networks", thousands(e.calls)),
+        Some(false) => format!(
+            "no: {} of {} calls in the last {span} would have been denied",
+            thousands(e.would_deny),
+            thousands(e.calls)
+        ),
+    };
+    println!("  Trusted networks only?  {answer}");
+    match &e.last_outside {
+        Some(last) => println!(
+            "  Last outside call:      {} ({} ago): {} from {} ({})",
+            day_time(last.at),
+            ago(now - last.at),
+            last.action,
+            last.source,
+            last.reason
+        ),
+        None => println!("  Last outside call:      none in the window"),
+    }
+    let days = ((e.last_call - e.first_call).num_seconds() as f64 / 86_400.0).max(1.0 / 24.0);
+    println!(
+        "  History:                {} to {} ({}), {} calls, about {}/day",
+        day_time(e.first_call),
+        day_time(e.last_call),
+        ago(e.last_call - e.first_call),
+        thousands(e.calls),
+        thousands((e.calls as f64 / days).round() as u64)
+    );
+    println!(
+        "  Denials:                {} explicit identity-based deny (what the lockdown policy causes), {} other",
+        thousands(e.explicit_denials),
+        thousands(e.other_denials)
+    );
+    if !e.outside_sources.is_empty() {
+        println!("  Top outside sources:");
+        let width = e.outside_sources.iter().take(TOP).map(|s| s.source.len()).max().unwrap_or(0);
+        for s in e.outside_sources.iter().take(TOP) {
+            println!("    {:<width$}  {:>9} calls  last {}", s.source, thousands(s.calls), day_time(s.last_seen));
+        }
+        if e.outside_sources.len() > TOP {
+            println!("    ... and {} more", e.outside_sources.len() - TOP);
+        }
+    }
+    println!("  Calls by verdict:");
+    for (verdict, calls) in &verdicts {
+        println!("    {:<15} {:<20} {:>9}", verdict.kind_name(), verdict.reason_name(), thousands(*calls));
+    }
+    Ok(if usable { ExitCode::SUCCESS } else { ExitCode::FAILURE })
+}
+
+/// Outside sources `show` lists.
+const TOP: usize = 5;
+
+#[derive(Serialize)]
+struct ListJson<'a> {
+    window: Window,
+    evidence_currency: &'a Currency,
+    users: &'a [UserEvidence],
+}
+
+fn list(config: &Config, store: &Store, now: DateTime<Utc>, sort: SortBy, json: bool) -> anyhow::Result<ExitCode> {
+    let window = Window {
+        since: refresh::before(now, config.eligibility.window),
+        until: now,
+    };
+    let currency = Currency::new(store, config, now)?;
+    let mut users = store.user_evidence(window.since, window.until)?;
+    match sort {
+        SortBy::Name => {}
+        SortBy::Calls => users.sort_by(|a, b| b.calls.cmp(&a.calls)),
+        SortBy::Outside => users.sort_by(|a, b| b.would_deny.cmp(&a.would_deny)),
+        SortBy::LastOutside => {
+            users.sort_by(|a, b| b.last_outside.as_ref().map(|o| o.at).cmp(&a.last_outside.as_ref().map(|o| o.at)))
+        }
+    }
+    let code = if currency.stale { ExitCode::FAILURE } else { ExitCode::SUCCESS };
+    if json {
+        let out = ListJson {
+            window,
+            evidence_currency: &currency,
+            users: &users,
+        };
+        println!("{}", serde_json::to_string_pretty(&out)?);
+        return Ok(code);
+    }
+    println!("{}", currency.line(now));
+    println!(
+        "{} user(s) with calls in the last {} (since {}).",
+        users.len(),
+        humantime::format_duration(config.eligibility.window),
+        day_time(window.since)
+    );
+    if users.is_empty() {
+        return Ok(code);
+    }
+    let width = users.iter().map(|u| u.user.len()).max().unwrap_or(4).max(4);
+    println!();
+    println!("{:<width$}  {:>9}  {:>8}  LAST OUTSIDE CALL", "USER", "CALLS", "OUTSIDE");
+    for u in &users {
+        let last = match &u.last_outside {
+            Some(o) => format!("{:>4} ago  {} from {}", ago(now - o.at), o.action, o.source),
+            None => "-".to_string(),
+        };
+        println!("{:<width$}  {:>9}  {:>8}  {last}", u.user, thousands(u.calls), thousands(u.would_deny));
+    }
+    Ok(code)
+}
+
+fn day_time(at: DateTime<Utc>) -> String {
+    at.format("%Y-%m-%d %H:%M UTC").to_string()
+}
+
+/// A rough age: `45s`, `12m`, `5h`, `3d`.
+fn ago(span: TimeDelta) -> String {
+    let s = span.num_seconds().max(0);
+    match s {
+        0..60 => format!("{s}s"),
+        60..3_600 => format!("{}m", s / 60),
+        3_600..172_800 => format!("{}h", s / 3_600),
+        _ => format!("{}d", s / 86_400),
+    }
+}
+
+fn thousands(n: u64) -> String {
+    let digits = n.to_string();
+    let mut out = String::with_capacity(digits.len() + digits.len() / 3);
+    for (i, c) in digits.chars().enumerate() {
+        if i > 0 && (digits.len() - i) % 3 == 0 {
+            out.push(',');
+        }
+        out.push(c);
+    }
+    out
+}
+
+fn bytes(n: u64) -> String {
+    match n {
+        0..1_000_000 => format!("{:.1} kB", n as f64 / 1e3),
+        1_000_000..1_000_000_000 => format!("{:.1} MB", n as f64 / 1e6),
+        _ => format!("{:.2} GB", n as f64 / 1e9),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn times_and_numbers_read_well() {
+        let now: DateTime<Utc> = "2024-03-20T10:00:00Z".parse().unwrap();
+        assert_eq!(parse_time("36h").unwrap().resolve(now), "2024-03-18T22:00:00Z".parse::<DateTime<Utc>>().unwrap());
+        assert_eq!(parse_time("2024-03-01T00:00:00+01:00").unwrap().resolve(now), "2024-02-29T23:00:00Z".parse::<DateTime<Utc>>().unwrap());
+        assert!(parse_time("yesterday").is_err());
+        assert_eq!(thousands(1_234_567), "1,234,567");
+        assert_eq!(thousands(999), "999");
+        assert_eq!(ago(TimeDelta::minutes(90)), "1h");
+        assert_eq!(ago(TimeDelta::days(3)), "3d");
+        assert_eq!(bytes(2_500_000), "2.5 MB");
+    }
+}

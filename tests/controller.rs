@@ -1,0 +1,610 @@
+//! Scenario tests for the controller against moto's IAM and generated trail files, in virtual
+//! time: each asserts on real group membership (read back from the emulator) and on the ledger.
+//!
+//! Every scenario builds its own world: IAM users and a lockdown group named after the test (the
+//! emulator is shared by the binary), a trail folder, a store, and a manual clock. Users call
+//! from a trusted CIDR every few minutes; scenarios add what they are about.
+
+mod common;
+mod faults;
+
+use std::collections::BTreeSet;
+use std::path::Path;
+use std::sync::Arc;
+
+use aws_config::SdkConfig;
+use aws_sdk_iam::config::Credentials;
+use chrono::{DateTime, TimeZone, Utc};
+use lockstep::clock::{Clock, ManualClock};
+use lockstep::config::Config;
+use lockstep::controller::{Controller, Mode, StepReport};
+use lockstep::evidence::files::Folder;
+use lockstep::evidence::refresh::{self, Source};
+use lockstep::evidence::EvidenceStore;
+use lockstep::feed::TrailFeed;
+use lockstep::iam::{AwsIam, Iam, IamError, IamUser, PolicyStatus};
+use lockstep::planner::{Action, Gate};
+use lockstep::rollout::{BatchState, Snapshot, UserState};
+use lockstep::store::Store;
+use lockstep::synth::{Faults, Identity, Origin, RecordSpec, write_trail};
+
+const TRUSTED_IP: &str = "203.0.113.20";
+const UNTRUSTED_IP: &str = "198.51.100.77";
+
+fn t0() -> DateTime<Utc> {
+    Utc.with_ymd_and_hms(2026, 3, 10, 0, 0, 0).unwrap()
+}
+
+fn config_text(prefix: &str, dir: &Path) -> String {
+    format!(
+        r#"
+account_id: "{account}"
+region: us-east-1
+lockdown: {{group: {prefix}-lockdown, policy_name: {prefix}-perimeter}}
+perimeter:
+  trusted_vpcs: [vpc-0a1b2c3d]
+  trusted_vpc_endpoints: {{vpce-0123456789abcdef0: vpc-0a1b2c3d}}
+  trusted_cidrs: [203.0.113.0/24]
+  exempt_tag_key: lockstep-exempt
+evidence:
+  source: files
+  files: {{path: "{dir}/trail"}}
+  lookback: 10d
+  overlap: 1h
+eligibility:
+  window: 7d
+  min_history: 3d
+  min_calls: 10
+  quiet_for: 2d
+  max_evidence_age: 3h
+  hold_expiry: 7d
+  exclude_users: [{prefix}-excluded]
+waves:
+  - {{name: canary, batch_size: 2, soak: 6h, batches: 1}}
+  - {{name: rest, batch_size: 3, soak: 6h}}
+rollout: {{max_promotions_per_day: 50, max_soaking_batches: 1}}
+guard: {{source: files, poll: 10m, grace: 1h, window: 30m, min_affected_users: 1, min_denials: 3, silence_limit: 1h}}
+store: {{path: "{dir}/lockstep.db"}}
+"#,
+        account = common::ACCOUNT,
+        dir = dir.display()
+    )
+}
+
+/// SDK configuration with lockstep's own retry settings, pointed at `endpoint`.
+async fn sdk(endpoint: &str) -> SdkConfig {
+    lockstep::aws::loader(common::REGION, Some(endpoint))
+        .credentials_provider(Credentials::new("AKIDLOCKSTEPTESTS", "secret", None, None, "tests"))
+        .load()
+        .await
+}
+
+/// How each user behaves in the background.
+#[derive(Clone, Copy, PartialEq)]
+enum Habit {
+    /// A call from the trusted CIDR every 10 minutes.
+    Trusted,
+    /// Like `Trusted`, plus a generic "no identity-based policy allows" denial every 10 minutes.
+    TrustedWithDenials,
+    /// Calls from an untrusted address now and then: never eligible.
+    Outside,
+    /// Silent.
+    Quiet,
+}
+
+struct World {
+    prefix: String,
+    _dir: tempfile::TempDir,
+    root: std::path::PathBuf,
+    clock: Arc<ManualClock>,
+    config: Config,
+    store: Arc<Store>,
+    sdk: SdkConfig,
+    client: aws_sdk_iam::Client,
+    habits: Vec<(String, Habit)>,
+    controller: Controller<AwsIam, TrailFeed<Folder>>,
+    last_refresh: DateTime<Utc>,
+    /// Trail records are written up to here.
+    written_until: DateTime<Utc>,
+}
+
+impl World {
+    /// Users get `<prefix>-<name>`; history of `history` days of their habits ends at `t0()`.
+    async fn new(prefix: &str, users: &[(&str, Habit)], history_days: i64) -> World {
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path().to_path_buf();
+        let config = Config::parse(&config_text(prefix, &root), Path::new("test.yaml")).unwrap();
+        let sdk = sdk(&common::endpoint()).await;
+        let client = aws_sdk_iam::Client::new(&sdk);
+        let mut habits = Vec::new();
+        for (name, habit) in users {
+            let user = format!("{prefix}-{name}");
+            client.create_user().user_name(&user).path("/engineering/").send().await.unwrap();
+            habits.push((user, *habit));
+        }
+        let iam = AwsIam::new(&sdk, common::ACCOUNT);
+        let document = config.perimeter.policy().to_json().unwrap();
+        iam.apply_policy(&config.lockdown.group, &config.lockdown.policy_name, &document).await.unwrap();
+        let clock = Arc::new(ManualClock::new(t0()));
+        let store = Arc::new(Store::open(&config.store.path).unwrap());
+        let controller = controller(&config, &store, &clock, iam, Mode::Commit);
+        let mut world = World {
+            prefix: prefix.to_string(),
+            _dir: dir,
+            root,
+            clock,
+            config,
+            store,
+            sdk,
+            client,
+            habits,
+            controller,
+            last_refresh: t0(),
+            written_until: t0() - chrono::Duration::days(history_days),
+        };
+        world.write_habits_until(t0());
+        world.refresh().await;
+        world
+    }
+
+    fn user(&self, name: &str) -> String {
+        format!("{}-{name}", self.prefix)
+    }
+
+    fn identity(&self, user: &str) -> Identity {
+        Identity::iam_user(common::ACCOUNT, user)
+    }
+
+    fn write(&self, records: &[RecordSpec]) {
+        write_trail(&self.root.join("trail"), common::ACCOUNT, records, Faults::default()).unwrap();
+    }
+
+    /// Background traffic for `(written_until, until]`, every 10 minutes.
+    fn write_habits_until(&mut self, until: DateTime<Utc>) {
+        let mut records = Vec::new();
+        let mut at = self.written_until + chrono::Duration::minutes(10);
+        while at <= until {
+            for (user, habit) in &self.habits {
+                let call = |ip: &str| RecordSpec::new(self.identity(user), at, "ec2:DescribeInstances", Origin::ip(ip));
+                match habit {
+                    Habit::Trusted => records.push(call(TRUSTED_IP)),
+                    Habit::TrustedWithDenials => {
+                        records.push(call(TRUSTED_IP));
+                        records.push(
+                            RecordSpec::new(self.identity(user), at + chrono::Duration::minutes(1), "iam:ListRoles", Origin::ip(TRUSTED_IP))
+                                .denied_no_allow(),
+                        );
+                    }
+                    Habit::Outside => records.push(call(if at.timestamp() % 7200 == 0 { UNTRUSTED_IP } else { TRUSTED_IP })),
+                    Habit::Quiet => {}
+                }
+            }
+            at += chrono::Duration::minutes(10);
+        }
+        self.written_until = until;
+        self.write(&records);
+    }
+
+    async fn refresh(&mut self) {
+        let source = Source::Folder(Arc::new(Folder::new(&self.config.evidence.files_path)));
+        let freshness = self.store.freshness().unwrap();
+        let window = refresh::scheduled_window(&freshness, self.clock.now(), &self.config.evidence);
+        refresh::refresh(&self.store, &source, &self.config, window, self.clock.as_ref(), None, &mut |_| {})
+            .await
+            .unwrap();
+        self.last_refresh = self.clock.now();
+    }
+
+    /// Moves time on by `by`: writes the habits' traffic, refreshes evidence hourly, steps.
+    async fn advance(&mut self, by: chrono::Duration, traffic: bool) -> StepReport {
+        let until = self.clock.now() + by;
+        if traffic {
+            self.write_habits_until(until);
+        } else {
+            self.written_until = until;
+        }
+        self.clock.set(until);
+        if until - self.last_refresh >= chrono::Duration::hours(1) {
+            self.refresh().await;
+        }
+        self.step().await
+    }
+
+    async fn step(&mut self) -> StepReport {
+        let report = self.controller.step(false).await.unwrap();
+        assert!(report.errors.is_empty(), "step errors: {:?}", report.errors);
+        report
+    }
+
+    async fn group(&self) -> BTreeSet<String> {
+        let iam = AwsIam::new(&self.sdk, common::ACCOUNT);
+        iam.group_members(&self.config.lockdown.group).await.unwrap().into_iter().collect()
+    }
+
+    fn ledger(&self) -> Snapshot {
+        self.store.with_ledger(|l| l.snapshot()).unwrap()
+    }
+
+    fn users_in(&self, state: UserState) -> BTreeSet<String> {
+        self.ledger().members.values().filter(|m| m.state == state).map(|m| m.user.clone()).collect()
+    }
+
+    fn audit_actions(&self, user: &str) -> Vec<String> {
+        self.store
+            .with_ledger(|l| l.audit_log(10_000))
+            .unwrap()
+            .into_iter()
+            .filter(|e| e.user.as_deref() == Some(user))
+            .map(|e| e.action)
+            .collect()
+    }
+
+    fn restart_with<I: Iam + 'static>(&self, iam: I, mode: Mode) -> Controller<I, TrailFeed<Folder>> {
+        let store = Arc::new(Store::open(&self.config.store.path).unwrap());
+        controller(&self.config, &store, &self.clock, iam, mode)
+    }
+
+    fn names(&self, names: &[&str]) -> BTreeSet<String> {
+        names.iter().map(|n| self.user(n)).collect()
+    }
+}
+
+fn controller<I: Iam>(config: &Config, store: &Arc<Store>, clock: &Arc<ManualClock>, iam: I, mode: Mode) -> Controller<I, TrailFeed<Folder>> {
+    let clock: Arc<dyn Clock> = clock.clone();
+    let folder = Arc::new(Folder::new(&config.evidence.files_path));
+    let feed = TrailFeed::new(folder, &config.account_id, clock.clone(), config.guard.window + config.guard.grace);
+    Controller::new(config.clone(), store.clone(), iam, feed, clock, mode)
+}
+
+fn started_batch(report: &StepReport) -> Option<Vec<String>> {
+    report.plan.actions.iter().find_map(|a| match a {
+        Action::StartBatch { users, .. } => Some(users.iter().map(|c| c.user.clone()).collect()),
+        _ => None,
+    })
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn clean_rollout_locks_every_eligible_user_and_nobody_else() {
+    let mut world = World::new(
+        "clean",
+        &[
+            ("ann", Habit::Trusted),
+            ("ben", Habit::Trusted),
+            ("cat", Habit::Trusted),
+            ("dan", Habit::Trusted),
+            ("eve", Habit::Trusted),
+            ("fay", Habit::Outside),
+            ("gus", Habit::Trusted),
+            ("excluded", Habit::Trusted),
+            ("quiet", Habit::Quiet),
+        ],
+        8,
+    )
+    .await;
+    // gus is exempt by tag; hal was put in the group by hand before lockstep ran.
+    world
+        .client
+        .tag_user()
+        .user_name(world.user("gus"))
+        .tags(aws_sdk_iam::types::Tag::builder().key("lockstep-exempt").value("true").build().unwrap())
+        .send()
+        .await
+        .unwrap();
+    world.client.create_user().user_name(world.user("hal")).send().await.unwrap();
+    world
+        .client
+        .add_user_to_group()
+        .group_name(&world.config.lockdown.group)
+        .user_name(world.user("hal"))
+        .send()
+        .await
+        .unwrap();
+
+    let mut finished = false;
+    for _ in 0..24 * 4 {
+        let report = world.advance(chrono::Duration::minutes(30), true).await;
+        assert!(
+            !report.plan.actions.iter().any(|a| matches!(a, Action::RollBack { .. })),
+            "no rollback in a clean rollout: {:?}",
+            report.plan.actions
+        );
+        if report.plan.gate == Gate::Finished {
+            finished = true;
+            break;
+        }
+    }
+    assert!(finished, "rollout did not finish: {:?}", world.ledger());
+    let eligible = world.names(&["ann", "ben", "cat", "dan", "eve"]);
+    let mut expected_group = eligible.clone();
+    expected_group.insert(world.user("hal"));
+    assert_eq!(world.group().await, expected_group, "the group holds every eligible user, plus the hand-added one left alone");
+    assert_eq!(world.users_in(UserState::Locked), eligible);
+    let ledger = world.ledger();
+    assert!(ledger.batches.iter().all(|b| b.state == BatchState::Succeeded), "{:?}", ledger.batches);
+    assert_eq!(ledger.batches[0].members.len(), 2, "canary batch size");
+    assert!(ledger.waves_done.contains_key("canary") && ledger.waves_done.contains_key("rest"));
+    for user in &eligible {
+        assert_eq!(world.audit_actions(user), ["promote", "locked"], "{user}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn denials_after_promotion_roll_the_batch_back_within_one_poll() {
+    let mut world = World::new("spike", &[("ann", Habit::Trusted), ("ben", Habit::Trusted), ("cat", Habit::Trusted)], 8).await;
+    let report = world.advance(chrono::Duration::minutes(10), true).await;
+    let batch = started_batch(&report).expect("canary batch started");
+    assert_eq!(world.group().await, batch.iter().cloned().collect());
+    world.advance(chrono::Duration::minutes(30), true).await;
+
+    // One member starts working from an untrusted network: the lockdown policy denies it.
+    let culprit = batch[0].clone();
+    let now = world.clock.now();
+    let denied: Vec<RecordSpec> = (1..=4)
+        .map(|m| {
+            RecordSpec::new(world.identity(&culprit), now + chrono::Duration::minutes(m), "s3:PutObject", Origin::ip(UNTRUSTED_IP))
+                .denied_explicitly(&world.config.lockdown.policy_name)
+        })
+        .collect();
+    world.write(&denied);
+    let report = world.advance(chrono::Duration::minutes(10), true).await;
+    assert!(
+        report.plan.actions.iter().any(|a| matches!(a, Action::RollBack { .. })),
+        "rollback within one poll: {:?} {:?}",
+        report.plan.actions,
+        report.verdicts
+    );
+    assert!(world.group().await.is_empty(), "every member of the batch is out of the group");
+    let held = world.users_in(UserState::Held);
+    assert_eq!(held, batch.iter().cloned().collect::<BTreeSet<_>>());
+    let ledger = world.ledger();
+    assert!(ledger.paused.is_some(), "rollout paused");
+    assert_eq!(ledger.batches[0].state, BatchState::RolledBack);
+    let reason = ledger.members[&culprit].reason.clone().unwrap_or_default();
+    assert!(reason.contains("spike") && reason.contains("s3:PutObject"), "hold reason names the offending calls: {reason}");
+
+    // Paused: nothing more is promoted, even hours later.
+    for _ in 0..6 {
+        let report = world.advance(chrono::Duration::hours(1), true).await;
+        assert_eq!(started_batch(&report), None);
+        assert!(matches!(report.plan.gate, Gate::Paused(_)));
+    }
+    assert!(world.group().await.is_empty());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn background_denials_and_an_incident_for_everyone_cause_no_rollback() {
+    let users: Vec<(&str, Habit)> = ["ann", "ben", "cat", "dan", "eve", "fay"].iter().map(|n| (*n, Habit::TrustedWithDenials)).collect();
+    let mut world = World::new("noise", &users, 8).await;
+    let report = world.advance(chrono::Duration::minutes(10), true).await;
+    let batch = started_batch(&report).expect("canary batch started");
+    world.advance(chrono::Duration::hours(1), true).await;
+
+    // An incident: everyone, promoted or not, gets a burst of generic denials.
+    let now = world.clock.now();
+    let mut incident = Vec::new();
+    for (user, _) in &world.habits {
+        for s in 0..8 {
+            incident.push(
+                RecordSpec::new(world.identity(user), now + chrono::Duration::seconds(30 + s * 40), "dynamodb:Scan", Origin::ip(TRUSTED_IP))
+                    .denied_no_allow(),
+            );
+        }
+    }
+    world.write(&incident);
+    let mut rolled_back = false;
+    let mut done = false;
+    for _ in 0..24 * 3 {
+        let report = world.advance(chrono::Duration::minutes(20), true).await;
+        rolled_back |= report.plan.actions.iter().any(|a| matches!(a, Action::RollBack { .. }));
+        if report.plan.gate == Gate::Finished {
+            done = true;
+            break;
+        }
+    }
+    assert!(!rolled_back, "no rollback: {:?}", world.ledger().batches);
+    assert!(done, "rollout completed: {:?}", world.ledger().batches);
+    assert!(world.group().await.is_superset(&batch.iter().cloned().collect()));
+    assert_eq!(world.group().await.len(), 6);
+    let guard_saw_denials = world.store.with_ledger(|l| l.denials(1)).unwrap();
+    assert!(guard_saw_denials.len() > 8, "the guard did see the canary's denials: {}", guard_saw_denials.len());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_silent_event_source_is_inconclusive_and_nothing_succeeds() {
+    let mut world = World::new("silent", &[("ann", Habit::Trusted), ("ben", Habit::Trusted), ("cat", Habit::Trusted)], 8).await;
+    let report = world.advance(chrono::Duration::minutes(10), true).await;
+    assert!(started_batch(&report).is_some());
+    // The trail stops arriving. Evidence refreshes still succeed (there is just nothing new).
+    let mut last = None;
+    for _ in 0..10 {
+        last = Some(world.advance(chrono::Duration::hours(1), false).await);
+    }
+    let report = last.unwrap();
+    assert!(
+        matches!(&report.plan.gate, Gate::Inconclusive(why) if why.contains("silent")),
+        "{:?}",
+        report.plan.gate
+    );
+    assert!(report.verdicts.values().all(|v| v.name() == "inconclusive"), "{:?}", report.verdicts);
+    let ledger = world.ledger();
+    assert_eq!(ledger.batches.len(), 1, "no further batch");
+    assert_eq!(ledger.batches[0].state, BatchState::Soaking, "soak is long over but the batch cannot succeed");
+    assert!(ledger.batches[0].verdict.as_deref().unwrap_or("").contains("silent"));
+    // Traffic returns: the batch succeeds and the rollout moves on.
+    let report = world.advance(chrono::Duration::minutes(10), true).await;
+    assert!(report.plan.actions.iter().any(|a| matches!(a, Action::Succeed { batch: 1, .. })), "{:?}", report.plan);
+}
+
+/// An IAM that fails at a chosen point of `add_to_group`, as a crash there would leave things.
+struct CrashingIam {
+    inner: AwsIam,
+    write_before_failing: bool,
+}
+
+impl Iam for CrashingIam {
+    async fn list_users(&self) -> Result<Vec<IamUser>, IamError> {
+        self.inner.list_users().await
+    }
+    async fn group_members(&self, group: &str) -> Result<Vec<String>, IamError> {
+        self.inner.group_members(group).await
+    }
+    async fn add_to_group(&self, group: &str, user: &str) -> Result<(), IamError> {
+        if self.write_before_failing {
+            self.inner.add_to_group(group, user).await?;
+        }
+        Err(IamError {
+            operation: "AddUserToGroup",
+            code: "Crash".into(),
+            message: "the process died here".into(),
+        })
+    }
+    async fn remove_from_group(&self, group: &str, user: &str) -> Result<(), IamError> {
+        self.inner.remove_from_group(group, user).await
+    }
+    async fn policy_status(&self, group: &str, policy: &str, document: &str) -> Result<PolicyStatus, IamError> {
+        self.inner.policy_status(group, policy, document).await
+    }
+    async fn apply_policy(&self, group: &str, policy: &str, document: &str) -> Result<Vec<String>, IamError> {
+        self.inner.apply_policy(group, policy, document).await
+    }
+}
+
+async fn crash_and_restart(prefix: &str, write_before_failing: bool) {
+    let mut world = World::new(prefix, &[("ann", Habit::Trusted), ("ben", Habit::Trusted)], 8).await;
+    let iam = CrashingIam {
+        inner: AwsIam::new(&world.sdk, common::ACCOUNT),
+        write_before_failing,
+    };
+    let mut crashing = world.restart_with(iam, Mode::Commit);
+    world.clock.advance(chrono::Duration::minutes(10));
+    let report = crashing.step(false).await.unwrap();
+    let batch = started_batch(&report).expect("a batch was journaled");
+    drop(crashing);
+    assert_eq!(world.users_in(UserState::Promoting), batch.iter().cloned().collect(), "intent is journaled");
+    let in_group_after_crash = world.group().await;
+    assert_eq!(in_group_after_crash.is_empty(), !write_before_failing);
+
+    // Restart with a healthy IAM: reconcile finishes the promotion.
+    world.controller = world.restart_with(AwsIam::new(&world.sdk, common::ACCOUNT), Mode::Commit);
+    let report = world.advance(chrono::Duration::minutes(10), true).await;
+    let expected_writes = if write_before_failing { 0 } else { batch.len() };
+    assert_eq!(report.iam_writes.len(), expected_writes, "{:?}", report.iam_writes);
+    assert_eq!(started_batch(&report), None, "nobody promoted twice");
+    assert_eq!(world.group().await, batch.iter().cloned().collect());
+    assert_eq!(world.users_in(UserState::Locked), batch.iter().cloned().collect());
+    let ledger = world.ledger();
+    assert_eq!(ledger.batches.len(), 1);
+    assert_eq!(ledger.batches[0].state, BatchState::Soaking);
+    for user in &batch {
+        assert_eq!(world.audit_actions(user), ["promote", "locked"], "audit complete for {user}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn crash_between_journal_and_iam_write_is_finished_on_restart() {
+    crash_and_restart("crash-before", false).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn crash_between_iam_write_and_ledger_update_is_recorded_on_restart() {
+    crash_and_restart("crash-after", true).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dry_run_writes_nothing_and_plans_exactly_what_commit_does() {
+    let mut world = World::new("dry", &[("ann", Habit::Trusted), ("ben", Habit::Trusted), ("cat", Habit::Trusted)], 8).await;
+    world.clock.advance(chrono::Duration::minutes(10));
+    let mut dry = world.restart_with(AwsIam::new(&world.sdk, common::ACCOUNT), Mode::DryRun);
+    let report = dry.step(false).await.unwrap();
+    let planned = started_batch(&report).expect("a plan");
+    assert_eq!(
+        report.iam_writes,
+        planned.iter().map(|u| format!("AddUserToGroup {}-lockdown {u}", world.prefix)).collect::<Vec<_>>()
+    );
+    // A second dry step shows the same and still writes nothing.
+    let again = dry.step(false).await.unwrap();
+    assert_eq!(started_batch(&again), Some(planned.clone()));
+    assert!(world.group().await.is_empty(), "dry run wrote nothing to IAM");
+    let ledger = world.ledger();
+    assert!(ledger.batches.is_empty() && ledger.members.is_empty(), "dry run changed no rollout state");
+    let notes = world.store.with_ledger(|l| l.audit_log(100)).unwrap();
+    assert_eq!(notes.iter().filter(|e| e.actor == "dry-run").count(), 1, "the plan is recorded once: {notes:?}");
+
+    let report = world.step().await;
+    assert_eq!(started_batch(&report), Some(planned.clone()));
+    assert_eq!(world.group().await, planned.into_iter().collect());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn missing_or_drifted_policy_blocks_promotions() {
+    let mut world = World::new("drift", &[("ann", Habit::Trusted), ("ben", Habit::Trusted)], 8).await;
+    let arn = format!("arn:aws:iam::{}:policy/{}", common::ACCOUNT, world.config.lockdown.policy_name);
+    world
+        .client
+        .detach_group_policy()
+        .group_name(&world.config.lockdown.group)
+        .policy_arn(&arn)
+        .send()
+        .await
+        .unwrap();
+    let report = world.advance(chrono::Duration::minutes(10), true).await;
+    assert!(matches!(&report.plan.gate, Gate::Blocked(why) if why.contains("not attached")), "{:?}", report.plan.gate);
+    assert_eq!(started_batch(&report), None);
+    assert!(world.group().await.is_empty());
+
+    let iam = AwsIam::new(&world.sdk, common::ACCOUNT);
+    let (group, policy) = (&world.config.lockdown.group, &world.config.lockdown.policy_name);
+    let changes = iam.apply_policy(group, policy, &world.config.perimeter.policy().to_json().unwrap()).await.unwrap();
+    assert_eq!(changes, [format!("attached {arn} to group {group}")]);
+    // A different document is drift, and apply makes it the default version again.
+    let mut looser = world.config.perimeter.clone();
+    looser.trusted_cidrs.push("0.0.0.0/0".parse().unwrap());
+    iam.apply_policy(group, policy, &looser.policy().to_json().unwrap()).await.unwrap();
+    let status = iam.policy_status(group, policy, &world.config.perimeter.policy().to_json().unwrap()).await.unwrap();
+    assert!(matches!(status, PolicyStatus::Drifted { .. }), "{status:?}");
+    iam.apply_policy(group, policy, &world.config.perimeter.policy().to_json().unwrap()).await.unwrap();
+    let report = world.advance(chrono::Duration::minutes(10), true).await;
+    assert!(started_batch(&report).is_some(), "{:?}", report.plan.gate);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn throttled_iam_calls_are_retried_and_paging_reads_every_member() {
+    let proxy = faults::Proxy::start(&common::endpoint(), faults::Fault::Throttle { times: 3 }).await;
+    let throttled = sdk(&proxy.url()).await;
+    let group = "throttle-lockdown";
+    // Set up directly against moto, then read through the throttling proxy.
+    let direct = aws_sdk_iam::Client::new(&sdk(&common::endpoint()).await);
+    direct.create_group().group_name(group).send().await.unwrap();
+    for i in 0..5 {
+        let user = format!("throttle-u{i}");
+        direct.create_user().user_name(&user).send().await.unwrap();
+        direct.add_user_to_group().group_name(group).user_name(&user).send().await.unwrap();
+    }
+    let members = AwsIam::new(&throttled, common::ACCOUNT).group_members(group).await.unwrap();
+    assert_eq!(members.len(), 5);
+    assert_eq!(proxy.faults_served(), 3, "three throttled answers were retried through");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_operator_rollback_of_a_succeeded_batch_removes_and_holds_its_members() {
+    let mut world = World::new("manual", &[("ann", Habit::Trusted), ("ben", Habit::Trusted), ("cat", Habit::Trusted)], 8).await;
+    world.advance(chrono::Duration::minutes(10), true).await;
+    for _ in 0..14 {
+        world.advance(chrono::Duration::minutes(30), true).await;
+    }
+    assert_eq!(world.ledger().batches[0].state, BatchState::Succeeded);
+    let now = world.clock.now();
+    let users = world
+        .store
+        .with_ledger(|l| l.begin_rollback(1, "alice", "customer escalation", now + chrono::Duration::days(7), now))
+        .unwrap();
+    assert_eq!(users.len(), 2);
+    world.advance(chrono::Duration::minutes(10), true).await;
+    for user in &users {
+        assert!(!world.group().await.contains(user));
+        assert_eq!(world.ledger().members[user].state, UserState::Held);
+        assert_eq!(world.audit_actions(user), ["promote", "locked", "rolling_back", "held"]);
+    }
+    let refused = world.store.with_ledger(|l| l.begin_rollback(1, "alice", "again", now, now)).unwrap_err();
+    assert!(refused.to_string().contains("already rolled back"));
+}
