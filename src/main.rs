@@ -54,6 +54,95 @@ pub enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Run the whole loop on one machine with no AWS account: a generated organisation, real
+    /// evidence, waves, the guard and a rollback, against a LOCAL STAND-IN for the IAM group.
+    ///
+    /// Writes its configuration, trail files and store under --dir; /metrics and the admin API
+    /// are live while it runs. Ends with a summary.
+    Sandbox {
+        /// Where to put the run (must not hold an earlier run).
+        #[arg(long, default_value = "sandbox-run")]
+        dir: PathBuf,
+        /// Generated IAM users.
+        #[arg(long, default_value_t = 40)]
+        users: usize,
+        /// Seed for the generated organisation.
+        #[arg(long, default_value_t = 7)]
+        seed: u64,
+        /// Real time between 10-minute steps of virtual time (e.g. 50ms to watch, 0 to race).
+        #[arg(long, default_value = "20ms", value_parser = humantime::parse_duration)]
+        pace: std::time::Duration,
+        #[arg(long, default_value_t = 9440)]
+        admin_port: u16,
+        #[arg(long, default_value_t = 9441)]
+        metrics_port: u16,
+        /// Print the summary as JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Show the rollout: state, current wave, batches with soak left and guard verdict, users.
+    ///
+    /// Asks the daemon; when it is down, shows the ledger from the store.
+    Status {
+        /// Machine-readable output.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Show what the next batch would be and why each user is or is not eligible. Changes nothing.
+    Plan {
+        /// Machine-readable output.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Pause the rollout: no new batches; the guard keeps watching soaking batches.
+    Pause {
+        /// Why, for the audit log.
+        #[arg(long, default_value = "paused by an operator")]
+        reason: String,
+        #[command(flatten)]
+        operator: Operator,
+    },
+    /// Resume a paused rollout.
+    Resume {
+        #[command(flatten)]
+        operator: Operator,
+    },
+    /// Roll a batch back: remove its members from the group and hold them.
+    ///
+    /// Works on any batch lockstep applied, soaking or succeeded. When the daemon is down the
+    /// rollback is done directly against the store and IAM, and then needs --commit.
+    Rollback {
+        /// The batch number (see `lockstep status`).
+        batch: i64,
+        /// Why, for the audit log.
+        #[arg(long, default_value = "rolled back by an operator")]
+        reason: String,
+        /// With the daemon down: make the IAM changes (otherwise shows what would change).
+        #[arg(long)]
+        commit: bool,
+        #[command(flatten)]
+        operator: Operator,
+    },
+    /// Keep a user out of the rollout until released.
+    Hold {
+        user: String,
+        /// Why, for the audit log.
+        #[arg(long, default_value = "held by an operator")]
+        reason: String,
+        #[command(flatten)]
+        operator: Operator,
+    },
+    /// Make a held (or removed-by-hand) user a candidate again.
+    Release {
+        user: String,
+        #[command(flatten)]
+        operator: Operator,
+    },
+    /// Start the next batch now, without waiting for soaking batches; eligibility still applies.
+    PromoteNext {
+        #[command(flatten)]
+        operator: Operator,
+    },
     /// Refresh the evidence now, and show what it says about users' networks.
     Evidence {
         #[command(subcommand)]
@@ -74,6 +163,18 @@ pub enum Command {
     },
 }
 
+/// Who is acting, for the audit log.
+#[derive(Debug, Clone, clap::Args)]
+pub struct Operator {
+    /// Your name, recorded in the audit log.
+    #[arg(long, env = "LOCKSTEP_OPERATOR", default_value_t = default_operator())]
+    pub operator: String,
+}
+
+fn default_operator() -> String {
+    std::env::var("USER").unwrap_or_else(|_| "operator".to_string())
+}
+
 #[derive(Debug, Subcommand)]
 pub enum PolicyAction {
     /// Print the policy document (the default).
@@ -89,7 +190,9 @@ pub enum PolicyAction {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    cmd::init_logging(cli.log_format);
+    // The sandbox narrates on its own; its per-user audit lines would drown that.
+    let default_level = if matches!(cli.command, Command::Sandbox { .. }) { "warn" } else { "info" };
+    cmd::init_logging(cli.log_format, default_level);
     match cmd::run(cli) {
         Ok(code) => code,
         Err(error) => {

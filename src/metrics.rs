@@ -65,7 +65,7 @@ impl Default for Metrics {
 impl Metrics {
     pub fn new() -> Metrics {
         let r = Registry::new();
-        Metrics {
+        let metrics = Metrics {
             users: metric!(&r, IntGaugeVec, "lockstep_users", "IAM users by rollout state (candidate = not in the ledger).", &["state"]),
             batches: metric!(&r, IntGaugeVec, "lockstep_batches", "Batches by state.", &["state"]),
             promotions: metric!(&r, IntCounter, "lockstep_promotions_total", "Users journaled for promotion into the lockdown group."),
@@ -111,7 +111,19 @@ impl Metrics {
             ),
             steps: metric!(&r, IntCounter, "lockstep_controller_steps_total", "Controller steps run."),
             registry: r,
+        };
+        // Labelled series appear on first use; start the known ones at zero so that rate()
+        // and increase() see their first event (and alerts on it fire).
+        for reason in ["guard", "manual"] {
+            metrics.rollbacks.with_label_values(&[reason]);
         }
+        for kind in ["removed_by_hand", "not_added_by_lockstep"] {
+            metrics.reconcile_drift.with_label_values(&[kind]);
+        }
+        for verdict in ["healthy", "spike", "inconclusive"] {
+            metrics.guard_verdicts.with_label_values(&[verdict]);
+        }
+        metrics
     }
 
     /// Every metric family name the daemon exports, whether or not it has samples yet.

@@ -216,7 +216,7 @@ fn athena_row(user: &str, source_ip: &str, calls: &str, first: &str, explicit: &
     result_columns()
         .iter()
         .map(|col| {
-            Some(match col.as_str() {
+            let value = match col.as_str() {
                 "user_name" => user,
                 "user_arn" => &arn,
                 "identity_type" => "IAMUser",
@@ -231,8 +231,8 @@ fn athena_row(user: &str, source_ip: &str, calls: &str, first: &str, explicit: &
                 "first_time" => first,
                 "last_time" => "2024-05-01T10:59:00Z",
                 _ => return None,
-            })
-            .map(str::to_string)
+            };
+            Some(value.to_string())
         })
         .collect()
 }

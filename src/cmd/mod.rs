@@ -3,18 +3,22 @@
 use std::process::ExitCode;
 
 use anyhow::Context;
+use lockstep::api::Command as OpCommand;
 use lockstep::config::Config;
 
 use crate::{Cli, Command, LogFormat, PolicyAction};
 
 mod classify;
+mod ops;
 pub mod evidence;
 mod policy;
 mod run;
+mod sandbox;
 
-pub fn init_logging(format: LogFormat) {
+/// Logs go to stderr; `LOCKSTEP_LOG` (an `EnvFilter` directive) overrides `default_level`.
+pub fn init_logging(format: LogFormat, default_level: &str) {
     let filter = tracing_subscriber::EnvFilter::try_from_env("LOCKSTEP_LOG")
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default_level));
     let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
     match format {
         LogFormat::Text => builder.init(),
@@ -32,6 +36,25 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 PolicyAction::Apply { commit } => block_on(policy::apply(&config, commit)),
             }
         }
+        Command::Sandbox { dir, users, seed, pace, admin_port, metrics_port, json } => block_on(sandbox::run(sandbox::Options {
+            dir,
+            users,
+            seed,
+            pace,
+            admin_port,
+            metrics_port,
+            json,
+        })),
+        Command::Status { json } => block_on(ops::status(&load(&cli.config)?, json)),
+        Command::Plan { json } => block_on(ops::plan(&load(&cli.config)?, json)),
+        Command::Pause { reason, operator } => operator_command(&cli.config, OpCommand::Pause { operator: operator.operator, reason }, false),
+        Command::Resume { operator } => operator_command(&cli.config, OpCommand::Resume { operator: operator.operator }, false),
+        Command::Rollback { batch, reason, commit, operator } => {
+            operator_command(&cli.config, OpCommand::Rollback { operator: operator.operator, batch, reason }, commit)
+        }
+        Command::Hold { user, reason, operator } => operator_command(&cli.config, OpCommand::Hold { operator: operator.operator, user, reason }, false),
+        Command::Release { user, operator } => operator_command(&cli.config, OpCommand::Release { operator: operator.operator, user }, false),
+        Command::PromoteNext { operator } => operator_command(&cli.config, OpCommand::PromoteNext { operator: operator.operator }, false),
         Command::Run { commit, once, json } => {
             let config = load(&cli.config)?;
             block_on(run::run(config, run::Options { commit, once, json }))
@@ -42,6 +65,11 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             classify::run(&config, &files, exempt.into_iter().collect())
         }
     }
+}
+
+fn operator_command(config: &std::path::Path, command: OpCommand, commit: bool) -> anyhow::Result<ExitCode> {
+    let config = load(config)?;
+    block_on(ops::command(&config, command, commit))
 }
 
 /// Runs an async command body on a multi-threaded runtime.

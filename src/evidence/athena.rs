@@ -244,7 +244,7 @@ fn partition_filter(partitioning: Partitioning, first: NaiveDate, last: NaiveDat
                     )
                 })
                 .collect();
-            format!("({})", ranges[..1].join(" OR "))
+            format!("({})", ranges.join(" OR "))
         }
     }
 }

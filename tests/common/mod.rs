@@ -17,7 +17,7 @@
 use std::io::{Read, Write};
 use std::net::{TcpListener, TcpStream};
 use std::path::PathBuf;
-use std::process::{ChildStdin, Command, Stdio};
+use std::process::{Child, ChildStdin, Command, Stdio};
 use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
@@ -52,6 +52,8 @@ struct Server {
     port: u16,
     /// Held for the life of the process: closing it stops moto.
     _lifeline: ChildStdin,
+    /// The wrapper; it exits on its own once the lifeline closes.
+    _wrapper: Child,
 }
 
 static SERVER: OnceLock<Server> = OnceLock::new();
@@ -108,6 +110,7 @@ fn start() -> Server {
             return Server {
                 port,
                 _lifeline: lifeline,
+                _wrapper: child,
             };
         }
         let log = || std::fs::read_to_string(&log_path).unwrap_or_default();

@@ -1,0 +1,310 @@
+//! Operator commands: `status`, `plan`, `pause`, `resume`, `rollback`, `hold`, `release`,
+//! `promote-next`. They talk to the daemon's admin API; when the daemon is down, they act on the
+//! store (and, for a rollback with `--commit`, on IAM) directly, because that is when an operator
+//! needs them most.
+
+use std::process::ExitCode;
+use std::sync::Arc;
+
+use anyhow::{Context, bail};
+use http_body_util::{BodyExt, Full};
+use hyper::body::Bytes;
+use hyper::{Method, Request, StatusCode};
+use hyper_util::client::legacy::Client;
+use hyper_util::rt::TokioExecutor;
+use lockstep::api::{self, Answer, Command, Status};
+use lockstep::clock::{Clock, SystemClock};
+use lockstep::config::Config;
+use lockstep::controller::{Controller, EventFeed, Mode};
+use lockstep::evidence::{EvidenceStore, SourceError};
+use lockstep::iam::{AwsIam, Iam};
+use lockstep::planner::{Action, Eligibility, Gate, Plan};
+use lockstep::store::Store;
+use lockstep::trail::Record;
+
+/// Why the daemon could not be asked.
+enum Reach {
+    Down(String),
+    Failed(anyhow::Error),
+}
+
+struct AdminClient {
+    base: String,
+    token: String,
+}
+
+impl AdminClient {
+    fn new(config: &Config) -> anyhow::Result<Option<AdminClient>> {
+        let token = api::admin_token(&config.listeners).context("reading the admin token")?;
+        Ok(token.map(|token| AdminClient {
+            base: format!("http://{}", config.listeners.admin),
+            token,
+        }))
+    }
+
+    async fn call(&self, method: Method, path: &str, body: Option<String>) -> Result<(StatusCode, Bytes), Reach> {
+        let client = Client::builder(TokioExecutor::new()).build_http::<Full<Bytes>>();
+        let request = Request::builder()
+            .method(method)
+            .uri(format!("{}{path}", self.base))
+            .header("authorization", format!("Bearer {}", self.token))
+            .header("content-type", "application/json")
+            .body(Full::new(Bytes::from(body.unwrap_or_default())))
+            .map_err(|e| Reach::Failed(e.into()))?;
+        let response = match client.request(request).await {
+            Ok(response) => response,
+            Err(e) if e.is_connect() => return Err(Reach::Down(format!("daemon not reachable at {}", self.base))),
+            Err(e) => return Err(Reach::Failed(anyhow::Error::new(e).context(format!("calling {}{path}", self.base)))),
+        };
+        let status = response.status();
+        let body = response
+            .into_body()
+            .collect()
+            .await
+            .map_err(|e| Reach::Failed(anyhow::Error::new(e).context("reading the daemon's answer")))?
+            .to_bytes();
+        Ok((status, body))
+    }
+}
+
+/// Asks the daemon, or says why it could not.
+async fn ask(config: &Config, method: Method, path: &str, body: Option<String>) -> anyhow::Result<Result<(StatusCode, Bytes), String>> {
+    let Some(client) = AdminClient::new(config)? else {
+        return Ok(Err(format!(
+            "no admin token configured (listeners.token_file or ${})",
+            config.listeners.token_env
+        )));
+    };
+    match client.call(method, path, body).await {
+        Ok(answer) => Ok(Ok(answer)),
+        Err(Reach::Down(why)) => Ok(Err(why)),
+        Err(Reach::Failed(error)) => Err(error),
+    }
+}
+
+pub async fn status(config: &Config, json: bool) -> anyhow::Result<ExitCode> {
+    let status = match ask(config, Method::GET, "/v1/status", None).await? {
+        Ok((code, body)) if code.is_success() => serde_json::from_slice::<Status>(&body).context("the daemon's status answer")?,
+        Ok((code, body)) => bail!("daemon answered {code}: {}", answer_text(&body)),
+        Err(why) => {
+            eprintln!("{why}; showing the ledger from {}", config.store.path.display());
+            let store = existing_store(config)?;
+            let snapshot = store.with_ledger(|l| l.snapshot())?;
+            api::status(&snapshot, None, store.freshness()?, Mode::DryRun, SystemClock.now())
+        }
+    };
+    if json {
+        println!("{}", serde_json::to_string_pretty(&status)?);
+    } else {
+        print!("{}", render_status(&status));
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn render_status(status: &Status) -> String {
+    let mut out = String::new();
+    let gate = match &status.gate {
+        Some(Gate::Open) => "open".to_string(),
+        Some(Gate::Finished) => "finished: every wave is done".to_string(),
+        Some(Gate::Paused(why)) => format!("paused: {why}"),
+        Some(Gate::Inconclusive(why)) => format!("inconclusive: {why}"),
+        Some(Gate::Blocked(why)) => format!("blocked: {why}"),
+        None => match &status.paused {
+            Some(p) => format!("paused by {}: {}", p.by, p.reason),
+            None => "unknown (daemon not running)".to_string(),
+        },
+    };
+    out += &format!("rollout    {gate}\n");
+    out += &format!("mode       {}\n", status.mode);
+    out += &format!("wave       {}\n", status.current_wave.as_deref().unwrap_or("-"));
+    let evidence = match status.evidence.last_success {
+        Some(at) => format!("last refresh {} ({} ago)", at.format("%Y-%m-%d %H:%MZ"), ago(status.at - at)),
+        None => "never refreshed".to_string(),
+    };
+    out += &format!("evidence   {evidence}\n");
+    let users: Vec<String> = status.users.iter().map(|(state, n)| format!("{n} {state}")).collect();
+    out += &format!("users      {}\n", if users.is_empty() { "-".to_string() } else { users.join(", ") });
+    for why in &status.waiting {
+        out += &format!("waiting    {why}\n");
+    }
+    if !status.batches.is_empty() {
+        out += &format!("\n{:>5}  {:<14} {:<12} {:>12}  {:<40} {}\n", "BATCH", "WAVE", "STATE", "SOAK LEFT", "MEMBERS", "GUARD");
+        for b in &status.batches {
+            let soak = b.soak_remaining_seconds.map(|s| ago(chrono::Duration::seconds(s))).unwrap_or_else(|| "-".to_string());
+            let mut members = b.members.join(",");
+            if members.len() > 40 {
+                members = format!("{}… ({})", &members[..members.char_indices().nth(36).map_or(members.len(), |(i, _)| i)], b.members.len());
+            }
+            out += &format!(
+                "{:>5}  {:<14} {:<12} {:>12}  {:<40} {}\n",
+                b.id,
+                b.wave,
+                b.state,
+                soak,
+                members,
+                b.verdict.as_deref().unwrap_or("-")
+            );
+        }
+    }
+    out
+}
+
+fn ago(d: chrono::Duration) -> String {
+    let secs = d.num_seconds().max(0) as u64;
+    let rounded = if secs >= 3600 { secs / 60 * 60 } else { secs };
+    humantime::format_duration(std::time::Duration::from_secs(rounded)).to_string()
+}
+
+fn answer_text(body: &[u8]) -> String {
+    serde_json::from_slice::<Answer>(body)
+        .map(|a| a.message)
+        .unwrap_or_else(|_| String::from_utf8_lossy(body).into_owned())
+}
+
+/// Sends an operator command to the daemon, or applies it to the store when the daemon is down.
+pub async fn command(config: &Config, command: Command, commit: bool) -> anyhow::Result<ExitCode> {
+    match ask(config, Method::POST, "/v1/command", Some(serde_json::to_string(&command)?)).await? {
+        Ok((code, body)) if code.is_success() => {
+            println!("{}", answer_text(&body));
+            Ok(ExitCode::SUCCESS)
+        }
+        Ok((code, body)) if code == StatusCode::CONFLICT => {
+            eprintln!("refused, nothing changed: {}", answer_text(&body));
+            Ok(ExitCode::FAILURE)
+        }
+        Ok((code, body)) => bail!("daemon answered {code}: {}", answer_text(&body)),
+        Err(why) => {
+            eprintln!("{why}; acting on the store {} directly", config.store.path.display());
+            offline(config, command, commit).await
+        }
+    }
+}
+
+async fn offline(config: &Config, command: Command, commit: bool) -> anyhow::Result<ExitCode> {
+    if matches!(command, Command::PromoteNext { .. }) {
+        bail!("promote-next needs the running daemon (start it with `lockstep run --commit`)");
+    }
+    let store = existing_store(config)?;
+    let now = SystemClock.now();
+    if let Command::Rollback { batch, .. } = &command {
+        if !commit {
+            let snapshot = store.with_ledger(|l| l.snapshot())?;
+            let Some(found) = snapshot.batch(*batch) else {
+                bail!("there is no batch {batch}");
+            };
+            println!(
+                "dry run, nothing changed; with --commit lockstep would roll back batch {batch} ({}) and remove from {}: {}",
+                found.state,
+                config.lockdown.group,
+                found.members.join(", ")
+            );
+            return Ok(ExitCode::SUCCESS);
+        }
+    }
+    let message = match store.with_ledger(|l| api::apply_command(l, &command, config, now)) {
+        Ok(message) => message,
+        Err(lockstep::ledger::LedgerError::Refused(why)) => {
+            eprintln!("refused, nothing changed: {why}");
+            return Ok(ExitCode::FAILURE);
+        }
+        Err(error) => return Err(error.into()),
+    };
+    println!("{message}");
+    if let Command::Rollback { operator, .. } = &command {
+        remove_rolled_back(config, &store, operator).await?;
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// Takes every `rolling_back` user out of the group and marks them held.
+async fn remove_rolled_back(config: &Config, store: &Store, operator: &str) -> anyhow::Result<()> {
+    let sdk = lockstep::aws::load(&config.region, None).await;
+    let iam = AwsIam::new(&sdk, &config.account_id);
+    let snapshot = store.with_ledger(|l| l.snapshot())?;
+    for member in snapshot.members.values().filter(|m| m.state == lockstep::rollout::UserState::RollingBack) {
+        iam.remove_from_group(&config.lockdown.group, &member.user)
+            .await
+            .with_context(|| format!("removing {} from {} (the rollback is journaled; rerun to retry)", member.user, config.lockdown.group))?;
+        store.with_ledger(|l| l.mark_held(&member.user, operator, SystemClock.now()))?;
+        println!("removed {} from {}", member.user, config.lockdown.group);
+    }
+    Ok(())
+}
+
+/// The store, which must already exist: an operator command never starts a new ledger.
+fn existing_store(config: &Config) -> anyhow::Result<Store> {
+    let path = &config.store.path;
+    if !path.exists() {
+        bail!("no store at {} (store.path): nothing has run yet with this configuration", path.display());
+    }
+    Store::open(path).with_context(|| format!("opening the store {}", path.display()))
+}
+
+/// A feed that is never polled: `plan` only previews.
+struct NoFeed;
+
+impl EventFeed for NoFeed {
+    async fn poll(&mut self) -> Result<Vec<Record>, SourceError> {
+        Ok(Vec::new())
+    }
+}
+
+pub async fn plan(config: &Config, json: bool) -> anyhow::Result<ExitCode> {
+    let plan = match ask(config, Method::GET, "/v1/plan", None).await? {
+        Ok((code, body)) if code.is_success() => serde_json::from_slice::<Plan>(&body).context("the daemon's plan answer")?,
+        Ok((code, body)) => bail!("daemon answered {code}: {}", answer_text(&body)),
+        Err(why) => {
+            eprintln!("{why}; planning from the store and IAM directly");
+            let store = Arc::new(existing_store(config)?);
+            let sdk = lockstep::aws::load(&config.region, None).await;
+            let clock: Arc<dyn Clock> = Arc::new(SystemClock);
+            let mut controller = Controller::new(config.clone(), store, AwsIam::new(&sdk, &config.account_id), NoFeed, clock, Mode::DryRun);
+            controller.preview().await?
+        }
+    };
+    if json {
+        println!("{}", serde_json::to_string_pretty(&plan)?);
+    } else {
+        print!("{}", render_plan(&plan));
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn render_plan(plan: &Plan) -> String {
+    let mut out = format!("gate: {}\n", serde_json::to_value(&plan.gate).map(|v| v.to_string()).unwrap_or_default());
+    if plan.actions.is_empty() {
+        out += "next: nothing to do now\n";
+    }
+    for action in &plan.actions {
+        out += &match action {
+            Action::StartBatch { wave, users } => {
+                let mut text = format!("next: start a batch of {} in wave {wave}\n", users.len());
+                for c in users {
+                    text += &format!("  {:<24} {}\n", c.user, c.why);
+                }
+                text
+            }
+            Action::Succeed { batch, detail } => format!("next: batch {batch} succeeds ({detail})\n"),
+            Action::RollBack { batch, reason } => format!("next: roll back batch {batch}: {reason}\n"),
+            Action::FinishWave { wave, why } => format!("next: wave {wave} finishes: {why}\n"),
+        };
+    }
+    for why in &plan.waiting {
+        out += &format!("waiting: {why}\n");
+    }
+    let ineligible: Vec<_> = plan
+        .users
+        .iter()
+        .filter_map(|(u, e)| match e {
+            Eligibility::Ineligible(why) => Some((u, why)),
+            Eligibility::Eligible(_) => None,
+        })
+        .collect();
+    if !ineligible.is_empty() {
+        out += "\nnot eligible:\n";
+        for (user, why) in ineligible {
+            out += &format!("  {user:<24} {why}\n");
+        }
+    }
+    out
+}
