@@ -28,8 +28,8 @@ use aws_sdk_s3::config::{Credentials, SharedCredentialsProvider};
 pub const ACCOUNT: &str = "123456789012";
 pub const REGION: &str = "us-east-1";
 
-const INSTALL_HINT: &str = "install the test emulator with the test command in README.md \
-    (it creates .venv with moto[server] and duckdb), or point LOCKSTEP_MOTO_SERVER / LOCKSTEP_PYTHON at existing ones";
+const INSTALL_HINT: &str = "run the tests with scripts/test (the README's test command), which installs \
+    moto[server] and duckdb into .venv, or point LOCKSTEP_MOTO_SERVER / LOCKSTEP_PYTHON at existing ones";
 
 /// Runs moto (argv[1:]) and stops it when its own stdin reaches end of file, which happens when
 /// the test binary exits and the kernel closes the pipe's write end (statics are never dropped).

@@ -1,0 +1,228 @@
+//! The `lockstep` binary as people and scripts use it: `validate`, `policy`, `classify`, the
+//! offline operator commands against the emulator's IAM with the daemon down, and the sandbox.
+
+mod common;
+
+use std::path::Path;
+use std::process::{Command, Output};
+
+use aws_sdk_iam::config::Credentials;
+use chrono::Utc;
+use lockstep::config::Config;
+use lockstep::store::Store;
+
+fn lockstep(args: &[&str], config: Option<&Path>) -> Output {
+    let mut command = Command::new(env!("CARGO_BIN_EXE_lockstep"));
+    command.args(args).env_remove("LOCKSTEP_ADMIN_TOKEN").env("LOCKSTEP_LOG", "warn");
+    if let Some(config) = config {
+        command.env("LOCKSTEP_CONFIG", config);
+    }
+    command.output().expect("run lockstep")
+}
+
+fn text(bytes: &[u8]) -> String {
+    String::from_utf8_lossy(bytes).into_owned()
+}
+
+#[test]
+fn validate_accepts_the_shipped_file_and_reports_every_problem_with_its_line() {
+    let ok = lockstep(&["--config", "rollout.yaml", "validate"], None);
+    assert!(ok.status.success(), "{}", text(&ok.stderr));
+    assert!(text(&ok.stdout).contains("valid"));
+
+    let dir = tempfile::tempdir().unwrap();
+    let bad = dir.path().join("bad.yaml");
+    let shipped = std::fs::read_to_string("rollout.yaml").unwrap();
+    let broken = shipped
+        .replace("203.0.113.0/24", "203.0.113.0/33")
+        .replace("soak: 24h\n    batches: 1", "soak: 24 hours please\n    batches: 1")
+        .replace("batch_size: 10", "batch_size: -10");
+    std::fs::write(&bad, &broken).unwrap();
+    let out = lockstep(&["--config", bad.to_str().unwrap(), "validate"], None);
+    assert!(!out.status.success());
+    let err = text(&out.stderr);
+    let line_of = |needle: &str| broken.lines().position(|l| l.contains(needle)).unwrap() + 1;
+    for (path, needle) in [
+        ("perimeter.trusted_cidrs[0]", "203.0.113.0/33"),
+        ("waves[0].soak", "24 hours please"),
+        ("waves[1].batch_size", "batch_size: -10"),
+    ] {
+        let expected = format!("bad.yaml:{}:", line_of(needle));
+        assert!(err.lines().any(|l| l.contains(&expected) && l.contains(path)), "{path} at {expected} in:\n{err}");
+    }
+    assert!(err.contains("3 problem(s)"), "{err}");
+}
+
+#[test]
+fn a_bad_config_never_replaces_a_good_one_and_policy_output_is_stable() {
+    let first = lockstep(&["--config", "rollout.yaml", "policy"], None);
+    let second = lockstep(&["--config", "rollout.yaml", "policy"], None);
+    assert!(first.status.success());
+    assert_eq!(first.stdout, second.stdout, "deterministic");
+    let policy: serde_json::Value = serde_json::from_slice(&first.stdout).unwrap();
+    assert_eq!(policy["Version"], "2012-10-17");
+}
+
+#[test]
+fn classify_prints_a_line_per_record_and_skips_what_it_cannot_read() {
+    let dir = tempfile::tempdir().unwrap();
+    let good = dir.path().join("good.json");
+    std::fs::write(
+        &good,
+        r#"{"Records": [
+          {"eventID": "e1", "eventTime": "2026-03-01T10:00:00Z", "eventSource": "s3.amazonaws.com", "eventName": "GetObject",
+           "sourceIPAddress": "203.0.113.9", "recipientAccountId": "123456789012",
+           "userIdentity": {"type": "IAMUser", "userName": "ann", "accountId": "123456789012", "arn": "arn:aws:iam::123456789012:user/ann"}},
+          {"eventID": "e2", "eventTime": 7},
+          {"eventID": "e3", "eventTime": "2026-03-01T10:01:00Z", "eventSource": "ec2.amazonaws.com", "eventName": "RunInstances",
+           "sourceIPAddress": "035.249.253.232", "recipientAccountId": "123456789012",
+           "userIdentity": {"type": "IAMUser", "userName": "ann", "accountId": "123456789012"}}
+        ]}"#,
+    )
+    .unwrap();
+    let broken = dir.path().join("broken.json.gz");
+    std::fs::write(&broken, [0x1f, 0x8b, 8, 0, 1, 2, 3]).unwrap();
+    let out = lockstep(&["--config", "rollout.yaml", "classify", good.to_str().unwrap(), broken.to_str().unwrap()], None);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let lines: Vec<serde_json::Value> = text(&out.stdout).lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    assert_eq!(lines.len(), 2);
+    assert_eq!((lines[0]["verdict"].as_str(), lines[0]["reason"].as_str()), (Some("allowed"), Some("trusted_cidr")));
+    assert_eq!(lines[0]["user"], "arn:aws:iam::123456789012:user/ann");
+    assert_eq!((lines[1]["verdict"].as_str(), lines[1]["reason"].as_str()), (Some("would_deny"), Some("unrecognized_source")));
+    let err = text(&out.stderr);
+    assert!(err.contains("good.json: record 1:"), "{err}");
+    assert!(err.contains("broken.json.gz"), "{err}");
+    assert!(err.contains("skipped 1 malformed record(s) and 1 unreadable file(s)"), "{err}");
+
+    let none = lockstep(&["--config", "rollout.yaml", "classify", broken.to_str().unwrap()], None);
+    assert!(!none.status.success(), "no input could be read");
+}
+
+#[test]
+fn offline_pause_and_rollback_work_against_the_store_and_iam() {
+    let dir = tempfile::tempdir().unwrap();
+    let group = "offline-lockdown";
+    let shipped = std::fs::read_to_string("rollout.yaml").unwrap();
+    let free_port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let config_text = shipped
+        .replace("group: lockstep-network-perimeter", &format!("group: {group}"))
+        .replace("path: ./lockstep.db", &format!("path: {}/lockstep.db", dir.path().display()))
+        .replace("admin: 127.0.0.1:9440", &format!("admin: 127.0.0.1:{free_port}"));
+    let config_path = dir.path().join("rollout.yaml");
+    std::fs::write(&config_path, &config_text).unwrap();
+    let config = Config::parse(&config_text, &config_path).unwrap();
+
+    // A batch lockstep applied earlier: the ledger says locked, the group has them.
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    let iam = runtime.block_on(async {
+        let sdk = lockstep::aws::loader(common::REGION, Some(&common::endpoint()))
+            .credentials_provider(Credentials::new("AKIDLOCKSTEPTESTS", "secret", None, None, "tests"))
+            .load()
+            .await;
+        aws_sdk_iam::Client::new(&sdk)
+    });
+    runtime.block_on(async {
+        iam.create_group().group_name(group).send().await.unwrap();
+        for user in ["off-ann", "off-ben"] {
+            iam.create_user().user_name(user).send().await.unwrap();
+            iam.add_user_to_group().group_name(group).user_name(user).send().await.unwrap();
+        }
+    });
+    let store = Store::open(&config.store.path).unwrap();
+    let now = Utc::now();
+    store.with_ledger(|l| {
+        let batch = l.start_batch("canary", &[("off-ann".into(), "clean".into()), ("off-ben".into(), "clean".into())], "controller", now)?;
+        l.mark_locked("off-ann", "controller", now)?;
+        l.mark_locked("off-ben", "controller", now)?;
+        l.start_soak(batch, now + chrono::Duration::hours(24), now)
+    })
+    .unwrap();
+    drop(store);
+
+    let run = |args: &[&str]| {
+        Command::new(env!("CARGO_BIN_EXE_lockstep"))
+            .args(args)
+            .env("LOCKSTEP_CONFIG", &config_path)
+            .env("LOCKSTEP_ADMIN_TOKEN", "some-token")
+            .env("LOCKSTEP_LOG", "warn")
+            .env("AWS_ENDPOINT_URL", common::endpoint())
+            .env("AWS_ACCESS_KEY_ID", "AKIDLOCKSTEPTESTS")
+            .env("AWS_SECRET_ACCESS_KEY", "secret")
+            .env("AWS_EC2_METADATA_DISABLED", "true")
+            .env("AWS_CONFIG_FILE", dir.path().join("none"))
+            .env("AWS_SHARED_CREDENTIALS_FILE", dir.path().join("none"))
+            .output()
+            .unwrap()
+    };
+    let members = || runtime.block_on(async {
+        let got = iam.get_group().group_name(group).send().await.unwrap();
+        got.users().iter().map(|u| u.user_name().to_string()).collect::<Vec<_>>()
+    });
+
+    let paused = run(&["pause", "--reason", "incident 4711", "--operator", "oncall-kim"]);
+    assert!(paused.status.success(), "{}", text(&paused.stderr));
+    assert!(text(&paused.stderr).contains("daemon not reachable"), "{}", text(&paused.stderr));
+    let again = run(&["pause", "--operator", "oncall-kim"]);
+    assert!(!again.status.success());
+    assert!(text(&again.stderr).contains("already paused by oncall-kim"), "{}", text(&again.stderr));
+
+    let dry = run(&["rollback", "1", "--operator", "oncall-kim"]);
+    assert!(dry.status.success(), "{}", text(&dry.stderr));
+    assert!(text(&dry.stdout).contains("dry run"), "{}", text(&dry.stdout));
+    assert_eq!(members().len(), 2, "no IAM change without --commit");
+
+    let done = run(&["rollback", "1", "--commit", "--reason", "bad canary", "--operator", "oncall-kim"]);
+    assert!(done.status.success(), "{}", text(&done.stderr));
+    assert!(members().is_empty(), "both removed from the group");
+    let store = Store::open(&config.store.path).unwrap();
+    let snapshot = store.with_ledger(|l| l.snapshot()).unwrap();
+    assert!(snapshot.members.values().all(|m| m.state == lockstep::rollout::UserState::Held));
+    let audit = store.with_ledger(|l| l.audit_log(100)).unwrap();
+    assert!(audit.iter().any(|e| e.action == "pause" && e.actor == "oncall-kim" && e.reason == "incident 4711"));
+    assert!(audit.iter().any(|e| e.action == "rollback" && e.actor == "oncall-kim" && e.reason == "bad canary"));
+    assert_eq!(audit.iter().filter(|e| e.action == "held" && e.actor == "oncall-kim").count(), 2);
+
+    let twice = run(&["rollback", "1", "--commit", "--operator", "oncall-kim"]);
+    assert!(!twice.status.success());
+    assert!(text(&twice.stderr).contains("already rolled back"), "{}", text(&twice.stderr));
+
+    let status = run(&["status", "--json"]);
+    assert!(status.status.success(), "{}", text(&status.stderr));
+    let status: serde_json::Value = serde_json::from_slice(&status.stdout).unwrap();
+    assert_eq!(status["paused"]["by"], "oncall-kim");
+    assert_eq!(status["batches"][0]["state"], "rolled_back");
+}
+
+#[test]
+fn the_sandbox_runs_the_whole_loop_and_its_summary_shows_the_rollback() {
+    let dir = tempfile::tempdir().unwrap();
+    let port = |_| std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port().to_string();
+    let (admin, metrics) = (port(0), port(1));
+    let run_dir = dir.path().join("run");
+    let out = lockstep(
+        &[
+            "sandbox",
+            "--dir",
+            run_dir.to_str().unwrap(),
+            "--pace",
+            "0",
+            "--users",
+            "30",
+            "--admin-port",
+            &admin,
+            "--metrics-port",
+            &metrics,
+            "--json",
+        ],
+        None,
+    );
+    assert!(out.status.success(), "{}\n{}", text(&out.stdout), text(&out.stderr));
+    let summary: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(summary["finished"], true);
+    let rollbacks = summary["rollbacks"].as_array().unwrap();
+    assert_eq!(rollbacks.len(), 1, "{summary}");
+    assert!(rollbacks[0].as_str().unwrap().contains("AccessDenied spike"));
+    assert!(!summary["locked"].as_array().unwrap().is_empty());
+    assert_eq!(summary["locked"], summary["stand_in_group"]);
+    assert!(text(&out.stderr).contains("LOCAL STAND-IN"), "the stand-in is labelled");
+}
