@@ -281,11 +281,7 @@ pub fn admin_token(listeners: &Listeners) -> Result<Option<String>, std::io::Err
 
 /// Starts the metrics listener and, if a token is configured, the admin listener.
 pub async fn serve(shared: Shared, listeners: &Listeners) -> Result<tokio::task::JoinHandle<()>, std::io::Error> {
-    let metrics = Router::new()
-        .route("/metrics", get(render_metrics))
-        .route("/healthz", get(|| async { "ok\n" }))
-        .route("/readyz", get(ready))
-        .with_state(shared.clone());
+    let metrics = metrics_router(shared.clone());
     let metrics_listener = bind(listeners.metrics).await?;
     let admin = match admin_token(listeners)? {
         Some(token) => Some((admin_router(shared, token), bind(listeners.admin).await?)),
@@ -321,6 +317,15 @@ async fn bind(addr: SocketAddr) -> Result<tokio::net::TcpListener, std::io::Erro
         .map_err(|e| std::io::Error::new(e.kind(), format!("cannot listen on {addr}: {e}")))?;
     tracing::info!(address = %listener.local_addr()?, "listening");
     Ok(listener)
+}
+
+/// `/metrics`, `/healthz` and `/readyz`: unauthenticated, read-only.
+pub fn metrics_router(shared: Shared) -> Router {
+    Router::new()
+        .route("/metrics", get(render_metrics))
+        .route("/healthz", get(|| async { "ok\n" }))
+        .route("/readyz", get(ready))
+        .with_state(shared)
 }
 
 /// The admin API's routes, behind the bearer-token check.

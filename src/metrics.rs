@@ -275,7 +275,7 @@ mod tests {
         metrics.rollbacks.with_label_values(&["manual"]).inc();
         metrics.iam_errors.with_label_values(&["GetGroup", "Throttling"]).inc();
         for family in metrics.registry.gather() {
-            let name = family.get_name();
+            let name = family.name();
             assert!(names.contains(&name.to_string()), "{name} is registered but not listed");
             let counter = family.get_field_type() == prometheus::proto::MetricType::COUNTER;
             assert_eq!(counter, name.ends_with("_total"), "{name}: counters and only counters end in _total");
