@@ -27,6 +27,7 @@ use crate::controller::{ControllerError, Mode, StepReport, Stepper};
 use crate::evidence::{EvidenceStore, Freshness};
 use crate::ledger::{Ledger, LedgerError};
 use crate::metrics::Metrics;
+use crate::notify::{self, Webhook};
 use crate::planner::{Gate, Plan};
 use crate::rollout::{BatchState, Pause, Snapshot};
 use crate::store::Store;
@@ -48,6 +49,7 @@ struct Inner {
     promote_now: AtomicBool,
     wake: Notify,
     ready: AtomicBool,
+    webhook: Option<Webhook>,
 }
 
 impl Shared {
@@ -56,6 +58,13 @@ impl Shared {
         let store = controller.store().clone();
         let clock = controller.clock().clone();
         let mode = controller.mode();
+        let webhook = config.listeners.webhook_url.as_deref().and_then(|url| match Webhook::new(url) {
+            Ok(webhook) => Some(webhook),
+            Err(error) => {
+                tracing::error!(%error, "webhook notifications disabled");
+                None
+            }
+        });
         Shared {
             inner: Arc::new(Inner {
                 controller: Mutex::new(Box::new(controller)),
@@ -68,6 +77,7 @@ impl Shared {
                 promote_now: AtomicBool::new(false),
                 wake: Notify::new(),
                 ready: AtomicBool::new(false),
+                webhook,
             }),
         }
     }
@@ -85,8 +95,14 @@ impl Shared {
     pub async fn step(&self) -> Result<StepReport, ControllerError> {
         let promote_now = self.inner.promote_now.swap(false, Ordering::SeqCst);
         let mut controller = self.inner.controller.lock().await;
+        let before = Ledger::new(&self.inner.store.conn()).snapshot()?;
         let report = controller.step(promote_now).await?;
         let snapshot = Ledger::new(&self.inner.store.conn()).snapshot()?;
+        if let Some(webhook) = &self.inner.webhook {
+            for event in notify::events(&report, &before) {
+                webhook.send(event);
+            }
+        }
         let waves: Vec<String> = self.inner.config.waves.iter().map(|w| w.name.clone()).collect();
         let directory = report.plan.users.len();
         drop(controller);
@@ -129,6 +145,19 @@ impl Shared {
             Command::PromoteNext { .. } => self.inner.promote_now.store(true, Ordering::SeqCst),
             Command::Rollback { .. } => self.inner.metrics.rollbacks.with_label_values(&["manual"]).inc(),
             _ => {}
+        }
+        let event = match command {
+            Command::Pause { operator, reason } => Some(notify::Event::Pause { at: now, by: operator.clone(), reason: reason.clone() }),
+            Command::Rollback { batch, reason, .. } => Some(notify::Event::Rollback {
+                at: now,
+                batch: *batch,
+                users: Vec::new(),
+                reason: reason.clone(),
+            }),
+            _ => None,
+        };
+        if let (Some(webhook), Some(event)) = (&self.inner.webhook, event) {
+            webhook.send(event);
         }
         self.inner.wake.notify_one();
         Ok(message)

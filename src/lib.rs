@@ -49,6 +49,7 @@ pub mod guard;
 pub mod iam;
 pub mod ledger;
 pub mod metrics;
+pub mod notify;
 pub mod perimeter;
 pub mod planner;
 pub mod rollout;
