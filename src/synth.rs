@@ -755,7 +755,7 @@ fn render(spec: &RecordSpec, recipient: &str, position: usize) -> Value {
     };
     let event_source = format!("{host}.amazonaws.com");
     let at = spec.at.format("%Y-%m-%dT%H:%M:%SZ").to_string();
-    let hash = fnv(&[&at, &spec.action, &format!("{:?}", spec.identity), &position.to_string()]);
+    let hash = fnv(&[at.as_str(), &spec.action, &spec.caller().1, &position.to_string()]);
     let event_id = spec.event_id.clone().unwrap_or_else(|| uuid(&mut Rng::new(hash)));
     let mut rng = Rng::new(fnv(&[&event_id]));
     let s3_object = service == "s3" && name.ends_with("Object");

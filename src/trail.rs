@@ -115,15 +115,17 @@ impl Record {
     }
 }
 
-/// Whether a denial message ends with the ARN of the named policy (AWS appends the denying
-/// policy's ARN, `arn:aws:iam::<acct>:policy/[path/]<name>`, for same-account policies).
+/// Whether a denial message names `name` as the denying policy. AWS appends the denying policy's
+/// ARN after "... policy: " (`...explicit deny in an identity-based policy:
+/// arn:aws:iam::<acct>:policy/[path/]<name>`); an ARN after "on resource: " is what was asked for,
+/// not what denied it, and does not count.
 fn names_policy(message: &str, name: &str) -> bool {
     !name.is_empty()
-        && message.match_indices(":policy/").any(|(at, marker)| {
-            let arn_rest = &message[at + marker.len()..];
-            let token = arn_rest.split(char::is_whitespace).next().unwrap_or("");
-            let token = token.trim_end_matches(['.', ',', ')']);
-            token == name || token.ends_with(&format!("/{name}"))
+        && message.match_indices("policy: arn:").any(|(at, _)| {
+            let arn = message[at + "policy: ".len()..].split(char::is_whitespace).next().unwrap_or("");
+            let arn = arn.trim_end_matches(['.', ',', ')']);
+            arn.split_once(":policy/")
+                .is_some_and(|(_, path_and_name)| path_and_name == name || path_and_name.ends_with(&format!("/{name}")))
         })
 }
 
@@ -389,9 +391,14 @@ mod tests {
         assert_eq!(r.denial("lockstep"), Some(Denial::ExplicitIdentityDeny));
         r.error_message = Some("... explicit deny in an identity-based policy: arn:aws:iam::1:policy/lockstep".into());
         assert_eq!(r.denial("lockstep"), Some(Denial::ExplicitIdentityDeny));
-        r.error_message = Some("User x is not authorized ... because no identity-based policy allows: arn:aws:iam::1:policy/team/lockstep".into());
+        r.error_message = Some("User x is not authorized to perform: s3:PutObject with an explicit deny in a policy: arn:aws:iam::1:policy/team/lockstep.".into());
         assert_eq!(r.denial("lockstep"), Some(Denial::ExplicitIdentityDeny));
-        r.error_message = Some("... because no identity-based policy allows: arn:aws:iam::1:policy/lockstep-other".into());
+        r.error_message = Some("... with an explicit deny in a policy: arn:aws:iam::1:policy/lockstep-other".into());
+        assert_eq!(r.denial("lockstep"), Some(Denial::Other));
+        // Asking for the lockdown policy itself and being refused is not the policy denying.
+        r.error_message = Some(
+            "User: arn:aws:iam::1:user/a is not authorized to perform: iam:GetPolicy on resource: arn:aws:iam::1:policy/lockstep because no identity-based policy allows the iam:GetPolicy action".into(),
+        );
         assert_eq!(r.denial("lockstep"), Some(Denial::Other));
         r.error_code = Some("Client.UnauthorizedOperation".into());
         r.error_message = None;

@@ -156,8 +156,8 @@ impl Col {
 }
 
 /// 1 when `errormessage` would make [`Record::denial`] say `ExplicitIdentityDeny` for
-/// `lockdown_policy`: the explicit-deny phrase, or `:policy/[path/]<name>` ending a token (after
-/// trailing `.`, `,`, `)`), anywhere in the message. The message itself is not a grouping key: it
+/// `lockdown_policy`: the explicit-deny phrase, or the denying policy's ARN after "policy: "
+/// ending in `:policy/[path/]<name>` (after trailing `.`, `,`, `)`). The message itself is not a grouping key: it
 /// names the resource, which would make every call its own group.
 fn explicit_deny(lockdown_policy: &str) -> String {
     // Every character that is not a word character goes in a bracket class, so the name is
@@ -172,7 +172,7 @@ fn explicit_deny(lockdown_policy: &str) -> String {
             }
         })
         .collect();
-    let pattern = format!(r":policy/(\S*/)?{name}[.,)]*(\s|$)");
+    let pattern = format!(r"policy: arn:\S*:policy/(\S*/)?{name}[.,)]*(\s|$)");
     format!(
         "CASE WHEN strpos(errormessage, {}) > 0 OR coalesce(regexp_extract(errormessage, {}), '') <> '' THEN 1 ELSE 0 END",
         sql_string(EXPLICIT_DENY_PHRASE),
@@ -620,7 +620,7 @@ mod tests {
     #[test]
     fn policy_name_is_literal_in_the_pattern_and_quotes_are_escaped() {
         let marker = explicit_deny("team.lock+down=x");
-        assert!(marker.contains(r"(\S*/)?team[.]lock[+]down[=]x[.,)]*(\s|$)"), "{marker}");
+        assert!(marker.contains(r"policy: arn:\S*:policy/(\S*/)?team[.]lock[+]down[=]x[.,)]*(\s|$)"), "{marker}");
         assert!(explicit_deny("it's").contains("it['']s"));
         assert_eq!(sql_identifier("a\"b"), "\"a\"\"b\"");
     }

@@ -67,7 +67,7 @@ pub async fn scan_prefixes<T: TrailObjects>(
     }
     let mut roots = vec![format!("AWSLogs/{account_id}/CloudTrail/")];
     for org in objects.list_prefixes("AWSLogs/").await? {
-        if org["AWSLogs/".len()..].starts_with("o-") {
+        if org.strip_prefix("AWSLogs/").is_some_and(|id| id.starts_with("o-")) {
             roots.push(format!("{org}{account_id}/CloudTrail/"));
         }
     }
