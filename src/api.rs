@@ -31,6 +31,7 @@ use crate::notify::{self, Webhook};
 use crate::planner::{Gate, Plan};
 use crate::rollout::{BatchState, Pause, Snapshot};
 use crate::store::Store;
+use crate::trail::Denial;
 
 /// What the controller loop and the HTTP handlers share.
 #[derive(Clone)]
@@ -108,6 +109,16 @@ impl Shared {
         drop(controller);
         let metrics = &self.inner.metrics;
         metrics.observe_step(&report, &snapshot, directory, &waves);
+        let (mut explicit, mut other) = (0, 0);
+        for batch in report.verdicts.keys() {
+            for denial in Ledger::new(&self.inner.store.conn()).denials(*batch)? {
+                match denial.kind {
+                    Denial::ExplicitIdentityDeny => explicit += 1,
+                    Denial::Other => other += 1,
+                }
+            }
+        }
+        metrics.observe_denials(explicit, other);
         let freshness = self.inner.store.freshness()?;
         if let Some(at) = freshness.last_success {
             metrics.refresh_last_success.set(at.timestamp() as f64);

@@ -141,10 +141,6 @@ impl<I: Iam, F: EventFeed> Controller<I, F> {
         &self.config
     }
 
-    pub fn iam(&self) -> &I {
-        &self.iam
-    }
-
     fn actor(&self) -> &'static str {
         match self.mode {
             Mode::Commit => "controller",
@@ -221,11 +217,6 @@ impl<I: Iam, F: EventFeed> Controller<I, F> {
             plan.gate = Gate::Blocked(problem);
         }
         Ok((plan, verdicts))
-    }
-
-    /// The IAM users the last step saw (names, paths, tags).
-    pub fn directory_size(&self) -> usize {
-        self.directory.as_ref().map_or(0, |(_, users)| users.len())
     }
 
     fn ledger_snapshot(&self) -> Result<Snapshot, LedgerError> {

@@ -226,3 +226,76 @@ fn the_sandbox_runs_the_whole_loop_and_its_summary_shows_the_rollback() {
     assert_eq!(summary["locked"], summary["stand_in_group"]);
     assert!(text(&out.stderr).contains("LOCAL STAND-IN"), "the stand-in is labelled");
 }
+
+#[test]
+fn policy_apply_and_a_dry_run_of_the_daemon_against_the_emulator() {
+    let dir = tempfile::tempdir().unwrap();
+    let prefix = "cli-run";
+    let config_text = std::fs::read_to_string("rollout.yaml")
+        .unwrap()
+        .replace("group: lockstep-network-perimeter", &format!("group: {prefix}-lockdown"))
+        .replace("policy_name: lockstep-network-perimeter", &format!("policy_name: {prefix}-perimeter"))
+        .replace("path: ./trail", &format!("path: {}/trail", dir.path().display()))
+        .replace("path: ./lockstep.db", &format!("path: {}/lockstep.db", dir.path().display()))
+        .replace("min_calls: 20", "min_calls: 5");
+    let config_path = dir.path().join("rollout.yaml");
+    std::fs::write(&config_path, &config_text).unwrap();
+    let run = |args: &[&str]| {
+        Command::new(env!("CARGO_BIN_EXE_lockstep"))
+            .args(args)
+            .env("LOCKSTEP_CONFIG", &config_path)
+            .env("LOCKSTEP_LOG", "warn")
+            .env("AWS_ENDPOINT_URL", common::endpoint())
+            .env("AWS_ACCESS_KEY_ID", "AKIDLOCKSTEPTESTS")
+            .env("AWS_SECRET_ACCESS_KEY", "secret")
+            .env("AWS_REGION", common::REGION)
+            .env("AWS_EC2_METADATA_DISABLED", "true")
+            .env("AWS_CONFIG_FILE", dir.path().join("none"))
+            .env("AWS_SHARED_CREDENTIALS_FILE", dir.path().join("none"))
+            .output()
+            .unwrap()
+    };
+
+    let dry = run(&["policy", "apply"]);
+    assert!(dry.status.success(), "{}", text(&dry.stderr));
+    assert!(text(&dry.stdout).contains(&format!("create group {prefix}-lockdown")), "{}", text(&dry.stdout));
+    let applied = run(&["policy", "apply", "--commit"]);
+    assert!(applied.status.success(), "{}", text(&applied.stderr));
+    assert!(text(&applied.stdout).contains("created managed policy"), "{}", text(&applied.stdout));
+    let again = run(&["policy", "apply", "--commit"]);
+    assert!(text(&again.stdout).contains("nothing to change"), "{}", text(&again.stdout));
+
+    // Two users with eight clean days of calls from the office.
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    let iam = runtime.block_on(async {
+        let sdk = lockstep::aws::loader(common::REGION, Some(&common::endpoint()))
+            .credentials_provider(Credentials::new("AKIDLOCKSTEPTESTS", "secret", None, None, "tests"))
+            .load()
+            .await;
+        aws_sdk_iam::Client::new(&sdk)
+    });
+    let users = [format!("{prefix}-ann"), format!("{prefix}-ben")];
+    let mut records = Vec::new();
+    for user in &users {
+        runtime.block_on(iam.create_user().user_name(user).path("/engineering/").send()).unwrap();
+        for hour in 1..(8 * 24) {
+            let at = Utc::now() - chrono::Duration::hours(hour);
+            records.push(lockstep::synth::RecordSpec::new(
+                lockstep::synth::Identity::iam_user(common::ACCOUNT, user),
+                at,
+                "ec2:DescribeInstances",
+                lockstep::synth::Origin::ip("203.0.113.9"),
+            ));
+        }
+    }
+    lockstep::synth::write_trail(&dir.path().join("trail"), common::ACCOUNT, &records, lockstep::synth::Faults::default()).unwrap();
+
+    let once = run(&["run", "--once", "--json"]);
+    assert!(once.status.success(), "{}", text(&once.stderr));
+    let report: serde_json::Value = serde_json::from_str(text(&once.stdout).lines().last().unwrap()).unwrap();
+    assert_eq!(report["mode"], "dry-run");
+    let writes: Vec<String> = report["iam_writes"].as_array().unwrap().iter().map(|w| w.as_str().unwrap().to_string()).collect();
+    assert_eq!(writes, users.iter().map(|u| format!("AddUserToGroup {prefix}-lockdown {u}")).collect::<Vec<_>>());
+    let members = runtime.block_on(iam.get_group().group_name(format!("{prefix}-lockdown")).send()).unwrap();
+    assert!(members.users().is_empty(), "a dry run writes nothing to IAM");
+}

@@ -10,6 +10,7 @@ use lockstep::api::{self, Shared};
 use lockstep::clock::{Clock, SystemClock};
 use lockstep::config::{Config, SourceKind};
 use lockstep::controller::{Controller, EventFeed, Mode};
+use lockstep::evidence::EvidenceStore;
 use lockstep::evidence::files::Folder;
 use lockstep::evidence::refresh::{self, Source};
 use lockstep::evidence::s3::S3Trail;
@@ -37,10 +38,13 @@ pub async fn run(config: Config, options: Options) -> anyhow::Result<ExitCode> {
         tracing::warn!("dry run: nothing will be written to IAM; pass --commit to act");
     }
 
+    let source = Source::from_config(&config).await?;
     let schedule = if options.once {
+        // One-shot (cron-style) runs bring the evidence up to date first.
+        let window = refresh::scheduled_window(&store.freshness()?, clock.now(), &config.evidence);
+        refresh::refresh(&store, &source, &config, window, clock.as_ref(), None, &mut |_| {}).await?;
         None
     } else {
-        let source = Source::from_config(&config).await?;
         Some(refresh::start_schedule(store.clone(), source, Arc::new(config.clone()), clock.clone()).await?)
     };
     let lookback = config.guard.window + config.guard.grace;
