@@ -159,7 +159,7 @@ impl<'c> Ledger<'c> {
             .prepare("SELECT user, state, batch, since, reason, hold_until FROM members ORDER BY user")
             .doing("read members")?;
         let members = stmt
-            .query_map([], |r| member(r))
+            .query_map([], member)
             .doing("read members")?
             .collect::<Result<Vec<_>, _>>()
             .doing("read members")?
