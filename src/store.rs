@@ -9,7 +9,7 @@
 //! file once; "athena" for query windows, replaced window by window) the calls by verdict, the
 //! outside sources and the denials. Reads sum across origins. `trail_file` marks each file read;
 //! a file's mark and its contribution are written in one transaction, so a crash leaves either
-//! both or neither.
+//! both or neither. Files are written in batches (one transaction each), merged first.
 
 use std::collections::{BTreeMap, HashSet};
 use std::path::Path;
@@ -47,9 +47,8 @@ pub const MIGRATIONS: &[&str] = &[
         last_call INTEGER,
         explicit_denials INTEGER NOT NULL,
         other_denials INTEGER NOT NULL,
-        PRIMARY KEY (user_name, hour, origin)
+        PRIMARY KEY (hour, user_name, origin)
     ) WITHOUT ROWID;
-    CREATE INDEX evidence_hour_by_hour ON evidence_hour (hour, origin);
 
     CREATE TABLE evidence_verdict (
         user_name TEXT NOT NULL,
@@ -58,9 +57,8 @@ pub const MIGRATIONS: &[&str] = &[
         verdict TEXT NOT NULL,
         reason TEXT NOT NULL,
         calls INTEGER NOT NULL,
-        PRIMARY KEY (user_name, hour, origin, verdict, reason)
+        PRIMARY KEY (hour, user_name, origin, verdict, reason)
     ) WITHOUT ROWID;
-    CREATE INDEX evidence_verdict_by_hour ON evidence_verdict (hour, origin);
 
     CREATE TABLE evidence_outside (
         user_name TEXT NOT NULL,
@@ -71,9 +69,8 @@ pub const MIGRATIONS: &[&str] = &[
         last_seen INTEGER NOT NULL,
         last_action TEXT NOT NULL,
         last_reason TEXT NOT NULL,
-        PRIMARY KEY (user_name, hour, origin, source)
+        PRIMARY KEY (hour, user_name, origin, source)
     ) WITHOUT ROWID;
-    CREATE INDEX evidence_outside_by_hour ON evidence_outside (hour, origin);
 
     CREATE TABLE refresh_run (
         id INTEGER PRIMARY KEY,
@@ -121,10 +118,7 @@ pub(crate) trait Doing<T> {
 
 impl<T> Doing<T> for rusqlite::Result<T> {
     fn doing(self, what: &str) -> Result<T, StoreError> {
-        self.map_err(|source| StoreError::Sqlite {
-            doing: what.to_string(),
-            source,
-        })
+        self.map_err(|source| StoreError::Sqlite { doing: what.to_string(), source })
     }
 }
 
@@ -188,33 +182,48 @@ impl Store {
     // -----------------------------------------------------------------------------------------
     // Writing evidence.
 
-    /// Adds one trail file's contribution and marks it read, in one transaction. Returns false
-    /// (and changes nothing) if the file was already read, e.g. by a concurrent refresh.
-    pub fn add_trail_file(&self, file: &TrailFile, now: DateTime<Utc>) -> Result<bool, StoreError> {
-        let doing = format!("recording trail file {}", file.key);
+    /// Adds trail files' contributions and marks them read, all in one transaction. A file
+    /// already marked (read by a concurrent refresh) adds nothing. Returns, per file, whether it
+    /// was added.
+    pub fn add_trail_files(&self, files: &[TrailFile], now: DateTime<Utc>) -> Result<Vec<bool>, StoreError> {
+        let doing = match files {
+            [one] => format!("recording trail file {}", one.key),
+            _ => format!("recording {} trail files", files.len()),
+        };
         let mut conn = self.conn();
         let tx = conn.transaction().doing(&doing)?;
-        let marked = tx
-            .execute(
-                "INSERT OR IGNORE INTO trail_file (key, read_at, records, skipped, bytes, newest_hour, error)
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
-                params![
-                    file.key,
-                    now.timestamp(),
-                    file.records as i64,
-                    file.skipped as i64,
-                    file.bytes as i64,
-                    file.aggregates.newest_hour().map(|h| h.timestamp()),
-                    file.error,
-                ],
-            )
-            .doing(&doing)?;
-        if marked == 0 {
-            return Ok(false);
+        let mut added = Vec::with_capacity(files.len());
+        // Consecutive files share most users and hours: merged, they write far fewer rows.
+        let mut merged = Aggregates::default();
+        {
+            let mut mark = tx
+                .prepare_cached(
+                    "INSERT OR IGNORE INTO trail_file (key, read_at, records, skipped, bytes, newest_hour, error)
+                     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
+                )
+                .doing(&doing)?;
+            for file in files {
+                let marked = mark
+                    .execute(params![
+                        file.key,
+                        now.timestamp(),
+                        file.records as i64,
+                        file.skipped as i64,
+                        file.bytes as i64,
+                        file.aggregates.newest_hour().map(|h| h.timestamp()),
+                        file.error,
+                    ])
+                    .doing(&doing)?
+                    == 1;
+                if marked {
+                    merged.merge(&file.aggregates);
+                }
+                added.push(marked);
+            }
         }
-        add_aggregates(&tx, TRAIL_ORIGIN, &file.aggregates).doing(&doing)?;
+        add_aggregates(&tx, TRAIL_ORIGIN, &merged).doing(&doing)?;
         tx.commit().doing(&doing)?;
-        Ok(true)
+        Ok(added)
     }
 
     /// Replaces everything `origin` holds for the hours overlapping `[since, until)` with
@@ -285,10 +294,8 @@ impl Store {
         }
         // A mark may go once all the file contributed is gone: were the file read again, its
         // hours would be dropped on write.
-        tx.execute("DELETE FROM trail_file WHERE coalesce(newest_hour, read_at) < ?1", [cutoff])
-            .doing(&doing)?;
-        tx.execute("DELETE FROM refresh_run WHERE started < ?1 AND status != 'running'", [cutoff])
-            .doing(&doing)?;
+        tx.execute("DELETE FROM trail_file WHERE coalesce(newest_hour, read_at) < ?1", [cutoff]).doing(&doing)?;
+        tx.execute("DELETE FROM refresh_run WHERE started < ?1 AND status != 'running'", [cutoff]).doing(&doing)?;
         tx.commit().doing(&doing)
     }
 
@@ -472,11 +479,8 @@ impl Store {
                     what: format!("deny reason {reason:?}"),
                 })?,
             });
-            let entry = sources.entry((user, source.clone())).or_insert(OutsideSource {
-                source,
-                calls: 0,
-                last_seen: seen,
-            });
+            let entry =
+                sources.entry((user, source.clone())).or_insert(OutsideSource { source, calls: 0, last_seen: seen });
             entry.calls += calls;
             entry.last_seen = entry.last_seen.max(seen);
         }
@@ -487,8 +491,9 @@ impl Store {
         }
         let mut evidence: Vec<UserEvidence> = users.into_values().filter(|e| e.calls > 0).collect();
         for e in &mut evidence {
-            e.outside_sources
-                .sort_by(|a, b| b.calls.cmp(&a.calls).then(b.last_seen.cmp(&a.last_seen)).then(a.source.cmp(&b.source)));
+            e.outside_sources.sort_by(|a, b| {
+                b.calls.cmp(&a.calls).then(b.last_seen.cmp(&a.last_seen)).then(a.source.cmp(&b.source))
+            });
         }
         Ok(evidence)
     }
@@ -510,9 +515,7 @@ impl Store {
                  GROUP BY verdict, reason ORDER BY n DESC, verdict, reason",
             )
             .doing(doing)?;
-        let mut rows = stmt
-            .query(params![user, hour_of(since).timestamp(), until.timestamp()])
-            .doing(doing)?;
+        let mut rows = stmt.query(params![user, hour_of(since).timestamp(), until.timestamp()]).doing(doing)?;
         let mut counts = Vec::new();
         while let Some(row) = rows.next().doing(doing)? {
             let kind: String = row.get(0).doing(doing)?;
@@ -533,10 +536,10 @@ impl Store {
         for table in EVIDENCE_TABLES {
             out.push_str(&self.dump_query(table, &format!("SELECT * FROM {table}"))?);
         }
-        out.push_str(&self.dump_query(
-            "trail_file",
-            "SELECT key, records, skipped, bytes, newest_hour, error FROM trail_file",
-        )?);
+        out.push_str(
+            &self
+                .dump_query("trail_file", "SELECT key, records, skipped, bytes, newest_hour, error FROM trail_file")?,
+        );
         Ok(out)
     }
 
@@ -595,11 +598,9 @@ impl EvidenceStore for Store {
         let doing = "reading evidence freshness";
         let (finished, covered): (Option<i64>, Option<i64>) = self
             .conn()
-            .query_row(
-                "SELECT max(finished), max(window_end) FROM refresh_run WHERE status = 'succeeded'",
-                [],
-                |row| Ok((row.get(0)?, row.get(1)?)),
-            )
+            .query_row("SELECT max(finished), max(window_end) FROM refresh_run WHERE status = 'succeeded'", [], |row| {
+                Ok((row.get(0)?, row.get(1)?))
+            })
             .doing(doing)?;
         Ok(Freshness {
             last_success: finished.map(|t| time(t, doing)).transpose()?,
@@ -609,27 +610,21 @@ impl EvidenceStore for Store {
 }
 
 fn schema_version(conn: &Connection) -> Result<i64, StoreError> {
-    conn.query_row("PRAGMA user_version", [], |row| row.get(0))
-        .doing("reading the store's schema version")
+    conn.query_row("PRAGMA user_version", [], |row| row.get(0)).doing("reading the store's schema version")
 }
 
 fn migrate(conn: &mut Connection) -> Result<(), StoreError> {
     let found = schema_version(conn)?;
     let applied = usize::try_from(found).unwrap_or(usize::MAX);
     if applied > MIGRATIONS.len() {
-        return Err(StoreError::TooNew {
-            found,
-            known: MIGRATIONS.len(),
-        });
+        return Err(StoreError::TooNew { found, known: MIGRATIONS.len() });
     }
     for (index, sql) in MIGRATIONS.iter().enumerate().skip(applied) {
         let version = index + 1;
         let doing = format!("migrating the store to schema version {version}");
         // IMMEDIATE takes the write lock first, so two processes opening a new store do not
         // both apply the same migration.
-        let tx = conn
-            .transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)
-            .doing(&doing)?;
+        let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate).doing(&doing)?;
         let current: i64 = tx.query_row("PRAGMA user_version", [], |row| row.get(0)).doing(&doing)?;
         if current >= version as i64 {
             continue;
@@ -646,7 +641,7 @@ fn add_aggregates(tx: &Transaction<'_>, origin: &str, aggregates: &Aggregates) -
     let mut hour_stmt = tx.prepare_cached(
         "INSERT INTO evidence_hour (user_name, hour, origin, arn, first_call, last_call, explicit_denials, other_denials)
          VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)
-         ON CONFLICT (user_name, hour, origin) DO UPDATE SET
+         ON CONFLICT (hour, user_name, origin) DO UPDATE SET
              arn = max(coalesce(arn, excluded.arn), coalesce(excluded.arn, arn)),
              first_call = min(coalesce(first_call, excluded.first_call), coalesce(excluded.first_call, first_call)),
              last_call = max(coalesce(last_call, excluded.last_call), coalesce(excluded.last_call, last_call)),
@@ -655,14 +650,14 @@ fn add_aggregates(tx: &Transaction<'_>, origin: &str, aggregates: &Aggregates) -
     )?;
     let mut verdict_stmt = tx.prepare_cached(
         "INSERT INTO evidence_verdict (user_name, hour, origin, verdict, reason, calls) VALUES (?1, ?2, ?3, ?4, ?5, ?6)
-         ON CONFLICT (user_name, hour, origin, verdict, reason) DO UPDATE SET calls = calls + excluded.calls",
+         ON CONFLICT (hour, user_name, origin, verdict, reason) DO UPDATE SET calls = calls + excluded.calls",
     )?;
     // SET expressions see the old row. The latest call wins, ties by the greater action and
     // reason, so the result does not depend on the order files are added in.
     let mut outside_stmt = tx.prepare_cached(
         "INSERT INTO evidence_outside (user_name, hour, origin, source, calls, last_seen, last_action, last_reason)
          VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)
-         ON CONFLICT (user_name, hour, origin, source) DO UPDATE SET
+         ON CONFLICT (hour, user_name, origin, source) DO UPDATE SET
              calls = calls + excluded.calls,
              last_action = CASE WHEN (excluded.last_seen, excluded.last_action, excluded.last_reason) > (last_seen, last_action, last_reason)
                  THEN excluded.last_action ELSE last_action END,
@@ -728,10 +723,8 @@ fn key_range(prefix: &str) -> (String, Option<String>) {
 }
 
 fn time(seconds: i64, doing: &str) -> Result<DateTime<Utc>, StoreError> {
-    DateTime::from_timestamp(seconds, 0).ok_or_else(|| StoreError::Corrupt {
-        doing: doing.to_string(),
-        what: format!("timestamp {seconds}"),
-    })
+    DateTime::from_timestamp(seconds, 0)
+        .ok_or_else(|| StoreError::Corrupt { doing: doing.to_string(), what: format!("timestamp {seconds}") })
 }
 
 /// SQLite sums are signed; counts are never negative.
@@ -821,19 +814,29 @@ mod tests {
     fn a_file_is_added_once_and_evidence_sums_files() {
         let store = Store::open_in_memory().unwrap();
         let now = at("2024-01-03T00:00:00Z");
-        let a = file("AWSLogs/1/a.json.gz", &[
-            call("alice", "2024-01-02T10:00:00Z", "203.0.113.5", false),
-            call("alice", "2024-01-02T10:10:00Z", "198.51.100.7", false),
-        ]);
-        let b = file("AWSLogs/1/b.json.gz", &[
-            call("alice", "2024-01-02T10:20:00Z", "198.51.100.7", true),
-            call("alice", "2024-01-02T11:30:00Z", "198.51.100.8", false),
-        ]);
-        assert!(store.add_trail_file(&a, now).unwrap());
+        let a = file(
+            "AWSLogs/1/a.json.gz",
+            &[
+                call("alice", "2024-01-02T10:00:00Z", "203.0.113.5", false),
+                call("alice", "2024-01-02T10:10:00Z", "198.51.100.7", false),
+            ],
+        );
+        let b = file(
+            "AWSLogs/1/b.json.gz",
+            &[
+                call("alice", "2024-01-02T10:20:00Z", "198.51.100.7", true),
+                call("alice", "2024-01-02T11:30:00Z", "198.51.100.8", false),
+            ],
+        );
+        assert_eq!(store.add_trail_files(std::slice::from_ref(&a), now).unwrap(), [true]);
         let once = store.dump_evidence().unwrap();
-        assert!(!store.add_trail_file(&a, now).unwrap(), "second add is refused");
-        assert_eq!(store.dump_evidence().unwrap(), once);
-        assert!(store.add_trail_file(&b, now).unwrap());
+        assert_eq!(store.add_trail_files(&[a.clone(), b.clone()], now).unwrap(), [false, true], "a is not added twice");
+        let both = store.dump_evidence().unwrap();
+        let separately = Store::open_in_memory().unwrap();
+        separately.add_trail_files(&[b], now).unwrap();
+        separately.add_trail_files(&[a], now).unwrap();
+        assert_eq!(separately.dump_evidence().unwrap(), both, "batches and order do not matter");
+        assert_ne!(once, both);
 
         let all = store.user_evidence(at("2024-01-02T00:00:00Z"), now).unwrap();
         assert_eq!(all.len(), 1);
@@ -859,7 +862,7 @@ mod tests {
         let store = Store::open_in_memory().unwrap();
         let now = at("2024-01-03T00:00:00Z");
         for key in ["a/2024/01/02/x1", "a/2024/01/02/x2", "a/2024/01/020", "a/2024/01/03/x0", "b/x"] {
-            store.add_trail_file(&file(key, &[]), now).unwrap();
+            store.add_trail_files(&[file(key, &[])], now).unwrap();
         }
         assert_eq!(store.last_read("a/2024/01/02/").unwrap().as_deref(), Some("a/2024/01/02/x2"));
         assert_eq!(store.last_read("a/2024/01/04/").unwrap(), None);
@@ -874,7 +877,7 @@ mod tests {
         let store = Store::open_in_memory().unwrap();
         let now = at("2024-01-03T00:00:00Z");
         store
-            .add_trail_file(&file("f", &[call("alice", "2024-01-02T10:00:00Z", "203.0.113.5", false)]), now)
+            .add_trail_files(&[file("f", &[call("alice", "2024-01-02T10:00:00Z", "203.0.113.5", false)])], now)
             .unwrap();
         let athena = |n: usize| {
             let groups: Vec<_> = (0..n).map(|_| call("alice", "2024-01-02T10:30:00Z", "203.0.113.5", false)).collect();
@@ -894,10 +897,14 @@ mod tests {
     fn runs_and_freshness() {
         let store = Store::open_in_memory().unwrap();
         assert_eq!(store.freshness().unwrap(), Freshness::default());
-        let ok = store.start_run("files", at("2024-01-02T00:00:00Z"), at("2024-01-02T10:00:00Z"), at("2024-01-02T10:00:00Z")).unwrap();
+        let ok = store
+            .start_run("files", at("2024-01-02T00:00:00Z"), at("2024-01-02T10:00:00Z"), at("2024-01-02T10:00:00Z"))
+            .unwrap();
         let counts = RunCounts { files: 2, records_read: 10, ..RunCounts::default() };
         store.finish_run(ok, &counts, None, at("2024-01-02T10:01:00Z")).unwrap();
-        let bad = store.start_run("files", at("2024-01-02T08:00:00Z"), at("2024-01-02T11:00:00Z"), at("2024-01-02T11:00:00Z")).unwrap();
+        let bad = store
+            .start_run("files", at("2024-01-02T08:00:00Z"), at("2024-01-02T11:00:00Z"), at("2024-01-02T11:00:00Z"))
+            .unwrap();
         store.finish_run(bad, &RunCounts::default(), Some("boom"), at("2024-01-02T11:01:00Z")).unwrap();
         let fresh = store.freshness().unwrap();
         assert_eq!(fresh.last_success, Some(at("2024-01-02T10:01:00Z")));
@@ -912,9 +919,18 @@ mod tests {
     fn retention_drops_old_hours_marks_and_runs() {
         let store = Store::open_in_memory().unwrap();
         let now = at("2024-01-10T00:00:00Z");
-        store.add_trail_file(&file("old", &[call("alice", "2024-01-01T10:00:00Z", "203.0.113.5", false)]), now).unwrap();
-        store.add_trail_file(&file("new", &[call("alice", "2024-01-09T10:00:00Z", "203.0.113.5", false)]), now).unwrap();
-        let run = store.start_run("files", at("2024-01-01T00:00:00Z"), at("2024-01-01T12:00:00Z"), at("2024-01-01T12:00:00Z")).unwrap();
+        store
+            .add_trail_files(
+                &[
+                    file("old", &[call("alice", "2024-01-01T10:00:00Z", "203.0.113.5", false)]),
+                    file("new", &[call("alice", "2024-01-09T10:00:00Z", "203.0.113.5", false)]),
+                ],
+                now,
+            )
+            .unwrap();
+        let run = store
+            .start_run("files", at("2024-01-01T00:00:00Z"), at("2024-01-01T12:00:00Z"), at("2024-01-01T12:00:00Z"))
+            .unwrap();
         store.finish_run(run, &RunCounts::default(), None, at("2024-01-01T12:00:00Z")).unwrap();
         store.drop_before(at("2024-01-05T00:00:00Z")).unwrap();
         assert_eq!(store.read_keys("", None).unwrap(), HashSet::from(["new".to_string()]));

@@ -78,20 +78,9 @@ impl SynthUser {
 /// Who made a call.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Identity {
-    IamUser {
-        account: String,
-        name: String,
-        arn: String,
-        access_key: String,
-    },
-    AssumedRole {
-        account: String,
-        role: String,
-        session: String,
-    },
-    AwsService {
-        service: String,
-    },
+    IamUser { account: String, name: String, arn: String, access_key: String },
+    AssumedRole { account: String, role: String, session: String },
+    AwsService { service: String },
 }
 
 impl Identity {
@@ -112,11 +101,7 @@ pub enum Origin {
     /// `sourceIPAddress` as given (junk such as `035.1.2.3` included).
     Ip(String),
     /// Through a VPC endpoint: CloudTrail records the endpoint and the private client address.
-    Endpoint {
-        id: String,
-        account: String,
-        client_ip: String,
-    },
+    Endpoint { id: String, account: String, client_ip: String },
     /// Made by a service for the caller (`invokedBy`, and the service as source).
     Service(String),
 }
@@ -127,11 +112,7 @@ impl Origin {
     }
 
     pub fn endpoint(id: &str, account: &str) -> Origin {
-        Origin::Endpoint {
-            id: id.to_string(),
-            account: account.to_string(),
-            client_ip: "10.0.12.34".to_string(),
-        }
+        Origin::Endpoint { id: id.to_string(), account: account.to_string(), client_ip: "10.0.12.34".to_string() }
     }
 }
 
@@ -158,8 +139,13 @@ pub struct RecordSpec {
 }
 
 impl RecordSpec {
-    /// A successful API call in us-east-1.
+    /// A successful API call in us-east-1, made with the AWS CLI (or, when a service made it, with
+    /// the service as user agent, as CloudTrail records it).
     pub fn new(identity: Identity, at: DateTime<Utc>, action: &str, origin: Origin) -> RecordSpec {
+        let user_agent = match &origin {
+            Origin::Service(service) => service.clone(),
+            _ => CLI_AGENT.to_string(),
+        };
         RecordSpec {
             at,
             identity,
@@ -170,14 +156,9 @@ impl RecordSpec {
             error: None,
             presigned: false,
             console: false,
-            user_agent: "aws-cli/2.15.30 md/awscrt#0.19.19 ua/2.0 os/linux#6.1 md/arch#x86_64 lang/python#3.11.8".to_string(),
+            user_agent,
             event_id: None,
         }
-    }
-
-    pub fn in_region(mut self, region: &str) -> RecordSpec {
-        self.region = region.to_string();
-        self
     }
 
     pub fn error(mut self, code: &str, message: &str) -> RecordSpec {
@@ -346,7 +327,7 @@ impl Org {
             (NotActionUser, 8),
         ]);
         let base = match behaviour {
-            CiBot => format!("ci-{}", *rng.pick(&["deploy", "build", "release", "terraform", "backup", "etl", "sync"])),
+            CiBot => format!("ci-{}", rng.pick(&["deploy", "build", "release", "terraform", "backup", "etl", "sync"])),
             _ => format!("{}.{}", rng.pick(FIRST_NAMES), rng.pick(LAST_NAMES)),
         };
         let name = if taken.contains(&base) { format!("{base}{index}") } else { base };
@@ -355,7 +336,12 @@ impl Org {
             CiBot => ("/automation/", "platform"),
             ViaService | NotActionUser | PresignedReader => ("/data/", "analytics"),
             Remote if rng.f64() < 0.3 => ("/contractors/", "vendor"),
-            _ => *rng.pick(&[("/engineering/", "backend"), ("/engineering/", "frontend"), ("/finance/", "finance"), ("/ops/", "sre")]),
+            _ => rng.pick(&[
+                ("/engineering/", "backend"),
+                ("/engineering/", "frontend"),
+                ("/finance/", "finance"),
+                ("/ops/", "sre"),
+            ]),
         };
         let rate = match behaviour {
             CiBot => 20.0 + rng.f64() * 60.0,
@@ -413,9 +399,14 @@ impl Org {
         let calls = expected.floor() as usize + usize::from(rng.f64() < expected.fract());
         if user.behaviour == Behaviour::Console && hour.hour() == 8 && hour.weekday().num_days_from_monday() < 5 {
             let at = hour + TimeDelta::seconds(rng.below(600) as i64);
-            let login = RecordSpec::new(user.identity(&self.account_id), at, "signin:ConsoleLogin", Origin::Ip(self.trusted_ip(rng)))
-                .event_type("AwsConsoleSignIn")
-                .console();
+            let login = RecordSpec::new(
+                user.identity(&self.account_id),
+                at,
+                "signin:ConsoleLogin",
+                Origin::Ip(self.trusted_ip(rng)),
+            )
+            .event_type("AwsConsoleSignIn")
+            .console();
             out.records.push(login);
         }
         for _ in 0..calls {
@@ -437,60 +428,47 @@ impl Org {
 
     fn user_call(&self, user: &SynthUser, at: DateTime<Utc>, rng: &mut Rng) -> RecordSpec {
         use Behaviour::*;
-        let me = user.identity(&self.account_id);
-        let office = |rng: &mut Rng| Origin::Ip(self.trusted_ip(rng));
         let roll = rng.f64();
-        match user.behaviour {
-            CiBot => {
-                let origin = match self.trusted_endpoints.as_slice() {
-                    [] => office(rng),
-                    ids => Origin::Endpoint {
-                        id: rng.pick(ids).clone(),
-                        account: self.account_id.clone(),
-                        client_ip: format!("10.{}.{}.{}", rng.below(4), rng.below(256), 1 + rng.below(254)),
-                    },
-                };
-                RecordSpec::new(me, at, *rng.pick(CI_ACTIONS), origin).user_agent("Boto3/1.34.69 md/Botocore#1.34.69 ua/2.0 os/linux#5.10 lang/python#3.12.2")
+        let (action, origin) = match user.behaviour {
+            CiBot => (rng.pick(CI_ACTIONS), self.ci_origin(rng)),
+            Remote if roll < user.outside_share => {
+                let ip = if rng.f64() < 0.7 { user.home_ip.clone() } else { self.outside_ip(rng) };
+                (rng.pick(DESK_ACTIONS), Origin::Ip(ip))
             }
-            Office => RecordSpec::new(me, at, *rng.pick(DESK_ACTIONS), office(rng)),
-            Remote => {
-                let origin = if roll < user.outside_share {
-                    Origin::Ip(if rng.f64() < 0.7 { user.home_ip.clone() } else { self.outside_ip(rng) })
-                } else {
-                    office(rng)
-                };
-                RecordSpec::new(me, at, *rng.pick(DESK_ACTIONS), origin)
-            }
-            PresignedReader if roll < 0.6 => RecordSpec::new(me, at, "s3:GetObject", Origin::Ip(self.outside_ip(rng)))
-                .presigned()
-                .user_agent("Mozilla/5.0 (Macintosh; Intel Mac OS X 14_4) AppleWebKit/605.1.15 (KHTML, like Gecko) Version/17.4 Safari/605.1.15"),
-            ViaService if roll < 0.35 => {
-                let service = "athena.amazonaws.com";
-                RecordSpec::new(me, at, *rng.pick(&["s3:GetObject", "s3:ListBucket", "glue:GetTable", "glue:GetPartitions"]), Origin::Service(service.into()))
-                    .user_agent(service)
-            }
+            PresignedReader if roll < 0.6 => ("s3:GetObject", Origin::Ip(self.outside_ip(rng))),
+            ViaService if roll < 0.35 => (rng.pick(ATHENA_READS), Origin::Service("athena.amazonaws.com".into())),
             ViaService if roll < 0.5 => {
-                let service = "cloudformation.amazonaws.com";
-                RecordSpec::new(me, at, *rng.pick(&["ec2:RunInstances", "iam:CreateRole", "lambda:CreateFunction"]), Origin::Service(service.into()))
-                    .user_agent(service)
+                (rng.pick(STACK_ACTIONS), Origin::Service("cloudformation.amazonaws.com".into()))
             }
-            ViaService if roll < 0.7 => {
-                RecordSpec::new(me, at, *rng.pick(&["athena:StartQueryExecution", "athena:GetQueryResults"]), office(rng))
+            ViaService if roll < 0.7 => (rng.pick(ATHENA_QUERIES), Origin::Ip(self.trusted_ip(rng))),
+            Console if roll < 0.3 => {
+                let id = AWS_OWNED_ENDPOINT.into();
+                (
+                    rng.pick(S3_CONSOLE_ACTIONS),
+                    Origin::Endpoint { id, account: AWS_OWNED_ACCOUNT.into(), client_ip: private_ip(rng) },
+                )
             }
-            Console if roll < 0.3 => RecordSpec::new(
-                me,
-                at,
-                *rng.pick(&["s3:ListBucket", "s3:GetBucketLocation", "s3:GetBucketPolicy"]),
-                Origin::Endpoint {
-                    id: AWS_OWNED_ENDPOINT.into(),
-                    account: AWS_OWNED_ACCOUNT.into(),
-                    client_ip: format!("10.{}.{}.{}", rng.below(256), rng.below(256), 1 + rng.below(254)),
-                },
-            )
-            .console(),
-            Console => RecordSpec::new(me, at, *rng.pick(DESK_ACTIONS), office(rng)).console(),
-            NotActionUser if roll < 0.5 => RecordSpec::new(me, at, *rng.pick(&["es:ESHttpGet", "es:ESHttpPost"]), Origin::Ip(self.outside_ip(rng))),
-            PresignedReader | ViaService | NotActionUser => RecordSpec::new(me, at, *rng.pick(DESK_ACTIONS), office(rng)),
+            NotActionUser if roll < 0.5 => (rng.pick(SEARCH_ACTIONS), Origin::Ip(self.outside_ip(rng))),
+            _ => (rng.pick(DESK_ACTIONS), Origin::Ip(self.trusted_ip(rng))),
+        };
+        let record = RecordSpec::new(user.identity(&self.account_id), at, action, origin);
+        match user.behaviour {
+            CiBot => record.user_agent(BOTO_AGENT),
+            Console => record.console(),
+            PresignedReader if roll < 0.6 => record.presigned().user_agent(BROWSER_AGENT),
+            _ => record,
+        }
+    }
+
+    /// Through a trusted endpoint, or a trusted CIDR when no endpoint is configured.
+    fn ci_origin(&self, rng: &mut Rng) -> Origin {
+        match self.trusted_endpoints.as_slice() {
+            [] => Origin::Ip(self.trusted_ip(rng)),
+            ids => Origin::Endpoint {
+                id: ids[rng.index(ids.len())].clone(),
+                account: self.account_id.clone(),
+                client_ip: private_ip(rng),
+            },
         }
     }
 
@@ -500,28 +478,37 @@ impl Org {
         let roles = (self.users.len() / 3).max(1);
         for _ in 0..roles {
             let at = hour + TimeDelta::seconds(rng.below(3600) as i64);
-            let role = *rng.pick(&["OrganizationAccountAccessRole", "AWSReservedSSO_ReadOnly_0123abcd", "eks-node-role", "lambda-exec"]);
+            let role = rng.pick(&[
+                "OrganizationAccountAccessRole",
+                "AWSReservedSSO_ReadOnly_0123abcd",
+                "eks-node-role",
+                "lambda-exec",
+            ]);
             let identity = Identity::AssumedRole {
                 account: self.account_id.clone(),
                 role: role.to_string(),
                 session: format!("session-{}", rng.below(1000)),
             };
-            let mut record = RecordSpec::new(identity, at, *rng.pick(DESK_ACTIONS), Origin::Ip(self.outside_ip(rng)));
+            let mut record = RecordSpec::new(identity, at, rng.pick(DESK_ACTIONS), Origin::Ip(self.outside_ip(rng)));
             record.event_id = Some(uuid(rng));
             out.records.push(record);
         }
         for _ in 0..2 {
             let at = hour + TimeDelta::seconds(rng.below(3600) as i64);
-            let service = *rng.pick(&["kms.amazonaws.com", "sso.amazonaws.com", "health.amazonaws.com"]);
+            let service = rng.pick(&["kms.amazonaws.com", "sso.amazonaws.com", "health.amazonaws.com"]);
             let identity = Identity::AwsService { service: service.to_string() };
             let mut record = RecordSpec::new(identity, at, "kms:RotateKey", Origin::Service(service.to_string()))
-                .event_type("AwsServiceEvent")
-                .user_agent(service);
+                .event_type("AwsServiceEvent");
             record.event_id = Some(uuid(rng));
             out.records.push(record);
         }
         let at = hour + TimeDelta::seconds(rng.below(3600) as i64);
-        let mut record = RecordSpec::new(Identity::iam_user(OTHER_ACCOUNT, "partner.auditor"), at, "s3:ListBucket", Origin::Ip(self.outside_ip(rng)));
+        let mut record = RecordSpec::new(
+            Identity::iam_user(OTHER_ACCOUNT, "partner.auditor"),
+            at,
+            "s3:ListBucket",
+            Origin::Ip(self.outside_ip(rng)),
+        );
         record.event_id = Some(uuid(rng));
         out.records.push(record);
     }
@@ -532,12 +519,19 @@ impl Org {
         let Identity::IamUser { account, name, .. } = &record.identity else {
             return;
         };
-        if *account != self.account_id || record.event_type != "AwsApiCall" || record.action.ends_with(":GetCallerIdentity") {
+        if *account != self.account_id
+            || record.event_type != "AwsApiCall"
+            || record.action.ends_with(":GetCallerIdentity")
+        {
             return;
         }
         let t = tally.users.entry(name.clone()).or_default();
         t.calls += 1;
-        if record.error.as_ref().is_some_and(|(code, _)| code.starts_with("AccessDenied") || code.ends_with("UnauthorizedOperation")) {
+        if record
+            .error
+            .as_ref()
+            .is_some_and(|(code, _)| code.starts_with("AccessDenied") || code.ends_with("UnauthorizedOperation"))
+        {
             t.other_denials += 1;
         }
         let p = &self.perimeter;
@@ -547,8 +541,12 @@ impl Org {
             match &record.origin {
                 Origin::Service(service) => !(p.allow_aws_service_calls || p.called_via_services.contains(service)),
                 _ if record.presigned && p.allow_presigned_s3_reads && record.action == "s3:GetObject" => false,
-                Origin::Endpoint { id, account, .. } => !(*account == self.account_id && self.trusted_endpoints.contains(id)),
-                Origin::Ip(ip) => !ip.parse::<IpAddr>().is_ok_and(|ip| self.trusted_nets.iter().any(|n| n.contains(&ip))),
+                Origin::Endpoint { id, account, .. } => {
+                    !(*account == self.account_id && self.trusted_endpoints.contains(id))
+                }
+                Origin::Ip(ip) => {
+                    !ip.parse::<IpAddr>().is_ok_and(|ip| self.trusted_nets.iter().any(|n| n.contains(&ip)))
+                }
             }
         };
         t.outside += u64::from(outside);
@@ -558,7 +556,7 @@ impl Org {
     fn trusted_ip(&self, rng: &mut Rng) -> String {
         match self.trusted_nets.as_slice() {
             [] => self.outside_ip(rng),
-            nets => random_in(rng.pick(nets), rng).to_string(),
+            nets => random_in(&rng.pick(nets), rng).to_string(),
         }
     }
 
@@ -566,7 +564,7 @@ impl Org {
     fn outside_ip(&self, rng: &mut Rng) -> String {
         for _ in 0..16 {
             let ip = if rng.f64() < 0.8 {
-                let (base, bits) = *rng.pick(OUTSIDE_V4);
+                let (base, bits) = rng.pick(OUTSIDE_V4);
                 IpAddr::V4(Ipv4Addr::from(base + (rng.next() as u32 & ((1u32 << bits) - 1))))
             } else {
                 IpAddr::V6(Ipv6Addr::from(OUTSIDE_V6_PREFIX | u128::from(rng.next() as u32)))
@@ -578,6 +576,11 @@ impl Org {
         // Everything tried is trusted: a junk address is at least never inside a CIDR.
         "035.249.253.232".to_string()
     }
+}
+
+/// A private client address, as CloudTrail records calls through VPC endpoints.
+fn private_ip(rng: &mut Rng) -> String {
+    format!("10.{}.{}.{}", rng.below(256), rng.below(256), 1 + rng.below(254))
 }
 
 /// How busy a behaviour is in an hour (UTC): office hours on weekdays, bots around the clock.
@@ -610,12 +613,12 @@ fn random_in(net: &IpNet, rng: &mut Rng) -> IpAddr {
 }
 
 const FIRST_NAMES: &[&str] = &[
-    "alice", "bob", "carol", "dave", "erin", "frank", "grace", "heidi", "ivan", "judy", "ken", "lena", "mallory", "nina",
-    "oscar", "peggy", "quinn", "rupert", "sybil", "trent", "ursula", "victor", "wendy", "yusuf", "zoe",
+    "alice", "bob", "carol", "dave", "erin", "frank", "grace", "heidi", "ivan", "judy", "ken", "lena", "mallory",
+    "nina", "oscar", "peggy", "quinn", "rupert", "sybil", "trent", "ursula", "victor", "wendy", "yusuf", "zoe",
 ];
 const LAST_NAMES: &[&str] = &[
-    "nguyen", "smith", "garcia", "muller", "rossi", "tanaka", "okafor", "kowalski", "dubois", "silva", "jensen", "haddad",
-    "ivanova", "brown", "singh", "kim", "lopez", "novak", "moreau", "costa",
+    "nguyen", "smith", "garcia", "muller", "rossi", "tanaka", "okafor", "kowalski", "dubois", "silva", "jensen",
+    "haddad", "ivanova", "brown", "singh", "kim", "lopez", "novak", "moreau", "costa",
 ];
 const DESK_ACTIONS: &[&str] = &[
     "ec2:DescribeInstances",
@@ -629,6 +632,14 @@ const DESK_ACTIONS: &[&str] = &[
     "lambda:ListFunctions",
     "sts:GetCallerIdentity",
 ];
+const ATHENA_READS: &[&str] = &["s3:GetObject", "s3:ListBucket", "glue:GetTable", "glue:GetPartitions"];
+const ATHENA_QUERIES: &[&str] = &["athena:StartQueryExecution", "athena:GetQueryResults"];
+const STACK_ACTIONS: &[&str] = &["ec2:RunInstances", "iam:CreateRole", "lambda:CreateFunction"];
+const S3_CONSOLE_ACTIONS: &[&str] = &["s3:ListBucket", "s3:GetBucketLocation", "s3:GetBucketPolicy"];
+const SEARCH_ACTIONS: &[&str] = &["es:ESHttpGet", "es:ESHttpPost"];
+const CLI_AGENT: &str = "aws-cli/2.15.30 md/awscrt#0.19.19 ua/2.0 os/linux#6.1 md/arch#x86_64 lang/python#3.11.8";
+const BOTO_AGENT: &str = "Boto3/1.34.69 md/Botocore#1.34.69 ua/2.0 os/linux#5.10 lang/python#3.12.2";
+const BROWSER_AGENT: &str = "Mozilla/5.0 (Macintosh; Intel Mac OS X 14_4) AppleWebKit/605.1.15 (KHTML, like Gecko) Version/17.4 Safari/605.1.15";
 const CI_ACTIONS: &[&str] = &[
     "s3:GetObject",
     "s3:PutObject",
@@ -670,58 +681,84 @@ pub struct Written {
 /// window. File names derive from their records, so writing the same records again rewrites the
 /// same files. Files are compressed in parallel.
 pub fn write_trail(root: &Path, account_id: &str, records: &[RecordSpec], faults: Faults) -> std::io::Result<Written> {
-    let mut windows: BTreeMap<(&str, DateTime<Utc>), Vec<(usize, &RecordSpec)>> = BTreeMap::new();
+    let mut windows: Deliveries = BTreeMap::new();
     for (position, record) in records.iter().enumerate() {
         let window = record.at.duration_trunc(TimeDelta::minutes(5)).unwrap_or(record.at);
         windows.entry((record.region.as_str(), window)).or_default().push((position, record));
     }
-    let files: Vec<_> = windows.into_iter().enumerate().collect();
-    let results: Vec<std::io::Result<(PathBuf, u64, u64, Vec<u8>)>> = files
+    let windows: Vec<_> = windows.into_iter().collect();
+    let parts: Vec<std::io::Result<Written>> = windows
         .par_iter()
+        .enumerate()
         .map(|(n, ((region, window), records))| {
-            let delivered = *window + TimeDelta::minutes(8);
-            let mut rendered: Vec<Value> = records.iter().map(|(position, r)| render(r, account_id, *position)).collect();
-            let ids: Vec<&str> = rendered.iter().filter_map(|r| r["eventID"].as_str()).collect();
-            let path = trail_path(root, account_id, region, delivered, fnv(&ids));
-            let bad = u64::from(*n < faults.bad_records);
-            if bad == 1 {
-                rendered.insert(0, json!({"eventVersion": "1.09", "eventTime": 20240102, "userIdentity": "not an object"}));
-            }
-            let gz = gzip(&serde_json::to_vec(&json!({ "Records": rendered }))?)?;
-            write_file(&path, &gz)?;
-            Ok((path, records.len() as u64, bad, gz))
+            let file = TrailFileSpec { root, account_id, region, delivered: *window + TimeDelta::minutes(8), records };
+            file.write(n < faults.bad_records, (n < faults.corrupt_files).then_some(n))
         })
         .collect();
     let mut written = Written::default();
-    let mut samples = Vec::new();
-    for result in results {
-        let (path, count, bad, gz) = result?;
-        written.records += count;
-        written.bad_records += bad;
-        written.bytes += gz.len() as u64;
-        if samples.len() < faults.corrupt_files {
-            samples.push((path.clone(), gz));
-        }
-        written.files.push(path);
-    }
-    for (n, (path, gz)) in samples.iter().enumerate() {
-        let name = path.file_name().and_then(|n| n.to_str()).unwrap_or("file.json.gz");
-        let corrupt = path.with_file_name(name.replace(".json.gz", &format!("{n}X.json.gz")));
-        let cut = &gz[..gz.len() / 2];
-        write_file(&corrupt, cut)?;
-        written.corrupt_files += 1;
-        written.bytes += cut.len() as u64;
-        written.files.push(corrupt);
+    for part in parts {
+        let part = part?;
+        written.files.extend(part.files);
+        written.records += part.records;
+        written.bad_records += part.bad_records;
+        written.corrupt_files += part.corrupt_files;
+        written.bytes += part.bytes;
     }
     written.files.sort();
     Ok(written)
+}
+
+/// Records by region and 5-minute window, with their positions in the caller's list.
+type Deliveries<'a> = BTreeMap<(&'a str, DateTime<Utc>), Vec<(usize, &'a RecordSpec)>>;
+
+/// One delivery: the records of one region and 5-minute window.
+struct TrailFileSpec<'a> {
+    root: &'a Path,
+    account_id: &'a str,
+    region: &'a str,
+    delivered: DateTime<Utc>,
+    /// With their positions in the caller's list (event IDs derive from them).
+    records: &'a [(usize, &'a RecordSpec)],
+}
+
+impl TrailFileSpec<'_> {
+    /// Writes the file, with a malformed record first if `bad`, and a copy cut short (the
+    /// `corrupt`-th) next to it.
+    fn write(&self, bad: bool, corrupt: Option<usize>) -> std::io::Result<Written> {
+        let mut rendered: Vec<Value> =
+            self.records.iter().map(|(position, r)| render(r, self.account_id, *position)).collect();
+        let ids: Vec<&str> = rendered.iter().filter_map(|r| r["eventID"].as_str()).collect();
+        let path = trail_path(self.root, self.account_id, self.region, self.delivered, fnv(&ids));
+        if bad {
+            rendered.insert(0, json!({"eventVersion": "1.09", "eventTime": 20240102, "userIdentity": "not an object"}));
+        }
+        let gz = gzip(&serde_json::to_vec(&json!({ "Records": rendered }))?)?;
+        write_file(&path, &gz)?;
+        let mut written = Written {
+            records: self.records.len() as u64,
+            bad_records: u64::from(bad),
+            bytes: gz.len() as u64,
+            ..Written::default()
+        };
+        if let Some(n) = corrupt {
+            let name = path.file_name().and_then(|n| n.to_str()).unwrap_or("file.json.gz");
+            let cut_path = path.with_file_name(name.replace(".json.gz", &format!("{n}X.json.gz")));
+            let cut = &gz[..gz.len() / 2];
+            write_file(&cut_path, cut)?;
+            written.corrupt_files = 1;
+            written.bytes += cut.len() as u64;
+            written.files.push(cut_path);
+        }
+        written.files.push(path);
+        Ok(written)
+    }
 }
 
 fn trail_path(root: &Path, account: &str, region: &str, delivered: DateTime<Utc>, hash: u64) -> PathBuf {
     let mut suffix = String::with_capacity(16);
     let mut rng = Rng::new(hash);
     for _ in 0..16 {
-        suffix.push(ALPHANUMERIC[rng.below(ALPHANUMERIC.len() as u64) as usize] as char);
+        suffix.push(char::from(rng.pick(ALPHANUMERIC)));
     }
     root.join(format!(
         "AWSLogs/{account}/CloudTrail/{region}/{}/{account}_CloudTrail_{region}_{}_{suffix}.json.gz",
@@ -733,7 +770,8 @@ fn trail_path(root: &Path, account: &str, region: &str, delivered: DateTime<Utc>
 const ALPHANUMERIC: &[u8] = b"0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz";
 
 fn gzip(bytes: &[u8]) -> std::io::Result<Vec<u8>> {
-    let mut encoder = flate2::write::GzEncoder::new(Vec::with_capacity(bytes.len() / 8), flate2::Compression::default());
+    let mut encoder =
+        flate2::write::GzEncoder::new(Vec::with_capacity(bytes.len() / 8), flate2::Compression::default());
     encoder.write_all(bytes)?;
     encoder.finish()
 }
@@ -820,7 +858,7 @@ fn render(spec: &RecordSpec, recipient: &str, position: usize) -> Value {
         record.insert("errorCode".into(), json!(code));
         record.insert("errorMessage".into(), json!(message));
     }
-    let bucket = format!("{}-{}", recipient, *rng.pick(&["artifacts", "datalake", "reports", "logs"]));
+    let bucket = format!("{}-{}", recipient, rng.pick(&["artifacts", "datalake", "reports", "logs"]));
     let request = if service == "s3" {
         json!({"bucketName": bucket, "Host": format!("{bucket}.s3.{}.amazonaws.com", spec.region), "key": format!("data/part-{:05}.parquet", rng.below(100_000))})
     } else if spec.event_type == "AwsConsoleSignIn" {
@@ -885,7 +923,7 @@ fn key_id(prefix: &str, seed: u64) -> String {
     let mut rng = Rng::new(seed);
     let mut id = prefix.to_string();
     for _ in 0..16 {
-        id.push(b"ABCDEFGHIJKLMNOPQRSTUVWXYZ234567"[rng.below(32) as usize] as char);
+        id.push(char::from(rng.pick(b"ABCDEFGHIJKLMNOPQRSTUVWXYZ234567")));
     }
     id
 }
@@ -929,8 +967,12 @@ impl Rng {
         self.next() % n.max(1)
     }
 
-    fn pick<'a, T>(&mut self, items: &'a [T]) -> &'a T {
-        &items[self.below(items.len() as u64) as usize]
+    fn index(&mut self, len: usize) -> usize {
+        self.below(len as u64) as usize
+    }
+
+    fn pick<T: Copy>(&mut self, items: &[T]) -> T {
+        items[self.index(items.len())]
     }
 
     fn weighted<'a, T>(&mut self, items: &'a [(T, u64)]) -> &'a T {
@@ -1055,8 +1097,13 @@ mod tests {
 
     #[test]
     fn scripted_records_render_as_cloudtrail_does() {
-        let spec = RecordSpec::new(Identity::iam_user("123456789012", "alice"), at("2024-01-02T03:04:05Z"), "ec2:DescribeInstances", Origin::ip("192.0.2.7"))
-            .denied_explicitly("lockstep-network-perimeter");
+        let spec = RecordSpec::new(
+            Identity::iam_user("123456789012", "alice"),
+            at("2024-01-02T03:04:05Z"),
+            "ec2:DescribeInstances",
+            Origin::ip("192.0.2.7"),
+        )
+        .denied_explicitly("lockstep-network-perimeter");
         let value = render(&spec, "123456789012", 0);
         assert_eq!(value["errorCode"], "Client.UnauthorizedOperation");
         assert_eq!(value["eventSource"], "ec2.amazonaws.com");
@@ -1066,7 +1113,12 @@ mod tests {
         assert_eq!(record.event_time(), Some(at("2024-01-02T03:04:05Z")));
         assert_eq!(value, render(&spec, "123456789012", 0), "rendering is deterministic");
 
-        let endpoint = RecordSpec::new(Identity::iam_user("123456789012", "bot"), spec.at, "s3:GetObject", Origin::endpoint("vpce-0123456789abcdef0", "123456789012"));
+        let endpoint = RecordSpec::new(
+            Identity::iam_user("123456789012", "bot"),
+            spec.at,
+            "s3:GetObject",
+            Origin::endpoint("vpce-0123456789abcdef0", "123456789012"),
+        );
         let value = render(&endpoint, "123456789012", 1);
         assert_eq!(value["vpcEndpointId"], "vpce-0123456789abcdef0");
         assert_eq!(value["additionalEventData"]["AuthenticationMethod"], "AuthHeader");
@@ -1086,7 +1138,9 @@ mod tests {
         assert_eq!((written.bad_records, written.corrupt_files), (2, 1));
         let name = written.files[0].strip_prefix(dir.path()).unwrap().to_str().unwrap().to_string();
         assert!(
-            name.starts_with("AWSLogs/123456789012/CloudTrail/") && name.contains("_CloudTrail_") && name.ends_with(".json.gz"),
+            name.starts_with("AWSLogs/123456789012/CloudTrail/")
+                && name.contains("_CloudTrail_")
+                && name.ends_with(".json.gz"),
             "{name}"
         );
         // Records of 23:55-00:00 are delivered after midnight, into the next day's prefix.

@@ -29,10 +29,7 @@ fn at(text: &str) -> DateTime<Utc> {
 }
 
 fn window(since: &str, until: &str) -> Window {
-    Window {
-        since: at(since),
-        until: at(until),
-    }
+    Window { since: at(since), until: at(until) }
 }
 
 async fn run(store: &Store, source: &Source, config: &Config, window: Window) -> Result<Report, RefreshError> {
@@ -56,15 +53,11 @@ async fn counts_match_what_was_written_and_bad_data_is_skipped_and_counted() {
     let dir = tempfile::tempdir().unwrap();
     let config = config(dir.path());
     let org = Org::new(11, 40, &config.perimeter);
-    let faults = Faults {
-        bad_records: 3,
-        corrupt_files: 2,
-    };
+    let faults = Faults { bad_records: 3, corrupt_files: 2 };
     let (written, tally) = write_day(&org, dir.path(), "2024-03-18", faults);
     let store = Store::open_in_memory().unwrap();
-    let report = run(&store, &folder(&config), &config, window("2024-03-18T00:00:00Z", "2024-03-19T01:00:00Z"))
-        .await
-        .unwrap();
+    let report =
+        run(&store, &folder(&config), &config, window("2024-03-18T00:00:00Z", "2024-03-19T01:00:00Z")).await.unwrap();
 
     let c = report.counts;
     assert_eq!(c.files, written.files.len() as u64);
@@ -78,7 +71,11 @@ async fn counts_match_what_was_written_and_bad_data_is_skipped_and_counted() {
     assert_eq!(evidence.len(), expected.len());
     for (e, (user, t)) in evidence.iter().zip(expected) {
         assert_eq!(&e.user, user);
-        assert_eq!((e.calls, e.would_deny, e.other_denials, e.explicit_denials), (t.calls, t.outside, t.other_denials, 0), "{user}");
+        assert_eq!(
+            (e.calls, e.would_deny, e.other_denials, e.explicit_denials),
+            (t.calls, t.outside, t.other_denials, 0),
+            "{user}"
+        );
         let sources: u64 = e.outside_sources.iter().map(|s| s.calls).sum();
         assert_eq!(sources, t.outside, "{user}: outside sources add up");
     }
@@ -126,8 +123,11 @@ async fn a_file_delivered_in_the_minute_last_read_is_not_skipped() {
     write_trail(dir.path(), &org.account_id, &earlier, Faults::default()).unwrap();
     // Two files delivered in the same minute; the one sorting first arrives after a refresh.
     let (a, b) = last.split_at(last.len() / 2);
-    let mut pair = [write_trail(dir.path(), &org.account_id, a, Faults::default()).unwrap().files, write_trail(dir.path(), &org.account_id, b, Faults::default()).unwrap().files]
-        .concat();
+    let mut pair = [
+        write_trail(dir.path(), &org.account_id, a, Faults::default()).unwrap().files,
+        write_trail(dir.path(), &org.account_id, b, Faults::default()).unwrap().files,
+    ]
+    .concat();
     pair.sort();
     let (first, second) = (&pair[0], &pair[1]);
     assert_eq!(first.parent(), second.parent());
@@ -193,17 +193,16 @@ async fn a_refresh_that_fails_midway_leaves_whole_files_and_a_clean_run_complete
     let w = window("2024-03-18T00:00:00Z", "2024-03-19T01:00:00Z");
 
     let store = Store::open_in_memory().unwrap();
-    let failing = Arc::new(Failing {
-        folder: Folder::new(dir.path()),
-        ok: 40,
-        fetched: AtomicUsize::new(0),
-    });
+    let failing = Arc::new(Failing { folder: Folder::new(dir.path()), ok: 40, fetched: AtomicUsize::new(0) });
     let clock = ManualClock::new(w.until);
-    let error = refresh::refresh_trail(&store, &failing, "files", &config, w, &clock, None, &mut |_| {})
-        .await
-        .unwrap_err();
+    let error =
+        refresh::refresh_trail(&store, &failing, "files", &config, w, &clock, None, &mut |_| {}).await.unwrap_err();
     assert!(error.to_string().contains("injected failure"), "{error}");
-    assert_eq!(store.read_keys("", None).unwrap().len(), 40, "every file before the failure is recorded whole, none after");
+    assert_eq!(
+        store.read_keys("", None).unwrap().len(),
+        40,
+        "every file before the failure is recorded whole, none after"
+    );
     assert_eq!(store.recent_runs(1).unwrap()[0].status, "failed");
     assert_eq!(store.freshness().unwrap(), Default::default());
 
@@ -221,9 +220,8 @@ async fn a_failed_run_is_logged_and_does_not_move_freshness() {
     let store = Store::open_in_memory().unwrap();
     // The trail folder does not exist.
     let missing = Source::Folder(Arc::new(Folder::new(dir.path().join("nowhere"))));
-    let error = run(&store, &missing, &config, window("2024-03-18T00:00:00Z", "2024-03-19T00:00:00Z"))
-        .await
-        .unwrap_err();
+    let error =
+        run(&store, &missing, &config, window("2024-03-18T00:00:00Z", "2024-03-19T00:00:00Z")).await.unwrap_err();
     assert!(error.to_string().contains("nowhere"), "{error}");
     assert_eq!(store.freshness().unwrap(), Default::default());
     let runs = store.recent_runs(1).unwrap();
@@ -254,7 +252,16 @@ fn killing_a_refresh_mid_run_loses_nothing_a_clean_run_cannot_complete() {
     let store = Store::open(&db).unwrap();
     let refresh_command = || {
         std::process::Command::new(env!("CARGO_BIN_EXE_lockstep"))
-            .args(["--config", config_path.to_str().unwrap(), "evidence", "refresh", "--since", &since, "--until", &until])
+            .args([
+                "--config",
+                config_path.to_str().unwrap(),
+                "evidence",
+                "refresh",
+                "--since",
+                &since,
+                "--until",
+                &until,
+            ])
             .env("LOCKSTEP_LOG", "error")
             .stdout(std::process::Stdio::null())
             .stderr(std::process::Stdio::null())
@@ -278,10 +285,7 @@ fn killing_a_refresh_mid_run_loses_nothing_a_clean_run_cannot_complete() {
     let mut clean = refresh_command();
     assert!(clean.wait().unwrap().success());
     let once = Store::open_in_memory().unwrap();
-    let w = Window {
-        since: at(&since),
-        until: at(&until),
-    };
+    let w = Window { since: at(&since), until: at(&until) };
     let rt = tokio::runtime::Runtime::new().unwrap();
     rt.block_on(run(&once, &folder(&config), &config, w)).unwrap();
     assert_eq!(store.dump_evidence().unwrap(), once.dump_evidence().unwrap());

@@ -3,6 +3,9 @@
 //! `show` and `list` judge the window `eligibility.window` ending now, and never present stale
 //! or missing evidence as good: they say how old it is and exit non-zero.
 
+use std::cmp::Reverse;
+use std::fmt::Write as _;
+use std::io::Write as _;
 use std::process::ExitCode;
 use std::time::Duration;
 
@@ -76,9 +79,9 @@ fn parse_time(text: &str) -> Result<TimeArg, String> {
     if let Ok(at) = DateTime::parse_from_rfc3339(text) {
         return Ok(TimeArg::At(at.to_utc()));
     }
-    lockstep::config::parse_duration(text)
-        .map(TimeArg::Ago)
-        .map_err(|_| format!("expected an RFC 3339 time (2024-05-01T00:00:00Z) or a duration ago (36h, 7d), got {text:?}"))
+    lockstep::config::parse_duration(text).map(TimeArg::Ago).map_err(|_| {
+        format!("expected an RFC 3339 time (2024-05-01T00:00:00Z) or a duration ago (36h, 7d), got {text:?}")
+    })
 }
 
 impl TimeArg {
@@ -103,7 +106,12 @@ fn open(config: &Config) -> anyhow::Result<Store> {
     Store::open(&config.store.path).with_context(|| format!("cannot open the store {}", config.store.path.display()))
 }
 
-async fn refresh_now(config: &Config, clock: &dyn Clock, since: Option<TimeArg>, until: Option<TimeArg>) -> anyhow::Result<ExitCode> {
+async fn refresh_now(
+    config: &Config,
+    clock: &dyn Clock,
+    since: Option<TimeArg>,
+    until: Option<TimeArg>,
+) -> anyhow::Result<ExitCode> {
     let store = open(config)?;
     let now = clock.now();
     let until = until.map_or(now, |t| t.resolve(now));
@@ -111,7 +119,7 @@ async fn refresh_now(config: &Config, clock: &dyn Clock, since: Option<TimeArg>,
         Some(t) => t.resolve(now),
         None => refresh::scheduled_window(&store.freshness()?, until, &config.evidence).since,
     };
-    anyhow::ensure!(since < until, "--since ({since}) must be before --until ({until})");
+    anyhow::ensure!(since < until, "--since ({}) must be before --until ({})", day_time(since), day_time(until));
     let source = Source::from_config(config).await.context("cannot set up the evidence source")?;
 
     let bar = ProgressBar::new_spinner();
@@ -135,16 +143,18 @@ async fn refresh_now(config: &Config, clock: &dyn Clock, since: Option<TimeArg>,
         }
     };
     let started = std::time::Instant::now();
-    let outcome = refresh::refresh(&store, &source, config, Window { since, until }, clock, None, &mut on_progress).await;
+    let outcome =
+        refresh::refresh(&store, &source, config, Window { since, until }, clock, None, &mut on_progress).await;
     bar.finish_and_clear();
-    let report = outcome.with_context(|| format!("evidence refresh from {} to {} failed", day_time(since), day_time(until)))?;
+    let report =
+        outcome.with_context(|| format!("evidence refresh from {} to {} failed", day_time(since), day_time(until)))?;
     let c = &report.counts;
     let corrupt = match c.files_corrupt {
         0 => String::new(),
         n => format!(" ({n} unreadable, skipped)"),
     };
-    println!(
-        "Refreshed evidence from {} for {} to {} in {:.1}s: {} new file(s){corrupt}, {} records ({} malformed, skipped), {} read.",
+    emit(format!(
+        "Refreshed evidence from {} for {} to {} in {:.1}s: {} new file(s){corrupt}, {} records ({} malformed, skipped), {} read.\n",
         report.source,
         day_time(since),
         day_time(until),
@@ -153,7 +163,7 @@ async fn refresh_now(config: &Config, clock: &dyn Clock, since: Option<TimeArg>,
         thousands(c.records_read),
         thousands(c.records_skipped),
         bytes(c.bytes_scanned),
-    );
+    ))?;
     Ok(ExitCode::SUCCESS)
 }
 
@@ -183,7 +193,7 @@ impl Currency {
 
     /// One line for people; says plainly when the evidence cannot be trusted.
     fn line(&self, now: DateTime<Utc>) -> String {
-        let limit = humantime::format_duration(Duration::from_secs(self.max_age_seconds));
+        let limit = span(Duration::from_secs(self.max_age_seconds));
         match self.freshness.covered_until {
             None => "Evidence: NONE - no refresh has succeeded yet; run `lockstep evidence refresh`.".to_string(),
             Some(until) if self.stale => format!(
@@ -216,17 +226,14 @@ struct VerdictCount {
 }
 
 fn show(config: &Config, store: &Store, now: DateTime<Utc>, user: &str, json: bool) -> anyhow::Result<ExitCode> {
-    let window = Window {
-        since: refresh::before(now, config.eligibility.window),
-        until: now,
-    };
+    let window = Window { since: refresh::before(now, config.eligibility.window), until: now };
     let currency = Currency::new(store, config, now)?;
     let evidence = store.evidence(window.since, window.until, Some(user))?.into_iter().next();
     let verdicts = store.verdict_counts(user, window.since, window.until)?;
-    let usable = !currency.stale && evidence.is_some();
+    let code = if !currency.stale && evidence.is_some() { ExitCode::SUCCESS } else { ExitCode::FAILURE };
     let trusted_only = evidence.as_ref().filter(|_| !currency.stale).map(|e| e.would_deny == 0);
     if json {
-        let out = ShowJson {
+        let doc = ShowJson {
             user,
             window,
             evidence_currency: &currency,
@@ -234,67 +241,74 @@ fn show(config: &Config, store: &Store, now: DateTime<Utc>, user: &str, json: bo
             evidence: evidence.as_ref(),
             calls_by_verdict: verdicts.into_iter().map(|(verdict, calls)| VerdictCount { verdict, calls }).collect(),
         };
-        println!("{}", serde_json::to_string_pretty(&out)?);
-        return Ok(if usable { ExitCode::SUCCESS } else { ExitCode::FAILURE });
+        emit(serde_json::to_string_pretty(&doc)? + "\n")?;
+        return Ok(code);
     }
 
-    println!("{}", currency.line(now));
-    let span = humantime::format_duration(config.eligibility.window);
+    let mut out = String::new();
+    writeln!(out, "{}", currency.line(now))?;
+    let window_span = span(config.eligibility.window);
     let Some(e) = evidence else {
-        println!("{user}: no calls recorded in the last {span} (since {}).", day_time(window.since));
-        return Ok(ExitCode::FAILURE);
+        writeln!(out, "{user}: no calls recorded in the last {window_span} (since {}).", day_time(window.since))?;
+        emit(out)?;
+        return Ok(code);
     };
-    println!("{}{}", e.user, e.arn.as_deref().map(|a| format!("  ({a})")).unwrap_or_default());
+    let arn = e.arn.as_deref().map(|a| format!("  ({a})")).unwrap_or_default();
+    writeln!(out, "{}{arn}", e.user)?;
     let answer = match trusted_only {
         None => "unknown: the evidence is stale".to_string(),
-        Some(true) => format!("yes: all {} calls in the last {span} came from trusted networks", thousands(e.calls)),
+        Some(true) => format!("yes: all {} in the last {window_span} came from trusted networks", calls(e.calls)),
         Some(false) => format!(
-            "no: {} of {} calls in the last {span} would have been denied",
+            "no: {} of {} in the last {window_span} would have been denied",
             thousands(e.would_deny),
-            thousands(e.calls)
+            calls(e.calls)
         ),
     };
-    println!("  Trusted networks only?  {answer}");
+    writeln!(out, "  Trusted networks only?  {answer}")?;
     match &e.last_outside {
-        Some(last) => println!(
+        Some(last) => writeln!(
+            out,
             "  Last outside call:      {} ({} ago): {} from {} ({})",
             day_time(last.at),
             ago(now - last.at),
             last.action,
             last.source,
             last.reason
-        ),
-        None => println!("  Last outside call:      none in the window"),
+        )?,
+        None => writeln!(out, "  Last outside call:      none in the window")?,
     }
     let days = ((e.last_call - e.first_call).num_seconds() as f64 / 86_400.0).max(1.0 / 24.0);
-    println!(
-        "  History:                {} to {} ({}), {} calls, about {}/day",
+    writeln!(
+        out,
+        "  History:                {} to {} ({}), {}, about {}/day",
         day_time(e.first_call),
         day_time(e.last_call),
         ago(e.last_call - e.first_call),
-        thousands(e.calls),
+        calls(e.calls),
         thousands((e.calls as f64 / days).round() as u64)
-    );
-    println!(
+    )?;
+    writeln!(
+        out,
         "  Denials:                {} explicit identity-based deny (what the lockdown policy causes), {} other",
         thousands(e.explicit_denials),
         thousands(e.other_denials)
-    );
+    )?;
     if !e.outside_sources.is_empty() {
-        println!("  Top outside sources:");
+        writeln!(out, "  Top outside sources:")?;
         let width = e.outside_sources.iter().take(TOP).map(|s| s.source.len()).max().unwrap_or(0);
         for s in e.outside_sources.iter().take(TOP) {
-            println!("    {:<width$}  {:>9} calls  last {}", s.source, thousands(s.calls), day_time(s.last_seen));
+            writeln!(out, "    {:<width$}  {:>12}  last {}", s.source, calls(s.calls), day_time(s.last_seen))?;
         }
         if e.outside_sources.len() > TOP {
-            println!("    ... and {} more", e.outside_sources.len() - TOP);
+            writeln!(out, "    ... and {} more", e.outside_sources.len() - TOP)?;
         }
     }
-    println!("  Calls by verdict:");
-    for (verdict, calls) in &verdicts {
-        println!("    {:<15} {:<20} {:>9}", verdict.kind_name(), verdict.reason_name(), thousands(*calls));
+    writeln!(out, "  Calls by verdict:")?;
+    for (verdict, n) in &verdicts {
+        writeln!(out, "    {:<15} {:<20} {:>9}", verdict.kind_name(), verdict.reason_name(), thousands(*n))?;
     }
-    Ok(if usable { ExitCode::SUCCESS } else { ExitCode::FAILURE })
+    emit(out)?;
+    Ok(code)
 }
 
 /// Outside sources `show` lists.
@@ -308,65 +322,77 @@ struct ListJson<'a> {
 }
 
 fn list(config: &Config, store: &Store, now: DateTime<Utc>, sort: SortBy, json: bool) -> anyhow::Result<ExitCode> {
-    let window = Window {
-        since: refresh::before(now, config.eligibility.window),
-        until: now,
-    };
+    let window = Window { since: refresh::before(now, config.eligibility.window), until: now };
     let currency = Currency::new(store, config, now)?;
     let mut users = store.user_evidence(window.since, window.until)?;
     match sort {
         SortBy::Name => {}
-        SortBy::Calls => users.sort_by(|a, b| b.calls.cmp(&a.calls)),
-        SortBy::Outside => users.sort_by(|a, b| b.would_deny.cmp(&a.would_deny)),
-        SortBy::LastOutside => {
-            users.sort_by(|a, b| b.last_outside.as_ref().map(|o| o.at).cmp(&a.last_outside.as_ref().map(|o| o.at)))
-        }
+        SortBy::Calls => users.sort_by_key(|u| Reverse(u.calls)),
+        SortBy::Outside => users.sort_by_key(|u| Reverse(u.would_deny)),
+        SortBy::LastOutside => users.sort_by_key(|u| Reverse(u.last_outside.as_ref().map(|o| o.at))),
     }
     let code = if currency.stale { ExitCode::FAILURE } else { ExitCode::SUCCESS };
     if json {
-        let out = ListJson {
-            window,
-            evidence_currency: &currency,
-            users: &users,
-        };
-        println!("{}", serde_json::to_string_pretty(&out)?);
+        let doc = ListJson { window, evidence_currency: &currency, users: &users };
+        emit(serde_json::to_string_pretty(&doc)? + "\n")?;
         return Ok(code);
     }
-    println!("{}", currency.line(now));
-    println!(
+    let mut out = String::new();
+    writeln!(out, "{}", currency.line(now))?;
+    writeln!(
+        out,
         "{} user(s) with calls in the last {} (since {}).",
         users.len(),
-        humantime::format_duration(config.eligibility.window),
+        span(config.eligibility.window),
         day_time(window.since)
-    );
-    if users.is_empty() {
-        return Ok(code);
+    )?;
+    if !users.is_empty() {
+        let width = users.iter().map(|u| u.user.len()).max().unwrap_or(4).max(4);
+        writeln!(out, "\n{:<width$}  {:>9}  {:>8}  LAST OUTSIDE CALL", "USER", "CALLS", "OUTSIDE")?;
+        for u in &users {
+            let last = match &u.last_outside {
+                Some(o) => format!("{:>4} ago  {} from {}", ago(now - o.at), o.action, o.source),
+                None => "-".to_string(),
+            };
+            writeln!(out, "{:<width$}  {:>9}  {:>8}  {last}", u.user, thousands(u.calls), thousands(u.would_deny))?;
+        }
     }
-    let width = users.iter().map(|u| u.user.len()).max().unwrap_or(4).max(4);
-    println!();
-    println!("{:<width$}  {:>9}  {:>8}  LAST OUTSIDE CALL", "USER", "CALLS", "OUTSIDE");
-    for u in &users {
-        let last = match &u.last_outside {
-            Some(o) => format!("{:>4} ago  {} from {}", ago(now - o.at), o.action, o.source),
-            None => "-".to_string(),
-        };
-        println!("{:<width$}  {:>9}  {:>8}  {last}", u.user, thousands(u.calls), thousands(u.would_deny));
-    }
+    emit(out)?;
     Ok(code)
+}
+
+/// Writes a command's output in one go; a closed pipe is an error, not a panic.
+fn emit(text: String) -> anyhow::Result<()> {
+    let mut stdout = std::io::stdout().lock();
+    stdout.write_all(text.as_bytes()).and_then(|()| stdout.flush()).context("cannot write the output")
+}
+
+fn calls(n: u64) -> String {
+    format!("{} call{}", thousands(n), if n == 1 { "" } else { "s" })
 }
 
 fn day_time(at: DateTime<Utc>) -> String {
     at.format("%Y-%m-%d %H:%M UTC").to_string()
 }
 
-/// A rough age: `45s`, `12m`, `5h`, `3d`.
+/// A rough span, to the nearest unit: `45s`, `12m`, `5h`, `3d`.
 fn ago(span: TimeDelta) -> String {
     let s = span.num_seconds().max(0);
+    let nearest = |unit: i64| (s + unit / 2) / unit;
     match s {
         0..60 => format!("{s}s"),
-        60..3_600 => format!("{}m", s / 60),
-        3_600..172_800 => format!("{}h", s / 3_600),
-        _ => format!("{}d", s / 86_400),
+        60..3_570 => format!("{}m", nearest(60)),
+        3_570..171_000 => format!("{}h", nearest(3_600)),
+        _ => format!("{}d", nearest(86_400)),
+    }
+}
+
+/// A configured duration in its largest exact unit: `14d`, `3h`, `90m`.
+fn span(duration: Duration) -> String {
+    let s = duration.as_secs();
+    match [(86_400, "d"), (3_600, "h"), (60, "m")].into_iter().find(|(unit, _)| s >= *unit && s % unit == 0) {
+        Some((unit, name)) => format!("{}{name}", s / unit),
+        None => format!("{s}s"),
     }
 }
 
@@ -398,12 +424,18 @@ mod tests {
     fn times_and_numbers_read_well() {
         let now: DateTime<Utc> = "2024-03-20T10:00:00Z".parse().unwrap();
         assert_eq!(parse_time("36h").unwrap().resolve(now), "2024-03-18T22:00:00Z".parse::<DateTime<Utc>>().unwrap());
-        assert_eq!(parse_time("2024-03-01T00:00:00+01:00").unwrap().resolve(now), "2024-02-29T23:00:00Z".parse::<DateTime<Utc>>().unwrap());
+        assert_eq!(
+            parse_time("2024-03-01T00:00:00+01:00").unwrap().resolve(now),
+            "2024-02-29T23:00:00Z".parse::<DateTime<Utc>>().unwrap()
+        );
         assert!(parse_time("yesterday").is_err());
         assert_eq!(thousands(1_234_567), "1,234,567");
         assert_eq!(thousands(999), "999");
-        assert_eq!(ago(TimeDelta::minutes(90)), "1h");
-        assert_eq!(ago(TimeDelta::days(3)), "3d");
+        assert_eq!(ago(TimeDelta::minutes(90)), "2h");
+        assert_eq!(ago(TimeDelta::minutes(59)), "59m");
+        assert_eq!(ago(TimeDelta::hours(239)), "10d");
+        assert_eq!(span(Duration::from_secs(14 * 86_400)), "14d");
+        assert_eq!(span(Duration::from_secs(5_400)), "90m");
         assert_eq!(bytes(2_500_000), "2.5 MB");
     }
 }

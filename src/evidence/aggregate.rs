@@ -24,10 +24,7 @@ pub struct Judge {
 
 impl Judge {
     pub fn new(config: &Config) -> Judge {
-        Judge {
-            perimeter: config.perimeter.clone(),
-            lockdown_policy: config.lockdown.policy_name.clone(),
-        }
+        Judge { perimeter: config.perimeter.clone(), lockdown_policy: config.lockdown.policy_name.clone() }
     }
 }
 
@@ -52,6 +49,29 @@ pub struct UserHour {
     pub other_denials: u64,
 }
 
+impl UserHour {
+    fn merge(&mut self, other: &UserHour) {
+        self.arn = self.arn.clone().max(other.arn.clone());
+        self.first_call = earliest(self.first_call, other.first_call);
+        self.last_call = self.last_call.max(other.last_call);
+        for (verdict, calls) in &other.verdicts {
+            *self.verdicts.entry(*verdict).or_default() += calls;
+        }
+        for (source, theirs) in &other.outside {
+            self.outside.entry(source.clone()).and_modify(|seen| seen.merge(theirs)).or_insert_with(|| theirs.clone());
+        }
+        self.explicit_denials += other.explicit_denials;
+        self.other_denials += other.other_denials;
+    }
+}
+
+fn earliest(a: Option<DateTime<Utc>>, b: Option<DateTime<Utc>>) -> Option<DateTime<Utc>> {
+    match (a, b) {
+        (Some(a), Some(b)) => Some(a.min(b)),
+        (a, b) => a.or(b),
+    }
+}
+
 /// Calls from one outside source.
 #[derive(Debug, Clone, PartialEq)]
 pub struct OutsideSeen {
@@ -59,6 +79,24 @@ pub struct OutsideSeen {
     pub last_seen: DateTime<Utc>,
     pub last_action: String,
     pub reason: DenyReason,
+}
+
+impl OutsideSeen {
+    /// The latest call wins; ties by the greater action and reason, so that merging (here and in
+    /// the store) does not depend on order.
+    fn is_after(&self, other: &OutsideSeen) -> bool {
+        (self.last_seen, self.last_action.as_str(), self.reason.as_str())
+            > (other.last_seen, other.last_action.as_str(), other.reason.as_str())
+    }
+
+    fn merge(&mut self, other: &OutsideSeen) {
+        self.calls += other.calls;
+        if other.is_after(self) {
+            self.last_seen = other.last_seen;
+            self.last_action.clone_from(&other.last_action);
+            self.reason = other.reason;
+        }
+    }
 }
 
 /// Aggregates `groups` in one go.
@@ -103,36 +141,17 @@ impl Aggregates {
         }
         *hour.verdicts.entry(verdict).or_default() += group.calls;
         if !matches!(verdict, Verdict::NotApplicable(_)) {
-            hour.first_call = Some(hour.first_call.map_or(group.first, |t| t.min(group.first)));
-            hour.last_call = Some(hour.last_call.map_or(group.last, |t| t.max(group.last)));
+            hour.first_call = earliest(hour.first_call, Some(group.first));
+            hour.last_call = hour.last_call.max(Some(group.last));
         }
         if let Verdict::WouldDeny(reason) = verdict {
-            let source = outside_source(record, reason);
-            let action = record.action().unwrap_or_default();
-            match hour.outside.get_mut(&source) {
-                Some(seen) => {
-                    seen.calls += group.calls;
-                    // The latest call wins; ties by the greater action and reason (as in the store).
-                    if (group.last, action.as_str(), reason.as_str())
-                        > (seen.last_seen, seen.last_action.as_str(), seen.reason.as_str())
-                    {
-                        seen.last_seen = group.last;
-                        seen.last_action = action;
-                        seen.reason = reason;
-                    }
-                }
-                None => {
-                    hour.outside.insert(
-                        source,
-                        OutsideSeen {
-                            calls: group.calls,
-                            last_seen: group.last,
-                            last_action: action,
-                            reason,
-                        },
-                    );
-                }
-            }
+            let call = OutsideSeen {
+                calls: group.calls,
+                last_seen: group.last,
+                last_action: record.action().unwrap_or_default(),
+                reason,
+            };
+            hour.outside.entry(outside_source(record, reason)).and_modify(|seen| seen.merge(&call)).or_insert(call);
         }
         match record.denial(&judge.lockdown_policy) {
             Some(Denial::ExplicitIdentityDeny) => hour.explicit_denials += group.calls,
@@ -141,11 +160,24 @@ impl Aggregates {
         }
     }
 
+    /// Adds `other` in, as if its calls had been added here: the result does not depend on the
+    /// order aggregates are merged in.
+    pub fn merge(&mut self, other: &Aggregates) {
+        for (user, hours) in &other.users {
+            if !self.users.contains_key(user) {
+                self.users.insert(user.clone(), hours.clone());
+                continue;
+            }
+            let Some(mine) = self.users.get_mut(user) else { continue };
+            for (hour, theirs) in hours {
+                mine.entry(*hour).and_modify(|agg| agg.merge(theirs)).or_insert_with(|| theirs.clone());
+            }
+        }
+    }
+
     /// Every (user, hour) in user and hour order.
     pub fn iter(&self) -> impl Iterator<Item = (&str, DateTime<Utc>, &UserHour)> {
-        self.users
-            .iter()
-            .flat_map(|(user, hours)| hours.iter().map(move |(hour, agg)| (user.as_str(), *hour, agg)))
+        self.users.iter().flat_map(|(user, hours)| hours.iter().map(move |(hour, agg)| (user.as_str(), *hour, agg)))
     }
 
     pub fn is_empty(&self) -> bool {
@@ -169,11 +201,7 @@ impl Aggregates {
 /// What a denied call came from, as an operator would name it: the endpoint ID, the service, or
 /// the address as recorded.
 fn outside_source(record: &Record, reason: DenyReason) -> String {
-    let invoked_by = record
-        .user_identity
-        .as_ref()
-        .and_then(|u| u.invoked_by.as_deref())
-        .filter(|s| !s.is_empty());
+    let invoked_by = record.user_identity.as_ref().and_then(|u| u.invoked_by.as_deref()).filter(|s| !s.is_empty());
     let source = match reason {
         DenyReason::UntrustedEndpoint => record.vpc_endpoint_id.as_deref(),
         DenyReason::UntrustedService => invoked_by.or(record.source_ip_address.as_deref()),
@@ -314,8 +342,12 @@ mod tests {
             })
         };
         let groups = [
-            denied("User: x is not authorized to perform: s3:GetObject because no identity-based policy allows the s3:GetObject action"),
-            denied("User: x is not authorized to perform: s3:GetObject with an explicit deny in an identity-based policy: arn:aws:iam::123456789012:policy/lockstep"),
+            denied(
+                "User: x is not authorized to perform: s3:GetObject because no identity-based policy allows the s3:GetObject action",
+            ),
+            denied(
+                "User: x is not authorized to perform: s3:GetObject with an explicit deny in an identity-based policy: arn:aws:iam::123456789012:policy/lockstep",
+            ),
             with(call("dave", "2024-01-02T10:00:00Z", "203.0.113.5", "s3:GetObject"), |r| {
                 r.error_code = Some("ThrottlingException".into())
             }),
@@ -351,10 +383,35 @@ mod tests {
         ];
         assert!(aggregate(&groups, &judge()).is_empty());
         // An IAM user's not-applicable calls are kept as verdicts but are not "calls".
-        let sts = aggregate(&[call("frank", "2024-01-02T10:00:00Z", "198.51.100.7", "sts:GetCallerIdentity")], &judge());
+        let sts =
+            aggregate(&[call("frank", "2024-01-02T10:00:00Z", "198.51.100.7", "sts:GetCallerIdentity")], &judge());
         let h = hour(&sts, "frank", "2024-01-02T10:00:00Z");
         assert_eq!(h.verdicts.keys().next(), Some(&Verdict::NotApplicable(SkipReason::NeverDenied)));
         assert_eq!(h.first_call, None);
+    }
+
+    #[test]
+    fn merging_in_any_split_or_order_equals_aggregating_everything() {
+        let groups: Vec<CallGroup> = (0..40)
+            .map(|i| {
+                let user = ["ann", "ben", "cat"][i % 3];
+                let time = format!("2024-01-02T{:02}:{:02}:00Z", 10 + i % 3, (i * 7) % 60);
+                let source = ["203.0.113.5", "198.51.100.7", "198.51.100.8"][i % 4 % 3];
+                let action = ["s3:ListBuckets", "ec2:DescribeInstances"][i % 2];
+                call(user, &time, source, action)
+            })
+            .collect();
+        let whole = aggregate(&groups, &judge());
+        for split in [1, 7, 20, 39] {
+            let (a, b) = groups.split_at(split);
+            let (a, b) = (aggregate(a, &judge()), aggregate(b, &judge()));
+            let mut ab = a.clone();
+            ab.merge(&b);
+            let mut ba = b.clone();
+            ba.merge(&a);
+            assert_eq!(ab, whole, "split at {split}");
+            assert_eq!(ba, whole, "split at {split}, merged the other way");
+        }
     }
 
     #[test]

@@ -60,10 +60,7 @@ pub async fn scan_prefixes<T: TrailObjects>(
 ) -> Result<Vec<ScanPrefix>, SourceError> {
     let top = objects.list_prefixes("").await?;
     if !top.iter().any(|p| p == "AWSLogs/") {
-        return Ok(vec![ScanPrefix {
-            prefix: String::new(),
-            ordered: false,
-        }]);
+        return Ok(vec![ScanPrefix { prefix: String::new(), ordered: false }]);
     }
     let mut roots = vec![format!("AWSLogs/{account_id}/CloudTrail/")];
     for org in objects.list_prefixes("AWSLogs/").await? {
@@ -75,10 +72,10 @@ pub async fn scan_prefixes<T: TrailObjects>(
     let mut scans = Vec::new();
     for root in roots {
         for region in objects.list_prefixes(&root).await? {
-            scans.extend(days.iter().map(|day| ScanPrefix {
-                prefix: format!("{region}{}/", day.format("%Y/%m/%d")),
-                ordered: true,
-            }));
+            scans.extend(
+                days.iter()
+                    .map(|day| ScanPrefix { prefix: format!("{region}{}/", day.format("%Y/%m/%d")), ordered: true }),
+            );
         }
     }
     Ok(scans)
@@ -136,9 +133,7 @@ where
         let Some(next) = pending.0.pop_front() else {
             return Ok(());
         };
-        let file = next
-            .await
-            .map_err(|e| SourceError::Other(format!("reading a trail file stopped: {e}")))??;
+        let file = next.await.map_err(|e| SourceError::Other(format!("reading a trail file stopped: {e}")))??;
         on_file(file)?;
     }
 }
@@ -154,7 +149,11 @@ impl Drop for InFlight {
     }
 }
 
-async fn fetch_and_read<T: TrailObjects>(objects: Arc<T>, key: String, judge: Arc<Judge>) -> Result<TrailFile, SourceError> {
+async fn fetch_and_read<T: TrailObjects>(
+    objects: Arc<T>,
+    key: String,
+    judge: Arc<Judge>,
+) -> Result<TrailFile, SourceError> {
     let raw = objects.fetch(&key).await?;
     let (done, result) = tokio::sync::oneshot::channel();
     let what = format!("parsing trail file {key} stopped");
@@ -166,12 +165,8 @@ async fn fetch_and_read<T: TrailObjects>(objects: Arc<T>, key: String, judge: Ar
 }
 
 /// Decompresses, parses and aggregates one file's bytes.
-pub fn read_bytes(key: String, raw: &[u8], judge: &Judge) -> TrailFile {
-    let mut file = TrailFile {
-        key,
-        bytes: raw.len() as u64,
-        ..TrailFile::default()
-    };
+fn read_bytes(key: String, raw: &[u8], judge: &Judge) -> TrailFile {
+    let mut file = TrailFile { key, bytes: raw.len() as u64, ..TrailFile::default() };
     let parsed = match trail::parse_bytes(raw) {
         Ok(parsed) => parsed,
         Err(why) => {
@@ -220,10 +215,6 @@ pub struct Folder {
 impl Folder {
     pub fn new(root: impl Into<PathBuf>) -> Folder {
         Folder { root: root.into() }
-    }
-
-    pub fn root(&self) -> &Path {
-        &self.root
     }
 }
 
@@ -288,10 +279,9 @@ impl TrailObjects for Folder {
 
     async fn fetch(&self, key: &str) -> Result<Vec<u8>, SourceError> {
         let path = self.root.join(key);
-        tokio::fs::read(&path).await.map_err(|source| SourceError::Io {
-            what: format!("reading trail file {}", path.display()),
-            source,
-        })
+        tokio::fs::read(&path)
+            .await
+            .map_err(|source| SourceError::Io { what: format!("reading trail file {}", path.display()), source })
     }
 }
 
@@ -305,9 +295,7 @@ fn relative_key(root: &Path, path: &Path) -> Option<String> {
 async fn blocking<R: Send + 'static>(
     work: impl FnOnce() -> Result<R, SourceError> + Send + 'static,
 ) -> Result<R, SourceError> {
-    tokio::task::spawn_blocking(work)
-        .await
-        .map_err(|e| SourceError::Other(format!("listing a folder stopped: {e}")))?
+    tokio::task::spawn_blocking(work).await.map_err(|e| SourceError::Other(format!("listing a folder stopped: {e}")))?
 }
 
 #[cfg(test)]
@@ -373,22 +361,35 @@ mod tests {
         ] {
             touch(dir.path(), key);
         }
-        let scans = scan_prefixes(&Folder::new(dir.path()), "123456789012", at("2024-01-02T10:00:00Z"), at("2024-01-02T12:00:00Z"))
-            .await
-            .unwrap();
+        let scans = scan_prefixes(
+            &Folder::new(dir.path()),
+            "123456789012",
+            at("2024-01-02T10:00:00Z"),
+            at("2024-01-02T12:00:00Z"),
+        )
+        .await
+        .unwrap();
         let prefixes: Vec<&str> = scans.iter().map(|s| s.prefix.as_str()).collect();
-        assert_eq!(prefixes, [
-            "AWSLogs/123456789012/CloudTrail/eu-west-1/2024/01/02/",
-            "AWSLogs/123456789012/CloudTrail/us-east-1/2024/01/02/",
-            "AWSLogs/o-abc123/123456789012/CloudTrail/us-east-1/2024/01/02/",
-        ]);
+        assert_eq!(
+            prefixes,
+            [
+                "AWSLogs/123456789012/CloudTrail/eu-west-1/2024/01/02/",
+                "AWSLogs/123456789012/CloudTrail/us-east-1/2024/01/02/",
+                "AWSLogs/o-abc123/123456789012/CloudTrail/us-east-1/2024/01/02/",
+            ]
+        );
         assert!(scans.iter().all(|s| s.ordered));
 
         let flat = tempfile::tempdir().unwrap();
         touch(flat.path(), "export/one.json");
-        let scans = scan_prefixes(&Folder::new(flat.path()), "123456789012", at("2024-01-02T10:00:00Z"), at("2024-01-02T12:00:00Z"))
-            .await
-            .unwrap();
+        let scans = scan_prefixes(
+            &Folder::new(flat.path()),
+            "123456789012",
+            at("2024-01-02T10:00:00Z"),
+            at("2024-01-02T12:00:00Z"),
+        )
+        .await
+        .unwrap();
         assert_eq!(scans, [ScanPrefix { prefix: String::new(), ordered: false }]);
     }
 }

@@ -1,11 +1,12 @@
 //! One evidence refresh, and the schedule that runs them.
 //!
 //! A refresh reads what is new in the configured source, aggregates it, and writes it to the
-//! store so that nothing is ever counted twice or half-written: trail files are added one
-//! transaction per file together with their read mark (a re-run skips them); an Athena window
-//! replaces its whole hours for origin "athena" in one transaction. Every run is logged (source,
-//! window, start and end, counts, error), which is what [`EvidenceStore::freshness`] answers
-//! from; only a successful run moves freshness forward.
+//! store so that nothing is ever counted twice or half-written: trail files are added in
+//! batches, each one transaction holding the files' read marks and contributions (a re-run
+//! skips files already marked); an Athena window replaces its whole hours for origin "athena"
+//! in one transaction. Every run is logged (source, window, start and end, counts, error), which
+//! is what [`EvidenceStore::freshness`] answers from; only a successful run moves freshness
+//! forward.
 //!
 //! [`EvidenceStore::freshness`]: crate::evidence::EvidenceStore::freshness
 
@@ -28,17 +29,15 @@ use crate::store::{ATHENA_ORIGIN, RunCounts, Store, StoreError};
 pub enum Source {
     Folder(Arc<Folder>),
     S3(Arc<S3Trail>),
-    Athena {
-        client: aws_sdk_athena::Client,
-        config: config::Athena,
-    },
+    Athena { client: aws_sdk_athena::Client, config: config::Athena },
 }
 
 impl Source {
     /// The configured source; AWS clients use the standard credential chain and endpoint.
     pub async fn from_config(config: &Config) -> Result<Source, SourceError> {
         let evidence = &config.evidence;
-        let missing = |section: &str| SourceError::Other(format!("evidence.source needs the evidence.{section} section"));
+        let missing =
+            |section: &str| SourceError::Other(format!("evidence.source needs the evidence.{section} section"));
         Ok(match evidence.source {
             SourceKind::Files => Source::Folder(Arc::new(Folder::new(&evidence.files_path))),
             SourceKind::S3 => {
@@ -49,10 +48,7 @@ impl Source {
             SourceKind::Athena => {
                 let athena = evidence.athena.clone().ok_or_else(|| missing("athena"))?;
                 let sdk = crate::aws::load(&config.region, None).await;
-                Source::Athena {
-                    client: aws_sdk_athena::Client::new(&sdk),
-                    config: athena,
-                }
+                Source::Athena { client: aws_sdk_athena::Client::new(&sdk), config: athena }
             }
         })
     }
@@ -136,7 +132,8 @@ pub async fn refresh(
             let log = RunLog::start(store, name, config, window, clock)?;
             let mut counts = RunCounts::default();
             progress(Progress::Querying);
-            let result = within(timeout, read_athena(store, client, athena, config, window, log.cutoff, &mut counts)).await;
+            let result =
+                within(timeout, read_athena(store, client, athena, config, window, log.cutoff, &mut counts)).await;
             log.finish(store, result, counts, clock)
         }
     }
@@ -156,7 +153,8 @@ pub async fn refresh_trail<T: TrailObjects + 'static>(
 ) -> Result<Report, RefreshError> {
     let log = RunLog::start(store, name, config, window, clock)?;
     let mut counts = RunCounts::default();
-    let result = within(timeout, read_trail(store, objects, config, window, log.cutoff, clock, &mut counts, progress)).await;
+    let result =
+        within(timeout, read_trail(store, objects, config, window, log.cutoff, clock, &mut counts, progress)).await;
     log.finish(store, result, counts, clock)
 }
 
@@ -170,7 +168,13 @@ struct RunLog {
 }
 
 impl RunLog {
-    fn start(store: &Store, name: &'static str, config: &Config, window: Window, clock: &dyn Clock) -> Result<RunLog, RefreshError> {
+    fn start(
+        store: &Store,
+        name: &'static str,
+        config: &Config,
+        window: Window,
+        clock: &dyn Clock,
+    ) -> Result<RunLog, RefreshError> {
         let now = clock.now();
         Ok(RunLog {
             id: store.start_run(name, window.since, window.until, now)?,
@@ -180,19 +184,24 @@ impl RunLog {
         })
     }
 
-    fn finish(self, store: &Store, result: Result<(), RefreshError>, counts: RunCounts, clock: &dyn Clock) -> Result<Report, RefreshError> {
+    fn finish(
+        self,
+        store: &Store,
+        result: Result<(), RefreshError>,
+        counts: RunCounts,
+        clock: &dyn Clock,
+    ) -> Result<Report, RefreshError> {
         let result = result.and_then(|()| Ok(store.drop_before(self.cutoff)?));
         let error = result.as_ref().err().map(|e| e.to_string());
         store.finish_run(self.id, &counts, error.as_deref(), clock.now())?;
-        result.map(|()| Report {
-            source: self.name,
-            window: self.window,
-            counts,
-        })
+        result.map(|()| Report { source: self.name, window: self.window, counts })
     }
 }
 
-async fn within(timeout: Option<Duration>, work: impl Future<Output = Result<(), RefreshError>>) -> Result<(), RefreshError> {
+async fn within(
+    timeout: Option<Duration>,
+    work: impl Future<Output = Result<(), RefreshError>>,
+) -> Result<(), RefreshError> {
     match timeout {
         Some(limit) => tokio::time::timeout(limit, work).await.unwrap_or(Err(RefreshError::TimedOut(limit))),
         None => work.await,
@@ -222,23 +231,49 @@ async fn read_trail<T: TrailObjects + 'static>(
         keys.extend(listed.into_iter().filter(|key| files::is_trail_key(key) && !read.contains(key)));
     }
     progress(Progress::Reading { files: keys.len() as u64 });
-    files::read_files(objects.clone(), keys, Arc::new(Judge::new(config)), |mut file: TrailFile| {
+    let mut batch = Vec::with_capacity(BATCH);
+    let read = files::read_files(objects.clone(), keys, Arc::new(Judge::new(config)), |mut file: TrailFile| {
         file.aggregates.retain_hours(|hour| hour >= cutoff);
-        // False when a concurrent refresh recorded the file first: then it is not ours to count.
-        if store.add_trail_file(&file, clock.now())? {
+        batch.push(file);
+        if batch.len() < BATCH {
+            return Ok(());
+        }
+        record(store, &mut batch, clock, counts, progress)
+    })
+    .await;
+    // Files read before a failure are whole: keep them.
+    let recorded = record(store, &mut batch, clock, counts, progress);
+    read.and(recorded)
+}
+
+/// Trail files recorded per transaction: enough to merge away most rows, few enough that a crash
+/// costs little rework.
+const BATCH: usize = 256;
+
+/// Writes and empties `batch`, counting the files this run added.
+fn record(
+    store: &Store,
+    batch: &mut Vec<TrailFile>,
+    clock: &dyn Clock,
+    counts: &mut RunCounts,
+    progress: &mut (dyn FnMut(Progress) + Send),
+) -> Result<(), RefreshError> {
+    if batch.is_empty() {
+        return Ok(());
+    }
+    let added = store.add_trail_files(batch, clock.now())?;
+    // A file not added was recorded first by a concurrent refresh: not ours to count.
+    for (file, added) in batch.drain(..).zip(added) {
+        if added {
             counts.files += 1;
             counts.files_corrupt += u64::from(file.error.is_some());
             counts.records_read += file.records;
             counts.records_skipped += file.skipped;
             counts.bytes_scanned += file.bytes;
         }
-        progress(Progress::FileDone {
-            records: file.records,
-            bytes: file.bytes,
-        });
-        Ok::<(), RefreshError>(())
-    })
-    .await
+        progress(Progress::FileDone { records: file.records, bytes: file.bytes });
+    }
+    Ok(())
 }
 
 /// Queries whole hours, so that replacing the window's hours never drops calls a query did not
@@ -252,12 +287,7 @@ async fn read_athena(
     cutoff: DateTime<Utc>,
     counts: &mut RunCounts,
 ) -> Result<(), RefreshError> {
-    let since = hour_of(window.since);
-    let until = if hour_of(window.until) == window.until {
-        window.until
-    } else {
-        hour_of(window.until) + TimeDelta::hours(1)
-    };
+    let Window { since, until } = whole_hours(window);
     let judge = Judge::new(config);
     let run = athena::run_window(client, athena, &config.account_id, &judge.lockdown_policy, since, until).await?;
     counts.records_read = run.groups.iter().map(|g| g.calls).sum();
@@ -269,11 +299,24 @@ async fn read_athena(
     Ok(())
 }
 
+/// `window` widened to whole hours.
+fn whole_hours(window: Window) -> Window {
+    let until = hour_of(window.until);
+    Window {
+        since: hour_of(window.since),
+        until: if until == window.until { until } else { until + TimeDelta::hours(1) },
+    }
+}
+
 /// The window a scheduled refresh covers: from where the evidence already reaches, or the
 /// previous hour if that is earlier, less `overlap` for late deliveries, up to `now`. Never
 /// further back than `lookback`, which is also what the first run (nothing covered yet) reads,
 /// and what a run after a long outage catches up from.
-pub fn scheduled_window(freshness: &crate::evidence::Freshness, now: DateTime<Utc>, evidence: &config::Evidence) -> Window {
+pub fn scheduled_window(
+    freshness: &crate::evidence::Freshness,
+    now: DateTime<Utc>,
+    evidence: &config::Evidence,
+) -> Window {
     let oldest = before(now, evidence.lookback);
     let since = match freshness.covered_until {
         None => oldest,
@@ -284,10 +327,7 @@ pub fn scheduled_window(freshness: &crate::evidence::Freshness, now: DateTime<Ut
 
 /// `at - span`, saturating instead of overflowing.
 pub fn before(at: DateTime<Utc>, span: Duration) -> DateTime<Utc> {
-    TimeDelta::from_std(span)
-        .ok()
-        .and_then(|span| at.checked_sub_signed(span))
-        .unwrap_or(DateTime::<Utc>::MIN_UTC)
+    TimeDelta::from_std(span).ok().and_then(|span| at.checked_sub_signed(span)).unwrap_or(DateTime::<Utc>::MIN_UTC)
 }
 
 /// Outcomes of scheduled refreshes, for logs and metrics.
@@ -302,13 +342,14 @@ pub struct RefreshStats {
 /// Scheduled refreshes; dropping it does not stop them, [`Schedule::shutdown`] does.
 pub struct Schedule {
     scheduler: JobScheduler,
+    schedule: String,
     pub stats: Arc<RefreshStats>,
 }
 
 impl Schedule {
     pub async fn shutdown(mut self) -> Result<(), RefreshError> {
         self.scheduler.shutdown().await.map_err(|e| RefreshError::Schedule {
-            schedule: String::new(),
+            schedule: self.schedule,
             why: format!("stopping the scheduler: {e}"),
         })
     }
@@ -336,10 +377,7 @@ pub async fn start_schedule(
     clock: Arc<dyn Clock>,
 ) -> Result<Schedule, RefreshError> {
     let schedule = config.evidence.schedule.clone();
-    let failed = |why: String| RefreshError::Schedule {
-        schedule: schedule.clone(),
-        why,
-    };
+    let failed = |why: String| RefreshError::Schedule { schedule: schedule.clone(), why };
     let runner = Arc::new(Runner {
         timeout: schedule_period(&schedule).map_err(failed)?,
         store,
@@ -362,7 +400,7 @@ pub async fn start_schedule(
     let scheduler = JobScheduler::new().await.map_err(|e| failed(e.to_string()))?;
     scheduler.add(job).await.map_err(|e| failed(e.to_string()))?;
     scheduler.start().await.map_err(|e| failed(e.to_string()))?;
-    Ok(Schedule { scheduler, stats })
+    Ok(Schedule { scheduler, schedule, stats })
 }
 
 impl Runner {
@@ -375,7 +413,8 @@ impl Runner {
         let outcome = match self.store.freshness() {
             Ok(freshness) => {
                 let window = scheduled_window(&freshness, self.clock.now(), &self.config.evidence);
-                refresh(&self.store, &self.source, &self.config, window, &*self.clock, Some(self.timeout), &mut |_| {}).await
+                refresh(&self.store, &self.source, &self.config, window, &*self.clock, Some(self.timeout), &mut |_| {})
+                    .await
             }
             Err(e) => Err(e.into()),
         };
@@ -451,12 +490,61 @@ mod tests {
     #[test]
     fn after_an_outage_the_gap_is_caught_up_but_not_beyond_lookback() {
         let now = at("2024-03-20T10:05:00Z");
-        let days_ago = |d: i64| Freshness {
-            last_success: None,
-            covered_until: Some(now - TimeDelta::days(d)),
-        };
+        let days_ago = |d: i64| Freshness { last_success: None, covered_until: Some(now - TimeDelta::days(d)) };
         assert_eq!(scheduled_window(&days_ago(3), now, &evidence()).since, at("2024-03-17T08:05:00Z"));
         assert_eq!(scheduled_window(&days_ago(30), now, &evidence()).since, at("2024-03-06T10:05:00Z"));
+    }
+
+    async fn wait_for(what: &str, done: impl Fn() -> bool) {
+        let started = std::time::Instant::now();
+        while !done() {
+            assert!(started.elapsed() < Duration::from_secs(20), "timed out waiting for {what}");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn the_schedule_backfills_at_once_then_refreshes_each_tick_and_retries_failures() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut config =
+            Config::parse(include_str!("../../rollout.yaml"), std::path::Path::new("rollout.yaml")).unwrap();
+        config.evidence.schedule = "* * * * * *".into();
+        let now = at("2024-03-20T10:05:00Z");
+        let org = crate::synth::Org::new(1, 5, &config.perimeter);
+        let generated = org.generate(now - TimeDelta::hours(3), now - TimeDelta::hours(1));
+        crate::synth::write_trail(dir.path(), &org.account_id, &generated.records, Default::default()).unwrap();
+        let store = Arc::new(Store::open_in_memory().unwrap());
+        let clock: Arc<dyn Clock> = Arc::new(crate::clock::ManualClock::new(now));
+
+        let source = Source::Folder(Arc::new(Folder::new(dir.path())));
+        let schedule = start_schedule(store.clone(), source, Arc::new(config.clone()), clock.clone()).await.unwrap();
+        wait_for("two successful runs", || schedule.stats.succeeded.load(Ordering::Relaxed) >= 2).await;
+        schedule.shutdown().await.unwrap();
+        let runs = store.recent_runs(100).unwrap();
+        let first = runs.last().unwrap();
+        assert_eq!(first.since, now - TimeDelta::days(14), "the first run backfills the lookback");
+        assert_eq!(first.counts.records_read, generated.records.len() as u64);
+        assert_eq!(runs[0].since, at("2024-03-20T07:00:00Z"), "later runs: the previous hour less the overlap");
+        assert_eq!(store.freshness().unwrap().covered_until, Some(now));
+
+        let failing = Arc::new(Store::open_in_memory().unwrap());
+        let missing = Source::Folder(Arc::new(Folder::new(dir.path().join("missing"))));
+        let schedule = start_schedule(failing.clone(), missing, Arc::new(config), clock).await.unwrap();
+        wait_for("two failed runs", || schedule.stats.failed.load(Ordering::Relaxed) >= 2).await;
+        schedule.shutdown().await.unwrap();
+        assert!(failing.recent_runs(100).unwrap().iter().all(|r| r.status == "failed"));
+        assert_eq!(failing.freshness().unwrap(), Freshness::default());
+    }
+
+    #[test]
+    fn athena_windows_are_whole_hours() {
+        let w = |since: &str, until: &str| Window { since: at(since), until: at(until) };
+        assert_eq!(
+            whole_hours(w("2024-03-20T07:05:00Z", "2024-03-20T10:05:00Z")),
+            w("2024-03-20T07:00:00Z", "2024-03-20T11:00:00Z")
+        );
+        let aligned = w("2024-03-20T07:00:00Z", "2024-03-20T10:00:00Z");
+        assert_eq!(whole_hours(aligned), aligned);
     }
 
     #[test]
