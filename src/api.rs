@@ -5,7 +5,7 @@
 //! Operator commands change the ledger (each refused, unchanged, when it does not apply in the
 //! current state) and wake the controller, whose next step carries out any IAM change.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashSet};
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -51,6 +51,8 @@ struct Inner {
     wake: Notify,
     ready: AtomicBool,
     webhook: Option<Webhook>,
+    /// When the daemon started (earlier refresh runs are not counted) and the runs counted since.
+    runs_counted: Mutex<(DateTime<Utc>, HashSet<(String, i64, i64)>)>,
 }
 
 impl Shared {
@@ -58,6 +60,7 @@ impl Shared {
         let config = controller.config().clone();
         let store = controller.store().clone();
         let clock = controller.clock().clone();
+        let started = clock.now();
         let mode = controller.mode();
         let webhook = config.listeners.webhook_url.as_deref().and_then(|url| match Webhook::new(url) {
             Ok(webhook) => Some(webhook),
@@ -79,6 +82,7 @@ impl Shared {
                 wake: Notify::new(),
                 ready: AtomicBool::new(false),
                 webhook,
+                runs_counted: Mutex::new((started, HashSet::new())),
             }),
         }
     }
@@ -123,10 +127,28 @@ impl Shared {
         if let Some(at) = freshness.last_success {
             metrics.refresh_last_success.set(at.timestamp() as f64);
         }
+        self.count_refresh_runs().await?;
         log_report(&report);
         self.inner.ready.store(true, Ordering::SeqCst);
         *self.inner.last_report.write().await = Some(report.clone());
         Ok(report)
+    }
+
+    /// Counts refresh runs (scheduled or run by hand) that finished since the last step.
+    async fn count_refresh_runs(&self) -> Result<(), ControllerError> {
+        let mut counted = self.inner.runs_counted.lock().await;
+        let (started, seen) = &mut *counted;
+        let mut recent = HashSet::new();
+        for run in self.inner.store.recent_runs(100)? {
+            let Some(finished) = run.finished.filter(|f| f >= started) else { continue };
+            let key = (run.source.clone(), run.started.timestamp_micros(), finished.timestamp_micros());
+            if !seen.contains(&key) {
+                self.inner.metrics.observe_refresh(&run);
+            }
+            recent.insert(key);
+        }
+        *seen = recent;
+        Ok(())
     }
 
     pub async fn preview(&self) -> Result<Plan, ControllerError> {

@@ -10,6 +10,7 @@ use crate::controller::StepReport;
 use crate::iam::{Iam, IamError, IamUser, PolicyStatus};
 use crate::planner::{Action, Gate};
 use crate::rollout::{BatchState, Snapshot, UserState};
+use crate::store::Run;
 
 #[derive(Clone)]
 pub struct Metrics {
@@ -213,6 +214,20 @@ impl Metrics {
             };
             self.reconcile_drift.with_label_values(&[kind]).inc();
         }
+    }
+
+    /// Counts one finished evidence refresh run.
+    pub fn observe_refresh(&self, run: &Run) {
+        self.refresh_runs.with_label_values(&[&run.source, &run.status]).inc();
+        if run.status != "succeeded" {
+            self.refresh_failures.inc();
+        }
+        if let Some(finished) = run.finished {
+            self.refresh_duration.observe((finished - run.started).num_milliseconds().max(0) as f64 / 1000.0);
+        }
+        self.records_read.inc_by(run.counts.records_read);
+        self.records_skipped.inc_by(run.counts.records_skipped);
+        self.athena_bytes_scanned.inc_by(run.counts.bytes_scanned);
     }
 
     pub fn observe_denials(&self, explicit: usize, other: usize) {

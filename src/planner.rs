@@ -244,6 +244,13 @@ pub fn plan(inputs: &Inputs) -> Plan {
         Gate::Paused("rolling back a batch".to_string())
     } else if let Some(problem) = evidence_problem(&inputs.freshness, config, now) {
         Gate::Inconclusive(problem)
+    } else if inputs.evidence.is_empty() {
+        // Nobody called AWS at all: more likely a wrong evidence source than a quiet account.
+        // Finishing waves on that would end the rollout for good.
+        Gate::Inconclusive(format!(
+            "the evidence holds no calls in the last {}; check evidence.source",
+            human(chrono_of(config.eligibility.window))
+        ))
     } else if let Some(why) = guard_blind.clone() {
         Gate::Inconclusive(why)
     } else {
@@ -475,6 +482,15 @@ mod tests {
         world.freshness = Freshness::default();
         assert!(matches!(world.plan().gate, Gate::Inconclusive(_)));
         assert_eq!(started(&world.plan()), None);
+    }
+
+    #[test]
+    fn evidence_without_any_calls_is_inconclusive_and_finishes_no_wave() {
+        let mut world = World::new();
+        world.evidence.clear();
+        let plan = world.plan();
+        assert!(matches!(&plan.gate, Gate::Inconclusive(why) if why.contains("no calls")), "{:?}", plan.gate);
+        assert!(plan.actions.is_empty(), "{:?}", plan.actions);
     }
 
     #[test]

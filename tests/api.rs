@@ -16,6 +16,7 @@ use lockstep::clock::{Clock, ManualClock};
 use lockstep::config::Config;
 use lockstep::controller::{Controller, Mode};
 use lockstep::evidence::files::Folder;
+use lockstep::evidence::refresh::{self, Source};
 use lockstep::feed::TrailFeed;
 use lockstep::iam::{AwsIam, Iam};
 use lockstep::metrics::{MeteredIam, Metrics};
@@ -42,6 +43,8 @@ fn http(port: u16, method: &str, path: &str, token: Option<&str>, body: &str) ->
 
 struct Daemon {
     shared: Shared,
+    config: Config,
+    clock: Arc<dyn Clock>,
     admin: u16,
     metrics: u16,
     store: Arc<Store>,
@@ -71,7 +74,7 @@ async fn daemon(prefix: &str) -> Daemon {
     let feed = TrailFeed::new(Arc::new(Folder::new(dir.path().join("trail"))), &config.account_id, clock.clone(), config.guard.window);
     let metrics = Metrics::new();
     let iam = MeteredIam::new(iam, metrics.clone());
-    let controller = Controller::new(config, store.clone(), iam, feed, clock, Mode::Commit);
+    let controller = Controller::new(config.clone(), store.clone(), iam, feed, clock.clone(), Mode::Commit);
     let shared = Shared::new(controller, metrics);
     let admin = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let metrics = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
@@ -80,6 +83,8 @@ async fn daemon(prefix: &str) -> Daemon {
     tokio::spawn(axum::serve(metrics, api::metrics_router(shared.clone())).into_future());
     Daemon {
         shared,
+        config,
+        clock,
         admin: admin_port,
         metrics: metrics_port,
         store,
@@ -153,6 +158,11 @@ async fn status_plan_metrics_and_probes() {
     let d = daemon("api-status").await;
     let (ready, _) = call(d.metrics, "GET", "/readyz", None, String::new()).await;
     assert_eq!(ready, 503, "not ready before the first step");
+    // A refresh that reads nothing still counts as a run, and the step after it reports it.
+    let source = Source::Folder(Arc::new(Folder::new(&d.config.evidence.files_path)));
+    let window = refresh::Window { since: d.clock.now() - chrono::Duration::hours(2), until: d.clock.now() };
+    refresh::refresh(&d.store, &source, &d.config, window, d.clock.as_ref(), None, &mut |_| {}).await.unwrap();
+    d.shared.step().await.unwrap();
     d.shared.step().await.unwrap();
     let (ready, _) = call(d.metrics, "GET", "/readyz", None, String::new()).await;
     assert_eq!(ready, 200);
@@ -164,8 +174,8 @@ async fn status_plan_metrics_and_probes() {
     let parsed: Status = serde_json::from_str(&body).unwrap();
     assert_eq!(parsed.mode, "commit");
     assert!(
-        matches!(&parsed.gate, Some(lockstep::planner::Gate::Inconclusive(why)) if why.contains("no successful evidence refresh")),
-        "no evidence yet: {:?}",
+        matches!(&parsed.gate, Some(lockstep::planner::Gate::Inconclusive(why)) if why.contains("no calls")),
+        "evidence without calls: {:?}",
         parsed.gate
     );
 
@@ -176,7 +186,9 @@ async fn status_plan_metrics_and_probes() {
 
     let (status, metrics) = call(d.metrics, "GET", "/metrics", None, String::new()).await;
     assert_eq!(status, 200);
-    for series in ["lockstep_controller_steps_total 1", "lockstep_gate{gate=\"inconclusive\"} 1", "lockstep_rollbacks_total{reason=\"guard\"} 0", "lockstep_iam_calls_total{operation=\"GetGroup\"}"] {
+    for series in [
+        "lockstep_controller_steps_total 2",
+        "lockstep_evidence_refresh_runs_total{source=\"files\",status=\"succeeded\"} 1", "lockstep_gate{gate=\"inconclusive\"} 1", "lockstep_rollbacks_total{reason=\"guard\"} 0", "lockstep_iam_calls_total{operation=\"GetGroup\"}"] {
         assert!(metrics.contains(series), "{series} in:\n{metrics}");
     }
 }
