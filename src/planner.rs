@@ -260,32 +260,40 @@ pub fn plan(inputs: &Inputs) -> Plan {
         plan.waiting.push(why);
     }
 
-    let finishing: Vec<&str> = plan_waves(inputs, &mut plan);
-    if plan.current_wave.is_none() && finishing.len() + ledger.waves_done.len() >= config.waves.len() && plan.gate == Gate::Open {
+    let finished = plan_waves(inputs, &mut plan);
+    if finished && plan.gate == Gate::Open {
         plan.gate = Gate::Finished;
     }
     plan
 }
 
 /// Walks the waves in order: finishes the ones that are done and starts the next batch of the
-/// first one that is not. Returns the waves it finishes.
-fn plan_waves<'c>(inputs: &Inputs<'c>, plan: &mut Plan) -> Vec<&'c str> {
+/// first one that is not. The last wave stays open when it merely runs out of eligible users, so
+/// users who become eligible later (released, new) are still promoted. Returns whether every
+/// wave is done (the last one possibly idle).
+fn plan_waves(inputs: &Inputs, plan: &mut Plan) -> bool {
     let Inputs { config, ledger, now, .. } = *inputs;
-    let mut finishing = Vec::new();
     let chosen_users: Vec<&IamUser> = inputs
         .users
         .iter()
         .filter(|u| matches!(plan.users.get(&u.name), Some(Eligibility::Eligible(_))))
         .collect();
-    for wave in &config.waves {
+    for (index, wave) in config.waves.iter().enumerate() {
         if ledger.waves_done.contains_key(&wave.name) {
             continue;
         }
+        let last = index + 1 == config.waves.len();
         let batches: Vec<_> = ledger.batches.iter().filter(|b| b.wave == wave.name && b.state != BatchState::Failed).collect();
         let active = batches.iter().any(|b| b.state.is_active());
         let candidates = candidates(wave, &chosen_users, inputs.evidence);
         let all_batches_run = wave.batches.is_some_and(|n| batches.len() >= n);
-        if !active && (all_batches_run || (candidates.is_empty() && plan.gate == Gate::Open)) {
+        let out_of_users = candidates.is_empty() && plan.gate == Gate::Open;
+        if !active && last && out_of_users && !all_batches_run {
+            plan.current_wave = Some(wave.name.clone());
+            plan.waiting.push(format!("wave {}: every eligible user is locked; newly eligible users join it", wave.name));
+            return true;
+        }
+        if !active && (all_batches_run || out_of_users) {
             let why = if all_batches_run {
                 format!("all {} batches done", batches.len())
             } else {
@@ -295,16 +303,15 @@ fn plan_waves<'c>(inputs: &Inputs<'c>, plan: &mut Plan) -> Vec<&'c str> {
                 wave: wave.name.clone(),
                 why,
             });
-            finishing.push(wave.name.as_str());
             continue;
         }
         plan.current_wave = Some(wave.name.clone());
         if plan.gate != Gate::Open {
-            return finishing;
+            return false;
         }
         if all_batches_run {
             plan.waiting.push(format!("wave {}: all batches started; waiting for them to finish", wave.name));
-            return finishing;
+            return false;
         }
         let soaking = ledger.active_batches().count();
         if soaking >= config.rollout.max_soaking_batches && !inputs.promote_now {
@@ -312,7 +319,7 @@ fn plan_waves<'c>(inputs: &Inputs<'c>, plan: &mut Plan) -> Vec<&'c str> {
                 "{soaking} batch(es) soaking (max {}); the next batch starts when one succeeds",
                 config.rollout.max_soaking_batches
             ));
-            return finishing;
+            return false;
         }
         let promoted_today = ledger.promoted_since(now - chrono::Duration::days(1));
         let room = config.rollout.max_promotions_per_day.saturating_sub(promoted_today);
@@ -321,7 +328,7 @@ fn plan_waves<'c>(inputs: &Inputs<'c>, plan: &mut Plan) -> Vec<&'c str> {
                 "daily cap reached: {promoted_today} users promoted in the last 24h (max {})",
                 config.rollout.max_promotions_per_day
             ));
-            return finishing;
+            return false;
         }
         let take = wave.batch_size.min(room);
         let users = candidates
@@ -339,9 +346,9 @@ fn plan_waves<'c>(inputs: &Inputs<'c>, plan: &mut Plan) -> Vec<&'c str> {
             wave: wave.name.clone(),
             users,
         });
-        return finishing;
+        return false;
     }
-    finishing
+    true
 }
 
 /// Eligible users the wave selects, best-known first.

@@ -322,7 +322,8 @@ async fn clean_rollout_locks_every_eligible_user_and_nobody_else() {
     let ledger = world.ledger();
     assert!(ledger.batches.iter().all(|b| b.state == BatchState::Succeeded), "{:?}", ledger.batches);
     assert_eq!(ledger.batches[0].members.len(), 2, "canary batch size");
-    assert!(ledger.waves_done.contains_key("canary") && ledger.waves_done.contains_key("rest"));
+    assert!(ledger.waves_done.contains_key("canary"));
+    assert!(!ledger.waves_done.contains_key("rest"), "the last wave stays open for users who become eligible later");
     for user in &eligible {
         assert_eq!(world.audit_actions(user), ["promote", "locked"], "{user}");
     }
@@ -607,4 +608,37 @@ async fn an_operator_rollback_of_a_succeeded_batch_removes_and_holds_its_members
     }
     let refused = world.store.with_ledger(|l| l.begin_rollback(1, "alice", "again", now, now)).unwrap_err();
     assert!(refused.to_string().contains("already rolled back"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_member_removed_by_hand_is_recorded_and_not_re_added() {
+    let mut world = World::new("by-hand", &[("ann", Habit::Trusted), ("ben", Habit::Trusted), ("cat", Habit::Trusted)], 8).await;
+    let report = world.advance(chrono::Duration::minutes(10), true).await;
+    let batch = started_batch(&report).expect("canary batch");
+    let removed = batch[0].clone();
+    world
+        .client
+        .remove_user_from_group()
+        .group_name(&world.config.lockdown.group)
+        .user_name(&removed)
+        .send()
+        .await
+        .unwrap();
+    let report = world.advance(chrono::Duration::minutes(10), true).await;
+    assert!(report.drift.iter().any(|d| d.contains(&removed) && d.contains("removed")), "{:?}", report.drift);
+    assert_eq!(world.ledger().members[&removed].state, UserState::RemovedByHand);
+    for _ in 0..30 {
+        world.advance(chrono::Duration::hours(1), true).await;
+    }
+    assert!(!world.group().await.contains(&removed), "never re-added without an operator");
+    assert!(matches!(&world.controller.preview().await.unwrap().users[&removed],
+        lockstep::planner::Eligibility::Ineligible(why) if why.contains("removed from the group by hand")));
+    // An operator releases the user: eligible again, and promoted by a later batch.
+    let now = world.clock.now();
+    world.store.with_ledger(|l| l.release(&removed, "ops", now)).unwrap();
+    for _ in 0..24 {
+        world.advance(chrono::Duration::hours(1), true).await;
+    }
+    assert!(world.group().await.contains(&removed), "promoted again after the release");
+    assert_eq!(world.audit_actions(&removed), ["promote", "locked", "removed_by_hand", "release", "promote", "locked"]);
 }
