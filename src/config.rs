@@ -12,7 +12,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use ipnet::IpNet;
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 
 use crate::perimeter::Perimeter;
 
@@ -28,7 +28,7 @@ pub const DEFAULT_NOT_ACTIONS: &[&str] = &[
 ];
 
 /// A validated configuration. Everything here has been checked; callers never re-validate.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct Config {
     pub account_id: String,
     pub region: String,
@@ -43,7 +43,7 @@ pub struct Config {
     pub listeners: Listeners,
 }
 
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct Lockdown {
     pub group: String,
     pub policy_name: String,
@@ -67,7 +67,7 @@ pub enum Partitioning {
     RegionYearMonthDay,
 }
 
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct Evidence {
     pub source: SourceKind,
     pub files_path: PathBuf,
@@ -80,13 +80,13 @@ pub struct Evidence {
     pub retention: Duration,
 }
 
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct S3Location {
     pub bucket: String,
     pub prefix: String,
 }
 
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct Athena {
     pub database: String,
     pub table: String,
@@ -97,7 +97,7 @@ pub struct Athena {
     pub timeout: Duration,
 }
 
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct Eligibility {
     pub window: Duration,
     pub min_history: Duration,
@@ -109,7 +109,7 @@ pub struct Eligibility {
     pub hold_expiry: Duration,
 }
 
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct Wave {
     pub name: String,
     pub batch_size: usize,
@@ -119,20 +119,20 @@ pub struct Wave {
 }
 
 /// Which users a wave may take. Every given criterion must match.
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Clone, Default, PartialEq)]
 pub struct Selector {
     pub path_prefix: Option<String>,
     pub user_glob: Option<glob::Pattern>,
     pub tag: Option<(String, String)>,
 }
 
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct RolloutLimits {
     pub max_promotions_per_day: usize,
     pub max_soaking_batches: usize,
 }
 
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct Guard {
     pub source: SourceKind,
     pub poll: Duration,
@@ -143,12 +143,12 @@ pub struct Guard {
     pub silence_limit: Duration,
 }
 
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct Store {
     pub path: PathBuf,
 }
 
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct Listeners {
     pub admin: SocketAddr,
     pub metrics: SocketAddr,
@@ -262,7 +262,7 @@ fn split_serde_message(message: &str) -> (String, String) {
 // ---------------------------------------------------------------------------------------------
 // Raw document: what serde reads before validation.
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 struct RawConfig {
     account_id: String,
@@ -285,14 +285,14 @@ struct RawConfig {
     listeners: RawListeners,
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 struct RawLockdown {
     group: String,
     policy_name: String,
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 struct RawPerimeter {
     #[serde(default)]
@@ -325,7 +325,7 @@ fn default_not_actions() -> Vec<String> {
 
 macro_rules! raw_section {
     ($name:ident { $($field:ident : $ty:ty = $default:expr),* $(,)? }) => {
-        #[derive(Debug, Deserialize)]
+        #[derive(Debug, Deserialize, Serialize)]
         #[serde(deny_unknown_fields, default)]
         struct $name { $($field: $ty),* }
         impl Default for $name {
@@ -347,7 +347,7 @@ raw_section!(RawEvidence {
 
 raw_section!(RawFiles { path: String = "./trail" });
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 struct RawS3 {
     bucket: String,
@@ -376,7 +376,7 @@ raw_section!(RawEligibility {
     hold_expiry: String = "14d",
 });
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 struct RawWave {
     name: String,
@@ -388,7 +388,7 @@ struct RawWave {
     select: RawSelector,
 }
 
-#[derive(Debug, Default, Deserialize)]
+#[derive(Debug, Default, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 struct RawSelector {
     path_prefix: Option<String>,
@@ -396,7 +396,7 @@ struct RawSelector {
     tag: Option<RawTag>,
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 struct RawTag {
     key: String,
@@ -950,6 +950,14 @@ waves:
         assert_eq!(found.len(), 8, "{found:#?}");
         let shown = found[0].to_string();
         assert!(shown.starts_with("rollout.yaml:5:"), "{shown}");
+    }
+
+    #[test]
+    fn a_valid_file_round_trips() {
+        let raw: RawConfig = serde_yaml::from_str(EXAMPLE).unwrap();
+        let written = serde_yaml::to_string(&raw).unwrap();
+        let again = Config::parse(&written, Path::new("written.yaml")).unwrap();
+        assert_eq!(again, Config::parse(EXAMPLE, Path::new("rollout.yaml")).unwrap());
     }
 
     #[test]
