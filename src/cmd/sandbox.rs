@@ -296,7 +296,8 @@ impl Story {
         for action in &report.plan.actions {
             match action {
                 Action::StartBatch { wave, users } if wave == "engineering" && self.misbehaving.is_none() => {
-                    let user = users[0].user.clone();
+                    let Some(first) = users.first() else { continue };
+                    let user = first.user.clone();
                     eprintln!("sandbox: {user} will start calling from an untrusted network in 30 minutes");
                     self.misbehaving = Some((user, now + chrono::Duration::minutes(30)));
                 }
