@@ -374,6 +374,7 @@ impl<I: Iam, F: EventFeed> Controller<I, F> {
     async fn add_member(&self, group: &str, user: &str, report: &mut StepReport, now: DateTime<Utc>) -> Result<(), ControllerError> {
         match self.iam.add_to_group(group, user).await {
             Ok(()) => {
+                failpoint("after-iam-write");
                 report.iam_writes.push(format!("AddUserToGroup {group} {user}"));
                 Ledger::new(&self.store.conn()).mark_locked(user, "controller", now)?;
             }
@@ -507,6 +508,7 @@ impl<I: Iam, F: EventFeed> Controller<I, F> {
                 Action::StartBatch { wave, users } => {
                     let journal: Vec<(String, String)> = users.iter().map(|c| (c.user.clone(), c.why.clone())).collect();
                     let batch = Ledger::new(&self.store.conn()).start_batch(wave, &journal, "controller", now)?;
+                    failpoint("after-journal");
                     tracing::info!(batch, %wave, users = ?journal.iter().map(|(u, _)| u).collect::<Vec<_>>(), "batch started");
                     for (user, _) in &journal {
                         self.add_member(&group, user, report, now).await?;
@@ -544,6 +546,15 @@ impl<I: Iam, F: EventFeed> Controller<I, F> {
             self.last_dry_plan = Some(plan.actions.clone());
         }
         Ok(())
+    }
+}
+
+/// Crash-test hook: with `LOCKSTEP_FAILPOINT=<name>` the process aborts at that point, as a
+/// crash or `kill -9` there would leave it. Points: `after-journal`, `after-iam-write`.
+fn failpoint(name: &str) {
+    if std::env::var("LOCKSTEP_FAILPOINT").is_ok_and(|point| point == name) {
+        tracing::error!(failpoint = name, "aborting at failpoint");
+        std::process::abort();
     }
 }
 

@@ -227,75 +227,147 @@ fn the_sandbox_runs_the_whole_loop_and_its_summary_shows_the_rollback() {
     assert!(text(&out.stderr).contains("LOCAL STAND-IN"), "the stand-in is labelled");
 }
 
-#[test]
-fn policy_apply_and_a_dry_run_of_the_daemon_against_the_emulator() {
-    let dir = tempfile::tempdir().unwrap();
-    let prefix = "cli-run";
-    let config_text = std::fs::read_to_string("rollout.yaml")
-        .unwrap()
-        .replace("group: lockstep-network-perimeter", &format!("group: {prefix}-lockdown"))
-        .replace("policy_name: lockstep-network-perimeter", &format!("policy_name: {prefix}-perimeter"))
-        .replace("path: ./trail", &format!("path: {}/trail", dir.path().display()))
-        .replace("path: ./lockstep.db", &format!("path: {}/lockstep.db", dir.path().display()))
-        .replace("min_calls: 20", "min_calls: 5");
-    let config_path = dir.path().join("rollout.yaml");
-    std::fs::write(&config_path, &config_text).unwrap();
-    let run = |args: &[&str]| {
-        Command::new(env!("CARGO_BIN_EXE_lockstep"))
+/// A rollout against the emulator: config, two users with eight clean days of trail, and a CLI
+/// runner with the environment the binary needs to reach moto (and nothing else).
+struct EmulatedRollout {
+    dir: tempfile::TempDir,
+    prefix: String,
+    config_path: std::path::PathBuf,
+    runtime: tokio::runtime::Runtime,
+    iam: aws_sdk_iam::Client,
+    users: [String; 2],
+}
+
+impl EmulatedRollout {
+    fn new(prefix: &str) -> EmulatedRollout {
+        let dir = tempfile::tempdir().unwrap();
+        let config_text = std::fs::read_to_string("rollout.yaml")
+            .unwrap()
+            .replace("group: lockstep-network-perimeter", &format!("group: {prefix}-lockdown"))
+            .replace("policy_name: lockstep-network-perimeter", &format!("policy_name: {prefix}-perimeter"))
+            .replace("path: ./trail", &format!("path: {}/trail", dir.path().display()))
+            .replace("path: ./lockstep.db", &format!("path: {}/lockstep.db", dir.path().display()));
+        let config_path = dir.path().join("rollout.yaml");
+        std::fs::write(&config_path, &config_text).unwrap();
+        let runtime = tokio::runtime::Runtime::new().unwrap();
+        let iam = runtime.block_on(async {
+            let sdk = lockstep::aws::loader(common::REGION, Some(&common::endpoint()))
+                .credentials_provider(Credentials::new("AKIDLOCKSTEPTESTS", "secret", None, None, "tests"))
+                .load()
+                .await;
+            aws_sdk_iam::Client::new(&sdk)
+        });
+        let users = [format!("{prefix}-ann"), format!("{prefix}-ben")];
+        let mut records = Vec::new();
+        for user in &users {
+            runtime.block_on(iam.create_user().user_name(user).path("/engineering/").send()).unwrap();
+            for hour in 1..(8 * 24) {
+                records.push(lockstep::synth::RecordSpec::new(
+                    lockstep::synth::Identity::iam_user(common::ACCOUNT, user),
+                    Utc::now() - chrono::Duration::hours(hour),
+                    "ec2:DescribeInstances",
+                    lockstep::synth::Origin::ip("203.0.113.9"),
+                ));
+            }
+        }
+        lockstep::synth::write_trail(&dir.path().join("trail"), common::ACCOUNT, &records, lockstep::synth::Faults::default()).unwrap();
+        EmulatedRollout {
+            dir,
+            prefix: prefix.to_string(),
+            config_path,
+            runtime,
+            iam,
+            users,
+        }
+    }
+
+    fn run(&self, args: &[&str], failpoint: Option<&str>) -> Output {
+        let mut command = Command::new(env!("CARGO_BIN_EXE_lockstep"));
+        command
             .args(args)
-            .env("LOCKSTEP_CONFIG", &config_path)
+            .env("LOCKSTEP_CONFIG", &self.config_path)
             .env("LOCKSTEP_LOG", "warn")
             .env("AWS_ENDPOINT_URL", common::endpoint())
             .env("AWS_ACCESS_KEY_ID", "AKIDLOCKSTEPTESTS")
             .env("AWS_SECRET_ACCESS_KEY", "secret")
             .env("AWS_REGION", common::REGION)
             .env("AWS_EC2_METADATA_DISABLED", "true")
-            .env("AWS_CONFIG_FILE", dir.path().join("none"))
-            .env("AWS_SHARED_CREDENTIALS_FILE", dir.path().join("none"))
-            .output()
-            .unwrap()
-    };
+            .env("AWS_CONFIG_FILE", self.dir.path().join("none"))
+            .env("AWS_SHARED_CREDENTIALS_FILE", self.dir.path().join("none"));
+        match failpoint {
+            Some(point) => command.env("LOCKSTEP_FAILPOINT", point),
+            None => command.env_remove("LOCKSTEP_FAILPOINT"),
+        };
+        command.output().unwrap()
+    }
 
-    let dry = run(&["policy", "apply"]);
+    fn group(&self) -> Vec<String> {
+        let got = self.runtime.block_on(self.iam.get_group().group_name(format!("{}-lockdown", self.prefix)).send()).unwrap();
+        let mut users: Vec<String> = got.users().iter().map(|u| u.user_name().to_string()).collect();
+        users.sort();
+        users
+    }
+
+    fn store(&self) -> Store {
+        Store::open(&self.dir.path().join("lockstep.db")).unwrap()
+    }
+}
+
+#[test]
+fn policy_apply_and_a_dry_run_of_the_daemon_against_the_emulator() {
+    let world = EmulatedRollout::new("cli-run");
+    let prefix = &world.prefix;
+    let dry = world.run(&["policy", "apply"], None);
     assert!(dry.status.success(), "{}", text(&dry.stderr));
     assert!(text(&dry.stdout).contains(&format!("create group {prefix}-lockdown")), "{}", text(&dry.stdout));
-    let applied = run(&["policy", "apply", "--commit"]);
+    let applied = world.run(&["policy", "apply", "--commit"], None);
     assert!(applied.status.success(), "{}", text(&applied.stderr));
     assert!(text(&applied.stdout).contains("created managed policy"), "{}", text(&applied.stdout));
-    let again = run(&["policy", "apply", "--commit"]);
+    let again = world.run(&["policy", "apply", "--commit"], None);
     assert!(text(&again.stdout).contains("nothing to change"), "{}", text(&again.stdout));
 
-    // Two users with eight clean days of calls from the office.
-    let runtime = tokio::runtime::Runtime::new().unwrap();
-    let iam = runtime.block_on(async {
-        let sdk = lockstep::aws::loader(common::REGION, Some(&common::endpoint()))
-            .credentials_provider(Credentials::new("AKIDLOCKSTEPTESTS", "secret", None, None, "tests"))
-            .load()
-            .await;
-        aws_sdk_iam::Client::new(&sdk)
-    });
-    let users = [format!("{prefix}-ann"), format!("{prefix}-ben")];
-    let mut records = Vec::new();
-    for user in &users {
-        runtime.block_on(iam.create_user().user_name(user).path("/engineering/").send()).unwrap();
-        for hour in 1..(8 * 24) {
-            let at = Utc::now() - chrono::Duration::hours(hour);
-            records.push(lockstep::synth::RecordSpec::new(
-                lockstep::synth::Identity::iam_user(common::ACCOUNT, user),
-                at,
-                "ec2:DescribeInstances",
-                lockstep::synth::Origin::ip("203.0.113.9"),
-            ));
-        }
-    }
-    lockstep::synth::write_trail(&dir.path().join("trail"), common::ACCOUNT, &records, lockstep::synth::Faults::default()).unwrap();
-
-    let once = run(&["run", "--once", "--json"]);
+    let once = world.run(&["run", "--once", "--json"], None);
     assert!(once.status.success(), "{}", text(&once.stderr));
     let report: serde_json::Value = serde_json::from_str(text(&once.stdout).lines().last().unwrap()).unwrap();
     assert_eq!(report["mode"], "dry-run");
     let writes: Vec<String> = report["iam_writes"].as_array().unwrap().iter().map(|w| w.as_str().unwrap().to_string()).collect();
-    assert_eq!(writes, users.iter().map(|u| format!("AddUserToGroup {prefix}-lockdown {u}")).collect::<Vec<_>>());
-    let members = runtime.block_on(iam.get_group().group_name(format!("{prefix}-lockdown")).send()).unwrap();
-    assert!(members.users().is_empty(), "a dry run writes nothing to IAM");
+    assert_eq!(writes, world.users.iter().map(|u| format!("AddUserToGroup {prefix}-lockdown {u}")).collect::<Vec<_>>());
+    assert!(world.group().is_empty(), "a dry run writes nothing to IAM");
+}
+
+/// Kills the daemon (abort, as `kill -9` would) at `point`, restarts it, and checks that ledger
+/// and group agree, nobody was promoted twice, and the audit is complete.
+fn killed_and_restarted(prefix: &str, point: &str, in_group_after_kill: usize) {
+    let world = EmulatedRollout::new(prefix);
+    assert!(world.run(&["policy", "apply", "--commit"], None).status.success());
+    let killed = world.run(&["run", "--once", "--commit"], Some(point));
+    assert!(!killed.status.success(), "the process died at {point}");
+    assert_eq!(world.group().len(), in_group_after_kill);
+    let store = world.store();
+    let promoting = store.with_ledger(|l| l.snapshot()).unwrap().members.values().filter(|m| m.state == lockstep::rollout::UserState::Promoting).count();
+    assert_eq!(promoting, 2, "the intent was journaled before the process died");
+    drop(store);
+
+    let restarted = world.run(&["run", "--once", "--commit"], None);
+    assert!(restarted.status.success(), "{}", text(&restarted.stderr));
+    assert_eq!(world.group(), world.users.to_vec());
+    let store = world.store();
+    let snapshot = store.with_ledger(|l| l.snapshot()).unwrap();
+    assert_eq!(snapshot.batches.len(), 1, "nobody promoted twice");
+    assert!(snapshot.members.values().all(|m| m.state == lockstep::rollout::UserState::Locked));
+    let audit = store.with_ledger(|l| l.audit_log(100)).unwrap();
+    for user in &world.users {
+        let actions: Vec<&str> = audit.iter().filter(|e| e.user.as_ref() == Some(user)).map(|e| e.action.as_str()).collect();
+        assert_eq!(actions, ["promote", "locked"], "audit for {user}");
+    }
+}
+
+#[test]
+fn a_daemon_killed_between_journal_and_iam_write_finishes_the_promotion_on_restart() {
+    killed_and_restarted("kill-journal", "after-journal", 0);
+}
+
+#[test]
+fn a_daemon_killed_between_iam_write_and_ledger_update_records_it_on_restart() {
+    killed_and_restarted("kill-write", "after-iam-write", 1);
 }
