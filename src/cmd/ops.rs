@@ -132,8 +132,10 @@ fn render_status(status: &Status) -> String {
         for b in &status.batches {
             let soak = b.soak_remaining_seconds.map(|s| ago(chrono::Duration::seconds(s))).unwrap_or_else(|| "-".to_string());
             let mut members = b.members.join(",");
-            if members.len() > 40 {
-                members = format!("{}… ({})", &members[..members.char_indices().nth(36).map_or(members.len(), |(i, _)| i)], b.members.len());
+            if members.chars().count() > 40 {
+                let count = format!("… ({})", b.members.len());
+                let keep = 40 - count.chars().count();
+                members = format!("{}{count}", members.chars().take(keep).collect::<String>());
             }
             out += &format!(
                 "{:>5}  {:<14} {:<12} {:>12}  {:<40} {}\n",
@@ -142,11 +144,22 @@ fn render_status(status: &Status) -> String {
                 b.state,
                 soak,
                 members,
-                b.verdict.as_deref().unwrap_or("-")
+                guard_column(b.verdict.as_deref())
             );
         }
     }
     out
+}
+
+/// The guard's verdict in a table cell: the verdict alone when healthy, else a short why.
+fn guard_column(verdict: Option<&str>) -> String {
+    const WIDTH: usize = 60;
+    match verdict {
+        None => "-".to_string(),
+        Some(v) if v.starts_with("healthy") => "healthy".to_string(),
+        Some(v) if v.chars().count() > WIDTH => format!("{}…", v.chars().take(WIDTH - 1).collect::<String>()),
+        Some(v) => v.to_string(),
+    }
 }
 
 fn ago(d: chrono::Duration) -> String {
