@@ -33,6 +33,9 @@ use crate::rollout::{BatchState, Pause, Snapshot};
 use crate::store::Store;
 use crate::trail::Denial;
 
+/// A refresh run's identity in the run log: source, start and end (microseconds).
+type RunKey = (String, i64, i64);
+
 /// What the controller loop and the HTTP handlers share.
 #[derive(Clone)]
 pub struct Shared {
@@ -52,7 +55,7 @@ struct Inner {
     ready: AtomicBool,
     webhook: Option<Webhook>,
     /// When the daemon started (earlier refresh runs are not counted) and the runs counted since.
-    runs_counted: Mutex<(DateTime<Utc>, HashSet<(String, i64, i64)>)>,
+    runs_counted: Mutex<(DateTime<Utc>, HashSet<RunKey>)>,
 }
 
 impl Shared {

@@ -511,7 +511,7 @@ impl Checker<'_> {
             max_promotions_per_day: self.positive("rollout.max_promotions_per_day", raw.rollout.max_promotions_per_day),
             max_soaking_batches: self.positive("rollout.max_soaking_batches", raw.rollout.max_soaking_batches),
         };
-        let guard = self.guard(raw.guard);
+        let guard = self.guard(raw.guard, &evidence);
         let listeners = self.listeners(raw.listeners);
         self.non_empty("store.path", &raw.store.path);
         Config {
@@ -718,9 +718,16 @@ impl Checker<'_> {
         waves
     }
 
-    fn guard(&mut self, raw: RawGuard) -> Guard {
+    fn guard(&mut self, raw: RawGuard, evidence: &Evidence) -> Guard {
+        let source = self.source("guard.source", &raw.source);
+        if source == SourceKind::S3 && evidence.s3.is_none() {
+            self.problem("guard.source", "source is s3 but the evidence.s3 section (bucket, prefix) is missing");
+        }
+        if source == SourceKind::Athena && evidence.athena.is_none() {
+            self.problem("guard.source", "source is athena but the evidence.athena section is missing");
+        }
         Guard {
-            source: self.source("guard.source", &raw.source),
+            source,
             poll: self.duration("guard.poll", &raw.poll),
             grace: self.duration("guard.grace", &raw.grace),
             window: self.duration("guard.window", &raw.window),
@@ -967,6 +974,15 @@ waves:
         assert_eq!(found.len(), 1);
         assert!(found[0].message.contains("unknown field `regoin`"), "{:?}", found[0]);
         assert!(found[0].line.is_some());
+    }
+
+    #[test]
+    fn guard_source_needs_its_evidence_section() {
+        let text = EXAMPLE.replace("  source: files                 # where the guard", "  source: athena                # where the guard");
+        let found = problems(&text);
+        assert_eq!(found.len(), 1, "{found:#?}");
+        assert_eq!(found[0].path, "guard.source");
+        assert!(found[0].message.contains("evidence.athena section is missing"));
     }
 
     #[test]

@@ -9,7 +9,6 @@ use std::net::TcpStream;
 use std::path::Path;
 use std::sync::Arc;
 
-use aws_sdk_iam::config::Credentials;
 use chrono::TimeZone;
 use lockstep::api::{self, Shared, Status};
 use lockstep::clock::{Clock, ManualClock};
@@ -60,10 +59,7 @@ async fn daemon(prefix: &str) -> Daemon {
         .replace("path: ./trail", &format!("path: {}/trail", dir.path().display()))
         .replace("path: ./lockstep.db", &format!("path: {}/lockstep.db", dir.path().display()));
     let config = Config::parse(&text, Path::new("api.yaml")).unwrap();
-    let sdk = lockstep::aws::loader(common::REGION, Some(&common::endpoint()))
-        .credentials_provider(Credentials::new("AKIDLOCKSTEPTESTS", "secret", None, None, "tests"))
-        .load()
-        .await;
+    let sdk = common::lockstep_sdk(&common::endpoint()).await;
     let iam = AwsIam::new(&sdk, common::ACCOUNT);
     iam.apply_policy(&config.lockdown.group, &config.lockdown.policy_name, &config.perimeter.policy().to_json().unwrap())
         .await

@@ -17,7 +17,6 @@ mod common;
 use std::collections::{BTreeMap, HashSet};
 use std::io::Write;
 use std::path::{Path, PathBuf};
-use std::process::Command;
 use std::time::Duration;
 
 use chrono::{DateTime, TimeDelta, TimeZone, Utc};
@@ -310,29 +309,7 @@ fn athena_cfg(partitioning: Partitioning) -> Athena {
     }
 }
 
-#[derive(serde::Deserialize)]
-struct DuckResult {
-    columns: Vec<String>,
-    rows: Vec<Vec<Option<String>>>,
-}
 
-/// Runs each query over the trail with DuckDB (tests/duckdb_run.py).
-fn duckdb(trail: &Trail, queries: &[String]) -> Vec<DuckResult> {
-    let scratch = tempfile::tempdir().unwrap();
-    let mut command = Command::new(common::python());
-    command
-        .arg(Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/duckdb_run.py"))
-        .arg(trail.root.path())
-        .args(["cloudtrail", "cloudtrail_logs"]);
-    for (i, query) in queries.iter().enumerate() {
-        let path = scratch.path().join(format!("query{i}.sql"));
-        std::fs::write(&path, query).unwrap();
-        command.arg(path);
-    }
-    let out = command.output().unwrap();
-    assert!(out.status.success(), "duckdb_run.py failed:\n{}", String::from_utf8_lossy(&out.stderr));
-    serde_json::from_slice(&out.stdout).unwrap()
-}
 
 /// Every (user, hour) aggregate, so a mismatch can be reported precisely.
 fn by_user_hour(aggregates: &Aggregates) -> BTreeMap<(String, DateTime<Utc>), UserHour> {
@@ -388,7 +365,7 @@ async fn athena_query_run_by_duckdb_matches_the_files() {
         .iter()
         .map(|p| window_query(&athena_cfg(*p), ACCOUNT, POLICY, since, until))
         .collect();
-    let results = duckdb(&trail, &queries);
+    let results = common::duckdb(trail.root.path(), &queries);
     let client = aws_sdk_athena::Client::new(&common::sdk_config());
     let _serial = common::exclusive().await;
     for (layout, result) in layouts.iter().zip(results) {

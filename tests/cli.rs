@@ -6,7 +6,6 @@ mod common;
 use std::path::Path;
 use std::process::{Command, Output};
 
-use aws_sdk_iam::config::Credentials;
 use chrono::Utc;
 use lockstep::config::Config;
 use lockstep::store::Store;
@@ -115,10 +114,7 @@ fn offline_pause_and_rollback_work_against_the_store_and_iam() {
     // A batch lockstep applied earlier: the ledger says locked, the group has them.
     let runtime = tokio::runtime::Runtime::new().unwrap();
     let iam = runtime.block_on(async {
-        let sdk = lockstep::aws::loader(common::REGION, Some(&common::endpoint()))
-            .credentials_provider(Credentials::new("AKIDLOCKSTEPTESTS", "secret", None, None, "tests"))
-            .load()
-            .await;
+        let sdk = common::lockstep_sdk(&common::endpoint()).await;
         aws_sdk_iam::Client::new(&sdk)
     });
     runtime.block_on(async {
@@ -251,10 +247,7 @@ impl EmulatedRollout {
         std::fs::write(&config_path, &config_text).unwrap();
         let runtime = tokio::runtime::Runtime::new().unwrap();
         let iam = runtime.block_on(async {
-            let sdk = lockstep::aws::loader(common::REGION, Some(&common::endpoint()))
-                .credentials_provider(Credentials::new("AKIDLOCKSTEPTESTS", "secret", None, None, "tests"))
-                .load()
-                .await;
+            let sdk = common::lockstep_sdk(&common::endpoint()).await;
             aws_sdk_iam::Client::new(&sdk)
         });
         let users = [format!("{prefix}-ann"), format!("{prefix}-ben")];

@@ -13,7 +13,6 @@ use std::path::Path;
 use std::sync::Arc;
 
 use aws_config::SdkConfig;
-use aws_sdk_iam::config::Credentials;
 use chrono::{DateTime, TimeZone, Utc};
 use lockstep::clock::{Clock, ManualClock};
 use lockstep::config::Config;
@@ -71,14 +70,6 @@ store: {{path: "{dir}/lockstep.db"}}
     )
 }
 
-/// SDK configuration with lockstep's own retry settings, pointed at `endpoint`.
-async fn sdk(endpoint: &str) -> SdkConfig {
-    lockstep::aws::loader(common::REGION, Some(endpoint))
-        .credentials_provider(Credentials::new("AKIDLOCKSTEPTESTS", "secret", None, None, "tests"))
-        .load()
-        .await
-}
-
 /// How each user behaves in the background.
 #[derive(Clone, Copy, PartialEq)]
 enum Habit {
@@ -114,7 +105,7 @@ impl World {
         let dir = tempfile::tempdir().unwrap();
         let root = dir.path().to_path_buf();
         let config = Config::parse(&config_text(prefix, &root), Path::new("test.yaml")).unwrap();
-        let sdk = sdk(&common::endpoint()).await;
+        let sdk = common::lockstep_sdk(&common::endpoint()).await;
         let client = aws_sdk_iam::Client::new(&sdk);
         let mut habits = Vec::new();
         for (name, habit) in users {
@@ -571,10 +562,10 @@ async fn missing_or_drifted_policy_blocks_promotions() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn throttled_iam_calls_are_retried_and_paging_reads_every_member() {
     let proxy = faults::Proxy::start(&common::endpoint(), faults::Fault::Throttle { times: 3 }).await;
-    let throttled = sdk(&proxy.url()).await;
+    let throttled = common::lockstep_sdk(&proxy.url()).await;
     let group = "throttle-lockdown";
     // Set up directly against moto, then read through the throttling proxy.
-    let direct = aws_sdk_iam::Client::new(&sdk(&common::endpoint()).await);
+    let direct = aws_sdk_iam::Client::new(&common::lockstep_sdk(&common::endpoint()).await);
     direct.create_group().group_name(group).send().await.unwrap();
     for i in 0..5 {
         let user = format!("throttle-u{i}");

@@ -301,7 +301,8 @@ async fn athena_timeout_stops_the_query() {
     common::athena_transition(None);
     let err = result.unwrap_err().to_string();
     assert!(err.contains("did not finish within 150ms; stopped it"), "{err}");
-    let id = err.split_whitespace().nth(2).unwrap();
+    let words: Vec<&str> = err.split_whitespace().collect();
+    let id = words[words.iter().position(|w| *w == "query").unwrap() + 1];
     let execution = client.get_query_execution().query_execution_id(id).send().await.unwrap();
     let state = execution.query_execution().and_then(|e| e.status()).and_then(|s| s.state());
     assert_eq!(state.map(|s| s.as_str()), Some("CANCELLED"));

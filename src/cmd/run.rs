@@ -14,7 +14,7 @@ use lockstep::evidence::EvidenceStore;
 use lockstep::evidence::files::Folder;
 use lockstep::evidence::refresh::{self, Source};
 use lockstep::evidence::s3::S3Trail;
-use lockstep::feed::TrailFeed;
+use lockstep::feed::{AthenaFeed, TrailFeed};
 use lockstep::iam::AwsIam;
 use lockstep::metrics::{Metrics, MeteredIam};
 use lockstep::store::Store;
@@ -64,9 +64,16 @@ pub async fn run(config: Config, options: Options) -> anyhow::Result<ExitCode> {
             let feed = TrailFeed::new(bucket, &config.account_id, clock.clone(), lookback);
             drive(Controller::new(config, store, iam, feed, clock, mode), metrics, options).await
         }
-        SourceKind::Athena => Err(anyhow::anyhow!(
-            "guard.source athena is not supported yet: the guard needs near-real-time events; use files or s3"
-        )),
+        SourceKind::Athena => {
+            let athena = config
+                .evidence
+                .athena
+                .clone()
+                .context("guard.source is athena but the evidence.athena section is missing")?;
+            let client = aws_sdk_athena::Client::new(&sdk);
+            let feed = AthenaFeed::new(client, athena, &config.account_id, clock.clone(), lookback);
+            drive(Controller::new(config, store, iam, feed, clock, mode), metrics, options).await
+        }
     };
     if let Some(schedule) = schedule {
         schedule.shutdown().await?;

@@ -42,7 +42,7 @@ const EXPLICIT_DENY_PHRASE: &str = "explicit deny in an identity-based policy";
 /// Trail files land in the day folder of their delivery, typically minutes after the call, so a
 /// call just before midnight sits in the next day's partition; the partition range reaches this
 /// far past the window's end.
-const DELIVERY_SLACK: chrono::TimeDelta = chrono::TimeDelta::hours(1);
+pub(crate) const DELIVERY_SLACK: chrono::TimeDelta = chrono::TimeDelta::hours(1);
 
 /// Longest pause between two `GetQueryExecution` polls.
 const MAX_POLL_INTERVAL: Duration = Duration::from_secs(10);
@@ -216,7 +216,7 @@ pub fn window_query(
 
 /// The partition predicate for the days `first..=last`. Partition values are zero-padded strings,
 /// so string ranges order like dates.
-fn partition_filter(partitioning: Partitioning, first: NaiveDate, last: NaiveDate) -> String {
+pub(crate) fn partition_filter(partitioning: Partitioning, first: NaiveDate, last: NaiveDate) -> String {
     match partitioning {
         Partitioning::Projected => format!(
             "\"timestamp\" BETWEEN '{}' AND '{}'",
@@ -251,7 +251,7 @@ fn partition_filter(partitioning: Partitioning, first: NaiveDate, last: NaiveDat
 
 /// `t` as CloudTrail writes `eventTime` (whole seconds), rounded up so that string comparison
 /// with `eventtime` agrees with comparing instants.
-fn trail_time(t: DateTime<Utc>) -> String {
+pub(crate) fn trail_time(t: DateTime<Utc>) -> String {
     let t = match t.with_nanosecond(0) {
         Some(whole) if whole != t => whole + chrono::TimeDelta::seconds(1),
         _ => t,
@@ -259,11 +259,11 @@ fn trail_time(t: DateTime<Utc>) -> String {
     t.format("%Y-%m-%dT%H:%M:%SZ").to_string()
 }
 
-fn sql_string(text: &str) -> String {
+pub(crate) fn sql_string(text: &str) -> String {
     format!("'{}'", text.replace('\'', "''"))
 }
 
-fn sql_identifier(name: &str) -> String {
+pub(crate) fn sql_identifier(name: &str) -> String {
     format!("\"{}\"", name.replace('"', "\"\""))
 }
 
@@ -277,7 +277,32 @@ pub async fn run_window(
     until: DateTime<Utc>,
 ) -> Result<AthenaRun, SourceError> {
     let started = std::time::Instant::now();
-    let id = start(client, cfg, &window_query(cfg, account_id, lockdown_policy, since, until)).await?;
+    let sql = window_query(cfg, account_id, lockdown_policy, since, until);
+    let QueryRows { id, rows, bytes_scanned } = run_query(client, cfg, "evidence", &sql).await?;
+    let (groups, skipped_rows) = parse_groups(&rows);
+    let elapsed = started.elapsed();
+    tracing::info!(query = %id, groups = groups.len(), skipped_rows, bytes_scanned, ?elapsed, "Athena window read");
+    Ok(AthenaRun {
+        groups,
+        bytes_scanned,
+        elapsed,
+        skipped_rows,
+    })
+}
+
+/// One finished query: its ID, its rows without the header (`None` cells are SQL NULL), and
+/// the bytes it scanned.
+pub(crate) struct QueryRows {
+    pub id: String,
+    pub rows: Vec<Vec<Option<String>>>,
+    pub bytes_scanned: u64,
+}
+
+/// Runs `sql` in the configured workgroup: starts it, waits with capped backoff until
+/// `cfg.timeout` (stopping a query that runs over, which would go on scanning and billing for
+/// nothing), and reads every page of results. `what` names the query in errors.
+pub(crate) async fn run_query(client: &Client, cfg: &config::Athena, what: &str, sql: &str) -> Result<QueryRows, SourceError> {
+    let id = start(client, cfg, sql).await?;
     let poll = || async {
         let out = client
             .get_query_execution()
@@ -291,7 +316,7 @@ pub async fn run_window(
         Waited::Succeeded { bytes_scanned } => bytes_scanned,
         Waited::Ended { state, reason } => {
             return Err(SourceError::Aws {
-                operation: format!("Athena query {id} in workgroup {}", cfg.workgroup),
+                operation: format!("Athena {what} query {id} in workgroup {}", cfg.workgroup),
                 message: format!("{state}: {reason}"),
             });
         }
@@ -301,7 +326,7 @@ pub async fn run_window(
                 Err(e) => format!("could not stop it: {}", error_message(&e)),
             };
             return Err(SourceError::Other(format!(
-                "Athena query {id} did not finish within {}; {stopped}",
+                "Athena {what} query {id} did not finish within {}; {stopped}",
                 humantime::format_duration(cfg.timeout)
             )));
         }
@@ -322,20 +347,10 @@ pub async fn run_window(
             .iter()
             .map(|row| row.data().iter().map(|d| d.var_char_value().map(str::to_string)).collect())
             .collect();
-        Ok(Page {
-            rows,
-            next_token: out.next_token().map(str::to_string),
-        })
+        Ok((rows, out.next_token().map(str::to_string)))
     };
-    let (groups, skipped_rows) = read_groups(fetch).await?;
-    let elapsed = started.elapsed();
-    tracing::info!(query = %id, groups = groups.len(), skipped_rows, bytes_scanned, ?elapsed, "Athena window read");
-    Ok(AthenaRun {
-        groups,
-        bytes_scanned,
-        elapsed,
-        skipped_rows,
-    })
+    let rows = read_pages(&format!("{what} query {id}"), fetch).await?;
+    Ok(QueryRows { id, rows, bytes_scanned })
 }
 
 async fn start(client: &Client, cfg: &config::Athena, query: &str) -> Result<String, SourceError> {
@@ -432,56 +447,55 @@ where
     }
 }
 
-/// One page of `GetQueryResults`: each row's cells (`None` for SQL NULL).
-#[derive(Debug, Clone, Default)]
-struct Page {
-    rows: Vec<Vec<Option<String>>>,
-    next_token: Option<String>,
-}
+/// One page of `GetQueryResults`: each row's cells (`None` for SQL NULL) and the `NextToken`.
+type Page = (Vec<Vec<Option<String>>>, Option<String>);
 
-/// Reads every page through `fetch` (given the previous page's `NextToken`) and parses the rows.
-/// Athena puts the column labels in the first row of the first page only. Returns the groups and
-/// how many rows were skipped as unparseable.
-async fn read_groups<F, Fut>(mut fetch: F) -> Result<(Vec<CallGroup>, u64), SourceError>
+/// Reads every page of the query `label` through `fetch` (given the previous page's `NextToken`)
+/// and returns the rows without the header, which Athena puts in the first row of the first
+/// page only.
+async fn read_pages<F, Fut>(label: &str, mut fetch: F) -> Result<Vec<Vec<Option<String>>>, SourceError>
 where
     F: FnMut(Option<String>) -> Fut,
     Fut: Future<Output = Result<Page, SourceError>>,
 {
-    let mut groups = Vec::new();
-    let mut skipped = 0u64;
-    let mut first_problem = None;
+    let mut rows = Vec::new();
     let mut token: Option<String> = None;
-    let mut row_number = 0usize;
-    for page_number in 0usize.. {
-        let page = fetch(token.clone()).await?;
-        let data = if page_number == 0 { page.rows.get(1..).unwrap_or_default() } else { &page.rows[..] };
-        for row in data {
-            row_number += 1;
-            match parse_row(row) {
-                Ok(group) => groups.push(group),
-                Err(why) => {
-                    tracing::debug!(row = row_number, %why, "skipping Athena result row");
-                    skipped += 1;
-                    first_problem.get_or_insert_with(|| format!("row {row_number}: {why}"));
-                }
-            }
-        }
-        match page.next_token.filter(|t| !t.is_empty()) {
-            None => break,
+    loop {
+        let (page, next) = fetch(token.clone()).await?;
+        let header = usize::from(token.is_none());
+        rows.extend(page.into_iter().skip(header));
+        match next.filter(|t| !t.is_empty()) {
+            None => return Ok(rows),
             // A token that does not move on would loop for ever.
             Some(next) if token.as_ref() == Some(&next) => {
                 return Err(SourceError::Other(format!(
-                    "Athena returned the same NextToken twice (page {}); results are incomplete",
-                    page_number + 1
+                    "Athena {label} returned the same NextToken twice; results are incomplete"
                 )));
             }
             Some(next) => token = Some(next),
         }
     }
+}
+
+/// The evidence query's rows as call groups, and how many rows were skipped as unparseable.
+fn parse_groups(rows: &[Vec<Option<String>>]) -> (Vec<CallGroup>, u64) {
+    let mut groups = Vec::with_capacity(rows.len());
+    let mut skipped = 0u64;
+    let mut first_problem = None;
+    for (index, row) in rows.iter().enumerate() {
+        match parse_row(row) {
+            Ok(group) => groups.push(group),
+            Err(why) => {
+                tracing::debug!(row = index + 1, %why, "skipping Athena result row");
+                skipped += 1;
+                first_problem.get_or_insert_with(|| format!("row {}: {why}", index + 1));
+            }
+        }
+    }
     if let Some(first) = first_problem {
         tracing::warn!(skipped, first = %first, "skipped Athena result rows that did not parse");
     }
-    Ok((groups, skipped))
+    (groups, skipped)
 }
 
 /// One result row as the call group it stands for.
@@ -717,45 +731,33 @@ mod tests {
             (Some("t2"), vec![good_row("dave", "4")], Some("")),
         ];
         let mut asked = Vec::new();
-        let (groups, skipped) = read_groups(|token: Option<String>| {
+        let rows = read_pages("evidence query q-1", |token: Option<String>| {
             asked.push(token.clone());
             let (expected, rows, next) = pages[asked.len() - 1].clone();
             assert_eq!(token.as_deref(), expected);
-            async move {
-                Ok(Page {
-                    rows,
-                    next_token: next.map(str::to_string),
-                })
-            }
+            async move { Ok((rows, next.map(str::to_string))) }
         })
         .await
         .unwrap();
         assert_eq!(asked.len(), 3);
+        let (groups, skipped) = parse_groups(&rows);
         let users: Vec<_> = groups.iter().map(|g| (g.record.user_name().unwrap(), g.calls)).collect();
         assert_eq!(users, [("alice", 1), ("bob", 2), ("carol", 3), ("dave", 4)]);
         assert_eq!(skipped, 1);
     }
 
     #[tokio::test]
-    async fn a_header_only_result_is_empty_and_a_stuck_token_is_an_error() {
-        let (groups, skipped) = read_groups(|_| async { Ok(Page { rows: vec![header()], next_token: None }) })
+    async fn a_header_only_result_is_empty_and_a_stuck_token_or_failed_page_is_an_error() {
+        let rows = read_pages("q", |_| async { Ok((vec![header()], None)) }).await.unwrap();
+        assert!(rows.is_empty());
+        assert!(read_pages("q", |_| async { Ok((Vec::new(), None)) }).await.unwrap().is_empty());
+
+        let err = read_pages("denials query q-1", |_| async { Ok((vec![header()], Some("same".to_string()))) })
             .await
-            .unwrap();
-        assert!(groups.is_empty() && skipped == 0);
-        let (groups, _) = read_groups(|_| async { Ok(Page::default()) }).await.unwrap();
-        assert!(groups.is_empty());
+            .unwrap_err();
+        assert_eq!(err.to_string(), "Athena denials query q-1 returned the same NextToken twice; results are incomplete");
 
-        let err = read_groups(|_| async {
-            Ok(Page {
-                rows: vec![header()],
-                next_token: Some("same".into()),
-            })
-        })
-        .await
-        .unwrap_err();
-        assert!(err.to_string().contains("same NextToken twice"), "{err}");
-
-        let err = read_groups(|_| async { Err::<Page, _>(SourceError::Other("boom".into())) })
+        let err = read_pages("q", |_| async { Err::<Page, _>(SourceError::Other("boom".into())) })
             .await
             .unwrap_err();
         assert_eq!(err.to_string(), "boom");

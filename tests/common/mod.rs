@@ -225,3 +225,38 @@ pub fn athena_transition(polls_per_step: Option<u32>) {
         ),
     }
 }
+
+/// SDK configuration with lockstep's own settings (`lockstep::aws::loader`: standard retry with
+/// extra attempts), static dummy credentials, pointed at `endpoint` (the emulator or a proxy).
+pub async fn lockstep_sdk(endpoint: &str) -> SdkConfig {
+    lockstep::aws::loader(REGION, Some(endpoint))
+        .credentials_provider(Credentials::new("AKIDLOCKSTEPTESTS", "lockstep-test-secret", None, None, "lockstep-tests"))
+        .load()
+        .await
+}
+
+/// The result of one query, as tests/duckdb_run.py prints it.
+#[derive(serde::Deserialize)]
+pub struct DuckResult {
+    pub columns: Vec<String>,
+    pub rows: Vec<Vec<Option<String>>>,
+}
+
+/// Runs each query with DuckDB (tests/duckdb_run.py) over the trail files under `root`, exposed
+/// as the Athena table `cloudtrail.cloudtrail_logs`.
+pub fn duckdb(root: &std::path::Path, queries: &[String]) -> Vec<DuckResult> {
+    let scratch = tempfile::tempdir().unwrap();
+    let mut command = Command::new(python());
+    command
+        .arg(std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/duckdb_run.py"))
+        .arg(root)
+        .args(["cloudtrail", "cloudtrail_logs"]);
+    for (i, query) in queries.iter().enumerate() {
+        let path = scratch.path().join(format!("query{i}.sql"));
+        std::fs::write(&path, query).unwrap();
+        command.arg(path);
+    }
+    let out = command.output().unwrap();
+    assert!(out.status.success(), "duckdb_run.py failed:\n{}", String::from_utf8_lossy(&out.stderr));
+    serde_json::from_slice(&out.stdout).unwrap()
+}
