@@ -161,8 +161,8 @@ impl AthenaFeed {
         let activity = self
             .rows("activity", &activity_query(&self.athena, &self.account_id, since, until))
             .await?;
-        let mut records = parse_rows("denials", &denials, denial_record);
-        records.extend(parse_rows("activity", &activity, |row| activity_record(row, &self.account_id)));
+        let (mut records, _) = athena::parse_rows("denials", &denials, denial_record);
+        records.extend(athena::parse_rows("activity", &activity, |row| activity_record(row, &self.account_id)).0);
         self.window_end = Some(until);
         self.seen.forget_before(since);
         Ok(self.seen.fresh(records))
@@ -254,30 +254,6 @@ pub fn activity_query(athena: &config::Athena, account_id: &str, since: DateTime
 
 /// A record with its (validated) event time.
 type Timed = (DateTime<Utc>, Record);
-
-/// Parses every row with `parse`; rows that do not parse are skipped, and logged once.
-fn parse_rows(
-    what: &str,
-    rows: &[Vec<Option<String>>],
-    parse: impl Fn(&[Option<String>]) -> Result<Timed, String>,
-) -> Vec<Timed> {
-    let mut records = Vec::with_capacity(rows.len());
-    let mut skipped = 0usize;
-    let mut first_problem = None;
-    for (number, row) in rows.iter().enumerate() {
-        match parse(row) {
-            Ok(record) => records.push(record),
-            Err(why) => {
-                skipped += 1;
-                first_problem.get_or_insert_with(|| format!("row {}: {why}", number + 1));
-            }
-        }
-    }
-    if let Some(first) = first_problem {
-        tracing::warn!(query = what, skipped, first = %first, "skipped Athena result rows that did not parse");
-    }
-    records
-}
 
 /// A time cell, as CloudTrail writes `eventTime`.
 fn time_cell(label: &str, cell: &Option<String>) -> Result<(DateTime<Utc>, String), String> {
@@ -555,9 +531,9 @@ mod tests {
         let mut bad = full_denial_row();
         bad[1] = Some("not a time".into());
         let rows = vec![full_denial_row(), bad, vec![None; 3], full_denial_row()];
-        let records = parse_rows("denials", &rows, denial_record);
-        assert_eq!(records.len(), 2);
-        assert!(parse_rows("activity", &[], |row| activity_record(row, "1")).is_empty());
+        let (records, skipped) = athena::parse_rows("denials", &rows, denial_record);
+        assert_eq!((records.len(), skipped), (2, 2));
+        assert!(athena::parse_rows("activity", &[], |row| activity_record(row, "1")).0.is_empty());
     }
 
     #[test]

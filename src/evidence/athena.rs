@@ -279,7 +279,7 @@ pub async fn run_window(
     let started = std::time::Instant::now();
     let sql = window_query(cfg, account_id, lockdown_policy, since, until);
     let QueryRows { id, rows, bytes_scanned } = run_query(client, cfg, "evidence", &sql).await?;
-    let (groups, skipped_rows) = parse_groups(&rows);
+    let (groups, skipped_rows) = parse_rows("evidence", &rows, parse_row);
     let elapsed = started.elapsed();
     tracing::info!(query = %id, groups = groups.len(), skipped_rows, bytes_scanned, ?elapsed, "Athena window read");
     Ok(AthenaRun {
@@ -477,25 +477,29 @@ where
     }
 }
 
-/// The evidence query's rows as call groups, and how many rows were skipped as unparseable.
-fn parse_groups(rows: &[Vec<Option<String>>]) -> (Vec<CallGroup>, u64) {
-    let mut groups = Vec::with_capacity(rows.len());
+/// Parses every row of the query `what` with `parse`; rows that do not parse are skipped and
+/// logged once. Returns the parsed rows and how many were skipped.
+pub(crate) fn parse_rows<T>(
+    what: &str,
+    rows: &[Vec<Option<String>>],
+    parse: impl Fn(&[Option<String>]) -> Result<T, String>,
+) -> (Vec<T>, u64) {
+    let mut parsed = Vec::with_capacity(rows.len());
     let mut skipped = 0u64;
     let mut first_problem = None;
     for (index, row) in rows.iter().enumerate() {
-        match parse_row(row) {
-            Ok(group) => groups.push(group),
+        match parse(row) {
+            Ok(value) => parsed.push(value),
             Err(why) => {
-                tracing::debug!(row = index + 1, %why, "skipping Athena result row");
                 skipped += 1;
                 first_problem.get_or_insert_with(|| format!("row {}: {why}", index + 1));
             }
         }
     }
     if let Some(first) = first_problem {
-        tracing::warn!(skipped, first = %first, "skipped Athena result rows that did not parse");
+        tracing::warn!(query = what, skipped, first = %first, "skipped Athena result rows that did not parse");
     }
-    (groups, skipped)
+    (parsed, skipped)
 }
 
 /// One result row as the call group it stands for.
@@ -740,7 +744,7 @@ mod tests {
         .await
         .unwrap();
         assert_eq!(asked.len(), 3);
-        let (groups, skipped) = parse_groups(&rows);
+        let (groups, skipped) = parse_rows("evidence", &rows, parse_row);
         let users: Vec<_> = groups.iter().map(|g| (g.record.user_name().unwrap(), g.calls)).collect();
         assert_eq!(users, [("alice", 1), ("bob", 2), ("carol", 3), ("dave", 4)]);
         assert_eq!(skipped, 1);
