@@ -132,8 +132,14 @@ impl Shared {
         }
         self.count_refresh_runs().await?;
         log_report(&report);
+        let mut last = self.inner.last_report.write().await;
+        if last.as_ref().map(|r| &r.plan.gate) != Some(&report.plan.gate) {
+            // The gate says whether the rollout can move; operators want to hear when that changes.
+            tracing::info!(gate = %serde_json::to_string(&report.plan.gate).unwrap_or_default(), "rollout gate changed");
+        }
+        *last = Some(report.clone());
+        drop(last);
         self.inner.ready.store(true, Ordering::SeqCst);
-        *self.inner.last_report.write().await = Some(report.clone());
         Ok(report)
     }
 

@@ -413,8 +413,11 @@ impl Runner {
         let outcome = match self.store.freshness() {
             Ok(freshness) => {
                 let window = scheduled_window(&freshness, self.clock.now(), &self.config.evidence);
-                refresh(&self.store, &self.source, &self.config, window, &*self.clock, Some(self.timeout), &mut |_| {})
-                    .await
+                let mut logger = ProgressLog::default();
+                refresh(&self.store, &self.source, &self.config, window, &*self.clock, Some(self.timeout), &mut |p| {
+                    logger.record(&p)
+                })
+                .await
             }
             Err(e) => Err(e.into()),
         };
@@ -436,6 +439,36 @@ impl Runner {
                 self.stats.failed.fetch_add(1, Ordering::Relaxed);
                 tracing::error!("evidence refresh failed; the next tick retries: {error}");
             }
+        }
+    }
+}
+
+/// Progress of a scheduled run (a first-start backfill can read days of trail) as log lines:
+/// the plan, then one line per tenth of the files.
+#[derive(Default)]
+struct ProgressLog {
+    files: u64,
+    done: u64,
+    records: u64,
+}
+
+impl ProgressLog {
+    fn record(&mut self, progress: &Progress) {
+        match progress {
+            Progress::Reading { files } => {
+                self.files = *files;
+                tracing::info!(files, "evidence refresh: reading new trail files");
+            }
+            Progress::FileDone { records, .. } => {
+                self.done += 1;
+                self.records += records;
+                let step = (self.files / 10).max(1);
+                if self.done % step == 0 || self.done == self.files {
+                    tracing::info!(done = self.done, of = self.files, records = self.records, "evidence refresh progress");
+                }
+            }
+            Progress::Querying => tracing::info!("evidence refresh: waiting for the Athena query"),
+            Progress::Listing => {}
         }
     }
 }
