@@ -22,7 +22,7 @@ use lockstep::evidence::files::{self, Folder, TrailFile};
 use lockstep::evidence::refresh::{self, Source, Window};
 use lockstep::evidence::{SourceError, TrailObjects};
 use lockstep::store::Store;
-use lockstep::synth::{Faults, Org, write_trail};
+use lockstep_synth::{Faults, Org, write_trail};
 
 const TARGET_RECORDS: u64 = 1_000_000;
 const USERS: usize = 300;

@@ -54,5 +54,4 @@ pub mod perimeter;
 pub mod planner;
 pub mod rollout;
 pub mod store;
-pub mod synth;
 pub mod trail;

@@ -5,7 +5,7 @@
 //! rows are served by moto as Athena results and read by the real `run_window`. The aggregates of
 //! what it returns must equal the aggregates of the same files parsed directly.
 //!
-//! The files: the project's synthetic organisation (`lockstep::synth`, realistic behaviours and
+//! The files: the project's synthetic organisation (`lockstep_synth`, realistic behaviours and
 //! volumes), plus a compact mix generated here at the JSON level for what a record builder does
 //! not express and the query must still get right: missing `accountId`, null `eventSource`,
 //! padded, empty, junk and missing addresses, empty endpoint IDs, denial messages that name the
@@ -242,9 +242,9 @@ fn generate() -> Trail {
     }
     // The project's realistic organisation on top (behaviours and volumes as users have them),
     // from the evening before the new year to past the window's end, to keep the test quick.
-    let org = lockstep::synth::Org::new(7, 8, &judge().perimeter);
+    let org = lockstep_synth::Org::new(7, 8, &judge().perimeter);
     let generated = org.generate(Utc.with_ymd_and_hms(2023, 12, 31, 20, 0, 0).unwrap(), end);
-    let synth = lockstep::synth::write_trail(root.path(), ACCOUNT, &generated.records, Default::default()).unwrap();
+    let synth = lockstep_synth::write_trail(root.path(), ACCOUNT, &generated.records, Default::default()).unwrap();
     written.extend(synth.files);
     // In-window calls misfiled under a November day: outside every partition range we query.
     let misfiled: Vec<Value> = (0..5).map(|i| call(&mut Dice(99 + i), "misfiled", since + TimeDelta::hours(1))).collect();

@@ -255,15 +255,15 @@ impl EmulatedRollout {
         for user in &users {
             runtime.block_on(iam.create_user().user_name(user).path("/engineering/").send()).unwrap();
             for hour in 1..(8 * 24) {
-                records.push(lockstep::synth::RecordSpec::new(
-                    lockstep::synth::Identity::iam_user(common::ACCOUNT, user),
+                records.push(lockstep_synth::RecordSpec::new(
+                    lockstep_synth::Identity::iam_user(common::ACCOUNT, user),
                     Utc::now() - chrono::Duration::hours(hour),
                     "ec2:DescribeInstances",
-                    lockstep::synth::Origin::ip("203.0.113.9"),
+                    lockstep_synth::Origin::ip("203.0.113.9"),
                 ));
             }
         }
-        lockstep::synth::write_trail(&dir.path().join("trail"), common::ACCOUNT, &records, lockstep::synth::Faults::default()).unwrap();
+        lockstep_synth::write_trail(&dir.path().join("trail"), common::ACCOUNT, &records, lockstep_synth::Faults::default()).unwrap();
         EmulatedRollout {
             dir,
             prefix: prefix.to_string(),

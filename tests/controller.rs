@@ -25,7 +25,7 @@ use lockstep::iam::{AwsIam, Iam, IamError, IamUser, PolicyStatus};
 use lockstep::planner::{Action, Gate};
 use lockstep::rollout::{BatchState, Snapshot, UserState};
 use lockstep::store::Store;
-use lockstep::synth::{Faults, Identity, Origin, RecordSpec, write_trail};
+use lockstep_synth::{Faults, Identity, Origin, RecordSpec, write_trail};
 
 const TRUSTED_IP: &str = "203.0.113.20";
 const UNTRUSTED_IP: &str = "198.51.100.77";

@@ -14,7 +14,7 @@ use lockstep::evidence::files::Folder;
 use lockstep::evidence::refresh::{self, RefreshError, Report, Source, Window};
 use lockstep::evidence::{EvidenceStore, SourceError, TrailObjects};
 use lockstep::store::Store;
-use lockstep::synth::{Faults, Org, Written, write_trail};
+use lockstep_synth::{Faults, Org, Written, write_trail};
 
 const EXAMPLE: &str = include_str!("../rollout.yaml");
 
@@ -41,7 +41,7 @@ fn folder(config: &Config) -> Source {
     Source::Folder(Arc::new(Folder::new(&config.evidence.files_path)))
 }
 
-fn write_day(org: &Org, root: &Path, day: &str, faults: Faults) -> (Written, lockstep::synth::Tally) {
+fn write_day(org: &Org, root: &Path, day: &str, faults: Faults) -> (Written, lockstep_synth::Tally) {
     let start = at(&format!("{day}T00:00:00Z"));
     let generated = org.generate(start, start + TimeDelta::days(1));
     let written = write_trail(root, &org.account_id, &generated.records, faults).unwrap();

@@ -27,7 +27,7 @@ use lockstep::metrics::Metrics;
 use lockstep::planner::{Action, Gate};
 use lockstep::rollout::UserState;
 use lockstep::store::Store;
-use lockstep::synth::{Faults, Org, Origin, RecordSpec, write_trail};
+use lockstep_synth::{Faults, Org, Origin, RecordSpec, write_trail};
 
 pub struct Options {
     pub dir: PathBuf,
@@ -280,7 +280,7 @@ impl Story {
         while at < to {
             records.push(
                 RecordSpec::new(
-                    lockstep::synth::Identity::iam_user(&config.account_id, user),
+                    lockstep_synth::Identity::iam_user(&config.account_id, user),
                     at,
                     "s3:PutObject",
                     Origin::ip("192.0.2.44"),

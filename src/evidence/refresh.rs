@@ -543,9 +543,10 @@ mod tests {
             Config::parse(include_str!("../../rollout.yaml"), std::path::Path::new("rollout.yaml")).unwrap();
         config.evidence.schedule = "* * * * * *".into();
         let now = at("2024-03-20T10:05:00Z");
-        let org = crate::synth::Org::new(1, 5, &config.perimeter);
+        // The generator links the library built without `cfg(test)`, so it takes its own perimeter.
+        let org = lockstep_synth::Org::new(1, 5, &lockstep_synth::example_perimeter().unwrap());
         let generated = org.generate(now - TimeDelta::hours(3), now - TimeDelta::hours(1));
-        crate::synth::write_trail(dir.path(), &org.account_id, &generated.records, Default::default()).unwrap();
+        lockstep_synth::write_trail(dir.path(), &org.account_id, &generated.records, Default::default()).unwrap();
         let store = Arc::new(Store::open_in_memory().unwrap());
         let clock: Arc<dyn Clock> = Arc::new(crate::clock::ManualClock::new(now));
 

@@ -24,8 +24,8 @@ use ipnet::IpNet;
 use rayon::prelude::*;
 use serde_json::{Map, Value, json};
 
-use crate::evidence::aggregate::hour_of;
-use crate::perimeter::{Perimeter, action_matches};
+use lockstep::evidence::aggregate::hour_of;
+use lockstep::perimeter::{Perimeter, action_matches};
 
 /// How a user calls AWS.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -269,6 +269,13 @@ impl Tally {
 pub struct Generated {
     pub records: Vec<RecordSpec>,
     pub tally: Tally,
+}
+
+/// The perimeter of the repository's example `rollout.yaml`, for organisations whose users should
+/// sit inside and outside the networks the example trusts.
+pub fn example_perimeter() -> Result<Perimeter, lockstep::config::ConfigError> {
+    let config = lockstep::config::Config::parse(include_str!("../../../rollout.yaml"), Path::new("rollout.yaml"))?;
+    Ok(config.perimeter)
 }
 
 /// A synthetic organisation (one account) and its users.
@@ -1007,13 +1014,12 @@ fn fnv<S: AsRef<str>>(parts: &[S]) -> u64 {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::evidence::CallGroup;
-    use crate::perimeter::{AllowReason, DenyReason, Verdict};
+    use lockstep::evidence::CallGroup;
+    use lockstep::perimeter::{AllowReason, DenyReason, Verdict};
     use std::collections::HashSet;
 
     fn perimeter() -> Perimeter {
-        let config = crate::config::Config::parse(include_str!("../rollout.yaml"), Path::new("rollout.yaml")).unwrap();
-        config.perimeter
+        example_perimeter().unwrap()
     }
 
     fn at(text: &str) -> DateTime<Utc> {
@@ -1052,7 +1058,7 @@ mod tests {
         let mut verdicts: HashSet<Verdict> = HashSet::new();
         let mut errors: HashSet<&str> = HashSet::new();
         for spec in &generated.records {
-            let record: crate::trail::Record = serde_json::from_value(render(spec, &org.account_id, 0)).unwrap();
+            let record: lockstep::trail::Record = serde_json::from_value(render(spec, &org.account_id, 0)).unwrap();
             verdicts.insert(p.classify(&record, &exempt));
             if let Some((code, _)) = &spec.error {
                 errors.insert(code);
@@ -1084,7 +1090,7 @@ mod tests {
         let exempt = HashSet::new();
         let mut outside: BTreeMap<String, u64> = BTreeMap::new();
         for spec in &generated.records {
-            let record: crate::trail::Record = serde_json::from_value(render(spec, &org.account_id, 0)).unwrap();
+            let record: lockstep::trail::Record = serde_json::from_value(render(spec, &org.account_id, 0)).unwrap();
             if let Verdict::WouldDeny(_) = p.classify(&record, &exempt) {
                 *outside.entry(record.user_name().unwrap().to_string()).or_default() += 1;
             }
@@ -1108,8 +1114,8 @@ mod tests {
         assert_eq!(value["errorCode"], "Client.UnauthorizedOperation");
         assert_eq!(value["eventSource"], "ec2.amazonaws.com");
         assert_eq!(value["userIdentity"]["arn"], "arn:aws:iam::123456789012:user/alice");
-        let record: crate::trail::Record = serde_json::from_value(value.clone()).unwrap();
-        assert_eq!(record.denial("lockstep-network-perimeter"), Some(crate::trail::Denial::ExplicitIdentityDeny));
+        let record: lockstep::trail::Record = serde_json::from_value(value.clone()).unwrap();
+        assert_eq!(record.denial("lockstep-network-perimeter"), Some(lockstep::trail::Denial::ExplicitIdentityDeny));
         assert_eq!(record.event_time(), Some(at("2024-01-02T03:04:05Z")));
         assert_eq!(value, render(&spec, "123456789012", 0), "rendering is deterministic");
 
@@ -1122,7 +1128,7 @@ mod tests {
         let value = render(&endpoint, "123456789012", 1);
         assert_eq!(value["vpcEndpointId"], "vpce-0123456789abcdef0");
         assert_eq!(value["additionalEventData"]["AuthenticationMethod"], "AuthHeader");
-        let record: crate::trail::Record = serde_json::from_value(value).unwrap();
+        let record: lockstep::trail::Record = serde_json::from_value(value).unwrap();
         assert_eq!(perimeter().classify(&record, &HashSet::new()), Verdict::Allowed(AllowReason::TrustedEndpoint));
     }
 
@@ -1149,7 +1155,7 @@ mod tests {
         let mut bad = 0;
         let mut broken = 0;
         for file in &written.files {
-            match crate::trail::read_file(file) {
+            match lockstep::trail::read_file(file) {
                 Ok(parsed) => {
                     good += parsed.records.len() as u64;
                     bad += parsed.bad.len() as u64;
