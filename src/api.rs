@@ -164,9 +164,9 @@ impl Shared {
         self.inner.controller.lock().await.preview().await
     }
 
-    /// How long to really wait between steps (the clock may run faster than the wall).
+    /// How long to wait between steps.
     pub fn real_poll_interval(&self) -> std::time::Duration {
-        self.inner.clock.real_duration(self.inner.config.guard.poll)
+        self.inner.config.guard.poll
     }
 
     pub async fn status(&self) -> Result<Status, ControllerError> {

@@ -21,6 +21,7 @@ use chrono::{DateTime, Utc};
 
 use crate::clock::Clock;
 use crate::config::Config;
+use crate::duration::chrono_of;
 use crate::evidence::{EvidenceStore, SourceError};
 use crate::guard::{self, CohortRate, DenialEvent, SourceHealth};
 use crate::iam::{Iam, IamError, IamUser, PolicyStatus};
@@ -578,8 +579,4 @@ fn describe_calls(calls: &[DenialEvent]) -> String {
         text.push_str(&format!("; and {} more", calls.len() - SHOWN));
     }
     text
-}
-
-fn chrono_of(d: std::time::Duration) -> chrono::Duration {
-    chrono::Duration::from_std(d).unwrap_or(chrono::Duration::MAX)
 }

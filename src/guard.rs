@@ -182,7 +182,7 @@ pub fn judge(input: &Input) -> Verdict {
 /// Why the event source cannot be relied on right now, if it cannot.
 pub fn source_problem(source: &SourceHealth, config: &Guard, now: DateTime<Utc>) -> Option<String> {
     let limit = chrono::Duration::from_std(config.silence_limit).unwrap_or(chrono::Duration::zero());
-    let human = |d: chrono::Duration| humantime::format_duration(d.to_std().unwrap_or_default()).to_string();
+    let human = crate::duration::elapsed;
     match (source.last_ok_poll, &source.error) {
         (None, Some(error)) => return Some(format!("event source has never been read successfully: {error}")),
         (None, None) => return Some("event source not read yet".to_string()),
@@ -347,7 +347,7 @@ mod tests {
                 })
             })
             .collect();
-        assert!(matches!(&verdicts[0], Verdict::Inconclusive { why } if why.contains("silent for 1h 40m")), "{verdicts:?}");
+        assert!(matches!(&verdicts[0], Verdict::Inconclusive { why } if why.contains("silent for 1h40m")), "{verdicts:?}");
         assert_eq!(verdicts[1].name(), "spike");
     }
 

@@ -43,6 +43,7 @@ pub mod aws;
 pub mod clock;
 pub mod config;
 pub mod controller;
+pub mod duration;
 pub mod evidence;
 pub mod feed;
 pub mod guard;

@@ -12,6 +12,7 @@ use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 
 use crate::config::{Config, Selector, Wave};
+use crate::duration::{chrono_of, elapsed as human};
 use crate::evidence::{Freshness, UserEvidence};
 use crate::guard;
 use crate::iam::IamUser;
@@ -77,21 +78,6 @@ pub struct Plan {
     /// Why nothing (more) happens right now.
     pub waiting: Vec<String>,
     pub users: BTreeMap<String, Eligibility>,
-}
-
-fn human(d: chrono::Duration) -> String {
-    let secs = d.num_seconds().max(0) as u64;
-    // Round to the largest unit that keeps it readable.
-    let rounded = match secs {
-        s if s >= 86_400 => s / 3_600 * 3_600,
-        s if s >= 3_600 => s / 60 * 60,
-        s => s,
-    };
-    humantime::format_duration(std::time::Duration::from_secs(rounded)).to_string()
-}
-
-fn chrono_of(d: std::time::Duration) -> chrono::Duration {
-    chrono::Duration::from_std(d).unwrap_or(chrono::Duration::MAX)
 }
 
 /// Why evidence this old or absent cannot be acted on, if it cannot.
@@ -529,8 +515,8 @@ mod tests {
         };
         assert_eq!(reason("ann"), "exempt (tag lockstep-exempt=true)");
         assert_eq!(reason("dan"), "excluded in rollout.yaml");
-        assert_eq!(reason("eve"), "no recorded calls in the last 14days");
-        assert!(reason("fay").starts_with("evidence spans only 2days"), "{}", reason("fay"));
+        assert_eq!(reason("eve"), "no recorded calls in the last 14d");
+        assert!(reason("fay").starts_with("evidence spans only 2d"), "{}", reason("fay"));
         assert_eq!(reason("gus"), "only 3 calls in the window (needs 20)");
         assert!(reason("hal").contains("2 calls in the window would have been denied") && reason("hal").contains("198.51.100.7"));
         assert!(matches!(&plan.users["ben"], Eligibility::Eligible(why) if why.contains("all from trusted networks")));

@@ -10,11 +10,12 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use anyhow::Context;
-use chrono::{DateTime, TimeDelta, Utc};
+use chrono::{DateTime, Utc};
 use clap::{Subcommand, ValueEnum};
 use indicatif::{ProgressBar, ProgressStyle};
 use lockstep::clock::{Clock, SystemClock};
 use lockstep::config::Config;
+use lockstep::duration;
 use lockstep::evidence::refresh::{self, Progress, Source, Window};
 use lockstep::evidence::{EvidenceStore, Freshness, UserEvidence};
 use lockstep::perimeter::Verdict;
@@ -193,15 +194,15 @@ impl Currency {
 
     /// One line for people; says plainly when the evidence cannot be trusted.
     fn line(&self, now: DateTime<Utc>) -> String {
-        let limit = span(Duration::from_secs(self.max_age_seconds));
+        let limit = duration::format(Duration::from_secs(self.max_age_seconds));
         match self.freshness.covered_until {
             None => "Evidence: NONE - no refresh has succeeded yet; run `lockstep evidence refresh`.".to_string(),
             Some(until) if self.stale => format!(
                 "Evidence: STALE - it ends {} ago ({}), over the {limit} limit; nothing below can be relied on.",
-                ago(now - until),
+                duration::elapsed(now - until),
                 day_time(until)
             ),
-            Some(until) => format!("Evidence: current to {} ({} ago).", day_time(until), ago(now - until)),
+            Some(until) => format!("Evidence: current to {} ({} ago).", day_time(until), duration::elapsed(now - until)),
         }
     }
 }
@@ -247,7 +248,7 @@ fn show(config: &Config, store: &Store, now: DateTime<Utc>, user: &str, json: bo
 
     let mut out = String::new();
     writeln!(out, "{}", currency.line(now))?;
-    let window_span = span(config.eligibility.window);
+    let window_span = duration::format(config.eligibility.window);
     let Some(e) = evidence else {
         writeln!(out, "{user}: no calls recorded in the last {window_span} (since {}).", day_time(window.since))?;
         emit(out)?;
@@ -270,7 +271,7 @@ fn show(config: &Config, store: &Store, now: DateTime<Utc>, user: &str, json: bo
             out,
             "  Last outside call:      {} ({} ago): {} from {} ({})",
             day_time(last.at),
-            ago(now - last.at),
+            duration::elapsed(now - last.at),
             last.action,
             last.source,
             last.reason
@@ -283,7 +284,7 @@ fn show(config: &Config, store: &Store, now: DateTime<Utc>, user: &str, json: bo
         "  History:                {} to {} ({}), {}, about {}/day",
         day_time(e.first_call),
         day_time(e.last_call),
-        ago(e.last_call - e.first_call),
+        duration::elapsed(e.last_call - e.first_call),
         calls(e.calls),
         thousands((e.calls as f64 / days).round() as u64)
     )?;
@@ -343,7 +344,7 @@ fn list(config: &Config, store: &Store, now: DateTime<Utc>, sort: SortBy, json: 
         out,
         "{} user(s) with calls in the last {} (since {}).",
         users.len(),
-        span(config.eligibility.window),
+        duration::format(config.eligibility.window),
         day_time(window.since)
     )?;
     if !users.is_empty() {
@@ -351,7 +352,7 @@ fn list(config: &Config, store: &Store, now: DateTime<Utc>, sort: SortBy, json: 
         writeln!(out, "\n{:<width$}  {:>9}  {:>8}  LAST OUTSIDE CALL", "USER", "CALLS", "OUTSIDE")?;
         for u in &users {
             let last = match &u.last_outside {
-                Some(o) => format!("{:>4} ago  {} from {}", ago(now - o.at), o.action, o.source),
+                Some(o) => format!("{:>4} ago  {} from {}", duration::elapsed(now - o.at), o.action, o.source),
                 None => "-".to_string(),
             };
             writeln!(out, "{:<width$}  {:>9}  {:>8}  {last}", u.user, thousands(u.calls), thousands(u.would_deny))?;
@@ -373,27 +374,6 @@ fn calls(n: u64) -> String {
 
 fn day_time(at: DateTime<Utc>) -> String {
     at.format("%Y-%m-%d %H:%M UTC").to_string()
-}
-
-/// A rough span, to the nearest unit: `45s`, `12m`, `5h`, `3d`.
-fn ago(span: TimeDelta) -> String {
-    let s = span.num_seconds().max(0);
-    let nearest = |unit: i64| (s + unit / 2) / unit;
-    match s {
-        0..60 => format!("{s}s"),
-        60..3_570 => format!("{}m", nearest(60)),
-        3_570..171_000 => format!("{}h", nearest(3_600)),
-        _ => format!("{}d", nearest(86_400)),
-    }
-}
-
-/// A configured duration in its largest exact unit: `14d`, `3h`, `90m`.
-fn span(duration: Duration) -> String {
-    let s = duration.as_secs();
-    match [(86_400, "d"), (3_600, "h"), (60, "m")].into_iter().find(|(unit, _)| s >= *unit && s % unit == 0) {
-        Some((unit, name)) => format!("{}{name}", s / unit),
-        None => format!("{s}s"),
-    }
 }
 
 fn thousands(n: u64) -> String {
@@ -431,11 +411,6 @@ mod tests {
         assert!(parse_time("yesterday").is_err());
         assert_eq!(thousands(1_234_567), "1,234,567");
         assert_eq!(thousands(999), "999");
-        assert_eq!(ago(TimeDelta::minutes(90)), "2h");
-        assert_eq!(ago(TimeDelta::minutes(59)), "59m");
-        assert_eq!(ago(TimeDelta::hours(239)), "10d");
-        assert_eq!(span(Duration::from_secs(14 * 86_400)), "14d");
-        assert_eq!(span(Duration::from_secs(5_400)), "90m");
         assert_eq!(bytes(2_500_000), "2.5 MB");
     }
 }

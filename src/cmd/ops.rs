@@ -16,6 +16,7 @@ use lockstep::api::{self, Answer, Command, Status};
 use lockstep::clock::{Clock, SystemClock};
 use lockstep::config::Config;
 use lockstep::controller::{Controller, EventFeed, Mode};
+use lockstep::duration::elapsed as ago;
 use lockstep::evidence::{EvidenceStore, SourceError};
 use lockstep::iam::{AwsIam, Iam};
 use lockstep::planner::{Action, Eligibility, Gate, Plan};
@@ -160,12 +161,6 @@ fn guard_column(verdict: Option<&str>) -> String {
         Some(v) if v.chars().count() > WIDTH => format!("{}…", v.chars().take(WIDTH - 1).collect::<String>()),
         Some(v) => v.to_string(),
     }
-}
-
-fn ago(d: chrono::Duration) -> String {
-    let secs = d.num_seconds().max(0) as u64;
-    let rounded = if secs >= 3600 { secs / 60 * 60 } else { secs };
-    humantime::format_duration(std::time::Duration::from_secs(rounded)).to_string()
 }
 
 fn answer_text(body: &[u8]) -> String {

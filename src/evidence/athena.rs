@@ -327,7 +327,7 @@ pub(crate) async fn run_query(client: &Client, cfg: &config::Athena, what: &str,
             };
             return Err(SourceError::Other(format!(
                 "Athena {what} query {id} did not finish within {}; {stopped}",
-                humantime::format_duration(cfg.timeout)
+                crate::duration::format(cfg.timeout)
             )));
         }
     };

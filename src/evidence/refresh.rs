@@ -105,7 +105,7 @@ pub enum RefreshError {
     Source(#[from] SourceError),
     #[error(transparent)]
     Store(#[from] StoreError),
-    #[error("the refresh did not finish within {}", humantime::format_duration(*.0))]
+    #[error("the refresh did not finish within {}", crate::duration::format(*.0))]
     TimedOut(Duration),
     #[error("evidence.schedule {schedule:?}: {why}")]
     Schedule { schedule: String, why: String },
