@@ -22,7 +22,8 @@ use chrono::{DateTime, Utc};
 use crate::clock::Clock;
 use crate::config::Config;
 use crate::duration::chrono_of;
-use crate::evidence::{EvidenceStore, SourceError};
+use crate::evidence::EvidenceStore;
+use crate::feed::EventFeed;
 use crate::guard::{self, CohortRate, DenialEvent, SourceHealth};
 use crate::iam::{Iam, IamError, IamUser, PolicyStatus};
 use crate::ledger::{Ledger, LedgerError};
@@ -61,11 +62,6 @@ impl<I: Iam + 'static, F: EventFeed + 'static> Stepper for Controller<I, F> {
     fn mode(&self) -> Mode {
         self.mode
     }
-}
-
-/// New trail records since the last poll.
-pub trait EventFeed: Send + Sync {
-    fn poll(&mut self) -> impl Future<Output = Result<Vec<Record>, SourceError>> + Send;
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -39,6 +39,7 @@ macro_rules! named_enum {
 }
 
 pub mod api;
+pub(crate) mod athena;
 pub mod aws;
 pub mod clock;
 pub mod config;

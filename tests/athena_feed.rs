@@ -17,8 +17,8 @@ use std::time::Duration;
 use chrono::{DateTime, TimeDelta, TimeZone, Utc};
 use lockstep::clock::{Clock, ManualClock};
 use lockstep::config::{Athena, Partitioning};
-use lockstep::controller::EventFeed;
-use lockstep::feed::{AthenaFeed, activity_query, denials_query};
+use lockstep::feed::{AthenaFeed, EventFeed};
+use lockstep::feed::athena::{activity_query, denials_query};
 use lockstep::trail::{Denial, Record};
 use serde_json::{Value, json};
 

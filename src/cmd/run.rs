@@ -8,13 +8,11 @@ use std::sync::Arc;
 use anyhow::Context;
 use lockstep::api::{self, Shared};
 use lockstep::clock::{Clock, SystemClock};
-use lockstep::config::{Config, SourceKind};
-use lockstep::controller::{Controller, EventFeed, Mode};
+use lockstep::config::Config;
+use lockstep::controller::{Controller, Mode};
 use lockstep::evidence::EvidenceStore;
-use lockstep::evidence::files::Folder;
 use lockstep::evidence::refresh::{self, Source};
-use lockstep::evidence::s3::S3Trail;
-use lockstep::feed::{AthenaFeed, TrailFeed};
+use lockstep::feed::{self, EventFeed};
 use lockstep::iam::AwsIam;
 use lockstep::metrics::{Metrics, MeteredIam};
 use lockstep::store::Store;
@@ -47,34 +45,8 @@ pub async fn run(config: Config, options: Options) -> anyhow::Result<ExitCode> {
     } else {
         Some(refresh::start_schedule(store.clone(), source, Arc::new(config.clone()), clock.clone()).await?)
     };
-    let lookback = config.guard.window + config.guard.grace;
-    let outcome = match config.guard.source {
-        SourceKind::Files => {
-            let folder = Arc::new(Folder::new(&config.evidence.files_path));
-            let feed = TrailFeed::new(folder, &config.account_id, clock.clone(), lookback);
-            drive(Controller::new(config, store, iam, feed, clock, mode), metrics, options).await
-        }
-        SourceKind::S3 => {
-            let location = config
-                .evidence
-                .s3
-                .clone()
-                .context("guard.source is s3 but the evidence.s3 section is missing")?;
-            let bucket = Arc::new(S3Trail::new(lockstep::aws::s3_client(&sdk), &location));
-            let feed = TrailFeed::new(bucket, &config.account_id, clock.clone(), lookback);
-            drive(Controller::new(config, store, iam, feed, clock, mode), metrics, options).await
-        }
-        SourceKind::Athena => {
-            let athena = config
-                .evidence
-                .athena
-                .clone()
-                .context("guard.source is athena but the evidence.athena section is missing")?;
-            let client = aws_sdk_athena::Client::new(&sdk);
-            let feed = AthenaFeed::new(client, athena, &config.account_id, clock.clone(), lookback);
-            drive(Controller::new(config, store, iam, feed, clock, mode), metrics, options).await
-        }
-    };
+    let feed = feed::from_config(&config, clock.clone()).await?;
+    let outcome = drive(Controller::new(config, store, iam, feed, clock, mode), metrics, options).await;
     if let Some(schedule) = schedule {
         schedule.shutdown().await?;
     }

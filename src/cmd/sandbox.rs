@@ -21,7 +21,7 @@ use lockstep::controller::{Controller, Mode, StepReport};
 use lockstep::evidence::files::Folder;
 use lockstep::evidence::refresh::{self, Source};
 use lockstep::evidence::EvidenceStore;
-use lockstep::feed::TrailFeed;
+use lockstep::feed;
 use lockstep::iam::{Iam, IamError, IamUser, PolicyStatus};
 use lockstep::metrics::Metrics;
 use lockstep::planner::{Action, Gate};
@@ -182,12 +182,8 @@ pub async fn run(options: Options) -> anyhow::Result<ExitCode> {
     iam.apply_policy(&config.lockdown.group, &config.lockdown.policy_name, &config.perimeter.policy().to_json()?)
         .await?;
     let dyn_clock: Arc<dyn Clock> = clock.clone();
-    let feed = TrailFeed::new(
-        Arc::new(Folder::new(&trail)),
-        &config.account_id,
-        dyn_clock.clone(),
-        config.guard.window + config.guard.grace,
-    );
+    // The sandbox's guard tails the generated trail folder (`guard.source: files`).
+    let feed = feed::from_config(&config, dyn_clock.clone()).await?;
     let controller = Controller::new(config.clone(), store.clone(), iam.clone(), feed, dyn_clock, Mode::Commit);
     let shared = Shared::new(controller, Metrics::new());
     let servers = api::serve(shared.clone(), &config.listeners).await?;

@@ -8,19 +8,18 @@
 //!
 //! The query text is deliberately plain SQL that both Athena (Trino) and DuckDB accept, so a test
 //! can run the very same text over generated trail files (`tests/athena_duckdb.rs`):
-//! `regexp_extract` instead of `json_extract_scalar` (DuckDB has no such function), string
-//! comparisons and `substr` on the ISO-8601 `eventtime` instead of date functions. Every query
-//! constrains the partition column(s), since Athena bills by bytes scanned.
+//! `regexp_extract` instead of `json_extract_scalar` (DuckDB has no such function), `substr` on
+//! the ISO-8601 `eventtime` instead of date functions. Its `FROM` and partition-constrained
+//! `WHERE` are [`crate::athena::sql`]'s; the Athena client is [`crate::athena::client`].
 
-use std::future::Future;
 use std::time::Duration;
 
 use aws_sdk_athena::Client;
-use aws_sdk_athena::types::{QueryExecution, QueryExecutionContext, QueryExecutionState, ResultConfiguration};
-use chrono::{DateTime, Datelike, NaiveDate, Timelike, Utc};
+use chrono::{DateTime, Utc};
 
-use crate::aws::error_message;
-use crate::config::{self, Partitioning};
+use crate::athena::client::{QueryRows, parse_rows, run_query};
+use crate::athena::sql::{from_window, sql_string};
+use crate::config;
 use crate::evidence::{CallGroup, SourceError};
 use crate::trail::{Record, UserIdentity};
 
@@ -38,17 +37,6 @@ pub struct AthenaRun {
 
 /// The phrase IAM puts in a denial caused by a Deny statement in an identity-based policy.
 const EXPLICIT_DENY_PHRASE: &str = "explicit deny in an identity-based policy";
-
-/// Trail files land in the day folder of their delivery, typically minutes after the call, so a
-/// call just before midnight sits in the next day's partition; the partition range reaches this
-/// far past the window's end.
-pub(crate) const DELIVERY_SLACK: chrono::TimeDelta = chrono::TimeDelta::hours(1);
-
-/// Longest pause between two `GetQueryExecution` polls.
-const MAX_POLL_INTERVAL: Duration = Duration::from_secs(10);
-
-/// `GetQueryResults` page size (Athena's maximum).
-const PAGE_SIZE: i32 = 1000;
 
 /// The result columns. A row's cell `i` is `Col::ALL[i]`; all but the last three are grouping keys.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -199,72 +187,12 @@ pub fn window_query(
         .map(|col| format!("  {}", col.expression(lockdown_policy)))
         .collect();
     group_by.push("  substr(eventtime, 1, 13)".to_string());
-    let first_day = since.date_naive();
-    let last_day = (until + DELIVERY_SLACK).date_naive().max(first_day);
     format!(
-        "SELECT\n{select}\nFROM {db}.{table}\nWHERE {partitions}\n  AND eventtime >= {since}\n  AND eventtime < {until}\n  AND useridentity.type = 'IAMUser'\n  AND coalesce(useridentity.accountid, recipientaccountid) = {account}\nGROUP BY\n{group_by}",
+        "SELECT\n{select}\n{from}\nGROUP BY\n{group_by}",
         select = select.join(",\n"),
-        db = sql_identifier(&cfg.database),
-        table = sql_identifier(&cfg.table),
-        partitions = partition_filter(cfg.partitioning, first_day, last_day),
-        since = sql_string(&trail_time(since)),
-        until = sql_string(&trail_time(until)),
-        account = sql_string(account_id),
+        from = from_window(cfg, account_id, since, until),
         group_by = group_by.join(",\n"),
     )
-}
-
-/// The partition predicate for the days `first..=last`. Partition values are zero-padded strings,
-/// so string ranges order like dates.
-pub(crate) fn partition_filter(partitioning: Partitioning, first: NaiveDate, last: NaiveDate) -> String {
-    match partitioning {
-        Partitioning::Projected => format!(
-            "\"timestamp\" BETWEEN '{}' AND '{}'",
-            first.format("%Y/%m/%d"),
-            last.format("%Y/%m/%d")
-        ),
-        Partitioning::RegionYearMonthDay => {
-            // One range of days per calendar month, so windows across month and year ends work.
-            let mut months: Vec<(NaiveDate, NaiveDate)> = Vec::new();
-            for day in first.iter_days().take_while(|d| *d <= last) {
-                match months.last_mut() {
-                    Some((start, end)) if (start.year(), start.month()) == (day.year(), day.month()) => *end = day,
-                    _ => months.push((day, day)),
-                }
-            }
-            let ranges: Vec<String> = months
-                .iter()
-                .map(|(start, end)| {
-                    format!(
-                        "(\"year\" = '{}' AND \"month\" = '{}' AND \"day\" BETWEEN '{}' AND '{}')",
-                        start.format("%Y"),
-                        start.format("%m"),
-                        start.format("%d"),
-                        end.format("%d")
-                    )
-                })
-                .collect();
-            format!("({})", ranges.join(" OR "))
-        }
-    }
-}
-
-/// `t` as CloudTrail writes `eventTime` (whole seconds), rounded up so that string comparison
-/// with `eventtime` agrees with comparing instants.
-pub(crate) fn trail_time(t: DateTime<Utc>) -> String {
-    let t = match t.with_nanosecond(0) {
-        Some(whole) if whole != t => whole + chrono::TimeDelta::seconds(1),
-        _ => t,
-    };
-    t.format("%Y-%m-%dT%H:%M:%SZ").to_string()
-}
-
-pub(crate) fn sql_string(text: &str) -> String {
-    format!("'{}'", text.replace('\'', "''"))
-}
-
-pub(crate) fn sql_identifier(name: &str) -> String {
-    format!("\"{}\"", name.replace('"', "\"\""))
 }
 
 /// Runs [`window_query`] in the configured workgroup, waits for it, and reads every result page.
@@ -288,218 +216,6 @@ pub async fn run_window(
         elapsed,
         skipped_rows,
     })
-}
-
-/// One finished query: its ID, its rows without the header (`None` cells are SQL NULL), and
-/// the bytes it scanned.
-pub(crate) struct QueryRows {
-    pub id: String,
-    pub rows: Vec<Vec<Option<String>>>,
-    pub bytes_scanned: u64,
-}
-
-/// Runs `sql` in the configured workgroup: starts it, waits with capped backoff until
-/// `cfg.timeout` (stopping a query that runs over, which would go on scanning and billing for
-/// nothing), and reads every page of results. `what` names the query in errors.
-pub(crate) async fn run_query(client: &Client, cfg: &config::Athena, what: &str, sql: &str) -> Result<QueryRows, SourceError> {
-    let id = start(client, cfg, sql).await?;
-    let poll = || async {
-        let out = client
-            .get_query_execution()
-            .query_execution_id(&id)
-            .send()
-            .await
-            .map_err(|e| aws_failure("GetQueryExecution", &id, &e))?;
-        Ok(progress(out.query_execution()))
-    };
-    let bytes_scanned = match wait(cfg.poll_interval, cfg.timeout, poll).await? {
-        Waited::Succeeded { bytes_scanned } => bytes_scanned,
-        Waited::Ended { state, reason } => {
-            return Err(SourceError::Aws {
-                operation: format!("Athena {what} query {id} in workgroup {}", cfg.workgroup),
-                message: format!("{state}: {reason}"),
-            });
-        }
-        Waited::TimedOut => {
-            let stopped = match client.stop_query_execution().query_execution_id(&id).send().await {
-                Ok(_) => "stopped it".to_string(),
-                Err(e) => format!("could not stop it: {}", error_message(&e)),
-            };
-            return Err(SourceError::Other(format!(
-                "Athena {what} query {id} did not finish within {}; {stopped}",
-                crate::duration::format(cfg.timeout)
-            )));
-        }
-    };
-    let fetch = |token: Option<String>| async {
-        let out = client
-            .get_query_results()
-            .query_execution_id(&id)
-            .max_results(PAGE_SIZE)
-            .set_next_token(token)
-            .send()
-            .await
-            .map_err(|e| aws_failure("GetQueryResults", &id, &e))?;
-        let rows = out
-            .result_set()
-            .map(|set| set.rows())
-            .unwrap_or_default()
-            .iter()
-            .map(|row| row.data().iter().map(|d| d.var_char_value().map(str::to_string)).collect())
-            .collect();
-        Ok((rows, out.next_token().map(str::to_string)))
-    };
-    let rows = read_pages(&format!("{what} query {id}"), fetch).await?;
-    Ok(QueryRows { id, rows, bytes_scanned })
-}
-
-async fn start(client: &Client, cfg: &config::Athena, query: &str) -> Result<String, SourceError> {
-    let mut request = client
-        .start_query_execution()
-        .query_string(query)
-        .work_group(&cfg.workgroup)
-        .query_execution_context(QueryExecutionContext::builder().database(&cfg.database).build());
-    // An empty location leaves it to the workgroup's own setting.
-    if !cfg.output_location.is_empty() {
-        request =
-            request.result_configuration(ResultConfiguration::builder().output_location(&cfg.output_location).build());
-    }
-    let out = request.send().await.map_err(|e| SourceError::Aws {
-        operation: format!("athena:StartQueryExecution in workgroup {}", cfg.workgroup),
-        message: error_message(&e),
-    })?;
-    out.query_execution_id().map(str::to_string).ok_or_else(|| SourceError::Aws {
-        operation: "athena:StartQueryExecution".to_string(),
-        message: "the answer carried no QueryExecutionId".to_string(),
-    })
-}
-
-fn aws_failure<E, R>(operation: &str, id: &str, err: &aws_sdk_athena::error::SdkError<E, R>) -> SourceError
-where
-    E: aws_sdk_athena::error::ProvideErrorMetadata + std::error::Error + 'static,
-    R: std::fmt::Debug,
-{
-    SourceError::Aws {
-        operation: format!("athena:{operation} {id}"),
-        message: error_message(err),
-    }
-}
-
-/// What one `GetQueryExecution` said about the query.
-#[derive(Debug, Clone, PartialEq)]
-enum Progress {
-    Pending,
-    Succeeded { bytes_scanned: u64 },
-    /// FAILED or CANCELLED, with Athena's reason.
-    Ended { state: String, reason: String },
-}
-
-fn progress(execution: Option<&QueryExecution>) -> Progress {
-    let status = execution.and_then(|e| e.status());
-    match status.and_then(|s| s.state()) {
-        Some(QueryExecutionState::Succeeded) => Progress::Succeeded {
-            bytes_scanned: execution
-                .and_then(|e| e.statistics())
-                .and_then(|s| s.data_scanned_in_bytes())
-                .and_then(|b| u64::try_from(b).ok())
-                .unwrap_or(0),
-        },
-        Some(state @ (QueryExecutionState::Failed | QueryExecutionState::Cancelled)) => Progress::Ended {
-            state: state.as_str().to_string(),
-            reason: status
-                .and_then(|s| s.state_change_reason().or(s.athena_error().and_then(|e| e.error_message())))
-                .unwrap_or("Athena gave no reason")
-                .to_string(),
-        },
-        // QUEUED, RUNNING, or a state this SDK does not know yet: keep waiting.
-        _ => Progress::Pending,
-    }
-}
-
-#[derive(Debug, PartialEq)]
-enum Waited {
-    Succeeded { bytes_scanned: u64 },
-    Ended { state: String, reason: String },
-    TimedOut,
-}
-
-/// Polls until the query ends or `timeout` passes, pausing `interval`, then twice as long each
-/// time, up to [`MAX_POLL_INTERVAL`].
-async fn wait<P, F>(interval: Duration, timeout: Duration, mut poll: P) -> Result<Waited, SourceError>
-where
-    P: FnMut() -> F,
-    F: Future<Output = Result<Progress, SourceError>>,
-{
-    let deadline = tokio::time::Instant::now() + timeout;
-    let mut delay = interval;
-    loop {
-        match poll().await? {
-            Progress::Succeeded { bytes_scanned } => return Ok(Waited::Succeeded { bytes_scanned }),
-            Progress::Ended { state, reason } => return Ok(Waited::Ended { state, reason }),
-            Progress::Pending => {}
-        }
-        let left = deadline.saturating_duration_since(tokio::time::Instant::now());
-        if left.is_zero() {
-            return Ok(Waited::TimedOut);
-        }
-        tokio::time::sleep(delay.min(left)).await;
-        delay = (delay * 2).min(MAX_POLL_INTERVAL).max(interval);
-    }
-}
-
-/// One page of `GetQueryResults`: each row's cells (`None` for SQL NULL) and the `NextToken`.
-type Page = (Vec<Vec<Option<String>>>, Option<String>);
-
-/// Reads every page of the query `label` through `fetch` (given the previous page's `NextToken`)
-/// and returns the rows without the header, which Athena puts in the first row of the first
-/// page only.
-async fn read_pages<F, Fut>(label: &str, mut fetch: F) -> Result<Vec<Vec<Option<String>>>, SourceError>
-where
-    F: FnMut(Option<String>) -> Fut,
-    Fut: Future<Output = Result<Page, SourceError>>,
-{
-    let mut rows = Vec::new();
-    let mut token: Option<String> = None;
-    loop {
-        let (page, next) = fetch(token.clone()).await?;
-        let header = usize::from(token.is_none());
-        rows.extend(page.into_iter().skip(header));
-        match next.filter(|t| !t.is_empty()) {
-            None => return Ok(rows),
-            // A token that does not move on would loop for ever.
-            Some(next) if token.as_ref() == Some(&next) => {
-                return Err(SourceError::Other(format!(
-                    "Athena {label} returned the same NextToken twice; results are incomplete"
-                )));
-            }
-            Some(next) => token = Some(next),
-        }
-    }
-}
-
-/// Parses every row of the query `what` with `parse`; rows that do not parse are skipped and
-/// logged once. Returns the parsed rows and how many were skipped.
-pub(crate) fn parse_rows<T>(
-    what: &str,
-    rows: &[Vec<Option<String>>],
-    parse: impl Fn(&[Option<String>]) -> Result<T, String>,
-) -> (Vec<T>, u64) {
-    let mut parsed = Vec::with_capacity(rows.len());
-    let mut skipped = 0u64;
-    let mut first_problem = None;
-    for (index, row) in rows.iter().enumerate() {
-        match parse(row) {
-            Ok(value) => parsed.push(value),
-            Err(why) => {
-                skipped += 1;
-                first_problem.get_or_insert_with(|| format!("row {}: {why}", index + 1));
-            }
-        }
-    }
-    if let Some(first) = first_problem {
-        tracing::warn!(query = what, skipped, first = %first, "skipped Athena result rows that did not parse");
-    }
-    (parsed, skipped)
 }
 
 /// One result row as the call group it stands for.
@@ -558,7 +274,8 @@ fn parse_row(cells: &[Option<String>]) -> Result<CallGroup, String> {
 mod tests {
     use super::*;
     use crate::trail::Denial;
-    use aws_sdk_athena::types::{AthenaError, QueryExecutionStatistics, QueryExecutionStatus};
+    use crate::athena::client::read_pages;
+    use crate::config::Partitioning;
     use chrono::TimeZone;
 
     fn cfg(partitioning: Partitioning) -> config::Athena {
@@ -582,34 +299,6 @@ mod tests {
     }
 
     #[test]
-    fn projected_layout_constrains_timestamp_with_delivery_slack() {
-        let q = query(Partitioning::Projected, at(2024, 3, 1, 10, 0), at(2024, 3, 2, 23, 30));
-        // The window ends at 23:30; calls just before are delivered after midnight.
-        assert!(q.contains(r#"WHERE "timestamp" BETWEEN '2024/03/01' AND '2024/03/03'"#), "{q}");
-        assert!(q.contains("AND eventtime >= '2024-03-01T10:00:00Z'\n  AND eventtime < '2024-03-02T23:30:00Z'"), "{q}");
-        assert!(q.contains(r#"FROM "trail db"."cloudtrail_logs""#), "{q}");
-        assert!(q.contains("= '123456789012'"), "{q}");
-        assert!(!q.contains("\"year\""), "{q}");
-        let q = query(Partitioning::Projected, at(2024, 3, 1, 10, 0), at(2024, 3, 2, 12, 0));
-        assert!(q.contains(r#""timestamp" BETWEEN '2024/03/01' AND '2024/03/02'"#), "{q}");
-    }
-
-    #[test]
-    fn year_month_day_layout_splits_ranges_at_month_and_year_ends() {
-        let q = query(Partitioning::RegionYearMonthDay, at(2023, 12, 30, 22, 0), at(2024, 1, 2, 0, 0));
-        let expected = r#"WHERE (("year" = '2023' AND "month" = '12' AND "day" BETWEEN '30' AND '31') OR ("year" = '2024' AND "month" = '01' AND "day" BETWEEN '01' AND '02'))"#;
-        assert!(q.contains(expected), "{q}");
-        assert!(!q.contains("\"timestamp\""), "{q}");
-        // A non-leap February.
-        let q = query(Partitioning::RegionYearMonthDay, at(2023, 2, 27, 0, 0), at(2023, 3, 1, 12, 0));
-        let expected = r#"(("year" = '2023' AND "month" = '02' AND "day" BETWEEN '27' AND '28') OR ("year" = '2023' AND "month" = '03' AND "day" BETWEEN '01' AND '01'))"#;
-        assert!(q.contains(expected), "{q}");
-        // An empty window still yields valid SQL.
-        let q = query(Partitioning::RegionYearMonthDay, at(2023, 2, 27, 0, 0), at(2023, 2, 20, 0, 0));
-        assert!(q.contains(r#"(("year" = '2023' AND "month" = '02' AND "day" BETWEEN '27' AND '27'))"#), "{q}");
-    }
-
-    #[test]
     fn columns_are_listed_in_declaration_order() {
         assert!(Col::ALL.iter().enumerate().all(|(i, col)| *col as usize == i));
     }
@@ -628,19 +317,10 @@ mod tests {
     }
 
     #[test]
-    fn event_time_bounds_round_up_to_whole_seconds() {
-        let t = at(2024, 3, 1, 10, 0) + chrono::TimeDelta::milliseconds(1500);
-        assert_eq!(trail_time(t), "2024-03-01T10:00:02Z");
-        assert_eq!(trail_time(at(2024, 12, 31, 23, 59) + chrono::TimeDelta::nanoseconds(59_000_000_001)), "2025-01-01T00:00:00Z");
-        assert_eq!(trail_time(at(2024, 3, 1, 10, 0)), "2024-03-01T10:00:00Z");
-    }
-
-    #[test]
     fn policy_name_is_literal_in_the_pattern_and_quotes_are_escaped() {
         let marker = explicit_deny("team.lock+down=x");
         assert!(marker.contains(r"policy: arn:\S*:policy/(\S*/)?team[.]lock[+]down[=]x[.,)]*(\s|$)"), "{marker}");
         assert!(explicit_deny("it's").contains("it['']s"));
-        assert_eq!(sql_identifier("a\"b"), "\"a\"\"b\"");
     }
 
     /// A result row built by column name, so the test does not depend on positions.
@@ -748,101 +428,5 @@ mod tests {
         let users: Vec<_> = groups.iter().map(|g| (g.record.user_name().unwrap(), g.calls)).collect();
         assert_eq!(users, [("alice", 1), ("bob", 2), ("carol", 3), ("dave", 4)]);
         assert_eq!(skipped, 1);
-    }
-
-    #[tokio::test]
-    async fn a_header_only_result_is_empty_and_a_stuck_token_or_failed_page_is_an_error() {
-        let rows = read_pages("q", |_| async { Ok((vec![header()], None)) }).await.unwrap();
-        assert!(rows.is_empty());
-        assert!(read_pages("q", |_| async { Ok((Vec::new(), None)) }).await.unwrap().is_empty());
-
-        let err = read_pages("denials query q-1", |_| async { Ok((vec![header()], Some("same".to_string()))) })
-            .await
-            .unwrap_err();
-        assert_eq!(err.to_string(), "Athena denials query q-1 returned the same NextToken twice; results are incomplete");
-
-        let err = read_pages("q", |_| async { Err::<Page, _>(SourceError::Other("boom".into())) })
-            .await
-            .unwrap_err();
-        assert_eq!(err.to_string(), "boom");
-    }
-
-    fn execution(state: QueryExecutionState) -> QueryExecution {
-        QueryExecution::builder()
-            .status(QueryExecutionStatus::builder().state(state).build())
-            .statistics(QueryExecutionStatistics::builder().data_scanned_in_bytes(123_456).build())
-            .build()
-    }
-
-    #[test]
-    fn progress_reads_state_bytes_and_reason() {
-        assert_eq!(progress(None), Progress::Pending);
-        assert_eq!(progress(Some(&execution(QueryExecutionState::Queued))), Progress::Pending);
-        assert_eq!(progress(Some(&execution(QueryExecutionState::Running))), Progress::Pending);
-        assert_eq!(
-            progress(Some(&execution(QueryExecutionState::Succeeded))),
-            Progress::Succeeded { bytes_scanned: 123_456 }
-        );
-        let failed = QueryExecution::builder()
-            .status(
-                QueryExecutionStatus::builder()
-                    .state(QueryExecutionState::Failed)
-                    .athena_error(AthenaError::builder().error_message("COLUMN_NOT_FOUND: vpcendpointaccountid").build())
-                    .build(),
-            )
-            .build();
-        assert_eq!(
-            progress(Some(&failed)),
-            Progress::Ended {
-                state: "FAILED".into(),
-                reason: "COLUMN_NOT_FOUND: vpcendpointaccountid".into()
-            }
-        );
-        let cancelled = QueryExecution::builder()
-            .status(
-                QueryExecutionStatus::builder()
-                    .state(QueryExecutionState::Cancelled)
-                    .state_change_reason("Query cancelled by user")
-                    .build(),
-            )
-            .build();
-        assert!(matches!(progress(Some(&cancelled)), Progress::Ended { state, reason } if state == "CANCELLED" && reason == "Query cancelled by user"));
-    }
-
-    #[tokio::test]
-    async fn wait_polls_until_done_and_gives_up_at_the_timeout() {
-        let mut polls = 0;
-        let waited = wait(Duration::from_millis(1), Duration::from_secs(5), || {
-            polls += 1;
-            let answer = if polls < 4 { Progress::Pending } else { Progress::Succeeded { bytes_scanned: 7 } };
-            async move { Ok(answer) }
-        })
-        .await
-        .unwrap();
-        assert_eq!(waited, Waited::Succeeded { bytes_scanned: 7 });
-        assert_eq!(polls, 4);
-
-        let ended = wait(Duration::from_millis(1), Duration::from_secs(5), || async {
-            Ok(Progress::Ended {
-                state: "FAILED".into(),
-                reason: "why".into(),
-            })
-        })
-        .await
-        .unwrap();
-        assert_eq!(ended, Waited::Ended { state: "FAILED".into(), reason: "why".into() });
-
-        // 1 + 2 + 4 + 8 + 16 ms of backoff overshoot a 20 ms timeout: at most 6 polls.
-        let mut polls = 0;
-        let started = std::time::Instant::now();
-        let waited = wait(Duration::from_millis(1), Duration::from_millis(20), || {
-            polls += 1;
-            async { Ok(Progress::Pending) }
-        })
-        .await
-        .unwrap();
-        assert_eq!(waited, Waited::TimedOut);
-        assert!((2..=6).contains(&polls), "{polls} polls");
-        assert!(started.elapsed() >= Duration::from_millis(20));
     }
 }

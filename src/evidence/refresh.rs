@@ -35,10 +35,15 @@ pub enum Source {
 impl Source {
     /// The configured source; AWS clients use the standard credential chain and endpoint.
     pub async fn from_config(config: &Config) -> Result<Source, SourceError> {
+        Self::of_kind(config, config.evidence.source, "evidence.source").await
+    }
+
+    /// The source of `kind` over the evidence section's location for it; `setting` names the
+    /// setting that chose the kind, for the error when that section is missing.
+    pub async fn of_kind(config: &Config, kind: SourceKind, setting: &str) -> Result<Source, SourceError> {
         let evidence = &config.evidence;
-        let missing =
-            |section: &str| SourceError::Other(format!("evidence.source needs the evidence.{section} section"));
-        Ok(match evidence.source {
+        let missing = |section: &str| SourceError::Other(format!("{setting} needs the evidence.{section} section"));
+        Ok(match kind {
             SourceKind::Files => Source::Folder(Arc::new(Folder::new(&evidence.files_path))),
             SourceKind::S3 => {
                 let location = evidence.s3.as_ref().ok_or_else(|| missing("s3"))?;

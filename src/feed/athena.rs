@@ -1,18 +1,8 @@
-//! The guard's event feeds: the trail records that arrived since the last poll.
+//! The guard's event feed from the CloudTrail table in Athena, for `guard.source: athena`.
 //!
-//! # `TrailFeed`: the trail folder or bucket
-//!
-//! New trail files are tailed with an in-memory cursor per day prefix.
-//!
-//! The cursor is deliberately not persisted: after a restart the feed re-reads the recent window
-//! (the guard window plus delivery slack), which rebuilds the cohort's rate, and denials it has
-//! already stored are ignored by event ID.
-//!
-//! # `AthenaFeed`: the CloudTrail table in Athena
-//!
-//! For `guard.source: athena`. Each poll covers the window from the end of the previous poll's
-//! window minus [`LATE_DELIVERY`] to now (the first poll, and the first after a long outage,
-//! reach back `lookback` at most) and runs two queries over it, one after the other:
+//! Each poll covers the window from the end of the previous poll's window minus
+//! [`LATE_DELIVERY`] to now (the first poll, and the first after a long outage, reach back
+//! `lookback` at most) and runs two queries over it, one after the other:
 //!
 //! 1. *denials*: every record of the account's IAM users whose error code is a denial
 //!    (`AccessDenied*` or `*UnauthorizedOperation`, as [`Record::denial`] decides), with the
@@ -35,86 +25,25 @@
 //! Cost: two Athena queries per guard poll, each waiting for Athena (seconds), so this source
 //! adds query latency to CloudTrail's delivery delay. Athena bills bytes scanned, at least
 //! 10 MB per query. Both queries constrain the partition column(s) exactly as the evidence
-//! queries do ([`crate::evidence::athena`]), but partitions are whole days of delivery: each
+//! queries do ([`crate::athena::sql`]), but partitions are whole days of delivery: each
 //! query scans the account's trail data delivered so far today (and yesterday's around
 //! midnight or on a first poll), however short the window. With the default one-minute
 //! `guard.poll` that is 2,880 queries a day, each scanning up to a day of trail; choose a
-//! `guard.poll` of several minutes for this source, or tail the files (`files`, `s3`) where
-//! latency and cost matter.
+//! `guard.poll` of several minutes for this source, or tail the files (`files`, `s3`:
+//! [`crate::feed::TrailFeed`]) where latency and cost matter.
 
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::collections::HashMap;
 use std::sync::Arc;
 
 use chrono::{DateTime, TimeDelta, Utc};
 
+use crate::athena::client::{parse_rows, run_query};
+use crate::athena::sql::from_window;
 use crate::clock::Clock;
 use crate::config;
-use crate::controller::EventFeed;
-use crate::evidence::athena;
-use crate::evidence::files::{is_trail_key, resume_after, scan_prefixes};
-use crate::evidence::{SourceError, TrailObjects};
-use crate::trail::{self, Record, UserIdentity};
-
-pub struct TrailFeed<T> {
-    objects: Arc<T>,
-    account_id: String,
-    clock: Arc<dyn Clock>,
-    /// How far back a fresh feed starts reading.
-    lookback: chrono::Duration,
-    /// Keys already read, by prefix.
-    seen: BTreeMap<String, BTreeSet<String>>,
-}
-
-impl<T: TrailObjects> TrailFeed<T> {
-    pub fn new(objects: Arc<T>, account_id: &str, clock: Arc<dyn Clock>, lookback: std::time::Duration) -> Self {
-        TrailFeed {
-            objects,
-            account_id: account_id.to_string(),
-            clock,
-            lookback: chrono::Duration::from_std(lookback).unwrap_or(chrono::Duration::hours(1)),
-            seen: BTreeMap::new(),
-        }
-    }
-
-    async fn new_records(&mut self) -> Result<Vec<Record>, SourceError> {
-        let now = self.clock.now();
-        let scans = scan_prefixes(self.objects.as_ref(), &self.account_id, now - self.lookback, now).await?;
-        // Forget prefixes that fell out of the window.
-        let live: BTreeSet<&str> = scans.iter().map(|s| s.prefix.as_str()).collect();
-        self.seen.retain(|prefix, _| live.contains(prefix.as_str()));
-
-        let mut records = Vec::new();
-        for scan in &scans {
-            let seen = self.seen.entry(scan.prefix.clone()).or_default();
-            let start_after = match (scan.ordered, seen.last()) {
-                (true, Some(last)) => Some(resume_after(last).to_string()),
-                _ => None,
-            };
-            let keys = self.objects.list_keys(&scan.prefix, start_after.as_deref()).await?;
-            let fresh: Vec<String> = keys.into_iter().filter(|k| is_trail_key(k) && !seen.contains(k)).collect();
-            for key in fresh {
-                let raw = self.objects.fetch(&key).await?;
-                match trail::parse_bytes(&raw) {
-                    Ok(parsed) => {
-                        if !parsed.bad.is_empty() {
-                            tracing::warn!(%key, skipped = parsed.bad.len(), "malformed records in trail file");
-                        }
-                        records.extend(parsed.records);
-                    }
-                    Err(why) => tracing::warn!(%key, %why, "unreadable trail file skipped"),
-                }
-                seen.insert(key);
-            }
-        }
-        Ok(records)
-    }
-}
-
-impl<T: TrailObjects + 'static> EventFeed for TrailFeed<T> {
-    async fn poll(&mut self) -> Result<Vec<Record>, SourceError> {
-        self.new_records().await
-    }
-}
+use crate::evidence::SourceError;
+use crate::feed::EventFeed;
+use crate::trail::{Record, UserIdentity};
 
 /// How far each [`AthenaFeed`] window reaches back before the previous window's end, for
 /// records that reach the table late (CloudTrail typically delivers about 5 minutes after the
@@ -161,8 +90,8 @@ impl AthenaFeed {
         let activity = self
             .rows("activity", &activity_query(&self.athena, &self.account_id, since, until))
             .await?;
-        let (mut records, _) = athena::parse_rows("denials", &denials, denial_record);
-        records.extend(athena::parse_rows("activity", &activity, |row| activity_record(row, &self.account_id)).0);
+        let (mut records, _) = parse_rows("denials", &denials, denial_record);
+        records.extend(parse_rows("activity", &activity, |row| activity_record(row, &self.account_id)).0);
         self.window_end = Some(until);
         self.seen.forget_before(since);
         Ok(self.seen.fresh(records))
@@ -170,7 +99,7 @@ impl AthenaFeed {
 
     /// The rows of `sql` (header removed); `what` names the query in errors.
     async fn rows(&self, what: &str, sql: &str) -> Result<Vec<Vec<Option<String>>>, SourceError> {
-        let result = athena::run_query(&self.client, &self.athena, what, sql).await?;
+        let result = run_query(&self.client, &self.athena, what, sql).await?;
         tracing::debug!(query = %result.id, what, rows = result.rows.len(), bytes_scanned = result.bytes_scanned, "Athena guard query read");
         Ok(result.rows)
     }
@@ -211,22 +140,6 @@ const DENIAL_COLUMNS: [(&str, &str); 12] = [
     ("recipient_account", "recipientaccountid"),
     ("source_ip", "sourceipaddress"),
 ];
-
-/// The `FROM` and `WHERE` both guard queries share: the account's IAM-user records with
-/// `eventTime` in `[since, until)`, partition-constrained as the evidence queries are.
-fn from_window(athena: &config::Athena, account_id: &str, since: DateTime<Utc>, until: DateTime<Utc>) -> String {
-    let first_day = since.date_naive();
-    let last_day = (until + athena::DELIVERY_SLACK).date_naive().max(first_day);
-    format!(
-        "FROM {db}.{table}\nWHERE {partitions}\n  AND eventtime >= {since}\n  AND eventtime < {until}\n  AND useridentity.type = 'IAMUser'\n  AND coalesce(useridentity.accountid, recipientaccountid) = {account}",
-        db = athena::sql_identifier(&athena.database),
-        table = athena::sql_identifier(&athena.table),
-        partitions = athena::partition_filter(athena.partitioning, first_day, last_day),
-        since = athena::sql_string(&athena::trail_time(since)),
-        until = athena::sql_string(&athena::trail_time(until)),
-        account = athena::sql_string(account_id),
-    )
-}
 
 /// The guard's first query: every denial of the account's IAM users in `[since, until)`, one
 /// row per record, with the fields a [`Record`] needs (`event_id`, `event_time`, ...,
@@ -531,9 +444,9 @@ mod tests {
         let mut bad = full_denial_row();
         bad[1] = Some("not a time".into());
         let rows = vec![full_denial_row(), bad, vec![None; 3], full_denial_row()];
-        let (records, skipped) = athena::parse_rows("denials", &rows, denial_record);
+        let (records, skipped) = parse_rows("denials", &rows, denial_record);
         assert_eq!((records.len(), skipped), (2, 2));
-        assert!(athena::parse_rows("activity", &[], |row| activity_record(row, "1")).0.is_empty());
+        assert!(parse_rows("activity", &[], |row| activity_record(row, "1")).0.is_empty());
     }
 
     #[test]
