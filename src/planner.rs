@@ -534,7 +534,7 @@ mod tests {
             reason: DenyReason::UntrustedEndpoint,
         });
         let plan = world.plan();
-        assert!(matches!(&plan.users["ben"], Eligibility::Ineligible(r) if r.starts_with("last outside call 2days ago")));
+        assert!(matches!(&plan.users["ben"], Eligibility::Ineligible(r) if r.starts_with("last outside call 2d ago")));
         assert_eq!(started(&plan), Some(("canary", vec!["cat", "ann"])));
     }
 
