@@ -93,24 +93,7 @@ fn sql_identifier(name: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use chrono::TimeZone;
-    use std::time::Duration;
-
-    fn cfg(partitioning: Partitioning) -> config::Athena {
-        config::Athena {
-            database: "trail db".into(),
-            table: "cloudtrail_logs".into(),
-            workgroup: "primary".into(),
-            output_location: "s3://results/".into(),
-            partitioning,
-            poll_interval: Duration::from_millis(1),
-            timeout: Duration::from_secs(5),
-        }
-    }
-
-    fn at(y: i32, mo: u32, d: u32, h: u32, mi: u32) -> DateTime<Utc> {
-        Utc.with_ymd_and_hms(y, mo, d, h, mi, 0).unwrap()
-    }
+    use crate::athena::fixtures::{at, cfg};
 
     fn query(partitioning: Partitioning, since: DateTime<Utc>, until: DateTime<Utc>) -> String {
         from_window(&cfg(partitioning), "123456789012", since, until)

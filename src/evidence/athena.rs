@@ -273,26 +273,11 @@ fn parse_row(cells: &[Option<String>]) -> Result<CallGroup, String> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::trail::Denial;
     use crate::athena::client::read_pages;
+    use crate::athena::fixtures::{at, cfg};
     use crate::config::Partitioning;
+    use crate::trail::Denial;
     use chrono::TimeZone;
-
-    fn cfg(partitioning: Partitioning) -> config::Athena {
-        config::Athena {
-            database: "trail db".into(),
-            table: "cloudtrail_logs".into(),
-            workgroup: "primary".into(),
-            output_location: "s3://results/".into(),
-            partitioning,
-            poll_interval: Duration::from_millis(1),
-            timeout: Duration::from_secs(5),
-        }
-    }
-
-    fn at(y: i32, mo: u32, d: u32, h: u32, mi: u32) -> DateTime<Utc> {
-        Utc.with_ymd_and_hms(y, mo, d, h, mi, 0).unwrap()
-    }
 
     fn query(partitioning: Partitioning, since: DateTime<Utc>, until: DateTime<Utc>) -> String {
         window_query(&cfg(partitioning), "123456789012", "lockstep-deny", since, until)

@@ -259,26 +259,10 @@ impl Seen {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::athena::fixtures::{at, cfg};
     use crate::config::Partitioning;
     use crate::trail::Denial;
     use chrono::TimeZone;
-    use std::time::Duration;
-
-    fn at(y: i32, mo: u32, d: u32, h: u32, mi: u32) -> DateTime<Utc> {
-        Utc.with_ymd_and_hms(y, mo, d, h, mi, 0).unwrap()
-    }
-
-    fn cfg(partitioning: Partitioning) -> config::Athena {
-        config::Athena {
-            database: "cloudtrail".into(),
-            table: "cloudtrail_logs".into(),
-            workgroup: "primary".into(),
-            output_location: "s3://results/".into(),
-            partitioning,
-            poll_interval: Duration::from_millis(1),
-            timeout: Duration::from_secs(5),
-        }
-    }
 
     #[test]
     fn windows_start_at_the_lookback_then_overlap_by_the_late_delivery_slack() {
@@ -456,7 +440,7 @@ mod tests {
             denials_query(&cfg(Partitioning::Projected), "123456789012", since, until),
             activity_query(&cfg(Partitioning::Projected), "123456789012", since, until),
         ] {
-            assert!(query.contains(r#"FROM "cloudtrail"."cloudtrail_logs""#), "{query}");
+            assert!(query.contains(r#"FROM "trail db"."cloudtrail_logs""#), "{query}");
             assert!(query.contains(r#"WHERE "timestamp" BETWEEN '2024/03/01' AND '2024/03/02'"#), "{query}");
             assert!(query.contains("AND eventtime >= '2024-03-01T23:40:00Z'\n  AND eventtime < '2024-03-02T00:10:00Z'"), "{query}");
             assert!(query.contains("useridentity.type = 'IAMUser'"), "{query}");
