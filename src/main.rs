@@ -3,7 +3,7 @@
 use std::path::PathBuf;
 use std::process::ExitCode;
 
-use clap::{Parser, Subcommand, ValueEnum};
+use clap::{CommandFactory, Parser, Subcommand, ValueEnum};
 
 mod cmd;
 
@@ -87,6 +87,29 @@ pub enum Command {
         /// Machine-readable output.
         #[arg(long)]
         json: bool,
+        /// Redraw every --interval until interrupted (on a terminal, in place; otherwise one
+        /// snapshot after another, separated by a line).
+        #[arg(short, long)]
+        watch: bool,
+        /// Time between redraws with --watch.
+        #[arg(long, default_value = "2s", value_parser = humantime::parse_duration, requires = "watch")]
+        interval: std::time::Duration,
+    },
+    /// Block until the rollout reaches a state: a gate for CI jobs and scripts.
+    ///
+    /// Exits 0 when the state is reached, 1 on timeout, 2 when the guard pauses the rollout
+    /// while waiting for something else.
+    Wait {
+        /// `finished` (every wave done), `paused` (by anyone), or `wave=NAME` (NAME is the
+        /// current wave, or a later one, or the rollout is finished).
+        #[arg(long = "for", value_name = "STATE", value_parser = parse_wait_target)]
+        target: WaitTarget,
+        /// Give up (exit 1) after this long.
+        #[arg(long, default_value = "2h", value_parser = humantime::parse_duration)]
+        timeout: std::time::Duration,
+        /// Time between looks at the rollout.
+        #[arg(long, default_value = "2s", value_parser = humantime::parse_duration)]
+        interval: std::time::Duration,
     },
     /// Show what the next batch would be and why each user is or is not eligible. Changes nothing.
     Plan {
@@ -161,6 +184,57 @@ pub enum Command {
         #[arg(long = "exempt", value_name = "USER")]
         exempt: Vec<String>,
     },
+    /// Print a shell completion script (e.g. `lockstep completions bash > /etc/bash_completion.d/lockstep`).
+    Completions {
+        #[arg(value_enum)]
+        shell: CompletionShell,
+    },
+    /// Print the manual page in roff (e.g. `lockstep man | man -l -`).
+    Man,
+}
+
+/// What `lockstep wait` waits for.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum WaitTarget {
+    Finished,
+    Paused,
+    Wave(String),
+}
+
+fn parse_wait_target(text: &str) -> Result<WaitTarget, String> {
+    match text {
+        "finished" => Ok(WaitTarget::Finished),
+        "paused" => Ok(WaitTarget::Paused),
+        _ => match text.strip_prefix("wave=") {
+            Some(name) if !name.is_empty() => Ok(WaitTarget::Wave(name.to_string())),
+            _ => Err(format!("expected finished, paused or wave=NAME, got {text:?}")),
+        },
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum CompletionShell {
+    Bash,
+    Zsh,
+    Fish,
+}
+
+/// Writes the completion script for `shell`, generated from the clap definition, to stdout.
+pub fn print_completions(shell: CompletionShell) -> anyhow::Result<ExitCode> {
+    use clap_complete::Shell;
+    let shell = match shell {
+        CompletionShell::Bash => Shell::Bash,
+        CompletionShell::Zsh => Shell::Zsh,
+        CompletionShell::Fish => Shell::Fish,
+    };
+    clap_complete::generate(shell, &mut Cli::command(), "lockstep", &mut std::io::stdout());
+    Ok(ExitCode::SUCCESS)
+}
+
+/// Writes the man page, generated from the clap definition, to stdout.
+pub fn print_man() -> anyhow::Result<ExitCode> {
+    clap_mangen::Man::new(Cli::command()).render(&mut std::io::stdout())?;
+    Ok(ExitCode::SUCCESS)
 }
 
 /// Who is acting, for the audit log.

@@ -30,7 +30,8 @@ pub enum EvidenceCommand {
     /// evidence.overlap), or evidence.lookback ago on an empty store. Shows a progress bar on a
     /// terminal; prints a summary when done.
     Refresh {
-        /// Start of the window: an RFC 3339 time (2024-05-01T00:00:00Z) or a duration ago (36h, 7d).
+        /// Start of the window: an RFC 3339 time (2024-05-01T00:00:00Z), a duration ago (36h, 7d),
+        /// or `now`.
         #[arg(long, value_name = "TIME", value_parser = parse_time)]
         since: Option<TimeArg>,
         /// End of the window (default: now), same forms as --since.
@@ -77,11 +78,14 @@ pub enum TimeArg {
 }
 
 fn parse_time(text: &str) -> Result<TimeArg, String> {
+    if text == "now" {
+        return Ok(TimeArg::Ago(Duration::ZERO));
+    }
     if let Ok(at) = DateTime::parse_from_rfc3339(text) {
         return Ok(TimeArg::At(at.to_utc()));
     }
     lockstep::config::parse_duration(text).map(TimeArg::Ago).map_err(|_| {
-        format!("expected an RFC 3339 time (2024-05-01T00:00:00Z) or a duration ago (36h, 7d), got {text:?}")
+        format!("expected an RFC 3339 time (2024-05-01T00:00:00Z), a duration ago (36h, 7d) or `now`, got {text:?}")
     })
 }
 

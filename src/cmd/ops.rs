@@ -24,6 +24,8 @@ use lockstep::planner::{Action, Eligibility, Gate, Plan};
 use lockstep::store::Store;
 use lockstep::trail::Record;
 
+use crate::WaitTarget;
+
 /// Why the daemon could not be asked.
 enum Reach {
     Down(String),
@@ -85,22 +87,27 @@ async fn ask(config: &Config, method: Method, path: &str, body: Option<String>) 
 }
 
 pub async fn status(config: &Config, json: bool) -> anyhow::Result<ExitCode> {
-    let status = match ask(config, Method::GET, "/v1/status", None).await? {
+    let status = current_status(config, true).await?;
+    print!("{}", format_status(&status, json)?);
+    Ok(ExitCode::SUCCESS)
+}
+
+/// The daemon's status, or the ledger's when the daemon is down (`announce`: say so on stderr).
+async fn current_status(config: &Config, announce: bool) -> anyhow::Result<Status> {
+    Ok(match ask(config, Method::GET, "/v1/status", None).await? {
         Ok((code, body)) if code.is_success() => serde_json::from_slice::<Status>(&body).context("the daemon's status answer")?,
         Ok((code, body)) => bail!("daemon answered {code}: {}", answer_text(&body)),
         Err(why) => {
-            eprintln!("{why}; showing the ledger from {}", config.store.path.display());
-            let store = existing_store(config)?;
-            let snapshot = store.with_ledger(|l| l.snapshot())?;
-            api::status(&snapshot, None, store.freshness()?, Mode::DryRun, SystemClock.now())
+            if announce {
+                eprintln!("{why}; showing the ledger from {}", config.store.path.display());
+            }
+            offline_status(config)?
         }
-    };
-    if json {
-        println!("{}", serde_json::to_string_pretty(&status)?);
-    } else {
-        print!("{}", render_status(&status));
-    }
-    Ok(ExitCode::SUCCESS)
+    })
+}
+
+fn format_status(status: &Status, json: bool) -> anyhow::Result<String> {
+    Ok(if json { serde_json::to_string_pretty(status)? + "\n" } else { render_status(status) })
 }
 
 fn render_status(status: &Status) -> String {
@@ -316,4 +323,135 @@ fn render_plan(plan: &Plan) -> String {
         }
     }
     out
+}
+
+/// The status from the store alone, with the mode of the last run that recorded anything.
+fn offline_status(config: &Config) -> anyhow::Result<Status> {
+    let store = existing_store(config)?;
+    let snapshot = store.with_ledger(|l| l.snapshot())?;
+    let mode = store.with_ledger(|l| l.audit_log(LAST_MODE_HORIZON))?.iter().rev().find_map(|entry| mode_of_actor(&entry.actor));
+    let mut status = api::status(&snapshot, None, store.freshness()?, mode.unwrap_or(Mode::DryRun), SystemClock.now());
+    if mode.is_none() {
+        status.mode = "unknown (no run recorded)".to_string();
+    }
+    Ok(status)
+}
+
+/// How many recent audit lines to search for the last run's mode.
+const LAST_MODE_HORIZON: usize = 5_000;
+
+/// The mode a controller audit actor wrote with (see `Controller::actor` and `lockstep run`'s start line).
+fn mode_of_actor(actor: &str) -> Option<Mode> {
+    match actor {
+        "controller" => Some(Mode::Commit),
+        "dry-run" => Some(Mode::DryRun),
+        _ => None,
+    }
+}
+
+/// `status --watch`: redraws every `interval` until Ctrl-C. On a terminal the screen is cleared
+/// and redrawn in place; otherwise snapshots follow each other, separated by a line.
+pub async fn watch(config: &Config, json: bool, interval: std::time::Duration) -> anyhow::Result<ExitCode> {
+    use std::io::{IsTerminal, Write};
+    let terminal = std::io::stdout().is_terminal();
+    let mut first = true;
+    loop {
+        let snapshot = format_status(&current_status(config, first).await?, json)?;
+        let mut out = std::io::stdout().lock();
+        if terminal {
+            // Clear the screen and move home, then draw.
+            write!(out, "\x1b[2J\x1b[H{snapshot}")?;
+        } else {
+            if !first {
+                writeln!(out, "{WATCH_SEPARATOR}")?;
+            }
+            write!(out, "{snapshot}")?;
+        }
+        out.flush()?;
+        drop(out);
+        first = false;
+        tokio::select! {
+            _ = tokio::time::sleep(interval) => {}
+            _ = tokio::signal::ctrl_c() => return Ok(ExitCode::SUCCESS),
+        }
+    }
+}
+
+/// Between two `status --watch` snapshots when stdout is not a terminal.
+const WATCH_SEPARATOR: &str = "----";
+
+/// Where the rollout stands with respect to what `lockstep wait` waits for.
+#[derive(Debug, PartialEq, Eq)]
+enum Progress {
+    Reached,
+    PausedByGuard,
+    NotYet,
+}
+
+/// Exit codes of `lockstep wait`.
+const WAIT_TIMED_OUT: u8 = 1;
+const WAIT_PAUSED_BY_GUARD: u8 = 2;
+
+fn progress(target: &WaitTarget, status: &Status, waves: &[String]) -> Progress {
+    let finished = matches!(status.gate, Some(Gate::Finished));
+    let reached = match target {
+        WaitTarget::Finished => finished,
+        WaitTarget::Paused => status.paused.is_some(),
+        WaitTarget::Wave(name) => {
+            let position = |wave: &str| waves.iter().position(|w| w == wave);
+            let current = status.current_wave.as_deref().and_then(position);
+            finished || matches!((current, position(name)), (Some(current), Some(wanted)) if current >= wanted)
+        }
+    };
+    // Only the controller pauses on its own, and only after a guard rollback.
+    let by_guard = status.paused.as_ref().is_some_and(|p| mode_of_actor(&p.by) == Some(Mode::Commit));
+    match (reached, by_guard) {
+        (true, _) => Progress::Reached,
+        (false, true) => Progress::PausedByGuard,
+        (false, false) => Progress::NotYet,
+    }
+}
+
+/// `lockstep wait`: looks at the rollout every `interval` until `target` is reached (exit 0),
+/// the guard pauses it (exit 2) or `timeout` passes (exit 1).
+pub async fn wait(config: &Config, target: &WaitTarget, timeout: std::time::Duration, interval: std::time::Duration) -> anyhow::Result<ExitCode> {
+    let waves: Vec<String> = config.waves.iter().map(|w| w.name.clone()).collect();
+    if let WaitTarget::Wave(name) = target {
+        if !waves.contains(name) {
+            bail!("there is no wave {name:?} in the configuration (waves: {})", waves.join(", "));
+        }
+    }
+    let deadline = tokio::time::Instant::now() + timeout;
+    let mut first = true;
+    loop {
+        let status = current_status(config, first).await?;
+        first = false;
+        match progress(target, &status, &waves) {
+            Progress::Reached => {
+                println!("reached: {}", describe(target));
+                return Ok(ExitCode::SUCCESS);
+            }
+            Progress::PausedByGuard => {
+                let why = status.paused.map(|p| p.reason).unwrap_or_default();
+                eprintln!("paused by the guard while waiting for {}: {why}", describe(target));
+                return Ok(ExitCode::from(WAIT_PAUSED_BY_GUARD));
+            }
+            Progress::NotYet => {}
+        }
+        let now = tokio::time::Instant::now();
+        if now >= deadline {
+            eprintln!("timed out after {} waiting for {}", humantime::format_duration(timeout), describe(target));
+            return Ok(ExitCode::from(WAIT_TIMED_OUT));
+        }
+        // The last look is at the deadline itself.
+        tokio::time::sleep_until(deadline.min(now + interval)).await;
+    }
+}
+
+fn describe(target: &WaitTarget) -> String {
+    match target {
+        WaitTarget::Finished => "the rollout to finish".to_string(),
+        WaitTarget::Paused => "the rollout to pause".to_string(),
+        WaitTarget::Wave(name) => format!("wave {name}"),
+    }
 }

@@ -35,6 +35,9 @@ pub async fn run(config: Config, options: Options) -> anyhow::Result<ExitCode> {
     if mode == Mode::DryRun {
         tracing::warn!("dry run: nothing will be written to IAM; pass --commit to act");
     }
+    // With the daemon down, `lockstep status` reads the mode from the last controller audit line.
+    let (actor, mode_name) = if options.commit { ("controller", "commit") } else { ("dry-run", "dry-run") };
+    store.with_ledger(|l| l.note(actor, "start", None, None, &format!("lockstep run started in {mode_name} mode"), clock.now()))?;
 
     let source = Source::from_config(&config).await?;
     let schedule = if options.once {
