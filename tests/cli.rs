@@ -364,3 +364,59 @@ fn a_daemon_killed_between_journal_and_iam_write_finishes_the_promotion_on_resta
 fn a_daemon_killed_between_iam_write_and_ledger_update_records_it_on_restart() {
     killed_and_restarted("kill-write", "after-iam-write", 1);
 }
+
+#[test]
+fn completions_and_the_man_page_come_from_the_cli_definition() {
+    for shell in ["bash", "zsh", "fish"] {
+        let out = lockstep(&["completions", shell], None);
+        assert!(out.status.success(), "{shell}: {}", text(&out.stderr));
+        let script = text(&out.stdout);
+        for word in ["promote-next", "wait", "--watch", "--commit"] {
+            assert!(script.contains(word), "{shell} completes {word}");
+        }
+    }
+    let bash = lockstep(&["completions", "bash"], None);
+    let dir = tempfile::tempdir().unwrap();
+    let script = dir.path().join("lockstep.bash");
+    std::fs::write(&script, &bash.stdout).unwrap();
+    let syntax = Command::new("bash").arg("-n").arg(&script).output().unwrap();
+    assert!(syntax.status.success(), "bash accepts the script: {}", text(&syntax.stderr));
+    assert!(!lockstep(&["completions", "tcsh"], None).status.success());
+
+    let man = lockstep(&["man"], None);
+    assert!(man.status.success(), "{}", text(&man.stderr));
+    let page = text(&man.stdout);
+    assert!(page.starts_with(".ie") || page.contains(".TH lockstep"), "{page}");
+    for section in [".SH NAME", ".SH SYNOPSIS", ".SH SUBCOMMANDS", "lockstep\\-wait", "lockstep\\-completions"] {
+        assert!(page.contains(section), "the man page has {section}: {page}");
+    }
+}
+
+#[test]
+fn evidence_refresh_takes_the_window_as_the_readme_shows_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let config_text = std::fs::read_to_string("rollout.yaml")
+        .unwrap()
+        .replace("path: ./trail", &format!("path: {}/trail", dir.path().display()))
+        .replace("path: ./lockstep.db", &format!("path: {}/lockstep.db", dir.path().display()));
+    let config = dir.path().join("rollout.yaml");
+    std::fs::write(&config, config_text).unwrap();
+    let records: Vec<_> = (1..30)
+        .map(|hour| {
+            lockstep::synth::RecordSpec::new(
+                lockstep::synth::Identity::iam_user("123456789012", "ann"),
+                Utc::now() - chrono::Duration::hours(hour),
+                "ec2:DescribeInstances",
+                lockstep::synth::Origin::ip("203.0.113.9"),
+            )
+        })
+        .collect();
+    lockstep::synth::write_trail(&dir.path().join("trail"), "123456789012", &records, lockstep::synth::Faults::default()).unwrap();
+
+    let out = lockstep(&["evidence", "refresh", "--since", "36h", "--until", "now"], Some(&config));
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert!(text(&out.stdout).contains("29 records"), "{}", text(&out.stdout));
+    let bad = lockstep(&["evidence", "refresh", "--until", "later"], Some(&config));
+    assert!(!bad.status.success());
+    assert!(text(&bad.stderr).contains("or `now`"), "{}", text(&bad.stderr));
+}
