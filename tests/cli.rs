@@ -420,3 +420,37 @@ fn evidence_refresh_takes_the_window_as_the_readme_shows_it() {
     assert!(!bad.status.success());
     assert!(text(&bad.stderr).contains("or `now`"), "{}", text(&bad.stderr));
 }
+
+#[test]
+fn every_command_the_readme_shows_exists_with_its_flags() {
+    let readme = std::fs::read_to_string("README.md").unwrap();
+    let mut in_shell = false;
+    let mut checked = 0;
+    for line in readme.lines() {
+        if line.starts_with("```") {
+            in_shell = line == "```sh";
+            continue;
+        }
+        if !in_shell {
+            continue;
+        }
+        let command = line.split(" #").next().unwrap();
+        for shown in command.split(" / ").filter_map(|c| c.trim().strip_prefix("lockstep ")) {
+            let words: Vec<String> = shown.split_whitespace().map(|w| w.trim_matches(|c| c == '[' || c == ']').to_string()).collect();
+            let path: Vec<&str> = words.iter().map(String::as_str).take_while(|w| w.chars().all(|c| c.is_ascii_lowercase() || c == '-') && !w.starts_with('-')).collect();
+            // The longest leading run of words that is a (sub)command.
+            let help = (1..=path.len())
+                .rev()
+                .map(|n| lockstep(&[&path[..n], &["--help"]].concat(), None))
+                .find(|out| out.status.success())
+                .unwrap_or_else(|| panic!("README shows an unknown command: lockstep {shown}"));
+            let help = text(&help.stdout);
+            for flag in words.iter().filter(|w| w.starts_with("--")) {
+                let flag = flag.split('=').next().unwrap();
+                assert!(help.contains(flag), "README shows `lockstep {shown}`, whose help has no {flag}");
+            }
+            checked += 1;
+        }
+    }
+    assert!(checked > 25, "checked {checked} commands");
+}

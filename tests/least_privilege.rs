@@ -122,3 +122,14 @@ fn the_scan_sees_calls_across_lines_and_counts_sends() {
     let source = "let page = self\n    .client\n    .list_users()\n    .set_marker(m)\n    .send()\n    .await?;\nclient.get_object().bucket(b).send()";
     assert_eq!(sdk_calls(source), (vec!["list_users".to_string(), "get_object".to_string()], 2));
 }
+
+#[test]
+fn the_readme_names_every_placeholder_of_the_policy() {
+    let policy = std::fs::read_to_string("deploy/lockstep-iam-policy.json").unwrap();
+    let readme = std::fs::read_to_string("README.md").unwrap();
+    let words: BTreeSet<&str> = policy.split(|c: char| !(c.is_ascii_uppercase() || c == '_')).filter(|w| w.len() > 3).collect();
+    assert!(words.contains("ACCOUNT_ID") && words.contains("TRAIL_BUCKET"), "{words:?}");
+    for placeholder in words {
+        assert!(readme.contains(&format!("`{placeholder}`")), "README.md explains the placeholder {placeholder}");
+    }
+}
