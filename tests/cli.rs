@@ -2,6 +2,7 @@
 //! offline operator commands against the emulator's IAM with the daemon down, and the sandbox.
 
 mod common;
+mod emulated_cli;
 
 use std::path::Path;
 use std::process::{Command, Output};
@@ -275,18 +276,7 @@ impl EmulatedRollout {
     }
 
     fn run(&self, args: &[&str], failpoint: Option<&str>) -> Output {
-        let mut command = Command::new(env!("CARGO_BIN_EXE_lockstep"));
-        command
-            .args(args)
-            .env("LOCKSTEP_CONFIG", &self.config_path)
-            .env("LOCKSTEP_LOG", "warn")
-            .env("AWS_ENDPOINT_URL", common::endpoint())
-            .env("AWS_ACCESS_KEY_ID", "AKIDLOCKSTEPTESTS")
-            .env("AWS_SECRET_ACCESS_KEY", "secret")
-            .env("AWS_REGION", common::REGION)
-            .env("AWS_EC2_METADATA_DISABLED", "true")
-            .env("AWS_CONFIG_FILE", self.dir.path().join("none"))
-            .env("AWS_SHARED_CREDENTIALS_FILE", self.dir.path().join("none"));
+        let mut command = emulated_cli::lockstep(args, &self.config_path, self.dir.path());
         match failpoint {
             Some(point) => command.env("LOCKSTEP_FAILPOINT", point),
             None => command.env_remove("LOCKSTEP_FAILPOINT"),
@@ -382,6 +372,8 @@ fn completions_and_the_man_page_come_from_the_cli_definition() {
     let syntax = Command::new("bash").arg("-n").arg(&script).output().unwrap();
     assert!(syntax.status.success(), "bash accepts the script: {}", text(&syntax.stderr));
     assert!(!lockstep(&["completions", "tcsh"], None).status.success());
+    let bad_wait = lockstep(&["wait", "--for", "soon"], None);
+    assert!(text(&bad_wait.stderr).contains("expected finished, paused or wave=NAME"), "{}", text(&bad_wait.stderr));
 
     let man = lockstep(&["man"], None);
     assert!(man.status.success(), "{}", text(&man.stderr));

@@ -4,6 +4,7 @@
 //! series. The same rollout drives `lockstep wait`, `status --watch` and the offline `status`.
 
 mod common;
+mod emulated_cli;
 
 use std::io::{Read, Write};
 use std::net::TcpStream;
@@ -89,20 +90,8 @@ impl World {
     }
 
     fn command(&self, args: &[&str]) -> Command {
-        let mut command = Command::new(env!("CARGO_BIN_EXE_lockstep"));
-        command
-            .args(args)
-            .env("LOCKSTEP_CONFIG", &self.config)
-            .env("LOCKSTEP_LOG", "warn")
-            .env("LOCKSTEP_ADMIN_TOKEN", TOKEN)
-            .env("AWS_ENDPOINT_URL", common::endpoint())
-            .env("AWS_ACCESS_KEY_ID", "AKIDLOCKSTEPTESTS")
-            .env("AWS_SECRET_ACCESS_KEY", "secret")
-            .env("AWS_REGION", common::REGION)
-            .env("AWS_EC2_METADATA_DISABLED", "true")
-            .env("AWS_CONFIG_FILE", self.dir.path().join("none"))
-            .env("AWS_SHARED_CREDENTIALS_FILE", self.dir.path().join("none"))
-            .env_remove("LOCKSTEP_FAILPOINT");
+        let mut command = emulated_cli::lockstep(args, &self.config, self.dir.path());
+        command.env("LOCKSTEP_ADMIN_TOKEN", TOKEN).env_remove("LOCKSTEP_FAILPOINT");
         command
     }
 

@@ -340,10 +340,14 @@ fn offline_status(config: &Config) -> anyhow::Result<Status> {
 /// How many recent audit lines to search for the last run's mode.
 const LAST_MODE_HORIZON: usize = 5_000;
 
+/// The audit actor of a committing controller (see `Controller::actor`); it is also who pauses
+/// the rollout after a guard rollback, the only pause that is not an operator's.
+const CONTROLLER_ACTOR: &str = "controller";
+
 /// The mode a controller audit actor wrote with (see `Controller::actor` and `lockstep run`'s start line).
 fn mode_of_actor(actor: &str) -> Option<Mode> {
     match actor {
-        "controller" => Some(Mode::Commit),
+        CONTROLLER_ACTOR => Some(Mode::Commit),
         "dry-run" => Some(Mode::DryRun),
         _ => None,
     }
@@ -403,8 +407,7 @@ fn progress(target: &WaitTarget, status: &Status, waves: &[String]) -> Progress 
             finished || matches!((current, position(name)), (Some(current), Some(wanted)) if current >= wanted)
         }
     };
-    // Only the controller pauses on its own, and only after a guard rollback.
-    let by_guard = status.paused.as_ref().is_some_and(|p| mode_of_actor(&p.by) == Some(Mode::Commit));
+    let by_guard = status.paused.as_ref().is_some_and(|p| p.by == CONTROLLER_ACTOR);
     match (reached, by_guard) {
         (true, _) => Progress::Reached,
         (false, true) => Progress::PausedByGuard,
@@ -453,5 +456,57 @@ fn describe(target: &WaitTarget) -> String {
         WaitTarget::Finished => "the rollout to finish".to_string(),
         WaitTarget::Paused => "the rollout to pause".to_string(),
         WaitTarget::Wave(name) => format!("wave {name}"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use lockstep::rollout::Pause;
+
+    fn status(gate: Option<Gate>, wave: Option<&str>, paused_by: Option<&str>) -> Status {
+        let at = chrono::DateTime::UNIX_EPOCH;
+        Status {
+            at,
+            mode: "commit".to_string(),
+            paused: paused_by.map(|by| Pause { reason: "why".to_string(), by: by.to_string(), at }),
+            gate,
+            current_wave: wave.map(str::to_string),
+            waiting: Vec::new(),
+            batches: Vec::new(),
+            users: Default::default(),
+            evidence: Default::default(),
+            last_step: None,
+        }
+    }
+
+    #[test]
+    fn wait_reaches_a_wave_when_it_or_a_later_one_is_current_or_all_are_done() {
+        let waves = ["canary", "engineering", "everyone"].map(String::from);
+        let wave = |name: &str| WaitTarget::Wave(name.to_string());
+        assert_eq!(progress(&wave("engineering"), &status(Some(Gate::Open), Some("canary"), None), &waves), Progress::NotYet);
+        assert_eq!(progress(&wave("engineering"), &status(Some(Gate::Open), Some("engineering"), None), &waves), Progress::Reached);
+        assert_eq!(progress(&wave("engineering"), &status(Some(Gate::Open), Some("everyone"), None), &waves), Progress::Reached);
+        assert_eq!(progress(&wave("everyone"), &status(Some(Gate::Finished), None, None), &waves), Progress::Reached);
+        assert_eq!(progress(&wave("canary"), &status(None, None, None), &waves), Progress::NotYet, "offline: no current wave");
+    }
+
+    #[test]
+    fn only_a_guard_pause_ends_a_wait_for_something_else() {
+        let waves = ["canary".to_string()];
+        let by_guard = status(Some(Gate::Paused("batch 1 rolled back".into())), Some("canary"), Some(CONTROLLER_ACTOR));
+        let by_operator = status(Some(Gate::Paused("incident".into())), Some("canary"), Some("alice"));
+        assert_eq!(progress(&WaitTarget::Finished, &by_guard, &waves), Progress::PausedByGuard);
+        assert_eq!(progress(&WaitTarget::Finished, &by_operator, &waves), Progress::NotYet);
+        assert_eq!(progress(&WaitTarget::Paused, &by_guard, &waves), Progress::Reached);
+        assert_eq!(progress(&WaitTarget::Paused, &by_operator, &waves), Progress::Reached);
+        assert_eq!(progress(&WaitTarget::Paused, &status(Some(Gate::Open), None, None), &waves), Progress::NotYet);
+    }
+
+    #[test]
+    fn offline_mode_comes_from_the_controller_actor() {
+        assert_eq!(mode_of_actor("controller"), Some(Mode::Commit));
+        assert_eq!(mode_of_actor("dry-run"), Some(Mode::DryRun));
+        assert_eq!(mode_of_actor("alice"), None);
     }
 }
