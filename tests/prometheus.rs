@@ -370,4 +370,13 @@ fn prometheus_sees_a_guard_rollback_fire_the_alert_and_every_dashboard_query_ans
     let offline = world.run(&["status"]);
     assert!(offline.status.success(), "{}", text(&offline.stderr));
     assert!(text(&offline.stdout).contains("mode       commit\n"), "{}", text(&offline.stdout));
+
+    // On a terminal (`script` gives it one), `status --watch` clears the screen and redraws.
+    let on_terminal = format!("{} status --watch --interval 300ms", env!("CARGO_BIN_EXE_lockstep"));
+    let mut terminal = Command::new("timeout");
+    terminal.args(["2", "script", "-qec", &on_terminal, "/dev/null"]);
+    terminal.envs(world.command(&[]).get_envs().filter_map(|(k, v)| Some((k, v?))));
+    let drawn = text(&terminal.output().unwrap().stdout);
+    assert!(drawn.matches("\x1b[2J\x1b[H").count() >= 2, "redrawn in place: {drawn:?}");
+    assert!(!drawn.contains("----"), "no separators on a terminal: {drawn:?}");
 }
