@@ -171,7 +171,7 @@ impl Prometheus {
 
     /// An instant query: its result vector, or the error Prometheus gave.
     fn query(&self, expr: &str) -> Result<Vec<Value>, String> {
-        let encoded = percent_encoding::utf8_percent_encode(expr, percent_encoding::NON_ALPHANUMERIC);
+        let encoded: String = expr.bytes().map(|b| if b.is_ascii_alphanumeric() { (b as char).to_string() } else { format!("%{b:02X}") }).collect();
         let (_, body) = get(self.port, &format!("/api/v1/query?query={encoded}")).map_err(|e| e.to_string())?;
         let value: Value = serde_json::from_str(&body).map_err(|e| format!("{e}: {body}"))?;
         if value["status"] != "success" {
