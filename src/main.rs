@@ -92,7 +92,7 @@ pub enum Command {
         #[arg(short, long)]
         watch: bool,
         /// Time between redraws with --watch.
-        #[arg(long, default_value = "2s", value_parser = humantime::parse_duration, requires = "watch")]
+        #[arg(long, default_value = "2s", value_parser = lockstep::config::parse_duration, requires = "watch")]
         interval: std::time::Duration,
     },
     /// Block until the rollout reaches a state: a gate for CI jobs and scripts.
@@ -105,10 +105,10 @@ pub enum Command {
         #[arg(long = "for", value_name = "STATE", value_parser = parse_wait_target)]
         target: WaitTarget,
         /// Give up (exit 1) after this long.
-        #[arg(long, default_value = "2h", value_parser = humantime::parse_duration)]
+        #[arg(long, default_value = "2h", value_parser = lockstep::config::parse_duration)]
         timeout: std::time::Duration,
         /// Time between looks at the rollout.
-        #[arg(long, default_value = "2s", value_parser = humantime::parse_duration)]
+        #[arg(long, default_value = "2s", value_parser = lockstep::config::parse_duration)]
         interval: std::time::Duration,
     },
     /// Show what the next batch would be and why each user is or is not eligible. Changes nothing.

@@ -395,15 +395,15 @@ fn evidence_refresh_takes_the_window_as_the_readme_shows_it() {
     std::fs::write(&config, config_text).unwrap();
     let records: Vec<_> = (1..30)
         .map(|hour| {
-            lockstep::synth::RecordSpec::new(
-                lockstep::synth::Identity::iam_user("123456789012", "ann"),
+            lockstep_synth::RecordSpec::new(
+                lockstep_synth::Identity::iam_user("123456789012", "ann"),
                 Utc::now() - chrono::Duration::hours(hour),
                 "ec2:DescribeInstances",
-                lockstep::synth::Origin::ip("203.0.113.9"),
+                lockstep_synth::Origin::ip("203.0.113.9"),
             )
         })
         .collect();
-    lockstep::synth::write_trail(&dir.path().join("trail"), "123456789012", &records, lockstep::synth::Faults::default()).unwrap();
+    lockstep_synth::write_trail(&dir.path().join("trail"), "123456789012", &records, lockstep_synth::Faults::default()).unwrap();
 
     let out = lockstep(&["evidence", "refresh", "--since", "36h", "--until", "now"], Some(&config));
     assert!(out.status.success(), "{}", text(&out.stderr));

@@ -13,7 +13,7 @@ use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
 use chrono::Utc;
-use lockstep::synth::{Faults, Identity, Origin, RecordSpec, write_trail};
+use lockstep_synth::{Faults, Identity, Origin, RecordSpec, write_trail};
 use serde_json::Value;
 
 const PROMETHEUS: &str = ".cache/promtool/usr/bin/prometheus";

@@ -443,7 +443,7 @@ pub async fn wait(config: &Config, target: &WaitTarget, timeout: std::time::Dura
         }
         let now = tokio::time::Instant::now();
         if now >= deadline {
-            eprintln!("timed out after {} waiting for {}", humantime::format_duration(timeout), describe(target));
+            eprintln!("timed out after {} waiting for {}", lockstep::duration::format(timeout), describe(target));
             return Ok(ExitCode::from(WAIT_TIMED_OUT));
         }
         // The last look is at the deadline itself.
