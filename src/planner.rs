@@ -14,7 +14,7 @@ use serde::{Deserialize, Serialize};
 use crate::config::{Config, Selector, Wave};
 use crate::evidence::{Freshness, UserEvidence};
 use crate::guard;
-use crate::iam::IamUser;
+use crate::rollout::IamUser;
 use crate::rollout::{BatchState, Snapshot, UserState};
 
 pub struct Inputs<'a> {
@@ -26,6 +26,10 @@ pub struct Inputs<'a> {
     pub freshness: Freshness,
     /// The guard's latest verdict for each batch it watches.
     pub verdicts: &'a BTreeMap<i64, guard::Verdict>,
+    /// Why promotions cannot start (the lockdown policy is missing or drifted: adding users
+    /// would not lock them, or lock them with something else); rollbacks and successes still
+    /// proceed.
+    pub blocked: Option<&'a str>,
     pub now: DateTime<Utc>,
     /// An operator asked for the next batch now: skip the soaking-batch cap, nothing else.
     pub promote_now: bool,
@@ -264,6 +268,9 @@ pub fn plan(inputs: &Inputs) -> Plan {
     if finished && plan.gate == Gate::Open {
         plan.gate = Gate::Finished;
     }
+    if let Some(problem) = inputs.blocked {
+        plan.gate = Gate::Blocked(problem.to_string());
+    }
     plan
 }
 
@@ -283,7 +290,7 @@ fn plan_waves(inputs: &Inputs, plan: &mut Plan) -> bool {
             continue;
         }
         let last = index + 1 == config.waves.len();
-        let batches: Vec<_> = ledger.batches.iter().filter(|b| b.wave == wave.name && b.state != BatchState::Failed).collect();
+        let batches: Vec<_> = ledger.batches.iter().filter(|b| b.wave == wave.name).collect();
         let active = batches.iter().any(|b| b.state.is_active());
         let candidates = candidates(wave, &chosen_users, inputs.evidence);
         let all_batches_run = wave.batches.is_some_and(|n| batches.len() >= n);
@@ -342,10 +349,12 @@ fn plan_waves(inputs: &Inputs, plan: &mut Plan) -> bool {
                 },
             })
             .collect();
-        plan.actions.push(Action::StartBatch {
-            wave: wave.name.clone(),
-            users,
-        });
+        if inputs.blocked.is_none() {
+            plan.actions.push(Action::StartBatch {
+                wave: wave.name.clone(),
+                users,
+            });
+        }
         return false;
     }
     true
@@ -444,6 +453,7 @@ mod tests {
                 evidence: &self.evidence,
                 freshness: self.freshness,
                 verdicts: &self.verdicts,
+                blocked: None,
                 now: now(),
                 promote_now: false,
             })
@@ -468,6 +478,8 @@ mod tests {
             soak_until: Some(now() + chrono::Duration::hours(soak_left_hours)),
             finished_at: None,
             verdict: None,
+            soak: None,
+            verdict_kind: None,
         }
     }
 

@@ -12,14 +12,17 @@ use hyper::body::Bytes;
 use hyper::{Method, Request, StatusCode};
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::TokioExecutor;
-use lockstep::api::{self, Answer, Command, Status};
+use lockstep::api::{self, Answer};
 use lockstep::clock::{Clock, SystemClock};
 use lockstep::config::Config;
-use lockstep::controller::{Controller, EventFeed, Mode};
+use lockstep::controller::{Controller, EventFeed, Mode, remove_and_hold};
+use lockstep::guard::VerdictKind;
 use lockstep::evidence::{EvidenceStore, SourceError};
-use lockstep::iam::{AwsIam, Iam};
+use lockstep::iam::AwsIam;
 use lockstep::planner::{Action, Eligibility, Gate, Plan};
-use lockstep::store::Store;
+use lockstep::metrics::{MeteredIam, Metrics};
+use lockstep::runtime::{self, Command, Status};
+use lockstep::store::{Ledger, Store, StoreError};
 use lockstep::trail::Record;
 
 /// Why the daemon could not be asked.
@@ -89,8 +92,8 @@ pub async fn status(config: &Config, json: bool) -> anyhow::Result<ExitCode> {
         Err(why) => {
             eprintln!("{why}; showing the ledger from {}", config.store.path.display());
             let store = existing_store(config)?;
-            let snapshot = store.with_ledger(|l| l.snapshot())?;
-            api::status(&snapshot, None, store.freshness()?, Mode::DryRun, SystemClock.now())
+            let snapshot = store.snapshot()?;
+            runtime::status(&snapshot, None, store.freshness()?, Mode::DryRun, SystemClock.now())
         }
     };
     if json {
@@ -144,7 +147,7 @@ fn render_status(status: &Status) -> String {
                 b.state,
                 soak,
                 members,
-                guard_column(b.verdict.as_deref())
+                guard_column(b.verdict.as_deref(), b.verdict_kind)
             );
         }
     }
@@ -152,11 +155,11 @@ fn render_status(status: &Status) -> String {
 }
 
 /// The guard's verdict in a table cell: the verdict alone when healthy, else a short why.
-fn guard_column(verdict: Option<&str>) -> String {
+fn guard_column(verdict: Option<&str>, kind: Option<VerdictKind>) -> String {
     const WIDTH: usize = 60;
     match verdict {
         None => "-".to_string(),
-        Some(v) if v.starts_with("healthy") => "healthy".to_string(),
+        Some(_) if kind == Some(VerdictKind::Healthy) => VerdictKind::Healthy.to_string(),
         Some(v) if v.chars().count() > WIDTH => format!("{}…", v.chars().take(WIDTH - 1).collect::<String>()),
         Some(v) => v.to_string(),
     }
@@ -201,7 +204,7 @@ async fn offline(config: &Config, command: Command, commit: bool) -> anyhow::Res
     let now = SystemClock.now();
     if let Command::Rollback { batch, .. } = &command {
         if !commit {
-            let snapshot = store.with_ledger(|l| l.snapshot())?;
+            let snapshot = store.snapshot()?;
             let Some(found) = snapshot.batch(*batch) else {
                 bail!("there is no batch {batch}");
             };
@@ -214,9 +217,9 @@ async fn offline(config: &Config, command: Command, commit: bool) -> anyhow::Res
             return Ok(ExitCode::SUCCESS);
         }
     }
-    let message = match store.with_ledger(|l| api::apply_command(l, &command, config, now)) {
+    let message = match runtime::apply_command(&store, &command, config, now) {
         Ok(message) => message,
-        Err(lockstep::ledger::LedgerError::Refused(why)) => {
+        Err(StoreError::Refused(why)) => {
             eprintln!("refused, nothing changed: {why}");
             return Ok(ExitCode::FAILURE);
         }
@@ -229,17 +232,18 @@ async fn offline(config: &Config, command: Command, commit: bool) -> anyhow::Res
     Ok(ExitCode::SUCCESS)
 }
 
-/// Takes every `rolling_back` user out of the group and marks them held.
+/// Takes every `rolling_back` user out of the group and marks them held, through the daemon's
+/// removal path and its metered IAM client.
 async fn remove_rolled_back(config: &Config, store: &Store, operator: &str) -> anyhow::Result<()> {
     let sdk = lockstep::aws::load(&config.region, None).await;
-    let iam = AwsIam::new(&sdk, &config.account_id);
-    let snapshot = store.with_ledger(|l| l.snapshot())?;
+    let iam = MeteredIam::new(AwsIam::new(&sdk, &config.account_id), Metrics::new());
+    let group = &config.lockdown.group;
+    let snapshot = store.snapshot()?;
     for member in snapshot.members.values().filter(|m| m.state == lockstep::rollout::UserState::RollingBack) {
-        iam.remove_from_group(&config.lockdown.group, &member.user)
+        remove_and_hold(&iam, store, group, &member.user, true, operator, SystemClock.now())
             .await
-            .with_context(|| format!("removing {} from {} (the rollback is journaled; rerun to retry)", member.user, config.lockdown.group))?;
-        store.with_ledger(|l| l.mark_held(&member.user, operator, SystemClock.now()))?;
-        println!("removed {} from {}", member.user, config.lockdown.group);
+            .with_context(|| format!("removing {} from {group} (the rollback is journaled; rerun to retry)", member.user))?;
+        println!("removed {} from {group}", member.user);
     }
     Ok(())
 }

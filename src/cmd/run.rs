@@ -6,7 +6,8 @@ use std::process::ExitCode;
 use std::sync::Arc;
 
 use anyhow::Context;
-use lockstep::api::{self, Shared};
+use lockstep::api;
+use lockstep::runtime::Shared;
 use lockstep::clock::{Clock, SystemClock};
 use lockstep::config::{Config, SourceKind};
 use lockstep::controller::{Controller, EventFeed, Mode};
