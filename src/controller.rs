@@ -674,3 +674,241 @@ fn describe_calls(calls: &[DenialEvent]) -> String {
 fn chrono_of(d: std::time::Duration) -> chrono::Duration {
     chrono::Duration::from_std(d).unwrap_or(chrono::Duration::MAX)
 }
+
+#[cfg(test)]
+mod tests {
+    //! The controller's decisions, pure, over hand-built ledgers; and the removal path over an
+    //! in-memory IAM (test support only: the emulator tests prove the AWS path).
+    use std::path::Path;
+    use std::sync::Mutex;
+
+    use chrono::TimeZone;
+
+    use super::*;
+    use crate::iam::PolicyStatus;
+    use crate::planner::Candidate;
+    use crate::rollout::Member;
+    use crate::store::Store;
+
+    /// An IAM whose lockdown group is a set in memory; `fail` makes every write fail.
+    #[derive(Default)]
+    struct MemoryIam {
+        group: Mutex<BTreeSet<String>>,
+        fail: bool,
+    }
+
+    impl MemoryIam {
+        fn write(&self, operation: &'static str, change: impl FnOnce(&mut BTreeSet<String>)) -> Result<(), IamError> {
+            if self.fail {
+                return Err(IamError { operation, code: "Throttling".into(), message: "slow down".into() });
+            }
+            change(&mut self.group.lock().unwrap());
+            Ok(())
+        }
+    }
+
+    impl Iam for MemoryIam {
+        async fn list_users(&self) -> Result<Vec<IamUser>, IamError> {
+            Ok(Vec::new())
+        }
+        async fn group_members(&self, _group: &str) -> Result<Vec<String>, IamError> {
+            Ok(self.group.lock().unwrap().iter().cloned().collect())
+        }
+        async fn add_to_group(&self, _group: &str, user: &str) -> Result<(), IamError> {
+            self.write("AddUserToGroup", |g| {
+                g.insert(user.to_string());
+            })
+        }
+        async fn remove_from_group(&self, _group: &str, user: &str) -> Result<(), IamError> {
+            self.write("RemoveUserFromGroup", |g| {
+                g.remove(user);
+            })
+        }
+        async fn policy_status(&self, _group: &str, _policy: &str, _document: &str) -> Result<PolicyStatus, IamError> {
+            Ok(PolicyStatus::InPlace)
+        }
+        async fn apply_policy(&self, _group: &str, _policy: &str, _document: &str) -> Result<Vec<String>, IamError> {
+            Ok(Vec::new())
+        }
+    }
+
+    fn t(h: i64) -> DateTime<Utc> {
+        Utc.with_ymd_and_hms(2026, 3, 1, 0, 0, 0).unwrap() + chrono::Duration::hours(h)
+    }
+
+    fn config() -> Config {
+        Config::parse(include_str!("../rollout.yaml"), Path::new("rollout.yaml")).unwrap()
+    }
+
+    fn member(user: &str, state: UserState, batch: Option<i64>) -> (String, Member) {
+        let member = Member { user: user.into(), state, batch, since: t(0), reason: None, hold_until: None };
+        (user.to_string(), member)
+    }
+
+    fn batch(id: i64, wave: &str, state: BatchState, members: &[&str]) -> Batch {
+        Batch {
+            id,
+            wave: wave.into(),
+            state,
+            members: members.iter().map(|m| m.to_string()).collect(),
+            created_at: t(0),
+            soak: None,
+            applied_at: None,
+            soak_until: None,
+            finished_at: None,
+            verdict: None,
+            verdict_kind: None,
+        }
+    }
+
+    fn group(users: &[&str]) -> HashSet<String> {
+        users.iter().map(|u| u.to_string()).collect()
+    }
+
+    #[test]
+    fn reconcile_finishes_journaled_work_and_reports_drift_by_kind() {
+        let snapshot = Snapshot {
+            members: [
+                member("ann", UserState::Promoting, Some(1)),
+                member("ben", UserState::Promoting, Some(1)),
+                member("cat", UserState::Locked, Some(1)),
+                member("dan", UserState::RollingBack, Some(1)),
+                member("eve", UserState::Held, None),
+                member("fay", UserState::Locked, Some(1)),
+            ]
+            .into(),
+            ..Snapshot::default()
+        };
+        let in_group = group(&["ann", "dan", "eve", "fay", "zed"]);
+        let (fixes, drift) = reconcile(&snapshot, &in_group, "lockdown", Mode::Commit);
+        assert_eq!(
+            fixes,
+            [
+                Fix::MarkLocked("ann".into()),
+                Fix::Add("ben".into()),
+                Fix::MarkRemovedByHand("cat".into()),
+                Fix::Remove { user: "dan".into(), in_group: true },
+            ]
+        );
+        let kinds: Vec<_> = drift.iter().map(|d| (d.user.as_str(), d.kind)).collect();
+        assert_eq!(
+            kinds,
+            [
+                ("cat", DriftKind::RemovedByHand),
+                ("eve", DriftKind::BackInGroupWhileHeld),
+                ("zed", DriftKind::NotAddedByLockstep)
+            ]
+        );
+        // A dry run reports the same drift and fixes nothing.
+        let (fixes, dry_drift) = reconcile(&snapshot, &in_group, "lockdown", Mode::DryRun);
+        assert!(fixes.is_empty());
+        assert_eq!(dry_drift, drift);
+    }
+
+    #[test]
+    fn a_batch_whose_wave_left_the_config_keeps_its_recorded_soak_or_the_longest() {
+        let config = config();
+        let longest = config.waves.iter().map(|w| w.soak).max().unwrap();
+        let mut gone = batch(1, "wave-since-removed", BatchState::Applying, &["ann"]);
+        assert_eq!(soak_of(&gone, &config), chrono_of(longest));
+        gone.soak = Some(chrono::Duration::hours(5));
+        assert_eq!(soak_of(&gone, &config), chrono::Duration::hours(5));
+        let first = &config.waves[0];
+        let legacy = batch(2, &first.name, BatchState::Applying, &["ben"]);
+        assert_eq!(soak_of(&legacy, &config), chrono_of(first.soak));
+    }
+
+    #[test]
+    fn only_fully_locked_applying_batches_start_soaking() {
+        let mut done = batch(1, "x", BatchState::Applying, &["ann"]);
+        done.soak = Some(chrono::Duration::hours(24));
+        let pending = batch(2, "x", BatchState::Applying, &["ben"]);
+        let soaking = batch(3, "x", BatchState::Soaking, &["cat"]);
+        let snapshot = Snapshot {
+            batches: vec![done, pending, soaking],
+            members: [
+                member("ann", UserState::Locked, Some(1)),
+                member("ben", UserState::Promoting, Some(2)),
+                member("cat", UserState::Locked, Some(3)),
+            ]
+            .into(),
+            ..Snapshot::default()
+        };
+        assert_eq!(soaks_to_start(&snapshot, &config(), t(1)), [(1, t(25))]);
+    }
+
+    #[test]
+    fn finished_batches_are_watched_for_the_grace_period_only() {
+        let mut recent = batch(1, "x", BatchState::Succeeded, &[]);
+        recent.finished_at = Some(t(10));
+        let mut old = batch(2, "x", BatchState::Succeeded, &[]);
+        old.finished_at = Some(t(0));
+        let rolled_back = batch(3, "x", BatchState::RolledBack, &[]);
+        let soaking = batch(4, "x", BatchState::Soaking, &[]);
+        let snapshot = Snapshot { batches: vec![recent, old, rolled_back, soaking], ..Snapshot::default() };
+        let ids: Vec<i64> = watched(&snapshot, chrono::Duration::hours(2), t(11)).map(|b| b.id).collect();
+        assert_eq!(ids, [1, 4]);
+    }
+
+    #[test]
+    fn a_guard_rollback_names_the_offending_calls() {
+        let call = |user: &str| DenialEvent {
+            user: user.into(),
+            at: t(1),
+            action: "s3:ListBuckets".into(),
+            kind: Denial::ExplicitIdentityDeny,
+            code: "AccessDenied".into(),
+            message: String::new(),
+        };
+        let spike = guard::Verdict::Spike {
+            affected: vec![],
+            weighted_denials: 7,
+            offending: (0..7).map(|i| call(&format!("u{i}"))).collect(),
+            detail: "7 denials".into(),
+        };
+        let reason = rollback_reason("guard: spike", Some(&spike));
+        assert!(reason.starts_with("guard: spike; u0 s3:ListBuckets AccessDenied at 01:00:00Z"), "{reason}");
+        assert!(reason.ends_with("; and 2 more"), "{reason}");
+        assert_eq!(rollback_reason("manual", None), "manual");
+    }
+
+    #[test]
+    fn a_dry_run_lists_the_writes_it_would_make() {
+        let snapshot = Snapshot { batches: vec![batch(4, "x", BatchState::Soaking, &["cat", "dan"])], ..Snapshot::default() };
+        let plan = Plan {
+            gate: Gate::Open,
+            current_wave: None,
+            actions: vec![
+                Action::RollBack { batch: 4, reason: "spike".into() },
+                Action::StartBatch { wave: "x".into(), users: vec![Candidate { user: "ann".into(), why: "clean".into() }] },
+            ],
+            waiting: vec![],
+            users: BTreeMap::new(),
+        };
+        assert_eq!(
+            dry_run_writes(&plan, &snapshot, "lockdown"),
+            ["RemoveUserFromGroup lockdown cat", "RemoveUserFromGroup lockdown dan", "AddUserToGroup lockdown ann"]
+        );
+    }
+
+    #[tokio::test]
+    async fn removal_holds_the_user_only_once_they_are_out_of_the_group() {
+        let store = Store::open_in_memory().unwrap();
+        let users = [("ann".to_string(), "clean".to_string())];
+        let id = store.start_batch(&NewBatch { wave: "x", users: &users, soak: chrono::Duration::hours(1) }, "controller", t(0)).unwrap();
+        store.mark_locked("ann", "controller", t(0)).unwrap();
+        let request = RollbackRequest { batch: id, actor: "ops", reason: "manual", hold_until: t(48), pause: Some("rolled back") };
+        assert_eq!(store.begin_rollback(&request, t(1)).unwrap(), ["ann"]);
+        assert!(store.snapshot().unwrap().paused.is_some(), "the rollback paused the rollout in the same transaction");
+
+        let failing = MemoryIam { group: Mutex::new(["ann".to_string()].into()), fail: true };
+        let error = remove_and_hold(&failing, &store, "lockdown", "ann", true, "ops", t(2)).await.unwrap_err();
+        assert!(matches!(error, ControllerError::Iam(_)), "{error}");
+        assert_eq!(store.snapshot().unwrap().members["ann"].state, UserState::RollingBack, "unchanged, retried later");
+
+        let iam = MemoryIam { group: Mutex::new(["ann".to_string()].into()), fail: false };
+        assert!(remove_and_hold(&iam, &store, "lockdown", "ann", true, "ops", t(2)).await.unwrap());
+        assert!(iam.group.lock().unwrap().is_empty());
+        assert_eq!(store.snapshot().unwrap().members["ann"].state, UserState::Held);
+    }
+}

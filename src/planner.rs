@@ -484,6 +484,25 @@ mod tests {
     }
 
     #[test]
+    fn a_missing_or_drifted_policy_blocks_new_batches_only() {
+        let world = World::new();
+        let plan = plan(&Inputs {
+            config: &world.config,
+            ledger: &world.ledger,
+            users: &world.users,
+            evidence: &world.evidence,
+            freshness: world.freshness,
+            verdicts: &world.verdicts,
+            blocked: Some("managed policy drifted"),
+            now: now(),
+            promote_now: false,
+        });
+        assert_eq!(plan.gate, Gate::Blocked("managed policy drifted".into()));
+        assert_eq!(started(&plan), None);
+        assert_eq!(plan.current_wave.as_deref(), Some("canary"));
+    }
+
+    #[test]
     fn first_batch_takes_the_best_known_matching_users() {
         let plan = World::new().plan();
         assert_eq!(plan.gate, Gate::Open);

@@ -656,6 +656,22 @@ mod tests {
     }
 
     #[test]
+    fn parallel_identical_commands_make_one_change_and_one_audit_line() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("s.db");
+        Store::open(&path).unwrap();
+        let outcomes: Vec<bool> = std::thread::scope(|scope| {
+            let runs: Vec<_> = (0..6)
+                .map(|_| scope.spawn(|| Store::open(&path).unwrap().pause("ops", "freeze", t(0)).is_ok()))
+                .collect();
+            runs.into_iter().map(|r| r.join().unwrap()).collect()
+        });
+        assert_eq!(outcomes.iter().filter(|ok| **ok).count(), 1, "{outcomes:?}");
+        let audit = Store::open(&path).unwrap().audit_log(100).unwrap();
+        assert_eq!(audit.iter().filter(|e| e.action == "pause").count(), 1);
+    }
+
+    #[test]
     fn the_audit_log_is_append_only() {
         let store = store();
         store.pause("ops", "x", t(0)).unwrap();

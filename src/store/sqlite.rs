@@ -785,6 +785,32 @@ mod tests {
     }
 
     #[test]
+    fn a_store_written_before_migration_3_migrates_in_place() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("old.db");
+        {
+            // The schema as lockstep wrote it before migration 3 (shipped migrations never change).
+            let conn = Connection::open(&path).unwrap();
+            conn.execute_batch(MIGRATIONS[0]).unwrap();
+            conn.execute_batch(MIGRATIONS[1]).unwrap();
+            conn.pragma_update(None, "user_version", 2).unwrap();
+            conn.execute_batch(
+                "INSERT INTO batches (wave, state, created_at, verdict) VALUES ('canary', 'soaking', 0, 'healthy: 0 denials');
+                 INSERT INTO batches (wave, state, created_at) VALUES ('canary', 'applying', 0);
+                 INSERT INTO batch_members (batch, user) VALUES (1, 'ann');
+                 INSERT INTO members (user, state, batch, since) VALUES ('ann', 'locked', 1, 0);",
+            )
+            .unwrap();
+        }
+        let store = Store::open(&path).unwrap();
+        assert_eq!(store.schema_version().unwrap(), MIGRATIONS.len() as i64);
+        let snapshot = crate::store::Ledger::snapshot(&store).unwrap();
+        assert_eq!(snapshot.members["ann"].state, crate::rollout::UserState::Locked);
+        let kinds: Vec<_> = snapshot.batches.iter().map(|b| (b.soak, b.verdict_kind)).collect();
+        assert_eq!(kinds, [(None, Some(crate::guard::VerdictKind::Healthy)), (None, None)]);
+    }
+
+    #[test]
     fn migrations_run_once_and_a_newer_store_is_refused() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("s.db");
