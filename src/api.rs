@@ -1,14 +1,10 @@
 //! The daemon's HTTP side: `/metrics`, `/healthz` and `/readyz` on the metrics listener, and the
 //! admin API on its own listener (default 127.0.0.1), every call authenticated with a bearer
-//! token compared in constant time and never logged.
-//!
-//! Operator commands change the ledger (each refused, unchanged, when it does not apply in the
-//! current state) and wake the controller, whose next step carries out any IAM change.
+//! token compared in constant time and never logged. Handlers only translate HTTP to the
+//! runtime ([`Shared`]) and back.
 
-use std::collections::{BTreeMap, HashSet};
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
 
 use axum::extract::{Request, State};
 use axum::http::{StatusCode, header};
@@ -16,330 +12,14 @@ use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
-use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 use subtle::ConstantTimeEq;
-use tokio::sync::{Mutex, Notify, RwLock};
 
-use crate::clock::Clock;
-use crate::config::{Config, Listeners};
-use crate::controller::{ControllerError, Mode, StepReport, Stepper};
-use crate::evidence::{EvidenceStore, Freshness};
-use crate::ledger::{Ledger, LedgerError};
-use crate::metrics::Metrics;
-use crate::notify::{self, Webhook};
-use crate::planner::{Gate, Plan};
-use crate::rollout::{BatchState, Pause, Snapshot};
-use crate::store::Store;
-use crate::trail::Denial;
-
-/// A refresh run's identity in the run log: source, start and end (microseconds).
-type RunKey = (String, i64, i64);
-
-/// What the controller loop and the HTTP handlers share.
-#[derive(Clone)]
-pub struct Shared {
-    inner: Arc<Inner>,
-}
-
-struct Inner {
-    controller: Mutex<Box<dyn Stepper>>,
-    metrics: Metrics,
-    store: Arc<Store>,
-    config: Config,
-    clock: Arc<dyn Clock>,
-    mode: Mode,
-    last_report: RwLock<Option<StepReport>>,
-    promote_now: AtomicBool,
-    wake: Notify,
-    ready: AtomicBool,
-    webhook: Option<Webhook>,
-    /// When the daemon started (earlier refresh runs are not counted) and the runs counted since.
-    runs_counted: Mutex<(DateTime<Utc>, HashSet<RunKey>)>,
-}
-
-impl Shared {
-    pub fn new(controller: impl Stepper + 'static, metrics: Metrics) -> Shared {
-        let config = controller.config().clone();
-        let store = controller.store().clone();
-        let clock = controller.clock().clone();
-        let started = clock.now();
-        let mode = controller.mode();
-        let webhook = config.listeners.webhook_url.as_deref().and_then(|url| match Webhook::new(url) {
-            Ok(webhook) => Some(webhook),
-            Err(error) => {
-                tracing::error!(%error, "webhook notifications disabled");
-                None
-            }
-        });
-        Shared {
-            inner: Arc::new(Inner {
-                controller: Mutex::new(Box::new(controller)),
-                metrics,
-                store,
-                config,
-                clock,
-                mode,
-                last_report: RwLock::new(None),
-                promote_now: AtomicBool::new(false),
-                wake: Notify::new(),
-                ready: AtomicBool::new(false),
-                webhook,
-                runs_counted: Mutex::new((started, HashSet::new())),
-            }),
-        }
-    }
-
-    pub fn metrics(&self) -> &Metrics {
-        &self.inner.metrics
-    }
-
-    /// Resolves when an operator command wants a step now.
-    pub async fn woken(&self) {
-        self.inner.wake.notified().await;
-    }
-
-    /// Runs one controller step and publishes its report and metrics.
-    pub async fn step(&self) -> Result<StepReport, ControllerError> {
-        let promote_now = self.inner.promote_now.swap(false, Ordering::SeqCst);
-        let mut controller = self.inner.controller.lock().await;
-        let before = Ledger::new(&self.inner.store.conn()).snapshot()?;
-        let report = controller.step(promote_now).await?;
-        let snapshot = Ledger::new(&self.inner.store.conn()).snapshot()?;
-        if let Some(webhook) = &self.inner.webhook {
-            for event in notify::events(&report, &before) {
-                webhook.send(event);
-            }
-        }
-        let waves: Vec<String> = self.inner.config.waves.iter().map(|w| w.name.clone()).collect();
-        let directory = report.plan.users.len();
-        drop(controller);
-        let metrics = &self.inner.metrics;
-        metrics.observe_step(&report, &snapshot, directory, &waves);
-        let (mut explicit, mut other) = (0, 0);
-        for batch in report.verdicts.keys() {
-            for denial in Ledger::new(&self.inner.store.conn()).denials(*batch)? {
-                match denial.kind {
-                    Denial::ExplicitIdentityDeny => explicit += 1,
-                    Denial::Other => other += 1,
-                }
-            }
-        }
-        metrics.observe_denials(explicit, other);
-        let freshness = self.inner.store.freshness()?;
-        if let Some(at) = freshness.last_success {
-            metrics.refresh_last_success.set(at.timestamp() as f64);
-        }
-        self.count_refresh_runs().await?;
-        log_report(&report);
-        let mut last = self.inner.last_report.write().await;
-        if last.as_ref().map(|r| &r.plan.gate) != Some(&report.plan.gate) {
-            // The gate says whether the rollout can move; operators want to hear when that changes.
-            tracing::info!(gate = %serde_json::to_string(&report.plan.gate).unwrap_or_default(), "rollout gate changed");
-        }
-        *last = Some(report.clone());
-        drop(last);
-        self.inner.ready.store(true, Ordering::SeqCst);
-        Ok(report)
-    }
-
-    /// Counts refresh runs (scheduled or run by hand) that finished since the last step.
-    async fn count_refresh_runs(&self) -> Result<(), ControllerError> {
-        let mut counted = self.inner.runs_counted.lock().await;
-        let (started, seen) = &mut *counted;
-        let mut recent = HashSet::new();
-        for run in self.inner.store.recent_runs(100)? {
-            let Some(finished) = run.finished.filter(|f| f >= started) else { continue };
-            let key = (run.source.clone(), run.started.timestamp_micros(), finished.timestamp_micros());
-            if !seen.contains(&key) {
-                self.inner.metrics.observe_refresh(&run);
-            }
-            recent.insert(key);
-        }
-        *seen = recent;
-        Ok(())
-    }
-
-    pub async fn preview(&self) -> Result<Plan, ControllerError> {
-        self.inner.controller.lock().await.preview().await
-    }
-
-    /// How long to wait between steps.
-    pub fn real_poll_interval(&self) -> std::time::Duration {
-        self.inner.config.guard.poll
-    }
-
-    pub async fn status(&self) -> Result<Status, ControllerError> {
-        let snapshot = Ledger::new(&self.inner.store.conn()).snapshot()?;
-        let freshness = self.inner.store.freshness()?;
-        let report = self.inner.last_report.read().await.clone();
-        Ok(status(&snapshot, report.as_ref(), freshness, self.inner.mode, self.inner.clock.now()))
-    }
-
-    /// Applies an operator command to the ledger, then wakes the controller.
-    pub fn command(&self, command: &Command) -> Result<String, LedgerError> {
-        let now = self.inner.clock.now();
-        let conn = self.inner.store.conn();
-        let ledger = Ledger::new(&conn);
-        let message = apply_command(&ledger, command, &self.inner.config, now)?;
-        drop(conn);
-        match command {
-            Command::PromoteNext { .. } => self.inner.promote_now.store(true, Ordering::SeqCst),
-            Command::Rollback { .. } => self.inner.metrics.rollbacks.with_label_values(&["manual"]).inc(),
-            _ => {}
-        }
-        let event = match command {
-            Command::Pause { operator, reason } => Some(notify::Event::Pause { at: now, by: operator.clone(), reason: reason.clone() }),
-            Command::Rollback { batch, reason, .. } => Some(notify::Event::Rollback {
-                at: now,
-                batch: *batch,
-                users: Vec::new(),
-                reason: reason.clone(),
-            }),
-            _ => None,
-        };
-        if let (Some(webhook), Some(event)) = (&self.inner.webhook, event) {
-            webhook.send(event);
-        }
-        self.inner.wake.notify_one();
-        Ok(message)
-    }
-}
-
-fn log_report(report: &StepReport) {
-    for write in &report.iam_writes {
-        tracing::info!(mode = report.mode, %write, "iam");
-    }
-    for error in &report.errors {
-        tracing::warn!(%error, "step error; retried next step");
-    }
-    tracing::debug!(gate = ?report.plan.gate, waiting = ?report.plan.waiting, "step");
-}
-
-/// An operator command, as the admin API and the offline CLI take it.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(tag = "command", rename_all = "kebab-case")]
-pub enum Command {
-    Pause { operator: String, reason: String },
-    Resume { operator: String },
-    Rollback { operator: String, batch: i64, reason: String },
-    Hold { operator: String, user: String, reason: String },
-    Release { operator: String, user: String },
-    PromoteNext { operator: String },
-}
-
-impl Command {
-    pub fn operator(&self) -> &str {
-        match self {
-            Command::Pause { operator, .. }
-            | Command::Resume { operator }
-            | Command::Rollback { operator, .. }
-            | Command::Hold { operator, .. }
-            | Command::Release { operator, .. }
-            | Command::PromoteNext { operator } => operator,
-        }
-    }
-}
-
-/// The ledger side of an operator command: refused with a reason, or done with a message.
-pub fn apply_command(ledger: &Ledger, command: &Command, config: &Config, now: DateTime<Utc>) -> Result<String, LedgerError> {
-    let operator = command.operator();
-    if operator.trim().is_empty() {
-        return Err(LedgerError::Refused("an operator name is required".to_string()));
-    }
-    match command {
-        Command::Pause { reason, .. } => ledger.pause(operator, reason, now).map(|_| "rollout paused".to_string()),
-        Command::Resume { .. } => ledger.resume(operator, now).map(|_| "rollout resumed".to_string()),
-        Command::Rollback { batch, reason, .. } => {
-            let hold_until = now + chrono::Duration::from_std(config.eligibility.hold_expiry).unwrap_or(chrono::Duration::MAX);
-            let users = ledger.begin_rollback(*batch, operator, reason, hold_until, now)?;
-            Ok(format!(
-                "batch {batch} rolled back; {} user(s) to be removed from the group and held: {}",
-                users.len(),
-                users.join(", ")
-            ))
-        }
-        Command::Hold { user, reason, .. } => ledger.hold(user, operator, reason, now).map(|_| format!("{user} held")),
-        Command::Release { user, .. } => ledger.release(user, operator, now).map(|_| format!("{user} released")),
-        Command::PromoteNext { .. } => {
-            let snapshot = ledger.snapshot()?;
-            if let Some(pause) = snapshot.paused {
-                return Err(LedgerError::Refused(format!("the rollout is paused ({}); resume it first", pause.reason)));
-            }
-            ledger.note(operator, "promote_next", None, None, "start the next batch now (eligibility still applies)", now)?;
-            Ok("the next batch starts on the next step if eligible users remain".to_string())
-        }
-    }
-}
-
-#[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct BatchView {
-    pub id: i64,
-    pub wave: String,
-    pub state: String,
-    pub members: Vec<String>,
-    pub soak_remaining_seconds: Option<i64>,
-    pub verdict: Option<String>,
-}
-
-/// The rollout at a glance: what `lockstep status` prints.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct Status {
-    pub at: DateTime<Utc>,
-    pub mode: String,
-    pub paused: Option<Pause>,
-    /// The planner's gate at the last step (`open`, `paused`, `inconclusive`, ...), with why.
-    pub gate: Option<Gate>,
-    pub current_wave: Option<String>,
-    pub waiting: Vec<String>,
-    pub batches: Vec<BatchView>,
-    pub users: BTreeMap<String, usize>,
-    pub evidence: Freshness,
-    pub last_step: Option<DateTime<Utc>>,
-}
-
-pub fn status(snapshot: &Snapshot, report: Option<&StepReport>, evidence: Freshness, mode: Mode, now: DateTime<Utc>) -> Status {
-    let mut users: BTreeMap<String, usize> = BTreeMap::new();
-    for member in snapshot.members.values() {
-        *users.entry(member.state.to_string()).or_default() += 1;
-    }
-    if let Some(report) = report {
-        let candidates = report.plan.users.keys().filter(|u| !snapshot.members.contains_key(*u)).count();
-        users.insert("candidate".to_string(), candidates);
-    }
-    Status {
-        at: now,
-        mode: match mode {
-            Mode::Commit => "commit",
-            Mode::DryRun => "dry-run",
-        }
-        .to_string(),
-        paused: snapshot.paused.clone(),
-        gate: report.map(|r| r.plan.gate.clone()),
-        current_wave: report.and_then(|r| r.plan.current_wave.clone()),
-        waiting: report.map(|r| r.plan.waiting.clone()).unwrap_or_default(),
-        batches: snapshot
-            .batches
-            .iter()
-            .map(|b| BatchView {
-                id: b.id,
-                wave: b.wave.clone(),
-                state: b.state.to_string(),
-                members: b.members.clone(),
-                soak_remaining_seconds: (b.state == BatchState::Soaking)
-                    .then(|| b.soak_until.map(|t| (t - now).num_seconds().max(0)))
-                    .flatten(),
-                verdict: b.verdict.clone(),
-            })
-            .collect(),
-        users,
-        evidence,
-        last_step: report.map(|r| r.at),
-    }
-}
-
-// ---------------------------------------------------------------------------------------------
-// HTTP.
+use crate::config::Listeners;
+// Re-exported so callers written against the pre-split `api` module still compile; new code
+// imports them from `runtime`.
+pub use crate::runtime::{Command, Shared};
+use crate::store::StoreError;
 
 /// The token admin calls must present, from `listeners.token_file` or `listeners.token_env`.
 pub fn admin_token(listeners: &Listeners) -> Result<Option<String>, std::io::Error> {
@@ -448,7 +128,7 @@ async fn render_metrics(State(shared): State<Shared>) -> impl IntoResponse {
 }
 
 async fn ready(State(shared): State<Shared>) -> impl IntoResponse {
-    if shared.inner.ready.load(Ordering::SeqCst) {
+    if shared.is_ready() {
         (StatusCode::OK, "ready\n")
     } else {
         (StatusCode::SERVICE_UNAVAILABLE, "no controller step has completed yet\n")
@@ -472,7 +152,7 @@ async fn get_plan(State(shared): State<Shared>) -> Response {
 async fn post_command(State(shared): State<Shared>, Json(command): Json<Command>) -> Response {
     match shared.command(&command) {
         Ok(message) => Json(Answer { ok: true, message }).into_response(),
-        Err(LedgerError::Refused(why)) => (StatusCode::CONFLICT, Json(Answer::error(why))).into_response(),
+        Err(StoreError::Refused(why)) => (StatusCode::CONFLICT, Json(Answer::error(why))).into_response(),
         Err(error) => (StatusCode::INTERNAL_SERVER_ERROR, Json(Answer::error(error.to_string()))).into_response(),
     }
 }

@@ -3,14 +3,18 @@
 //! point is safe because every step starts by reconciling what the ledger intends with what the
 //! lockdown group really contains.
 //!
-//! One step:
+//! One step gathers, decides, applies:
 //! 1. poll the event feed for new trail records (the guard's near-real-time view) and remember
 //!    denials of watched batches' members and the unpromoted cohort's denial rate;
-//! 2. reconcile: finish journaled promotions and removals, notice members removed by hand or
-//!    added by someone else (left alone and reported), start soaks of fully applied batches;
-//! 3. judge each watched batch with the guard;
-//! 4. plan, then apply the plan: journal in the ledger first, then call IAM. In dry run nothing
-//!    is written to IAM or the ledger's state; the plan is recorded in the audit log instead.
+//! 2. reconcile: [`reconcile`] (pure) compares the ledger with the group's members and says
+//!    which journaled promotions and removals to finish and what drifted (members removed by
+//!    hand or added by someone else are left alone and reported); then fully applied batches
+//!    start soaking, for the soak recorded when the batch started;
+//! 3. judge each watched batch ([`watched`]) with the guard;
+//! 4. plan (the lockdown policy's state is one of the planner's inputs), then apply the plan:
+//!    journal in the ledger first, then call IAM. A guard rollback pauses the rollout in the
+//!    same transaction. In dry run nothing is written to IAM or the ledger's state; the plan is
+//!    recorded in the audit log instead.
 
 use std::collections::{BTreeMap, BTreeSet, HashSet, VecDeque};
 use std::future::Future;
@@ -22,23 +26,21 @@ use chrono::{DateTime, Utc};
 use crate::clock::Clock;
 use crate::config::Config;
 use crate::duration::chrono_of;
-use crate::evidence::EvidenceStore;
 use crate::feed::EventFeed;
-use crate::guard::{self, CohortRate, DenialEvent, SourceHealth};
-use crate::iam::{Iam, IamError, IamUser, PolicyStatus};
-use crate::ledger::{Ledger, LedgerError};
+use crate::guard::{self, CohortRate, DenialEvent};
+use crate::iam::{Iam, IamError, PolicyStatus};
 use crate::planner::{self, Action, Gate, Plan};
-use crate::rollout::{BatchState, Snapshot, UserState};
-use crate::store::{Store, StoreError};
+use crate::rollout::{Batch, BatchState, IamUser, Snapshot, UserState};
+use crate::store::{Ledger, NewBatch, RollbackRequest, RolloutStore, StoreError};
 use crate::trail::{Denial, Record};
 
-/// A controller with its edges chosen, as the daemon's HTTP side sees it.
+/// A controller with its edges chosen, as the daemon's runtime sees it.
 pub trait Stepper: Send {
     fn step(&mut self, promote_now: bool) -> Pin<Box<dyn Future<Output = Result<StepReport, ControllerError>> + Send + '_>>;
     /// The plan as it stands, without polling, reconciling or changing anything.
     fn preview(&mut self) -> Pin<Box<dyn Future<Output = Result<Plan, ControllerError>> + Send + '_>>;
     fn config(&self) -> &Config;
-    fn store(&self) -> &Arc<Store>;
+    fn store(&self) -> &Arc<dyn RolloutStore>;
     fn clock(&self) -> &Arc<dyn Clock>;
     fn mode(&self) -> Mode;
 }
@@ -53,7 +55,7 @@ impl<I: Iam + 'static, F: EventFeed + 'static> Stepper for Controller<I, F> {
     fn config(&self) -> &Config {
         &self.config
     }
-    fn store(&self) -> &Arc<Store> {
+    fn store(&self) -> &Arc<dyn RolloutStore> {
         &self.store
     }
     fn clock(&self) -> &Arc<dyn Clock> {
@@ -64,17 +66,53 @@ impl<I: Iam + 'static, F: EventFeed + 'static> Stepper for Controller<I, F> {
     }
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Mode {
-    /// Plan and report; write nothing to IAM.
-    DryRun,
-    Commit,
+named_enum!(
+    /// Whether the controller writes to IAM.
+    Mode {
+        /// Plan and report; write nothing to IAM.
+        DryRun = "dry-run",
+        Commit = "commit",
+    }
+);
+
+impl Mode {
+    /// Who the audit log names for this controller's entries; also how an offline reader tells
+    /// which mode the rollout last ran in.
+    pub fn actor(self) -> &'static str {
+        match self {
+            Mode::Commit => "controller",
+            Mode::DryRun => "dry-run",
+        }
+    }
+
+    /// The mode whose controller writes audit entries as `actor`, if any.
+    pub fn of_actor(actor: &str) -> Option<Mode> {
+        Mode::ALL.iter().copied().find(|mode| mode.actor() == actor)
+    }
+}
+
+named_enum!(
+    /// What reconcile found different between the ledger and the lockdown group.
+    DriftKind {
+        /// Locked by lockstep, then taken out of the group by someone else.
+        RemovedByHand = "removed_by_hand",
+        /// Held (or removed by hand) in the ledger, but back in the group.
+        BackInGroupWhileHeld = "back_in_group_while_held",
+        /// In the group, but lockstep never added them.
+        NotAddedByLockstep = "not_added_by_lockstep",
+    }
+);
+
+/// One difference reconcile found: the kind for code, the message for people.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct Drift {
+    pub user: String,
+    pub kind: DriftKind,
+    pub message: String,
 }
 
 #[derive(Debug, thiserror::Error)]
 pub enum ControllerError {
-    #[error(transparent)]
-    Ledger(#[from] LedgerError),
     #[error(transparent)]
     Store(#[from] StoreError),
     #[error(transparent)]
@@ -85,13 +123,13 @@ pub enum ControllerError {
 #[derive(Debug, Clone, serde::Serialize)]
 pub struct StepReport {
     pub at: DateTime<Utc>,
-    pub mode: &'static str,
+    pub mode: Mode,
     pub plan: Plan,
     pub verdicts: BTreeMap<i64, guard::Verdict>,
     /// IAM writes made (or, in dry run, that would have been made).
     pub iam_writes: Vec<String>,
     /// Differences between the ledger and the group that reconcile found.
-    pub drift: Vec<String>,
+    pub drift: Vec<Drift>,
     /// Errors that did not stop the step (a failed IAM write is retried next step).
     pub errors: Vec<String>,
 }
@@ -104,9 +142,127 @@ struct CohortEvent {
     generic_denial: bool,
 }
 
+/// A write reconcile decided on, to converge the group and the ledger.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) enum Fix {
+    /// Journaled `promoting` and already in the group: record it locked.
+    MarkLocked(String),
+    /// Journaled `promoting` but not in the group (never written, or the write failed).
+    Add(String),
+    /// Locked but gone from the group: record it removed by hand (never re-added).
+    MarkRemovedByHand(String),
+    /// Journaled `rolling_back`: take the user out (if still in) and record them held.
+    Remove { user: String, in_group: bool },
+}
+
+/// The reconcile table: what to fix and what drifted, from the ledger and the group's members.
+/// In dry run only the drift is reported.
+pub(crate) fn reconcile(snapshot: &Snapshot, in_group: &HashSet<String>, group: &str, mode: Mode) -> (Vec<Fix>, Vec<Drift>) {
+    let commit = mode == Mode::Commit;
+    let (mut fixes, mut drift) = (Vec::new(), Vec::new());
+    for member in snapshot.members.values() {
+        let user = member.user.clone();
+        match (member.state, in_group.contains(&member.user)) {
+            (UserState::Promoting, true) if commit => fixes.push(Fix::MarkLocked(user)),
+            (UserState::Promoting, false) if commit => fixes.push(Fix::Add(user)),
+            (UserState::Locked, false) => {
+                drift.push(Drift {
+                    message: format!("{user} was removed from {group} by someone else"),
+                    user: user.clone(),
+                    kind: DriftKind::RemovedByHand,
+                });
+                if commit {
+                    fixes.push(Fix::MarkRemovedByHand(user));
+                }
+            }
+            (UserState::RollingBack, in_group) if commit => fixes.push(Fix::Remove { user, in_group }),
+            (UserState::Held | UserState::RemovedByHand, true) => drift.push(Drift {
+                message: format!("{user} is {} but back in {group}; lockstep did not add them and leaves them alone", member.state),
+                user,
+                kind: DriftKind::BackInGroupWhileHeld,
+            }),
+            _ => {}
+        }
+    }
+    let mut strangers: Vec<&String> = in_group.iter().filter(|u| !snapshot.members.contains_key(*u)).collect();
+    strangers.sort();
+    for user in strangers {
+        drift.push(Drift {
+            user: user.clone(),
+            kind: DriftKind::NotAddedByLockstep,
+            message: format!("{user} is in {group} but lockstep did not add them; left alone"),
+        });
+    }
+    (fixes, drift)
+}
+
+/// Applying batches whose members are all locked start soaking: each with its end.
+pub(crate) fn soaks_to_start(snapshot: &Snapshot, config: &Config, now: DateTime<Utc>) -> Vec<(i64, DateTime<Utc>)> {
+    snapshot
+        .batches
+        .iter()
+        .filter(|b| b.state == BatchState::Applying)
+        .filter(|batch| {
+            !batch
+                .members
+                .iter()
+                .any(|u| snapshot.members.get(u).is_some_and(|m| m.state == UserState::Promoting && m.batch == Some(batch.id)))
+        })
+        .map(|batch| (batch.id, now + soak_of(batch, config)))
+        .collect()
+}
+
+/// A batch's soak: the one recorded when it started; for batches journaled before lockstep
+/// recorded it, its wave's, or (the wave since removed from the configuration) the longest
+/// configured soak, so that a batch never soaks shorter than any wave would.
+pub(crate) fn soak_of(batch: &Batch, config: &Config) -> chrono::Duration {
+    if let Some(soak) = batch.soak {
+        return soak;
+    }
+    let configured = config.waves.iter().find(|w| w.name == batch.wave).map(|w| w.soak);
+    chrono_of(configured.or_else(|| config.waves.iter().map(|w| w.soak).max()).unwrap_or(config.guard.window))
+}
+
+/// The soak a new batch of `wave` records.
+fn wave_soak(config: &Config, wave: &str) -> chrono::Duration {
+    chrono_of(config.waves.iter().find(|w| w.name == wave).map_or(config.guard.window, |w| w.soak))
+}
+
+/// Batches the guard watches: applying and soaking ones, and finished ones for `grace`.
+pub(crate) fn watched<'s>(snapshot: &'s Snapshot, grace: chrono::Duration, now: DateTime<Utc>) -> impl Iterator<Item = &'s Batch> {
+    snapshot.batches.iter().filter(move |b| is_watched(b.state, b.finished_at, grace, now))
+}
+
+/// The reason a guard rollback journals: the planner's reason and the offending calls.
+pub(crate) fn rollback_reason(reason: &str, verdict: Option<&guard::Verdict>) -> String {
+    let offending = match verdict {
+        Some(guard::Verdict::Spike { offending, .. }) => describe_calls(offending),
+        _ => String::new(),
+    };
+    format!("{reason}{offending}")
+}
+
+/// The IAM writes a dry-run plan would make.
+pub(crate) fn dry_run_writes(plan: &Plan, snapshot: &Snapshot, group: &str) -> Vec<String> {
+    let mut writes = Vec::new();
+    for action in &plan.actions {
+        match action {
+            Action::StartBatch { users, .. } => writes.extend(users.iter().map(|c| format!("AddUserToGroup {group} {}", c.user))),
+            Action::RollBack { batch, .. } => {
+                if let Some(b) = snapshot.batch(*batch) {
+                    writes.extend(b.members.iter().map(|u| format!("RemoveUserFromGroup {group} {u}")));
+                }
+            }
+            _ => {}
+        }
+    }
+    writes
+}
+
+/// The controller: the edges (store, IAM, event feed, clock) and what it keeps between steps.
 pub struct Controller<I, F> {
     config: Config,
-    store: Arc<Store>,
+    store: Arc<dyn RolloutStore>,
     iam: I,
     feed: F,
     clock: Arc<dyn Clock>,
@@ -120,7 +276,7 @@ pub struct Controller<I, F> {
 const DIRECTORY_TTL: chrono::Duration = chrono::Duration::hours(1);
 
 impl<I: Iam, F: EventFeed> Controller<I, F> {
-    pub fn new(config: Config, store: Arc<Store>, iam: I, feed: F, clock: Arc<dyn Clock>, mode: Mode) -> Self {
+    pub fn new(config: Config, store: Arc<dyn RolloutStore>, iam: I, feed: F, clock: Arc<dyn Clock>, mode: Mode) -> Self {
         Controller {
             config,
             store,
@@ -139,10 +295,7 @@ impl<I: Iam, F: EventFeed> Controller<I, F> {
     }
 
     fn actor(&self) -> &'static str {
-        match self.mode {
-            Mode::Commit => "controller",
-            Mode::DryRun => "dry-run",
-        }
+        self.mode.actor()
     }
 
     /// Runs one step. `promote_now` is the operator's "start the next batch now".
@@ -150,10 +303,7 @@ impl<I: Iam, F: EventFeed> Controller<I, F> {
         let now = self.clock.now();
         let mut report = StepReport {
             at: now,
-            mode: match self.mode {
-                Mode::Commit => "commit",
-                Mode::DryRun => "dry-run",
-            },
+            mode: self.mode,
             plan: Plan {
                 gate: Gate::Open,
                 current_wave: None,
@@ -167,7 +317,7 @@ impl<I: Iam, F: EventFeed> Controller<I, F> {
             errors: Vec::new(),
         };
 
-        let snapshot = self.ledger_snapshot()?;
+        let snapshot = self.store.snapshot()?;
         self.observe_events(&snapshot, now).await?;
         self.reconcile(&mut report, now).await?;
 
@@ -187,43 +337,35 @@ impl<I: Iam, F: EventFeed> Controller<I, F> {
         Ok(self.plan(now, false, false).await?.0)
     }
 
-    /// Judges watched batches and plans; `record` keeps the verdicts in the ledger.
+    /// Gathers the planner's inputs, judges watched batches and plans; `record` keeps the
+    /// verdicts in the ledger.
     async fn plan(&mut self, now: DateTime<Utc>, promote_now: bool, record: bool) -> Result<(Plan, BTreeMap<i64, guard::Verdict>), ControllerError> {
-        let snapshot = self.ledger_snapshot()?;
+        let snapshot = self.store.snapshot()?;
         let verdicts = self.judge_batches(&snapshot, now, record)?;
         let evidence = self
             .store
             .user_evidence(now - chrono_of(self.config.eligibility.window), now)?;
         let freshness = self.store.freshness()?;
         let users = self.directory(now).await?;
-        let policy_problem = self.policy_problem().await?;
-        let mut plan = planner::plan(&planner::Inputs {
+        let blocked = self.policy_problem().await?;
+        let plan = planner::plan(&planner::Inputs {
             config: &self.config,
             ledger: &snapshot,
             users: &users,
             evidence: &evidence,
             freshness,
             verdicts: &verdicts,
+            blocked: blocked.as_deref(),
             now,
             promote_now,
         });
-        if let Some(problem) = policy_problem {
-            // The lockdown policy is missing or drifted: adding users would not lock them, or
-            // lock them with something else. Rollbacks and successes still proceed.
-            plan.actions.retain(|a| !matches!(a, Action::StartBatch { .. }));
-            plan.gate = Gate::Blocked(problem);
-        }
         Ok((plan, verdicts))
-    }
-
-    fn ledger_snapshot(&self) -> Result<Snapshot, LedgerError> {
-        Ledger::new(&self.store.conn()).snapshot()
     }
 
     /// Reads new trail records: denials of watched batches' members go to the ledger, the
     /// unpromoted cohort's activity to the in-memory window.
     async fn observe_events(&mut self, snapshot: &Snapshot, now: DateTime<Utc>) -> Result<(), ControllerError> {
-        let ledger_health = Ledger::new(&self.store.conn()).source_health()?;
+        let ledger_health = self.store.source_health()?;
         let mut health = ledger_health.clone();
         match self.feed.poll().await {
             Ok(records) => {
@@ -240,19 +382,14 @@ impl<I: Iam, F: EventFeed> Controller<I, F> {
             }
         }
         if health != ledger_health {
-            Ledger::new(&self.store.conn()).set_source_health(&health)?;
+            self.store.set_source_health(&health)?;
         }
         Ok(())
     }
 
     fn remember(&mut self, snapshot: &Snapshot, records: &[Record], now: DateTime<Utc>) -> Result<(), ControllerError> {
         let policy = &self.config.lockdown.policy_name;
-        let grace = chrono_of(self.config.guard.grace);
-        let watched: Vec<_> = snapshot
-            .batches
-            .iter()
-            .filter(|b| is_watched(b.state, b.finished_at, grace, now))
-            .collect();
+        let watched: Vec<_> = watched(snapshot, chrono_of(self.config.guard.grace), now).collect();
         let promoted: HashSet<&str> = snapshot
             .members
             .values()
@@ -292,10 +429,8 @@ impl<I: Iam, F: EventFeed> Controller<I, F> {
                 }
             }
         }
-        let conn = self.store.conn();
-        let ledger = Ledger::new(&conn);
         for (batch, events) in denials {
-            ledger.record_denials(batch, &events)?;
+            self.store.record_denials(batch, &events)?;
         }
         let horizon = now - chrono_of(self.config.guard.window);
         while self.cohort.front().is_some_and(|e| e.at < horizon) {
@@ -323,48 +458,23 @@ impl<I: Iam, F: EventFeed> Controller<I, F> {
             Err(e) if e.is_no_such_entity() => HashSet::new(),
             Err(e) => return Err(e.into()),
         };
-        let snapshot = self.ledger_snapshot()?;
-        let commit = self.mode == Mode::Commit;
-        for member in snapshot.members.values() {
-            let in_group = members.contains(&member.user);
-            match (member.state, in_group) {
-                (UserState::Promoting, true) if commit => {
-                    Ledger::new(&self.store.conn()).mark_locked(&member.user, "controller", now)?;
-                }
-                (UserState::Promoting, false) if commit => {
-                    // Journaled but never written (or the write failed): finish it.
-                    self.add_member(&group, &member.user, report, now).await?;
-                }
-                (UserState::Locked, false) => {
-                    report.drift.push(format!("{} was removed from {group} by someone else", member.user));
-                    if commit {
-                        Ledger::new(&self.store.conn()).mark_removed_by_hand(&member.user, now)?;
-                    }
-                }
-                (UserState::RollingBack, _) if commit => {
-                    self.remove_member(&group, &member.user, in_group, report, now).await?;
-                }
-                (UserState::Held | UserState::RemovedByHand, true) => {
-                    report.drift.push(format!(
-                        "{} is {} but back in {group}; lockstep did not add them and leaves them alone",
-                        member.user, member.state
-                    ));
-                }
-                _ => {}
+        let snapshot = self.store.snapshot()?;
+        let (fixes, drift) = reconcile(&snapshot, &members, &group, self.mode);
+        for fix in fixes {
+            match fix {
+                Fix::MarkLocked(user) => self.store.mark_locked(&user, "controller", now)?,
+                Fix::Add(user) => self.add_member(&group, &user, report, now).await?,
+                Fix::MarkRemovedByHand(user) => self.store.mark_removed_by_hand(&user, now)?,
+                Fix::Remove { user, in_group } => self.remove_member(&group, &user, in_group, report, now).await?,
             }
         }
-        for user in &members {
-            let ours = snapshot.members.get(user).is_some_and(|m| m.state.wants_membership() || m.state == UserState::RollingBack);
-            if !ours && !snapshot.members.contains_key(user) {
-                report.drift.push(format!("{user} is in {group} but lockstep did not add them; left alone"));
-            }
-        }
-        if commit {
+        if self.mode == Mode::Commit {
             self.start_soaks(now)?;
         }
-        for line in &report.drift {
-            tracing::warn!(drift = %line, "reconcile");
+        for drift in &drift {
+            tracing::warn!(drift = %drift.message, kind = %drift.kind, "reconcile");
         }
+        report.drift = drift;
         Ok(())
     }
 
@@ -373,7 +483,7 @@ impl<I: Iam, F: EventFeed> Controller<I, F> {
             Ok(()) => {
                 failpoint("after-iam-write");
                 report.iam_writes.push(format!("AddUserToGroup {group} {user}"));
-                Ledger::new(&self.store.conn()).mark_locked(user, "controller", now)?;
+                self.store.mark_locked(user, "controller", now)?;
             }
             Err(e) => report.errors.push(e.to_string()),
         }
@@ -381,47 +491,31 @@ impl<I: Iam, F: EventFeed> Controller<I, F> {
     }
 
     async fn remove_member(&self, group: &str, user: &str, in_group: bool, report: &mut StepReport, now: DateTime<Utc>) -> Result<(), ControllerError> {
-        if in_group {
-            if let Err(e) = self.iam.remove_from_group(group, user).await {
-                // Rollbacks keep retrying, step after step, until the user is out.
-                report.errors.push(e.to_string());
-                return Ok(());
-            }
-            report.iam_writes.push(format!("RemoveUserFromGroup {group} {user}"));
+        match remove_and_hold(&self.iam, self.store.as_ref(), group, user, in_group, "controller", now).await {
+            Ok(true) => report.iam_writes.push(format!("RemoveUserFromGroup {group} {user}")),
+            Ok(false) => {}
+            // Rollbacks keep retrying, step after step, until the user is out.
+            Err(ControllerError::Iam(e)) => report.errors.push(e.to_string()),
+            Err(e) => return Err(e),
         }
-        Ledger::new(&self.store.conn()).mark_held(user, "controller", now)?;
         Ok(())
     }
 
-    /// Batches whose members are all in the group start soaking.
+    /// Batches whose members are all in the group start soaking (decided on the ledger as the
+    /// writes just made left it).
     fn start_soaks(&self, now: DateTime<Utc>) -> Result<(), ControllerError> {
-        let snapshot = self.ledger_snapshot()?;
-        for batch in snapshot.batches.iter().filter(|b| b.state == BatchState::Applying) {
-            let pending = batch
-                .members
-                .iter()
-                .any(|u| snapshot.members.get(u).is_some_and(|m| m.state == UserState::Promoting && m.batch == Some(batch.id)));
-            if !pending {
-                let soak = self
-                    .config
-                    .waves
-                    .iter()
-                    .find(|w| w.name == batch.wave)
-                    .map(|w| w.soak)
-                    .unwrap_or(self.config.guard.window);
-                Ledger::new(&self.store.conn()).start_soak(batch.id, now + chrono_of(soak), now)?;
-            }
+        for (batch, soak_until) in soaks_to_start(&self.store.snapshot()?, &self.config, now) {
+            self.store.start_soak(batch, soak_until, now)?;
         }
         Ok(())
     }
 
     fn judge_batches(&self, snapshot: &Snapshot, now: DateTime<Utc>, record: bool) -> Result<BTreeMap<i64, guard::Verdict>, ControllerError> {
-        let grace = chrono_of(self.config.guard.grace);
         let window = chrono_of(self.config.eligibility.window);
-        let health: SourceHealth = Ledger::new(&self.store.conn()).source_health()?;
+        let health = self.store.source_health()?;
         let cohort = self.cohort_rate(now);
         let mut verdicts = BTreeMap::new();
-        for batch in snapshot.batches.iter().filter(|b| is_watched(b.state, b.finished_at, grace, now)) {
+        for batch in watched(snapshot, chrono_of(self.config.guard.grace), now) {
             let Some(applied_at) = batch.applied_at else { continue };
             let before = self.store.user_evidence(applied_at - window, applied_at)?;
             let hours = (window.num_seconds() as f64 / 3600.0).max(1.0);
@@ -430,7 +524,7 @@ impl<I: Iam, F: EventFeed> Controller<I, F> {
                 .filter(|e| batch.members.contains(&e.user))
                 .map(|e| (e.user.clone(), e.other_denials as f64 / hours))
                 .collect();
-            let events = Ledger::new(&self.store.conn()).denials(batch.id)?;
+            let events = self.store.denials(batch.id)?;
             let verdict = guard::judge(&guard::Input {
                 batch,
                 events: &events,
@@ -440,8 +534,9 @@ impl<I: Iam, F: EventFeed> Controller<I, F> {
                 config: &self.config.guard,
                 now,
             });
-            if record && batch.verdict.as_deref() != Some(verdict.summary().as_str()) {
-                Ledger::new(&self.store.conn()).set_verdict(batch.id, &verdict.summary())?;
+            let summary = verdict.summary();
+            if record && (batch.verdict.as_deref() != Some(summary.as_str()) || batch.verdict_kind != Some(verdict.kind())) {
+                self.store.set_verdict(batch.id, verdict.kind(), &summary)?;
             }
             verdicts.insert(batch.id, verdict);
         }
@@ -474,37 +569,39 @@ impl<I: Iam, F: EventFeed> Controller<I, F> {
         for action in &plan.actions {
             match action {
                 Action::RollBack { batch, reason } => {
-                    let offending = match verdicts.get(batch) {
-                        Some(guard::Verdict::Spike { offending, .. }) => describe_calls(offending),
-                        _ => String::new(),
-                    };
-                    let reason = format!("{reason}{offending}");
-                    let hold_until = now + chrono_of(self.config.eligibility.hold_expiry);
-                    let users = {
-                        let conn = self.store.conn();
-                        let ledger = Ledger::new(&conn);
-                        let users = ledger.begin_rollback(*batch, "controller", &reason, hold_until, now)?;
-                        if ledger.snapshot()?.paused.is_none() {
-                            ledger.pause("controller", &format!("batch {batch} rolled back by the guard"), now)?;
-                        }
-                        users
-                    };
+                    let reason = rollback_reason(reason, verdicts.get(batch));
+                    let pause = format!("batch {batch} rolled back by the guard");
+                    let users = self.store.begin_rollback(
+                        &RollbackRequest {
+                            batch: *batch,
+                            actor: "controller",
+                            reason: &reason,
+                            hold_until: now + chrono_of(self.config.eligibility.hold_expiry),
+                            pause: Some(&pause),
+                        },
+                        now,
+                    )?;
                     tracing::warn!(batch, users = ?users, %reason, "rolling back batch");
                     for user in users {
                         self.remove_member(&group, &user, true, report, now).await?;
                     }
                 }
                 Action::Succeed { batch, detail } => {
-                    Ledger::new(&self.store.conn()).succeed(*batch, detail, now)?;
+                    self.store.succeed(*batch, detail, now)?;
                     tracing::info!(batch, %detail, "batch succeeded");
                 }
                 Action::FinishWave { wave, why } => {
-                    Ledger::new(&self.store.conn()).finish_wave(wave, why, now)?;
+                    self.store.finish_wave(wave, why, now)?;
                     tracing::info!(%wave, %why, "wave finished");
                 }
                 Action::StartBatch { wave, users } => {
                     let journal: Vec<(String, String)> = users.iter().map(|c| (c.user.clone(), c.why.clone())).collect();
-                    let batch = Ledger::new(&self.store.conn()).start_batch(wave, &journal, "controller", now)?;
+                    let new = NewBatch {
+                        wave,
+                        users: &journal,
+                        soak: wave_soak(&self.config, wave),
+                    };
+                    let batch = self.store.start_batch(&new, "controller", now)?;
                     failpoint("after-journal");
                     tracing::info!(batch, %wave, users = ?journal.iter().map(|(u, _)| u).collect::<Vec<_>>(), "batch started");
                     for (user, _) in &journal {
@@ -519,31 +616,37 @@ impl<I: Iam, F: EventFeed> Controller<I, F> {
 
     /// Dry run: records what `--commit` would do, once per change of plan.
     fn record_dry_run(&mut self, plan: &Plan, report: &mut StepReport, now: DateTime<Utc>) -> Result<(), ControllerError> {
-        let group = &self.config.lockdown.group;
-        for action in &plan.actions {
-            match action {
-                Action::StartBatch { users, .. } => {
-                    report.iam_writes.extend(users.iter().map(|c| format!("AddUserToGroup {group} {}", c.user)));
-                }
-                Action::RollBack { batch, .. } => {
-                    if let Some(b) = self.ledger_snapshot()?.batch(*batch) {
-                        report.iam_writes.extend(b.members.iter().map(|u| format!("RemoveUserFromGroup {group} {u}")));
-                    }
-                }
-                _ => {}
-            }
-        }
+        report
+            .iam_writes
+            .extend(dry_run_writes(plan, &self.store.snapshot()?, &self.config.lockdown.group));
         if self.last_dry_plan.as_ref() != Some(&plan.actions) {
-            let ledger_conn = self.store.conn();
-            let ledger = Ledger::new(&ledger_conn);
             for action in &plan.actions {
                 let line = serde_json::to_string(action).unwrap_or_default();
-                ledger.note(self.actor(), "would", None, None, &line, now)?;
+                self.store.note(self.actor(), "would", &line, now)?;
             }
             self.last_dry_plan = Some(plan.actions.clone());
         }
         Ok(())
     }
+}
+
+/// Takes a journaled `rolling_back` user out of the group (when still in) and records them
+/// held: the one removal path of the daemon and of the offline rollback. Returns whether IAM
+/// was written; on an IAM error the ledger is unchanged, so a rerun retries.
+pub async fn remove_and_hold<I: Iam>(
+    iam: &I,
+    ledger: &dyn Ledger,
+    group: &str,
+    user: &str,
+    in_group: bool,
+    actor: &str,
+    now: DateTime<Utc>,
+) -> Result<bool, ControllerError> {
+    if in_group {
+        iam.remove_from_group(group, user).await?;
+    }
+    ledger.mark_held(user, actor, now)?;
+    Ok(in_group)
 }
 
 /// Crash-test hook: with `LOCKSTEP_FAILPOINT=<name>` the process aborts at that point, as a
@@ -575,4 +678,242 @@ fn describe_calls(calls: &[DenialEvent]) -> String {
         text.push_str(&format!("; and {} more", calls.len() - SHOWN));
     }
     text
+}
+
+#[cfg(test)]
+mod tests {
+    //! The controller's decisions, pure, over hand-built ledgers; and the removal path over an
+    //! in-memory IAM (test support only: the emulator tests prove the AWS path).
+    use std::path::Path;
+    use std::sync::Mutex;
+
+    use chrono::TimeZone;
+
+    use super::*;
+    use crate::iam::PolicyStatus;
+    use crate::planner::Candidate;
+    use crate::rollout::Member;
+    use crate::store::Store;
+
+    /// An IAM whose lockdown group is a set in memory; `fail` makes every write fail.
+    #[derive(Default)]
+    struct MemoryIam {
+        group: Mutex<BTreeSet<String>>,
+        fail: bool,
+    }
+
+    impl MemoryIam {
+        fn write(&self, operation: &'static str, change: impl FnOnce(&mut BTreeSet<String>)) -> Result<(), IamError> {
+            if self.fail {
+                return Err(IamError { operation, code: "Throttling".into(), message: "slow down".into() });
+            }
+            change(&mut self.group.lock().unwrap());
+            Ok(())
+        }
+    }
+
+    impl Iam for MemoryIam {
+        async fn list_users(&self) -> Result<Vec<IamUser>, IamError> {
+            Ok(Vec::new())
+        }
+        async fn group_members(&self, _group: &str) -> Result<Vec<String>, IamError> {
+            Ok(self.group.lock().unwrap().iter().cloned().collect())
+        }
+        async fn add_to_group(&self, _group: &str, user: &str) -> Result<(), IamError> {
+            self.write("AddUserToGroup", |g| {
+                g.insert(user.to_string());
+            })
+        }
+        async fn remove_from_group(&self, _group: &str, user: &str) -> Result<(), IamError> {
+            self.write("RemoveUserFromGroup", |g| {
+                g.remove(user);
+            })
+        }
+        async fn policy_status(&self, _group: &str, _policy: &str, _document: &str) -> Result<PolicyStatus, IamError> {
+            Ok(PolicyStatus::InPlace)
+        }
+        async fn apply_policy(&self, _group: &str, _policy: &str, _document: &str) -> Result<Vec<String>, IamError> {
+            Ok(Vec::new())
+        }
+    }
+
+    fn t(h: i64) -> DateTime<Utc> {
+        Utc.with_ymd_and_hms(2026, 3, 1, 0, 0, 0).unwrap() + chrono::Duration::hours(h)
+    }
+
+    fn config() -> Config {
+        Config::parse(include_str!("../rollout.yaml"), Path::new("rollout.yaml")).unwrap()
+    }
+
+    fn member(user: &str, state: UserState, batch: Option<i64>) -> (String, Member) {
+        let member = Member { user: user.into(), state, batch, since: t(0), reason: None, hold_until: None };
+        (user.to_string(), member)
+    }
+
+    fn batch(id: i64, wave: &str, state: BatchState, members: &[&str]) -> Batch {
+        Batch {
+            id,
+            wave: wave.into(),
+            state,
+            members: members.iter().map(|m| m.to_string()).collect(),
+            created_at: t(0),
+            soak: None,
+            applied_at: None,
+            soak_until: None,
+            finished_at: None,
+            verdict: None,
+            verdict_kind: None,
+        }
+    }
+
+    fn group(users: &[&str]) -> HashSet<String> {
+        users.iter().map(|u| u.to_string()).collect()
+    }
+
+    #[test]
+    fn reconcile_finishes_journaled_work_and_reports_drift_by_kind() {
+        let snapshot = Snapshot {
+            members: [
+                member("ann", UserState::Promoting, Some(1)),
+                member("ben", UserState::Promoting, Some(1)),
+                member("cat", UserState::Locked, Some(1)),
+                member("dan", UserState::RollingBack, Some(1)),
+                member("eve", UserState::Held, None),
+                member("fay", UserState::Locked, Some(1)),
+            ]
+            .into(),
+            ..Snapshot::default()
+        };
+        let in_group = group(&["ann", "dan", "eve", "fay", "zed"]);
+        let (fixes, drift) = reconcile(&snapshot, &in_group, "lockdown", Mode::Commit);
+        assert_eq!(
+            fixes,
+            [
+                Fix::MarkLocked("ann".into()),
+                Fix::Add("ben".into()),
+                Fix::MarkRemovedByHand("cat".into()),
+                Fix::Remove { user: "dan".into(), in_group: true },
+            ]
+        );
+        let kinds: Vec<_> = drift.iter().map(|d| (d.user.as_str(), d.kind)).collect();
+        assert_eq!(
+            kinds,
+            [
+                ("cat", DriftKind::RemovedByHand),
+                ("eve", DriftKind::BackInGroupWhileHeld),
+                ("zed", DriftKind::NotAddedByLockstep)
+            ]
+        );
+        // A dry run reports the same drift and fixes nothing.
+        let (fixes, dry_drift) = reconcile(&snapshot, &in_group, "lockdown", Mode::DryRun);
+        assert!(fixes.is_empty());
+        assert_eq!(dry_drift, drift);
+    }
+
+    #[test]
+    fn a_batch_whose_wave_left_the_config_keeps_its_recorded_soak_or_the_longest() {
+        let config = config();
+        let longest = config.waves.iter().map(|w| w.soak).max().unwrap();
+        let mut gone = batch(1, "wave-since-removed", BatchState::Applying, &["ann"]);
+        assert_eq!(soak_of(&gone, &config), chrono_of(longest));
+        gone.soak = Some(chrono::Duration::hours(5));
+        assert_eq!(soak_of(&gone, &config), chrono::Duration::hours(5));
+        let first = &config.waves[0];
+        let legacy = batch(2, &first.name, BatchState::Applying, &["ben"]);
+        assert_eq!(soak_of(&legacy, &config), chrono_of(first.soak));
+    }
+
+    #[test]
+    fn only_fully_locked_applying_batches_start_soaking() {
+        let mut done = batch(1, "x", BatchState::Applying, &["ann"]);
+        done.soak = Some(chrono::Duration::hours(24));
+        let pending = batch(2, "x", BatchState::Applying, &["ben"]);
+        let soaking = batch(3, "x", BatchState::Soaking, &["cat"]);
+        let snapshot = Snapshot {
+            batches: vec![done, pending, soaking],
+            members: [
+                member("ann", UserState::Locked, Some(1)),
+                member("ben", UserState::Promoting, Some(2)),
+                member("cat", UserState::Locked, Some(3)),
+            ]
+            .into(),
+            ..Snapshot::default()
+        };
+        assert_eq!(soaks_to_start(&snapshot, &config(), t(1)), [(1, t(25))]);
+    }
+
+    #[test]
+    fn finished_batches_are_watched_for_the_grace_period_only() {
+        let mut recent = batch(1, "x", BatchState::Succeeded, &[]);
+        recent.finished_at = Some(t(10));
+        let mut old = batch(2, "x", BatchState::Succeeded, &[]);
+        old.finished_at = Some(t(0));
+        let rolled_back = batch(3, "x", BatchState::RolledBack, &[]);
+        let soaking = batch(4, "x", BatchState::Soaking, &[]);
+        let snapshot = Snapshot { batches: vec![recent, old, rolled_back, soaking], ..Snapshot::default() };
+        let ids: Vec<i64> = watched(&snapshot, chrono::Duration::hours(2), t(11)).map(|b| b.id).collect();
+        assert_eq!(ids, [1, 4]);
+    }
+
+    #[test]
+    fn a_guard_rollback_names_the_offending_calls() {
+        let call = |user: &str| DenialEvent {
+            user: user.into(),
+            at: t(1),
+            action: "s3:ListBuckets".into(),
+            kind: Denial::ExplicitIdentityDeny,
+            code: "AccessDenied".into(),
+            message: String::new(),
+        };
+        let spike = guard::Verdict::Spike {
+            affected: vec![],
+            weighted_denials: 7,
+            offending: (0..7).map(|i| call(&format!("u{i}"))).collect(),
+            detail: "7 denials".into(),
+        };
+        let reason = rollback_reason("guard: spike", Some(&spike));
+        assert!(reason.starts_with("guard: spike; u0 s3:ListBuckets AccessDenied at 01:00:00Z"), "{reason}");
+        assert!(reason.ends_with("; and 2 more"), "{reason}");
+        assert_eq!(rollback_reason("manual", None), "manual");
+    }
+
+    #[test]
+    fn a_dry_run_lists_the_writes_it_would_make() {
+        let snapshot = Snapshot { batches: vec![batch(4, "x", BatchState::Soaking, &["cat", "dan"])], ..Snapshot::default() };
+        let plan = Plan {
+            gate: Gate::Open,
+            current_wave: None,
+            actions: vec![
+                Action::RollBack { batch: 4, reason: "spike".into() },
+                Action::StartBatch { wave: "x".into(), users: vec![Candidate { user: "ann".into(), why: "clean".into() }] },
+            ],
+            waiting: vec![],
+            users: BTreeMap::new(),
+        };
+        assert_eq!(
+            dry_run_writes(&plan, &snapshot, "lockdown"),
+            ["RemoveUserFromGroup lockdown cat", "RemoveUserFromGroup lockdown dan", "AddUserToGroup lockdown ann"]
+        );
+    }
+
+    #[tokio::test]
+    async fn removal_holds_the_user_only_once_they_are_out_of_the_group() {
+        let store = Store::open_in_memory().unwrap();
+        let users = [("ann".to_string(), "clean".to_string())];
+        let id = store.start_batch(&NewBatch { wave: "x", users: &users, soak: chrono::Duration::hours(1) }, "controller", t(0)).unwrap();
+        store.mark_locked("ann", "controller", t(0)).unwrap();
+        let request = RollbackRequest { batch: id, actor: "ops", reason: "manual", hold_until: t(48), pause: Some("rolled back") };
+        assert_eq!(store.begin_rollback(&request, t(1)).unwrap(), ["ann"]);
+        assert!(store.snapshot().unwrap().paused.is_some(), "the rollback paused the rollout in the same transaction");
+
+        let failing = MemoryIam { group: Mutex::new(["ann".to_string()].into()), fail: true };
+        let error = remove_and_hold(&failing, &store, "lockdown", "ann", true, "ops", t(2)).await.unwrap_err();
+        assert!(matches!(error, ControllerError::Iam(_)), "{error}");
+        assert_eq!(store.snapshot().unwrap().members["ann"].state, UserState::RollingBack, "unchanged, retried later");
+
+        let iam = MemoryIam { group: Mutex::new(["ann".to_string()].into()), fail: false };
+        assert!(remove_and_hold(&iam, &store, "lockdown", "ann", true, "ops", t(2)).await.unwrap());
+        assert!(iam.group.lock().unwrap().is_empty());
+        assert_eq!(store.snapshot().unwrap().members["ann"].state, UserState::Held);
+    }
 }

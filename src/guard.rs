@@ -75,7 +75,24 @@ pub enum Verdict {
     },
 }
 
+named_enum!(
+    /// A verdict's kind: what metrics, the CLI and the ledger match on.
+    VerdictKind {
+        Healthy = "healthy",
+        Spike = "spike",
+        Inconclusive = "inconclusive",
+    }
+);
+
 impl Verdict {
+    pub fn kind(&self) -> VerdictKind {
+        match self {
+            Verdict::Healthy { .. } => VerdictKind::Healthy,
+            Verdict::Spike { .. } => VerdictKind::Spike,
+            Verdict::Inconclusive { .. } => VerdictKind::Inconclusive,
+        }
+    }
+
     pub fn name(&self) -> &'static str {
         match self {
             Verdict::Healthy { .. } => "healthy",
@@ -241,6 +258,8 @@ mod tests {
             soak_until: Some(t(24 * 60)),
             finished_at: None,
             verdict: None,
+            soak: None,
+            verdict_kind: None,
         }
     }
 

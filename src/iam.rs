@@ -11,16 +11,8 @@ use std::collections::BTreeMap;
 use std::future::Future;
 
 use aws_sdk_iam::error::{ProvideErrorMetadata, SdkError};
-use serde::Serialize;
 
-/// An IAM user as the planner needs it: the name, where it lives, and its tags.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
-pub struct IamUser {
-    pub name: String,
-    pub arn: String,
-    pub path: String,
-    pub tags: BTreeMap<String, String>,
-}
+pub use crate::rollout::IamUser;
 
 /// How the lockdown group and its policy compare with what the perimeter renders.
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -6,7 +6,8 @@ use prometheus::{
     Encoder, Gauge, Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry, TextEncoder,
 };
 
-use crate::controller::StepReport;
+use crate::controller::{DriftKind, Mode, StepReport};
+use crate::guard::VerdictKind;
 use crate::iam::{Iam, IamError, IamUser, PolicyStatus};
 use crate::planner::{Action, Gate};
 use crate::rollout::{BatchState, Snapshot, UserState};
@@ -118,11 +119,11 @@ impl Metrics {
         for reason in ["guard", "manual"] {
             metrics.rollbacks.with_label_values(&[reason]);
         }
-        for kind in ["removed_by_hand", "not_added_by_lockstep"] {
-            metrics.reconcile_drift.with_label_values(&[kind]);
+        for kind in DriftKind::ALL {
+            metrics.reconcile_drift.with_label_values(&[kind.as_str()]);
         }
-        for verdict in ["healthy", "spike", "inconclusive"] {
-            metrics.guard_verdicts.with_label_values(&[verdict]);
+        for verdict in VerdictKind::ALL {
+            metrics.guard_verdicts.with_label_values(&[verdict.as_str()]);
         }
         metrics
     }
@@ -195,9 +196,9 @@ impl Metrics {
             self.current_wave.with_label_values(&[wave]).set(i64::from(current));
         }
         for verdict in report.verdicts.values() {
-            self.guard_verdicts.with_label_values(&[verdict.name()]).inc();
+            self.guard_verdicts.with_label_values(&[verdict.kind().as_str()]).inc();
         }
-        if report.mode == "commit" {
+        if report.mode == Mode::Commit {
             for action in &report.plan.actions {
                 match action {
                     Action::StartBatch { users, .. } => self.promotions.inc_by(users.len() as u64),
@@ -207,12 +208,7 @@ impl Metrics {
             }
         }
         for drift in &report.drift {
-            let kind = if drift.contains("removed from") {
-                "removed_by_hand"
-            } else {
-                "not_added_by_lockstep"
-            };
-            self.reconcile_drift.with_label_values(&[kind]).inc();
+            self.reconcile_drift.with_label_values(&[drift.kind.as_str()]).inc();
         }
     }
 

@@ -13,7 +13,7 @@ use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::TokioExecutor;
 use serde::Serialize;
 
-use crate::controller::StepReport;
+use crate::controller::{Mode, StepReport};
 use crate::planner::Action;
 use crate::rollout::Snapshot;
 
@@ -30,7 +30,7 @@ pub enum Event {
 /// What a committed step did that people want to hear about. `before` is the ledger before the
 /// step, for the members of rolled-back batches.
 pub fn events(report: &StepReport, before: &Snapshot) -> Vec<Event> {
-    if report.mode != "commit" {
+    if report.mode != Mode::Commit {
         return Vec::new();
     }
     let mut events = Vec::new();
@@ -147,7 +147,7 @@ mod tests {
         use crate::planner::{Gate, Plan};
         use crate::rollout::{Batch, BatchState};
         let at = Utc::now();
-        let report = |mode: &'static str| StepReport {
+        let report = |mode: Mode| StepReport {
             at,
             mode,
             plan: Plan {
@@ -177,13 +177,15 @@ mod tests {
             soak_until: None,
             finished_at: None,
             verdict: None,
+            soak: None,
+            verdict_kind: None,
         });
-        let events = events(&report("commit"), &before);
+        let events = events(&report(Mode::Commit), &before);
         assert_eq!(events.len(), 3);
         assert!(matches!(&events[0], Event::Rollback { batch: 3, users, .. } if users == &["ann"]));
         assert!(matches!(&events[1], Event::Pause { by, .. } if by == "controller"));
         assert!(matches!(&events[2], Event::WaveFinished { wave, .. } if wave == "canary"));
-        assert!(super::events(&report("dry-run"), &before).is_empty(), "a dry run notifies nobody");
+        assert!(super::events(&report(Mode::DryRun), &before).is_empty(), "a dry run notifies nobody");
     }
 
     #[tokio::test]

@@ -15,7 +15,7 @@ use crate::config::{Config, Selector, Wave};
 use crate::duration::{chrono_of, elapsed as human};
 use crate::evidence::{Freshness, UserEvidence};
 use crate::guard;
-use crate::iam::IamUser;
+use crate::rollout::IamUser;
 use crate::rollout::{BatchState, Snapshot, UserState};
 
 pub struct Inputs<'a> {
@@ -27,6 +27,10 @@ pub struct Inputs<'a> {
     pub freshness: Freshness,
     /// The guard's latest verdict for each batch it watches.
     pub verdicts: &'a BTreeMap<i64, guard::Verdict>,
+    /// Why promotions cannot start (the lockdown policy is missing or drifted: adding users
+    /// would not lock them, or lock them with something else); rollbacks and successes still
+    /// proceed.
+    pub blocked: Option<&'a str>,
     pub now: DateTime<Utc>,
     /// An operator asked for the next batch now: skip the soaking-batch cap, nothing else.
     pub promote_now: bool,
@@ -250,6 +254,9 @@ pub fn plan(inputs: &Inputs) -> Plan {
     if finished && plan.gate == Gate::Open {
         plan.gate = Gate::Finished;
     }
+    if let Some(problem) = inputs.blocked {
+        plan.gate = Gate::Blocked(problem.to_string());
+    }
     plan
 }
 
@@ -269,7 +276,7 @@ fn plan_waves(inputs: &Inputs, plan: &mut Plan) -> bool {
             continue;
         }
         let last = index + 1 == config.waves.len();
-        let batches: Vec<_> = ledger.batches.iter().filter(|b| b.wave == wave.name && b.state != BatchState::Failed).collect();
+        let batches: Vec<_> = ledger.batches.iter().filter(|b| b.wave == wave.name).collect();
         let active = batches.iter().any(|b| b.state.is_active());
         let candidates = candidates(wave, &chosen_users, inputs.evidence);
         let all_batches_run = wave.batches.is_some_and(|n| batches.len() >= n);
@@ -328,10 +335,12 @@ fn plan_waves(inputs: &Inputs, plan: &mut Plan) -> bool {
                 },
             })
             .collect();
-        plan.actions.push(Action::StartBatch {
-            wave: wave.name.clone(),
-            users,
-        });
+        if inputs.blocked.is_none() {
+            plan.actions.push(Action::StartBatch {
+                wave: wave.name.clone(),
+                users,
+            });
+        }
         return false;
     }
     true
@@ -430,6 +439,7 @@ mod tests {
                 evidence: &self.evidence,
                 freshness: self.freshness,
                 verdicts: &self.verdicts,
+                blocked: None,
                 now: now(),
                 promote_now: false,
             })
@@ -454,7 +464,28 @@ mod tests {
             soak_until: Some(now() + chrono::Duration::hours(soak_left_hours)),
             finished_at: None,
             verdict: None,
+            soak: None,
+            verdict_kind: None,
         }
+    }
+
+    #[test]
+    fn a_missing_or_drifted_policy_blocks_new_batches_only() {
+        let world = World::new();
+        let plan = plan(&Inputs {
+            config: &world.config,
+            ledger: &world.ledger,
+            users: &world.users,
+            evidence: &world.evidence,
+            freshness: world.freshness,
+            verdicts: &world.verdicts,
+            blocked: Some("managed policy drifted"),
+            now: now(),
+            promote_now: false,
+        });
+        assert_eq!(plan.gate, Gate::Blocked("managed policy drifted".into()));
+        assert_eq!(started(&plan), None);
+        assert_eq!(plan.current_wave.as_deref(), Some("canary"));
     }
 
     #[test]

@@ -3,8 +3,8 @@
 //!
 //! A user lockstep promotes goes `promoting -> locked`; a rollback goes `rolling_back -> held`.
 //! `promoting` and `rolling_back` are journaled intents: they are written before the IAM call,
-//! so a restart knows what was under way. A batch goes `planned -> applying -> soaking ->
-//! succeeded`, or ends `rolled_back` / `failed`.
+//! so a restart knows what was under way. A batch goes `applying -> soaking -> succeeded`, or
+//! ends `rolled_back`.
 
 use std::collections::BTreeMap;
 
@@ -25,12 +25,10 @@ named_enum!(
 );
 
 named_enum!(BatchState {
-    Planned = "planned",
     Applying = "applying",
     Soaking = "soaking",
     Succeeded = "succeeded",
     RolledBack = "rolled_back",
-    Failed = "failed",
 });
 
 impl UserState {
@@ -42,8 +40,17 @@ impl UserState {
 
 impl BatchState {
     pub fn is_active(self) -> bool {
-        matches!(self, BatchState::Planned | BatchState::Applying | BatchState::Soaking)
+        matches!(self, BatchState::Applying | BatchState::Soaking)
     }
+}
+
+/// An IAM user as the planner needs it: the name, where it lives, and its tags.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct IamUser {
+    pub name: String,
+    pub arn: String,
+    pub path: String,
+    pub tags: BTreeMap<String, String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize)]
@@ -64,12 +71,18 @@ pub struct Batch {
     pub state: BatchState,
     pub members: Vec<String>,
     pub created_at: DateTime<Utc>,
+    /// How long the batch soaks, recorded when it started (`None` for batches journaled before
+    /// lockstep recorded it).
+    #[serde(skip)]
+    pub soak: Option<chrono::Duration>,
     /// When the last member was added: the soak starts here.
     pub applied_at: Option<DateTime<Utc>>,
     pub soak_until: Option<DateTime<Utc>>,
     pub finished_at: Option<DateTime<Utc>>,
     /// The guard's last verdict and why, as shown to operators.
     pub verdict: Option<String>,
+    /// The kind of that verdict, for code to match on.
+    pub verdict_kind: Option<crate::guard::VerdictKind>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, serde::Deserialize)]
@@ -102,7 +115,7 @@ impl Snapshot {
     pub fn promoted_since(&self, since: DateTime<Utc>) -> usize {
         self.batches
             .iter()
-            .filter(|b| b.created_at >= since && b.state != BatchState::Failed)
+            .filter(|b| b.created_at >= since)
             .map(|b| b.members.len())
             .sum()
     }

@@ -10,7 +10,8 @@ use std::path::Path;
 use std::sync::Arc;
 
 use chrono::TimeZone;
-use lockstep::api::{self, Shared, Status};
+use lockstep::api;
+use lockstep::runtime::{Shared, Status};
 use lockstep::clock::{Clock, ManualClock};
 use lockstep::config::Config;
 use lockstep::controller::{Controller, Mode};
@@ -19,7 +20,7 @@ use lockstep::evidence::refresh::{self, Source};
 use lockstep::feed::TrailFeed;
 use lockstep::iam::{AwsIam, Iam};
 use lockstep::metrics::{MeteredIam, Metrics};
-use lockstep::store::Store;
+use lockstep::store::{Ledger, Store};
 
 const TOKEN: &str = "s3cr3t-admin-token";
 
@@ -104,8 +105,8 @@ async fn every_admin_endpoint_rejects_a_missing_or_wrong_token() {
             assert!(!answer.contains(TOKEN), "the token is never echoed");
         }
     }
-    assert!(d.store.with_ledger(|l| l.snapshot()).unwrap().paused.is_none(), "nothing changed");
-    assert!(d.store.with_ledger(|l| l.audit_log(10)).unwrap().is_empty());
+    assert!(d.store.snapshot().unwrap().paused.is_none(), "nothing changed");
+    assert!(d.store.audit_log(10).unwrap().is_empty());
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -142,7 +143,7 @@ async fn operator_commands_work_are_audited_and_refuse_undefined_transitions() {
     let (status, _) = command(r#"{"command":"explode","operator":"kim"}"#).await;
     assert!((400..500).contains(&status), "an unknown command is a client error");
 
-    let audit = d.store.with_ledger(|l| l.audit_log(100)).unwrap();
+    let audit = d.store.audit_log(100).unwrap();
     let lines: Vec<(String, String)> = audit.iter().map(|e| (e.actor.clone(), e.action.clone())).collect();
     let expected = [("kim", "pause"), ("kim", "resume"), ("kim", "hold"), ("lee", "release"), ("lee", "promote_next")];
     assert_eq!(lines, expected.map(|(a, b)| (a.to_string(), b.to_string())), "only what was done is audited, with who did it");

@@ -9,7 +9,7 @@ use std::process::{Command, Output};
 
 use chrono::Utc;
 use lockstep::config::Config;
-use lockstep::store::Store;
+use lockstep::store::{Ledger, NewBatch, Store};
 
 fn lockstep(args: &[&str], config: Option<&Path>) -> Output {
     let mut command = Command::new(env!("CARGO_BIN_EXE_lockstep"));
@@ -127,13 +127,11 @@ fn offline_pause_and_rollback_work_against_the_store_and_iam() {
     });
     let store = Store::open(&config.store.path).unwrap();
     let now = Utc::now();
-    store.with_ledger(|l| {
-        let batch = l.start_batch("canary", &[("off-ann".into(), "clean".into()), ("off-ben".into(), "clean".into())], "controller", now)?;
-        l.mark_locked("off-ann", "controller", now)?;
-        l.mark_locked("off-ben", "controller", now)?;
-        l.start_soak(batch, now + chrono::Duration::hours(24), now)
-    })
-    .unwrap();
+    let users = [("off-ann".into(), "clean".into()), ("off-ben".into(), "clean".into())];
+    let batch = store.start_batch(&NewBatch { wave: "canary", users: &users, soak: chrono::Duration::hours(24) }, "controller", now).unwrap();
+    store.mark_locked("off-ann", "controller", now).unwrap();
+    store.mark_locked("off-ben", "controller", now).unwrap();
+    store.start_soak(batch, now + chrono::Duration::hours(24), now).unwrap();
     drop(store);
 
     let run = |args: &[&str]| {
@@ -172,9 +170,9 @@ fn offline_pause_and_rollback_work_against_the_store_and_iam() {
     assert!(done.status.success(), "{}", text(&done.stderr));
     assert!(members().is_empty(), "both removed from the group");
     let store = Store::open(&config.store.path).unwrap();
-    let snapshot = store.with_ledger(|l| l.snapshot()).unwrap();
+    let snapshot = store.snapshot().unwrap();
     assert!(snapshot.members.values().all(|m| m.state == lockstep::rollout::UserState::Held));
-    let audit = store.with_ledger(|l| l.audit_log(100)).unwrap();
+    let audit = store.audit_log(100).unwrap();
     assert!(audit.iter().any(|e| e.action == "pause" && e.actor == "oncall-kim" && e.reason == "incident 4711"));
     assert!(audit.iter().any(|e| e.action == "rollback" && e.actor == "oncall-kim" && e.reason == "bad canary"));
     assert_eq!(audit.iter().filter(|e| e.action == "held" && e.actor == "oncall-kim").count(), 2);
@@ -327,7 +325,7 @@ fn killed_and_restarted(prefix: &str, point: &str, in_group_after_kill: usize) {
     assert!(!killed.status.success(), "the process died at {point}");
     assert_eq!(world.group().len(), in_group_after_kill);
     let store = world.store();
-    let promoting = store.with_ledger(|l| l.snapshot()).unwrap().members.values().filter(|m| m.state == lockstep::rollout::UserState::Promoting).count();
+    let promoting = store.snapshot().unwrap().members.values().filter(|m| m.state == lockstep::rollout::UserState::Promoting).count();
     assert_eq!(promoting, 2, "the intent was journaled before the process died");
     drop(store);
 
@@ -335,10 +333,10 @@ fn killed_and_restarted(prefix: &str, point: &str, in_group_after_kill: usize) {
     assert!(restarted.status.success(), "{}", text(&restarted.stderr));
     assert_eq!(world.group(), world.users.to_vec());
     let store = world.store();
-    let snapshot = store.with_ledger(|l| l.snapshot()).unwrap();
+    let snapshot = store.snapshot().unwrap();
     assert_eq!(snapshot.batches.len(), 1, "nobody promoted twice");
     assert!(snapshot.members.values().all(|m| m.state == lockstep::rollout::UserState::Locked));
-    let audit = store.with_ledger(|l| l.audit_log(100)).unwrap();
+    let audit = store.audit_log(100).unwrap();
     for user in &world.users {
         let actions: Vec<&str> = audit.iter().filter(|e| e.user.as_ref() == Some(user)).map(|e| e.action.as_str()).collect();
         assert_eq!(actions, ["promote", "locked"], "audit for {user}");

@@ -16,7 +16,7 @@ use aws_config::SdkConfig;
 use chrono::{DateTime, TimeZone, Utc};
 use lockstep::clock::{Clock, ManualClock};
 use lockstep::config::Config;
-use lockstep::controller::{Controller, Mode, StepReport};
+use lockstep::controller::{Controller, DriftKind, Mode, StepReport};
 use lockstep::evidence::files::Folder;
 use lockstep::evidence::refresh::{self, Source};
 use lockstep::evidence::EvidenceStore;
@@ -24,7 +24,12 @@ use lockstep::feed::TrailFeed;
 use lockstep::iam::{AwsIam, Iam, IamError, IamUser, PolicyStatus};
 use lockstep::planner::{Action, Gate};
 use lockstep::rollout::{BatchState, Snapshot, UserState};
-use lockstep::store::Store;
+use lockstep::store::{Ledger, RollbackRequest, Store};
+
+/// Alice's rollback of batch 1.
+fn rollback(reason: &str, hold_until: chrono::DateTime<chrono::Utc>) -> RollbackRequest<'_> {
+    RollbackRequest { batch: 1, actor: "alice", reason, hold_until, pause: None }
+}
 use lockstep_synth::{Faults, Identity, Origin, RecordSpec, write_trail};
 
 const TRUSTED_IP: &str = "203.0.113.20";
@@ -213,7 +218,7 @@ impl World {
     }
 
     fn ledger(&self) -> Snapshot {
-        self.store.with_ledger(|l| l.snapshot()).unwrap()
+        self.store.snapshot().unwrap()
     }
 
     fn users_in(&self, state: UserState) -> BTreeSet<String> {
@@ -222,7 +227,7 @@ impl World {
 
     fn audit_actions(&self, user: &str) -> Vec<String> {
         self.store
-            .with_ledger(|l| l.audit_log(10_000))
+            .audit_log(10_000)
             .unwrap()
             .into_iter()
             .filter(|e| e.user.as_deref() == Some(user))
@@ -397,7 +402,7 @@ async fn background_denials_and_an_incident_for_everyone_cause_no_rollback() {
     assert!(done, "rollout completed: {:?}", world.ledger().batches);
     assert!(world.group().await.is_superset(&batch.iter().cloned().collect()));
     assert_eq!(world.group().await.len(), 6);
-    let guard_saw_denials = world.store.with_ledger(|l| l.denials(1)).unwrap();
+    let guard_saw_denials = world.store.denials(1).unwrap();
     assert!(guard_saw_denials.len() > 8, "the guard did see the canary's denials: {}", guard_saw_denials.len());
 }
 
@@ -519,7 +524,7 @@ async fn dry_run_writes_nothing_and_plans_exactly_what_commit_does() {
     assert!(world.group().await.is_empty(), "dry run wrote nothing to IAM");
     let ledger = world.ledger();
     assert!(ledger.batches.is_empty() && ledger.members.is_empty(), "dry run changed no rollout state");
-    let notes = world.store.with_ledger(|l| l.audit_log(100)).unwrap();
+    let notes = world.store.audit_log(100).unwrap();
     assert_eq!(notes.iter().filter(|e| e.actor == "dry-run").count(), 1, "the plan is recorded once: {notes:?}");
 
     let report = world.step().await;
@@ -588,7 +593,7 @@ async fn an_operator_rollback_of_a_succeeded_batch_removes_and_holds_its_members
     let now = world.clock.now();
     let users = world
         .store
-        .with_ledger(|l| l.begin_rollback(1, "alice", "customer escalation", now + chrono::Duration::days(7), now))
+        .begin_rollback(&rollback("customer escalation", now + chrono::Duration::days(7)), now)
         .unwrap();
     assert_eq!(users.len(), 2);
     world.advance(chrono::Duration::minutes(10), true).await;
@@ -597,7 +602,7 @@ async fn an_operator_rollback_of_a_succeeded_batch_removes_and_holds_its_members
         assert_eq!(world.ledger().members[user].state, UserState::Held);
         assert_eq!(world.audit_actions(user), ["promote", "locked", "rolling_back", "held"]);
     }
-    let refused = world.store.with_ledger(|l| l.begin_rollback(1, "alice", "again", now, now)).unwrap_err();
+    let refused = world.store.begin_rollback(&rollback("again", now), now).unwrap_err();
     assert!(refused.to_string().contains("already rolled back"));
 }
 
@@ -616,7 +621,7 @@ async fn a_member_removed_by_hand_is_recorded_and_not_re_added() {
         .await
         .unwrap();
     let report = world.advance(chrono::Duration::minutes(10), true).await;
-    assert!(report.drift.iter().any(|d| d.contains(&removed) && d.contains("removed")), "{:?}", report.drift);
+    assert!(report.drift.iter().any(|d| d.user == removed && d.kind == DriftKind::RemovedByHand), "{:?}", report.drift);
     assert_eq!(world.ledger().members[&removed].state, UserState::RemovedByHand);
     for _ in 0..30 {
         world.advance(chrono::Duration::hours(1), true).await;
@@ -626,7 +631,7 @@ async fn a_member_removed_by_hand_is_recorded_and_not_re_added() {
         lockstep::planner::Eligibility::Ineligible(why) if why.contains("removed from the group by hand")));
     // An operator releases the user: eligible again, and promoted by a later batch.
     let now = world.clock.now();
-    world.store.with_ledger(|l| l.release(&removed, "ops", now)).unwrap();
+    world.store.release(&removed, "ops", now).unwrap();
     for _ in 0..24 {
         world.advance(chrono::Duration::hours(1), true).await;
     }

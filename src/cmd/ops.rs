@@ -12,16 +12,19 @@ use hyper::body::Bytes;
 use hyper::{Method, Request, StatusCode};
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::TokioExecutor;
-use lockstep::api::{self, Answer, Command, Status};
+use lockstep::api::{self, Answer};
 use lockstep::clock::{Clock, SystemClock};
 use lockstep::config::Config;
-use lockstep::controller::{Controller, Mode};
+use lockstep::controller::{Controller, Mode, remove_and_hold};
 use lockstep::duration::elapsed as ago;
 use lockstep::evidence::{EvidenceStore, SourceError};
 use lockstep::feed::EventFeed;
-use lockstep::iam::{AwsIam, Iam};
+use lockstep::guard::VerdictKind;
+use lockstep::iam::AwsIam;
 use lockstep::planner::{Action, Eligibility, Gate, Plan};
-use lockstep::store::Store;
+use lockstep::metrics::{MeteredIam, Metrics};
+use lockstep::runtime::{self, Command, Status};
+use lockstep::store::{Ledger, Store, StoreError};
 use lockstep::trail::Record;
 
 use crate::WaitTarget;
@@ -153,7 +156,7 @@ fn render_status(status: &Status) -> String {
                 b.state,
                 soak,
                 members,
-                guard_column(b.verdict.as_deref())
+                guard_column(b.verdict.as_deref(), b.verdict_kind)
             );
         }
     }
@@ -161,11 +164,11 @@ fn render_status(status: &Status) -> String {
 }
 
 /// The guard's verdict in a table cell: the verdict alone when healthy, else a short why.
-fn guard_column(verdict: Option<&str>) -> String {
+fn guard_column(verdict: Option<&str>, kind: Option<VerdictKind>) -> String {
     const WIDTH: usize = 60;
     match verdict {
         None => "-".to_string(),
-        Some(v) if v.starts_with("healthy") => "healthy".to_string(),
+        Some(_) if kind == Some(VerdictKind::Healthy) => VerdictKind::Healthy.to_string(),
         Some(v) if v.chars().count() > WIDTH => format!("{}…", v.chars().take(WIDTH - 1).collect::<String>()),
         Some(v) => v.to_string(),
     }
@@ -204,7 +207,7 @@ async fn offline(config: &Config, command: Command, commit: bool) -> anyhow::Res
     let now = SystemClock.now();
     if let Command::Rollback { batch, .. } = &command {
         if !commit {
-            let snapshot = store.with_ledger(|l| l.snapshot())?;
+            let snapshot = store.snapshot()?;
             let Some(found) = snapshot.batch(*batch) else {
                 bail!("there is no batch {batch}");
             };
@@ -217,9 +220,9 @@ async fn offline(config: &Config, command: Command, commit: bool) -> anyhow::Res
             return Ok(ExitCode::SUCCESS);
         }
     }
-    let message = match store.with_ledger(|l| api::apply_command(l, &command, config, now)) {
+    let message = match runtime::apply_command(&store, &command, config, now) {
         Ok(message) => message,
-        Err(lockstep::ledger::LedgerError::Refused(why)) => {
+        Err(StoreError::Refused(why)) => {
             eprintln!("refused, nothing changed: {why}");
             return Ok(ExitCode::FAILURE);
         }
@@ -232,17 +235,18 @@ async fn offline(config: &Config, command: Command, commit: bool) -> anyhow::Res
     Ok(ExitCode::SUCCESS)
 }
 
-/// Takes every `rolling_back` user out of the group and marks them held.
+/// Takes every `rolling_back` user out of the group and marks them held, through the daemon's
+/// removal path and its metered IAM client.
 async fn remove_rolled_back(config: &Config, store: &Store, operator: &str) -> anyhow::Result<()> {
     let sdk = lockstep::aws::load(&config.region, None).await;
-    let iam = AwsIam::new(&sdk, &config.account_id);
-    let snapshot = store.with_ledger(|l| l.snapshot())?;
+    let iam = MeteredIam::new(AwsIam::new(&sdk, &config.account_id), Metrics::new());
+    let group = &config.lockdown.group;
+    let snapshot = store.snapshot()?;
     for member in snapshot.members.values().filter(|m| m.state == lockstep::rollout::UserState::RollingBack) {
-        iam.remove_from_group(&config.lockdown.group, &member.user)
+        remove_and_hold(&iam, store, group, &member.user, true, operator, SystemClock.now())
             .await
-            .with_context(|| format!("removing {} from {} (the rollback is journaled; rerun to retry)", member.user, config.lockdown.group))?;
-        store.with_ledger(|l| l.mark_held(&member.user, operator, SystemClock.now()))?;
-        println!("removed {} from {}", member.user, config.lockdown.group);
+            .with_context(|| format!("removing {} from {group} (the rollback is journaled; rerun to retry)", member.user))?;
+        println!("removed {} from {group}", member.user);
     }
     Ok(())
 }
@@ -328,9 +332,9 @@ fn render_plan(plan: &Plan) -> String {
 /// The status from the store alone, with the mode of the last run that recorded anything.
 fn offline_status(config: &Config) -> anyhow::Result<Status> {
     let store = existing_store(config)?;
-    let snapshot = store.with_ledger(|l| l.snapshot())?;
-    let mode = store.with_ledger(|l| l.audit_log(LAST_MODE_HORIZON))?.iter().rev().find_map(|entry| mode_of_actor(&entry.actor));
-    let mut status = api::status(&snapshot, None, store.freshness()?, mode.unwrap_or(Mode::DryRun), SystemClock.now());
+    let snapshot = store.snapshot()?;
+    let mode = store.audit_log(LAST_MODE_HORIZON)?.iter().rev().find_map(|entry| Mode::of_actor(&entry.actor));
+    let mut status = runtime::status(&snapshot, None, store.freshness()?, mode.unwrap_or(Mode::DryRun), SystemClock.now());
     if mode.is_none() {
         status.mode = "unknown (no run recorded)".to_string();
     }
@@ -339,19 +343,6 @@ fn offline_status(config: &Config) -> anyhow::Result<Status> {
 
 /// How many recent audit lines to search for the last run's mode.
 const LAST_MODE_HORIZON: usize = 5_000;
-
-/// The audit actor of a committing controller (see `Controller::actor`); it is also who pauses
-/// the rollout after a guard rollback, the only pause that is not an operator's.
-const CONTROLLER_ACTOR: &str = "controller";
-
-/// The mode a controller audit actor wrote with (see `Controller::actor` and `lockstep run`'s start line).
-fn mode_of_actor(actor: &str) -> Option<Mode> {
-    match actor {
-        CONTROLLER_ACTOR => Some(Mode::Commit),
-        "dry-run" => Some(Mode::DryRun),
-        _ => None,
-    }
-}
 
 /// `status --watch`: redraws every `interval` until Ctrl-C. On a terminal the screen is cleared
 /// and redrawn in place; otherwise snapshots follow each other, separated by a line.
@@ -407,7 +398,7 @@ fn progress(target: &WaitTarget, status: &Status, waves: &[String]) -> Progress 
             finished || matches!((current, position(name)), (Some(current), Some(wanted)) if current >= wanted)
         }
     };
-    let by_guard = status.paused.as_ref().is_some_and(|p| p.by == CONTROLLER_ACTOR);
+    let by_guard = status.paused.as_ref().is_some_and(|p| p.by == Mode::Commit.actor());
     match (reached, by_guard) {
         (true, _) => Progress::Reached,
         (false, true) => Progress::PausedByGuard,
@@ -494,7 +485,7 @@ mod tests {
     #[test]
     fn only_a_guard_pause_ends_a_wait_for_something_else() {
         let waves = ["canary".to_string()];
-        let by_guard = status(Some(Gate::Paused("batch 1 rolled back".into())), Some("canary"), Some(CONTROLLER_ACTOR));
+        let by_guard = status(Some(Gate::Paused("batch 1 rolled back".into())), Some("canary"), Some(Mode::Commit.actor()));
         let by_operator = status(Some(Gate::Paused("incident".into())), Some("canary"), Some("alice"));
         assert_eq!(progress(&WaitTarget::Finished, &by_guard, &waves), Progress::PausedByGuard);
         assert_eq!(progress(&WaitTarget::Finished, &by_operator, &waves), Progress::NotYet);
@@ -505,8 +496,8 @@ mod tests {
 
     #[test]
     fn offline_mode_comes_from_the_controller_actor() {
-        assert_eq!(mode_of_actor("controller"), Some(Mode::Commit));
-        assert_eq!(mode_of_actor("dry-run"), Some(Mode::DryRun));
-        assert_eq!(mode_of_actor("alice"), None);
+        assert_eq!(Mode::of_actor("controller"), Some(Mode::Commit));
+        assert_eq!(Mode::of_actor("dry-run"), Some(Mode::DryRun));
+        assert_eq!(Mode::of_actor("alice"), None);
     }
 }

@@ -6,7 +6,8 @@ use std::process::ExitCode;
 use std::sync::Arc;
 
 use anyhow::Context;
-use lockstep::api::{self, Shared};
+use lockstep::api;
+use lockstep::runtime::Shared;
 use lockstep::clock::{Clock, SystemClock};
 use lockstep::config::Config;
 use lockstep::controller::{Controller, Mode};
@@ -15,7 +16,7 @@ use lockstep::evidence::refresh::{self, Source};
 use lockstep::feed::{self, EventFeed};
 use lockstep::iam::AwsIam;
 use lockstep::metrics::{Metrics, MeteredIam};
-use lockstep::store::Store;
+use lockstep::store::{Ledger, Store};
 
 pub struct Options {
     pub commit: bool,
@@ -36,8 +37,7 @@ pub async fn run(config: Config, options: Options) -> anyhow::Result<ExitCode> {
         tracing::warn!("dry run: nothing will be written to IAM; pass --commit to act");
     }
     // With the daemon down, `lockstep status` reads the mode from the last controller audit line.
-    let (actor, mode_name) = if options.commit { ("controller", "commit") } else { ("dry-run", "dry-run") };
-    store.with_ledger(|l| l.note(actor, "start", None, None, &format!("lockstep run started in {mode_name} mode"), clock.now()))?;
+    store.note(mode.actor(), "start", &format!("lockstep run started in {mode} mode"), clock.now())?;
 
     let source = Source::from_config(&config).await?;
     let schedule = if options.once {

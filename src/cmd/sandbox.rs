@@ -26,7 +26,7 @@ use lockstep::iam::{Iam, IamError, IamUser, PolicyStatus};
 use lockstep::metrics::Metrics;
 use lockstep::planner::{Action, Gate};
 use lockstep::rollout::UserState;
-use lockstep::store::Store;
+use lockstep::store::{Ledger, Store};
 use lockstep_synth::{Faults, Org, Origin, RecordSpec, write_trail};
 
 pub struct Options {
@@ -224,7 +224,7 @@ pub async fn run(options: Options) -> anyhow::Result<ExitCode> {
     }
     servers.abort();
 
-    let snapshot = store.with_ledger(|l| l.snapshot())?;
+    let snapshot = store.snapshot()?;
     summary.virtual_days = (clock.now() - start).num_minutes() as f64 / (24.0 * 60.0);
     for member in snapshot.members.values() {
         match member.state {

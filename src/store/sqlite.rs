@@ -1,5 +1,5 @@
-//! The store: one embedded SQLite database (WAL, busy timeout) holding the evidence and, in
-//! later migrations, the rollout ledger.
+//! The SQLite store: one embedded database (WAL, busy timeout) holding the evidence and, from
+//! migration 2 on, the rollout ledger (whose SQL lives in `ledger.rs`).
 //!
 //! The schema is versioned with `PRAGMA user_version`: [`MIGRATIONS`] is an ordered list applied
 //! on open, each in its own transaction, so a database is always at a known version. Append new
@@ -24,8 +24,10 @@ use crate::evidence::files::TrailFile;
 use crate::evidence::{EvidenceStore, Freshness, OutsideCall, OutsideSource, UserEvidence};
 use crate::perimeter::{AllowReason, DenyReason, SkipReason, Verdict};
 
+use super::{Doing, RefreshLog, StoreError};
+
 /// Schema migrations, applied in order; `user_version` is the number applied.
-pub const MIGRATIONS: &[&str] = &[
+pub(crate) const MIGRATIONS: &[&str] = &[
     // 1: evidence.
     "
     CREATE TABLE trail_file (
@@ -89,8 +91,10 @@ pub const MIGRATIONS: &[&str] = &[
     );
     CREATE INDEX refresh_run_by_status ON refresh_run (status, finished);
     ",
-    // 2: the rollout ledger.
-    crate::ledger::SCHEMA,
+    // 2: the rollout ledger (its tables live with the ledger implementation).
+    super::ledger::SCHEMA_V2,
+    // 3: each batch records its soak when it starts.
+    super::ledger::SCHEMA_V3,
 ];
 
 /// The origin of trail-file contributions (folder or S3).
@@ -101,27 +105,7 @@ pub const ATHENA_ORIGIN: &str = "athena";
 /// The tables whose rows are the evidence itself (what [`Store::dump_evidence`] compares).
 const EVIDENCE_TABLES: &[&str] = &["evidence_hour", "evidence_verdict", "evidence_outside"];
 
-#[derive(Debug, thiserror::Error)]
-pub enum StoreError {
-    #[error("{doing}: {source}")]
-    Sqlite { doing: String, source: rusqlite::Error },
-    #[error("the store is at schema version {found}, newer than this lockstep knows ({known}); use a newer lockstep")]
-    TooNew { found: i64, known: usize },
-    #[error("{doing}: the store holds an unexpected value: {what}")]
-    Corrupt { doing: String, what: String },
-}
-
-/// Adds what was being done to a SQLite error.
-pub(crate) trait Doing<T> {
-    fn doing(self, what: &str) -> Result<T, StoreError>;
-}
-
-impl<T> Doing<T> for rusqlite::Result<T> {
-    fn doing(self, what: &str) -> Result<T, StoreError> {
-        self.map_err(|source| StoreError::Sqlite { doing: what.to_string(), source })
-    }
-}
-
+/// The SQLite store: the evidence and the rollout ledger in one database file.
 pub struct Store {
     conn: Mutex<Connection>,
 }
@@ -170,7 +154,7 @@ impl Store {
     /// The connection, for other `impl Store` blocks in the crate. A panic while holding it
     /// cannot leave a transaction half-applied (rusqlite rolls back on drop), so a poisoned lock
     /// is still usable.
-    pub(crate) fn conn(&self) -> MutexGuard<'_, Connection> {
+    pub(super) fn conn(&self) -> MutexGuard<'_, Connection> {
         self.conn.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 
@@ -346,6 +330,7 @@ impl Store {
             .doing("recording the end of a refresh")?;
         Ok(())
     }
+
 
     /// The most recent refresh runs, newest first.
     pub fn recent_runs(&self, limit: usize) -> Result<Vec<Run>, StoreError> {
@@ -587,6 +572,12 @@ pub struct Run {
     pub error: Option<String>,
 }
 
+impl RefreshLog for Store {
+    fn recent_runs(&self, limit: usize) -> Result<Vec<Run>, StoreError> {
+        Store::recent_runs(self, limit)
+    }
+}
+
 impl EvidenceStore for Store {
     type Error = StoreError;
 
@@ -791,6 +782,32 @@ mod tests {
             aggregates: aggregate(groups, &judge()),
             ..TrailFile::default()
         }
+    }
+
+    #[test]
+    fn a_store_written_before_migration_3_migrates_in_place() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("old.db");
+        {
+            // The schema as lockstep wrote it before migration 3 (shipped migrations never change).
+            let conn = Connection::open(&path).unwrap();
+            conn.execute_batch(MIGRATIONS[0]).unwrap();
+            conn.execute_batch(MIGRATIONS[1]).unwrap();
+            conn.pragma_update(None, "user_version", 2).unwrap();
+            conn.execute_batch(
+                "INSERT INTO batches (wave, state, created_at, verdict) VALUES ('canary', 'soaking', 0, 'healthy: 0 denials');
+                 INSERT INTO batches (wave, state, created_at) VALUES ('canary', 'applying', 0);
+                 INSERT INTO batch_members (batch, user) VALUES (1, 'ann');
+                 INSERT INTO members (user, state, batch, since) VALUES ('ann', 'locked', 1, 0);",
+            )
+            .unwrap();
+        }
+        let store = Store::open(&path).unwrap();
+        assert_eq!(store.schema_version().unwrap(), MIGRATIONS.len() as i64);
+        let snapshot = crate::store::Ledger::snapshot(&store).unwrap();
+        assert_eq!(snapshot.members["ann"].state, crate::rollout::UserState::Locked);
+        let kinds: Vec<_> = snapshot.batches.iter().map(|b| (b.soak, b.verdict_kind)).collect();
+        assert_eq!(kinds, [(None, Some(crate::guard::VerdictKind::Healthy)), (None, None)]);
     }
 
     #[test]
