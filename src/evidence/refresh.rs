@@ -500,6 +500,7 @@ mod tests {
             overlap: Duration::from_secs(2 * 3600),
             lookback: Duration::from_secs(14 * 86_400),
             retention: Duration::from_secs(90 * 86_400),
+            max_inflated_size: config::DEFAULT_MAX_INFLATED_SIZE,
         }
     }
 
