@@ -16,7 +16,7 @@ mod run;
 mod sandbox;
 
 /// Logs go to stderr; `LOCKSTEP_LOG` (an `EnvFilter` directive) overrides `default_level`, except
-/// that the AWS SDK and its HTTP stack never log below debug (see [`sdk_ceiling`]).
+/// that the AWS SDK and its HTTP stack never log below info (see [`sdk_ceiling`]).
 pub fn init_logging(format: LogFormat, default_level: &str) {
     use tracing_subscriber::layer::SubscriberExt;
     use tracing_subscriber::util::SubscriberInitExt;
@@ -31,16 +31,17 @@ pub fn init_logging(format: LogFormat, default_level: &str) {
     tracing_subscriber::registry().with(layer.with_filter(filter).with_filter(sdk_ceiling())).init();
 }
 
-/// At trace level the AWS SDK (`aws_*` targets: signing, the orchestrator, credential providers)
-/// and its HTTP stack (`hyper*`, `h2`) log whole requests, with the access key ID and the session
-/// token: those targets are capped at debug whatever `LOCKSTEP_LOG` asks.
+/// At debug and trace level the AWS SDK (`aws_*` targets: signing, the orchestrator, credential
+/// providers) logs its resolved identity and whole requests, with the access key ID and the
+/// session token, and its HTTP stack (`hyper*`, `h2`) the headers: those targets are capped at
+/// info whatever `LOCKSTEP_LOG` asks.
 fn sdk_ceiling() -> tracing_subscriber::filter::Targets {
     use tracing_subscriber::filter::LevelFilter;
     tracing_subscriber::filter::Targets::new()
         .with_default(LevelFilter::TRACE)
-        .with_target("aws", LevelFilter::DEBUG)
-        .with_target("hyper", LevelFilter::DEBUG)
-        .with_target("h2", LevelFilter::DEBUG)
+        .with_target("aws", LevelFilter::INFO)
+        .with_target("hyper", LevelFilter::INFO)
+        .with_target("h2", LevelFilter::INFO)
 }
 
 pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
