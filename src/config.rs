@@ -1469,4 +1469,25 @@ waves:
         assert_eq!(later(now, Duration::MAX), chrono::DateTime::<chrono::Utc>::MAX_UTC);
         assert_eq!(later(now, Duration::from_secs(60)), now + chrono::TimeDelta::minutes(1));
     }
+
+    #[test]
+    fn odd_yaml_shapes_are_problems_not_panics() {
+        for text in [
+            "",
+            "~",
+            "---\n---\n",
+            "[]",
+            "? [a, b]\n: c\n",
+            "&a x: *a\n",
+            "a: &a\n  b: *a\n",
+            "*unknown\n",
+            "!!binary aGVsbG8=\n",
+            "account_id: !!int 123456789012\n",
+            "\u{feff}account_id: x\n",
+            "account_id: \"123456789012\"\nperimeter: {trusted_cidrs: [\"::/0\"]}\n",
+            "{{{{{{{{{{{{{{{{{{{{{{{{{{{{{{{{{{{{{{{{{{{",
+        ] {
+            assert!(Config::parse(text, Path::new("odd.yaml")).is_err(), "{text:?}");
+        }
+    }
 }
