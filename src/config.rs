@@ -78,6 +78,8 @@ pub struct Evidence {
     pub overlap: Duration,
     pub lookback: Duration,
     pub retention: Duration,
+    /// The most bytes one trail file may inflate to; larger files are skipped, not read.
+    pub max_inflated_size: u64,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -155,6 +157,8 @@ pub struct Listeners {
     pub token_file: Option<PathBuf>,
     pub token_env: String,
     pub webhook_url: Option<String>,
+    /// The admin API may listen on a non-loopback address (plain HTTP: only behind a TLS proxy).
+    pub allow_remote_admin: bool,
 }
 
 /// One thing wrong with the file, located as precisely as the YAML allows.
@@ -211,39 +215,131 @@ impl ConfigError {
 
 impl Config {
     pub fn load(path: &Path) -> Result<Config, ConfigError> {
-        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
-            path: path.to_path_buf(),
-            source,
-        })?;
-        Config::parse(&text, path)
+        Config::parse(&read_text(path)?, path)
     }
 
     /// Parses and validates `text`; `file` only names the source in problems.
     pub fn parse(text: &str, file: &Path) -> Result<Config, ConfigError> {
-        let raw: RawConfig = serde_yaml::from_str(text).map_err(|e| {
-            let location = e.location();
-            let message = e.to_string();
-            // serde_yaml prefixes the key path ("waves[0]: ...") and appends the location.
-            let (path, message) = split_serde_message(&message);
-            ConfigError::Invalid(vec![Problem {
-                file: file.to_path_buf(),
-                line: location.as_ref().map(|l| l.line()),
-                column: location.as_ref().map(|l| l.column()),
-                path,
-                message,
-            }])
-        })?;
-        let locator = Locator::index(text);
-        let mut check = Checker {
-            file,
-            locator: &locator,
-            problems: Vec::new(),
+        let raw: RawConfig = deserialize(text, file)?;
+        Checker::run(text, file, |check| check.config(raw))
+    }
+
+    /// Loads only what reading trail files needs: `account_id` and `perimeter` (checked as
+    /// [`Config::load`] checks them); every other section may be missing and is not checked.
+    /// For commands that judge records without rolling anything out (`classify`).
+    pub fn load_perimeter(path: &Path) -> Result<Perimeter, ConfigError> {
+        let text = read_text(path)?;
+        let raw: RawPerimeterFile = deserialize(&text, path)?;
+        Checker::run(&text, path, |check| {
+            check.account_id(&raw.account_id);
+            check.perimeter(raw.perimeter, &raw.account_id)
+        })
+    }
+}
+
+/// The largest configuration file read, and the limits on its YAML shape, checked before the
+/// document is deserialized: nesting depth, and nodes counted with every alias expanded (a
+/// "billion laughs" document is refused after reading its text once, in bounded memory).
+pub const MAX_CONFIG_BYTES: u64 = 1 << 20;
+const MAX_DEPTH: usize = 32;
+const MAX_EXPANDED_NODES: u64 = 100_000;
+
+/// Reads at most [`MAX_CONFIG_BYTES`] of a regular file (a FIFO or device would block or never end).
+fn read_text(path: &Path) -> Result<String, ConfigError> {
+    use std::io::Read;
+    let unreadable = |source| ConfigError::Read { path: path.to_path_buf(), source };
+    let metadata = std::fs::metadata(path).map_err(unreadable)?;
+    if !metadata.is_file() {
+        return Err(unreadable(std::io::Error::other("not a regular file")));
+    }
+    let mut text = String::new();
+    std::fs::File::open(path)
+        .and_then(|file| file.take(MAX_CONFIG_BYTES + 1).read_to_string(&mut text))
+        .map_err(unreadable)?;
+    if text.len() as u64 > MAX_CONFIG_BYTES {
+        return Err(ConfigError::Invalid(vec![Problem {
+            file: path.to_path_buf(),
+            line: None,
+            column: None,
+            path: String::new(),
+            message: format!("the file is larger than {MAX_CONFIG_BYTES} bytes; a configuration is a few KiB"),
+        }]));
+    }
+    Ok(text)
+}
+
+/// Checks the YAML shape within the limits, then deserializes the raw document.
+fn deserialize<T: serde::de::DeserializeOwned>(text: &str, file: &Path) -> Result<T, ConfigError> {
+    let problem = |line, column, message| {
+        ConfigError::Invalid(vec![Problem { file: file.to_path_buf(), line, column, path: String::new(), message }])
+    };
+    if text.len() as u64 > MAX_CONFIG_BYTES {
+        return Err(problem(None, None, format!("the document is larger than {MAX_CONFIG_BYTES} bytes")));
+    }
+    if let Err((why, at)) = check_shape(text) {
+        return Err(problem(Some(at.line()), Some(at.col() + 1), why));
+    }
+    serde_yaml::from_str(text).map_err(|e| {
+        let location = e.location();
+        let message = e.to_string();
+        // serde_yaml prefixes the key path ("waves[0]: ...") and appends the location.
+        let (path, message) = split_serde_message(&message);
+        ConfigError::Invalid(vec![Problem {
+            file: file.to_path_buf(),
+            line: location.as_ref().map(|l| l.line()),
+            column: location.as_ref().map(|l| l.column()),
+            path,
+            message,
+        }])
+    })
+}
+
+/// Walks the YAML events once, without building anything: refuses nesting deeper than
+/// [`MAX_DEPTH`] and more than [`MAX_EXPANDED_NODES`] nodes once aliases are expanded. A
+/// document this parser cannot read is refused too, so no shape escapes the count.
+fn check_shape(text: &str) -> Result<(), (String, yaml_rust2::scanner::Marker)> {
+    use yaml_rust2::Event;
+    let mut parser = yaml_rust2::parser::Parser::new_from_str(text);
+    // Expanded size of each anchored node, and of each open collection so far.
+    let mut anchored: std::collections::HashMap<usize, u64> = std::collections::HashMap::new();
+    let mut open: Vec<(usize, u64)> = Vec::new();
+    let mut total: u64 = 0;
+    loop {
+        let (event, at) = parser.next_token().map_err(|e| (format!("not valid YAML: {}", e.info()), *e.marker()))?;
+        // A finished node: its anchor and its size with aliases expanded.
+        let finished = match event {
+            Event::StreamEnd => return Ok(()),
+            Event::Scalar(_, _, anchor, _) => {
+                total = total.saturating_add(1);
+                Some((anchor, 1))
+            }
+            Event::Alias(id) => {
+                let size = anchored.get(&id).copied().unwrap_or(1);
+                total = total.saturating_add(size);
+                Some((0, size))
+            }
+            Event::MappingStart(anchor, _) | Event::SequenceStart(anchor, _) => {
+                open.push((anchor, 1));
+                total = total.saturating_add(1);
+                if open.len() > MAX_DEPTH {
+                    return Err((format!("nested deeper than {MAX_DEPTH} levels"), at));
+                }
+                None
+            }
+            // The collection and its children were counted as they came.
+            Event::MappingEnd | Event::SequenceEnd => open.pop(),
+            _ => None,
         };
-        let config = check.config(raw);
-        if check.problems.is_empty() {
-            Ok(config)
-        } else {
-            Err(ConfigError::Invalid(check.problems))
+        if let Some((anchor, size)) = finished {
+            if anchor != 0 {
+                anchored.insert(anchor, size);
+            }
+            if let Some((_, parent)) = open.last_mut() {
+                *parent = parent.saturating_add(size);
+            }
+        }
+        if total > MAX_EXPANDED_NODES {
+            return Err((format!("more than {MAX_EXPANDED_NODES} values once aliases are expanded"), at));
         }
     }
 }
@@ -285,6 +381,13 @@ struct RawConfig {
     listeners: RawListeners,
 }
 
+/// The part of the file `load_perimeter` reads; other keys are ignored, not checked.
+#[derive(Debug, Deserialize)]
+struct RawPerimeterFile {
+    account_id: String,
+    perimeter: RawPerimeter,
+}
+
 #[derive(Debug, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 struct RawLockdown {
@@ -311,6 +414,11 @@ struct RawPerimeter {
     exempt_tag_key: Option<String>,
     #[serde(default = "default_not_actions")]
     not_actions: Vec<String>,
+    /// The widest trusted IPv4 range accepted (a prefix length); wider ones are refused.
+    #[serde(default = "default_widest_ipv4_prefix")]
+    widest_ipv4_prefix: i64,
+    #[serde(default = "default_widest_ipv6_prefix")]
+    widest_ipv6_prefix: i64,
 }
 
 fn yes() -> bool {
@@ -321,6 +429,12 @@ fn default_called_via() -> Vec<String> {
 }
 fn default_not_actions() -> Vec<String> {
     DEFAULT_NOT_ACTIONS.iter().map(|s| s.to_string()).collect()
+}
+fn default_widest_ipv4_prefix() -> i64 {
+    8
+}
+fn default_widest_ipv6_prefix() -> i64 {
+    32
 }
 
 macro_rules! raw_section {
@@ -343,6 +457,7 @@ raw_section!(RawEvidence {
     overlap: String = "2h",
     lookback: String = "14d",
     retention: String = "90d",
+    max_inflated_size: String = "256MiB",
 });
 
 raw_section!(RawFiles { path: String = "./trail" });
@@ -426,7 +541,117 @@ raw_section!(RawListeners {
     token_file: Option<String> = None,
     token_env: String = "LOCKSTEP_ADMIN_TOKEN",
     webhook_url: Option<String> = None,
+    allow_remote_admin: bool = false,
 });
+
+// ---------------------------------------------------------------------------------------------
+// Bounds: every value that validates is safe to run with.
+
+const fn minutes(n: u64) -> Duration {
+    Duration::from_secs(n * 60)
+}
+const fn hours(n: u64) -> Duration {
+    Duration::from_secs(n * 3_600)
+}
+const fn days(n: u64) -> Duration {
+    Duration::from_secs(n * 86_400)
+}
+
+/// No duration setting may exceed this. With it, `now ± duration` stays far inside chrono's
+/// range (about ±262,000 years) for any clock reading, so time arithmetic cannot overflow.
+pub const LONGEST_SPAN: Duration = days(3_650);
+
+/// Inclusive bounds of one duration setting.
+#[derive(Debug, Clone, Copy)]
+struct Span(Duration, Duration);
+
+/// Inclusive bounds of one count setting.
+#[derive(Debug, Clone, Copy)]
+struct Count(i64, i64);
+
+const OVERLAP: Span = Span(minutes(1), days(7));
+const LOOKBACK: Span = Span(hours(1), days(400));
+const RETENTION: Span = Span(days(1), LONGEST_SPAN);
+const ATHENA_POLL: Span = Span(Duration::from_secs(1), minutes(5));
+const ATHENA_TIMEOUT: Span = Span(Duration::from_secs(10), hours(24));
+const ELIGIBILITY_WINDOW: Span = Span(hours(1), days(400));
+const MIN_HISTORY: Span = Span(hours(1), days(400));
+const QUIET_FOR: Span = Span(minutes(1), days(400));
+const MAX_EVIDENCE_AGE: Span = Span(minutes(1), days(30));
+const HOLD_EXPIRY: Span = Span(hours(1), LONGEST_SPAN);
+const SOAK: Span = Span(minutes(1), days(365));
+const GUARD_POLL: Span = Span(Duration::from_secs(1), hours(1));
+const GUARD_GRACE: Span = Span(minutes(1), days(30));
+const GUARD_WINDOW: Span = Span(minutes(1), days(7));
+const SILENCE_LIMIT: Span = Span(minutes(1), days(7));
+
+const CALLS: Count = Count(0, 1_000_000_000);
+const WAVES: Count = Count(1, 1_000);
+const BATCH_SIZE: Count = Count(1, 10_000);
+const BATCHES: Count = Count(1, 1_000_000);
+const PROMOTIONS_PER_DAY: Count = Count(1, 100_000);
+const SOAKING_BATCHES: Count = Count(1, 1_000);
+const AFFECTED_USERS: Count = Count(1, 100_000);
+const DENIALS: Count = Count(1, 1_000_000_000);
+const EXCLUDED_USERS: Count = Count(0, 100_000);
+
+/// Bounds of `evidence.max_inflated_size`. The default (256 MiB) is far above real CloudTrail
+/// files (a few MiB inflated); the ceiling is also the most a source fetches of one object.
+pub const DEFAULT_MAX_INFLATED_SIZE: u64 = 256 << 20;
+pub const MIN_INFLATED_SIZE: u64 = 1 << 20;
+pub const MAX_INFLATED_SIZE: u64 = 1 << 30;
+
+/// How often the evidence schedule must fire at least: a schedule with no occurrence within
+/// this long after 2001-01-01 (a common year), such as February 30th, or February 29th only,
+/// never runs in practice.
+const SCHEDULE_HORIZON: Duration = days(366);
+
+/// IAM group and managed policy names: `[\w+=,.@-]{1,128}`.
+fn is_iam_name(text: &str) -> bool {
+    (1..=128).contains(&text.len()) && text.bytes().all(|b| b.is_ascii_alphanumeric() || b"_+=,.@-".contains(&b))
+}
+
+/// An IAM path prefix: starts with `/`, printable ASCII without spaces, at most 512 characters.
+fn is_iam_path_prefix(text: &str) -> bool {
+    text.starts_with('/') && text.len() <= 512 && text.bytes().all(|b| (0x21..=0x7e).contains(&b))
+}
+
+/// `at + span`, saturating at the end of chrono's range instead of panicking. Bounded settings
+/// never reach the saturation; this guards computed spans too.
+pub fn later(at: chrono::DateTime<chrono::Utc>, span: Duration) -> chrono::DateTime<chrono::Utc> {
+    chrono::TimeDelta::from_std(span)
+        .ok()
+        .and_then(|span| at.checked_add_signed(span))
+        .unwrap_or(chrono::DateTime::<chrono::Utc>::MAX_UTC)
+}
+
+/// Sizes as operators write them: `1048576`, `512KiB`, `256MiB`, `1GiB`.
+pub fn parse_size(text: &str) -> Result<u64, String> {
+    let text = text.trim();
+    let digits = text.find(|c: char| !c.is_ascii_digit()).unwrap_or(text.len());
+    let (number, unit) = text.split_at(digits);
+    let number: u64 = number.parse().map_err(|_| format!("expected a size like 256MiB, got {text:?}"))?;
+    let shift = match unit.trim() {
+        "" | "B" => 0,
+        "KiB" => 10,
+        "MiB" => 20,
+        "GiB" => 30,
+        other => return Err(format!("unknown size unit {other:?} (use B, KiB, MiB or GiB)")),
+    };
+    number.checked_mul(1 << shift).ok_or_else(|| format!("size {text:?} is too large"))
+}
+
+/// Shows a bound the way an operator writes it.
+fn shown(d: Duration) -> String {
+    let secs = d.as_secs();
+    match secs {
+        0 => format!("{}ms", d.as_millis()),
+        _ if secs % 86_400 == 0 => format!("{}d", secs / 86_400),
+        _ if secs % 3_600 == 0 => format!("{}h", secs / 3_600),
+        _ if secs % 60 == 0 => format!("{}m", secs / 60),
+        _ => format!("{secs}s"),
+    }
+}
 
 // ---------------------------------------------------------------------------------------------
 // Validation.
@@ -438,6 +663,20 @@ struct Checker<'a> {
 }
 
 impl Checker<'_> {
+    /// Runs `check` over a deserialized document; its result is valid only if nothing was found.
+    fn run<T>(text: &str, file: &Path, check: impl FnOnce(&mut Checker) -> T) -> Result<T, ConfigError> {
+        let locator = Locator::index(text);
+        let mut checker = Checker { file, locator: &locator, problems: Vec::new() };
+        let checked = check(&mut checker);
+        if checker.problems.is_empty() { Ok(checked) } else { Err(ConfigError::Invalid(checker.problems)) }
+    }
+
+    fn account_id(&mut self, account_id: &str) {
+        if !(account_id.len() == 12 && account_id.bytes().all(|b| b.is_ascii_digit())) {
+            self.problem("account_id", format!("expected a 12-digit AWS account ID, got {account_id:?}"));
+        }
+    }
+
     fn problem(&mut self, path: &str, message: impl Into<String>) {
         let (line, column) = self.locator.find(path);
         self.problems.push(Problem {
@@ -449,33 +688,62 @@ impl Checker<'_> {
         });
     }
 
-    fn duration(&mut self, path: &str, text: &str) -> Duration {
+    fn duration(&mut self, path: &str, text: &str, Span(min, max): Span) -> Duration {
         match parse_duration(text) {
-            Ok(d) if d.is_zero() => {
-                self.problem(path, format!("expected a duration above zero, got {text:?}"));
-                Duration::ZERO
+            Ok(d) if d < min || d > max => {
+                self.problem(path, format!("expected a duration from {} to {}, got {text:?}", shown(min), shown(max)));
+                min
             }
             Ok(d) => d,
             Err(why) => {
                 self.problem(path, format!("expected a duration such as 30s, 15m, 24h or 7d: {why}"));
-                Duration::ZERO
+                min
             }
         }
     }
 
-    fn positive(&mut self, path: &str, value: i64) -> usize {
-        if value <= 0 {
-            self.problem(path, format!("expected a number above zero, got {value}"));
-            return 0;
+    /// A count within `Count(min, max)`; out-of-range values report the range and read as `min`.
+    fn count(&mut self, path: &str, value: i64, Count(min, max): Count) -> usize {
+        if value < min || value > max {
+            let expected = if min == 0 { format!("from 0 to {max}") } else { format!("from {min} to {max}") };
+            self.problem(path, format!("expected a number {expected}, got {value}"));
+            return usize::try_from(min).unwrap_or(0);
         }
-        usize::try_from(value).unwrap_or(usize::MAX)
+        usize::try_from(value).unwrap_or(0)
     }
 
-    fn non_negative(&mut self, path: &str, value: i64) -> u64 {
-        u64::try_from(value).unwrap_or_else(|_| {
-            self.problem(path, format!("expected zero or more, got {value}"));
-            0
-        })
+    fn size(&mut self, path: &str, text: &str) -> u64 {
+        match parse_size(text) {
+            Ok(size) if (MIN_INFLATED_SIZE..=MAX_INFLATED_SIZE).contains(&size) => size,
+            Ok(_) => {
+                self.problem(path, format!("expected a size from 1MiB to 1GiB, got {text:?}"));
+                DEFAULT_MAX_INFLATED_SIZE
+            }
+            Err(why) => {
+                self.problem(path, why);
+                DEFAULT_MAX_INFLATED_SIZE
+            }
+        }
+    }
+
+    /// A prefix length from 1 to `bits` (a /0 range is never trusted).
+    fn prefix_length(&mut self, path: &str, value: i64, bits: u8) -> u8 {
+        match u8::try_from(value) {
+            Ok(length) if (1..=bits).contains(&length) => length,
+            _ => {
+                self.problem(path, format!("expected a prefix length from 1 to {bits}, got {value}"));
+                bits
+            }
+        }
+    }
+
+    fn iam_name(&mut self, path: &str, value: &str) {
+        if !is_iam_name(value) {
+            self.problem(
+                path,
+                format!("expected an IAM name of 1 to 128 letters, digits and _+=,.@- characters, got {value:?}"),
+            );
+        }
     }
 
     fn non_empty(&mut self, path: &str, value: &str) {
@@ -497,19 +765,27 @@ impl Checker<'_> {
     }
 
     fn config(&mut self, raw: RawConfig) -> Config {
-        if !(raw.account_id.len() == 12 && raw.account_id.bytes().all(|b| b.is_ascii_digit())) {
-            self.problem("account_id", format!("expected a 12-digit AWS account ID, got {:?}", raw.account_id));
-        }
+        self.account_id(&raw.account_id);
         self.non_empty("region", &raw.region);
-        self.non_empty("lockdown.group", &raw.lockdown.group);
-        self.non_empty("lockdown.policy_name", &raw.lockdown.policy_name);
+        self.iam_name("lockdown.group", &raw.lockdown.group);
+        self.iam_name("lockdown.policy_name", &raw.lockdown.policy_name);
         let perimeter = self.perimeter(raw.perimeter, &raw.account_id);
         let evidence = self.evidence(raw.evidence);
         let eligibility = self.eligibility(raw.eligibility);
+        if evidence.retention < eligibility.window {
+            self.problem(
+                "evidence.retention",
+                format!(
+                    "retention ({}) is shorter than eligibility.window ({}): evidence would be dropped before it is judged",
+                    shown(evidence.retention),
+                    shown(eligibility.window)
+                ),
+            );
+        }
         let waves = self.waves(raw.waves);
         let rollout = RolloutLimits {
-            max_promotions_per_day: self.positive("rollout.max_promotions_per_day", raw.rollout.max_promotions_per_day),
-            max_soaking_batches: self.positive("rollout.max_soaking_batches", raw.rollout.max_soaking_batches),
+            max_promotions_per_day: self.count("rollout.max_promotions_per_day", raw.rollout.max_promotions_per_day, PROMOTIONS_PER_DAY),
+            max_soaking_batches: self.count("rollout.max_soaking_batches", raw.rollout.max_soaking_batches, SOAKING_BATCHES),
         };
         let guard = self.guard(raw.guard, &evidence);
         let listeners = self.listeners(raw.listeners);
@@ -557,13 +833,26 @@ impl Checker<'_> {
                 trusted_endpoints.insert(endpoint.clone(), vpc.clone());
             }
         }
+        let widest_v4 = self.prefix_length("perimeter.widest_ipv4_prefix", raw.widest_ipv4_prefix, 32);
+        let widest_v6 = self.prefix_length("perimeter.widest_ipv6_prefix", raw.widest_ipv6_prefix, 128);
         let mut trusted_cidrs = Vec::new();
         for (i, cidr) in raw.trusted_cidrs.iter().enumerate() {
             let path = format!("perimeter.trusted_cidrs[{i}]");
+            let (widest, setting) = match cidr.parse::<IpNet>() {
+                Ok(IpNet::V4(_)) => (widest_v4, "perimeter.widest_ipv4_prefix"),
+                _ => (widest_v6, "perimeter.widest_ipv6_prefix"),
+            };
             match cidr.parse::<IpNet>() {
                 Ok(net) if net.trunc() != net => self.problem(
                     &path,
                     format!("{cidr} has host bits set; did you mean {}?", net.trunc()),
+                ),
+                Ok(net) if net.prefix_len() == 0 => {
+                    self.problem(&path, format!("{cidr} trusts every address: the perimeter would deny nothing"))
+                }
+                Ok(net) if net.prefix_len() < widest => self.problem(
+                    &path,
+                    format!("{cidr} is wider than /{widest}; trust narrower ranges, or lower {setting} if this is really meant"),
                 ),
                 Ok(net) => trusted_cidrs.push(net),
                 Err(_) => self.problem(&path, format!("expected an IPv4 or IPv6 CIDR like 203.0.113.0/24, got {cidr:?}")),
@@ -590,7 +879,7 @@ impl Checker<'_> {
                 self.problem("perimeter.exempt_tag_key", format!("expected an IAM tag key without spaces, got {key:?}"));
             }
         }
-        Perimeter {
+        let perimeter = Perimeter {
             account_id: account_id.to_string(),
             trusted_vpcs,
             trusted_endpoints,
@@ -600,7 +889,11 @@ impl Checker<'_> {
             allow_presigned_s3_reads: raw.allow_presigned_s3_reads,
             exempt_tag_key: raw.exempt_tag_key,
             not_actions: raw.not_actions,
+        };
+        if let Err(too_large) = perimeter.policy().to_json() {
+            self.problem("perimeter", too_large.to_string());
         }
+        perimeter
     }
 
     fn evidence(&mut self, raw: RawEvidence) -> Evidence {
@@ -635,8 +928,8 @@ impl Checker<'_> {
                 }
             };
             Athena {
-                poll_interval: self.duration("evidence.athena.poll_interval", &a.poll_interval),
-                timeout: self.duration("evidence.athena.timeout", &a.timeout),
+                poll_interval: self.duration("evidence.athena.poll_interval", &a.poll_interval, ATHENA_POLL),
+                timeout: self.duration("evidence.athena.timeout", &a.timeout, ATHENA_TIMEOUT),
                 database: a.database,
                 table: a.table,
                 workgroup: a.workgroup,
@@ -644,11 +937,20 @@ impl Checker<'_> {
                 partitioning,
             }
         });
-        if let Err(why) = parse_cron(&raw.schedule) {
-            self.problem(
+        match parse_cron(&raw.schedule) {
+            Err(why) => self.problem(
                 "evidence.schedule",
                 format!("expected a cron expression with seconds, like \"0 5 * * * *\" (sec min hour dom month dow): {why}"),
-            );
+            ),
+            Ok(_) if raw.schedule.split_whitespace().count() > 6 => self.problem(
+                "evidence.schedule",
+                "expected six fields (sec min hour dom month dow); a year field would stop the refresh for good",
+            ),
+            Ok(cron) if !fires_within(&cron, SCHEDULE_HORIZON) => self.problem(
+                "evidence.schedule",
+                format!("{:?} never fires (no occurrence in a year): no refresh would ever run", raw.schedule),
+            ),
+            Ok(_) => {}
         }
         Evidence {
             source,
@@ -659,28 +961,35 @@ impl Checker<'_> {
             }),
             athena,
             schedule: raw.schedule,
-            overlap: self.duration("evidence.overlap", &raw.overlap),
-            lookback: self.duration("evidence.lookback", &raw.lookback),
-            retention: self.duration("evidence.retention", &raw.retention),
+            overlap: self.duration("evidence.overlap", &raw.overlap, OVERLAP),
+            lookback: self.duration("evidence.lookback", &raw.lookback, LOOKBACK),
+            retention: self.duration("evidence.retention", &raw.retention, RETENTION),
+            max_inflated_size: self.size("evidence.max_inflated_size", &raw.max_inflated_size),
         }
     }
 
     fn eligibility(&mut self, raw: RawEligibility) -> Eligibility {
         Eligibility {
-            window: self.duration("eligibility.window", &raw.window),
-            min_history: self.duration("eligibility.min_history", &raw.min_history),
-            min_calls: self.non_negative("eligibility.min_calls", raw.min_calls),
-            max_would_deny: self.non_negative("eligibility.max_would_deny", raw.max_would_deny),
-            quiet_for: self.duration("eligibility.quiet_for", &raw.quiet_for),
-            max_evidence_age: self.duration("eligibility.max_evidence_age", &raw.max_evidence_age),
-            exclude_users: raw.exclude_users,
-            hold_expiry: self.duration("eligibility.hold_expiry", &raw.hold_expiry),
+            window: self.duration("eligibility.window", &raw.window, ELIGIBILITY_WINDOW),
+            min_history: self.duration("eligibility.min_history", &raw.min_history, MIN_HISTORY),
+            min_calls: self.count("eligibility.min_calls", raw.min_calls, CALLS) as u64,
+            max_would_deny: self.count("eligibility.max_would_deny", raw.max_would_deny, CALLS) as u64,
+            quiet_for: self.duration("eligibility.quiet_for", &raw.quiet_for, QUIET_FOR),
+            max_evidence_age: self.duration("eligibility.max_evidence_age", &raw.max_evidence_age, MAX_EVIDENCE_AGE),
+            exclude_users: {
+                let listed = i64::try_from(raw.exclude_users.len()).unwrap_or(i64::MAX);
+                self.count("eligibility.exclude_users", listed, EXCLUDED_USERS);
+                raw.exclude_users
+            },
+            hold_expiry: self.duration("eligibility.hold_expiry", &raw.hold_expiry, HOLD_EXPIRY),
         }
     }
 
     fn waves(&mut self, raw: Vec<RawWave>) -> Vec<Wave> {
         if raw.is_empty() {
             self.problem("waves", "expected at least one wave");
+        } else if raw.len() > WAVES.1 as usize {
+            self.problem("waves", format!("expected at most {} waves, got {}", WAVES.1, raw.len()));
         }
         let mut seen = HashSet::new();
         let mut waves = Vec::new();
@@ -699,14 +1008,17 @@ impl Checker<'_> {
                 }
             });
             if let Some(prefix) = &wave.select.path_prefix {
-                if !prefix.starts_with('/') {
-                    self.problem(&format!("{at}.select.path_prefix"), format!("expected an IAM path starting with /, got {prefix:?}"));
+                if !is_iam_path_prefix(prefix) {
+                    self.problem(
+                        &format!("{at}.select.path_prefix"),
+                        format!("expected an IAM path starting with / (printable ASCII, no spaces, at most 512 characters), got {prefix:?}"),
+                    );
                 }
             }
             waves.push(Wave {
-                batch_size: self.positive(&format!("{at}.batch_size"), wave.batch_size),
-                soak: self.duration(&format!("{at}.soak"), &wave.soak),
-                batches: wave.batches.map(|n| self.positive(&format!("{at}.batches"), n)),
+                batch_size: self.count(&format!("{at}.batch_size"), wave.batch_size, BATCH_SIZE),
+                soak: self.duration(&format!("{at}.soak"), &wave.soak, SOAK),
+                batches: wave.batches.map(|n| self.count(&format!("{at}.batches"), n, BATCHES)),
                 select: Selector {
                     path_prefix: wave.select.path_prefix,
                     user_glob,
@@ -728,12 +1040,12 @@ impl Checker<'_> {
         }
         Guard {
             source,
-            poll: self.duration("guard.poll", &raw.poll),
-            grace: self.duration("guard.grace", &raw.grace),
-            window: self.duration("guard.window", &raw.window),
-            min_affected_users: self.positive("guard.min_affected_users", raw.min_affected_users),
-            min_denials: self.positive("guard.min_denials", raw.min_denials),
-            silence_limit: self.duration("guard.silence_limit", &raw.silence_limit),
+            poll: self.duration("guard.poll", &raw.poll, GUARD_POLL),
+            grace: self.duration("guard.grace", &raw.grace, GUARD_GRACE),
+            window: self.duration("guard.window", &raw.window, GUARD_WINDOW),
+            min_affected_users: self.count("guard.min_affected_users", raw.min_affected_users, AFFECTED_USERS),
+            min_denials: self.count("guard.min_denials", raw.min_denials, DENIALS),
+            silence_limit: self.duration("guard.silence_limit", &raw.silence_limit, SILENCE_LIMIT),
         }
     }
 
@@ -746,6 +1058,19 @@ impl Checker<'_> {
         };
         let admin = address("listeners.admin", &raw.admin);
         let metrics = address("listeners.metrics", &raw.metrics);
+        if !admin.ip().is_loopback() {
+            if !raw.allow_remote_admin {
+                self.problem(
+                    "listeners.admin",
+                    format!(
+                        "{admin} is reachable from other hosts over plain HTTP; listen on 127.0.0.1 (behind a TLS proxy), \
+                         or set listeners.allow_remote_admin: true with a token_file"
+                    ),
+                );
+            } else if raw.token_file.is_none() {
+                self.problem("listeners.token_file", "a remote admin listener needs a token_file, not only an environment variable");
+            }
+        }
         if let Some(url) = &raw.webhook_url {
             if !(url.starts_with("http://") || url.starts_with("https://")) {
                 self.problem("listeners.webhook_url", format!("expected an http:// or https:// URL, got {url:?}"));
@@ -757,6 +1082,7 @@ impl Checker<'_> {
             token_file: raw.token_file.map(PathBuf::from),
             token_env: raw.token_env,
             webhook_url: raw.webhook_url,
+            allow_remote_admin: raw.allow_remote_admin,
         }
     }
 }
@@ -783,6 +1109,13 @@ fn is_action_pattern(text: &str) -> bool {
 /// Durations as operators write them: `30s`, `15m`, `24h`, `7d`, `2w`, or combinations (`1h30m`).
 pub fn parse_duration(text: &str) -> Result<Duration, String> {
     humantime::parse_duration(text.trim()).map_err(|e| e.to_string())
+}
+
+/// Whether `cron` fires within `horizon` after the start of 2001, a common year: a schedule
+/// that does not, fires at most every leap year (February 29th) or never (February 30th).
+fn fires_within(cron: &croner::Cron, horizon: Duration) -> bool {
+    let start = chrono::DateTime::<chrono::Utc>::from_timestamp(978_307_200, 0).unwrap_or_default();
+    cron.find_next_occurrence(&start, false).is_ok_and(|next| next <= later(start, horizon))
 }
 
 /// Parses a cron expression exactly as the scheduler will (seconds field required).
@@ -1003,5 +1336,158 @@ waves:
         let text = EXAMPLE.replace("203.0.113.0/24", "203.0.113.7/24");
         let found = problems(&text);
         assert!(found.iter().any(|p| p.message.contains("did you mean 203.0.113.0/24")), "{found:#?}");
+    }
+
+    #[test]
+    fn every_bound_is_stated_with_its_location() {
+        let cases = [
+            ("soak: 24h\n    batches: 1", "soak: 300000y\n    batches: 1", "waves[0].soak", "from 1m to 365d"),
+            ("poll: 1m", "poll: 1ns", "guard.poll", "from 1s to 1h"),
+            ("grace: 1h", "grace: 300000y", "guard.grace", "to 30d"),
+            ("window: 15m", "window: 300000y", "guard.window", "to 7d"),
+            ("window: 14d", "window: 300000y", "eligibility.window", "to 400d"),
+            ("hold_expiry: 14d", "hold_expiry: 300000y", "eligibility.hold_expiry", "to 3650d"),
+            ("lookback: 14d", "lookback: 1s", "evidence.lookback", "from 1h"),
+            ("batch_size: 25", "batch_size: 100000000", "waves[2].batch_size", "from 1 to 10000"),
+            ("max_promotions_per_day: 50", "max_promotions_per_day: 0", "rollout.max_promotions_per_day", "from 1 to 100000"),
+            ("min_calls: 20", "min_calls: -1", "eligibility.min_calls", "from 0 to 1000000000"),
+        ];
+        for (from, to, path, bound) in cases {
+            assert!(EXAMPLE.contains(from), "{from}");
+            let found = problems(&EXAMPLE.replacen(from, to, 1));
+            assert_eq!(found.len(), 1, "{to}: {found:#?}");
+            assert_eq!(found[0].path, path);
+            assert!(found[0].message.contains(bound), "{}", found[0].message);
+            assert!(found[0].line.is_some() && found[0].column.is_some(), "{:?}", found[0]);
+        }
+    }
+
+    #[test]
+    fn unsafe_settings_are_refused_unless_allowed() {
+        let refused = |from: &str, to: &str, path: &str| {
+            let found = problems(&EXAMPLE.replacen(from, to, 1));
+            assert!(found.iter().any(|p| p.path == path), "{to}: {found:#?}");
+        };
+        refused("203.0.113.0/24", "0.0.0.0/0", "perimeter.trusted_cidrs[0]");
+        refused("2001:db8:1234::/48", "::/0", "perimeter.trusted_cidrs[2]");
+        refused("203.0.113.0/24", "10.0.0.0/7", "perimeter.trusted_cidrs[0]");
+        refused("2001:db8:1234::/48", "2001:d00::/24", "perimeter.trusted_cidrs[2]");
+        refused("admin: 127.0.0.1:9440", "admin: 0.0.0.0:9440", "listeners.admin");
+        refused("admin: 127.0.0.1:9440", "admin: \"[::]:9440\"", "listeners.admin");
+        refused("schedule: \"0 5 * * * *\"", "schedule: \"0 0 0 30 2 *\"", "evidence.schedule");
+        refused("schedule: \"0 5 * * * *\"", "schedule: \"0 0 0 29 2 *\"", "evidence.schedule");
+        refused("schedule: \"0 5 * * * *\"", "schedule: \"0 5 * * * * 2001\"", "evidence.schedule");
+        refused("group: lockstep-network-perimeter", "group: \"lock step\"", "lockdown.group");
+        refused("policy_name: lockstep-network-perimeter", &format!("policy_name: {}", "p".repeat(129)), "lockdown.policy_name");
+        refused("path_prefix: /engineering/\n  - name: everyone", "path_prefix: /eng ineering/\n  - name: everyone", "waves[1].select.path_prefix");
+        refused("retention: 90d", "retention: 2d", "evidence.retention");
+        refused("retention: 90d", "retention: 90d\n  max_inflated_size: 10GiB", "evidence.max_inflated_size");
+
+        // Explicitly allowed: a wider prefix setting, and a remote admin listener with a token file.
+        let wide = EXAMPLE.replacen("203.0.113.0/24", "10.0.0.0/7", 1).replacen(
+            "  not_actions:",
+            "  widest_ipv4_prefix: 7\n  not_actions:",
+            1,
+        );
+        assert_eq!(problems(&wide), Vec::new());
+        let remote = EXAMPLE.replacen(
+            "admin: 127.0.0.1:9440",
+            "admin: 0.0.0.0:9440\n  allow_remote_admin: true\n  token_file: /run/secrets/t",
+            1,
+        );
+        assert_eq!(problems(&remote), Vec::new());
+        let no_token = EXAMPLE.replacen("admin: 127.0.0.1:9440", "admin: 0.0.0.0:9440\n  allow_remote_admin: true", 1);
+        assert!(problems(&no_token).iter().any(|p| p.path == "listeners.token_file"));
+    }
+
+    #[test]
+    fn an_oversized_policy_is_refused_on_load() {
+        let cidrs: String = (0..400).map(|i| format!("    - 100.{}.{}.0/24\n", i / 200 + 64, i % 200)).collect();
+        let text = EXAMPLE.replacen("  trusted_cidrs:\n", &format!("  trusted_cidrs:\n{cidrs}"), 1);
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("big.yaml");
+        std::fs::write(&path, text).unwrap();
+        let error = Config::load(&path).unwrap_err();
+        assert!(error.problems().iter().any(|p| p.path == "perimeter" && p.message.contains("6144")), "{error}");
+    }
+
+    #[test]
+    fn alias_floods_and_deep_nesting_are_refused_quickly() {
+        // Each level doubles: 2^40 values once expanded, in a few KiB of text.
+        let mut flood = String::from("a0: &a0 [x, x]\n");
+        for i in 1..40 {
+            flood.push_str(&format!("a{i}: &a{i} [*a{}, *a{}]\n", i - 1, i - 1));
+        }
+        let started = std::time::Instant::now();
+        let found = problems(&flood);
+        assert!(found[0].message.contains("aliases are expanded"), "{found:#?}");
+        let deep = format!("{}{}", "[".repeat(100_000), "]".repeat(100_000));
+        let found = problems(&deep);
+        // The YAML scanner's own flow-nesting limit may stop it first; either way, refused.
+        assert!(
+            found[0].message.contains("nested deeper than") || found[0].message.contains("recursion limit"),
+            "{found:#?}"
+        );
+        let block: String = (0..40).map(|depth| format!("{}k{depth}:\n", " ".repeat(depth))).collect();
+        assert!(problems(&block)[0].message.contains("nested deeper than 32"), "{:#?}", problems(&block));
+        assert!(found[0].line.is_some());
+        assert!(started.elapsed() < Duration::from_secs(5), "took {:?}", started.elapsed());
+        // Anchors and aliases within the budget are fine.
+        let anchored = EXAMPLE.replacen("  poll: 1m", "  poll: &poll 1m", 1).replacen("  window: 15m", "  window: *poll", 1);
+        assert_eq!(problems(&anchored), Vec::new());
+    }
+
+    #[test]
+    fn load_refuses_large_and_special_files() {
+        let dir = tempfile::tempdir().unwrap();
+        let big = dir.path().join("big.yaml");
+        std::fs::write(&big, format!("{EXAMPLE}\n#{}", "x".repeat(MAX_CONFIG_BYTES as usize))).unwrap();
+        assert!(Config::load(&big).unwrap_err().to_string().contains("larger than"));
+        assert!(matches!(Config::load(dir.path()), Err(ConfigError::Read { .. })));
+    }
+
+    #[test]
+    fn perimeter_alone_is_enough_for_classify() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("perimeter.yaml");
+        std::fs::write(&path, "account_id: \"123456789012\"\nperimeter:\n  trusted_cidrs: [203.0.113.0/24]\n").unwrap();
+        assert!(Config::load(&path).is_err(), "not a rollout configuration");
+        let perimeter = Config::load_perimeter(&path).unwrap();
+        assert_eq!(perimeter.trusted_cidrs.len(), 1);
+        std::fs::write(&path, "account_id: \"123456789012\"\nperimeter:\n  trusted_cidrs: [0.0.0.0/0]\n").unwrap();
+        let error = Config::load_perimeter(&path).unwrap_err();
+        assert_eq!(error.problems()[0].line, Some(3), "{error}");
+    }
+
+    #[test]
+    fn sizes_and_later() {
+        assert_eq!(parse_size("256MiB"), Ok(256 << 20));
+        assert_eq!(parse_size("1048576"), Ok(1 << 20));
+        assert!(parse_size("1TB").is_err());
+        assert!(parse_size("99999999999999999999GiB").is_err());
+        let now = chrono::Utc::now();
+        assert_eq!(later(now, Duration::MAX), chrono::DateTime::<chrono::Utc>::MAX_UTC);
+        assert_eq!(later(now, Duration::from_secs(60)), now + chrono::TimeDelta::minutes(1));
+    }
+
+    #[test]
+    fn odd_yaml_shapes_are_problems_not_panics() {
+        for text in [
+            "",
+            "~",
+            "---\n---\n",
+            "[]",
+            "? [a, b]\n: c\n",
+            "&a x: *a\n",
+            "a: &a\n  b: *a\n",
+            "*unknown\n",
+            "!!binary aGVsbG8=\n",
+            "account_id: !!int 123456789012\n",
+            "\u{feff}account_id: x\n",
+            "account_id: \"123456789012\"\nperimeter: {trusted_cidrs: [\"::/0\"]}\n",
+            "{{{{{{{{{{{{{{{{{{{{{{{{{{{{{{{{{{{{{{{{{{{",
+        ] {
+            assert!(Config::parse(text, Path::new("odd.yaml")).is_err(), "{text:?}");
+        }
     }
 }

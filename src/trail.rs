@@ -191,7 +191,10 @@ pub fn is_trail_file_name(name: &str) -> bool {
         .any(|ext| name.ends_with(ext))
 }
 
-/// Expands files and directories (recursively, in name order) into the trail files to read.
+/// Expands files and directories (recursively, in name order, following links) into the trail
+/// files to read. An entry that cannot be walked (a dangling link, a link loop, an unreadable
+/// folder) or a trail-named entry that is not a regular file (a FIFO, a socket, a device) is
+/// returned as an error with its path and reason, and the walk goes on.
 pub fn expand_inputs(inputs: &[std::path::PathBuf]) -> Vec<Result<std::path::PathBuf, ReadError>> {
     let mut files = Vec::new();
     for input in inputs {
@@ -199,12 +202,15 @@ pub fn expand_inputs(inputs: &[std::path::PathBuf]) -> Vec<Result<std::path::Pat
             files.push(Ok(input.clone()));
             continue;
         }
-        for entry in walkdir::WalkDir::new(input).sort_by_file_name() {
+        for entry in walkdir::WalkDir::new(input).follow_links(true).sort_by_file_name() {
             match entry {
-                Ok(e) if e.file_type().is_file() && is_trail_file_name(&e.file_name().to_string_lossy()) => {
-                    files.push(Ok(e.into_path()))
-                }
-                Ok(_) => {}
+                Ok(e) if e.file_type().is_dir() => {}
+                Ok(e) if !is_trail_file_name(&e.file_name().to_string_lossy()) => {}
+                Ok(e) if e.file_type().is_file() => files.push(Ok(e.into_path())),
+                Ok(e) => files.push(Err(ReadError::Io {
+                    path: e.path().display().to_string(),
+                    source: std::io::Error::other("not a regular file"),
+                })),
                 Err(e) => files.push(Err(ReadError::Io {
                     path: e.path().map(|p| p.display().to_string()).unwrap_or_else(|| input.display().to_string()),
                     source: e.into(),
@@ -215,32 +221,63 @@ pub fn expand_inputs(inputs: &[std::path::PathBuf]) -> Vec<Result<std::path::Pat
     files
 }
 
-/// Reads and parses one trail file from disk (gzip detected by its magic bytes).
+/// The most bytes one trail file may inflate to unless configured otherwise
+/// (`evidence.max_inflated_size`).
+pub const DEFAULT_MAX_INFLATED: u64 = crate::config::DEFAULT_MAX_INFLATED_SIZE;
+
+/// Reads and parses one trail file from disk within the default inflate limit.
 pub fn read_file(path: &Path) -> Result<Parsed, ReadError> {
-    let raw = std::fs::read(path).map_err(|source| ReadError::Io {
-        path: path.display().to_string(),
-        source,
-    })?;
-    parse_bytes(&raw).map_err(|why| ReadError::Malformed {
+    read_file_within(path, DEFAULT_MAX_INFLATED)
+}
+
+/// Reads and parses one trail file from disk (gzip detected by its magic bytes). Only regular
+/// files are opened (a FIFO would block), and no more than `max_inflated` bytes are read or
+/// inflated.
+pub fn read_file_within(path: &Path, max_inflated: u64) -> Result<Parsed, ReadError> {
+    let io = |source| ReadError::Io { path: path.display().to_string(), source };
+    let metadata = std::fs::metadata(path).map_err(io)?;
+    if !metadata.is_file() {
+        return Err(io(std::io::Error::other("not a regular file")));
+    }
+    let mut raw = Vec::new();
+    std::fs::File::open(path)
+        .and_then(|file| file.take(max_inflated.saturating_add(1)).read_to_end(&mut raw))
+        .map_err(io)?;
+    parse_bytes_within(&raw, max_inflated).map_err(|why| ReadError::Malformed {
         path: path.display().to_string(),
         why,
     })
 }
 
-/// Parses the bytes of one trail file, compressed or not.
+/// Parses the bytes of one trail file, compressed or not, within the default inflate limit.
 pub fn parse_bytes(raw: &[u8]) -> Result<Parsed, String> {
-    let text = decompress(raw)?;
+    parse_bytes_within(raw, DEFAULT_MAX_INFLATED)
+}
+
+/// Parses the bytes of one trail file, compressed or not; a file that is or inflates to more
+/// than `max_inflated` bytes is refused, having inflated no more than that.
+pub fn parse_bytes_within(raw: &[u8], max_inflated: u64) -> Result<Parsed, String> {
+    let text = decompress(raw, max_inflated)?;
     let text = std::str::from_utf8(&text).map_err(|e| format!("not UTF-8 text: {e}"))?;
     Ok(parse_text(text))
 }
 
-fn decompress(raw: &[u8]) -> Result<Cow<'_, [u8]>, String> {
+fn decompress(raw: &[u8], max_inflated: u64) -> Result<Cow<'_, [u8]>, String> {
+    let too_large = || format!("larger than {max_inflated} bytes inflated (evidence.max_inflated_size)");
+    if raw.len() as u64 > max_inflated {
+        return Err(too_large());
+    }
     if raw.starts_with(&[0x1f, 0x8b]) {
         // Trail files are ~10x compressed; reserving up front avoids repeated regrowth.
-        let mut out = Vec::with_capacity(raw.len().saturating_mul(10));
+        let expected = raw.len().saturating_mul(10).min(usize::try_from(max_inflated).unwrap_or(usize::MAX));
+        let mut out = Vec::with_capacity(expected);
         flate2::read::MultiGzDecoder::new(raw)
+            .take(max_inflated.saturating_add(1))
             .read_to_end(&mut out)
             .map_err(|e| format!("bad gzip data: {e}"))?;
+        if out.len() as u64 > max_inflated {
+            return Err(too_large());
+        }
         Ok(Cow::Owned(out))
     } else {
         Ok(Cow::Borrowed(raw))
@@ -343,10 +380,17 @@ mod tests {
     fn gzip_is_detected() {
         use std::io::Write;
         let mut enc = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
-        enc.write_all(format!("{{\"Records\": [{ONE}]}}").as_bytes()).unwrap();
-        let parsed = parse_bytes(&enc.finish().unwrap()).unwrap();
+        let text = format!("{{\"Records\": [{ONE}]}}");
+        enc.write_all(text.as_bytes()).unwrap();
+        let compressed = enc.finish().unwrap();
+        let parsed = parse_bytes(&compressed).unwrap();
         assert_eq!(parsed.records.len(), 1);
         assert!(parse_bytes(&[0x1f, 0x8b, 0, 1, 2]).is_err());
+        let inflated = text.len() as u64;
+        assert!(parse_bytes_within(&compressed, inflated).is_ok());
+        let refused = parse_bytes_within(&compressed, inflated - 1).unwrap_err();
+        assert!(refused.contains("max_inflated_size"), "{refused}");
+        assert!(parse_bytes_within(b"[]", 1).is_err(), "plain files count their own size");
     }
 
     #[test]

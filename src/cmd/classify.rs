@@ -5,7 +5,7 @@ use std::io::Write;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
-use lockstep::config::Config;
+use lockstep::perimeter::Perimeter;
 use lockstep::trail;
 use serde::Serialize;
 
@@ -24,7 +24,7 @@ struct Line<'a> {
     reason: &'static str,
 }
 
-pub fn run(config: &Config, inputs: &[PathBuf], exempt: HashSet<String>) -> anyhow::Result<ExitCode> {
+pub fn run(perimeter: &Perimeter, inputs: &[PathBuf], exempt: HashSet<String>) -> anyhow::Result<ExitCode> {
     let files = trail::expand_inputs(inputs);
     let stdout = std::io::stdout();
     let mut out = std::io::BufWriter::new(stdout.lock());
@@ -46,7 +46,7 @@ pub fn run(config: &Config, inputs: &[PathBuf], exempt: HashSet<String>) -> anyh
         }
         bad_records += parsed.bad.len();
         for record in &parsed.records {
-            let verdict = config.perimeter.classify(record, &exempt);
+            let verdict = perimeter.classify(record, &exempt);
             *by_verdict.entry(verdict.kind_name()).or_default() += 1;
             let line = Line {
                 event_id: record.event_id.as_deref(),

@@ -8,7 +8,8 @@
 //! pool; results come back in key order so the caller can record them in order. Corrupt files
 //! and records are logged and counted, never fatal.
 
-use std::collections::VecDeque;
+use std::collections::{HashSet, VecDeque};
+use std::hash::BuildHasher;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
@@ -36,7 +37,11 @@ pub struct TrailFile {
     pub records: u64,
     /// Malformed records, and records without a usable `eventTime`.
     pub skipped: u64,
-    /// Why the file as a whole could not be read (bad gzip, not trail data).
+    /// Records whose `eventID` an earlier file of the same read already had (CloudTrail
+    /// delivers at least once); not aggregated again.
+    pub duplicates: u64,
+    /// Why the file as a whole could not be read (unreadable entry, too large, bad gzip, not
+    /// trail data).
     pub error: Option<String>,
     pub aggregates: Aggregates,
 }
@@ -111,24 +116,28 @@ pub fn is_trail_key(key: &str) -> bool {
 }
 
 /// Fetches, parses and aggregates `keys`, handing each file to `on_file` in key order. A file
-/// that cannot be fetched stops the read (it must be retried, not marked read); a file that is
-/// fetched but corrupt is handed over with its `error` set.
+/// that cannot be fetched for now stops the read (it must be retried, not marked read); a file
+/// that can never be read (see [`SourceError::Unreadable`]), is over `max_inflated` bytes
+/// inflated, or is corrupt is handed over with its `error` set. An event present in several
+/// files of one read is aggregated once.
 pub async fn read_files<T, E>(
     objects: Arc<T>,
     keys: Vec<String>,
     judge: Arc<Judge>,
+    max_inflated: u64,
     mut on_file: impl FnMut(TrailFile) -> Result<(), E>,
 ) -> Result<(), E>
 where
     T: TrailObjects + 'static,
     E: From<SourceError>,
 {
+    let reader = Arc::new(Reader { judge, max_inflated, seen: SeenEvents::default() });
     let mut pending = InFlight(VecDeque::with_capacity(IN_FLIGHT));
     let mut keys = keys.into_iter();
     loop {
         while pending.0.len() < IN_FLIGHT {
             let Some(key) = keys.next() else { break };
-            pending.0.push_back(tokio::spawn(fetch_and_read(objects.clone(), key, judge.clone())));
+            pending.0.push_back(tokio::spawn(fetch_and_read(objects.clone(), key, reader.clone())));
         }
         let Some(next) = pending.0.pop_front() else {
             return Ok(());
@@ -149,25 +158,59 @@ impl Drop for InFlight {
     }
 }
 
+/// What every file of one read shares.
+struct Reader {
+    judge: Arc<Judge>,
+    max_inflated: u64,
+    seen: SeenEvents,
+}
+
+/// The `eventID`s one read has aggregated, hashed (8 bytes each) with a per-read random key so
+/// that no one can choose an ID to collide with another event's.
+#[derive(Default)]
+struct SeenEvents {
+    hasher: std::hash::RandomState,
+    ids: std::sync::Mutex<HashSet<u64>>,
+}
+
+impl SeenEvents {
+    /// Drops the records whose event was seen before; returns how many were dropped. Records
+    /// without an `eventID` are all kept.
+    fn keep_first(&self, records: &mut Vec<trail::Record>) -> u64 {
+        let before = records.len();
+        // A panic elsewhere while holding the lock leaves the set valid: keep using it.
+        let mut ids = self.ids.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        records.retain(|r| r.event_id.as_deref().is_none_or(|id| ids.insert(self.hasher.hash_one(id))));
+        (before - records.len()) as u64
+    }
+}
+
 async fn fetch_and_read<T: TrailObjects>(
     objects: Arc<T>,
     key: String,
-    judge: Arc<Judge>,
+    reader: Arc<Reader>,
 ) -> Result<TrailFile, SourceError> {
-    let raw = objects.fetch(&key).await?;
+    let raw = match objects.fetch(&key).await {
+        Ok(raw) => raw,
+        Err(SourceError::Unreadable { key, why }) => {
+            tracing::warn!(file = %key, "skipped unreadable trail file: {why}");
+            return Ok(TrailFile { key, error: Some(why), ..TrailFile::default() });
+        }
+        Err(other) => return Err(other),
+    };
     let (done, result) = tokio::sync::oneshot::channel();
     let what = format!("parsing trail file {key} stopped");
     rayon::spawn(move || {
         // The receiver is gone only if the read was abandoned; nothing to report then.
-        let _ = done.send(read_bytes(key, &raw, &judge));
+        let _ = done.send(read_bytes(key, &raw, &reader));
     });
     result.await.map_err(|_| SourceError::Other(what))
 }
 
 /// Decompresses, parses and aggregates one file's bytes.
-fn read_bytes(key: String, raw: &[u8], judge: &Judge) -> TrailFile {
+fn read_bytes(key: String, raw: &[u8], reader: &Reader) -> TrailFile {
     let mut file = TrailFile { key, bytes: raw.len() as u64, ..TrailFile::default() };
-    let parsed = match trail::parse_bytes(raw) {
+    let mut parsed = match trail::parse_bytes_within(raw, reader.max_inflated) {
         Ok(parsed) => parsed,
         Err(why) => {
             tracing::warn!(file = %file.key, "skipped unreadable trail file: {why}");
@@ -191,10 +234,14 @@ fn read_bytes(key: String, raw: &[u8], judge: &Judge) -> TrailFile {
     }
     file.records = parsed.records.len() as u64;
     file.skipped = parsed.bad.len() as u64;
+    file.duplicates = reader.seen.keep_first(&mut parsed.records);
+    if file.duplicates > 0 {
+        tracing::info!(file = %file.key, "{} record(s) already read from another file, counted once", file.duplicates);
+    }
     let mut untimed = 0u64;
     for record in parsed.records {
         match CallGroup::single(record) {
-            Some(group) => file.aggregates.add(&group, judge),
+            Some(group) => file.aggregates.add(&group, &reader.judge),
             None => untimed += 1,
         }
     }
@@ -256,15 +303,21 @@ impl TrailObjects for Folder {
             }
             let mut keys = Vec::new();
             for entry in walkdir::WalkDir::new(&dir).follow_links(true) {
-                let entry = entry.map_err(|e| SourceError::Io {
-                    what: format!("listing folder {}", dir.display()),
-                    source: e.into(),
-                })?;
-                if !entry.file_type().is_file() {
-                    continue;
-                }
-                let Some(key) = relative_key(&root, entry.path()) else {
-                    tracing::warn!(path = %entry.path().display(), "skipped a file whose path is not UTF-8");
+                // An entry that cannot be walked (a dangling link, a link loop, a folder without
+                // permission) is listed, so that fetching it reports it; the walk goes on.
+                let path = match entry {
+                    Ok(entry) if entry.file_type().is_dir() => continue,
+                    Ok(entry) => entry.into_path(),
+                    Err(e) => match e.path() {
+                        Some(path) if path != dir => {
+                            tracing::warn!(path = %path.display(), "cannot walk trail folder entry: {e}");
+                            path.to_path_buf()
+                        }
+                        _ => return Err(SourceError::Io { what: format!("listing folder {}", dir.display()), source: e.into() }),
+                    },
+                };
+                let Some(key) = relative_key(&root, &path) else {
+                    tracing::warn!(path = %path.display(), "skipped a file whose path is not UTF-8");
                     continue;
                 };
                 if start_after.as_deref().is_none_or(|after| key.as_str() > after) {
@@ -277,11 +330,21 @@ impl TrailObjects for Folder {
         .await
     }
 
+    /// Any failure to read a local file is [`SourceError::Unreadable`]: retrying will not help.
     async fn fetch(&self, key: &str) -> Result<Vec<u8>, SourceError> {
-        let path = self.root.join(key);
-        tokio::fs::read(&path)
-            .await
-            .map_err(|source| SourceError::Io { what: format!("reading trail file {}", path.display()), source })
+        let (path, key) = (self.root.join(key), key.to_string());
+        blocking(move || {
+            let unreadable = |why: String| SourceError::Unreadable { key: key.clone(), why };
+            let metadata = std::fs::metadata(&path).map_err(|e| unreadable(e.to_string()))?;
+            if !metadata.is_file() {
+                return Err(unreadable("not a regular file".into()));
+            }
+            if metadata.len() > crate::config::MAX_INFLATED_SIZE {
+                return Err(unreadable(format!("larger than {} bytes", crate::config::MAX_INFLATED_SIZE)));
+            }
+            std::fs::read(&path).map_err(|e| unreadable(e.to_string()))
+        })
+        .await
     }
 }
 
@@ -344,7 +407,7 @@ mod tests {
         assert_eq!(folder.list_keys("a/", Some("a/b/y.json.gz")).await.unwrap(), ["a/x.json"]);
         assert!(folder.list_keys("nowhere/", None).await.unwrap().is_empty());
         assert_eq!(folder.fetch("a/x.json").await.unwrap(), b"{}");
-        assert!(matches!(folder.fetch("missing.json").await, Err(SourceError::Io { .. })));
+        assert!(matches!(folder.fetch("missing.json").await, Err(SourceError::Unreadable { .. })));
         let gone = Folder::new(dir.path().join("missing"));
         assert!(gone.list_prefixes("").await.is_err(), "a missing root is an error, not an empty source");
     }

@@ -120,6 +120,10 @@ pub enum SourceError {
     Io { what: String, source: std::io::Error },
     #[error("{operation}: {message}")]
     Aws { operation: String, message: String },
+    /// This one object cannot be read and retrying will not help (a dangling link, a FIFO, no
+    /// permission, too large): readers skip it, count it and go on with the rest.
+    #[error("cannot read {key}: {why}")]
+    Unreadable { key: String, why: String },
     #[error("{0}")]
     Other(String),
 }

@@ -237,7 +237,7 @@ async fn read_trail<T: TrailObjects + 'static>(
     }
     progress(Progress::Reading { files: keys.len() as u64 });
     let mut batch = Vec::with_capacity(BATCH);
-    let read = files::read_files(objects.clone(), keys, Arc::new(Judge::new(config)), |mut file: TrailFile| {
+    let read = files::read_files(objects.clone(), keys, Arc::new(Judge::new(config)), config.evidence.max_inflated_size, |mut file: TrailFile| {
         file.aggregates.retain_hours(|hour| hour >= cutoff);
         batch.push(file);
         if batch.len() < BATCH {
@@ -505,6 +505,7 @@ mod tests {
             overlap: Duration::from_secs(2 * 3600),
             lookback: Duration::from_secs(14 * 86_400),
             retention: Duration::from_secs(90 * 86_400),
+            max_inflated_size: config::DEFAULT_MAX_INFLATED_SIZE,
         }
     }
 

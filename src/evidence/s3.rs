@@ -103,6 +103,11 @@ impl TrailObjects for S3Trail {
             .send()
             .await
             .map_err(|e| self.failed("GetObject", key, e))?;
+        // Never hold more of one object than any inflate limit allows: such a file is skipped.
+        let limit = crate::config::MAX_INFLATED_SIZE;
+        if object.content_length().is_some_and(|size| u64::try_from(size).unwrap_or(0) > limit) {
+            return Err(SourceError::Unreadable { key: key.to_string(), why: format!("larger than {limit} bytes") });
+        }
         let body = object.body.collect().await.map_err(|e| SourceError::Aws {
             operation: format!("s3:GetObject s3://{}/{} (reading the body)", self.bucket, self.full(key)),
             message: e.to_string(),
