@@ -13,10 +13,11 @@ use std::sync::{Arc, Mutex};
 use chrono::{TimeZone, Utc};
 use lockstep::clock::{Clock, ManualClock};
 use lockstep::config::Config;
-use lockstep::controller::{Controller, EventFeed, Mode};
+use lockstep::controller::{Controller, Mode};
+use lockstep::feed::EventFeed;
 use lockstep::evidence::SourceError;
 use lockstep::iam::{Iam, IamError, IamUser, PolicyStatus};
-use lockstep::store::Store;
+use lockstep::store::{Ledger, NewBatch, Store};
 use lockstep::trail::Record;
 
 const EXAMPLE: &str = include_str!("../rollout.yaml");
@@ -162,9 +163,9 @@ async fn steps(config: Config) {
     let clock = Arc::new(ManualClock::new(start));
     let store = Arc::new(Store::open_in_memory().unwrap());
     let canary = config.waves[0].name.clone();
-    store
-        .with_ledger(|l| l.start_batch(&canary, &[("ann".into(), "clean".into()), ("ben".into(), "clean".into())], "test", start))
-        .unwrap();
+    let users = [("ann".to_string(), "clean".to_string()), ("ben".to_string(), "clean".to_string())];
+    let soak = lockstep::duration::chrono_of(config.waves[0].soak);
+    store.start_batch(&NewBatch { wave: &canary, users: &users, soak }, "test", start).unwrap();
     let spans = [
         config.waves[0].soak,
         config.guard.grace,
