@@ -31,7 +31,6 @@ use crate::notify::{self, Webhook};
 use crate::planner::{Gate, Plan};
 use crate::rollout::{BatchState, Pause, Snapshot};
 use crate::store::Store;
-use crate::trail::Denial;
 
 /// A refresh run's identity in the run log: source, start and end (microseconds).
 type RunKey = (String, i64, i64);
@@ -119,9 +118,9 @@ impl Shared {
         let (mut explicit, mut other) = (0, 0);
         for batch in report.verdicts.keys() {
             for denial in Ledger::new(&self.inner.store.conn()).denials(*batch)? {
-                match denial.kind {
-                    Denial::ExplicitIdentityDeny => explicit += 1,
-                    Denial::Other => other += 1,
+                match denial.kind.cause {
+                    crate::guard::Cause::Lockdown => explicit += 1,
+                    crate::guard::Cause::Other | crate::guard::Cause::Unknown => other += 1,
                 }
             }
         }

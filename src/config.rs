@@ -141,6 +141,23 @@ pub struct Guard {
     pub min_affected_users: usize,
     pub min_denials: usize,
     pub silence_limit: Duration,
+    /// How long members rolled back with a batch but not at fault wait before they are eligible
+    /// again; `None` means one soak of their wave.
+    pub requeue_after: Option<Duration>,
+    /// What to do with a locked user the lockdown policy starts denying after its soak.
+    pub after_soak: AfterSoak,
+    /// How far past a soak's end the event source must have delivered before the batch succeeds.
+    pub delivery_lag: Duration,
+    /// Bound on the probability that noise alone makes one spike in one soak (see `guard`).
+    pub false_alarm_budget: f64,
+}
+
+/// `guard.after_soak`: report a locked user the lockdown denies, or also release and hold it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum AfterSoak {
+    Alert,
+    Release,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -416,6 +433,10 @@ raw_section!(RawGuard {
     min_affected_users: i64 = 1,
     min_denials: i64 = 3,
     silence_limit: String = "30m",
+    requeue_after: Option<String> = None,
+    after_soak: String = "alert",
+    delivery_lag: String = "5m",
+    false_alarm_budget: f64 = 0.001,
 });
 
 raw_section!(RawStore { path: String = "./lockstep.db" });
@@ -734,6 +755,23 @@ impl Checker<'_> {
             min_affected_users: self.positive("guard.min_affected_users", raw.min_affected_users),
             min_denials: self.positive("guard.min_denials", raw.min_denials),
             silence_limit: self.duration("guard.silence_limit", &raw.silence_limit),
+            requeue_after: raw.requeue_after.as_deref().map(|text| self.duration("guard.requeue_after", text)),
+            after_soak: match raw.after_soak.as_str() {
+                "alert" => AfterSoak::Alert,
+                "release" => AfterSoak::Release,
+                other => {
+                    self.problem("guard.after_soak", format!("expected alert or release, got {other:?}"));
+                    AfterSoak::Alert
+                }
+            },
+            delivery_lag: self.duration("guard.delivery_lag", &raw.delivery_lag),
+            false_alarm_budget: if raw.false_alarm_budget > 0.0 && raw.false_alarm_budget < 1.0 {
+                raw.false_alarm_budget
+            } else {
+                let budget = raw.false_alarm_budget;
+                self.problem("guard.false_alarm_budget", format!("expected a probability between 0 and 1 (exclusive), got {budget}"));
+                0.001
+            },
         }
     }
 

@@ -28,7 +28,7 @@ use crate::ledger::{Ledger, LedgerError};
 use crate::planner::{self, Action, Gate, Plan};
 use crate::rollout::{BatchState, Snapshot, UserState};
 use crate::store::{Store, StoreError};
-use crate::trail::{Denial, Record};
+use crate::trail::Record;
 
 /// A controller with its edges chosen, as the daemon's HTTP side sees it.
 pub trait Stepper: Send {
@@ -262,17 +262,21 @@ impl<I: Iam, F: EventFeed> Controller<I, F> {
             .filter(|m| m.state.wants_membership())
             .map(|m| m.user.as_str())
             .collect();
+        let exempt: HashSet<String> = match (&self.config.perimeter.exempt_tag_key, &self.directory) {
+            (Some(key), Some((_, users))) => users.iter().filter(|u| u.tags.get(key).is_some_and(|v| v == "true")).map(|u| u.name.clone()).collect(),
+            _ => HashSet::new(),
+        };
         let mut denials: BTreeMap<i64, Vec<(String, DenialEvent)>> = BTreeMap::new();
         for record in records {
             let (Some(user), Some(at)) = (record.user_name(), record.event_time()) else {
                 continue;
             };
-            let denial = record.denial(policy);
+            let denial = guard::attribute(record, &self.config.perimeter, &exempt, policy);
             if !promoted.contains(user) {
                 self.cohort.push_back(CohortEvent {
                     at,
                     user: user.to_string(),
-                    generic_denial: denial == Some(Denial::Other),
+                    generic_denial: denial.as_ref().is_some_and(|d| d.cause == guard::Cause::Unknown),
                 });
             }
             let Some(kind) = denial else { continue };
@@ -283,9 +287,10 @@ impl<I: Iam, F: EventFeed> Controller<I, F> {
                         user: user.to_string(),
                         at,
                         action: record.action().unwrap_or_default(),
-                        kind,
+                        kind: kind.clone(),
                         code: record.error_code.clone().unwrap_or_default(),
                         message: record.error_message.clone().unwrap_or_default(),
+                        source: record.vpc_endpoint_id.clone().or_else(|| record.source_ip_address.clone()),
                     };
                     let id = record
                         .event_id

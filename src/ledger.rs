@@ -10,9 +10,8 @@
 use chrono::{DateTime, TimeZone, Utc};
 use rusqlite::{Connection, OptionalExtension, Row, params};
 
-use crate::guard::{DenialEvent, SourceHealth};
+use crate::guard::{Attribution, DenialEvent, SourceHealth};
 use crate::rollout::{AuditEntry, Batch, BatchState, Member, Pause, Snapshot, UserState};
-use crate::trail::Denial;
 
 /// Ledger tables; appended to the store's migrations.
 pub const SCHEMA: &str = "
@@ -477,7 +476,7 @@ impl<'c> Ledger<'c> {
         for (event_id, e) in events {
             tx.execute(
                 "INSERT OR IGNORE INTO guard_denials (batch, user, at, action, kind, code, message, event_id) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
-                params![batch, e.user, secs(e.at), e.action, denial_name(e.kind), e.code, e.message, event_id],
+                params![batch, e.user, secs(e.at), e.action, e.kind.to_stored(), e.code, e.message, event_id],
             )
             .doing("record a denial")?;
         }
@@ -494,9 +493,10 @@ impl<'c> Ledger<'c> {
                 user: r.get(0)?,
                 at: time(r.get(1)?),
                 action: r.get(2)?,
-                kind: if r.get::<_, String>(3)? == "explicit_identity_deny" { Denial::ExplicitIdentityDeny } else { Denial::Other },
+                kind: Attribution::from_stored(&r.get::<_, String>(3)?),
                 code: r.get(4)?,
                 message: r.get(5)?,
+                source: None,
             })
         })
         .doing("read denials")?
@@ -524,13 +524,6 @@ impl<'c> Ledger<'c> {
             )
             .doing("record the event source's health")?;
         Ok(())
-    }
-}
-
-fn denial_name(kind: Denial) -> &'static str {
-    match kind {
-        Denial::ExplicitIdentityDeny => "explicit_identity_deny",
-        Denial::Other => "other",
     }
 }
 

@@ -5,7 +5,7 @@
 //! the clock). The `lockstep` binary is the imperative shell around it.
 
 /// Declares an enum whose variants have stable snake_case names, used in output, metric labels
-/// and the store: `as_str`, `from_name`, `ALL`, `Display` and `Serialize` come with it.
+/// and the store: `as_str`, `from_name`, `ALL`, `Display`, `Serialize` and `Deserialize` come with it.
 macro_rules! named_enum {
     ($(#[$meta:meta])* $name:ident { $($(#[$vmeta:meta])* $variant:ident = $text:literal,)* }) => {
         $(#[$meta])*
@@ -33,6 +33,13 @@ macro_rules! named_enum {
         impl serde::Serialize for $name {
             fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
                 s.serialize_str(self.as_str())
+            }
+        }
+
+        impl<'de> serde::Deserialize<'de> for $name {
+            fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+                let text = <std::borrow::Cow<'de, str>>::deserialize(d)?;
+                Self::from_name(&text).ok_or_else(|| serde::de::Error::unknown_variant(&text, &[]))
             }
         }
     };
