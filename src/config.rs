@@ -143,6 +143,23 @@ pub struct Guard {
     pub min_affected_users: usize,
     pub min_denials: usize,
     pub silence_limit: Duration,
+    /// How long members rolled back with a batch but not at fault wait before they are eligible
+    /// again; `None` means one soak of their wave.
+    pub requeue_after: Option<Duration>,
+    /// What to do with a locked user the lockdown policy starts denying after its soak.
+    pub after_soak: AfterSoak,
+    /// How far past a soak's end the event source must have delivered before the batch succeeds.
+    pub delivery_lag: Duration,
+    /// Bound on the probability that noise alone makes one spike in one soak (see `guard`).
+    pub false_alarm_budget: f64,
+}
+
+/// `guard.after_soak`: report a locked user the lockdown denies, or also release and hold it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum AfterSoak {
+    Alert,
+    Release,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -531,6 +548,10 @@ raw_section!(RawGuard {
     min_affected_users: i64 = 1,
     min_denials: i64 = 3,
     silence_limit: String = "30m",
+    requeue_after: Option<String> = None,
+    after_soak: String = "alert",
+    delivery_lag: String = "5m",
+    false_alarm_budget: f64 = 0.001,
 });
 
 raw_section!(RawStore { path: String = "./lockstep.db" });
@@ -584,6 +605,7 @@ const GUARD_POLL: Span = Span(Duration::from_secs(1), hours(1));
 const GUARD_GRACE: Span = Span(minutes(1), days(30));
 const GUARD_WINDOW: Span = Span(minutes(1), days(7));
 const SILENCE_LIMIT: Span = Span(minutes(1), days(7));
+const DELIVERY_LAG: Span = Span(Duration::ZERO, hours(6));
 
 const CALLS: Count = Count(0, 1_000_000_000);
 const WAVES: Count = Count(1, 1_000);
@@ -1046,6 +1068,23 @@ impl Checker<'_> {
             min_affected_users: self.count("guard.min_affected_users", raw.min_affected_users, AFFECTED_USERS),
             min_denials: self.count("guard.min_denials", raw.min_denials, DENIALS),
             silence_limit: self.duration("guard.silence_limit", &raw.silence_limit, SILENCE_LIMIT),
+            requeue_after: raw.requeue_after.as_deref().map(|text| self.duration("guard.requeue_after", text, SOAK)),
+            after_soak: match raw.after_soak.as_str() {
+                "alert" => AfterSoak::Alert,
+                "release" => AfterSoak::Release,
+                other => {
+                    self.problem("guard.after_soak", format!("expected alert or release, got {other:?}"));
+                    AfterSoak::Alert
+                }
+            },
+            delivery_lag: self.duration("guard.delivery_lag", &raw.delivery_lag, DELIVERY_LAG),
+            false_alarm_budget: if raw.false_alarm_budget > 0.0 && raw.false_alarm_budget < 1.0 {
+                raw.false_alarm_budget
+            } else {
+                let budget = raw.false_alarm_budget;
+                self.problem("guard.false_alarm_budget", format!("expected a probability between 0 and 1 (exclusive), got {budget}"));
+                0.001
+            },
         }
     }
 

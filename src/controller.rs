@@ -32,7 +32,7 @@ use crate::iam::{Iam, IamError, PolicyStatus};
 use crate::planner::{self, Action, Gate, Plan};
 use crate::rollout::{Batch, BatchState, IamUser, Snapshot, UserState};
 use crate::store::{Ledger, NewBatch, RollbackRequest, RolloutStore, StoreError};
-use crate::trail::{Denial, Record};
+use crate::trail::Record;
 
 /// A controller with its edges chosen, as the daemon's runtime sees it.
 pub trait Stepper: Send {
@@ -396,17 +396,21 @@ impl<I: Iam, F: EventFeed> Controller<I, F> {
             .filter(|m| m.state.wants_membership())
             .map(|m| m.user.as_str())
             .collect();
+        let exempt: HashSet<String> = match (&self.config.perimeter.exempt_tag_key, &self.directory) {
+            (Some(key), Some((_, users))) => users.iter().filter(|u| u.tags.get(key).is_some_and(|v| v == "true")).map(|u| u.name.clone()).collect(),
+            _ => HashSet::new(),
+        };
         let mut denials: BTreeMap<i64, Vec<(String, DenialEvent)>> = BTreeMap::new();
         for record in records {
             let (Some(user), Some(at)) = (record.user_name(), record.event_time()) else {
                 continue;
             };
-            let denial = record.denial(policy);
+            let denial = guard::attribute(record, &self.config.perimeter, &exempt, policy);
             if !promoted.contains(user) {
                 self.cohort.push_back(CohortEvent {
                     at,
                     user: user.to_string(),
-                    generic_denial: denial == Some(Denial::Other),
+                    generic_denial: denial.as_ref().is_some_and(|d| d.cause == guard::Cause::Unknown),
                 });
             }
             let Some(kind) = denial else { continue };
@@ -417,9 +421,10 @@ impl<I: Iam, F: EventFeed> Controller<I, F> {
                         user: user.to_string(),
                         at,
                         action: record.action().unwrap_or_default(),
-                        kind,
+                        kind: kind.clone(),
                         code: record.error_code.clone().unwrap_or_default(),
                         message: record.error_message.clone().unwrap_or_default(),
+                        source: record.vpc_endpoint_id.clone().or_else(|| record.source_ip_address.clone()),
                     };
                     let id = record
                         .event_id
@@ -861,9 +866,10 @@ mod tests {
             user: user.into(),
             at: t(1),
             action: "s3:ListBuckets".into(),
-            kind: Denial::ExplicitIdentityDeny,
+            kind: guard::Attribution::from_stored("lockdown"),
             code: "AccessDenied".into(),
             message: String::new(),
+            source: None,
         };
         let spike = guard::Verdict::Spike {
             affected: vec![],

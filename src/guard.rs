@@ -1,34 +1,84 @@
-//! The guard's judgement: did a freshly promoted batch start getting denied? A pure function of
-//! the batch, the denials seen since its promotion, baselines, the event source's health and
-//! `now`.
+//! The guard's judgement: did a freshly promoted batch start getting denied *because of the
+//! lockdown*? Pure functions of the batch, its members' attributed denials, baselines, the
+//! event source's health and `now`.
 //!
-//! Denials are weighed rather than counted. One that says "explicit deny in an identity-based
-//! policy" (or names the lockdown policy) is what the lockdown produces and counts fully. Generic
-//! "no policy allows" denials happen all the time, so they count only above what was expected
-//! anyway: the higher of the member's own pre-promotion rate and the current rate among users not
-//! yet promoted (an incident that hits everyone is not the batch's fault), plus Poisson noise.
+//! # Wiring (what the controller calls)
+//! 1. For every recorded call of a watched user: [`attribute`]`(record, perimeter, exempt,
+//!    policy_name)` gives `None` (not a denial) or an [`Attribution`]: a [`Cause`] (`lockdown`,
+//!    `other`, `unknown`) with its [`Evidence`]. Store it in [`DenialEvent::kind`]
+//!    ([`Attribution::to_stored`] / [`Attribution::from_stored`] for a text column).
+//! 2. Count `unknown` denials of unpromoted users per user-hour over the guard window:
+//!    [`CohortRate`]. Give each member's pre-promotion `unknown` (or, as an upper bound,
+//!    cause-less generic) denials per hour in [`Input::baselines`].
+//! 3. Per watched batch: [`assess`] gives a [`Judgement`]: the [`Verdict`] the planner acts on
+//!    and the [`Explanation`] (serde) for the audit log, `status --json` and the webhook, which
+//!    names the culprits (members with weighing denials, each with its offending calls) and the
+//!    bystanders. [`judge`] returns the verdict alone.
+//! 4. Before a batch succeeds: [`delivery_pending`] must be `None` (events delivered past soak
+//!    end + `guard.delivery_lag`).
+//! 5. For locked users after their soak: [`watch_locked`] gives one [`LockedUserReport`] per
+//!    user the lockdown denied, with sources, and the `guard.after_soak` action to take.
+//!
+//! # The rule
+//! See [`attribute_stated`]: a message naming the lockdown policy is `lockdown`; a message
+//! stating a cause the lockdown cannot produce (implicit deny; explicit deny in an SCP, RCP,
+//! resource-based policy, permissions boundary, session policy, VPC endpoint policy or another
+//! named policy) is `other`; otherwise the perimeter classifier on the call's own request
+//! context decides (allowed or not applicable: `other`; denied: `lockdown`), and where the
+//! record lacks what it needs, the cause is `unknown`.
+//!
+//! # Weighing and the false-alarm bound
+//! A member's `lockdown` denials weigh fully. Its `unknown` denials are tested against their
+//! expectation on one time base: `λ = max(own baseline, cohort rate, 1) per user-hour × hours
+//! judged`, where the hours judged are the window this poll looks at. Only the excess over the
+//! Poisson allowance weighs: `allowance = min { k : P(X ≥ k+1 | λ) ≤ α } `, with
+//! `α = guard.false_alarm_budget / (members × polls)` and `polls = ⌈(soak + grace) / poll⌉`
+//! (every poll of the soak and of the grace after it).
+//!
+//! **Bound.** If each member's `unknown` denials follow a Poisson process whose rate is at most
+//! the expectation above (no member is at fault), the probability that `unknown` denials weigh
+//! in *any* judgement of a batch during its soak and grace is at most
+//! `members × polls × α = guard.false_alarm_budget` (Bonferroni: a union bound, valid however
+//! the polls' overlapping windows depend on one another). With the default budget of 0.001, at
+//! most one soak in a thousand sees a false spike from noise. `other` denials never weigh, so
+//! their rate (an incident, a noisy member) cannot cause one; `lockdown` denials are not noise.
+//! The bound does not cover a baseline that underestimates a member's true rate; the floor of
+//! one `unknown` denial per user-hour and the cohort rate guard against an empty baseline.
+
+mod attribution;
+mod poisson;
 
 use std::collections::{BTreeMap, BTreeSet};
 
 use chrono::{DateTime, Utc};
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
-use crate::config::Guard;
+pub use self::attribution::{Attribution, Cause, Evidence, attribute, attribute_stated};
+use crate::config::{AfterSoak, Guard};
 use crate::rollout::Batch;
-use crate::trail::Denial;
 
-/// One recorded denial of one user.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+/// Expected `unknown` denials per user-hour never go below this: an empty baseline is not a
+/// promise of silence.
+pub const MIN_UNKNOWN_PER_USER_HOUR: f64 = 1.0;
+
+/// How many sample denials per cause an explanation carries.
+pub const SAMPLES_PER_CAUSE: usize = 3;
+
+/// One recorded denial of one user, attributed.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct DenialEvent {
     pub user: String,
     pub at: DateTime<Utc>,
     pub action: String,
-    pub kind: Denial,
+    pub kind: Attribution,
     pub code: String,
     pub message: String,
+    /// Where the call came from: the VPC endpoint ID, else `sourceIPAddress`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub source: Option<String>,
 }
 
-/// Generic-denial rate among users who are not promoted, over the guard window.
+/// `unknown` denial rate among users who are not promoted, over the guard window.
 #[derive(Debug, Clone, Copy, PartialEq, Default)]
 pub struct CohortRate {
     pub denials: u64,
@@ -65,8 +115,10 @@ pub enum Verdict {
         detail: String,
     },
     Spike {
+        /// The culprits: members with weighing denials.
         affected: Vec<String>,
         weighted_denials: u64,
+        /// The culprits' offending calls.
         offending: Vec<DenialEvent>,
         detail: String,
     },
@@ -114,7 +166,7 @@ pub struct Input<'a> {
     pub batch: &'a Batch,
     /// Denials of this batch's members; older ones and other users' are ignored.
     pub events: &'a [DenialEvent],
-    /// Each member's generic denials per hour before promotion.
+    /// Each member's `unknown` denials per hour before promotion.
     pub baselines: &'a BTreeMap<String, f64>,
     pub cohort: CohortRate,
     pub source: &'a SourceHealth,
@@ -122,78 +174,257 @@ pub struct Input<'a> {
     pub now: DateTime<Utc>,
 }
 
-/// How many of `observed` generic denials exceed what `expected` explains, allowing three
-/// standard deviations of Poisson noise.
-fn excess_over_expected(observed: u64, expected: f64) -> u64 {
-    let allowance = (expected + 3.0 * expected.sqrt()).ceil() as u64;
-    observed.saturating_sub(allowance)
+/// A verdict and why.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Judgement {
+    pub verdict: Verdict,
+    pub explanation: Explanation,
 }
 
-pub fn judge(input: &Input) -> Verdict {
-    let Some(applied_at) = input.batch.applied_at else {
-        return Verdict::Inconclusive {
-            why: "batch not applied yet".to_string(),
-        };
-    };
-    let window = chrono::Duration::from_std(input.config.window).unwrap_or(chrono::Duration::zero());
-    let since = applied_at.max(input.now - window);
-    let hours = ((input.now - since).num_seconds().max(0) as f64) / 3600.0;
-    let members: BTreeSet<&str> = input.batch.members.iter().map(String::as_str).collect();
-    let recent: Vec<&DenialEvent> = input
-        .events
-        .iter()
-        .filter(|e| members.contains(e.user.as_str()) && e.at >= since && e.at <= input.now)
-        .collect();
+/// Why the guard decided what it did: serializable for the audit log, `status --json` and the
+/// webhook.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Explanation {
+    pub batch: i64,
+    /// The denials judged are those in `since..=until`.
+    pub since: DateTime<Utc>,
+    pub until: DateTime<Utc>,
+    /// `unknown` denials per user-hour among unpromoted users.
+    pub cohort_unknown_per_user_hour: f64,
+    pub false_alarm_budget: f64,
+    /// Tests one soak makes (members × polls): the Bonferroni divisor.
+    pub tests_per_soak: u64,
+    /// `α` for one member in one poll.
+    pub significance: f64,
+    pub min_affected_users: usize,
+    pub min_denials: usize,
+    pub weighted_denials: u64,
+    pub members: Vec<MemberCounts>,
+    pub culprits: Vec<Culprit>,
+    /// Members not at fault.
+    pub bystanders: Vec<String>,
+    /// A few denials of each cause, `lockdown` first.
+    pub samples: Vec<DenialEvent>,
+}
 
+/// One member's denials in the judged window, per cause, and how they were weighed.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct MemberCounts {
+    pub user: String,
+    pub lockdown: u64,
+    pub other: u64,
+    pub unknown: u64,
+    /// `λ`: `unknown` denials expected in the window.
+    pub unknown_expected: f64,
+    /// The most `unknown` denials that are still noise at `significance`.
+    pub unknown_allowance: u64,
+    /// `lockdown` + `unknown` above the allowance.
+    pub weight: u64,
+}
+
+/// A member with weighing denials, and those denials.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Culprit {
+    pub user: String,
+    pub offending: Vec<DenialEvent>,
+}
+
+/// The verdict alone; see [`assess`].
+pub fn judge(input: &Input) -> Verdict {
+    assess(input).verdict
+}
+
+/// Judges one batch: counts each member's denials per cause in the window, weighs `lockdown`
+/// ones fully and `unknown` ones above their Poisson allowance, and calls a spike when enough
+/// members and weight pass `guard.min_affected_users` and `guard.min_denials`. A spike seen
+/// wins over a silent source; otherwise a silent or failing source is inconclusive.
+pub fn assess(input: &Input) -> Judgement {
+    let config = input.config;
+    let members: BTreeSet<&str> = input.batch.members.iter().map(String::as_str).collect();
+    let applied_at = input.batch.applied_at;
+    let window = chrono::Duration::from_std(config.window).unwrap_or(chrono::Duration::zero());
+    let since = applied_at.unwrap_or(input.now).max(input.now - window);
+    let hours = ((input.now - since).num_milliseconds().max(0) as f64) / 3_600_000.0;
+    let tests = tests_per_soak(input.batch, config, members.len());
+    let significance = config.false_alarm_budget / tests as f64;
     let cohort_rate = input.cohort.per_user_hour();
-    let mut affected = Vec::new();
-    let mut weighted = 0u64;
-    for member in &members {
-        let mine = recent.iter().filter(|e| e.user == *member);
-        let explicit = mine.clone().filter(|e| e.kind == Denial::ExplicitIdentityDeny).count() as u64;
-        let other = mine.filter(|e| e.kind == Denial::Other).count() as u64;
-        let baseline = input.baselines.get(*member).copied().unwrap_or(0.0);
-        let expected = baseline.max(cohort_rate) * hours;
-        let weight = explicit + excess_over_expected(other, expected);
-        if weight > 0 {
-            affected.push(member.to_string());
-            weighted += weight;
+
+    let mut by_member: BTreeMap<&str, Vec<&DenialEvent>> = members.iter().map(|m| (*m, Vec::new())).collect();
+    for event in input.events.iter().filter(|e| e.at >= since && e.at <= input.now) {
+        if let Some(list) = by_member.get_mut(event.user.as_str()) {
+            list.push(event);
         }
     }
 
-    let thresholds_met =
-        affected.len() >= input.config.min_affected_users && weighted >= input.config.min_denials as u64;
-    if thresholds_met {
-        let offending = recent
-            .iter()
-            .filter(|e| affected.contains(&e.user))
-            .map(|e| (*e).clone())
-            .collect();
-        return Verdict::Spike {
-            detail: format!(
-                "{} of {} members denied, {weighted} weighted denials since {} (thresholds: {} users, {} denials)",
-                affected.len(),
-                members.len(),
-                since.format("%Y-%m-%d %H:%M:%SZ"),
-                input.config.min_affected_users,
-                input.config.min_denials
-            ),
-            affected,
-            weighted_denials: weighted,
-            offending,
+    let mut counts = Vec::new();
+    let mut culprits = Vec::new();
+    let mut bystanders = Vec::new();
+    for (user, events) in &by_member {
+        let count = |cause| events.iter().filter(|e| e.kind.cause == cause).count() as u64;
+        let (lockdown, other, unknown) = (count(Cause::Lockdown), count(Cause::Other), count(Cause::Unknown));
+        let baseline = input.baselines.get(*user).copied().unwrap_or(0.0);
+        let unknown_expected = baseline.max(cohort_rate).max(MIN_UNKNOWN_PER_USER_HOUR) * hours;
+        let unknown_allowance = poisson::allowance(unknown_expected, significance);
+        let unknown_excess = unknown.saturating_sub(unknown_allowance);
+        let weight = lockdown + unknown_excess;
+        if weight > 0 {
+            let offending = events
+                .iter()
+                .filter(|e| e.kind.cause == Cause::Lockdown || (unknown_excess > 0 && e.kind.cause == Cause::Unknown))
+                .map(|e| (*e).clone())
+                .collect();
+            culprits.push(Culprit { user: user.to_string(), offending });
+        } else {
+            bystanders.push(user.to_string());
+        }
+        counts.push(MemberCounts { user: user.to_string(), lockdown, other, unknown, unknown_expected, unknown_allowance, weight });
+    }
+    let weighted: u64 = counts.iter().map(|c| c.weight).sum();
+    let samples = [Cause::Lockdown, Cause::Unknown, Cause::Other]
+        .into_iter()
+        .flat_map(|cause| {
+            by_member.values().flatten().filter(move |e| e.kind.cause == cause).take(SAMPLES_PER_CAUSE).map(|e| (*e).clone())
+        })
+        .collect();
+    let explanation = Explanation {
+        batch: input.batch.id,
+        since,
+        until: input.now,
+        cohort_unknown_per_user_hour: cohort_rate,
+        false_alarm_budget: config.false_alarm_budget,
+        tests_per_soak: tests,
+        significance,
+        min_affected_users: config.min_affected_users,
+        min_denials: config.min_denials,
+        weighted_denials: weighted,
+        members: counts,
+        culprits,
+        bystanders,
+        samples,
+    };
+    let verdict = verdict_of(input, &explanation, applied_at);
+    Judgement { verdict, explanation }
+}
+
+fn verdict_of(input: &Input, explanation: &Explanation, applied_at: Option<DateTime<Utc>>) -> Verdict {
+    if applied_at.is_none() {
+        return Verdict::Inconclusive {
+            why: "batch not applied yet".to_string(),
         };
     }
-
-    if let Some(why) = source_problem(input.source, input.config, input.now) {
+    let config = input.config;
+    let total = |cause: fn(&MemberCounts) -> u64| explanation.members.iter().map(cause).sum::<u64>();
+    let (lockdown, other, unknown) = (total(|c| c.lockdown), total(|c| c.other), total(|c| c.unknown));
+    let since = explanation.since.format("%Y-%m-%d %H:%M:%SZ");
+    let weighted = explanation.weighted_denials;
+    let culprits = &explanation.culprits;
+    if culprits.len() >= config.min_affected_users && weighted >= config.min_denials as u64 {
+        return Verdict::Spike {
+            detail: format!(
+                "{} of {} members at fault ({}), {weighted} weighted denials since {since} \
+                 ({lockdown} lockdown, {unknown} unknown, {other} other not counted; thresholds: {} users, {} denials)",
+                culprits.len(),
+                explanation.members.len(),
+                culprits.iter().map(|c| c.user.as_str()).collect::<Vec<_>>().join(", "),
+                config.min_affected_users,
+                config.min_denials
+            ),
+            affected: culprits.iter().map(|c| c.user.clone()).collect(),
+            weighted_denials: weighted,
+            offending: culprits.iter().flat_map(|c| c.offending.iter().cloned()).collect(),
+        };
+    }
+    if let Some(why) = source_problem(input.source, config, input.now) {
         return Verdict::Inconclusive { why };
     }
     Verdict::Healthy {
         detail: format!(
-            "{weighted} weighted denials among {} members since {} (cohort rate {cohort_rate:.2}/user-hour)",
-            members.len(),
-            since.format("%Y-%m-%d %H:%M:%SZ")
+            "{weighted} weighted denials among {} members since {since} ({lockdown} lockdown, {unknown} unknown, \
+             {other} other; cohort unknown rate {:.2}/user-hour)",
+            explanation.members.len(),
+            explanation.cohort_unknown_per_user_hour
         ),
     }
+}
+
+/// Members × polls over the soak and the grace after it: every test a batch's soak makes.
+fn tests_per_soak(batch: &Batch, config: &Guard, members: usize) -> u64 {
+    let soak = match (batch.applied_at, batch.soak_until) {
+        (Some(from), Some(until)) if until > from => (until - from).to_std().unwrap_or_default(),
+        _ => config.window,
+    };
+    let poll = config.poll.as_secs_f64().max(1.0);
+    let polls = ((soak + config.grace).as_secs_f64() / poll).ceil().max(1.0) as u64;
+    polls.saturating_mul(members.max(1) as u64)
+}
+
+/// What a batch still waits for before it may succeed: the event source must have delivered
+/// events past the end of its soak plus `delivery_lag`. `None` when it has.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DeliveryPending {
+    /// Events must be seen past this time.
+    pub need_events_after: DateTime<Utc>,
+    /// The newest event seen so far.
+    pub newest_event: Option<DateTime<Utc>>,
+}
+
+pub fn delivery_pending(source: &SourceHealth, soak_until: DateTime<Utc>, delivery_lag: std::time::Duration) -> Option<DeliveryPending> {
+    let lag = chrono::Duration::from_std(delivery_lag).unwrap_or(chrono::Duration::MAX);
+    let need = soak_until.checked_add_signed(lag).unwrap_or(DateTime::<Utc>::MAX_UTC);
+    match source.last_event_at {
+        Some(newest) if newest > need => None,
+        newest => Some(DeliveryPending {
+            need_events_after: need,
+            newest_event: newest,
+        }),
+    }
+}
+
+/// One locked user the lockdown denied after its soak: breakage, or the lock doing its job.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct LockedUserReport {
+    pub user: String,
+    /// Its `lockdown` denials in the window, newest last.
+    pub lockdown_denials: Vec<DenialEvent>,
+    /// Denied calls per source (endpoint or address; `unrecorded` when the record had none).
+    pub sources: BTreeMap<String, u64>,
+    /// What `guard.after_soak` says to do: report, or also take out of the group and hold.
+    pub action: AfterSoak,
+}
+
+/// Watching locked users over one window.
+#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
+pub struct LockedWatch {
+    /// Denials of locked users in the window per cause (the counter's increments).
+    pub denials_by_cause: BTreeMap<Cause, u64>,
+    /// Users with `lockdown` denials in the window (the gauge is its length).
+    pub reports: Vec<LockedUserReport>,
+}
+
+/// Attributed denials of locked users (past their soak) in `since..=now`, per user.
+pub fn watch_locked(events: &[DenialEvent], locked: &BTreeSet<String>, since: DateTime<Utc>, now: DateTime<Utc>, after_soak: AfterSoak) -> LockedWatch {
+    let mut watch = LockedWatch::default();
+    let mut by_user: BTreeMap<&str, Vec<&DenialEvent>> = BTreeMap::new();
+    for event in events.iter().filter(|e| e.at >= since && e.at <= now && locked.contains(&e.user)) {
+        *watch.denials_by_cause.entry(event.kind.cause).or_default() += 1;
+        if event.kind.cause == Cause::Lockdown {
+            by_user.entry(event.user.as_str()).or_default().push(event);
+        }
+    }
+    for (user, mut denials) in by_user {
+        denials.sort_by_key(|e| e.at);
+        let mut sources = BTreeMap::new();
+        for event in &denials {
+            *sources.entry(event.source.clone().unwrap_or_else(|| "unrecorded".to_string())).or_default() += 1;
+        }
+        watch.reports.push(LockedUserReport {
+            user: user.to_string(),
+            lockdown_denials: denials.into_iter().cloned().collect(),
+            sources,
+            action: after_soak,
+        });
+    }
+    watch
 }
 
 /// Why the event source cannot be relied on right now, if it cannot.
@@ -225,162 +456,4 @@ pub fn source_problem(source: &SourceHealth, config: &Guard, now: DateTime<Utc>)
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-    use crate::rollout::BatchState;
-    use chrono::TimeZone;
-    use std::time::Duration;
-
-    fn t(minutes: i64) -> DateTime<Utc> {
-        Utc.with_ymd_and_hms(2026, 3, 1, 12, 0, 0).unwrap() + chrono::Duration::minutes(minutes)
-    }
-
-    fn config() -> Guard {
-        Guard {
-            source: crate::config::SourceKind::Files,
-            poll: Duration::from_secs(60),
-            grace: Duration::from_secs(3600),
-            window: Duration::from_secs(15 * 60),
-            min_affected_users: 1,
-            min_denials: 3,
-            silence_limit: Duration::from_secs(30 * 60),
-        }
-    }
-
-    fn batch() -> Batch {
-        Batch {
-            id: 7,
-            wave: "canary".into(),
-            state: BatchState::Soaking,
-            members: vec!["alice".into(), "bob".into()],
-            created_at: t(0),
-            applied_at: Some(t(0)),
-            soak_until: Some(t(24 * 60)),
-            finished_at: None,
-            verdict: None,
-            soak: None,
-            verdict_kind: None,
-        }
-    }
-
-    fn denial(user: &str, minute: i64, kind: Denial) -> DenialEvent {
-        DenialEvent {
-            user: user.into(),
-            at: t(minute),
-            action: "s3:ListBucket".into(),
-            kind,
-            code: "AccessDenied".into(),
-            message: String::new(),
-        }
-    }
-
-    fn healthy_source(now: DateTime<Utc>) -> SourceHealth {
-        SourceHealth {
-            last_event_at: Some(now - chrono::Duration::minutes(2)),
-            last_ok_poll: Some(now),
-            error: None,
-        }
-    }
-
-    fn judge_at(now: i64, events: &[DenialEvent], baselines: &BTreeMap<String, f64>, cohort: CohortRate) -> Verdict {
-        let source = healthy_source(t(now));
-        let config = config();
-        let batch = batch();
-        judge(&Input {
-            batch: &batch,
-            events,
-            baselines,
-            cohort,
-            source: &source,
-            config: &config,
-            now: t(now),
-        })
-    }
-
-    #[test]
-    fn explicit_denials_make_a_spike() {
-        let events: Vec<_> = (0..3).map(|m| denial("alice", 30 + m, Denial::ExplicitIdentityDeny)).collect();
-        match judge_at(35, &events, &BTreeMap::new(), CohortRate::default()) {
-            Verdict::Spike { affected, weighted_denials, offending, .. } => {
-                assert_eq!(affected, ["alice"]);
-                assert_eq!(weighted_denials, 3);
-                assert_eq!(offending.len(), 3);
-            }
-            other => panic!("expected spike, got {other:?}"),
-        }
-    }
-
-    #[test]
-    fn below_threshold_is_healthy() {
-        let events = [denial("alice", 30, Denial::ExplicitIdentityDeny)];
-        assert_eq!(judge_at(35, &events, &BTreeMap::new(), CohortRate::default()).name(), "healthy");
-    }
-
-    #[test]
-    fn denials_before_promotion_or_outside_the_window_do_not_count() {
-        let events: Vec<_> = [-10, -5, -1, 1, 2, 3].map(|m| denial("alice", m, Denial::ExplicitIdentityDeny)).to_vec();
-        // At minute 60 the window is 45..60: none of these are in it.
-        assert_eq!(judge_at(60, &events, &BTreeMap::new(), CohortRate::default()).name(), "healthy");
-        // At minute 5 the window starts at promotion (0): three count.
-        assert_eq!(judge_at(5, &events, &BTreeMap::new(), CohortRate::default()).name(), "spike");
-    }
-
-    #[test]
-    fn generic_denials_at_the_members_own_baseline_are_not_a_spike() {
-        // Alice is denied ~40 times an hour anyway; 10 in 15 minutes is her normal.
-        let events: Vec<_> = (0..10).map(|m| denial("alice", 45 + m, Denial::Other)).collect();
-        let baselines = BTreeMap::from([("alice".to_string(), 40.0)]);
-        assert_eq!(judge_at(60, &events, &baselines, CohortRate::default()).name(), "healthy");
-        // Without the baseline the same denials are a spike.
-        assert_eq!(judge_at(60, &events, &BTreeMap::new(), CohortRate::default()).name(), "spike");
-    }
-
-    #[test]
-    fn an_incident_that_hits_everyone_is_not_the_batchs_fault() {
-        let events: Vec<_> = (0..12).map(|m| denial(if m % 2 == 0 { "alice" } else { "bob" }, 45 + m, Denial::Other)).collect();
-        // The unpromoted cohort sees 30 denials per user-hour right now.
-        let cohort = CohortRate { denials: 75, users: 10, hours: 0.25 };
-        assert_eq!(judge_at(60, &events, &BTreeMap::new(), cohort).name(), "healthy");
-    }
-
-    #[test]
-    fn silence_is_inconclusive_but_a_seen_spike_still_wins() {
-        let (config, batch, baselines) = (config(), batch(), BTreeMap::new());
-        let silent = SourceHealth {
-            last_event_at: Some(t(0)),
-            last_ok_poll: Some(t(100)),
-            error: None,
-        };
-        let spike: Vec<_> = (0..3).map(|m| denial("bob", 95 + m, Denial::ExplicitIdentityDeny)).collect();
-        let verdicts: Vec<Verdict> = [&[][..], &spike[..]]
-            .into_iter()
-            .map(|events| {
-                judge(&Input {
-                    batch: &batch,
-                    events,
-                    baselines: &baselines,
-                    cohort: CohortRate::default(),
-                    source: &silent,
-                    config: &config,
-                    now: t(100),
-                })
-            })
-            .collect();
-        assert!(matches!(&verdicts[0], Verdict::Inconclusive { why } if why.contains("silent for 1h40m")), "{verdicts:?}");
-        assert_eq!(verdicts[1].name(), "spike");
-    }
-
-    #[test]
-    fn failing_source_is_inconclusive() {
-        let config = config();
-        let failing = SourceHealth {
-            last_event_at: Some(t(50)),
-            last_ok_poll: Some(t(10)),
-            error: Some("ListObjectsV2: throttled".into()),
-        };
-        let why = source_problem(&failing, &config, t(60)).unwrap();
-        assert!(why.contains("failing for 50m") && why.contains("throttled"), "{why}");
-        assert!(source_problem(&healthy_source(t(60)), &config, t(60)).is_none());
-        assert!(source_problem(&SourceHealth::default(), &config, t(60)).is_some());
-    }
-}
+mod tests;

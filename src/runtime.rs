@@ -16,13 +16,12 @@ use crate::clock::Clock;
 use crate::config::Config;
 use crate::controller::{ControllerError, Mode, StepReport, Stepper};
 use crate::evidence::Freshness;
-use crate::guard::VerdictKind;
+use crate::guard::{Cause, VerdictKind};
 use crate::metrics::Metrics;
 use crate::notify::{self, Webhook};
 use crate::planner::{Gate, Plan};
 use crate::rollout::{BatchState, Pause, Snapshot};
 use crate::store::{Ledger, RollbackRequest, RolloutStore, StoreError};
-use crate::trail::Denial;
 
 /// A refresh run's identity in the run log: source, start and end (microseconds).
 type RunKey = (String, i64, i64);
@@ -115,9 +114,9 @@ impl Shared {
         let (mut explicit, mut other) = (0, 0);
         for batch in report.verdicts.keys() {
             for denial in self.inner.store.denials(*batch)? {
-                match denial.kind {
-                    Denial::ExplicitIdentityDeny => explicit += 1,
-                    Denial::Other => other += 1,
+                match denial.kind.cause {
+                    Cause::Lockdown => explicit += 1,
+                    Cause::Other | Cause::Unknown => other += 1,
                 }
             }
         }

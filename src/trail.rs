@@ -66,7 +66,8 @@ fn auth_method<'de, D: serde::Deserializer<'de>>(de: D) -> Result<Option<String>
     })
 }
 
-/// How a recorded call was refused, if it was.
+/// The message-only view of a denial, for evidence that has no perimeter at hand (hourly
+/// aggregates, feeds). The guard attributes denials by cause with [`crate::guard::attribute`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, serde::Serialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Denial {
@@ -75,6 +76,105 @@ pub enum Denial {
     ExplicitIdentityDeny,
     /// Any other access denial ("no identity-based policy allows ...", SCPs, resource policies).
     Other,
+}
+
+/// The kind of policy a denial message blames (IAM user guide, "access denied error messages").
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, serde::Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum PolicyType {
+    IdentityBased,
+    ResourceBased,
+    ServiceControl,
+    ResourceControl,
+    PermissionsBoundary,
+    Session,
+    VpcEndpoint,
+    /// "explicit deny in a policy", or a type this parser does not know.
+    Unnamed,
+}
+
+/// The phrases IAM uses for each policy type, lower case, as they follow "in a(n) " or "no ".
+const POLICY_PHRASES: &[(&str, PolicyType)] = &[
+    ("identity-based policy", PolicyType::IdentityBased),
+    ("resource-based policy", PolicyType::ResourceBased),
+    ("service control policy", PolicyType::ServiceControl),
+    ("resource control policy", PolicyType::ResourceControl),
+    ("permissions boundary", PolicyType::PermissionsBoundary),
+    ("session policy", PolicyType::Session),
+    ("vpc endpoint policy", PolicyType::VpcEndpoint),
+];
+
+/// What a denial's code and message say caused it.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, serde::Serialize, Deserialize)]
+#[serde(tag = "stated", rename_all = "snake_case")]
+pub enum StatedCause {
+    /// "... because no <type> policy allows the <action> action".
+    ImplicitDeny { policy_type: PolicyType },
+    /// "... with an explicit deny in a <type> policy[: <policy ARN>]".
+    ExplicitDeny {
+        policy_type: PolicyType,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        policy_arn: Option<String>,
+    },
+    /// `VpceAccessDenied`: a VPC endpoint policy refused the request (network-activity events).
+    VpcEndpointDenied,
+    /// No cause given: S3's bare "Access Denied", EC2's "Encoded authorization failure message",
+    /// "not authorized to perform" without "because"/"with", or no message at all.
+    Unstated,
+}
+
+/// A refused call: the error code and what the message says caused it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Refusal {
+    pub code: String,
+    pub stated: StatedCause,
+}
+
+/// Whether an `errorCode` is an access denial. AWS's own alarm template matches `AccessDenied*`
+/// and `*UnauthorizedOperation`; `Forbidden` and `VpceAccessDenied` are denials too.
+/// `ThrottlingException` and other errors are not.
+pub fn is_denial_code(code: &str) -> bool {
+    code.starts_with("AccessDenied")
+        || code.ends_with("UnauthorizedOperation")
+        || matches!(code, "Forbidden" | "ForbiddenException" | "VpceAccessDenied")
+}
+
+/// Reads the cause out of a denial message. Matching is case-insensitive and looks for IAM's
+/// fixed phrases anywhere, so prefixes such as EC2's "You are not authorized to perform this
+/// operation. User: ..." and suffixes such as "Encoded authorization failure message: ..." do not
+/// matter.
+pub fn stated_cause(code: &str, message: &str) -> StatedCause {
+    if code == "VpceAccessDenied" {
+        return StatedCause::VpcEndpointDenied;
+    }
+    let lower = message.to_ascii_lowercase();
+    if let Some(at) = lower.find("explicit deny in ") {
+        let rest = &lower[at + "explicit deny in ".len()..];
+        let rest = rest.strip_prefix("an ").or_else(|| rest.strip_prefix("a ")).unwrap_or(rest);
+        let (policy_type, after) = policy_phrase(rest);
+        // Byte offsets agree between `lower` and `message`: ASCII lowering keeps lengths.
+        let after_at = message.len() - after.len();
+        let policy_arn = message[after_at..]
+            .strip_prefix(": ")
+            .filter(|tail| tail.starts_with("arn:"))
+            .and_then(|tail| tail.split(char::is_whitespace).next())
+            .map(|arn| arn.trim_end_matches(['.', ',', ')', ';']).to_string());
+        return StatedCause::ExplicitDeny { policy_type, policy_arn };
+    }
+    if let Some(at) = lower.find("because no ") {
+        let (policy_type, _) = policy_phrase(&lower[at + "because no ".len()..]);
+        return StatedCause::ImplicitDeny { policy_type };
+    }
+    StatedCause::Unstated
+}
+
+/// The policy type a phrase starts with, and the text after it. An unknown phrase is `Unnamed`
+/// and consumes only a leading "policy".
+fn policy_phrase(text: &str) -> (PolicyType, &str) {
+    POLICY_PHRASES
+        .iter()
+        .find_map(|(phrase, kind)| text.strip_prefix(phrase).map(|rest| (*kind, rest)))
+        .unwrap_or_else(|| (PolicyType::Unnamed, text.strip_prefix("policy").unwrap_or(text)))
 }
 
 impl Record {
@@ -98,16 +198,24 @@ impl Record {
         chrono::DateTime::parse_from_rfc3339(text).ok().map(|t| t.to_utc())
     }
 
-    /// Whether the call was refused for lack of permission, and how. Throttling and other errors
-    /// are not denials.
+    /// Whether the call was refused for lack of permission, and what the message says caused
+    /// it. Throttling and other errors are not denials.
+    pub fn refusal(&self) -> Option<Refusal> {
+        let code = self.error_code.as_deref().filter(|c| is_denial_code(c))?;
+        let stated = stated_cause(code, self.error_message.as_deref().unwrap_or(""));
+        Some(Refusal { code: code.to_string(), stated })
+    }
+
+    /// The message-only view: an explicit identity-based deny (or one naming the lockdown
+    /// policy) versus any other denial.
     pub fn denial(&self, lockdown_policy: &str) -> Option<Denial> {
-        let code = self.error_code.as_deref()?;
-        let is_denial = code.starts_with("AccessDenied") || code.ends_with("UnauthorizedOperation");
-        if !is_denial {
-            return None;
-        }
+        let refusal = self.refusal()?;
         let message = self.error_message.as_deref().unwrap_or("");
-        if names_policy(message, lockdown_policy) || message.contains("explicit deny in an identity-based policy") {
+        let identity_deny = matches!(
+            refusal.stated,
+            StatedCause::ExplicitDeny { policy_type: PolicyType::IdentityBased, .. }
+        );
+        if identity_deny || names_policy(message, lockdown_policy) {
             Some(Denial::ExplicitIdentityDeny)
         } else {
             Some(Denial::Other)
@@ -115,18 +223,23 @@ impl Record {
     }
 }
 
+/// Whether a policy ARN is the policy called `name` (at any path).
+pub fn arn_names_policy(arn: &str, name: &str) -> bool {
+    !name.is_empty()
+        && arn
+            .split_once(":policy/")
+            .is_some_and(|(_, path_and_name)| path_and_name == name || path_and_name.ends_with(&format!("/{name}")))
+}
+
 /// Whether a denial message names `name` as the denying policy. AWS appends the denying policy's
 /// ARN after "... policy: " (`...explicit deny in an identity-based policy:
 /// arn:aws:iam::<acct>:policy/[path/]<name>`); an ARN after "on resource: " is what was asked for,
 /// not what denied it, and does not count.
 fn names_policy(message: &str, name: &str) -> bool {
-    !name.is_empty()
-        && message.match_indices("policy: arn:").any(|(at, _)| {
-            let arn = message[at + "policy: ".len()..].split(char::is_whitespace).next().unwrap_or("");
-            let arn = arn.trim_end_matches(['.', ',', ')']);
-            arn.split_once(":policy/")
-                .is_some_and(|(_, path_and_name)| path_and_name == name || path_and_name.ends_with(&format!("/{name}")))
-        })
+    message.match_indices("policy: arn:").any(|(at, _)| {
+        let arn = message[at + "policy: ".len()..].split(char::is_whitespace).next().unwrap_or("");
+        arn_names_policy(arn.trim_end_matches(['.', ',', ')']), name)
+    })
 }
 
 /// The IAM service prefix for an event source; most are the host's first label.

@@ -11,9 +11,8 @@ use chrono::{DateTime, TimeZone, Utc};
 use rusqlite::{Connection, OptionalExtension, Row, TransactionBehavior, params};
 
 use super::{Doing, Ledger, NewBatch, RollbackRequest, Store, StoreError};
-use crate::guard::{DenialEvent, SourceHealth, VerdictKind};
+use crate::guard::{Attribution, DenialEvent, SourceHealth, VerdictKind};
 use crate::rollout::{AuditEntry, Batch, BatchState, Member, Pause, Snapshot, UserState};
-use crate::trail::Denial;
 
 /// Store migration 2: the ledger tables.
 pub(super) const SCHEMA_V2: &str = "
@@ -367,7 +366,7 @@ impl Ledger for Store {
             for (event_id, e) in events {
                 tx.execute(
                     "INSERT OR IGNORE INTO guard_denials (batch, user, at, action, kind, code, message, event_id) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
-                    params![batch, e.user, secs(e.at), e.action, denial_name(e.kind), e.code, e.message, event_id],
+                    params![batch, e.user, secs(e.at), e.action, e.kind.to_stored(), e.code, e.message, event_id],
                 )
                 .doing("recording a denial")?;
             }
@@ -386,9 +385,10 @@ impl Ledger for Store {
                 user: r.get(0)?,
                 at: time(r.get(1)?),
                 action: r.get(2)?,
-                kind: if r.get::<_, String>(3)? == "explicit_identity_deny" { Denial::ExplicitIdentityDeny } else { Denial::Other },
+                kind: Attribution::from_stored(&r.get::<_, String>(3)?),
                 code: r.get(4)?,
                 message: r.get(5)?,
+                source: None,
             })
         })
         .doing(doing)?
@@ -539,13 +539,6 @@ fn batches(conn: &Connection) -> Result<Vec<Batch>, StoreError> {
             })
         })
         .collect()
-}
-
-fn denial_name(kind: Denial) -> &'static str {
-    match kind {
-        Denial::ExplicitIdentityDeny => "explicit_identity_deny",
-        Denial::Other => "other",
-    }
 }
 
 fn member(r: &Row) -> rusqlite::Result<Result<Member, StoreError>> {
