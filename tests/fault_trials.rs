@@ -34,7 +34,7 @@ use std::time::{Duration, Instant};
 use chrono::Utc;
 use faults::{Fault, Kind, Proxy, Rates, Rng};
 use lockstep::rollout::{BatchState, Snapshot, UserState};
-use lockstep::store::Store;
+use lockstep::store::{Ledger, Store};
 
 const TOKEN: &str = "fault-trials-admin-token";
 const OPERATOR: &str = "fault-harness";
@@ -646,12 +646,12 @@ impl<'r> Trial<'r> {
 
     /// The ledger, or `None` before the daemon first created the store.
     fn snapshot(&self) -> Option<Snapshot> {
-        open_store(&self.store_path())?.with_ledger(|l| l.snapshot()).ok()
+        open_store(&self.store_path())?.snapshot().ok()
     }
 
     fn ledger_and_audit(&self) -> Option<(Snapshot, Vec<lockstep::rollout::AuditEntry>)> {
         let store = open_store(&self.store_path())?;
-        store.with_ledger(|l| Some((l.snapshot().ok()?, l.audit_log(usize::MAX >> 1).ok()?)))
+        Some((store.snapshot().ok()?, store.audit_log(usize::MAX >> 1).ok()?))
     }
 
     /// The group's members, read straight from the emulator.
