@@ -600,7 +600,8 @@ const MIN_HISTORY: Span = Span(hours(1), days(400));
 const QUIET_FOR: Span = Span(minutes(1), days(400));
 const MAX_EVIDENCE_AGE: Span = Span(minutes(1), days(30));
 const HOLD_EXPIRY: Span = Span(hours(1), LONGEST_SPAN);
-const SOAK: Span = Span(minutes(1), days(365));
+// Seconds-long soaks are for tests and demos against an emulator; production soaks are hours.
+const SOAK: Span = Span(Duration::from_secs(1), days(365));
 const GUARD_POLL: Span = Span(Duration::from_secs(1), hours(1));
 const GUARD_GRACE: Span = Span(minutes(1), days(30));
 const GUARD_WINDOW: Span = Span(minutes(1), days(7));
@@ -1380,7 +1381,7 @@ waves:
     #[test]
     fn every_bound_is_stated_with_its_location() {
         let cases = [
-            ("soak: 24h\n    batches: 1", "soak: 300000y\n    batches: 1", "waves[0].soak", "from 1m to 365d"),
+            ("soak: 24h\n    batches: 1", "soak: 300000y\n    batches: 1", "waves[0].soak", "from 1s to 365d"),
             ("poll: 1m", "poll: 1ns", "guard.poll", "from 1s to 1h"),
             ("grace: 1h", "grace: 300000y", "guard.grace", "to 30d"),
             ("window: 15m", "window: 300000y", "guard.window", "to 7d"),
