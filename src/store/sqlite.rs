@@ -17,12 +17,12 @@ use std::sync::{Mutex, MutexGuard};
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
-use rusqlite::{Connection, Transaction, params};
+use rusqlite::{Connection, OptionalExtension, Transaction, params};
 
-use crate::evidence::aggregate::{Aggregates, hour_of};
+use crate::evidence::aggregate::{Aggregates, ContextSeen, Judge, RequestContext, UserHour, hour_of};
 use crate::evidence::files::TrailFile;
 use crate::evidence::{EvidenceStore, Freshness, OutsideCall, OutsideSource, UserEvidence};
-use crate::perimeter::{AllowReason, DenyReason, SkipReason, Verdict};
+use crate::perimeter::{AllowReason, DenyReason, Fingerprint, SkipReason, Verdict};
 
 use super::{Doing, RefreshLog, StoreError};
 
@@ -95,7 +95,44 @@ pub(crate) const MIGRATIONS: &[&str] = &[
     super::ledger::SCHEMA_V2,
     // 3: each batch records its soak when it starts.
     super::ledger::SCHEMA_V3,
+    // 4: request contexts, so that verdicts follow the perimeter.
+    SCHEMA_V4,
 ];
+
+/// Each user-hour keeps its calls as the perimeter rule reads them (`evidence_context`); its
+/// verdict and outside rows are derived from them under the perimeter `evidence_judged` names.
+/// Hours stored before this migration have no contexts: they are marked `needs_reread` rather
+/// than trusted under a perimeter nobody recorded.
+const SCHEMA_V4: &str = "
+    CREATE TABLE evidence_context (
+        user_name TEXT NOT NULL,
+        hour INTEGER NOT NULL,
+        origin TEXT NOT NULL,
+        event_source TEXT NOT NULL,
+        event_name TEXT NOT NULL,
+        event_type TEXT NOT NULL,
+        account TEXT NOT NULL,
+        source_ip TEXT NOT NULL,
+        endpoint TEXT NOT NULL,
+        endpoint_account TEXT NOT NULL,
+        invoked_by TEXT NOT NULL,
+        s3_auth_method TEXT NOT NULL,
+        calls INTEGER NOT NULL,
+        first_seen INTEGER NOT NULL,
+        last_seen INTEGER NOT NULL,
+        PRIMARY KEY (hour, user_name, origin, event_source, event_name, event_type, account, source_ip,
+                     endpoint, endpoint_account, invoked_by, s3_auth_method)
+    ) WITHOUT ROWID;
+
+    ALTER TABLE evidence_hour ADD COLUMN needs_reread INTEGER NOT NULL DEFAULT 0;
+    UPDATE evidence_hour SET needs_reread = 1;
+
+    CREATE TABLE evidence_judged (
+        only INTEGER PRIMARY KEY CHECK (only = 1),
+        fingerprint TEXT NOT NULL,
+        judged_at INTEGER NOT NULL
+    );
+";
 
 /// The origin of trail-file contributions (folder or S3).
 pub const TRAIL_ORIGIN: &str = "trail";
@@ -103,7 +140,7 @@ pub const TRAIL_ORIGIN: &str = "trail";
 pub const ATHENA_ORIGIN: &str = "athena";
 
 /// The tables whose rows are the evidence itself (what [`Store::dump_evidence`] compares).
-const EVIDENCE_TABLES: &[&str] = &["evidence_hour", "evidence_verdict", "evidence_outside"];
+const EVIDENCE_TABLES: &[&str] = &["evidence_hour", "evidence_verdict", "evidence_outside", "evidence_context"];
 
 /// The SQLite store: the evidence and the rollout ledger in one database file.
 pub struct Store {
@@ -234,6 +271,47 @@ impl Store {
         }
         add_aggregates(&tx, origin, &within).doing(&doing)?;
         tx.commit().doing(&doing)
+    }
+
+    /// Derives every user-hour's verdicts again under `judge` from the stored request contexts
+    /// (no CloudTrail read) and stamps the evidence with its perimeter's fingerprint, in one
+    /// transaction. Hours stored before contexts were kept are left alone: freshness counts them.
+    pub fn rejudge(&self, judge: &Judge, now: DateTime<Utc>) -> Result<Rejudged, StoreError> {
+        let fingerprint = judge.perimeter.fingerprint();
+        let doing = format!("re-judging the stored evidence under perimeter {fingerprint}");
+        let doing = doing.as_str();
+        let mut conn = self.conn();
+        let tx = conn.transaction().doing(doing)?;
+        let hours: Vec<i64> = tx
+            .prepare("SELECT DISTINCT hour FROM evidence_context ORDER BY hour")
+            .and_then(|mut stmt| stmt.query_map([], |row| row.get(0))?.collect())
+            .doing(doing)?;
+        let mut rejudged = Rejudged { fingerprint, hours: 0 };
+        // One hour at a time: memory stays bounded by the busiest hour.
+        for hour in hours {
+            for ((user, origin), stored) in stored_hour(&tx, hour, doing)? {
+                let judged = stored.rejudged(&user, time(hour, doing)?, judge);
+                replace_verdicts(&tx, &origin, &user, hour, &judged).doing(doing)?;
+                rejudged.hours += 1;
+            }
+        }
+        tx.execute(
+            "INSERT INTO evidence_judged (only, fingerprint, judged_at) VALUES (1, ?1, ?2)
+             ON CONFLICT (only) DO UPDATE SET fingerprint = excluded.fingerprint, judged_at = excluded.judged_at",
+            params![fingerprint.to_string(), now.timestamp()],
+        )
+        .doing(doing)?;
+        tx.commit().doing(doing)?;
+        Ok(rejudged)
+    }
+
+    /// Re-judges the evidence unless it is already stamped with `judge`'s perimeter; `None` when
+    /// nothing needed doing.
+    pub fn ensure_judged(&self, judge: &Judge, now: DateTime<Utc>) -> Result<Option<Rejudged>, StoreError> {
+        if self.freshness()?.judged_under == Some(judge.perimeter.fingerprint()) {
+            return Ok(None);
+        }
+        self.rejudge(judge, now).map(Some)
     }
 
     /// The greatest key read under `prefix` (keys are `/`-separated; `prefix` ends with `/` or is
@@ -593,9 +671,21 @@ impl EvidenceStore for Store {
                 Ok((row.get(0)?, row.get(1)?))
             })
             .doing(doing)?;
+        let conn = self.conn();
+        let judged_under: Option<String> = conn
+            .query_row("SELECT fingerprint FROM evidence_judged", [], |row| row.get(0))
+            .optional()
+            .doing(doing)?;
+        let judged_under = judged_under
+            .map(|text| Fingerprint::try_from(text).map_err(|what| StoreError::Corrupt { doing: doing.to_string(), what }))
+            .transpose()?;
+        let legacy_hours: i64 =
+            conn.query_row("SELECT count(*) FROM evidence_hour WHERE needs_reread = 1", [], |row| row.get(0)).doing(doing)?;
         Ok(Freshness {
             last_success: finished.map(|t| time(t, doing)).transpose()?,
             covered_until: covered.map(|t| time(t, doing)).transpose()?,
+            judged_under,
+            legacy_hours: count(Some(legacy_hours)),
         })
     }
 }
@@ -639,6 +729,54 @@ fn add_aggregates(tx: &Transaction<'_>, origin: &str, aggregates: &Aggregates) -
              explicit_denials = explicit_denials + excluded.explicit_denials,
              other_denials = other_denials + excluded.other_denials",
     )?;
+    let mut context_stmt = tx.prepare_cached(
+        "INSERT INTO evidence_context (user_name, hour, origin, event_source, event_name, event_type, account,
+             source_ip, endpoint, endpoint_account, invoked_by, s3_auth_method, calls, first_seen, last_seen)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15)
+         ON CONFLICT (hour, user_name, origin, event_source, event_name, event_type, account, source_ip,
+                      endpoint, endpoint_account, invoked_by, s3_auth_method) DO UPDATE SET
+             calls = calls + excluded.calls,
+             first_seen = min(first_seen, excluded.first_seen),
+             last_seen = max(last_seen, excluded.last_seen)",
+    )?;
+    for (user, hour, agg) in aggregates.iter() {
+        let hour = hour.timestamp();
+        hour_stmt.execute(params![
+            user,
+            hour,
+            origin,
+            agg.arn,
+            agg.first_call.map(|t| t.timestamp()),
+            agg.last_call.map(|t| t.timestamp()),
+            agg.explicit_denials as i64,
+            agg.other_denials as i64,
+        ])?;
+        add_verdicts(tx, origin, user, hour, agg)?;
+        for (c, seen) in &agg.contexts {
+            context_stmt.execute(params![
+                user,
+                hour,
+                origin,
+                c.event_source,
+                c.event_name,
+                c.event_type,
+                c.account,
+                c.source_ip,
+                c.endpoint,
+                c.endpoint_account,
+                c.invoked_by,
+                c.s3_auth_method,
+                seen.calls as i64,
+                seen.first.timestamp(),
+                seen.last.timestamp(),
+            ])?;
+        }
+    }
+    Ok(())
+}
+
+/// Adds one user-hour's verdicts and outside sources to `origin`'s rows.
+fn add_verdicts(tx: &Transaction<'_>, origin: &str, user: &str, hour: i64, agg: &UserHour) -> rusqlite::Result<()> {
     let mut verdict_stmt = tx.prepare_cached(
         "INSERT INTO evidence_verdict (user_name, hour, origin, verdict, reason, calls) VALUES (?1, ?2, ?3, ?4, ?5, ?6)
          ON CONFLICT (hour, user_name, origin, verdict, reason) DO UPDATE SET calls = calls + excluded.calls",
@@ -656,42 +794,89 @@ fn add_aggregates(tx: &Transaction<'_>, origin: &str, aggregates: &Aggregates) -
                  THEN excluded.last_reason ELSE last_reason END,
              last_seen = max(last_seen, excluded.last_seen)",
     )?;
-    for (user, hour, agg) in aggregates.iter() {
-        let hour = hour.timestamp();
-        hour_stmt.execute(params![
+    for (verdict, calls) in &agg.verdicts {
+        verdict_stmt.execute(params![user, hour, origin, verdict.kind_name(), verdict.reason_name(), *calls as i64])?;
+    }
+    for (source, seen) in &agg.outside {
+        outside_stmt.execute(params![
             user,
             hour,
             origin,
-            agg.arn,
-            agg.first_call.map(|t| t.timestamp()),
-            agg.last_call.map(|t| t.timestamp()),
-            agg.explicit_denials as i64,
-            agg.other_denials as i64,
+            source,
+            seen.calls as i64,
+            seen.last_seen.timestamp(),
+            seen.last_action,
+            seen.reason.as_str(),
         ])?;
-        for (verdict, calls) in &agg.verdicts {
-            verdict_stmt.execute(params![
-                user,
-                hour,
-                origin,
-                verdict.kind_name(),
-                verdict.reason_name(),
-                *calls as i64
-            ])?;
-        }
-        for (source, seen) in &agg.outside {
-            outside_stmt.execute(params![
-                user,
-                hour,
-                origin,
-                source,
-                seen.calls as i64,
-                seen.last_seen.timestamp(),
-                seen.last_action,
-                seen.reason.as_str(),
-            ])?;
-        }
     }
     Ok(())
+}
+
+/// What a re-judgement did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+pub struct Rejudged {
+    pub fingerprint: Fingerprint,
+    /// User-hours whose verdicts were derived again.
+    pub hours: u64,
+}
+
+/// The user-hours of `hour` that have request contexts (legacy hours excluded), by user and
+/// origin, with their contexts, ARN and denials.
+fn stored_hour(tx: &Transaction<'_>, hour: i64, doing: &str) -> Result<BTreeMap<(String, String), UserHour>, StoreError> {
+    let mut stmt = tx
+        .prepare_cached(
+            "SELECT c.user_name, c.origin, h.arn, h.explicit_denials, h.other_denials,
+                    c.event_source, c.event_name, c.event_type, c.account, c.source_ip, c.endpoint,
+                    c.endpoint_account, c.invoked_by, c.s3_auth_method, c.calls, c.first_seen, c.last_seen
+             FROM evidence_context c
+             JOIN evidence_hour h ON h.hour = c.hour AND h.user_name = c.user_name AND h.origin = c.origin
+             WHERE c.hour = ?1 AND h.needs_reread = 0",
+        )
+        .doing(doing)?;
+    let mut rows = stmt.query([hour]).doing(doing)?;
+    let mut hours: BTreeMap<(String, String), UserHour> = BTreeMap::new();
+    while let Some(row) = rows.next().doing(doing)? {
+        let text = |i: usize| row.get::<_, String>(i).doing(doing);
+        let stored = hours.entry((text(0)?, text(1)?)).or_insert_with(UserHour::default);
+        stored.arn = row.get(2).doing(doing)?;
+        stored.explicit_denials = count(row.get(3).doing(doing)?);
+        stored.other_denials = count(row.get(4).doing(doing)?);
+        let context = RequestContext {
+            event_source: text(5)?,
+            event_name: text(6)?,
+            event_type: text(7)?,
+            account: text(8)?,
+            source_ip: text(9)?,
+            endpoint: text(10)?,
+            endpoint_account: text(11)?,
+            invoked_by: text(12)?,
+            s3_auth_method: text(13)?,
+        };
+        let seen = ContextSeen {
+            calls: count(row.get(14).doing(doing)?),
+            first: time(row.get(15).doing(doing)?, doing)?,
+            last: time(row.get(16).doing(doing)?, doing)?,
+        };
+        stored.contexts.insert(context, seen);
+    }
+    Ok(hours)
+}
+
+/// Replaces one user-hour's derived rows (verdicts, outside sources, first and last call).
+fn replace_verdicts(tx: &Transaction<'_>, origin: &str, user: &str, hour: i64, judged: &UserHour) -> rusqlite::Result<()> {
+    for table in ["evidence_verdict", "evidence_outside"] {
+        tx.prepare_cached(&format!("DELETE FROM {table} WHERE hour = ?1 AND user_name = ?2 AND origin = ?3"))?
+            .execute(params![hour, user, origin])?;
+    }
+    tx.prepare_cached("UPDATE evidence_hour SET first_call = ?4, last_call = ?5 WHERE hour = ?1 AND user_name = ?2 AND origin = ?3")?
+        .execute(params![
+            hour,
+            user,
+            origin,
+            judged.first_call.map(|t| t.timestamp()),
+            judged.last_call.map(|t| t.timestamp())
+        ])?;
+    add_verdicts(tx, origin, user, hour, judged)
 }
 
 fn verdict_from_names(kind: &str, reason: &str) -> Option<Verdict> {
