@@ -996,6 +996,45 @@ mod tests {
     }
 
     #[test]
+    fn a_store_written_before_migration_4_keeps_its_evidence_marked_for_a_reread() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("v3.db");
+        let now = at("2024-01-03T00:00:00Z");
+        {
+            // A store at schema version 3 holding verdicts, as lockstep wrote them before
+            // migration 4 (shipped migrations never change).
+            let conn = Connection::open(&path).unwrap();
+            for sql in &MIGRATIONS[..3] {
+                conn.execute_batch(sql).unwrap();
+            }
+            conn.pragma_update(None, "user_version", 3).unwrap();
+            conn.execute_batch(
+                "INSERT INTO evidence_hour VALUES ('alice', 1704189600, 'trail', NULL, 1704189600, 1704189700, 0, 0);
+                 INSERT INTO evidence_verdict VALUES ('alice', 1704189600, 'trail', 'allowed', 'trusted_cidr', 25);
+                 INSERT INTO refresh_run (source, window_start, window_end, started, finished, status)
+                     VALUES ('files', 1704100000, 1704240000, 1704240000, 1704240000, 'succeeded');",
+            )
+            .unwrap();
+        }
+        let store = Store::open(&path).unwrap();
+        assert_eq!(store.schema_version().unwrap(), MIGRATIONS.len() as i64);
+        let fresh = store.freshness().unwrap();
+        assert_eq!((fresh.judged_under, fresh.legacy_hours), (None, 1));
+        // Its verdicts are kept (nothing is guessed) but cannot be re-judged: they stay marked.
+        store.add_trail_files(&[file("new", &[call("bob", "2024-01-02T11:00:00Z", "203.0.113.5", false)])], now).unwrap();
+        let rejudged = store.rejudge(&judge(), now).unwrap();
+        assert_eq!(rejudged.hours, 1, "only bob's hour has contexts");
+        let fresh = store.freshness().unwrap();
+        assert_eq!((fresh.judged_under, fresh.legacy_hours), (Some(judge().perimeter.fingerprint()), 1));
+        let alice = store.evidence(at("2024-01-02T00:00:00Z"), now, Some("alice")).unwrap();
+        assert_eq!(alice[0].calls, 25);
+        let config = crate::config::Config::parse(include_str!("../../rollout.yaml"), Path::new("rollout.yaml")).unwrap();
+        let stamped = Freshness { judged_under: Some(config.perimeter.fingerprint()), ..fresh };
+        let problem = crate::planner::evidence_problem(&stamped, &config, at("2024-01-03T00:30:00Z")).unwrap();
+        assert!(problem.contains("1 user-hours") && problem.contains("re-read"), "{problem}");
+    }
+
+    #[test]
     fn migrations_run_once_and_a_newer_store_is_refused() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("s.db");
