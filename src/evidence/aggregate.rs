@@ -26,6 +26,29 @@ impl Judge {
     pub fn new(config: &Config) -> Judge {
         Judge { perimeter: config.perimeter.clone(), lockdown_policy: config.lockdown.policy_name.clone() }
     }
+
+    /// The verdict on a call with `context`, by any user (evidence is judged with no one exempt),
+    /// with where it came from when the policy would deny it, and its action.
+    pub fn judge_context(&self, context: &RequestContext) -> JudgedContext {
+        let record = context.record("", None);
+        let verdict = self.perimeter.classify(&record, &HashSet::new());
+        JudgedContext {
+            verdict,
+            outside_source: match verdict {
+                Verdict::WouldDeny(reason) => Some(outside_source(&record, reason)),
+                _ => None,
+            },
+            action: record.action().unwrap_or_default(),
+        }
+    }
+}
+
+/// [`Judge::judge_context`]'s answer.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct JudgedContext {
+    pub verdict: Verdict,
+    pub outside_source: Option<String>,
+    pub action: String,
 }
 
 /// Per-user, per-hour aggregates of some calls (one trail file, or one Athena window).
@@ -128,21 +151,6 @@ impl ContextSeen {
 }
 
 impl UserHour {
-    /// This hour's verdicts derived again under `judge`, from its contexts; the ARN and the
-    /// recorded denials (which do not depend on the perimeter) are kept.
-    pub fn rejudged(&self, user: &str, hour: DateTime<Utc>, judge: &Judge) -> UserHour {
-        let mut again = Aggregates::default();
-        for (context, seen) in &self.contexts {
-            let record = context.record(user, self.arn.as_deref());
-            again.add_judged(user, hour, &record, seen, judge);
-        }
-        let mut judged = again.users.remove(user).and_then(|mut hours| hours.remove(&hour)).unwrap_or_default();
-        judged.arn.clone_from(&self.arn);
-        judged.explicit_denials = self.explicit_denials;
-        judged.other_denials = self.other_denials;
-        judged
-    }
-
     fn merge(&mut self, other: &UserHour) {
         self.arn = self.arn.clone().max(other.arn.clone());
         self.first_call = earliest(self.first_call, other.first_call);

@@ -19,7 +19,7 @@ use std::time::Duration;
 use chrono::{DateTime, Utc};
 use rusqlite::{Connection, OptionalExtension, Transaction, params};
 
-use crate::evidence::aggregate::{Aggregates, ContextSeen, Judge, RequestContext, UserHour, hour_of};
+use crate::evidence::aggregate::{Aggregates, Judge, RequestContext, UserHour, hour_of};
 use crate::evidence::files::TrailFile;
 use crate::evidence::{EvidenceStore, Freshness, OutsideCall, OutsideSource, UserEvidence};
 use crate::perimeter::{AllowReason, DenyReason, Fingerprint, SkipReason, Verdict};
@@ -276,33 +276,71 @@ impl Store {
     /// Derives every user-hour's verdicts again under `judge` from the stored request contexts
     /// (no CloudTrail read) and stamps the evidence with its perimeter's fingerprint, in one
     /// transaction. Hours stored before contexts were kept are left alone: freshness counts them.
+    ///
+    /// A verdict depends on the context alone, so each distinct context is judged once, in
+    /// Rust (the one classifier), and the derived rows are rebuilt from that table in SQL.
     pub fn rejudge(&self, judge: &Judge, now: DateTime<Utc>) -> Result<Rejudged, StoreError> {
         let fingerprint = judge.perimeter.fingerprint();
         let doing = format!("re-judging the stored evidence under perimeter {fingerprint}");
         let doing = doing.as_str();
         let mut conn = self.conn();
         let tx = conn.transaction().doing(doing)?;
-        let hours: Vec<i64> = tx
-            .prepare("SELECT DISTINCT hour FROM evidence_context ORDER BY hour")
-            .and_then(|mut stmt| stmt.query_map([], |row| row.get(0))?.collect())
-            .doing(doing)?;
-        let mut rejudged = Rejudged { fingerprint, hours: 0 };
-        // One hour at a time: memory stays bounded by the busiest hour.
-        for hour in hours {
-            for ((user, origin), stored) in stored_hour(&tx, hour, doing)? {
-                let judged = stored.rejudged(&user, time(hour, doing)?, judge);
-                replace_verdicts(&tx, &origin, &user, hour, &judged).doing(doing)?;
-                rejudged.hours += 1;
+        let columns = CONTEXT_KEY.replace(", ", " TEXT NOT NULL, ");
+        tx.execute_batch(&format!(
+            "DROP TABLE IF EXISTS temp.judged_context;
+             CREATE TEMP TABLE judged_context (
+                 {columns} TEXT NOT NULL, verdict TEXT NOT NULL, reason TEXT NOT NULL,
+                 applicable INTEGER NOT NULL, outside_source TEXT, action TEXT NOT NULL,
+                 PRIMARY KEY ({CONTEXT_KEY})
+             ) WITHOUT ROWID;"
+        ))
+        .doing(doing)?;
+        {
+            let contexts: Vec<RequestContext> = tx
+                .prepare(&format!("SELECT DISTINCT {CONTEXT_KEY} FROM evidence_context"))
+                .and_then(|mut stmt| stmt.query_map([], |row| context_at(row, 0))?.collect())
+                .doing(doing)?;
+            let mut insert = tx
+                .prepare(&format!(
+                    "INSERT INTO judged_context ({CONTEXT_KEY}, verdict, reason, applicable, outside_source, action)
+                     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14)"
+                ))
+                .doing(doing)?;
+            for context in contexts {
+                let judged = judge.judge_context(&context);
+                insert
+                    .execute(params![
+                        context.event_source,
+                        context.event_name,
+                        context.event_type,
+                        context.account,
+                        context.source_ip,
+                        context.endpoint,
+                        context.endpoint_account,
+                        context.invoked_by,
+                        context.s3_auth_method,
+                        judged.verdict.kind_name(),
+                        judged.verdict.reason_name(),
+                        !matches!(judged.verdict, Verdict::NotApplicable(_)),
+                        judged.outside_source,
+                        judged.action,
+                    ])
+                    .doing(doing)?;
             }
         }
+        let hours = tx
+            .execute_batch(REBUILD_VERDICTS)
+            .and_then(|()| tx.query_row("SELECT count(*) FROM evidence_hour WHERE needs_reread = 0", [], |row| row.get::<_, i64>(0)))
+            .doing(doing)?;
         tx.execute(
             "INSERT INTO evidence_judged (only, fingerprint, judged_at) VALUES (1, ?1, ?2)
              ON CONFLICT (only) DO UPDATE SET fingerprint = excluded.fingerprint, judged_at = excluded.judged_at",
             params![fingerprint.to_string(), now.timestamp()],
         )
         .doing(doing)?;
+        tx.execute_batch("DROP TABLE temp.judged_context").doing(doing)?;
         tx.commit().doing(doing)?;
-        Ok(rejudged)
+        Ok(Rejudged { fingerprint, hours: count(Some(hours)) })
     }
 
     /// Re-judges the evidence unless it is already stamped with `judge`'s perimeter; `None` when
@@ -820,63 +858,57 @@ pub struct Rejudged {
     pub hours: u64,
 }
 
-/// The user-hours of `hour` that have request contexts (legacy hours excluded), by user and
-/// origin, with their contexts, ARN and denials.
-fn stored_hour(tx: &Transaction<'_>, hour: i64, doing: &str) -> Result<BTreeMap<(String, String), UserHour>, StoreError> {
-    let mut stmt = tx
-        .prepare_cached(
-            "SELECT c.user_name, c.origin, h.arn, h.explicit_denials, h.other_denials,
-                    c.event_source, c.event_name, c.event_type, c.account, c.source_ip, c.endpoint,
-                    c.endpoint_account, c.invoked_by, c.s3_auth_method, c.calls, c.first_seen, c.last_seen
-             FROM evidence_context c
-             JOIN evidence_hour h ON h.hour = c.hour AND h.user_name = c.user_name AND h.origin = c.origin
-             WHERE c.hour = ?1 AND h.needs_reread = 0",
-        )
-        .doing(doing)?;
-    let mut rows = stmt.query([hour]).doing(doing)?;
-    let mut hours: BTreeMap<(String, String), UserHour> = BTreeMap::new();
-    while let Some(row) = rows.next().doing(doing)? {
-        let text = |i: usize| row.get::<_, String>(i).doing(doing);
-        let stored = hours.entry((text(0)?, text(1)?)).or_insert_with(UserHour::default);
-        stored.arn = row.get(2).doing(doing)?;
-        stored.explicit_denials = count(row.get(3).doing(doing)?);
-        stored.other_denials = count(row.get(4).doing(doing)?);
-        let context = RequestContext {
-            event_source: text(5)?,
-            event_name: text(6)?,
-            event_type: text(7)?,
-            account: text(8)?,
-            source_ip: text(9)?,
-            endpoint: text(10)?,
-            endpoint_account: text(11)?,
-            invoked_by: text(12)?,
-            s3_auth_method: text(13)?,
-        };
-        let seen = ContextSeen {
-            calls: count(row.get(14).doing(doing)?),
-            first: time(row.get(15).doing(doing)?, doing)?,
-            last: time(row.get(16).doing(doing)?, doing)?,
-        };
-        stored.contexts.insert(context, seen);
-    }
-    Ok(hours)
-}
+/// The columns of a request context, in [`RequestContext`] field order.
+const CONTEXT_KEY: &str =
+    "event_source, event_name, event_type, account, source_ip, endpoint, endpoint_account, invoked_by, s3_auth_method";
 
-/// Replaces one user-hour's derived rows (verdicts, outside sources, first and last call).
-fn replace_verdicts(tx: &Transaction<'_>, origin: &str, user: &str, hour: i64, judged: &UserHour) -> rusqlite::Result<()> {
-    for table in ["evidence_verdict", "evidence_outside"] {
-        tx.prepare_cached(&format!("DELETE FROM {table} WHERE hour = ?1 AND user_name = ?2 AND origin = ?3"))?
-            .execute(params![hour, user, origin])?;
-    }
-    tx.prepare_cached("UPDATE evidence_hour SET first_call = ?4, last_call = ?5 WHERE hour = ?1 AND user_name = ?2 AND origin = ?3")?
-        .execute(params![
-            hour,
-            user,
-            origin,
-            judged.first_call.map(|t| t.timestamp()),
-            judged.last_call.map(|t| t.timestamp())
-        ])?;
-    add_verdicts(tx, origin, user, hour, judged)
+/// Rebuilds the derived rows of every hour that has contexts from `judged_context`, as
+/// [`Aggregates`] derives them: verdict counts, outside sources with their latest call (ties by
+/// the greater action, then reason), and the first and last applicable call.
+const REBUILD_VERDICTS: &str = "
+    DELETE FROM evidence_verdict WHERE (hour, user_name, origin) IN
+        (SELECT hour, user_name, origin FROM evidence_hour WHERE needs_reread = 0);
+    DELETE FROM evidence_outside WHERE (hour, user_name, origin) IN
+        (SELECT hour, user_name, origin FROM evidence_hour WHERE needs_reread = 0);
+    CREATE TEMP VIEW judged_call AS
+        SELECT c.*, j.verdict, j.reason, j.applicable, j.outside_source, j.action
+        FROM evidence_context c
+        JOIN judged_context j USING (event_source, event_name, event_type, account, source_ip, endpoint,
+                                     endpoint_account, invoked_by, s3_auth_method)
+        JOIN evidence_hour h ON h.hour = c.hour AND h.user_name = c.user_name AND h.origin = c.origin
+        WHERE h.needs_reread = 0;
+    INSERT INTO evidence_verdict (user_name, hour, origin, verdict, reason, calls)
+        SELECT user_name, hour, origin, verdict, reason, sum(calls) FROM judged_call
+        GROUP BY hour, user_name, origin, verdict, reason;
+    INSERT INTO evidence_outside (user_name, hour, origin, source, calls, last_seen, last_action, last_reason)
+        SELECT user_name, hour, origin, outside_source, calls, last_seen,
+               substr(latest, 1, instr(latest, char(31)) - 1), substr(latest, instr(latest, char(31)) + 1)
+        FROM (SELECT user_name, hour, origin, outside_source, sum(calls) AS calls, max(last_seen) AS last_seen,
+                     substr(max(printf('%020d', last_seen) || char(31) || action || char(31) || reason), 22) AS latest
+              FROM judged_call WHERE verdict = 'would_deny'
+              GROUP BY hour, user_name, origin, outside_source);
+    UPDATE evidence_hour SET
+        first_call = (SELECT min(c.first_seen) FROM judged_call c WHERE c.applicable
+                      AND c.hour = evidence_hour.hour AND c.user_name = evidence_hour.user_name AND c.origin = evidence_hour.origin),
+        last_call = (SELECT max(c.last_seen) FROM judged_call c WHERE c.applicable
+                     AND c.hour = evidence_hour.hour AND c.user_name = evidence_hour.user_name AND c.origin = evidence_hour.origin)
+        WHERE needs_reread = 0;
+    DROP VIEW temp.judged_call;
+";
+
+/// The request context in columns `first..first + 9` of `row`.
+fn context_at(row: &rusqlite::Row<'_>, first: usize) -> rusqlite::Result<RequestContext> {
+    Ok(RequestContext {
+        event_source: row.get(first)?,
+        event_name: row.get(first + 1)?,
+        event_type: row.get(first + 2)?,
+        account: row.get(first + 3)?,
+        source_ip: row.get(first + 4)?,
+        endpoint: row.get(first + 5)?,
+        endpoint_account: row.get(first + 6)?,
+        invoked_by: row.get(first + 7)?,
+        s3_auth_method: row.get(first + 8)?,
+    })
 }
 
 fn verdict_from_names(kind: &str, reason: &str) -> Option<Verdict> {
