@@ -866,17 +866,18 @@ const CONTEXT_KEY: &str =
 /// [`Aggregates`] derives them: verdict counts, outside sources with their latest call (ties by
 /// the greater action, then reason), and the first and last applicable call.
 const REBUILD_VERDICTS: &str = "
+    CREATE TEMP TABLE judged_call AS
+        SELECT c.hour, c.user_name, c.origin, c.calls, c.first_seen, c.last_seen,
+               j.verdict, j.reason, j.applicable, j.outside_source, j.action
+        FROM evidence_hour h
+        JOIN evidence_context c ON c.hour = h.hour AND c.user_name = h.user_name AND c.origin = h.origin
+        JOIN judged_context j USING (event_source, event_name, event_type, account, source_ip, endpoint,
+                                     endpoint_account, invoked_by, s3_auth_method)
+        WHERE h.needs_reread = 0;
     DELETE FROM evidence_verdict WHERE (hour, user_name, origin) IN
         (SELECT hour, user_name, origin FROM evidence_hour WHERE needs_reread = 0);
     DELETE FROM evidence_outside WHERE (hour, user_name, origin) IN
         (SELECT hour, user_name, origin FROM evidence_hour WHERE needs_reread = 0);
-    CREATE TEMP VIEW judged_call AS
-        SELECT c.*, j.verdict, j.reason, j.applicable, j.outside_source, j.action
-        FROM evidence_context c
-        JOIN judged_context j USING (event_source, event_name, event_type, account, source_ip, endpoint,
-                                     endpoint_account, invoked_by, s3_auth_method)
-        JOIN evidence_hour h ON h.hour = c.hour AND h.user_name = c.user_name AND h.origin = c.origin
-        WHERE h.needs_reread = 0;
     INSERT INTO evidence_verdict (user_name, hour, origin, verdict, reason, calls)
         SELECT user_name, hour, origin, verdict, reason, sum(calls) FROM judged_call
         GROUP BY hour, user_name, origin, verdict, reason;
@@ -887,13 +888,14 @@ const REBUILD_VERDICTS: &str = "
                      substr(max(printf('%020d', last_seen) || char(31) || action || char(31) || reason), 22) AS latest
               FROM judged_call WHERE verdict = 'would_deny'
               GROUP BY hour, user_name, origin, outside_source);
-    UPDATE evidence_hour SET
-        first_call = (SELECT min(c.first_seen) FROM judged_call c WHERE c.applicable
-                      AND c.hour = evidence_hour.hour AND c.user_name = evidence_hour.user_name AND c.origin = evidence_hour.origin),
-        last_call = (SELECT max(c.last_seen) FROM judged_call c WHERE c.applicable
-                     AND c.hour = evidence_hour.hour AND c.user_name = evidence_hour.user_name AND c.origin = evidence_hour.origin)
-        WHERE needs_reread = 0;
-    DROP VIEW temp.judged_call;
+    UPDATE evidence_hour SET first_call = span.first_call, last_call = span.last_call
+        FROM (SELECT c.hour, c.user_name, c.origin,
+                     min(CASE WHEN c.applicable THEN c.first_seen END) AS first_call,
+                     max(CASE WHEN c.applicable THEN c.last_seen END) AS last_call
+              FROM judged_call c GROUP BY c.hour, c.user_name, c.origin) AS span
+        WHERE evidence_hour.hour = span.hour AND evidence_hour.user_name = span.user_name
+          AND evidence_hour.origin = span.origin;
+    DROP TABLE temp.judged_call;
 ";
 
 /// The request context in columns `first..first + 9` of `row`.
