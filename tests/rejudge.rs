@@ -112,15 +112,22 @@ fn eligible(store: &Store, config: &Config, user: &str) -> bool {
     )
 }
 
+/// The history written under `dir/trail` and read into `dir/store.db` under the example's
+/// perimeter.
+async fn read_history(dir: &Path) -> (std::path::PathBuf, Config, Store) {
+    let trail = dir.join("trail");
+    let config = config(&trail, |_| {});
+    write_history(&trail, &config.account_id);
+    let store = Store::open(&dir.join("store.db")).unwrap();
+    refresh(&store, &config).await;
+    (trail, config, store)
+}
+
 #[tokio::test]
 async fn a_removed_cidr_makes_its_users_ineligible_at_restart_and_nobody_is_promoted_on_old_verdicts() {
     let dir = tempfile::tempdir().unwrap();
-    let trail = dir.path().join("trail");
-    let before = config(&trail, |_| {});
-    write_history(&trail, &before.account_id);
+    let (trail, before, store) = read_history(dir.path()).await;
     let path = dir.path().join("store.db");
-    let store = Store::open(&path).unwrap();
-    refresh(&store, &before).await;
     assert!(eligible(&store, &before, "office"));
     assert!(!eligible(&store, &before, "home"));
     let (gate, promoted) = plan(&store, &before);
@@ -153,11 +160,7 @@ async fn a_removed_cidr_makes_its_users_ineligible_at_restart_and_nobody_is_prom
 #[tokio::test]
 async fn an_added_cidr_makes_its_users_eligible_without_reading_cloudtrail_again() {
     let dir = tempfile::tempdir().unwrap();
-    let trail = dir.path().join("trail");
-    let before = config(&trail, |_| {});
-    write_history(&trail, &before.account_id);
-    let store = Store::open(&dir.path().join("store.db")).unwrap();
-    refresh(&store, &before).await;
+    let (trail, before, store) = read_history(dir.path()).await;
     assert!(!eligible(&store, &before, "home"));
     let read_before = store.dump_query("trail_file", "SELECT key FROM trail_file").unwrap();
 
