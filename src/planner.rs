@@ -90,7 +90,8 @@ pub fn evidence_problem(freshness: &Freshness, config: &Config, now: DateTime<Ut
     if freshness.last_success.is_some() && freshness.judged_under != Some(configured) {
         let stored = freshness.judged_under.map_or("no recorded perimeter".to_string(), |f| format!("perimeter {f}"));
         return Some(format!(
-            "the evidence was judged under {stored}, not the configured perimeter {configured}; re-judging it first"
+            "the evidence was judged under {stored}, not the configured perimeter {configured}; nobody is promoted \
+             until it is re-judged (on daemon start, or by the next evidence refresh)"
         ));
     }
     if freshness.legacy_hours > 0 {

@@ -140,7 +140,7 @@ async fn a_removed_cidr_makes_its_users_ineligible_at_restart_and_nobody_is_prom
     let store = Store::open(&path).unwrap();
     let (gate, promoted) = plan(&store, &after);
     assert!(
-        matches!(&gate, Gate::Inconclusive(why) if why.contains("re-judging")),
+        matches!(&gate, Gate::Inconclusive(why) if why.contains("until it is re-judged")),
         "old verdicts close the gate until re-judged: {gate:?}"
     );
     assert!(promoted.is_empty(), "nobody is promoted on old verdicts: {promoted:?}");
