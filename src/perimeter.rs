@@ -103,6 +103,32 @@ impl Verdict {
     }
 }
 
+/// A stable hash of a perimeter's canonical form: verdicts stored with one can be trusted only
+/// while the configured perimeter has the same one.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(into = "String", try_from = "String")]
+pub struct Fingerprint(pub u64);
+
+impl std::fmt::Display for Fingerprint {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{:016x}", self.0)
+    }
+}
+
+impl From<Fingerprint> for String {
+    fn from(fingerprint: Fingerprint) -> String {
+        fingerprint.to_string()
+    }
+}
+
+impl TryFrom<String> for Fingerprint {
+    type Error = String;
+
+    fn try_from(text: String) -> Result<Fingerprint, String> {
+        u64::from_str_radix(&text, 16).map(Fingerprint).map_err(|e| format!("perimeter fingerprint {text:?}: {e}"))
+    }
+}
+
 /// Where the call came from, as the policy's condition keys see it.
 enum Origin<'a> {
     Endpoint { id: &'a str, account: Option<&'a str> },
@@ -199,6 +225,33 @@ impl Perimeter {
             Origin::Unrecognized => WouldDeny(DenyReason::UnrecognizedSource),
             Origin::Missing => WouldDeny(DenyReason::NoSource),
         }
+    }
+
+    /// The fingerprint of everything [`Perimeter::classify`] reads: lists sorted and
+    /// de-duplicated (their order means nothing), hashed with FNV-1a, which unlike std's hasher
+    /// is the same in every build.
+    pub fn fingerprint(&self) -> Fingerprint {
+        fn sorted<T: ToString>(items: &[T]) -> Vec<String> {
+            let mut items: Vec<String> = items.iter().map(ToString::to_string).collect();
+            items.sort();
+            items.dedup();
+            items
+        }
+        let canonical = serde_json::json!({
+            "account_id": self.account_id,
+            "trusted_vpcs": sorted(&self.trusted_vpcs),
+            "trusted_endpoints": self.trusted_endpoints,
+            "trusted_cidrs": sorted(&self.trusted_cidrs),
+            "allow_aws_service_calls": self.allow_aws_service_calls,
+            "called_via_services": sorted(&self.called_via_services),
+            "allow_presigned_s3_reads": self.allow_presigned_s3_reads,
+            "exempt_tag_key": self.exempt_tag_key,
+            "not_actions": sorted(&self.not_actions),
+        });
+        let hash = canonical.to_string().bytes().fold(0xcbf2_9ce4_8422_2325_u64, |hash, byte| {
+            (hash ^ u64::from(byte)).wrapping_mul(0x0000_0100_0000_01b3)
+        });
+        Fingerprint(hash)
     }
 
     /// The IAM policy document for the lockdown group.
@@ -380,6 +433,27 @@ mod tests {
     fn with(mut r: Record, f: impl FnOnce(&mut Record)) -> Record {
         f(&mut r);
         r
+    }
+
+    #[test]
+    fn fingerprint_ignores_list_order_and_follows_what_classify_reads() {
+        let base = perimeter();
+        let mut reordered = base.clone();
+        reordered.trusted_cidrs.reverse();
+        reordered.not_actions.reverse();
+        assert_eq!(reordered.fingerprint(), base.fingerprint());
+        let mut wider = base.clone();
+        wider.trusted_cidrs.push("198.51.100.0/24".parse().unwrap());
+        let mut moved = base.clone();
+        moved.trusted_endpoints.insert("vpce-0123456789abcdef0".into(), "vpc-other".into());
+        let mut no_presigned = base.clone();
+        no_presigned.allow_presigned_s3_reads = false;
+        for changed in [wider, moved, no_presigned] {
+            assert_ne!(changed.fingerprint(), base.fingerprint(), "{changed:?}");
+        }
+        let text = base.fingerprint().to_string();
+        assert_eq!(text.len(), 16);
+        assert_eq!(Fingerprint::try_from(text), Ok(base.fingerprint()));
     }
 
     #[test]

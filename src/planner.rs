@@ -86,6 +86,21 @@ pub struct Plan {
 
 /// Why evidence this old or absent cannot be acted on, if it cannot.
 pub fn evidence_problem(freshness: &Freshness, config: &Config, now: DateTime<Utc>) -> Option<String> {
+    let configured = config.perimeter.fingerprint();
+    if freshness.last_success.is_some() && freshness.judged_under != Some(configured) {
+        let stored = freshness.judged_under.map_or("no recorded perimeter".to_string(), |f| format!("perimeter {f}"));
+        return Some(format!(
+            "the evidence was judged under {stored}, not the configured perimeter {configured}; nobody is promoted \
+             until it is re-judged (on daemon start, or by the next evidence refresh)"
+        ));
+    }
+    if freshness.legacy_hours > 0 {
+        return Some(format!(
+            "{} user-hours of evidence were stored before request contexts were kept and cannot be re-judged; \
+             they need a re-read (or must age out of evidence.retention)",
+            freshness.legacy_hours
+        ));
+    }
     let limit = chrono_of(config.eligibility.max_evidence_age);
     match freshness.last_success {
         None => Some("no successful evidence refresh yet; run `lockstep evidence refresh`".to_string()),
@@ -402,6 +417,8 @@ mod tests {
         Freshness {
             last_success: Some(now() - chrono::Duration::minutes(30)),
             covered_until: Some(now() - chrono::Duration::minutes(30)),
+            judged_under: Some(config().perimeter.fingerprint()),
+            legacy_hours: 0,
         }
     }
 

@@ -181,6 +181,9 @@ struct Currency {
     age_seconds: Option<i64>,
     max_age_seconds: u64,
     stale: bool,
+    /// Why the planner would not act on this evidence (judged under another perimeter, hours
+    /// stored without request contexts), stale or not.
+    unusable: Option<String>,
 }
 
 impl Currency {
@@ -189,10 +192,11 @@ impl Currency {
         let age = freshness.covered_until.map(|until| now - until);
         let limit = config.eligibility.max_evidence_age;
         Ok(Currency {
-            freshness,
             age_seconds: age.map(|a| a.num_seconds()),
             max_age_seconds: limit.as_secs(),
             stale: age.is_none_or(|a| a.to_std().is_ok_and(|a| a > limit)),
+            unusable: lockstep::planner::evidence_problem(&freshness, config, now),
+            freshness,
         })
     }
 
@@ -206,7 +210,13 @@ impl Currency {
                 duration::elapsed(now - until),
                 day_time(until)
             ),
-            Some(until) => format!("Evidence: current to {} ({} ago).", day_time(until), duration::elapsed(now - until)),
+            Some(until) => {
+                let current = format!("Evidence: current to {} ({} ago)", day_time(until), duration::elapsed(now - until));
+                match &self.unusable {
+                    Some(why) => format!("{current}, but NOT USABLE - {why}."),
+                    None => format!("{current}."),
+                }
+            }
         }
     }
 }
@@ -236,7 +246,8 @@ fn show(config: &Config, store: &Store, now: DateTime<Utc>, user: &str, json: bo
     let evidence = store.evidence(window.since, window.until, Some(user))?.into_iter().next();
     let verdicts = store.verdict_counts(user, window.since, window.until)?;
     let code = if !currency.stale && evidence.is_some() { ExitCode::SUCCESS } else { ExitCode::FAILURE };
-    let trusted_only = evidence.as_ref().filter(|_| !currency.stale).map(|e| e.would_deny == 0);
+    let trusted_only =
+        evidence.as_ref().filter(|_| !currency.stale && currency.unusable.is_none()).map(|e| e.would_deny == 0);
     if json {
         let doc = ShowJson {
             user,

@@ -39,6 +39,9 @@ pub async fn run(config: Config, options: Options) -> anyhow::Result<ExitCode> {
     // With the daemon down, `lockstep status` reads the mode from the last controller audit line.
     store.note(mode.actor(), "start", &format!("lockstep run started in {mode} mode"), clock.now())?;
 
+    // Stored verdicts follow the perimeter: re-judge them before the first step if it changed
+    // (the planner promotes no one until they are).
+    refresh::rejudge_if_changed(&store, &config, clock.now())?;
     let source = Source::from_config(&config).await?;
     let schedule = if options.once {
         // One-shot (cron-style) runs bring the evidence up to date first.

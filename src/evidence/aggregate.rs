@@ -12,7 +12,7 @@ use chrono::{DateTime, DurationRound, TimeDelta, Utc};
 use crate::config::Config;
 use crate::evidence::CallGroup;
 use crate::perimeter::{DenyReason, Perimeter, SkipReason, Verdict};
-use crate::trail::{Denial, Record};
+use crate::trail::{Denial, Record, UserIdentity};
 
 /// What aggregation needs from the configuration: the perimeter rule and the lockdown policy's
 /// name (to tell its denials from everyone else's).
@@ -26,6 +26,29 @@ impl Judge {
     pub fn new(config: &Config) -> Judge {
         Judge { perimeter: config.perimeter.clone(), lockdown_policy: config.lockdown.policy_name.clone() }
     }
+
+    /// The verdict on a call with `context`, by any user (evidence is judged with no one exempt),
+    /// with where it came from when the policy would deny it, and its action.
+    pub fn judge_context(&self, context: &RequestContext) -> JudgedContext {
+        let record = context.record("", None);
+        let verdict = self.perimeter.classify(&record, &HashSet::new());
+        JudgedContext {
+            verdict,
+            outside_source: match verdict {
+                Verdict::WouldDeny(reason) => Some(outside_source(&record, reason)),
+                _ => None,
+            },
+            action: record.action().unwrap_or_default(),
+        }
+    }
+}
+
+/// [`Judge::judge_context`]'s answer.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct JudgedContext {
+    pub verdict: Verdict,
+    pub outside_source: Option<String>,
+    pub action: String,
 }
 
 /// Per-user, per-hour aggregates of some calls (one trail file, or one Athena window).
@@ -47,6 +70,84 @@ pub struct UserHour {
     pub outside: BTreeMap<String, OutsideSeen>,
     pub explicit_denials: u64,
     pub other_denials: u64,
+    /// The calls as the perimeter rule reads them: what the verdicts above are derived from,
+    /// kept so that they can be derived again under another perimeter.
+    pub contexts: BTreeMap<RequestContext, ContextSeen>,
+}
+
+/// Everything [`Perimeter::classify`] reads from a call of one of our IAM users, besides who
+/// made it. Absent fields are empty strings, which the classifier treats as absent.
+#[derive(Debug, Clone, Default, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct RequestContext {
+    pub event_source: String,
+    pub event_name: String,
+    pub event_type: String,
+    /// The caller's account (`userIdentity.accountId`, else `recipientAccountId`).
+    pub account: String,
+    pub source_ip: String,
+    pub endpoint: String,
+    pub endpoint_account: String,
+    pub invoked_by: String,
+    pub s3_auth_method: String,
+}
+
+impl RequestContext {
+    pub fn of(record: &Record) -> RequestContext {
+        let text = |field: Option<&str>| field.unwrap_or_default().to_string();
+        let identity = record.user_identity.as_ref();
+        RequestContext {
+            event_source: text(record.event_source.as_deref()),
+            event_name: text(record.event_name.as_deref()),
+            event_type: text(record.event_type.as_deref()),
+            account: text(identity.and_then(|i| i.account_id.as_deref()).or(record.recipient_account_id.as_deref())),
+            source_ip: text(record.source_ip_address.as_deref()),
+            endpoint: text(record.vpc_endpoint_id.as_deref()),
+            endpoint_account: text(record.vpc_endpoint_account_id.as_deref()),
+            invoked_by: text(identity.and_then(|i| i.invoked_by.as_deref())),
+            s3_auth_method: text(record.s3_auth_method.as_deref()),
+        }
+    }
+
+    /// The record of an IAM user's call with this context: what the classifier is given, at
+    /// first reading and at every re-judgement alike.
+    pub fn record(&self, user: &str, arn: Option<&str>) -> Record {
+        let field = |text: &str| (!text.is_empty()).then(|| text.to_string());
+        Record {
+            event_source: field(&self.event_source),
+            event_name: field(&self.event_name),
+            event_type: field(&self.event_type),
+            recipient_account_id: field(&self.account),
+            source_ip_address: field(&self.source_ip),
+            vpc_endpoint_id: field(&self.endpoint),
+            vpc_endpoint_account_id: field(&self.endpoint_account),
+            s3_auth_method: field(&self.s3_auth_method),
+            user_identity: Some(UserIdentity {
+                kind: Some("IAMUser".to_string()),
+                user_name: Some(user.to_string()),
+                arn: arn.map(str::to_string),
+                account_id: field(&self.account),
+                invoked_by: field(&self.invoked_by),
+                ..UserIdentity::default()
+            }),
+            ..Record::default()
+        }
+    }
+}
+
+/// How many calls had one context in an hour, and when.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ContextSeen {
+    pub calls: u64,
+    pub first: DateTime<Utc>,
+    pub last: DateTime<Utc>,
+}
+
+impl ContextSeen {
+    fn merge(&mut self, other: &ContextSeen) {
+        self.calls += other.calls;
+        self.first = self.first.min(other.first);
+        self.last = self.last.max(other.last);
+    }
 }
 
 impl UserHour {
@@ -62,6 +163,9 @@ impl UserHour {
         }
         self.explicit_denials += other.explicit_denials;
         self.other_denials += other.other_denials;
+        for (context, seen) in &other.contexts {
+            self.contexts.entry(context.clone()).and_modify(|mine| mine.merge(seen)).or_insert(*seen);
+        }
     }
 }
 
@@ -117,9 +221,10 @@ impl Aggregates {
     /// Adds one group, counted in the hour of its first call.
     pub fn add(&mut self, group: &CallGroup, judge: &Judge) {
         let record = &group.record;
-        let verdict = judge.perimeter.classify(record, &HashSet::new());
+        // Role sessions, other accounts and records without an identity say nothing about our
+        // IAM users, under any perimeter of this account.
         if matches!(
-            verdict,
+            judge.perimeter.classify(record, &HashSet::new()),
             Verdict::NotApplicable(SkipReason::NoUserIdentity | SkipReason::NotIamUser | SkipReason::OtherAccount)
         ) {
             return;
@@ -127,37 +232,55 @@ impl Aggregates {
         let Some(user) = record.user_name().filter(|u| !u.is_empty()) else {
             return;
         };
-        // Most records add to an existing user: look up by &str before allocating a key.
-        if !self.users.contains_key(user) {
-            self.users.insert(user.to_string(), BTreeMap::new());
-        }
-        let Some(hours) = self.users.get_mut(user) else {
+        // Judged as stored, so that a re-judgement under the same perimeter gives the same verdict.
+        let context = RequestContext::of(record);
+        let judged = context.record(user, record.user_arn());
+        let seen = ContextSeen { calls: group.calls, first: group.first, last: group.last };
+        let Some(hour) = self.add_judged(user, hour_of(group.first), &judged, &seen, judge) else {
             return;
         };
-        let hour = hours.entry(hour_of(group.first)).or_default();
-        // Like every merge here, independent of input order: a renamed user keeps one ARN.
-        if record.user_arn() > hour.arn.as_deref() {
-            hour.arn = record.user_arn().map(str::to_string);
-        }
-        *hour.verdicts.entry(verdict).or_default() += group.calls;
-        if !matches!(verdict, Verdict::NotApplicable(_)) {
-            hour.first_call = earliest(hour.first_call, Some(group.first));
-            hour.last_call = hour.last_call.max(Some(group.last));
-        }
-        if let Verdict::WouldDeny(reason) = verdict {
-            let call = OutsideSeen {
-                calls: group.calls,
-                last_seen: group.last,
-                last_action: record.action().unwrap_or_default(),
-                reason,
-            };
-            hour.outside.entry(outside_source(record, reason)).and_modify(|seen| seen.merge(&call)).or_insert(call);
-        }
+        hour.contexts.entry(context).and_modify(|mine| mine.merge(&seen)).or_insert(seen);
         match record.denial(&judge.lockdown_policy) {
             Some(Denial::ExplicitIdentityDeny) => hour.explicit_denials += group.calls,
             Some(Denial::Other) => hour.other_denials += group.calls,
             None => {}
         }
+    }
+
+    /// Adds the verdict of `record` (seen `seen.calls` times) to `user`'s `hour`.
+    fn add_judged(
+        &mut self,
+        user: &str,
+        hour: DateTime<Utc>,
+        record: &Record,
+        seen: &ContextSeen,
+        judge: &Judge,
+    ) -> Option<&mut UserHour> {
+        let verdict = judge.perimeter.classify(record, &HashSet::new());
+        // Most records add to an existing user: look up by &str before allocating a key.
+        if !self.users.contains_key(user) {
+            self.users.insert(user.to_string(), BTreeMap::new());
+        }
+        let hour = self.users.get_mut(user)?.entry(hour).or_default();
+        // Like every merge here, independent of input order: a renamed user keeps one ARN.
+        if record.user_arn() > hour.arn.as_deref() {
+            hour.arn = record.user_arn().map(str::to_string);
+        }
+        *hour.verdicts.entry(verdict).or_default() += seen.calls;
+        if !matches!(verdict, Verdict::NotApplicable(_)) {
+            hour.first_call = earliest(hour.first_call, Some(seen.first));
+            hour.last_call = hour.last_call.max(Some(seen.last));
+        }
+        if let Verdict::WouldDeny(reason) = verdict {
+            let call = OutsideSeen {
+                calls: seen.calls,
+                last_seen: seen.last,
+                last_action: record.action().unwrap_or_default(),
+                reason,
+            };
+            hour.outside.entry(outside_source(record, reason)).and_modify(|seen| seen.merge(&call)).or_insert(call);
+        }
+        Some(hour)
     }
 
     /// Adds `other` in, as if its calls had been added here: the result does not depend on the

@@ -83,6 +83,11 @@ pub struct Freshness {
     pub last_success: Option<DateTime<Utc>>,
     /// The end of the newest window a successful refresh covered.
     pub covered_until: Option<DateTime<Utc>>,
+    /// The perimeter the stored verdicts were derived under (`None`: never stamped).
+    pub judged_under: Option<crate::perimeter::Fingerprint>,
+    /// User-hours stored before request contexts were kept: their verdicts cannot follow a
+    /// perimeter change until they are read again or age out.
+    pub legacy_hours: u64,
 }
 
 /// The evidence the controller reads. SQLite implements it today; a server database can later.

@@ -163,6 +163,19 @@ pub async fn refresh_trail<T: TrailObjects + 'static>(
     log.finish(store, result, counts, clock)
 }
 
+/// Re-judges the stored evidence (from its request contexts, reading no CloudTrail) unless it
+/// was judged under the configured perimeter already.
+pub fn rejudge_if_changed(store: &Store, config: &Config, now: DateTime<Utc>) -> Result<(), StoreError> {
+    if let Some(rejudged) = store.ensure_judged(&Judge::new(config), now)? {
+        tracing::info!(
+            perimeter = %rejudged.fingerprint,
+            hours = rejudged.hours,
+            "evidence re-judged under the configured perimeter"
+        );
+    }
+    Ok(())
+}
+
 /// A run in the refresh log, from its start to its outcome.
 struct RunLog {
     id: i64,
@@ -181,6 +194,8 @@ impl RunLog {
         clock: &dyn Clock,
     ) -> Result<RunLog, RefreshError> {
         let now = clock.now();
+        // New verdicts are derived under the configured perimeter: the stored ones must be too.
+        rejudge_if_changed(store, config, now)?;
         Ok(RunLog {
             id: store.start_run(name, window.since, window.until, now)?,
             name,
@@ -522,6 +537,7 @@ mod tests {
         let fresh = Freshness {
             last_success: Some(at("2024-03-20T09:05:30Z")),
             covered_until: Some(at("2024-03-20T09:05:00Z")),
+            ..Freshness::default()
         };
         assert_eq!(scheduled_window(&fresh, now, &evidence()).since, at("2024-03-20T07:00:00Z"));
     }
@@ -529,7 +545,7 @@ mod tests {
     #[test]
     fn after_an_outage_the_gap_is_caught_up_but_not_beyond_lookback() {
         let now = at("2024-03-20T10:05:00Z");
-        let days_ago = |d: i64| Freshness { last_success: None, covered_until: Some(now - TimeDelta::days(d)) };
+        let days_ago = |d: i64| Freshness { covered_until: Some(now - TimeDelta::days(d)), ..Freshness::default() };
         assert_eq!(scheduled_window(&days_ago(3), now, &evidence()).since, at("2024-03-17T08:05:00Z"));
         assert_eq!(scheduled_window(&days_ago(30), now, &evidence()).since, at("2024-03-06T10:05:00Z"));
     }
@@ -573,7 +589,8 @@ mod tests {
         wait_for("two failed runs", || schedule.stats.failed.load(Ordering::Relaxed) >= 2).await;
         schedule.shutdown().await.unwrap();
         assert!(failing.recent_runs(100).unwrap().iter().all(|r| r.status == "failed"));
-        assert_eq!(failing.freshness().unwrap(), Freshness::default());
+        let failed = failing.freshness().unwrap();
+        assert_eq!((failed.last_success, failed.covered_until), (None, None));
     }
 
     #[test]

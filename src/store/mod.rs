@@ -13,7 +13,7 @@ use chrono::{DateTime, Utc};
 pub use crate::evidence::EvidenceStore;
 use crate::guard::{DenialEvent, SourceHealth, VerdictKind};
 use crate::rollout::{AuditEntry, Snapshot};
-pub use sqlite::{ATHENA_ORIGIN, Run, RunCounts, Store, TRAIL_ORIGIN};
+pub use sqlite::{ATHENA_ORIGIN, Rejudged, Run, RunCounts, Store, TRAIL_ORIGIN};
 
 /// Why a store operation failed.
 #[derive(Debug, thiserror::Error)]

@@ -17,12 +17,12 @@ use std::sync::{Mutex, MutexGuard};
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
-use rusqlite::{Connection, Transaction, params};
+use rusqlite::{Connection, OptionalExtension, Transaction, params};
 
-use crate::evidence::aggregate::{Aggregates, hour_of};
+use crate::evidence::aggregate::{Aggregates, Judge, RequestContext, UserHour, hour_of};
 use crate::evidence::files::TrailFile;
 use crate::evidence::{EvidenceStore, Freshness, OutsideCall, OutsideSource, UserEvidence};
-use crate::perimeter::{AllowReason, DenyReason, SkipReason, Verdict};
+use crate::perimeter::{AllowReason, DenyReason, Fingerprint, SkipReason, Verdict};
 
 use super::{Doing, RefreshLog, StoreError};
 
@@ -95,7 +95,44 @@ pub(crate) const MIGRATIONS: &[&str] = &[
     super::ledger::SCHEMA_V2,
     // 3: each batch records its soak when it starts.
     super::ledger::SCHEMA_V3,
+    // 4: request contexts, so that verdicts follow the perimeter.
+    SCHEMA_V4,
 ];
+
+/// Each user-hour keeps its calls as the perimeter rule reads them (`evidence_context`); its
+/// verdict and outside rows are derived from them under the perimeter `evidence_judged` names.
+/// Hours stored before this migration have no contexts: they are marked `needs_reread` rather
+/// than trusted under a perimeter nobody recorded.
+const SCHEMA_V4: &str = "
+    CREATE TABLE evidence_context (
+        user_name TEXT NOT NULL,
+        hour INTEGER NOT NULL,
+        origin TEXT NOT NULL,
+        event_source TEXT NOT NULL,
+        event_name TEXT NOT NULL,
+        event_type TEXT NOT NULL,
+        account TEXT NOT NULL,
+        source_ip TEXT NOT NULL,
+        endpoint TEXT NOT NULL,
+        endpoint_account TEXT NOT NULL,
+        invoked_by TEXT NOT NULL,
+        s3_auth_method TEXT NOT NULL,
+        calls INTEGER NOT NULL,
+        first_seen INTEGER NOT NULL,
+        last_seen INTEGER NOT NULL,
+        PRIMARY KEY (hour, user_name, origin, event_source, event_name, event_type, account, source_ip,
+                     endpoint, endpoint_account, invoked_by, s3_auth_method)
+    ) WITHOUT ROWID;
+
+    ALTER TABLE evidence_hour ADD COLUMN needs_reread INTEGER NOT NULL DEFAULT 0;
+    UPDATE evidence_hour SET needs_reread = 1;
+
+    CREATE TABLE evidence_judged (
+        only INTEGER PRIMARY KEY CHECK (only = 1),
+        fingerprint TEXT NOT NULL,
+        judged_at INTEGER NOT NULL
+    );
+";
 
 /// The origin of trail-file contributions (folder or S3).
 pub const TRAIL_ORIGIN: &str = "trail";
@@ -103,7 +140,7 @@ pub const TRAIL_ORIGIN: &str = "trail";
 pub const ATHENA_ORIGIN: &str = "athena";
 
 /// The tables whose rows are the evidence itself (what [`Store::dump_evidence`] compares).
-const EVIDENCE_TABLES: &[&str] = &["evidence_hour", "evidence_verdict", "evidence_outside"];
+const EVIDENCE_TABLES: &[&str] = &["evidence_hour", "evidence_verdict", "evidence_outside", "evidence_context"];
 
 /// The SQLite store: the evidence and the rollout ledger in one database file.
 pub struct Store {
@@ -234,6 +271,85 @@ impl Store {
         }
         add_aggregates(&tx, origin, &within).doing(&doing)?;
         tx.commit().doing(&doing)
+    }
+
+    /// Derives every user-hour's verdicts again under `judge` from the stored request contexts
+    /// (no CloudTrail read) and stamps the evidence with its perimeter's fingerprint, in one
+    /// transaction. Hours stored before contexts were kept are left alone: freshness counts them.
+    ///
+    /// A verdict depends on the context alone, so each distinct context is judged once, in
+    /// Rust (the one classifier), and the derived rows are rebuilt from that table in SQL.
+    pub fn rejudge(&self, judge: &Judge, now: DateTime<Utc>) -> Result<Rejudged, StoreError> {
+        let fingerprint = judge.perimeter.fingerprint();
+        let doing = format!("re-judging the stored evidence under perimeter {fingerprint}");
+        let doing = doing.as_str();
+        let mut conn = self.conn();
+        let tx = conn.transaction().doing(doing)?;
+        let columns = CONTEXT_KEY.replace(", ", " TEXT NOT NULL, ");
+        tx.execute_batch(&format!(
+            "DROP TABLE IF EXISTS temp.judged_context;
+             CREATE TEMP TABLE judged_context (
+                 {columns} TEXT NOT NULL, verdict TEXT NOT NULL, reason TEXT NOT NULL,
+                 applicable INTEGER NOT NULL, outside_source TEXT, action TEXT NOT NULL,
+                 PRIMARY KEY ({CONTEXT_KEY})
+             ) WITHOUT ROWID;"
+        ))
+        .doing(doing)?;
+        {
+            let contexts: Vec<RequestContext> = tx
+                .prepare(&format!("SELECT DISTINCT {CONTEXT_KEY} FROM evidence_context"))
+                .and_then(|mut stmt| stmt.query_map([], |row| context_at(row, 0))?.collect())
+                .doing(doing)?;
+            let mut insert = tx
+                .prepare(&format!(
+                    "INSERT INTO judged_context ({CONTEXT_KEY}, verdict, reason, applicable, outside_source, action)
+                     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14)"
+                ))
+                .doing(doing)?;
+            for context in contexts {
+                let judged = judge.judge_context(&context);
+                insert
+                    .execute(params![
+                        context.event_source,
+                        context.event_name,
+                        context.event_type,
+                        context.account,
+                        context.source_ip,
+                        context.endpoint,
+                        context.endpoint_account,
+                        context.invoked_by,
+                        context.s3_auth_method,
+                        judged.verdict.kind_name(),
+                        judged.verdict.reason_name(),
+                        !matches!(judged.verdict, Verdict::NotApplicable(_)),
+                        judged.outside_source,
+                        judged.action,
+                    ])
+                    .doing(doing)?;
+            }
+        }
+        let hours = tx
+            .execute_batch(REBUILD_VERDICTS)
+            .and_then(|()| tx.query_row("SELECT count(*) FROM evidence_hour WHERE needs_reread = 0", [], |row| row.get::<_, i64>(0)))
+            .doing(doing)?;
+        tx.execute(
+            "INSERT INTO evidence_judged (only, fingerprint, judged_at) VALUES (1, ?1, ?2)
+             ON CONFLICT (only) DO UPDATE SET fingerprint = excluded.fingerprint, judged_at = excluded.judged_at",
+            params![fingerprint.to_string(), now.timestamp()],
+        )
+        .doing(doing)?;
+        tx.execute_batch("DROP TABLE temp.judged_context").doing(doing)?;
+        tx.commit().doing(doing)?;
+        Ok(Rejudged { fingerprint, hours: count(Some(hours)) })
+    }
+
+    /// Re-judges the evidence unless it is already stamped with `judge`'s perimeter; `None` when
+    /// nothing needed doing.
+    pub fn ensure_judged(&self, judge: &Judge, now: DateTime<Utc>) -> Result<Option<Rejudged>, StoreError> {
+        if self.freshness()?.judged_under == Some(judge.perimeter.fingerprint()) {
+            return Ok(None);
+        }
+        self.rejudge(judge, now).map(Some)
     }
 
     /// The greatest key read under `prefix` (keys are `/`-separated; `prefix` ends with `/` or is
@@ -593,9 +709,21 @@ impl EvidenceStore for Store {
                 Ok((row.get(0)?, row.get(1)?))
             })
             .doing(doing)?;
+        let conn = self.conn();
+        let judged_under: Option<String> = conn
+            .query_row("SELECT fingerprint FROM evidence_judged", [], |row| row.get(0))
+            .optional()
+            .doing(doing)?;
+        let judged_under = judged_under
+            .map(|text| Fingerprint::try_from(text).map_err(|what| StoreError::Corrupt { doing: doing.to_string(), what }))
+            .transpose()?;
+        let legacy_hours: i64 =
+            conn.query_row("SELECT count(*) FROM evidence_hour WHERE needs_reread = 1", [], |row| row.get(0)).doing(doing)?;
         Ok(Freshness {
             last_success: finished.map(|t| time(t, doing)).transpose()?,
             covered_until: covered.map(|t| time(t, doing)).transpose()?,
+            judged_under,
+            legacy_hours: count(Some(legacy_hours)),
         })
     }
 }
@@ -639,6 +767,54 @@ fn add_aggregates(tx: &Transaction<'_>, origin: &str, aggregates: &Aggregates) -
              explicit_denials = explicit_denials + excluded.explicit_denials,
              other_denials = other_denials + excluded.other_denials",
     )?;
+    let mut context_stmt = tx.prepare_cached(
+        "INSERT INTO evidence_context (user_name, hour, origin, event_source, event_name, event_type, account,
+             source_ip, endpoint, endpoint_account, invoked_by, s3_auth_method, calls, first_seen, last_seen)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15)
+         ON CONFLICT (hour, user_name, origin, event_source, event_name, event_type, account, source_ip,
+                      endpoint, endpoint_account, invoked_by, s3_auth_method) DO UPDATE SET
+             calls = calls + excluded.calls,
+             first_seen = min(first_seen, excluded.first_seen),
+             last_seen = max(last_seen, excluded.last_seen)",
+    )?;
+    for (user, hour, agg) in aggregates.iter() {
+        let hour = hour.timestamp();
+        hour_stmt.execute(params![
+            user,
+            hour,
+            origin,
+            agg.arn,
+            agg.first_call.map(|t| t.timestamp()),
+            agg.last_call.map(|t| t.timestamp()),
+            agg.explicit_denials as i64,
+            agg.other_denials as i64,
+        ])?;
+        add_verdicts(tx, origin, user, hour, agg)?;
+        for (c, seen) in &agg.contexts {
+            context_stmt.execute(params![
+                user,
+                hour,
+                origin,
+                c.event_source,
+                c.event_name,
+                c.event_type,
+                c.account,
+                c.source_ip,
+                c.endpoint,
+                c.endpoint_account,
+                c.invoked_by,
+                c.s3_auth_method,
+                seen.calls as i64,
+                seen.first.timestamp(),
+                seen.last.timestamp(),
+            ])?;
+        }
+    }
+    Ok(())
+}
+
+/// Adds one user-hour's verdicts and outside sources to `origin`'s rows.
+fn add_verdicts(tx: &Transaction<'_>, origin: &str, user: &str, hour: i64, agg: &UserHour) -> rusqlite::Result<()> {
     let mut verdict_stmt = tx.prepare_cached(
         "INSERT INTO evidence_verdict (user_name, hour, origin, verdict, reason, calls) VALUES (?1, ?2, ?3, ?4, ?5, ?6)
          ON CONFLICT (hour, user_name, origin, verdict, reason) DO UPDATE SET calls = calls + excluded.calls",
@@ -656,42 +832,85 @@ fn add_aggregates(tx: &Transaction<'_>, origin: &str, aggregates: &Aggregates) -
                  THEN excluded.last_reason ELSE last_reason END,
              last_seen = max(last_seen, excluded.last_seen)",
     )?;
-    for (user, hour, agg) in aggregates.iter() {
-        let hour = hour.timestamp();
-        hour_stmt.execute(params![
+    for (verdict, calls) in &agg.verdicts {
+        verdict_stmt.execute(params![user, hour, origin, verdict.kind_name(), verdict.reason_name(), *calls as i64])?;
+    }
+    for (source, seen) in &agg.outside {
+        outside_stmt.execute(params![
             user,
             hour,
             origin,
-            agg.arn,
-            agg.first_call.map(|t| t.timestamp()),
-            agg.last_call.map(|t| t.timestamp()),
-            agg.explicit_denials as i64,
-            agg.other_denials as i64,
+            source,
+            seen.calls as i64,
+            seen.last_seen.timestamp(),
+            seen.last_action,
+            seen.reason.as_str(),
         ])?;
-        for (verdict, calls) in &agg.verdicts {
-            verdict_stmt.execute(params![
-                user,
-                hour,
-                origin,
-                verdict.kind_name(),
-                verdict.reason_name(),
-                *calls as i64
-            ])?;
-        }
-        for (source, seen) in &agg.outside {
-            outside_stmt.execute(params![
-                user,
-                hour,
-                origin,
-                source,
-                seen.calls as i64,
-                seen.last_seen.timestamp(),
-                seen.last_action,
-                seen.reason.as_str(),
-            ])?;
-        }
     }
     Ok(())
+}
+
+/// What a re-judgement did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+pub struct Rejudged {
+    pub fingerprint: Fingerprint,
+    /// User-hours whose verdicts were derived again.
+    pub hours: u64,
+}
+
+/// The columns of a request context, in [`RequestContext`] field order.
+const CONTEXT_KEY: &str =
+    "event_source, event_name, event_type, account, source_ip, endpoint, endpoint_account, invoked_by, s3_auth_method";
+
+/// Rebuilds the derived rows of every hour that has contexts from `judged_context`, as
+/// [`Aggregates`] derives them: verdict counts, outside sources with their latest call (ties by
+/// the greater action, then reason), and the first and last applicable call.
+const REBUILD_VERDICTS: &str = "
+    CREATE TEMP TABLE judged_call AS
+        SELECT c.hour, c.user_name, c.origin, c.calls, c.first_seen, c.last_seen,
+               j.verdict, j.reason, j.applicable, j.outside_source, j.action
+        FROM evidence_hour h
+        JOIN evidence_context c ON c.hour = h.hour AND c.user_name = h.user_name AND c.origin = h.origin
+        JOIN judged_context j USING (event_source, event_name, event_type, account, source_ip, endpoint,
+                                     endpoint_account, invoked_by, s3_auth_method)
+        WHERE h.needs_reread = 0;
+    DELETE FROM evidence_verdict WHERE (hour, user_name, origin) IN
+        (SELECT hour, user_name, origin FROM evidence_hour WHERE needs_reread = 0);
+    DELETE FROM evidence_outside WHERE (hour, user_name, origin) IN
+        (SELECT hour, user_name, origin FROM evidence_hour WHERE needs_reread = 0);
+    INSERT INTO evidence_verdict (user_name, hour, origin, verdict, reason, calls)
+        SELECT user_name, hour, origin, verdict, reason, sum(calls) FROM judged_call
+        GROUP BY hour, user_name, origin, verdict, reason;
+    INSERT INTO evidence_outside (user_name, hour, origin, source, calls, last_seen, last_action, last_reason)
+        SELECT user_name, hour, origin, outside_source, calls, last_seen,
+               substr(latest, 1, instr(latest, char(31)) - 1), substr(latest, instr(latest, char(31)) + 1)
+        FROM (SELECT user_name, hour, origin, outside_source, sum(calls) AS calls, max(last_seen) AS last_seen,
+                     substr(max(printf('%020d', last_seen) || char(31) || action || char(31) || reason), 22) AS latest
+              FROM judged_call WHERE verdict = 'would_deny'
+              GROUP BY hour, user_name, origin, outside_source);
+    UPDATE evidence_hour SET first_call = span.first_call, last_call = span.last_call
+        FROM (SELECT c.hour, c.user_name, c.origin,
+                     min(CASE WHEN c.applicable THEN c.first_seen END) AS first_call,
+                     max(CASE WHEN c.applicable THEN c.last_seen END) AS last_call
+              FROM judged_call c GROUP BY c.hour, c.user_name, c.origin) AS span
+        WHERE evidence_hour.hour = span.hour AND evidence_hour.user_name = span.user_name
+          AND evidence_hour.origin = span.origin;
+    DROP TABLE temp.judged_call;
+";
+
+/// The request context in columns `first..first + 9` of `row`.
+fn context_at(row: &rusqlite::Row<'_>, first: usize) -> rusqlite::Result<RequestContext> {
+    Ok(RequestContext {
+        event_source: row.get(first)?,
+        event_name: row.get(first + 1)?,
+        event_type: row.get(first + 2)?,
+        account: row.get(first + 3)?,
+        source_ip: row.get(first + 4)?,
+        endpoint: row.get(first + 5)?,
+        endpoint_account: row.get(first + 6)?,
+        invoked_by: row.get(first + 7)?,
+        s3_auth_method: row.get(first + 8)?,
+    })
 }
 
 fn verdict_from_names(kind: &str, reason: &str) -> Option<Verdict> {
@@ -808,6 +1027,45 @@ mod tests {
         assert_eq!(snapshot.members["ann"].state, crate::rollout::UserState::Locked);
         let kinds: Vec<_> = snapshot.batches.iter().map(|b| (b.soak, b.verdict_kind)).collect();
         assert_eq!(kinds, [(None, Some(crate::guard::VerdictKind::Healthy)), (None, None)]);
+    }
+
+    #[test]
+    fn a_store_written_before_migration_4_keeps_its_evidence_marked_for_a_reread() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("v3.db");
+        let now = at("2024-01-03T00:00:00Z");
+        {
+            // A store at schema version 3 holding verdicts, as lockstep wrote them before
+            // migration 4 (shipped migrations never change).
+            let conn = Connection::open(&path).unwrap();
+            for sql in &MIGRATIONS[..3] {
+                conn.execute_batch(sql).unwrap();
+            }
+            conn.pragma_update(None, "user_version", 3).unwrap();
+            conn.execute_batch(
+                "INSERT INTO evidence_hour VALUES ('alice', 1704189600, 'trail', NULL, 1704189600, 1704189700, 0, 0);
+                 INSERT INTO evidence_verdict VALUES ('alice', 1704189600, 'trail', 'allowed', 'trusted_cidr', 25);
+                 INSERT INTO refresh_run (source, window_start, window_end, started, finished, status)
+                     VALUES ('files', 1704100000, 1704240000, 1704240000, 1704240000, 'succeeded');",
+            )
+            .unwrap();
+        }
+        let store = Store::open(&path).unwrap();
+        assert_eq!(store.schema_version().unwrap(), MIGRATIONS.len() as i64);
+        let fresh = store.freshness().unwrap();
+        assert_eq!((fresh.judged_under, fresh.legacy_hours), (None, 1));
+        // Its verdicts are kept (nothing is guessed) but cannot be re-judged: they stay marked.
+        store.add_trail_files(&[file("new", &[call("bob", "2024-01-02T11:00:00Z", "203.0.113.5", false)])], now).unwrap();
+        let rejudged = store.rejudge(&judge(), now).unwrap();
+        assert_eq!(rejudged.hours, 1, "only bob's hour has contexts");
+        let fresh = store.freshness().unwrap();
+        assert_eq!((fresh.judged_under, fresh.legacy_hours), (Some(judge().perimeter.fingerprint()), 1));
+        let alice = store.evidence(at("2024-01-02T00:00:00Z"), now, Some("alice")).unwrap();
+        assert_eq!(alice[0].calls, 25);
+        let config = crate::config::Config::parse(include_str!("../../rollout.yaml"), Path::new("rollout.yaml")).unwrap();
+        let stamped = Freshness { judged_under: Some(config.perimeter.fingerprint()), ..fresh };
+        let problem = crate::planner::evidence_problem(&stamped, &config, at("2024-01-03T00:30:00Z")).unwrap();
+        assert!(problem.contains("1 user-hours") && problem.contains("re-read"), "{problem}");
     }
 
     #[test]
