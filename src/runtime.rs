@@ -187,6 +187,8 @@ impl Shared {
                 batch: *batch,
                 users: Vec::new(),
                 reason: reason.clone(),
+                not_at_fault: Vec::new(),
+                explanation: None,
             }),
             _ => None,
         };
@@ -251,6 +253,7 @@ pub fn apply_command(ledger: &dyn Ledger, command: &Command, config: &Config, no
                     reason,
                     hold_until,
                     pause: None,
+                    requeue: None,
                 },
                 now,
             )?;

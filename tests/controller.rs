@@ -28,7 +28,7 @@ use lockstep::store::{Ledger, RollbackRequest, Store};
 
 /// Alice's rollback of batch 1.
 fn rollback(reason: &str, hold_until: chrono::DateTime<chrono::Utc>) -> RollbackRequest<'_> {
-    RollbackRequest { batch: 1, actor: "alice", reason, hold_until, pause: None }
+    RollbackRequest { batch: 1, actor: "alice", reason, hold_until, pause: None, requeue: None }
 }
 use lockstep_synth::{Faults, Identity, Origin, RecordSpec, write_trail};
 
