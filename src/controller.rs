@@ -255,6 +255,29 @@ pub(crate) fn not_at_fault(judgement: Option<&guard::Judgement>) -> Vec<String> 
         .unwrap_or_default()
 }
 
+/// A healthy batch whose soak is over succeeds only once the event source has delivered events
+/// past soak end + `guard.delivery_lag`; until then its verdict is inconclusive, saying until when.
+pub(crate) fn await_delivery(
+    mut judgement: guard::Judgement,
+    batch: &Batch,
+    health: &guard::SourceHealth,
+    lag: std::time::Duration,
+    now: DateTime<Utc>,
+) -> guard::Judgement {
+    let Some(soak_until) = batch.soak_until.filter(|until| *until <= now) else {
+        return judgement;
+    };
+    if judgement.verdict.kind() != guard::VerdictKind::Healthy {
+        return judgement;
+    }
+    if let Some(pending) = guard::delivery_pending(health, soak_until, lag) {
+        judgement.verdict = guard::Verdict::Inconclusive {
+            why: format!("waiting for delivery until {}", pending.need_events_after.format("%H:%MZ")),
+        };
+    }
+    judgement
+}
+
 /// The IAM writes a dry-run plan would make.
 pub(crate) fn dry_run_writes(plan: &Plan, snapshot: &Snapshot, group: &str) -> Vec<String> {
     let mut writes = Vec::new();
@@ -557,6 +580,7 @@ impl<I: Iam, F: EventFeed> Controller<I, F> {
                 config: &self.config.guard,
                 now,
             });
+            let judgement = await_delivery(judgement, batch, &health, self.config.guard.delivery_lag, now);
             let verdict = &judgement.verdict;
             let summary = verdict.summary();
             if record && (batch.verdict.as_deref() != Some(summary.as_str()) || batch.verdict_kind != Some(verdict.kind())) {
@@ -917,9 +941,8 @@ mod tests {
         assert_eq!(rollback_reason("manual", None), "manual");
     }
 
-    #[test]
-    fn only_a_spike_with_culprits_clears_the_bystanders() {
-        let explanation = |culprits: &[&str]| guard::Explanation {
+    fn explanation(culprits: &[&str], bystanders: &[&str]) -> guard::Explanation {
+        guard::Explanation {
             batch: 1,
             since: t(0),
             until: t(1),
@@ -929,12 +952,17 @@ mod tests {
             significance: 0.001,
             min_affected_users: 1,
             min_denials: 1,
-            weighted_denials: 5,
+            weighted_denials: 0,
             members: vec![],
             culprits: culprits.iter().map(|u| guard::Culprit { user: u.to_string(), offending: vec![] }).collect(),
-            bystanders: vec!["ben".into(), "cat".into()],
+            bystanders: bystanders.iter().map(|u| u.to_string()).collect(),
             samples: vec![],
-        };
+        }
+    }
+
+    #[test]
+    fn only_a_spike_with_culprits_clears_the_bystanders() {
+        let explanation = |culprits: &[&str]| explanation(culprits, &["ben", "cat"]);
         let spike = guard::Verdict::Spike { affected: vec!["ann".into()], weighted_denials: 5, offending: vec![], detail: "5 denials".into() };
         let judged = |verdict: &guard::Verdict, culprits: &[&str]| guard::Judgement { verdict: verdict.clone(), explanation: explanation(culprits) };
         assert_eq!(not_at_fault(Some(&judged(&spike, &["ann"]))), ["ben", "cat"]);
@@ -942,6 +970,24 @@ mod tests {
         let healthy = guard::Verdict::Healthy { detail: "0 denials".into() };
         assert!(not_at_fault(Some(&judged(&healthy, &["ann"]))).is_empty(), "not the guard's rollback");
         assert!(not_at_fault(None).is_empty());
+    }
+
+    #[test]
+    fn a_healthy_batch_past_its_soak_waits_for_delivery_past_soak_end_plus_lag() {
+        let mut soaked = batch(1, "x", BatchState::Soaking, &["ann"]);
+        soaked.soak_until = Some(t(2));
+        let healthy = || guard::Judgement {
+            verdict: guard::Verdict::Healthy { detail: "0 denials".into() },
+            explanation: explanation(&[], &["ann"]),
+        };
+        let lag = std::time::Duration::from_secs(300);
+        let delivered_until = |at| guard::SourceHealth { last_event_at: Some(at), last_ok_poll: Some(t(3)), error: None };
+        let waiting = await_delivery(healthy(), &soaked, &delivered_until(t(2)), lag, t(3)).verdict;
+        assert!(matches!(&waiting, guard::Verdict::Inconclusive { why } if why == "waiting for delivery until 02:05Z"), "{waiting:?}");
+        let delivered = await_delivery(healthy(), &soaked, &delivered_until(t(2) + chrono::Duration::minutes(6)), lag, t(3)).verdict;
+        assert_eq!(delivered.kind(), guard::VerdictKind::Healthy);
+        let still_soaking = await_delivery(healthy(), &soaked, &delivered_until(t(0)), lag, t(1)).verdict;
+        assert_eq!(still_soaking.kind(), guard::VerdictKind::Healthy, "only a finished soak waits");
     }
 
     #[test]
