@@ -692,3 +692,32 @@ async fn a_spike_holds_only_the_culprit_and_requeues_the_bystanders() {
     assert_eq!(group, bystanders, "the 5 bystanders are back in the group, the culprit is not");
     assert_eq!(world.ledger().members[&culprit].state, UserState::Held);
 }
+
+/// Scenario (f): an explicit identity-based deny from another policy, for calls the perimeter
+/// allows (trusted address): counted as `other`, never a spike.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_explicit_deny_from_another_policy_is_not_a_spike() {
+    let mut world = World::new("otherdeny", &[("ann", Habit::Trusted), ("ben", Habit::Trusted)], 8).await;
+    let report = world.advance(chrono::Duration::minutes(10), true).await;
+    let batch = started_batch(&report).expect("canary batch started");
+    world.advance(chrono::Duration::minutes(30), true).await;
+
+    let now = world.clock.now();
+    let denied: Vec<RecordSpec> = batch
+        .iter()
+        .flat_map(|user| (1..=5).map(move |m| (user.clone(), m)))
+        .map(|(user, m)| {
+            RecordSpec::new(world.identity(&user), now + chrono::Duration::minutes(m), "s3:PutObject", Origin::ip(TRUSTED_IP))
+                .denied_explicitly("team-data-guardrail")
+        })
+        .collect();
+    world.write(&denied);
+    let report = world.advance(chrono::Duration::minutes(10), true).await;
+    assert!(!report.plan.actions.iter().any(|a| matches!(a, Action::RollBack { .. })), "{:?}", report.verdicts);
+    let id = world.ledger().batches[0].id;
+    let explanation = &report.explanations[&id];
+    assert!(explanation.culprits.is_empty(), "{explanation:?}");
+    assert_eq!(explanation.members.iter().map(|m| m.other).sum::<u64>(), 10, "counted as other: {explanation:?}");
+    assert_eq!(world.group().await, batch.iter().cloned().collect());
+    assert!(world.users_in(UserState::Held).is_empty());
+}
