@@ -245,6 +245,18 @@ impl World {
         controller(&self.config, &store, &self.clock, iam, mode)
     }
 
+    /// `count` calls by `user` from an untrusted network over the next minutes, each denied by
+    /// the lockdown policy.
+    fn lockdown_denials(&self, user: &str, count: i64) -> Vec<RecordSpec> {
+        let now = self.clock.now();
+        (1..=count)
+            .map(|m| {
+                RecordSpec::new(self.identity(user), now + chrono::Duration::minutes(m), "s3:PutObject", Origin::ip(UNTRUSTED_IP))
+                    .denied_explicitly(&self.config.lockdown.policy_name)
+            })
+            .collect()
+    }
+
     fn names(&self, names: &[&str]) -> BTreeSet<String> {
         names.iter().map(|n| self.user(n)).collect()
     }
@@ -340,14 +352,7 @@ async fn denials_after_promotion_roll_the_batch_back_within_one_poll() {
 
     // One member starts working from an untrusted network: the lockdown policy denies it.
     let culprit = batch[0].clone();
-    let now = world.clock.now();
-    let denied: Vec<RecordSpec> = (1..=4)
-        .map(|m| {
-            RecordSpec::new(world.identity(&culprit), now + chrono::Duration::minutes(m), "s3:PutObject", Origin::ip(UNTRUSTED_IP))
-                .denied_explicitly(&world.config.lockdown.policy_name)
-        })
-        .collect();
-    world.write(&denied);
+    world.write(&world.lockdown_denials(&culprit, 4));
     let report = world.advance(chrono::Duration::minutes(10), true).await;
     assert!(
         report.plan.actions.iter().any(|a| matches!(a, Action::RollBack { .. })),
@@ -657,14 +662,7 @@ async fn a_spike_holds_only_the_culprit_and_requeues_the_bystanders() {
     world.advance(chrono::Duration::minutes(30), true).await;
 
     let culprit = batch[0].clone();
-    let now = world.clock.now();
-    let denied: Vec<RecordSpec> = (1..=4)
-        .map(|m| {
-            RecordSpec::new(world.identity(&culprit), now + chrono::Duration::minutes(m), "s3:PutObject", Origin::ip(UNTRUSTED_IP))
-                .denied_explicitly(&world.config.lockdown.policy_name)
-        })
-        .collect();
-    world.write(&denied);
+    world.write(&world.lockdown_denials(&culprit, 4));
     let report = world.advance(chrono::Duration::minutes(10), true).await;
     assert!(report.plan.actions.iter().any(|a| matches!(a, Action::RollBack { .. })), "{:?}", report.verdicts);
     let explanation = &report.explanations[&world.ledger().batches[0].id];
