@@ -31,7 +31,7 @@ use crate::guard::{self, CohortRate, DenialEvent};
 use crate::iam::{Iam, IamError, PolicyStatus};
 use crate::planner::{self, Action, Gate, Plan};
 use crate::rollout::{Batch, BatchState, IamUser, Snapshot, UserState};
-use crate::store::{Ledger, NewBatch, RollbackRequest, RolloutStore, StoreError};
+use crate::store::{Ledger, NewBatch, Requeue, RollbackRequest, RolloutStore, StoreError};
 use crate::trail::Record;
 
 /// A controller with its edges chosen, as the daemon's runtime sees it.
@@ -132,6 +132,9 @@ pub struct StepReport {
     pub drift: Vec<Drift>,
     /// Errors that did not stop the step (a failed IAM write is retried next step).
     pub errors: Vec<String>,
+    /// Why the guard judged each watched batch as it did (counts per cause, expectation,
+    /// threshold, samples, culprits and bystanders).
+    pub explanations: BTreeMap<i64, guard::Explanation>,
 }
 
 /// One generic or explicit denial, or a plain call, by a user who is not promoted.
@@ -242,6 +245,39 @@ pub(crate) fn rollback_reason(reason: &str, verdict: Option<&guard::Verdict>) ->
     format!("{reason}{offending}")
 }
 
+/// A rolled-back batch's members who are not at fault: all but the guard's culprits. Without a
+/// spike that names culprits (an operator's rollback, a spike on no one in particular) every
+/// member is held.
+pub(crate) fn not_at_fault(judgement: Option<&guard::Judgement>) -> Vec<String> {
+    judgement
+        .filter(|j| j.verdict.kind() == guard::VerdictKind::Spike)
+        .map(|j| j.explanation.not_at_fault().to_vec())
+        .unwrap_or_default()
+}
+
+/// A healthy batch whose soak is over succeeds only once the event source has delivered events
+/// past soak end + `guard.delivery_lag`; until then its verdict is inconclusive, saying until when.
+pub(crate) fn await_delivery(
+    mut judgement: guard::Judgement,
+    batch: &Batch,
+    health: &guard::SourceHealth,
+    lag: std::time::Duration,
+    now: DateTime<Utc>,
+) -> guard::Judgement {
+    let Some(soak_until) = batch.soak_until.filter(|until| *until <= now) else {
+        return judgement;
+    };
+    if judgement.verdict.kind() != guard::VerdictKind::Healthy {
+        return judgement;
+    }
+    if let Some(pending) = guard::delivery_pending(health, soak_until, lag) {
+        judgement.verdict = guard::Verdict::Inconclusive {
+            why: format!("waiting for delivery until {}", pending.need_events_after.format("%H:%MZ")),
+        };
+    }
+    judgement
+}
+
 /// The IAM writes a dry-run plan would make.
 pub(crate) fn dry_run_writes(plan: &Plan, snapshot: &Snapshot, group: &str) -> Vec<String> {
     let mut writes = Vec::new();
@@ -315,18 +351,22 @@ impl<I: Iam, F: EventFeed> Controller<I, F> {
             iam_writes: Vec::new(),
             drift: Vec::new(),
             errors: Vec::new(),
+            explanations: BTreeMap::new(),
         };
 
         let snapshot = self.store.snapshot()?;
         self.observe_events(&snapshot, now).await?;
         self.reconcile(&mut report, now).await?;
 
-        let (plan, verdicts) = self.plan(now, promote_now, self.mode == Mode::Commit).await?;
+        let (plan, judgements) = self.plan(now, promote_now, self.mode == Mode::Commit).await?;
         match self.mode {
-            Mode::Commit => self.apply(&plan, &verdicts, &mut report, now).await?,
+            Mode::Commit => self.apply(&plan, &judgements, &mut report, now).await?,
             Mode::DryRun => self.record_dry_run(&plan, &mut report, now)?,
         }
-        report.verdicts = verdicts;
+        for (batch, judgement) in judgements {
+            report.verdicts.insert(batch, judgement.verdict);
+            report.explanations.insert(batch, judgement.explanation);
+        }
         report.plan = plan;
         Ok(report)
     }
@@ -339,9 +379,10 @@ impl<I: Iam, F: EventFeed> Controller<I, F> {
 
     /// Gathers the planner's inputs, judges watched batches and plans; `record` keeps the
     /// verdicts in the ledger.
-    async fn plan(&mut self, now: DateTime<Utc>, promote_now: bool, record: bool) -> Result<(Plan, BTreeMap<i64, guard::Verdict>), ControllerError> {
+    async fn plan(&mut self, now: DateTime<Utc>, promote_now: bool, record: bool) -> Result<(Plan, BTreeMap<i64, guard::Judgement>), ControllerError> {
         let snapshot = self.store.snapshot()?;
-        let verdicts = self.judge_batches(&snapshot, now, record)?;
+        let judgements = self.judge_batches(&snapshot, now, record)?;
+        let verdicts: BTreeMap<i64, guard::Verdict> = judgements.iter().map(|(id, j)| (*id, j.verdict.clone())).collect();
         let evidence = self
             .store
             .user_evidence(now - chrono_of(self.config.eligibility.window), now)?;
@@ -359,7 +400,7 @@ impl<I: Iam, F: EventFeed> Controller<I, F> {
             now,
             promote_now,
         });
-        Ok((plan, verdicts))
+        Ok((plan, judgements))
     }
 
     /// Reads new trail records: denials of watched batches' members go to the ledger, the
@@ -515,7 +556,7 @@ impl<I: Iam, F: EventFeed> Controller<I, F> {
         Ok(())
     }
 
-    fn judge_batches(&self, snapshot: &Snapshot, now: DateTime<Utc>, record: bool) -> Result<BTreeMap<i64, guard::Verdict>, ControllerError> {
+    fn judge_batches(&self, snapshot: &Snapshot, now: DateTime<Utc>, record: bool) -> Result<BTreeMap<i64, guard::Judgement>, ControllerError> {
         let window = chrono_of(self.config.eligibility.window);
         let health = self.store.source_health()?;
         let cohort = self.cohort_rate(now);
@@ -530,7 +571,7 @@ impl<I: Iam, F: EventFeed> Controller<I, F> {
                 .map(|e| (e.user.clone(), e.other_denials as f64 / hours))
                 .collect();
             let events = self.store.denials(batch.id)?;
-            let verdict = guard::judge(&guard::Input {
+            let judgement = guard::assess(&guard::Input {
                 batch,
                 events: &events,
                 baselines: &baselines,
@@ -539,11 +580,13 @@ impl<I: Iam, F: EventFeed> Controller<I, F> {
                 config: &self.config.guard,
                 now,
             });
+            let judgement = await_delivery(judgement, batch, &health, self.config.guard.delivery_lag, now);
+            let verdict = &judgement.verdict;
             let summary = verdict.summary();
             if record && (batch.verdict.as_deref() != Some(summary.as_str()) || batch.verdict_kind != Some(verdict.kind())) {
                 self.store.set_verdict(batch.id, verdict.kind(), &summary)?;
             }
-            verdicts.insert(batch.id, verdict);
+            verdicts.insert(batch.id, judgement);
         }
         Ok(verdicts)
     }
@@ -569,13 +612,23 @@ impl<I: Iam, F: EventFeed> Controller<I, F> {
         Ok(status.problem(&lockdown.group, &lockdown.policy_name).filter(|_| status != PolicyStatus::InPlace))
     }
 
-    async fn apply(&mut self, plan: &Plan, verdicts: &BTreeMap<i64, guard::Verdict>, report: &mut StepReport, now: DateTime<Utc>) -> Result<(), ControllerError> {
+    async fn apply(&mut self, plan: &Plan, judgements: &BTreeMap<i64, guard::Judgement>, report: &mut StepReport, now: DateTime<Utc>) -> Result<(), ControllerError> {
         let group = self.config.lockdown.group.clone();
+        let snapshot = self.store.snapshot()?;
         for action in &plan.actions {
             match action {
                 Action::RollBack { batch, reason } => {
-                    let reason = rollback_reason(reason, verdicts.get(batch));
+                    let judgement = judgements.get(batch);
+                    let reason = rollback_reason(reason, judgement.map(|j| &j.verdict));
                     let pause = format!("batch {batch} rolled back by the guard");
+                    let bystanders = not_at_fault(judgement);
+                    let requeue_after = self
+                        .config
+                        .guard
+                        .requeue_after
+                        .map(chrono_of)
+                        .or_else(|| snapshot.batch(*batch).map(|b| soak_of(b, &self.config)))
+                        .unwrap_or_else(|| chrono_of(self.config.guard.window));
                     let users = self.store.begin_rollback(
                         &RollbackRequest {
                             batch: *batch,
@@ -583,10 +636,15 @@ impl<I: Iam, F: EventFeed> Controller<I, F> {
                             reason: &reason,
                             hold_until: now + chrono_of(self.config.eligibility.hold_expiry),
                             pause: Some(&pause),
+                            requeue: Some(Requeue { users: &bystanders, until: now + requeue_after }),
                         },
                         now,
                     )?;
-                    tracing::warn!(batch, users = ?users, %reason, "rolling back batch");
+                    if let Some(judgement) = judgement {
+                        let explanation = serde_json::to_string(&judgement.explanation).unwrap_or_default();
+                        self.store.note("controller", "guard_explanation", &format!("batch {batch}: {explanation}"), now)?;
+                    }
+                    tracing::warn!(batch, users = ?users, bystanders = ?bystanders, %reason, "rolling back batch");
                     for user in users {
                         self.remove_member(&group, &user, true, report, now).await?;
                     }
@@ -883,6 +941,55 @@ mod tests {
         assert_eq!(rollback_reason("manual", None), "manual");
     }
 
+    fn explanation(culprits: &[&str], bystanders: &[&str]) -> guard::Explanation {
+        guard::Explanation {
+            batch: 1,
+            since: t(0),
+            until: t(1),
+            cohort_unknown_per_user_hour: 0.0,
+            false_alarm_budget: 0.001,
+            tests_per_soak: 1,
+            significance: 0.001,
+            min_affected_users: 1,
+            min_denials: 1,
+            weighted_denials: 0,
+            members: vec![],
+            culprits: culprits.iter().map(|u| guard::Culprit { user: u.to_string(), offending: vec![] }).collect(),
+            bystanders: bystanders.iter().map(|u| u.to_string()).collect(),
+            samples: vec![],
+        }
+    }
+
+    #[test]
+    fn only_a_spike_with_culprits_clears_the_bystanders() {
+        let explanation = |culprits: &[&str]| explanation(culprits, &["ben", "cat"]);
+        let spike = guard::Verdict::Spike { affected: vec!["ann".into()], weighted_denials: 5, offending: vec![], detail: "5 denials".into() };
+        let judged = |verdict: &guard::Verdict, culprits: &[&str]| guard::Judgement { verdict: verdict.clone(), explanation: explanation(culprits) };
+        assert_eq!(not_at_fault(Some(&judged(&spike, &["ann"]))), ["ben", "cat"]);
+        assert!(not_at_fault(Some(&judged(&spike, &[]))).is_empty(), "no culprit named: everyone is held");
+        let healthy = guard::Verdict::Healthy { detail: "0 denials".into() };
+        assert!(not_at_fault(Some(&judged(&healthy, &["ann"]))).is_empty(), "not the guard's rollback");
+        assert!(not_at_fault(None).is_empty());
+    }
+
+    #[test]
+    fn a_healthy_batch_past_its_soak_waits_for_delivery_past_soak_end_plus_lag() {
+        let mut soaked = batch(1, "x", BatchState::Soaking, &["ann"]);
+        soaked.soak_until = Some(t(2));
+        let healthy = || guard::Judgement {
+            verdict: guard::Verdict::Healthy { detail: "0 denials".into() },
+            explanation: explanation(&[], &["ann"]),
+        };
+        let lag = std::time::Duration::from_secs(300);
+        let delivered_until = |at| guard::SourceHealth { last_event_at: Some(at), last_ok_poll: Some(t(3)), error: None };
+        let waiting = await_delivery(healthy(), &soaked, &delivered_until(t(2)), lag, t(3)).verdict;
+        assert!(matches!(&waiting, guard::Verdict::Inconclusive { why } if why == "waiting for delivery until 02:05Z"), "{waiting:?}");
+        let delivered = await_delivery(healthy(), &soaked, &delivered_until(t(2) + chrono::Duration::minutes(6)), lag, t(3)).verdict;
+        assert_eq!(delivered.kind(), guard::VerdictKind::Healthy);
+        let still_soaking = await_delivery(healthy(), &soaked, &delivered_until(t(0)), lag, t(1)).verdict;
+        assert_eq!(still_soaking.kind(), guard::VerdictKind::Healthy, "only a finished soak waits");
+    }
+
     #[test]
     fn a_dry_run_lists_the_writes_it_would_make() {
         let snapshot = Snapshot { batches: vec![batch(4, "x", BatchState::Soaking, &["cat", "dan"])], ..Snapshot::default() };
@@ -908,7 +1015,7 @@ mod tests {
         let users = [("ann".to_string(), "clean".to_string())];
         let id = store.start_batch(&NewBatch { wave: "x", users: &users, soak: chrono::Duration::hours(1) }, "controller", t(0)).unwrap();
         store.mark_locked("ann", "controller", t(0)).unwrap();
-        let request = RollbackRequest { batch: id, actor: "ops", reason: "manual", hold_until: t(48), pause: Some("rolled back") };
+        let request = RollbackRequest { batch: id, actor: "ops", reason: "manual", hold_until: t(48), pause: Some("rolled back"), requeue: None };
         assert_eq!(store.begin_rollback(&request, t(1)).unwrap(), ["ann"]);
         assert!(store.snapshot().unwrap().paused.is_some(), "the rollback paused the rollout in the same transaction");
 

@@ -207,6 +207,14 @@ pub struct Explanation {
     pub samples: Vec<DenialEvent>,
 }
 
+impl Explanation {
+    /// The members a rollback on this judgement need not hold: the bystanders, when the
+    /// judgement names culprits (without culprits no one is cleared).
+    pub fn not_at_fault(&self) -> &[String] {
+        if self.culprits.is_empty() { &[] } else { &self.bystanders }
+    }
+}
+
 /// One member's denials in the judged window, per cause, and how they were weighed.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct MemberCounts {

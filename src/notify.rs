@@ -14,15 +14,29 @@ use hyper_util::rt::TokioExecutor;
 use serde::Serialize;
 
 use crate::controller::{Mode, StepReport};
+use crate::guard::Explanation;
 use crate::planner::Action;
 use crate::rollout::Snapshot;
 
 const TIMEOUT: Duration = Duration::from_secs(10);
 
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Serialize)]
 #[serde(tag = "event", rename_all = "snake_case")]
 pub enum Event {
-    Rollback { at: DateTime<Utc>, batch: i64, users: Vec<String>, reason: String },
+    Rollback {
+        at: DateTime<Utc>,
+        batch: i64,
+        /// Every member: all leave the group.
+        users: Vec<String>,
+        reason: String,
+        /// Members not at fault: back in the eligible pool after `guard.requeue_after`.
+        #[serde(default)]
+        not_at_fault: Vec<String>,
+        /// The guard's explanation (counts per cause, expectation, threshold, samples,
+        /// culprits with their offending calls); none for an operator's rollback.
+        #[serde(skip_serializing_if = "Option::is_none")]
+        explanation: Option<Box<Explanation>>,
+    },
     Pause { at: DateTime<Utc>, by: String, reason: String },
     WaveFinished { at: DateTime<Utc>, wave: String, why: String },
 }
@@ -38,7 +52,16 @@ pub fn events(report: &StepReport, before: &Snapshot) -> Vec<Event> {
         match action {
             Action::RollBack { batch, reason } => {
                 let users = before.batch(*batch).map(|b| b.members.clone()).unwrap_or_default();
-                events.push(Event::Rollback { at: report.at, batch: *batch, users, reason: reason.clone() });
+                let explanation = report.explanations.get(batch).cloned();
+                let not_at_fault = explanation.as_ref().map(|e| e.not_at_fault().to_vec()).unwrap_or_default();
+                events.push(Event::Rollback {
+                    at: report.at,
+                    batch: *batch,
+                    users,
+                    reason: reason.clone(),
+                    not_at_fault,
+                    explanation: explanation.map(Box::new),
+                });
                 if before.paused.is_none() {
                     events.push(Event::Pause {
                         at: report.at,
@@ -165,6 +188,7 @@ mod tests {
             iam_writes: vec![],
             drift: vec![],
             errors: vec![],
+            explanations: Default::default(),
         };
         let mut before = Snapshot::default();
         before.batches.push(Batch {

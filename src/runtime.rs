@@ -16,7 +16,7 @@ use crate::clock::Clock;
 use crate::config::Config;
 use crate::controller::{ControllerError, Mode, StepReport, Stepper};
 use crate::evidence::Freshness;
-use crate::guard::{Cause, VerdictKind};
+use crate::guard::{Cause, Explanation, VerdictKind};
 use crate::metrics::Metrics;
 use crate::notify::{self, Webhook};
 use crate::planner::{Gate, Plan};
@@ -187,6 +187,8 @@ impl Shared {
                 batch: *batch,
                 users: Vec::new(),
                 reason: reason.clone(),
+                not_at_fault: Vec::new(),
+                explanation: None,
             }),
             _ => None,
         };
@@ -251,6 +253,7 @@ pub fn apply_command(ledger: &dyn Ledger, command: &Command, config: &Config, no
                     reason,
                     hold_until,
                     pause: None,
+                    requeue: None,
                 },
                 now,
             )?;
@@ -279,6 +282,10 @@ pub struct BatchView {
     /// The verdict's kind (absent from daemons that predate it).
     #[serde(default)]
     pub verdict_kind: Option<VerdictKind>,
+    /// Why the guard judged the batch as it did at the last step (per member counts per cause,
+    /// expectation, threshold, samples, culprits and bystanders); absent when it was not judged.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub explanation: Option<Explanation>,
 }
 
 /// The rollout at a glance: what `lockstep status` prints.
@@ -326,6 +333,7 @@ pub fn status(snapshot: &Snapshot, report: Option<&StepReport>, evidence: Freshn
                     .flatten(),
                 verdict: b.verdict.clone(),
                 verdict_kind: b.verdict_kind,
+                explanation: report.and_then(|r| r.explanations.get(&b.id).cloned()),
             })
             .collect(),
         users,

@@ -28,7 +28,7 @@ use lockstep::store::{Ledger, RollbackRequest, Store};
 
 /// Alice's rollback of batch 1.
 fn rollback(reason: &str, hold_until: chrono::DateTime<chrono::Utc>) -> RollbackRequest<'_> {
-    RollbackRequest { batch: 1, actor: "alice", reason, hold_until, pause: None }
+    RollbackRequest { batch: 1, actor: "alice", reason, hold_until, pause: None, requeue: None }
 }
 use lockstep_synth::{Faults, Identity, Origin, RecordSpec, write_trail};
 
@@ -107,9 +107,14 @@ struct World {
 impl World {
     /// Users get `<prefix>-<name>`; history of `history` days of their habits ends at `t0()`.
     async fn new(prefix: &str, users: &[(&str, Habit)], history_days: i64) -> World {
+        World::with_config(prefix, users, history_days, str::to_string).await
+    }
+
+    /// Like [`World::new`], with the configuration text edited by `edit`.
+    async fn with_config(prefix: &str, users: &[(&str, Habit)], history_days: i64, edit: impl Fn(&str) -> String) -> World {
         let dir = tempfile::tempdir().unwrap();
         let root = dir.path().to_path_buf();
-        let config = Config::parse(&config_text(prefix, &root), Path::new("test.yaml")).unwrap();
+        let config = Config::parse(&edit(&config_text(prefix, &root)), Path::new("test.yaml")).unwrap();
         let sdk = common::lockstep_sdk(&common::endpoint()).await;
         let client = aws_sdk_iam::Client::new(&sdk);
         let mut habits = Vec::new();
@@ -240,6 +245,18 @@ impl World {
         controller(&self.config, &store, &self.clock, iam, mode)
     }
 
+    /// `count` calls by `user` from an untrusted network over the next minutes, each denied by
+    /// the lockdown policy.
+    fn lockdown_denials(&self, user: &str, count: i64) -> Vec<RecordSpec> {
+        let now = self.clock.now();
+        (1..=count)
+            .map(|m| {
+                RecordSpec::new(self.identity(user), now + chrono::Duration::minutes(m), "s3:PutObject", Origin::ip(UNTRUSTED_IP))
+                    .denied_explicitly(&self.config.lockdown.policy_name)
+            })
+            .collect()
+    }
+
     fn names(&self, names: &[&str]) -> BTreeSet<String> {
         names.iter().map(|n| self.user(n)).collect()
     }
@@ -335,14 +352,7 @@ async fn denials_after_promotion_roll_the_batch_back_within_one_poll() {
 
     // One member starts working from an untrusted network: the lockdown policy denies it.
     let culprit = batch[0].clone();
-    let now = world.clock.now();
-    let denied: Vec<RecordSpec> = (1..=4)
-        .map(|m| {
-            RecordSpec::new(world.identity(&culprit), now + chrono::Duration::minutes(m), "s3:PutObject", Origin::ip(UNTRUSTED_IP))
-                .denied_explicitly(&world.config.lockdown.policy_name)
-        })
-        .collect();
-    world.write(&denied);
+    world.write(&world.lockdown_denials(&culprit, 4));
     let report = world.advance(chrono::Duration::minutes(10), true).await;
     assert!(
         report.plan.actions.iter().any(|a| matches!(a, Action::RollBack { .. })),
@@ -637,4 +647,75 @@ async fn a_member_removed_by_hand_is_recorded_and_not_re_added() {
     }
     assert!(world.group().await.contains(&removed), "promoted again after the release");
     assert_eq!(world.audit_actions(&removed), ["promote", "locked", "removed_by_hand", "release", "promote", "locked"]);
+}
+
+/// Scenario (e): a batch of 6 where one member misbehaves: all 6 leave the group, only the
+/// culprit is held, and the 5 bystanders are promoted again after the cool-down (one soak).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_spike_holds_only_the_culprit_and_requeues_the_bystanders() {
+    let names = ["ann", "ben", "cat", "dan", "eve", "fay"];
+    let users: Vec<(&str, Habit)> = names.iter().map(|n| (*n, Habit::Trusted)).collect();
+    let mut world = World::with_config("bystand", &users, 8, |text| text.replace("batch_size: 2", "batch_size: 6").replace("batch_size: 3", "batch_size: 6")).await;
+    let report = world.advance(chrono::Duration::minutes(10), true).await;
+    let batch = started_batch(&report).expect("batch started");
+    assert_eq!(batch.len(), 6);
+    world.advance(chrono::Duration::minutes(30), true).await;
+
+    let culprit = batch[0].clone();
+    world.write(&world.lockdown_denials(&culprit, 4));
+    let report = world.advance(chrono::Duration::minutes(10), true).await;
+    assert!(report.plan.actions.iter().any(|a| matches!(a, Action::RollBack { .. })), "{:?}", report.verdicts);
+    let explanation = &report.explanations[&world.ledger().batches[0].id];
+    assert_eq!(explanation.culprits.iter().map(|c| c.user.clone()).collect::<Vec<_>>(), [culprit.clone()]);
+    assert!(world.group().await.is_empty(), "the whole batch leaves the group");
+
+    let ledger = world.ledger();
+    let bystanders: BTreeSet<String> = batch[1..].iter().cloned().collect();
+    let culprit_hold = ledger.members[&culprit].hold_until.unwrap();
+    assert!(culprit_hold - world.clock.now() >= chrono::Duration::days(6), "the culprit is held for hold_expiry");
+    assert!(ledger.members[&culprit].reason.as_deref().unwrap_or_default().contains("s3:PutObject"));
+    for user in &bystanders {
+        let member = &ledger.members[user];
+        assert_eq!(member.reason.as_deref(), Some(format!("rolled back with batch {}, not at fault", ledger.batches[0].id).as_str()));
+        assert!(member.hold_until.unwrap() - world.clock.now() <= chrono::Duration::hours(6), "requeued after one soak");
+        assert!(world.audit_actions(user).iter().any(|a| a == "rolling_back"));
+    }
+
+    // The operator resumes; after the cool-down the bystanders are promoted again, the culprit never.
+    world.store.resume("ops", world.clock.now()).unwrap();
+    for _ in 0..12 {
+        world.advance(chrono::Duration::hours(1), true).await;
+    }
+    let group = world.group().await;
+    assert_eq!(group, bystanders, "the 5 bystanders are back in the group, the culprit is not");
+    assert_eq!(world.ledger().members[&culprit].state, UserState::Held);
+}
+
+/// Scenario (f): an explicit identity-based deny from another policy, for calls the perimeter
+/// allows (trusted address): counted as `other`, never a spike.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_explicit_deny_from_another_policy_is_not_a_spike() {
+    let mut world = World::new("otherdeny", &[("ann", Habit::Trusted), ("ben", Habit::Trusted)], 8).await;
+    let report = world.advance(chrono::Duration::minutes(10), true).await;
+    let batch = started_batch(&report).expect("canary batch started");
+    world.advance(chrono::Duration::minutes(30), true).await;
+
+    let now = world.clock.now();
+    let denied: Vec<RecordSpec> = batch
+        .iter()
+        .flat_map(|user| (1..=5).map(move |m| (user.clone(), m)))
+        .map(|(user, m)| {
+            RecordSpec::new(world.identity(&user), now + chrono::Duration::minutes(m), "s3:PutObject", Origin::ip(TRUSTED_IP))
+                .denied_explicitly("team-data-guardrail")
+        })
+        .collect();
+    world.write(&denied);
+    let report = world.advance(chrono::Duration::minutes(10), true).await;
+    assert!(!report.plan.actions.iter().any(|a| matches!(a, Action::RollBack { .. })), "{:?}", report.verdicts);
+    let id = world.ledger().batches[0].id;
+    let explanation = &report.explanations[&id];
+    assert!(explanation.culprits.is_empty(), "{explanation:?}");
+    assert_eq!(explanation.members.iter().map(|m| m.other).sum::<u64>(), 10, "counted as other: {explanation:?}");
+    assert_eq!(world.group().await, batch.iter().cloned().collect());
+    assert!(world.users_in(UserState::Held).is_empty());
 }

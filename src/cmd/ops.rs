@@ -19,7 +19,7 @@ use lockstep::controller::{Controller, Mode, remove_and_hold};
 use lockstep::duration::elapsed as ago;
 use lockstep::evidence::{EvidenceStore, SourceError};
 use lockstep::feed::EventFeed;
-use lockstep::guard::VerdictKind;
+use lockstep::guard::{Explanation, VerdictKind};
 use lockstep::iam::AwsIam;
 use lockstep::planner::{Action, Eligibility, Gate, Plan};
 use lockstep::metrics::{MeteredIam, Metrics};
@@ -158,7 +158,31 @@ fn render_status(status: &Status) -> String {
                 members,
                 guard_column(b.verdict.as_deref(), b.verdict_kind)
             );
+            if let Some(explanation) = &b.explanation {
+                out += &explanation_lines(explanation);
+            }
         }
+    }
+    out
+}
+
+/// Why the guard judged a batch as it did, under its row: denials per cause and how they were
+/// weighed, the culprits and the members not at fault.
+fn explanation_lines(e: &Explanation) -> String {
+    let mut out = format!(
+        "       guard: {} weighted denials (threshold {} users, {} denials; false-alarm budget {} over {} tests)\n",
+        e.weighted_denials, e.min_affected_users, e.min_denials, e.false_alarm_budget, e.tests_per_soak
+    );
+    for m in e.members.iter().filter(|m| m.lockdown + m.other + m.unknown > 0) {
+        out += &format!(
+            "       {}: {} lockdown, {} unknown (expected {:.1}, allowed {}), {} other not counted\n",
+            m.user, m.lockdown, m.unknown, m.unknown_expected, m.unknown_allowance, m.other
+        );
+    }
+    if !e.culprits.is_empty() {
+        let culprits: Vec<String> = e.culprits.iter().map(|c| format!("{} ({} calls)", c.user, c.offending.len())).collect();
+        out += &format!("       at fault: {}\n", culprits.join(", "));
+        out += &format!("       not at fault: {}\n", if e.bystanders.is_empty() { "-".to_string() } else { e.bystanders.join(", ") });
     }
     out
 }

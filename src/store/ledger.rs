@@ -226,7 +226,8 @@ impl Ledger for Store {
     /// be removed, then held until `hold_until`). Refuses batches lockstep never applied or
     /// already rolled back.
     fn begin_rollback(&self, rollback: &RollbackRequest<'_>, now: DateTime<Utc>) -> Result<Vec<String>, StoreError> {
-        let RollbackRequest { batch, actor, reason, hold_until, pause } = *rollback;
+        let RollbackRequest { batch, actor, reason, hold_until, pause, requeue } = *rollback;
+        let bystander_reason = format!("rolled back with batch {batch}, not at fault");
         self.write("journaling a rollback", |tx| {
             let state: Option<(String, Option<i64>)> = tx
                 .query_row("SELECT state, finished_at FROM batches WHERE id = ?1", [batch], |r| Ok((r.get(0)?, r.get(1)?)))
@@ -257,6 +258,10 @@ impl Ledger for Store {
                 .collect::<Result<Vec<_>, _>>()
                 .doing("reading batch members")?;
             for user in &users {
+                let (reason, hold_until) = match requeue {
+                    Some(requeue) if requeue.users.contains(user) => (bystander_reason.as_str(), requeue.until),
+                    _ => (reason, hold_until),
+                };
                 tx.execute(
                     "UPDATE members SET state = 'rolling_back', since = ?2, reason = ?3, hold_until = ?4 WHERE user = ?1",
                     params![user, secs(now), reason, secs(hold_until)],
@@ -583,7 +588,7 @@ mod tests {
     }
 
     fn rollback(batch: i64, reason: &str, hold_until: DateTime<Utc>) -> RollbackRequest<'_> {
-        RollbackRequest { batch, actor: "ops", reason, hold_until, pause: None }
+        RollbackRequest { batch, actor: "ops", reason, hold_until, pause: None, requeue: None }
     }
 
     fn t(h: i64) -> DateTime<Utc> {
@@ -592,6 +597,26 @@ mod tests {
 
     fn users(names: &[&str]) -> Vec<(String, String)> {
         names.iter().map(|n| (n.to_string(), "clean".to_string())).collect()
+    }
+
+    #[test]
+    fn a_guard_rollback_holds_culprits_and_requeues_bystanders() {
+        let ledger = store();
+        let id = ledger.start_batch(&batch(&users(&["ann", "ben", "cat"])), "controller", t(0)).unwrap();
+        for user in ["ann", "ben", "cat"] {
+            ledger.mark_locked(user, "controller", t(0)).unwrap();
+        }
+        let bystanders = ["ben".to_string(), "cat".to_string()];
+        let request = RollbackRequest { requeue: Some(super::super::Requeue { users: &bystanders, until: t(3) }), ..rollback(id, "guard: spike", t(48)) };
+        assert_eq!(ledger.begin_rollback(&request, t(1)).unwrap(), ["ann", "ben", "cat"], "the whole batch leaves the group");
+        let members = ledger.snapshot().unwrap().members;
+        assert_eq!((members["ann"].hold_until, members["ann"].reason.as_deref()), (Some(t(48)), Some("guard: spike")));
+        for user in bystanders {
+            assert_eq!(members[&user].hold_until, Some(t(3)));
+            assert_eq!(members[&user].reason.as_deref(), Some(format!("rolled back with batch {id}, not at fault").as_str()));
+        }
+        let audit = ledger.audit_log(100).unwrap();
+        assert!(audit.iter().any(|e| e.user.as_deref() == Some("ben") && e.reason.contains("not at fault")), "{audit:?}");
     }
 
     #[test]

@@ -60,6 +60,16 @@ pub struct RollbackRequest<'a> {
     pub hold_until: DateTime<Utc>,
     /// Also pause the rollout (unless already paused), with this reason: the guard does.
     pub pause: Option<&'a str>,
+    /// Members not at fault (a guard rollback's bystanders): held only until `until`, with the
+    /// reason "rolled back with batch N, not at fault", then eligible again.
+    pub requeue: Option<Requeue<'a>>,
+}
+
+/// The bystanders of a rollback and when they return to the eligible pool.
+#[derive(Debug, Clone, Copy)]
+pub struct Requeue<'a> {
+    pub users: &'a [String],
+    pub until: DateTime<Utc>,
 }
 
 /// The rollout ledger: users' states, batches, the pause switch, finished waves, the guard's
