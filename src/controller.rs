@@ -100,6 +100,8 @@ named_enum!(
         BackInGroupWhileHeld = "back_in_group_while_held",
         /// In the group, but lockstep never added them.
         NotAddedByLockstep = "not_added_by_lockstep",
+        /// A member lockstep did not add left the group: a candidate again.
+        ForeignLeft = "foreign_left",
     }
 );
 
@@ -153,13 +155,26 @@ pub(crate) enum Fix {
     MarkRemovedByHand(String),
     /// Journaled `rolling_back`: take the user out (if still in) and record them held.
     Remove { user: String, in_group: bool },
+    /// In the group, not put there by lockstep: record it, so that no path plans, rolls back
+    /// or removes them (an observation of IAM, recorded in dry run too).
+    RecordForeign { user: String, why: String },
+    /// A member lockstep did not add is no longer in the group.
+    ForgetForeign(String),
 }
 
 /// The reconcile table: what to fix and what drifted, from the ledger and the group's members.
-/// In dry run only the drift is reported.
+/// In dry run only ownership facts are recorded (they describe IAM, not the rollout); drift is
+/// reported once per change: a member lockstep did not add when first seen and when gone.
 pub(crate) fn reconcile(snapshot: &Snapshot, in_group: &HashSet<String>, group: &str, mode: Mode) -> (Vec<Fix>, Vec<Drift>) {
     let commit = mode == Mode::Commit;
     let (mut fixes, mut drift) = (Vec::new(), Vec::new());
+    // Recorded once: while they stay in the group there is nothing new to say.
+    let foreign = |user: String, kind: DriftKind, message: String, fixes: &mut Vec<Fix>, drift: &mut Vec<Drift>| {
+        if !snapshot.foreign.contains_key(&user) {
+            fixes.push(Fix::RecordForeign { user: user.clone(), why: message.clone() });
+            drift.push(Drift { user, kind, message });
+        }
+    };
     for member in snapshot.members.values() {
         let user = member.user.clone();
         match (member.state, in_group.contains(&member.user)) {
@@ -176,21 +191,25 @@ pub(crate) fn reconcile(snapshot: &Snapshot, in_group: &HashSet<String>, group: 
                 }
             }
             (UserState::RollingBack, in_group) if commit => fixes.push(Fix::Remove { user, in_group }),
-            (UserState::Held | UserState::RemovedByHand, true) => drift.push(Drift {
-                message: format!("{user} is {} but back in {group}; lockstep did not add them and leaves them alone", member.state),
-                user,
-                kind: DriftKind::BackInGroupWhileHeld,
-            }),
+            (UserState::Held | UserState::RemovedByHand, true) => {
+                let message = format!("{user} is {} but back in {group}; lockstep did not add them and leaves them alone", member.state);
+                foreign(user, DriftKind::BackInGroupWhileHeld, message, &mut fixes, &mut drift);
+            }
             _ => {}
         }
     }
     let mut strangers: Vec<&String> = in_group.iter().filter(|u| !snapshot.members.contains_key(*u)).collect();
     strangers.sort();
     for user in strangers {
+        let message = format!("{user} is in {group} but lockstep did not add them; left alone");
+        foreign(user.clone(), DriftKind::NotAddedByLockstep, message, &mut fixes, &mut drift);
+    }
+    for user in snapshot.foreign.keys().filter(|u| !in_group.contains(*u)) {
+        fixes.push(Fix::ForgetForeign(user.clone()));
         drift.push(Drift {
             user: user.clone(),
-            kind: DriftKind::NotAddedByLockstep,
-            message: format!("{user} is in {group} but lockstep did not add them; left alone"),
+            kind: DriftKind::ForeignLeft,
+            message: format!("{user}, whom lockstep did not add, is no longer in {group}; a candidate again"),
         });
     }
     (fixes, drift)
@@ -250,7 +269,10 @@ pub(crate) fn dry_run_writes(plan: &Plan, snapshot: &Snapshot, group: &str) -> V
             Action::StartBatch { users, .. } => writes.extend(users.iter().map(|c| format!("AddUserToGroup {group} {}", c.user))),
             Action::RollBack { batch, .. } => {
                 if let Some(b) = snapshot.batch(*batch) {
-                    writes.extend(b.members.iter().map(|u| format!("RemoveUserFromGroup {group} {u}")));
+                    let owned = |u: &&String| {
+                        !snapshot.foreign.contains_key(*u) && snapshot.members.get(*u).is_none_or(|m| m.state.wants_membership())
+                    };
+                    writes.extend(b.members.iter().filter(owned).map(|u| format!("RemoveUserFromGroup {group} {u}")));
                 }
             }
             _ => {}
@@ -395,6 +417,7 @@ impl<I: Iam, F: EventFeed> Controller<I, F> {
             .values()
             .filter(|m| m.state.wants_membership())
             .map(|m| m.user.as_str())
+            .chain(snapshot.foreign.keys().map(String::as_str))
             .collect();
         let exempt: HashSet<String> = match (&self.config.perimeter.exempt_tag_key, &self.directory) {
             (Some(key), Some((_, users))) => users.iter().filter(|u| u.tags.get(key).is_some_and(|v| v == "true")).map(|u| u.name.clone()).collect(),
@@ -471,6 +494,8 @@ impl<I: Iam, F: EventFeed> Controller<I, F> {
                 Fix::Add(user) => self.add_member(&group, &user, report, now).await?,
                 Fix::MarkRemovedByHand(user) => self.store.mark_removed_by_hand(&user, now)?,
                 Fix::Remove { user, in_group } => self.remove_member(&group, &user, in_group, report, now).await?,
+                Fix::RecordForeign { user, why } => self.store.record_foreign(&user, &why, now)?,
+                Fix::ForgetForeign(user) => self.store.forget_foreign(&user, now)?,
             }
         }
         if self.mode == Mode::Commit {
@@ -798,6 +823,8 @@ mod tests {
                 Fix::Add("ben".into()),
                 Fix::MarkRemovedByHand("cat".into()),
                 Fix::Remove { user: "dan".into(), in_group: true },
+                Fix::RecordForeign { user: "eve".into(), why: drift[1].message.clone() },
+                Fix::RecordForeign { user: "zed".into(), why: drift[2].message.clone() },
             ]
         );
         let kinds: Vec<_> = drift.iter().map(|d| (d.user.as_str(), d.kind)).collect();
@@ -809,10 +836,41 @@ mod tests {
                 ("zed", DriftKind::NotAddedByLockstep)
             ]
         );
-        // A dry run reports the same drift and fixes nothing.
+        // A dry run reports the same drift and records only who lockstep did not add.
         let (fixes, dry_drift) = reconcile(&snapshot, &in_group, "lockdown", Mode::DryRun);
-        assert!(fixes.is_empty());
+        assert!(fixes.iter().all(|f| matches!(f, Fix::RecordForeign { .. })), "{fixes:?}");
         assert_eq!(dry_drift, drift);
+    }
+
+    #[test]
+    fn a_member_lockstep_did_not_add_is_reported_once_per_change() {
+        let mut snapshot = Snapshot { members: [member("eve", UserState::Held, None)].into(), ..Snapshot::default() };
+        snapshot.foreign = [("eve".to_string(), t(0)), ("zed".to_string(), t(0))].into();
+        // Recorded already: nothing to say while they stay.
+        let (fixes, drift) = reconcile(&snapshot, &group(&["eve", "zed"]), "lockdown", Mode::Commit);
+        assert!(fixes.is_empty() && drift.is_empty(), "{fixes:?} {drift:?}");
+        // Gone from the group: forgotten, reported once.
+        let (fixes, drift) = reconcile(&snapshot, &group(&["eve"]), "lockdown", Mode::Commit);
+        assert_eq!(fixes, [Fix::ForgetForeign("zed".into())]);
+        assert_eq!(drift.iter().map(|d| d.kind).collect::<Vec<_>>(), [DriftKind::ForeignLeft]);
+    }
+
+    #[test]
+    fn a_dry_run_rollback_never_lists_a_member_lockstep_did_not_add() {
+        let mut snapshot = Snapshot {
+            batches: vec![batch(4, "x", BatchState::Soaking, &["cat", "zed"])],
+            members: [member("cat", UserState::Locked, Some(4)), member("zed", UserState::Locked, Some(4))].into(),
+            ..Snapshot::default()
+        };
+        snapshot.foreign = [("zed".to_string(), t(0))].into();
+        let plan = Plan {
+            gate: Gate::Open,
+            current_wave: None,
+            actions: vec![Action::RollBack { batch: 4, reason: "spike".into() }],
+            waiting: vec![],
+            users: BTreeMap::new(),
+        };
+        assert_eq!(dry_run_writes(&plan, &snapshot, "lockdown"), ["RemoveUserFromGroup lockdown cat"]);
     }
 
     #[test]

@@ -101,6 +101,12 @@ pub trait Ledger: Send + Sync {
     fn denials(&self, batch: i64) -> Result<Vec<DenialEvent>, StoreError>;
     fn source_health(&self) -> Result<SourceHealth, StoreError>;
     fn set_source_health(&self, health: &SourceHealth) -> Result<(), StoreError>;
+    /// Records a member of the lockdown group that lockstep did not add (or no longer wants
+    /// there): from now on never planned, rolled back or removed. Once per change: an audit line
+    /// only when newly recorded.
+    fn record_foreign(&self, user: &str, why: &str, now: DateTime<Utc>) -> Result<(), StoreError>;
+    /// The member lockstep did not add has left the group: a candidate like any other again.
+    fn forget_foreign(&self, user: &str, now: DateTime<Utc>) -> Result<(), StoreError>;
 }
 
 /// The log of evidence refreshes (scheduled or run by hand).

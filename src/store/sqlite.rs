@@ -95,6 +95,8 @@ pub(crate) const MIGRATIONS: &[&str] = &[
     super::ledger::SCHEMA_V2,
     // 3: each batch records its soak when it starts.
     super::ledger::SCHEMA_V3,
+    // 4: members lockstep did not add (ownership as a fact).
+    super::ledger::SCHEMA_V4,
 ];
 
 /// The origin of trail-file contributions (folder or S3).
