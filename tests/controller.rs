@@ -638,3 +638,71 @@ async fn a_member_removed_by_hand_is_recorded_and_not_re_added() {
     assert!(world.group().await.contains(&removed), "promoted again after the release");
     assert_eq!(world.audit_actions(&removed), ["promote", "locked", "removed_by_hand", "release", "promote", "locked"]);
 }
+
+/// Ownership is a fact: users put in the group by hand (before lockstep ran, or back after a
+/// rollback) are recorded once, never planned, and left in the group by the guard's rollback and
+/// an operator's rollback through the daemon's command path.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn members_added_by_hand_are_never_planned_rolled_back_or_removed() {
+    let users = [("ann", Habit::Trusted), ("ben", Habit::Trusted), ("cat", Habit::Trusted), ("dan", Habit::Trusted), ("eve", Habit::Trusted)];
+    let mut world = World::new("owned", &users, 8).await;
+    let (client, group) = (world.client.clone(), world.config.lockdown.group.clone());
+    let add_by_hand = |user: String| {
+        let request = client.add_user_to_group().group_name(&group).user_name(user);
+        async move { request.send().await.unwrap() }
+    };
+    // ben is eligible like the others, but an operator put him in the group first.
+    let ben = world.user("ben");
+    add_by_hand(ben.clone()).await;
+    let mut ben_reported = 0;
+    let report = world.advance(chrono::Duration::minutes(10), true).await;
+    ben_reported += report.drift.iter().filter(|d| d.user == ben && d.kind == DriftKind::NotAddedByLockstep).count();
+    let first = started_batch(&report).expect("canary batch");
+    assert!(!first.contains(&ben), "{first:?}");
+    assert!(matches!(&report.plan.users[&ben], lockstep::planner::Eligibility::Ineligible(why) if why.contains("someone else")));
+
+    // Batch 1 soaks and succeeds; batch 2 starts in the next wave, still without ben.
+    let mut second = None;
+    for _ in 0..30 {
+        let report = world.advance(chrono::Duration::minutes(30), true).await;
+        ben_reported += report.drift.iter().filter(|d| d.user == ben).count();
+        if let Some(batch) = started_batch(&report) {
+            second = Some(batch);
+            break;
+        }
+    }
+    let second = second.expect("a second batch");
+    assert!(!second.contains(&ben), "{second:?}");
+    assert_eq!(ben_reported, 1, "reported once, not every step");
+
+    // An operator rollback of batch 1 through the daemon's command path.
+    let command = lockstep::runtime::Command::Rollback { operator: "alice".into(), batch: 1, reason: "escalation".into() };
+    lockstep::runtime::apply_command(world.store.as_ref(), &command, &world.config, world.clock.now()).unwrap();
+    world.advance(chrono::Duration::minutes(10), true).await;
+    for user in &first {
+        assert_eq!(world.ledger().members[user].state, UserState::Held, "{user}");
+    }
+    // One of them is put back by hand: recorded, and from now on left alone too.
+    add_by_hand(first[0].clone()).await;
+    let report = world.advance(chrono::Duration::minutes(10), true).await;
+    assert!(report.drift.iter().any(|d| d.user == first[0] && d.kind == DriftKind::BackInGroupWhileHeld), "{:?}", report.drift);
+
+    // The guard rolls batch 2 back on a spike of its first member's denials.
+    let now = world.clock.now();
+    let denied: Vec<RecordSpec> = (1..=4)
+        .map(|m| {
+            RecordSpec::new(world.identity(&second[0]), now + chrono::Duration::minutes(m), "s3:PutObject", Origin::ip(UNTRUSTED_IP))
+                .denied_explicitly(&world.config.lockdown.policy_name)
+        })
+        .collect();
+    world.write(&denied);
+    let report = world.advance(chrono::Duration::minutes(10), true).await;
+    assert!(report.plan.actions.iter().any(|a| matches!(a, Action::RollBack { batch: 2, .. })), "{:?}", report.plan.actions);
+    assert!(report.drift.is_empty(), "nothing new to report: {:?}", report.drift);
+    assert_eq!(world.group().await, [ben.clone(), first[0].clone()].into_iter().collect(), "only the hand-added members remain");
+    let ledger = world.ledger();
+    assert!(ledger.batches.iter().all(|b| !b.members.contains(&ben)), "never planned");
+    assert_eq!(ledger.foreign.keys().cloned().collect::<BTreeSet<_>>(), [ben.clone(), first[0].clone()].into_iter().collect());
+    assert_eq!(world.audit_actions(&ben), ["foreign"]);
+    assert_eq!(world.audit_actions(&first[0]), ["promote", "locked", "rolling_back", "held", "foreign"]);
+}
