@@ -444,3 +444,115 @@ fn every_command_the_readme_shows_exists_with_its_flags() {
     }
     assert!(checked > 25, "checked {checked} commands");
 }
+
+impl EmulatedRollout {
+    /// Moves the listeners to free ports (tests run in parallel) for a daemon that keeps running.
+    fn free_listeners(&self) {
+        let port = || std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+        let text = std::fs::read_to_string(&self.config_path)
+            .unwrap()
+            .replace("admin: 127.0.0.1:9440", &format!("admin: 127.0.0.1:{}", port()))
+            .replace("metrics: 127.0.0.1:9441", &format!("metrics: 127.0.0.1:{}", port()));
+        std::fs::write(&self.config_path, text).unwrap();
+    }
+
+    /// An operator command as someone without the admin token runs it.
+    fn operator(&self, args: &[&str]) -> Output {
+        emulated_cli::lockstep(args, &self.config_path, self.dir.path()).env_remove("LOCKSTEP_ADMIN_TOKEN").output().unwrap()
+    }
+
+    /// The same command from `n` processes at once.
+    fn in_parallel(&self, n: usize, args: &[&str]) -> Vec<Output> {
+        std::thread::scope(|scope| {
+            let runs: Vec<_> = (0..n).map(|_| scope.spawn(|| self.operator(args))).collect();
+            runs.into_iter().map(|r| r.join().unwrap()).collect()
+        })
+    }
+
+    fn add_by_hand(&self, user: &str) {
+        let request = self.iam.add_user_to_group().group_name(format!("{}-lockdown", self.prefix)).user_name(user);
+        self.runtime.block_on(request.send()).unwrap();
+    }
+}
+
+#[test]
+fn with_the_daemon_running_the_cli_without_its_token_refuses_and_changes_nothing() {
+    let world = EmulatedRollout::new("cli-lock");
+    world.free_listeners();
+    assert!(world.run(&["policy", "apply", "--commit"], None).status.success());
+    let mut daemon = emulated_cli::lockstep(&["run"], &world.config_path, world.dir.path())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let store_path = world.dir.path().join("lockstep.db");
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    while !store_path.exists() || lockstep::store::StoreLock::offline(&store_path).is_ok() {
+        assert!(std::time::Instant::now() < deadline, "the daemon never took the store lock");
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+
+    let refused = world.operator(&["pause", "--operator", "kim", "--reason", "incident"]);
+    assert!(!refused.status.success());
+    assert!(text(&refused.stderr).contains("refused, nothing changed: the lockstep daemon is running"), "{}", text(&refused.stderr));
+    let rollback = world.operator(&["rollback", "1", "--commit", "--operator", "kim"]);
+    assert!(!rollback.status.success(), "{}", text(&rollback.stdout));
+    let store = world.store();
+    assert!(store.snapshot().unwrap().paused.is_none());
+    assert!(!store.audit_log(1000).unwrap().iter().any(|e| e.actor == "kim"), "nothing written by the refused commands");
+
+    daemon.kill().unwrap();
+    daemon.wait().unwrap();
+    let paused = world.operator(&["pause", "--operator", "kim", "--reason", "incident"]);
+    assert!(paused.status.success(), "offline once the daemon is down: {}", text(&paused.stderr));
+    assert_eq!(store.snapshot().unwrap().paused.map(|p| p.by).as_deref(), Some("kim"));
+}
+
+#[test]
+fn parallel_offline_commands_make_one_change_and_refuse_the_rest_cleanly() {
+    let world = EmulatedRollout::new("cli-race");
+    assert!(world.run(&["policy", "apply", "--commit"], None).status.success());
+    assert!(world.run(&["run", "--once", "--commit"], None).status.success());
+    assert_eq!(world.group(), world.users.to_vec());
+    assert!(world.operator(&["pause", "--operator", "kim", "--reason", "freeze"]).status.success());
+
+    let clean = |outputs: &[Output]| {
+        for output in outputs.iter().filter(|o| !o.status.success()) {
+            let stderr = text(&output.stderr);
+            assert!(stderr.contains("refused, nothing changed"), "{stderr}");
+            assert!(!stderr.contains("locked") && !stderr.contains("error:"), "{stderr}");
+        }
+        outputs.iter().filter(|o| o.status.success()).count()
+    };
+    let resumed = world.in_parallel(20, &["resume", "--operator", "kim"]);
+    assert_eq!(clean(&resumed), 1, "exactly one resume");
+    let rolled_back = world.in_parallel(10, &["rollback", "1", "--commit", "--operator", "kim"]);
+    assert_eq!(clean(&rolled_back), 1, "exactly one rollback");
+
+    assert!(world.group().is_empty(), "the batch is out of the group");
+    let audit = world.store().audit_log(1000).unwrap();
+    assert_eq!(audit.iter().filter(|e| e.action == "resume").count(), 1);
+    assert_eq!(audit.iter().filter(|e| e.action == "rollback").count(), 1);
+    assert_eq!(audit.iter().filter(|e| e.action == "held").count(), 2);
+}
+
+#[test]
+fn an_offline_rollback_leaves_a_member_added_by_hand_in_the_group() {
+    let world = EmulatedRollout::new("cli-own");
+    assert!(world.run(&["policy", "apply", "--commit"], None).status.success());
+    let [ann, ben] = world.users.clone();
+    world.add_by_hand(&ben);
+    let once = world.run(&["run", "--once", "--commit"], None);
+    assert!(once.status.success(), "{}", text(&once.stderr));
+    let store = world.store();
+    let snapshot = store.snapshot().unwrap();
+    assert_eq!(snapshot.batches[0].members, [ann.clone()], "the hand-added member is never planned");
+    assert!(snapshot.foreign.contains_key(&ben));
+    assert_eq!(world.group(), [ann.clone(), ben.clone()]);
+
+    let done = world.operator(&["rollback", "1", "--commit", "--operator", "kim"]);
+    assert!(done.status.success(), "{}", text(&done.stderr));
+    assert_eq!(world.group(), [ben.clone()], "only what lockstep added was removed");
+    let actions: Vec<String> = store.audit_log(1000).unwrap().into_iter().filter(|e| e.user.as_ref() == Some(&ben)).map(|e| e.action).collect();
+    assert_eq!(actions, ["foreign"]);
+}

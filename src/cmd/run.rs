@@ -16,7 +16,7 @@ use lockstep::evidence::refresh::{self, Source};
 use lockstep::feed::{self, EventFeed};
 use lockstep::iam::AwsIam;
 use lockstep::metrics::{Metrics, MeteredIam};
-use lockstep::store::{Ledger, Store};
+use lockstep::store::{Ledger, Store, StoreLock};
 
 pub struct Options {
     pub commit: bool,
@@ -24,8 +24,13 @@ pub struct Options {
     pub json: bool,
 }
 
+/// How long a starting daemon waits for offline commands to release the store lock.
+const LOCK_PATIENCE: std::time::Duration = std::time::Duration::from_secs(10);
+
 pub async fn run(config: Config, options: Options) -> anyhow::Result<ExitCode> {
     let clock: Arc<dyn Clock> = Arc::new(SystemClock);
+    // Held for the daemon's life: while it is, the CLI refuses to act on the store directly.
+    let _lock = StoreLock::daemon(&config.store.path, LOCK_PATIENCE).context("taking the store lock; is lockstep already running?")?;
     let store = Arc::new(
         Store::open(&config.store.path).with_context(|| format!("opening the store {}", config.store.path.display()))?,
     );

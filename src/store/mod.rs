@@ -6,6 +6,7 @@
 //! changes it and writes its audit line, so a server database can implement the same trait.
 
 mod ledger;
+mod lock;
 mod sqlite;
 
 use chrono::{DateTime, Utc};
@@ -13,6 +14,7 @@ use chrono::{DateTime, Utc};
 pub use crate::evidence::EvidenceStore;
 use crate::guard::{DenialEvent, SourceHealth, VerdictKind};
 use crate::rollout::{AuditEntry, Snapshot};
+pub use lock::{LockError, StoreLock, lock_path};
 pub use sqlite::{ATHENA_ORIGIN, Run, RunCounts, Store, TRAIL_ORIGIN};
 
 /// Why a store operation failed.
