@@ -134,6 +134,9 @@ pub struct StepReport {
     pub drift: Vec<Drift>,
     /// Errors that did not stop the step (a failed IAM write is retried next step).
     pub errors: Vec<String>,
+    /// Records the feed delivered dated after `now`: no sign of life for the silence check,
+    /// and their denials count as of `now`.
+    pub future_events: u64,
 }
 
 /// One generic or explicit denial, or a plain call, by a user who is not promoted.
@@ -337,10 +340,11 @@ impl<I: Iam, F: EventFeed> Controller<I, F> {
             iam_writes: Vec::new(),
             drift: Vec::new(),
             errors: Vec::new(),
+            future_events: 0,
         };
 
         let snapshot = self.store.snapshot()?;
-        self.observe_events(&snapshot, now).await?;
+        report.future_events = self.observe_events(&snapshot, now).await?;
         self.reconcile(&mut report, now).await?;
 
         let (plan, verdicts) = self.plan(now, promote_now, self.mode == Mode::Commit).await?;
@@ -386,14 +390,21 @@ impl<I: Iam, F: EventFeed> Controller<I, F> {
 
     /// Reads new trail records: denials of watched batches' members go to the ledger, the
     /// unpromoted cohort's activity to the in-memory window.
-    async fn observe_events(&mut self, snapshot: &Snapshot, now: DateTime<Utc>) -> Result<(), ControllerError> {
+    /// Returns how many records were dated after `now`.
+    async fn observe_events(&mut self, snapshot: &Snapshot, now: DateTime<Utc>) -> Result<u64, ControllerError> {
         let ledger_health = self.store.source_health()?;
-        let mut health = ledger_health.clone();
+        let mut health = ledger_health.clone().as_of(now);
+        let mut future = 0;
         match self.feed.poll().await {
             Ok(records) => {
                 health.last_ok_poll = Some(now);
                 health.error = None;
-                if let Some(newest) = records.iter().filter_map(Record::event_time).max() {
+                future = records.iter().filter_map(Record::event_time).filter(|at| *at > now).count() as u64;
+                if future > 0 {
+                    tracing::warn!(records = future, "trail records dated in the future: not taken as signs of life; their denials count as of now");
+                }
+                // A record from the future proves nothing about the source being alive.
+                if let Some(newest) = records.iter().filter_map(Record::event_time).filter(|at| *at <= now).max() {
                     health.last_event_at = Some(health.last_event_at.map_or(newest, |t| t.max(newest)));
                 }
                 self.remember(snapshot, &records, now)?;
@@ -406,7 +417,7 @@ impl<I: Iam, F: EventFeed> Controller<I, F> {
         if health != ledger_health {
             self.store.set_source_health(&health)?;
         }
-        Ok(())
+        Ok(future)
     }
 
     fn remember(&mut self, snapshot: &Snapshot, records: &[Record], now: DateTime<Utc>) -> Result<(), ControllerError> {
@@ -428,6 +439,7 @@ impl<I: Iam, F: EventFeed> Controller<I, F> {
             let (Some(user), Some(at)) = (record.user_name(), record.event_time()) else {
                 continue;
             };
+            let at = at.min(now);
             let denial = guard::attribute(record, &self.config.perimeter, &exempt, policy);
             if !promoted.contains(user) {
                 self.cohort.push_back(CohortEvent {
@@ -542,7 +554,7 @@ impl<I: Iam, F: EventFeed> Controller<I, F> {
 
     fn judge_batches(&self, snapshot: &Snapshot, now: DateTime<Utc>, record: bool) -> Result<BTreeMap<i64, guard::Verdict>, ControllerError> {
         let window = chrono_of(self.config.eligibility.window);
-        let health = self.store.source_health()?;
+        let health = self.store.source_health()?.as_of(now);
         let cohort = self.cohort_rate(now);
         let mut verdicts = BTreeMap::new();
         for batch in watched(snapshot, chrono_of(self.config.guard.grace), now) {

@@ -165,6 +165,7 @@ mod tests {
             iam_writes: vec![],
             drift: vec![],
             errors: vec![],
+            future_events: 0,
         };
         let mut before = Snapshot::default();
         before.batches.push(Batch {

@@ -706,3 +706,61 @@ async fn members_added_by_hand_are_never_planned_rolled_back_or_removed() {
     assert_eq!(world.audit_actions(&ben), ["foreign"]);
     assert_eq!(world.audit_actions(&first[0]), ["promote", "locked", "rolling_back", "held", "foreign"]);
 }
+
+/// A record dated 2099 in the trail folder: counted, but no sign of life; a high-water mark
+/// stored in the future (by an older lockstep) is clamped on read; deleting the file leaves
+/// nothing behind.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_future_dated_record_never_makes_a_silent_source_healthy() {
+    let mut world = World::new("future", &[("ann", Habit::Trusted), ("ben", Habit::Trusted), ("cat", Habit::Trusted)], 8).await;
+    let report = world.advance(chrono::Duration::minutes(10), true).await;
+    assert!(started_batch(&report).is_some());
+    for _ in 0..3 {
+        world.advance(chrono::Duration::hours(1), false).await;
+    }
+    let silent = |report: &StepReport| matches!(&report.plan.gate, Gate::Inconclusive(why) if why.contains("silent"));
+    let report = world.step().await;
+    assert!(silent(&report), "{:?}", report.plan.gate);
+
+    // Someone drops a record dated 2099 into today's folder.
+    let far = Utc.with_ymd_and_hms(2099, 1, 1, 0, 0, 0).unwrap();
+    let before: BTreeSet<_> = walk(&world.root.join("trail"));
+    let forged = RecordSpec::new(world.identity(&world.user("ann")), far, "s3:ListBuckets", Origin::ip(TRUSTED_IP));
+    write_trail(&world.root.join("trail"), common::ACCOUNT, &[forged], Faults::default()).unwrap();
+    let forged_files: Vec<_> = walk(&world.root.join("trail")).difference(&before).cloned().collect();
+    assert!(!forged_files.is_empty());
+    // Its day folder is in 2099, out of the feed's window: put it where the feed looks today.
+    let today = world.root.join("trail").join(format!("AWSLogs/{}/CloudTrail/us-east-1/{}", common::ACCOUNT, world.clock.now().format("%Y/%m/%d")));
+    std::fs::create_dir_all(&today).unwrap();
+    let planted = today.join("123456789012_CloudTrail_us-east-1_20990101T0000Z_forged.json.gz");
+    std::fs::rename(&forged_files[0], &planted).unwrap();
+    let report = world.advance(chrono::Duration::minutes(10), false).await;
+    assert_eq!(report.future_events, 1, "the forged record was read and counted");
+    assert!(silent(&report), "still silent: {:?}", report.plan.gate);
+    assert!(world.store.source_health().unwrap().last_event_at.unwrap() <= world.clock.now());
+
+    // A future high-water mark stored earlier (by an older lockstep) is not trusted on read.
+    let mut health = world.store.source_health().unwrap();
+    health.last_event_at = Some(far);
+    world.store.set_source_health(&health).unwrap();
+    std::fs::remove_file(&planted).unwrap();
+    let report = world.advance(chrono::Duration::minutes(10), false).await;
+    assert_eq!(report.future_events, 0);
+    assert!(matches!(&report.plan.gate, Gate::Inconclusive(_)), "{:?}", report.plan.gate);
+    assert_eq!(world.store.source_health().unwrap().last_event_at, None, "the stored future mark is dropped");
+    // Traffic returns: healthy again, nothing lasting from the forged file.
+    let report = world.advance(chrono::Duration::minutes(10), true).await;
+    assert!(!matches!(&report.plan.gate, Gate::Inconclusive(_)), "{:?}", report.plan.gate);
+}
+
+fn walk(dir: &Path) -> BTreeSet<std::path::PathBuf> {
+    let mut files = BTreeSet::new();
+    let mut pending = vec![dir.to_path_buf()];
+    while let Some(dir) = pending.pop() {
+        for entry in std::fs::read_dir(&dir).into_iter().flatten().flatten() {
+            let path = entry.path();
+            if path.is_dir() { pending.push(path) } else { files.insert(path); }
+        }
+    }
+    files
+}
