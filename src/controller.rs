@@ -24,7 +24,7 @@ use std::sync::Arc;
 use chrono::{DateTime, Utc};
 
 use crate::clock::Clock;
-use crate::config::Config;
+use crate::config::{Config, earlier, later};
 use crate::duration::chrono_of;
 use crate::feed::EventFeed;
 use crate::guard::{self, CohortRate, DenialEvent};
@@ -230,7 +230,7 @@ pub(crate) fn soaks_to_start(snapshot: &Snapshot, config: &Config, now: DateTime
                 .iter()
                 .any(|u| snapshot.members.get(u).is_some_and(|m| m.state == UserState::Promoting && m.batch == Some(batch.id)))
         })
-        .map(|batch| (batch.id, now + soak_of(batch, config)))
+        .map(|batch| (batch.id, later(now, soak_of(batch, config).to_std().unwrap_or_default())))
         .collect()
 }
 
@@ -370,7 +370,7 @@ impl<I: Iam, F: EventFeed> Controller<I, F> {
         let verdicts = self.judge_batches(&snapshot, now, record)?;
         let evidence = self
             .store
-            .user_evidence(now - chrono_of(self.config.eligibility.window), now)?;
+            .user_evidence(earlier(now, self.config.eligibility.window), now)?;
         let freshness = self.store.freshness()?;
         let users = self.directory(now).await?;
         let blocked = self.policy_problem().await?;
@@ -472,7 +472,7 @@ impl<I: Iam, F: EventFeed> Controller<I, F> {
         for (batch, events) in denials {
             self.store.record_denials(batch, &events)?;
         }
-        let horizon = now - chrono_of(self.config.guard.window);
+        let horizon = earlier(now, self.config.guard.window);
         while self.cohort.front().is_some_and(|e| e.at < horizon) {
             self.cohort.pop_front();
         }
@@ -480,7 +480,7 @@ impl<I: Iam, F: EventFeed> Controller<I, F> {
     }
 
     fn cohort_rate(&self, now: DateTime<Utc>) -> CohortRate {
-        let horizon = now - chrono_of(self.config.guard.window);
+        let horizon = earlier(now, self.config.guard.window);
         let recent = self.cohort.iter().filter(|e| e.at >= horizon && e.at <= now);
         let users: BTreeSet<&str> = recent.clone().map(|e| e.user.as_str()).collect();
         CohortRate {
@@ -559,7 +559,7 @@ impl<I: Iam, F: EventFeed> Controller<I, F> {
         let mut verdicts = BTreeMap::new();
         for batch in watched(snapshot, chrono_of(self.config.guard.grace), now) {
             let Some(applied_at) = batch.applied_at else { continue };
-            let before = self.store.user_evidence(applied_at - window, applied_at)?;
+            let before = self.store.user_evidence(earlier(applied_at, self.config.eligibility.window), applied_at)?;
             let hours = (window.num_seconds() as f64 / 3600.0).max(1.0);
             let baselines = before
                 .iter()
@@ -618,7 +618,7 @@ impl<I: Iam, F: EventFeed> Controller<I, F> {
                             batch: *batch,
                             actor: "controller",
                             reason: &reason,
-                            hold_until: now + chrono_of(self.config.eligibility.hold_expiry),
+                            hold_until: later(now, self.config.eligibility.hold_expiry),
                             pause: Some(&pause),
                         },
                         now,

@@ -320,7 +320,7 @@ fn plan_waves(inputs: &Inputs, plan: &mut Plan) -> bool {
             ));
             return false;
         }
-        let promoted_today = ledger.promoted_since(now - chrono::Duration::days(1));
+        let promoted_today = ledger.promoted_since(crate::config::earlier(now, std::time::Duration::from_secs(86_400)));
         let room = config.rollout.max_promotions_per_day.saturating_sub(promoted_today);
         if room == 0 {
             plan.waiting.push(format!(

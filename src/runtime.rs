@@ -243,7 +243,7 @@ pub fn apply_command(ledger: &dyn Ledger, command: &Command, config: &Config, no
         Command::Pause { reason, .. } => ledger.pause(operator, reason, now).map(|_| "rollout paused".to_string()),
         Command::Resume { .. } => ledger.resume(operator, now).map(|_| "rollout resumed".to_string()),
         Command::Rollback { batch, reason, .. } => {
-            let hold_until = now + chrono::Duration::from_std(config.eligibility.hold_expiry).unwrap_or(chrono::Duration::MAX);
+            let hold_until = crate::config::later(now, config.eligibility.hold_expiry);
             let users = ledger.begin_rollback(
                 &RollbackRequest {
                     batch: *batch,
