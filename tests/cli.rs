@@ -3,6 +3,8 @@
 
 mod common;
 mod emulated_cli;
+#[allow(dead_code)] // shared test support: this binary uses only the slow relay
+mod faults;
 
 use std::path::Path;
 use std::process::{Command, Output};
@@ -555,4 +557,55 @@ fn an_offline_rollback_leaves_a_member_added_by_hand_in_the_group() {
     assert_eq!(world.group(), [ben.clone()], "only what lockstep added was removed");
     let actions: Vec<String> = store.audit_log(1000).unwrap().into_iter().filter(|e| e.user.as_ref() == Some(&ben)).map(|e| e.action).collect();
     assert_eq!(actions, ["foreign"]);
+}
+
+/// SIGTERM while a step's IAM writes are in flight behind 150 ms of AWS latency: the step
+/// finishes its writes and their journal, then the daemon exits cleanly within the bound the
+/// README states.
+#[test]
+fn sigterm_during_a_step_finishes_it_and_exits_cleanly() {
+    const EXIT_BOUND: std::time::Duration = std::time::Duration::from_secs(30);
+    let world = EmulatedRollout::new("cli-term");
+    world.free_listeners();
+    assert!(world.run(&["policy", "apply", "--commit"], None).status.success());
+    assert!(world.run(&["evidence", "refresh"], None).status.success());
+    let proxy = world.runtime.block_on(faults::Proxy::start_slow(&common::endpoint(), std::time::Duration::from_millis(150)));
+    let mut daemon = emulated_cli::lockstep(&["run", "--commit"], &world.config_path, world.dir.path())
+        .env("AWS_ENDPOINT_URL", proxy.url())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    // The batch is journaled: its IAM writes are under way.
+    let store_path = world.dir.path().join("lockstep.db");
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    loop {
+        assert!(std::time::Instant::now() < deadline, "no batch was journaled");
+        let promoting = store_path.exists()
+            && Store::open(&store_path)
+                .and_then(|s| s.snapshot())
+                .is_ok_and(|s| s.members.values().any(|m| m.state == lockstep::rollout::UserState::Promoting));
+        if promoting {
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    }
+    let sent = std::time::Instant::now();
+    let killed = Command::new("kill").args(["-TERM", &daemon.id().to_string()]).status().unwrap();
+    assert!(killed.success());
+    let status = loop {
+        if let Some(status) = daemon.try_wait().unwrap() {
+            break status;
+        }
+        assert!(sent.elapsed() < EXIT_BOUND, "the daemon did not exit within {EXIT_BOUND:?}");
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    };
+    let mut stderr = String::new();
+    std::io::Read::read_to_string(daemon.stderr.as_mut().unwrap(), &mut stderr).unwrap();
+    assert!(status.success(), "clean exit, not killed by the signal: {status:?}\n{stderr}");
+    println!("exited {:?} after SIGTERM", sent.elapsed());
+    // The ledger and the group agree: the step in flight finished its writes and journal.
+    let snapshot = world.store().snapshot().unwrap();
+    assert!(snapshot.members.values().all(|m| m.state == lockstep::rollout::UserState::Locked), "{:?}", snapshot.members);
+    assert_eq!(world.group(), world.users.to_vec());
 }

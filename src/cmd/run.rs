@@ -67,6 +67,8 @@ pub async fn drive<F: EventFeed + 'static>(
     metrics: Metrics,
     options: Options,
 ) -> anyhow::Result<ExitCode> {
+    // Installed before the first step and kept for the daemon's life: no signal is lost.
+    let mut shutdown = Shutdown::install().context("listening for shutdown signals")?;
     let config = controller.config().clone();
     let shared = Shared::new(controller, metrics);
     let servers = if options.once {
@@ -79,13 +81,16 @@ pub async fn drive<F: EventFeed + 'static>(
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tokio::select! {
-            _ = ticker.tick() => {}
-            _ = shared.woken() => {}
-            _ = shutdown_signal() => {
-                tracing::info!("shutting down after the current step");
+            // A signal that arrived during the last step is seen before anything else.
+            biased;
+            () = shutdown.requested() => {
+                tracing::info!("shutdown signal: the step in flight finished; exiting");
                 break;
             }
+            _ = ticker.tick() => {}
+            _ = shared.woken() => {}
         }
+        // Not raced against the signal: a step finishes its IAM writes and their journal.
         match shared.step().await {
             Ok(report) => {
                 if options.json {
@@ -104,20 +109,23 @@ pub async fn drive<F: EventFeed + 'static>(
     Ok(ExitCode::SUCCESS)
 }
 
-async fn shutdown_signal() {
-    #[cfg(unix)]
-    {
-        let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-            Ok(term) => term,
-            Err(_) => return std::future::pending().await,
-        };
-        tokio::select! {
-            _ = tokio::signal::ctrl_c() => {}
-            _ = term.recv() => {}
-        }
+/// SIGTERM and SIGINT, listened for from install on: one that arrives while nobody awaits
+/// [`Shutdown::requested`] (during a step) is kept and answers the next call at once.
+struct Shutdown {
+    terminate: tokio::signal::unix::Signal,
+    interrupt: tokio::signal::unix::Signal,
+}
+
+impl Shutdown {
+    fn install() -> std::io::Result<Shutdown> {
+        use tokio::signal::unix::{SignalKind, signal};
+        Ok(Shutdown { terminate: signal(SignalKind::terminate())?, interrupt: signal(SignalKind::interrupt())? })
     }
-    #[cfg(not(unix))]
-    {
-        let _ = tokio::signal::ctrl_c().await;
+
+    async fn requested(&mut self) {
+        tokio::select! {
+            _ = self.terminate.recv() => {}
+            _ = self.interrupt.recv() => {}
+        }
     }
 }

@@ -41,6 +41,23 @@ impl Proxy {
         Proxy { address, served }
     }
 
+    /// Relays every request to the emulator after `latency`, as a slow AWS answers.
+    pub async fn start_slow(upstream: &str, latency: std::time::Duration) -> Proxy {
+        let upstream = upstream.trim_start_matches("http://").to_string();
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind the proxy");
+        let address = listener.local_addr().expect("proxy address");
+        tokio::spawn(async move {
+            while let Ok((client, _)) = listener.accept().await {
+                let upstream = upstream.clone();
+                tokio::spawn(async move {
+                    tokio::time::sleep(latency).await;
+                    let _ = relay(client, &upstream, &AtomicUsize::new(0), &AtomicUsize::new(0)).await;
+                });
+            }
+        });
+        Proxy { address, served: Arc::new(AtomicUsize::new(0)) }
+    }
+
     pub fn url(&self) -> String {
         format!("http://{}", self.address)
     }
