@@ -302,8 +302,16 @@ pub fn status(snapshot: &Snapshot, report: Option<&StepReport>, evidence: Freshn
     for member in snapshot.members.values() {
         *users.entry(member.state.to_string()).or_default() += 1;
     }
+    if !snapshot.foreign.is_empty() {
+        users.insert("not_added_by_lockstep".to_string(), snapshot.foreign.len());
+    }
     if let Some(report) = report {
-        let candidates = report.plan.users.keys().filter(|u| !snapshot.members.contains_key(*u)).count();
+        let candidates = report
+            .plan
+            .users
+            .keys()
+            .filter(|u| !snapshot.members.contains_key(*u) && !snapshot.foreign.contains_key(*u))
+            .count();
         users.insert("candidate".to_string(), candidates);
     }
     Status {

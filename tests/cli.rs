@@ -557,6 +557,9 @@ fn an_offline_rollback_leaves_a_member_added_by_hand_in_the_group() {
     assert_eq!(world.group(), [ben.clone()], "only what lockstep added was removed");
     let actions: Vec<String> = store.audit_log(1000).unwrap().into_iter().filter(|e| e.user.as_ref() == Some(&ben)).map(|e| e.action).collect();
     assert_eq!(actions, ["foreign"]);
+    let status = world.operator(&["status", "--json"]);
+    let status: serde_json::Value = serde_json::from_slice(&status.stdout).unwrap();
+    assert_eq!(status["users"]["not_added_by_lockstep"], 1, "{status}");
 }
 
 /// SIGTERM while a step's IAM writes are in flight behind 150 ms of AWS latency: the step
@@ -608,4 +611,22 @@ fn sigterm_during_a_step_finishes_it_and_exits_cleanly() {
     let snapshot = world.store().snapshot().unwrap();
     assert!(snapshot.members.values().all(|m| m.state == lockstep::rollout::UserState::Locked), "{:?}", snapshot.members);
     assert_eq!(world.group(), world.users.to_vec());
+}
+
+#[test]
+fn run_refuses_a_policy_over_the_size_limit_before_writing_the_store() {
+    let dir = tempfile::tempdir().unwrap();
+    let many: String = (0..400).map(|i| format!("    - 10.{}.{}.0/24\n", i / 256, i % 256)).collect();
+    let text = std::fs::read_to_string("rollout.yaml")
+        .unwrap()
+        .replace("    - 203.0.113.0/24\n", &format!("    - 203.0.113.0/24\n{many}"))
+        .replace("path: ./lockstep.db", &format!("path: {}/lockstep.db", dir.path().display()));
+    let config = dir.path().join("rollout.yaml");
+    std::fs::write(&config, text).unwrap();
+    for args in [&["run", "--once"][..], &["run", "--commit"][..]] {
+        let refused = lockstep(args, Some(&config));
+        assert!(!refused.status.success());
+        assert!(text(&refused.stderr).contains("limit for a managed policy"), "{}", text(&refused.stderr));
+    }
+    assert!(!dir.path().join("lockstep.db").exists(), "nothing written");
 }
