@@ -617,12 +617,12 @@ fn sigterm_during_a_step_finishes_it_and_exits_cleanly() {
 fn run_refuses_a_policy_over_the_size_limit_before_writing_the_store() {
     let dir = tempfile::tempdir().unwrap();
     let many: String = (0..400).map(|i| format!("    - 10.{}.{}.0/24\n", i / 256, i % 256)).collect();
-    let text = std::fs::read_to_string("rollout.yaml")
+    let oversized = std::fs::read_to_string("rollout.yaml")
         .unwrap()
         .replace("    - 203.0.113.0/24\n", &format!("    - 203.0.113.0/24\n{many}"))
         .replace("path: ./lockstep.db", &format!("path: {}/lockstep.db", dir.path().display()));
     let config = dir.path().join("rollout.yaml");
-    std::fs::write(&config, text).unwrap();
+    std::fs::write(&config, oversized).unwrap();
     for args in [&["run", "--once"][..], &["run", "--commit"][..]] {
         let refused = lockstep(args, Some(&config));
         assert!(!refused.status.success());
