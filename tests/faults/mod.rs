@@ -42,6 +42,7 @@ impl Proxy {
     }
 
     /// Relays every request to the emulator after `latency`, as a slow AWS answers.
+    #[allow(dead_code)] // each test binary compiles this module; not all of them use every fault
     pub async fn start_slow(upstream: &str, latency: std::time::Duration) -> Proxy {
         let upstream = upstream.trim_start_matches("http://").to_string();
         let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind the proxy");
