@@ -648,6 +648,15 @@ pub fn later(at: chrono::DateTime<chrono::Utc>, span: Duration) -> chrono::DateT
         .unwrap_or(chrono::DateTime::<chrono::Utc>::MAX_UTC)
 }
 
+/// `at - span`, saturating at the start of chrono's range instead of panicking (the
+/// counterpart of [`later`]).
+pub fn earlier(at: chrono::DateTime<chrono::Utc>, span: Duration) -> chrono::DateTime<chrono::Utc> {
+    chrono::TimeDelta::from_std(span)
+        .ok()
+        .and_then(|span| at.checked_sub_signed(span))
+        .unwrap_or(chrono::DateTime::<chrono::Utc>::MIN_UTC)
+}
+
 /// Sizes as operators write them: `1048576`, `512KiB`, `256MiB`, `1GiB`.
 pub fn parse_size(text: &str) -> Result<u64, String> {
     let text = text.trim();

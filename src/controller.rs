@@ -24,7 +24,7 @@ use std::sync::Arc;
 use chrono::{DateTime, Utc};
 
 use crate::clock::Clock;
-use crate::config::Config;
+use crate::config::{Config, earlier, later};
 use crate::duration::chrono_of;
 use crate::feed::EventFeed;
 use crate::guard::{self, CohortRate, DenialEvent};
@@ -100,6 +100,8 @@ named_enum!(
         BackInGroupWhileHeld = "back_in_group_while_held",
         /// In the group, but lockstep never added them.
         NotAddedByLockstep = "not_added_by_lockstep",
+        /// A member lockstep did not add left the group: a candidate again.
+        ForeignLeft = "foreign_left",
     }
 );
 
@@ -135,6 +137,9 @@ pub struct StepReport {
     /// Why the guard judged each watched batch as it did (counts per cause, expectation,
     /// threshold, samples, culprits and bystanders).
     pub explanations: BTreeMap<i64, guard::Explanation>,
+    /// Records the feed delivered dated after `now`: no sign of life for the silence check,
+    /// and their denials count as of `now`.
+    pub future_events: u64,
 }
 
 /// One generic or explicit denial, or a plain call, by a user who is not promoted.
@@ -156,13 +161,26 @@ pub(crate) enum Fix {
     MarkRemovedByHand(String),
     /// Journaled `rolling_back`: take the user out (if still in) and record them held.
     Remove { user: String, in_group: bool },
+    /// In the group, not put there by lockstep: record it, so that no path plans, rolls back
+    /// or removes them (an observation of IAM, recorded in dry run too).
+    RecordForeign { user: String, why: String },
+    /// A member lockstep did not add is no longer in the group.
+    ForgetForeign(String),
 }
 
 /// The reconcile table: what to fix and what drifted, from the ledger and the group's members.
-/// In dry run only the drift is reported.
+/// In dry run only ownership facts are recorded (they describe IAM, not the rollout); drift is
+/// reported once per change: a member lockstep did not add when first seen and when gone.
 pub(crate) fn reconcile(snapshot: &Snapshot, in_group: &HashSet<String>, group: &str, mode: Mode) -> (Vec<Fix>, Vec<Drift>) {
     let commit = mode == Mode::Commit;
     let (mut fixes, mut drift) = (Vec::new(), Vec::new());
+    // Recorded once: while they stay in the group there is nothing new to say.
+    let foreign = |user: String, kind: DriftKind, message: String, fixes: &mut Vec<Fix>, drift: &mut Vec<Drift>| {
+        if !snapshot.foreign.contains_key(&user) {
+            fixes.push(Fix::RecordForeign { user: user.clone(), why: message.clone() });
+            drift.push(Drift { user, kind, message });
+        }
+    };
     for member in snapshot.members.values() {
         let user = member.user.clone();
         match (member.state, in_group.contains(&member.user)) {
@@ -179,21 +197,25 @@ pub(crate) fn reconcile(snapshot: &Snapshot, in_group: &HashSet<String>, group: 
                 }
             }
             (UserState::RollingBack, in_group) if commit => fixes.push(Fix::Remove { user, in_group }),
-            (UserState::Held | UserState::RemovedByHand, true) => drift.push(Drift {
-                message: format!("{user} is {} but back in {group}; lockstep did not add them and leaves them alone", member.state),
-                user,
-                kind: DriftKind::BackInGroupWhileHeld,
-            }),
+            (UserState::Held | UserState::RemovedByHand, true) => {
+                let message = format!("{user} is {} but back in {group}; lockstep did not add them and leaves them alone", member.state);
+                foreign(user, DriftKind::BackInGroupWhileHeld, message, &mut fixes, &mut drift);
+            }
             _ => {}
         }
     }
     let mut strangers: Vec<&String> = in_group.iter().filter(|u| !snapshot.members.contains_key(*u)).collect();
     strangers.sort();
     for user in strangers {
+        let message = format!("{user} is in {group} but lockstep did not add them; left alone");
+        foreign(user.clone(), DriftKind::NotAddedByLockstep, message, &mut fixes, &mut drift);
+    }
+    for user in snapshot.foreign.keys().filter(|u| !in_group.contains(*u)) {
+        fixes.push(Fix::ForgetForeign(user.clone()));
         drift.push(Drift {
             user: user.clone(),
-            kind: DriftKind::NotAddedByLockstep,
-            message: format!("{user} is in {group} but lockstep did not add them; left alone"),
+            kind: DriftKind::ForeignLeft,
+            message: format!("{user}, whom lockstep did not add, is no longer in {group}; a candidate again"),
         });
     }
     (fixes, drift)
@@ -211,7 +233,7 @@ pub(crate) fn soaks_to_start(snapshot: &Snapshot, config: &Config, now: DateTime
                 .iter()
                 .any(|u| snapshot.members.get(u).is_some_and(|m| m.state == UserState::Promoting && m.batch == Some(batch.id)))
         })
-        .map(|batch| (batch.id, now + soak_of(batch, config)))
+        .map(|batch| (batch.id, later(now, soak_of(batch, config).to_std().unwrap_or_default())))
         .collect()
 }
 
@@ -286,7 +308,10 @@ pub(crate) fn dry_run_writes(plan: &Plan, snapshot: &Snapshot, group: &str) -> V
             Action::StartBatch { users, .. } => writes.extend(users.iter().map(|c| format!("AddUserToGroup {group} {}", c.user))),
             Action::RollBack { batch, .. } => {
                 if let Some(b) = snapshot.batch(*batch) {
-                    writes.extend(b.members.iter().map(|u| format!("RemoveUserFromGroup {group} {u}")));
+                    let owned = |u: &&String| {
+                        !snapshot.foreign.contains_key(*u) && snapshot.members.get(*u).is_none_or(|m| m.state.wants_membership())
+                    };
+                    writes.extend(b.members.iter().filter(owned).map(|u| format!("RemoveUserFromGroup {group} {u}")));
                 }
             }
             _ => {}
@@ -352,10 +377,11 @@ impl<I: Iam, F: EventFeed> Controller<I, F> {
             drift: Vec::new(),
             errors: Vec::new(),
             explanations: BTreeMap::new(),
+            future_events: 0,
         };
 
         let snapshot = self.store.snapshot()?;
-        self.observe_events(&snapshot, now).await?;
+        report.future_events = self.observe_events(&snapshot, now).await?;
         self.reconcile(&mut report, now).await?;
 
         let (plan, judgements) = self.plan(now, promote_now, self.mode == Mode::Commit).await?;
@@ -385,7 +411,7 @@ impl<I: Iam, F: EventFeed> Controller<I, F> {
         let verdicts: BTreeMap<i64, guard::Verdict> = judgements.iter().map(|(id, j)| (*id, j.verdict.clone())).collect();
         let evidence = self
             .store
-            .user_evidence(now - chrono_of(self.config.eligibility.window), now)?;
+            .user_evidence(earlier(now, self.config.eligibility.window), now)?;
         let freshness = self.store.freshness()?;
         let users = self.directory(now).await?;
         let blocked = self.policy_problem().await?;
@@ -405,14 +431,21 @@ impl<I: Iam, F: EventFeed> Controller<I, F> {
 
     /// Reads new trail records: denials of watched batches' members go to the ledger, the
     /// unpromoted cohort's activity to the in-memory window.
-    async fn observe_events(&mut self, snapshot: &Snapshot, now: DateTime<Utc>) -> Result<(), ControllerError> {
+    /// Returns how many records were dated after `now`.
+    async fn observe_events(&mut self, snapshot: &Snapshot, now: DateTime<Utc>) -> Result<u64, ControllerError> {
         let ledger_health = self.store.source_health()?;
-        let mut health = ledger_health.clone();
+        let mut health = ledger_health.clone().as_of(now);
+        let mut future = 0;
         match self.feed.poll().await {
             Ok(records) => {
                 health.last_ok_poll = Some(now);
                 health.error = None;
-                if let Some(newest) = records.iter().filter_map(Record::event_time).max() {
+                future = records.iter().filter_map(Record::event_time).filter(|at| *at > now).count() as u64;
+                if future > 0 {
+                    tracing::warn!(records = future, "trail records dated in the future: not taken as signs of life; their denials count as of now");
+                }
+                // A record from the future proves nothing about the source being alive.
+                if let Some(newest) = records.iter().filter_map(Record::event_time).filter(|at| *at <= now).max() {
                     health.last_event_at = Some(health.last_event_at.map_or(newest, |t| t.max(newest)));
                 }
                 self.remember(snapshot, &records, now)?;
@@ -425,7 +458,7 @@ impl<I: Iam, F: EventFeed> Controller<I, F> {
         if health != ledger_health {
             self.store.set_source_health(&health)?;
         }
-        Ok(())
+        Ok(future)
     }
 
     fn remember(&mut self, snapshot: &Snapshot, records: &[Record], now: DateTime<Utc>) -> Result<(), ControllerError> {
@@ -436,6 +469,7 @@ impl<I: Iam, F: EventFeed> Controller<I, F> {
             .values()
             .filter(|m| m.state.wants_membership())
             .map(|m| m.user.as_str())
+            .chain(snapshot.foreign.keys().map(String::as_str))
             .collect();
         let exempt: HashSet<String> = match (&self.config.perimeter.exempt_tag_key, &self.directory) {
             (Some(key), Some((_, users))) => users.iter().filter(|u| u.tags.get(key).is_some_and(|v| v == "true")).map(|u| u.name.clone()).collect(),
@@ -446,6 +480,7 @@ impl<I: Iam, F: EventFeed> Controller<I, F> {
             let (Some(user), Some(at)) = (record.user_name(), record.event_time()) else {
                 continue;
             };
+            let at = at.min(now);
             let denial = guard::attribute(record, &self.config.perimeter, &exempt, policy);
             if !promoted.contains(user) {
                 self.cohort.push_back(CohortEvent {
@@ -478,7 +513,7 @@ impl<I: Iam, F: EventFeed> Controller<I, F> {
         for (batch, events) in denials {
             self.store.record_denials(batch, &events)?;
         }
-        let horizon = now - chrono_of(self.config.guard.window);
+        let horizon = earlier(now, self.config.guard.window);
         while self.cohort.front().is_some_and(|e| e.at < horizon) {
             self.cohort.pop_front();
         }
@@ -486,7 +521,7 @@ impl<I: Iam, F: EventFeed> Controller<I, F> {
     }
 
     fn cohort_rate(&self, now: DateTime<Utc>) -> CohortRate {
-        let horizon = now - chrono_of(self.config.guard.window);
+        let horizon = earlier(now, self.config.guard.window);
         let recent = self.cohort.iter().filter(|e| e.at >= horizon && e.at <= now);
         let users: BTreeSet<&str> = recent.clone().map(|e| e.user.as_str()).collect();
         CohortRate {
@@ -512,6 +547,8 @@ impl<I: Iam, F: EventFeed> Controller<I, F> {
                 Fix::Add(user) => self.add_member(&group, &user, report, now).await?,
                 Fix::MarkRemovedByHand(user) => self.store.mark_removed_by_hand(&user, now)?,
                 Fix::Remove { user, in_group } => self.remove_member(&group, &user, in_group, report, now).await?,
+                Fix::RecordForeign { user, why } => self.store.record_foreign(&user, &why, now)?,
+                Fix::ForgetForeign(user) => self.store.forget_foreign(&user, now)?,
             }
         }
         if self.mode == Mode::Commit {
@@ -558,12 +595,12 @@ impl<I: Iam, F: EventFeed> Controller<I, F> {
 
     fn judge_batches(&self, snapshot: &Snapshot, now: DateTime<Utc>, record: bool) -> Result<BTreeMap<i64, guard::Judgement>, ControllerError> {
         let window = chrono_of(self.config.eligibility.window);
-        let health = self.store.source_health()?;
+        let health = self.store.source_health()?.as_of(now);
         let cohort = self.cohort_rate(now);
         let mut verdicts = BTreeMap::new();
         for batch in watched(snapshot, chrono_of(self.config.guard.grace), now) {
             let Some(applied_at) = batch.applied_at else { continue };
-            let before = self.store.user_evidence(applied_at - window, applied_at)?;
+            let before = self.store.user_evidence(earlier(applied_at, self.config.eligibility.window), applied_at)?;
             let hours = (window.num_seconds() as f64 / 3600.0).max(1.0);
             let baselines = before
                 .iter()
@@ -634,7 +671,7 @@ impl<I: Iam, F: EventFeed> Controller<I, F> {
                             batch: *batch,
                             actor: "controller",
                             reason: &reason,
-                            hold_until: now + chrono_of(self.config.eligibility.hold_expiry),
+                            hold_until: later(now, self.config.eligibility.hold_expiry),
                             pause: Some(&pause),
                             requeue: Some(Requeue { users: &bystanders, until: now + requeue_after }),
                         },
@@ -856,6 +893,8 @@ mod tests {
                 Fix::Add("ben".into()),
                 Fix::MarkRemovedByHand("cat".into()),
                 Fix::Remove { user: "dan".into(), in_group: true },
+                Fix::RecordForeign { user: "eve".into(), why: drift[1].message.clone() },
+                Fix::RecordForeign { user: "zed".into(), why: drift[2].message.clone() },
             ]
         );
         let kinds: Vec<_> = drift.iter().map(|d| (d.user.as_str(), d.kind)).collect();
@@ -867,10 +906,41 @@ mod tests {
                 ("zed", DriftKind::NotAddedByLockstep)
             ]
         );
-        // A dry run reports the same drift and fixes nothing.
+        // A dry run reports the same drift and records only who lockstep did not add.
         let (fixes, dry_drift) = reconcile(&snapshot, &in_group, "lockdown", Mode::DryRun);
-        assert!(fixes.is_empty());
+        assert!(fixes.iter().all(|f| matches!(f, Fix::RecordForeign { .. })), "{fixes:?}");
         assert_eq!(dry_drift, drift);
+    }
+
+    #[test]
+    fn a_member_lockstep_did_not_add_is_reported_once_per_change() {
+        let mut snapshot = Snapshot { members: [member("eve", UserState::Held, None)].into(), ..Snapshot::default() };
+        snapshot.foreign = [("eve".to_string(), t(0)), ("zed".to_string(), t(0))].into();
+        // Recorded already: nothing to say while they stay.
+        let (fixes, drift) = reconcile(&snapshot, &group(&["eve", "zed"]), "lockdown", Mode::Commit);
+        assert!(fixes.is_empty() && drift.is_empty(), "{fixes:?} {drift:?}");
+        // Gone from the group: forgotten, reported once.
+        let (fixes, drift) = reconcile(&snapshot, &group(&["eve"]), "lockdown", Mode::Commit);
+        assert_eq!(fixes, [Fix::ForgetForeign("zed".into())]);
+        assert_eq!(drift.iter().map(|d| d.kind).collect::<Vec<_>>(), [DriftKind::ForeignLeft]);
+    }
+
+    #[test]
+    fn a_dry_run_rollback_never_lists_a_member_lockstep_did_not_add() {
+        let mut snapshot = Snapshot {
+            batches: vec![batch(4, "x", BatchState::Soaking, &["cat", "zed"])],
+            members: [member("cat", UserState::Locked, Some(4)), member("zed", UserState::Locked, Some(4))].into(),
+            ..Snapshot::default()
+        };
+        snapshot.foreign = [("zed".to_string(), t(0))].into();
+        let plan = Plan {
+            gate: Gate::Open,
+            current_wave: None,
+            actions: vec![Action::RollBack { batch: 4, reason: "spike".into() }],
+            waiting: vec![],
+            users: BTreeMap::new(),
+        };
+        assert_eq!(dry_run_writes(&plan, &snapshot, "lockdown"), ["RemoveUserFromGroup lockdown cat"]);
     }
 
     #[test]

@@ -108,6 +108,17 @@ pub struct SourceHealth {
     pub error: Option<String>,
 }
 
+impl SourceHealth {
+    /// The health as of `now`: a time beyond `now` (stored before future records were
+    /// refused, or with the clock since set back) is not known at all, so a future date never
+    /// proves the source alive.
+    pub fn as_of(mut self, now: DateTime<Utc>) -> SourceHealth {
+        self.last_event_at = self.last_event_at.filter(|t| *t <= now);
+        self.last_ok_poll = self.last_ok_poll.filter(|t| *t <= now);
+        self
+    }
+}
+
 #[derive(Debug, Clone, PartialEq, Serialize)]
 #[serde(tag = "verdict", rename_all = "snake_case")]
 pub enum Verdict {

@@ -36,6 +36,7 @@ pub struct Metrics {
     pub iam_errors: IntCounterVec,
     pub reconcile_drift: IntCounterVec,
     pub steps: IntCounter,
+    pub future_events: IntCounter,
 }
 
 fn register<T: prometheus::core::Collector + Clone + 'static>(registry: &Registry, metric: T) -> T {
@@ -112,6 +113,12 @@ impl Metrics {
                 &["kind"]
             ),
             steps: metric!(&r, IntCounter, "lockstep_controller_steps_total", "Controller steps run."),
+            future_events: metric!(
+                &r,
+                IntCounter,
+                "lockstep_future_events_total",
+                "Trail records the guard's feed delivered dated after now (clamped to now: never trusted to prove the source alive)."
+            ),
             registry: r,
         };
         // Labelled series appear on first use; start the known ones at zero so that rate()
@@ -130,7 +137,7 @@ impl Metrics {
 
     /// Every metric family name the daemon exports, whether or not it has samples yet.
     pub fn names(&self) -> Vec<String> {
-        let collectors: [&dyn prometheus::core::Collector; 20] = [
+        let collectors: [&dyn prometheus::core::Collector; 21] = [
             &self.users,
             &self.batches,
             &self.promotions,
@@ -151,6 +158,7 @@ impl Metrics {
             &self.iam_errors,
             &self.reconcile_drift,
             &self.steps,
+            &self.future_events,
         ];
         let mut names: Vec<String> = collectors.iter().flat_map(|c| c.desc()).map(|d| d.fq_name.clone()).collect();
         names.sort();
@@ -170,6 +178,7 @@ impl Metrics {
     /// Updates the gauges from the ledger and counts what one step did.
     pub fn observe_step(&self, report: &StepReport, snapshot: &Snapshot, directory_size: usize, wave_names: &[String]) {
         self.steps.inc();
+        self.future_events.inc_by(report.future_events);
         for state in UserState::ALL {
             let count = snapshot.members.values().filter(|m| m.state == *state).count();
             self.users.with_label_values(&[state.as_str()]).set(count as i64);
@@ -281,7 +290,7 @@ mod tests {
     fn every_series_follows_the_naming_conventions() {
         let metrics = Metrics::new();
         let names = metrics.names();
-        assert_eq!(names.len(), 20, "{names:?}");
+        assert_eq!(names.len(), 21, "{names:?}");
         assert!(names.iter().all(|n| n.starts_with("lockstep_")), "{names:?}");
         metrics.rollbacks.with_label_values(&["manual"]).inc();
         metrics.iam_errors.with_label_values(&["GetGroup", "Throttling"]).inc();

@@ -189,6 +189,7 @@ mod tests {
             drift: vec![],
             errors: vec![],
             explanations: Default::default(),
+            future_events: 0,
         };
         let mut before = Snapshot::default();
         before.batches.push(Batch {

@@ -117,6 +117,12 @@ pub fn evidence_problem(freshness: &Freshness, config: &Config, now: DateTime<Ut
 pub fn eligibility(user: &IamUser, evidence: Option<&UserEvidence>, ledger: &Snapshot, config: &Config, now: DateTime<Utc>) -> Eligibility {
     use Eligibility::*;
     let rules = &config.eligibility;
+    if let Some(since) = ledger.foreign.get(&user.name) {
+        return Ineligible(format!(
+            "in the lockdown group since {} by someone else's hand; lockstep never plans or removes them",
+            since.format("%Y-%m-%d %H:%MZ")
+        ));
+    }
     if let Some(member) = ledger.members.get(&user.name) {
         match member.state {
             UserState::Promoting | UserState::Locked => return Ineligible(format!("already {}", member.state)),
@@ -329,7 +335,7 @@ fn plan_waves(inputs: &Inputs, plan: &mut Plan) -> bool {
             ));
             return false;
         }
-        let promoted_today = ledger.promoted_since(now - chrono::Duration::days(1));
+        let promoted_today = ledger.promoted_since(crate::config::earlier(now, std::time::Duration::from_secs(86_400)));
         let room = config.rollout.max_promotions_per_day.saturating_sub(promoted_today);
         if room == 0 {
             plan.waiting.push(format!(
@@ -511,6 +517,15 @@ mod tests {
         assert_eq!(plan.gate, Gate::Open);
         assert_eq!(started(&plan), Some(("canary", vec!["ben", "cat"])));
         assert_eq!(plan.current_wave.as_deref(), Some("canary"));
+    }
+
+    #[test]
+    fn a_member_lockstep_did_not_add_is_never_planned() {
+        let mut world = World::new();
+        world.ledger.foreign = [("ben".to_string(), now()), ("cat".to_string(), now())].into();
+        let plan = world.plan();
+        assert_eq!(started(&plan), Some(("canary", vec!["ann"])));
+        assert!(matches!(&plan.users["ben"], Eligibility::Ineligible(why) if why.contains("someone else")), "{:?}", plan.users["ben"]);
     }
 
     #[test]

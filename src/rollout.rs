@@ -100,6 +100,9 @@ pub struct Snapshot {
     pub waves_done: BTreeMap<String, DateTime<Utc>>,
     pub batches: Vec<Batch>,
     pub members: BTreeMap<String, Member>,
+    /// Members of the lockdown group lockstep did not add, since when it saw them: never
+    /// planned, rolled back or removed.
+    pub foreign: BTreeMap<String, DateTime<Utc>>,
 }
 
 impl Snapshot {

@@ -245,7 +245,7 @@ pub fn apply_command(ledger: &dyn Ledger, command: &Command, config: &Config, no
         Command::Pause { reason, .. } => ledger.pause(operator, reason, now).map(|_| "rollout paused".to_string()),
         Command::Resume { .. } => ledger.resume(operator, now).map(|_| "rollout resumed".to_string()),
         Command::Rollback { batch, reason, .. } => {
-            let hold_until = now + chrono::Duration::from_std(config.eligibility.hold_expiry).unwrap_or(chrono::Duration::MAX);
+            let hold_until = crate::config::later(now, config.eligibility.hold_expiry);
             let users = ledger.begin_rollback(
                 &RollbackRequest {
                     batch: *batch,
@@ -309,8 +309,16 @@ pub fn status(snapshot: &Snapshot, report: Option<&StepReport>, evidence: Freshn
     for member in snapshot.members.values() {
         *users.entry(member.state.to_string()).or_default() += 1;
     }
+    if !snapshot.foreign.is_empty() {
+        users.insert("not_added_by_lockstep".to_string(), snapshot.foreign.len());
+    }
     if let Some(report) = report {
-        let candidates = report.plan.users.keys().filter(|u| !snapshot.members.contains_key(*u)).count();
+        let candidates = report
+            .plan
+            .users
+            .keys()
+            .filter(|u| !snapshot.members.contains_key(*u) && !snapshot.foreign.contains_key(*u))
+            .count();
         users.insert("candidate".to_string(), candidates);
     }
     Status {

@@ -3,6 +3,8 @@
 
 mod common;
 mod emulated_cli;
+#[allow(dead_code)] // shared test support: this binary uses only the slow relay
+mod faults;
 
 use std::path::Path;
 use std::process::{Command, Output};
@@ -443,4 +445,188 @@ fn every_command_the_readme_shows_exists_with_its_flags() {
         }
     }
     assert!(checked > 25, "checked {checked} commands");
+}
+
+impl EmulatedRollout {
+    /// Moves the listeners to free ports (tests run in parallel) for a daemon that keeps running.
+    fn free_listeners(&self) {
+        let port = || std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+        let text = std::fs::read_to_string(&self.config_path)
+            .unwrap()
+            .replace("admin: 127.0.0.1:9440", &format!("admin: 127.0.0.1:{}", port()))
+            .replace("metrics: 127.0.0.1:9441", &format!("metrics: 127.0.0.1:{}", port()));
+        std::fs::write(&self.config_path, text).unwrap();
+    }
+
+    /// An operator command as someone without the admin token runs it.
+    fn operator(&self, args: &[&str]) -> Output {
+        emulated_cli::lockstep(args, &self.config_path, self.dir.path()).env_remove("LOCKSTEP_ADMIN_TOKEN").output().unwrap()
+    }
+
+    /// The same command from `n` processes at once.
+    fn in_parallel(&self, n: usize, args: &[&str]) -> Vec<Output> {
+        std::thread::scope(|scope| {
+            let runs: Vec<_> = (0..n).map(|_| scope.spawn(|| self.operator(args))).collect();
+            runs.into_iter().map(|r| r.join().unwrap()).collect()
+        })
+    }
+
+    fn add_by_hand(&self, user: &str) {
+        let request = self.iam.add_user_to_group().group_name(format!("{}-lockdown", self.prefix)).user_name(user);
+        self.runtime.block_on(request.send()).unwrap();
+    }
+}
+
+#[test]
+fn with_the_daemon_running_the_cli_without_its_token_refuses_and_changes_nothing() {
+    let world = EmulatedRollout::new("cli-lock");
+    world.free_listeners();
+    assert!(world.run(&["policy", "apply", "--commit"], None).status.success());
+    let mut daemon = emulated_cli::lockstep(&["run"], &world.config_path, world.dir.path())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let store_path = world.dir.path().join("lockstep.db");
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    while !store_path.exists() || lockstep::store::StoreLock::offline(&store_path).is_ok() {
+        assert!(std::time::Instant::now() < deadline, "the daemon never took the store lock");
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+
+    let refused = world.operator(&["pause", "--operator", "kim", "--reason", "incident"]);
+    assert!(!refused.status.success());
+    assert!(text(&refused.stderr).contains("refused, nothing changed: the lockstep daemon is running"), "{}", text(&refused.stderr));
+    let rollback = world.operator(&["rollback", "1", "--commit", "--operator", "kim"]);
+    assert!(!rollback.status.success(), "{}", text(&rollback.stdout));
+    let store = world.store();
+    assert!(store.snapshot().unwrap().paused.is_none());
+    assert!(!store.audit_log(1000).unwrap().iter().any(|e| e.actor == "kim"), "nothing written by the refused commands");
+
+    daemon.kill().unwrap();
+    daemon.wait().unwrap();
+    let paused = world.operator(&["pause", "--operator", "kim", "--reason", "incident"]);
+    assert!(paused.status.success(), "offline once the daemon is down: {}", text(&paused.stderr));
+    assert_eq!(store.snapshot().unwrap().paused.map(|p| p.by).as_deref(), Some("kim"));
+}
+
+#[test]
+fn parallel_offline_commands_make_one_change_and_refuse_the_rest_cleanly() {
+    let world = EmulatedRollout::new("cli-race");
+    assert!(world.run(&["policy", "apply", "--commit"], None).status.success());
+    assert!(world.run(&["run", "--once", "--commit"], None).status.success());
+    assert_eq!(world.group(), world.users.to_vec());
+    assert!(world.operator(&["pause", "--operator", "kim", "--reason", "freeze"]).status.success());
+
+    let clean = |outputs: &[Output]| {
+        for output in outputs.iter().filter(|o| !o.status.success()) {
+            let stderr = text(&output.stderr);
+            assert!(stderr.contains("refused, nothing changed"), "{stderr}");
+            assert!(!stderr.contains("locked") && !stderr.contains("error:"), "{stderr}");
+        }
+        outputs.iter().filter(|o| o.status.success()).count()
+    };
+    let resumed = world.in_parallel(20, &["resume", "--operator", "kim"]);
+    assert_eq!(clean(&resumed), 1, "exactly one resume");
+    let rolled_back = world.in_parallel(10, &["rollback", "1", "--commit", "--operator", "kim"]);
+    assert_eq!(clean(&rolled_back), 1, "exactly one rollback");
+
+    assert!(world.group().is_empty(), "the batch is out of the group");
+    let audit = world.store().audit_log(1000).unwrap();
+    assert_eq!(audit.iter().filter(|e| e.action == "resume").count(), 1);
+    assert_eq!(audit.iter().filter(|e| e.action == "rollback").count(), 1);
+    assert_eq!(audit.iter().filter(|e| e.action == "held").count(), 2);
+}
+
+#[test]
+fn an_offline_rollback_leaves_a_member_added_by_hand_in_the_group() {
+    let world = EmulatedRollout::new("cli-own");
+    assert!(world.run(&["policy", "apply", "--commit"], None).status.success());
+    let [ann, ben] = world.users.clone();
+    world.add_by_hand(&ben);
+    let once = world.run(&["run", "--once", "--commit"], None);
+    assert!(once.status.success(), "{}", text(&once.stderr));
+    let store = world.store();
+    let snapshot = store.snapshot().unwrap();
+    assert_eq!(snapshot.batches[0].members, [ann.clone()], "the hand-added member is never planned");
+    assert!(snapshot.foreign.contains_key(&ben));
+    assert_eq!(world.group(), [ann.clone(), ben.clone()]);
+
+    let done = world.operator(&["rollback", "1", "--commit", "--operator", "kim"]);
+    assert!(done.status.success(), "{}", text(&done.stderr));
+    assert_eq!(world.group(), [ben.clone()], "only what lockstep added was removed");
+    let actions: Vec<String> = store.audit_log(1000).unwrap().into_iter().filter(|e| e.user.as_ref() == Some(&ben)).map(|e| e.action).collect();
+    assert_eq!(actions, ["foreign"]);
+    let status = world.operator(&["status", "--json"]);
+    let status: serde_json::Value = serde_json::from_slice(&status.stdout).unwrap();
+    assert_eq!(status["users"]["not_added_by_lockstep"], 1, "{status}");
+}
+
+/// SIGTERM while a step's IAM writes are in flight behind 150 ms of AWS latency: the step
+/// finishes its writes and their journal, then the daemon exits cleanly within the bound the
+/// README states.
+#[test]
+fn sigterm_during_a_step_finishes_it_and_exits_cleanly() {
+    const EXIT_BOUND: std::time::Duration = std::time::Duration::from_secs(30);
+    let world = EmulatedRollout::new("cli-term");
+    world.free_listeners();
+    assert!(world.run(&["policy", "apply", "--commit"], None).status.success());
+    assert!(world.run(&["evidence", "refresh"], None).status.success());
+    let proxy = world.runtime.block_on(faults::Proxy::start(&common::endpoint(), faults::Fault::Slow(std::time::Duration::from_millis(150))));
+    let mut daemon = emulated_cli::lockstep(&["run", "--commit"], &world.config_path, world.dir.path())
+        .env("AWS_ENDPOINT_URL", proxy.url())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    // The batch is journaled: its IAM writes are under way.
+    let store_path = world.dir.path().join("lockstep.db");
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    loop {
+        assert!(std::time::Instant::now() < deadline, "no batch was journaled");
+        let promoting = store_path.exists()
+            && Store::open(&store_path)
+                .and_then(|s| s.snapshot())
+                .is_ok_and(|s| s.members.values().any(|m| m.state == lockstep::rollout::UserState::Promoting));
+        if promoting {
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    }
+    let sent = std::time::Instant::now();
+    let killed = Command::new("kill").args(["-TERM", &daemon.id().to_string()]).status().unwrap();
+    assert!(killed.success());
+    let status = loop {
+        if let Some(status) = daemon.try_wait().unwrap() {
+            break status;
+        }
+        assert!(sent.elapsed() < EXIT_BOUND, "the daemon did not exit within {EXIT_BOUND:?}");
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    };
+    let mut stderr = String::new();
+    std::io::Read::read_to_string(daemon.stderr.as_mut().unwrap(), &mut stderr).unwrap();
+    assert!(status.success(), "clean exit, not killed by the signal: {status:?}\n{stderr}");
+    println!("exited {:?} after SIGTERM", sent.elapsed());
+    // The ledger and the group agree: the step in flight finished its writes and journal.
+    let snapshot = world.store().snapshot().unwrap();
+    assert!(snapshot.members.values().all(|m| m.state == lockstep::rollout::UserState::Locked), "{:?}", snapshot.members);
+    assert_eq!(world.group(), world.users.to_vec());
+}
+
+#[test]
+fn run_refuses_a_policy_over_the_size_limit_before_writing_the_store() {
+    let dir = tempfile::tempdir().unwrap();
+    let many: String = (0..400).map(|i| format!("    - 10.{}.{}.0/24\n", i / 256, i % 256)).collect();
+    let oversized = std::fs::read_to_string("rollout.yaml")
+        .unwrap()
+        .replace("    - 203.0.113.0/24\n", &format!("    - 203.0.113.0/24\n{many}"))
+        .replace("path: ./lockstep.db", &format!("path: {}/lockstep.db", dir.path().display()));
+    let config = dir.path().join("rollout.yaml");
+    std::fs::write(&config, oversized).unwrap();
+    for args in [&["run", "--once"][..], &["run", "--commit"][..]] {
+        let refused = lockstep(args, Some(&config));
+        assert!(!refused.status.success());
+        assert!(text(&refused.stderr).contains("limit for a managed policy"), "{}", text(&refused.stderr));
+    }
+    assert!(!dir.path().join("lockstep.db").exists(), "nothing written");
 }

@@ -719,3 +719,129 @@ async fn an_explicit_deny_from_another_policy_is_not_a_spike() {
     assert_eq!(world.group().await, batch.iter().cloned().collect());
     assert!(world.users_in(UserState::Held).is_empty());
 }
+
+/// Ownership is a fact: users put in the group by hand (before lockstep ran, or back after a
+/// rollback) are recorded once, never planned, and left in the group by the guard's rollback and
+/// an operator's rollback through the daemon's command path.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn members_added_by_hand_are_never_planned_rolled_back_or_removed() {
+    let users = [("ann", Habit::Trusted), ("ben", Habit::Trusted), ("cat", Habit::Trusted), ("dan", Habit::Trusted), ("eve", Habit::Trusted)];
+    let mut world = World::new("owned", &users, 8).await;
+    let (client, group) = (world.client.clone(), world.config.lockdown.group.clone());
+    let add_by_hand = |user: String| {
+        let request = client.add_user_to_group().group_name(&group).user_name(user);
+        async move { request.send().await.unwrap() }
+    };
+    // ben is eligible like the others, but an operator put him in the group first.
+    let ben = world.user("ben");
+    add_by_hand(ben.clone()).await;
+    let mut ben_reported = 0;
+    let report = world.advance(chrono::Duration::minutes(10), true).await;
+    ben_reported += report.drift.iter().filter(|d| d.user == ben && d.kind == DriftKind::NotAddedByLockstep).count();
+    let first = started_batch(&report).expect("canary batch");
+    assert!(!first.contains(&ben), "{first:?}");
+    assert!(matches!(&report.plan.users[&ben], lockstep::planner::Eligibility::Ineligible(why) if why.contains("someone else")));
+
+    // Batch 1 soaks and succeeds; batch 2 starts in the next wave, still without ben.
+    let mut second = None;
+    for _ in 0..30 {
+        let report = world.advance(chrono::Duration::minutes(30), true).await;
+        ben_reported += report.drift.iter().filter(|d| d.user == ben).count();
+        if let Some(batch) = started_batch(&report) {
+            second = Some(batch);
+            break;
+        }
+    }
+    let second = second.expect("a second batch");
+    assert!(!second.contains(&ben), "{second:?}");
+    assert_eq!(ben_reported, 1, "reported once, not every step");
+
+    // An operator rollback of batch 1 through the daemon's command path.
+    let command = lockstep::runtime::Command::Rollback { operator: "alice".into(), batch: 1, reason: "escalation".into() };
+    lockstep::runtime::apply_command(world.store.as_ref(), &command, &world.config, world.clock.now()).unwrap();
+    world.advance(chrono::Duration::minutes(10), true).await;
+    for user in &first {
+        assert_eq!(world.ledger().members[user].state, UserState::Held, "{user}");
+    }
+    // One of them is put back by hand: recorded, and from now on left alone too.
+    add_by_hand(first[0].clone()).await;
+    let report = world.advance(chrono::Duration::minutes(10), true).await;
+    assert!(report.drift.iter().any(|d| d.user == first[0] && d.kind == DriftKind::BackInGroupWhileHeld), "{:?}", report.drift);
+
+    // The guard rolls batch 2 back on a spike of its first member's denials.
+    let now = world.clock.now();
+    let denied: Vec<RecordSpec> = (1..=4)
+        .map(|m| {
+            RecordSpec::new(world.identity(&second[0]), now + chrono::Duration::minutes(m), "s3:PutObject", Origin::ip(UNTRUSTED_IP))
+                .denied_explicitly(&world.config.lockdown.policy_name)
+        })
+        .collect();
+    world.write(&denied);
+    let report = world.advance(chrono::Duration::minutes(10), true).await;
+    assert!(report.plan.actions.iter().any(|a| matches!(a, Action::RollBack { batch: 2, .. })), "{:?}", report.plan.actions);
+    assert!(report.drift.is_empty(), "nothing new to report: {:?}", report.drift);
+    assert_eq!(world.group().await, [ben.clone(), first[0].clone()].into_iter().collect(), "only the hand-added members remain");
+    let ledger = world.ledger();
+    assert!(ledger.batches.iter().all(|b| !b.members.contains(&ben)), "never planned");
+    assert_eq!(ledger.foreign.keys().cloned().collect::<BTreeSet<_>>(), [ben.clone(), first[0].clone()].into_iter().collect());
+    assert_eq!(world.audit_actions(&ben), ["foreign"]);
+    assert_eq!(world.audit_actions(&first[0]), ["promote", "locked", "rolling_back", "held", "foreign"]);
+}
+
+/// A record dated 2099 in the trail folder: counted, but no sign of life; a high-water mark
+/// stored in the future (by an older lockstep) is clamped on read; deleting the file leaves
+/// nothing behind.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_future_dated_record_never_makes_a_silent_source_healthy() {
+    let mut world = World::new("future", &[("ann", Habit::Trusted), ("ben", Habit::Trusted), ("cat", Habit::Trusted)], 8).await;
+    let report = world.advance(chrono::Duration::minutes(10), true).await;
+    assert!(started_batch(&report).is_some());
+    for _ in 0..3 {
+        world.advance(chrono::Duration::hours(1), false).await;
+    }
+    let silent = |report: &StepReport| matches!(&report.plan.gate, Gate::Inconclusive(why) if why.contains("silent"));
+    let report = world.step().await;
+    assert!(silent(&report), "{:?}", report.plan.gate);
+
+    // Someone drops a record dated 2099 into today's folder.
+    let far = Utc.with_ymd_and_hms(2099, 1, 1, 0, 0, 0).unwrap();
+    let before: BTreeSet<_> = walk(&world.root.join("trail"));
+    let forged = RecordSpec::new(world.identity(&world.user("ann")), far, "s3:ListBuckets", Origin::ip(TRUSTED_IP));
+    write_trail(&world.root.join("trail"), common::ACCOUNT, &[forged], Faults::default()).unwrap();
+    let forged_files: Vec<_> = walk(&world.root.join("trail")).difference(&before).cloned().collect();
+    assert!(!forged_files.is_empty());
+    // Its day folder is in 2099, out of the feed's window: put it where the feed looks today.
+    let today = world.root.join("trail").join(format!("AWSLogs/{}/CloudTrail/us-east-1/{}", common::ACCOUNT, world.clock.now().format("%Y/%m/%d")));
+    std::fs::create_dir_all(&today).unwrap();
+    let planted = today.join("123456789012_CloudTrail_us-east-1_20990101T0000Z_forged.json.gz");
+    std::fs::rename(&forged_files[0], &planted).unwrap();
+    let report = world.advance(chrono::Duration::minutes(10), false).await;
+    assert_eq!(report.future_events, 1, "the forged record was read and counted");
+    assert!(silent(&report), "still silent: {:?}", report.plan.gate);
+    assert!(world.store.source_health().unwrap().last_event_at.unwrap() <= world.clock.now());
+
+    // A future high-water mark stored earlier (by an older lockstep) is not trusted on read.
+    let mut health = world.store.source_health().unwrap();
+    health.last_event_at = Some(far);
+    world.store.set_source_health(&health).unwrap();
+    std::fs::remove_file(&planted).unwrap();
+    let report = world.advance(chrono::Duration::minutes(10), false).await;
+    assert_eq!(report.future_events, 0);
+    assert!(matches!(&report.plan.gate, Gate::Inconclusive(_)), "{:?}", report.plan.gate);
+    assert_eq!(world.store.source_health().unwrap().last_event_at, None, "the stored future mark is dropped");
+    // Traffic returns: healthy again, nothing lasting from the forged file.
+    let report = world.advance(chrono::Duration::minutes(10), true).await;
+    assert!(!matches!(&report.plan.gate, Gate::Inconclusive(_)), "{:?}", report.plan.gate);
+}
+
+fn walk(dir: &Path) -> BTreeSet<std::path::PathBuf> {
+    let mut files = BTreeSet::new();
+    let mut pending = vec![dir.to_path_buf()];
+    while let Some(dir) = pending.pop() {
+        for entry in std::fs::read_dir(&dir).into_iter().flatten().flatten() {
+            let path = entry.path();
+            if path.is_dir() { pending.push(path) } else { files.insert(path); }
+        }
+    }
+    files
+}

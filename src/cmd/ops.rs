@@ -1,7 +1,8 @@
 //! Operator commands: `status`, `plan`, `pause`, `resume`, `rollback`, `hold`, `release`,
 //! `promote-next`. They talk to the daemon's admin API; when the daemon is down, they act on the
 //! store (and, for a rollback with `--commit`, on IAM) directly, because that is when an operator
-//! needs them most.
+//! needs them most. "Down" is proven, not guessed: an offline command holds the store lock
+//! ([`StoreLock::offline`]), which a running daemon never lets it take.
 
 use std::process::ExitCode;
 use std::sync::Arc;
@@ -24,7 +25,7 @@ use lockstep::iam::AwsIam;
 use lockstep::planner::{Action, Eligibility, Gate, Plan};
 use lockstep::metrics::{MeteredIam, Metrics};
 use lockstep::runtime::{self, Command, Status};
-use lockstep::store::{Ledger, Store, StoreError};
+use lockstep::store::{Ledger, LockError, Store, StoreError, StoreLock};
 use lockstep::trail::Record;
 
 use crate::WaitTarget;
@@ -217,7 +218,7 @@ pub async fn command(config: &Config, command: Command, commit: bool) -> anyhow:
         }
         Ok((code, body)) => bail!("daemon answered {code}: {}", answer_text(&body)),
         Err(why) => {
-            eprintln!("{why}; acting on the store {} directly", config.store.path.display());
+            eprintln!("{why}; acting on the store {} directly if the daemon is down", config.store.path.display());
             offline(config, command, commit).await
         }
     }
@@ -227,6 +228,21 @@ async fn offline(config: &Config, command: Command, commit: bool) -> anyhow::Res
     if matches!(command, Command::PromoteNext { .. }) {
         bail!("promote-next needs the running daemon (start it with `lockstep run --commit`)");
     }
+    if !config.store.path.exists() {
+        existing_store(config)?; // says why
+    }
+    let _lock = match StoreLock::offline(&config.store.path) {
+        Ok(lock) => lock,
+        Err(LockError::Held { .. }) => {
+            eprintln!(
+                "refused, nothing changed: the lockstep daemon is running on {}; the command must go through its admin API (give it the admin token: listeners.token_file or ${})",
+                config.store.path.display(),
+                config.listeners.token_env
+            );
+            return Ok(ExitCode::FAILURE);
+        }
+        Err(error) => return Err(error.into()),
+    };
     let store = existing_store(config)?;
     let now = SystemClock.now();
     if let Command::Rollback { batch, .. } = &command {

@@ -16,7 +16,7 @@ use lockstep::evidence::refresh::{self, Source};
 use lockstep::feed::{self, EventFeed};
 use lockstep::iam::AwsIam;
 use lockstep::metrics::{Metrics, MeteredIam};
-use lockstep::store::{Ledger, Store};
+use lockstep::store::{Ledger, Store, StoreLock};
 
 pub struct Options {
     pub commit: bool,
@@ -24,8 +24,13 @@ pub struct Options {
     pub json: bool,
 }
 
+/// How long a starting daemon waits for offline commands to release the store lock.
+const LOCK_PATIENCE: std::time::Duration = std::time::Duration::from_secs(10);
+
 pub async fn run(config: Config, options: Options) -> anyhow::Result<ExitCode> {
     let clock: Arc<dyn Clock> = Arc::new(SystemClock);
+    // Held for the daemon's life: while it is, the CLI refuses to act on the store directly.
+    let _lock = StoreLock::daemon(&config.store.path, LOCK_PATIENCE).context("taking the store lock; is lockstep already running?")?;
     let store = Arc::new(
         Store::open(&config.store.path).with_context(|| format!("opening the store {}", config.store.path.display()))?,
     );
@@ -65,6 +70,8 @@ pub async fn drive<F: EventFeed + 'static>(
     metrics: Metrics,
     options: Options,
 ) -> anyhow::Result<ExitCode> {
+    // Installed before the first step and kept for the daemon's life: no signal is lost.
+    let mut shutdown = Shutdown::install().context("listening for shutdown signals")?;
     let config = controller.config().clone();
     let shared = Shared::new(controller, metrics);
     let servers = if options.once {
@@ -77,13 +84,16 @@ pub async fn drive<F: EventFeed + 'static>(
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tokio::select! {
-            _ = ticker.tick() => {}
-            _ = shared.woken() => {}
-            _ = shutdown_signal() => {
-                tracing::info!("shutting down after the current step");
+            // A signal that arrived during the last step is seen before anything else.
+            biased;
+            () = shutdown.requested() => {
+                tracing::info!("shutdown signal: the step in flight finished; exiting");
                 break;
             }
+            _ = ticker.tick() => {}
+            _ = shared.woken() => {}
         }
+        // Not raced against the signal: a step finishes its IAM writes and their journal.
         match shared.step().await {
             Ok(report) => {
                 if options.json {
@@ -102,20 +112,23 @@ pub async fn drive<F: EventFeed + 'static>(
     Ok(ExitCode::SUCCESS)
 }
 
-async fn shutdown_signal() {
-    #[cfg(unix)]
-    {
-        let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-            Ok(term) => term,
-            Err(_) => return std::future::pending().await,
-        };
-        tokio::select! {
-            _ = tokio::signal::ctrl_c() => {}
-            _ = term.recv() => {}
-        }
+/// SIGTERM and SIGINT, listened for from install on: one that arrives while nobody awaits
+/// [`Shutdown::requested`] (during a step) is kept and answers the next call at once.
+struct Shutdown {
+    terminate: tokio::signal::unix::Signal,
+    interrupt: tokio::signal::unix::Signal,
+}
+
+impl Shutdown {
+    fn install() -> std::io::Result<Shutdown> {
+        use tokio::signal::unix::{SignalKind, signal};
+        Ok(Shutdown { terminate: signal(SignalKind::terminate())?, interrupt: signal(SignalKind::interrupt())? })
     }
-    #[cfg(not(unix))]
-    {
-        let _ = tokio::signal::ctrl_c().await;
+
+    async fn requested(&mut self) {
+        tokio::select! {
+            _ = self.terminate.recv() => {}
+            _ = self.interrupt.recv() => {}
+        }
     }
 }

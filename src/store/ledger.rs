@@ -86,6 +86,13 @@ UPDATE batches SET verdict_kind = CASE
 END WHERE verdict IS NOT NULL;
 ";
 
+/// Store migration 5: ownership as a fact. Users found in the lockdown group whom lockstep did not
+/// add (or no longer wants there) are recorded here: never planned, never rolled back, never
+/// removed, by any path, until they leave the group.
+pub(super) const SCHEMA_V5: &str = "
+CREATE TABLE foreign_members (user TEXT PRIMARY KEY, since INTEGER NOT NULL);
+";
+
 fn secs(t: DateTime<Utc>) -> i64 {
     t.timestamp()
 }
@@ -147,6 +154,9 @@ impl Ledger for Store {
             .doing("recording a batch")?;
             let id = tx.last_insert_rowid();
             for (user, why) in batch.users {
+                if is_foreign(tx, user)? {
+                    return Err(StoreError::Refused(format!("{user} is in the lockdown group by someone else's hand; lockstep never plans them")));
+                }
                 tx.execute("INSERT INTO batch_members (batch, user) VALUES (?1, ?2)", params![id, user])
                     .doing("recording a batch member")?;
                 tx.execute(
@@ -250,7 +260,8 @@ impl Ledger for Store {
                 .doing("rolling back a batch")?;
             audit(tx, now, actor, "rollback", Some(batch), None, reason)?;
             let mut stmt = tx
-                .prepare("SELECT user FROM members WHERE batch = ?1 AND state IN ('promoting', 'locked') ORDER BY user")
+                .prepare("SELECT user FROM members WHERE batch = ?1 AND state IN ('promoting', 'locked')
+                     AND user NOT IN (SELECT user FROM foreign_members) ORDER BY user")
                 .doing("reading batch members")?;
             let users = stmt
                 .query_map([batch], |r| r.get::<_, String>(0))
@@ -422,6 +433,30 @@ impl Ledger for Store {
             .doing("recording the event source's health")?;
         Ok(())
     }
+
+    fn record_foreign(&self, user: &str, why: &str, now: DateTime<Utc>) -> Result<(), StoreError> {
+        self.write("recording a member lockstep did not add", |tx| {
+            let added = tx
+                .execute("INSERT OR IGNORE INTO foreign_members (user, since) VALUES (?1, ?2)", params![user, secs(now)])
+                .doing("recording a member lockstep did not add")?;
+            if added == 1 {
+                audit(tx, now, "controller", "foreign", None, Some(user), why)?;
+            }
+            Ok(())
+        })
+    }
+
+    fn forget_foreign(&self, user: &str, now: DateTime<Utc>) -> Result<(), StoreError> {
+        self.write("forgetting a member lockstep did not add", |tx| {
+            let gone = tx
+                .execute("DELETE FROM foreign_members WHERE user = ?1", [user])
+                .doing("forgetting a member lockstep did not add")?;
+            if gone == 1 {
+                audit(tx, now, "controller", "foreign_left", None, Some(user), "no longer in the lockdown group; lockstep may plan them again")?;
+            }
+            Ok(())
+        })
+    }
 }
 
 impl Store {
@@ -449,12 +484,26 @@ fn snapshot(conn: &Connection) -> Result<Snapshot, StoreError> {
         .doing("reading finished waves")?
         .collect::<Result<_, _>>()
         .doing("reading finished waves")?;
+    let mut stmt = conn.prepare("SELECT user, since FROM foreign_members").doing("reading foreign members")?;
+    let foreign = stmt
+        .query_map([], |r| Ok((r.get::<_, String>(0)?, time(r.get(1)?))))
+        .doing("reading foreign members")?
+        .collect::<Result<_, _>>()
+        .doing("reading foreign members")?;
     Ok(Snapshot {
         paused,
         waves_done,
         batches: batches(conn)?,
         members: members(conn)?,
+        foreign,
     })
+}
+
+fn is_foreign(conn: &Connection, user: &str) -> Result<bool, StoreError> {
+    conn.query_row("SELECT 1 FROM foreign_members WHERE user = ?1", [user], |_| Ok(()))
+        .optional()
+        .doing("reading foreign members")
+        .map(|found| found.is_some())
 }
 
 fn read_pause(conn: &Connection) -> Result<Option<Pause>, StoreError> {
@@ -687,6 +736,30 @@ mod tests {
         assert_eq!(outcomes.iter().filter(|ok| **ok).count(), 1, "{outcomes:?}");
         let audit = Store::open(&path).unwrap().audit_log(100).unwrap();
         assert_eq!(audit.iter().filter(|e| e.action == "pause").count(), 1);
+    }
+
+    #[test]
+    fn a_member_lockstep_did_not_add_is_never_journaled_or_rolled_back() {
+        let ledger = store();
+        let id = ledger.start_batch(&batch(&users(&["ann", "zed"])), "controller", t(0)).unwrap();
+        ledger.mark_locked("ann", "controller", t(0)).unwrap();
+        ledger.mark_locked("zed", "controller", t(0)).unwrap();
+        ledger.record_foreign("zed", "found in the group", t(1)).unwrap();
+        ledger.record_foreign("zed", "again", t(2)).unwrap();
+        ledger.record_foreign("kim", "found in the group", t(1)).unwrap();
+        let refused = ledger.start_batch(&batch(&users(&["bob", "kim"])), "controller", t(2)).unwrap_err();
+        assert!(matches!(refused, StoreError::Refused(_)), "{refused}");
+        assert!(!ledger.snapshot().unwrap().members.contains_key("bob"), "the refused batch wrote nothing");
+        assert_eq!(ledger.begin_rollback(&rollback(id, "manual", t(48)), t(3)).unwrap(), ["ann"]);
+        let snapshot = ledger.snapshot().unwrap();
+        assert_eq!(snapshot.members["zed"].state, UserState::Locked);
+        assert_eq!(snapshot.foreign.keys().collect::<Vec<_>>(), ["kim", "zed"]);
+        let foreign_lines = ledger.audit_log(100).unwrap().into_iter().filter(|e| e.action == "foreign").count();
+        assert_eq!(foreign_lines, 2, "once per change");
+        ledger.forget_foreign("kim", t(4)).unwrap();
+        ledger.forget_foreign("kim", t(5)).unwrap();
+        assert!(!ledger.snapshot().unwrap().foreign.contains_key("kim"));
+        assert_eq!(ledger.audit_log(100).unwrap().into_iter().filter(|e| e.action == "foreign_left").count(), 1);
     }
 
     #[test]

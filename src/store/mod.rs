@@ -6,6 +6,7 @@
 //! changes it and writes its audit line, so a server database can implement the same trait.
 
 mod ledger;
+mod lock;
 mod sqlite;
 
 use chrono::{DateTime, Utc};
@@ -13,6 +14,7 @@ use chrono::{DateTime, Utc};
 pub use crate::evidence::EvidenceStore;
 use crate::guard::{DenialEvent, SourceHealth, VerdictKind};
 use crate::rollout::{AuditEntry, Snapshot};
+pub use lock::{LockError, StoreLock, lock_path};
 pub use sqlite::{ATHENA_ORIGIN, Rejudged, Run, RunCounts, Store, TRAIL_ORIGIN};
 
 /// Why a store operation failed.
@@ -111,6 +113,12 @@ pub trait Ledger: Send + Sync {
     fn denials(&self, batch: i64) -> Result<Vec<DenialEvent>, StoreError>;
     fn source_health(&self) -> Result<SourceHealth, StoreError>;
     fn set_source_health(&self, health: &SourceHealth) -> Result<(), StoreError>;
+    /// Records a member of the lockdown group that lockstep did not add (or no longer wants
+    /// there): from now on never planned, rolled back or removed. Once per change: an audit line
+    /// only when newly recorded.
+    fn record_foreign(&self, user: &str, why: &str, now: DateTime<Utc>) -> Result<(), StoreError>;
+    /// The member lockstep did not add has left the group: a candidate like any other again.
+    fn forget_foreign(&self, user: &str, now: DateTime<Utc>) -> Result<(), StoreError>;
 }
 
 /// The log of evidence refreshes (scheduled or run by hand).

@@ -97,6 +97,8 @@ pub(crate) const MIGRATIONS: &[&str] = &[
     super::ledger::SCHEMA_V3,
     // 4: request contexts, so that verdicts follow the perimeter.
     SCHEMA_V4,
+    // 5: members lockstep did not add (ownership as a fact).
+    super::ledger::SCHEMA_V5,
 ];
 
 /// Each user-hour keeps its calls as the perimeter rule reads them (`evidence_context`); its

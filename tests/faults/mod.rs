@@ -25,6 +25,8 @@ pub enum Fault {
     Throttle { times: usize },
     /// Every request draws its faults from a generator seeded with `seed`.
     Random { seed: u64, rates: Rates },
+    /// Every request is relayed after this delay, as a slow AWS answers.
+    Slow(std::time::Duration),
 }
 
 /// Per-request probabilities of each fault (the error faults are exclusive; latency adds to
@@ -107,6 +109,7 @@ struct Fate {
 enum Schedule {
     Budget(usize),
     Random { rng: Rng, rates: Rates },
+    Slow(std::time::Duration),
 }
 
 impl Schedule {
@@ -120,6 +123,7 @@ impl Schedule {
                     ..Fate::default()
                 }
             }
+            Schedule::Slow(delay) => Fate { delay: Some(*delay), ..Fate::default() },
             Schedule::Random { rng, rates } => {
                 let delay = rng.chance(rates.latency).then(|| rng.duration_below(rates.max_latency));
                 let roll = (rng.next_u64() >> 11) as f64 / (1u64 << 53) as f64;
@@ -173,6 +177,7 @@ impl Proxy {
         let schedule = match fault {
             Fault::Throttle { times } => Schedule::Budget(times),
             Fault::Random { seed, rates } => Schedule::Random { rng: Rng::new(seed), rates },
+            Fault::Slow(delay) => Schedule::Slow(delay),
         };
         let state = Arc::new(State {
             schedule: Mutex::new(schedule),
