@@ -14,6 +14,8 @@ pub trait Clock: Send + Sync {
 pub struct SystemClock;
 
 impl Clock for SystemClock {
+    // The one place lockstep reads the system time.
+    #[allow(clippy::disallowed_methods)]
     fn now(&self) -> DateTime<Utc> {
         Utc::now()
     }

@@ -111,12 +111,42 @@ pub struct Drift {
     pub message: String,
 }
 
+/// Why a controller step failed.
 #[derive(Debug, thiserror::Error)]
 pub enum ControllerError {
     #[error(transparent)]
     Store(#[from] StoreError),
     #[error(transparent)]
     Iam(#[from] IamError),
+}
+
+named_enum!(
+    /// What kind of error stopped a step: the `kind` label of `lockstep_step_failures_total`.
+    StepFailureKind {
+        /// The store could not be read or written.
+        Store = "store",
+        /// The store's schema is newer than this lockstep.
+        StoreTooNew = "store_too_new",
+        /// The store holds a value lockstep cannot read.
+        StoreCorrupt = "store_corrupt",
+        /// The store refused a change that does not apply in the current state.
+        Refused = "refused",
+        /// An IAM call failed (its operation and code are in `lockstep_iam_errors_total`).
+        Iam = "iam",
+    }
+);
+
+impl ControllerError {
+    /// The kind of failure, for metrics and alerts (never read from the message).
+    pub fn kind(&self) -> StepFailureKind {
+        match self {
+            ControllerError::Store(StoreError::Sqlite { .. }) => StepFailureKind::Store,
+            ControllerError::Store(StoreError::TooNew { .. }) => StepFailureKind::StoreTooNew,
+            ControllerError::Store(StoreError::Corrupt { .. }) => StepFailureKind::StoreCorrupt,
+            ControllerError::Store(StoreError::Refused(_)) => StepFailureKind::Refused,
+            ControllerError::Iam(_) => StepFailureKind::Iam,
+        }
+    }
 }
 
 /// What one step saw and did, for logs, metrics and `lockstep plan`.

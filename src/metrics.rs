@@ -6,7 +6,7 @@ use prometheus::{
     Encoder, Gauge, Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry, TextEncoder,
 };
 
-use crate::controller::{DriftKind, Mode, StepReport};
+use crate::controller::{DriftKind, Mode, StepFailureKind, StepReport};
 use crate::guard::VerdictKind;
 use crate::iam::{Iam, IamError, IamUser, PolicyStatus};
 use crate::planner::{Action, Gate};
@@ -36,6 +36,8 @@ pub struct Metrics {
     pub iam_errors: IntCounterVec,
     pub reconcile_drift: IntCounterVec,
     pub steps: IntCounter,
+    pub step_duration: Histogram,
+    pub step_failures: IntCounterVec,
 }
 
 fn register<T: prometheus::core::Collector + Clone + 'static>(registry: &Registry, metric: T) -> T {
@@ -112,6 +114,21 @@ impl Metrics {
                 &["kind"]
             ),
             steps: metric!(&r, IntCounter, "lockstep_controller_steps_total", "Controller steps run."),
+            step_duration: register(
+                &r,
+                Histogram::with_opts(
+                    HistogramOpts::new("lockstep_step_duration_seconds", "Controller step run time, failed steps included.")
+                        .buckets(vec![0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0]),
+                )
+                .expect("valid metric"),
+            ),
+            step_failures: metric!(
+                &r,
+                IntCounterVec,
+                "lockstep_step_failures_total",
+                "Controller steps that failed, by error kind (store, store_too_new, store_corrupt, refused, iam).",
+                &["kind"]
+            ),
             registry: r,
         };
         // Labelled series appear on first use; start the known ones at zero so that rate()
@@ -125,12 +142,15 @@ impl Metrics {
         for verdict in VerdictKind::ALL {
             metrics.guard_verdicts.with_label_values(&[verdict.as_str()]);
         }
+        for kind in StepFailureKind::ALL {
+            metrics.step_failures.with_label_values(&[kind.as_str()]);
+        }
         metrics
     }
 
     /// Every metric family name the daemon exports, whether or not it has samples yet.
     pub fn names(&self) -> Vec<String> {
-        let collectors: [&dyn prometheus::core::Collector; 20] = [
+        let collectors: [&dyn prometheus::core::Collector; 22] = [
             &self.users,
             &self.batches,
             &self.promotions,
@@ -151,6 +171,8 @@ impl Metrics {
             &self.iam_errors,
             &self.reconcile_drift,
             &self.steps,
+            &self.step_duration,
+            &self.step_failures,
         ];
         let mut names: Vec<String> = collectors.iter().flat_map(|c| c.desc()).map(|d| d.fq_name.clone()).collect();
         names.sort();
@@ -226,6 +248,14 @@ impl Metrics {
         self.athena_bytes_scanned.inc_by(run.counts.bytes_scanned);
     }
 
+    /// Times one controller step and, if it failed, counts it by kind.
+    pub fn observe_step_outcome(&self, elapsed: std::time::Duration, failure: Option<StepFailureKind>) {
+        self.step_duration.observe(elapsed.as_secs_f64());
+        if let Some(kind) = failure {
+            self.step_failures.with_label_values(&[kind.as_str()]).inc();
+        }
+    }
+
     pub fn observe_denials(&self, explicit: usize, other: usize) {
         self.soaking_denials.with_label_values(&["explicit_identity_deny"]).set(explicit as i64);
         self.soaking_denials.with_label_values(&["other"]).set(other as i64);
@@ -281,7 +311,7 @@ mod tests {
     fn every_series_follows_the_naming_conventions() {
         let metrics = Metrics::new();
         let names = metrics.names();
-        assert_eq!(names.len(), 20, "{names:?}");
+        assert_eq!(names.len(), 22, "{names:?}");
         assert!(names.iter().all(|n| n.starts_with("lockstep_")), "{names:?}");
         metrics.rollbacks.with_label_values(&["manual"]).inc();
         metrics.iam_errors.with_label_values(&["GetGroup", "Throttling"]).inc();

@@ -11,6 +11,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 use tokio::sync::{Mutex, Notify, RwLock};
+use tracing::Instrument;
 
 use crate::clock::Clock;
 use crate::config::Config;
@@ -94,13 +95,34 @@ impl Shared {
         self.inner.wake.notified().await;
     }
 
-    /// Runs one controller step and publishes its report and metrics.
+    /// Runs one controller step in a `step` span and publishes its report and metrics. The span
+    /// names the account, the batches active when the step began (those it watches and may roll
+    /// back or succeed) and any batch it started.
     pub async fn step(&self) -> Result<StepReport, ControllerError> {
+        let span = tracing::info_span!(
+            "step",
+            account = %self.inner.config.account_id,
+            batches = tracing::field::Empty,
+            started_batches = tracing::field::Empty,
+        );
+        let started = std::time::Instant::now();
+        let result = self.publish_step().instrument(span).await;
+        self.inner.metrics.observe_step_outcome(started.elapsed(), result.as_ref().err().map(ControllerError::kind));
+        result
+    }
+
+    async fn publish_step(&self) -> Result<StepReport, ControllerError> {
         let promote_now = self.inner.promote_now.swap(false, Ordering::SeqCst);
         let mut controller = self.inner.controller.lock().await;
         let before = self.inner.store.snapshot()?;
+        let watched: Vec<i64> = before.active_batches().map(|b| b.id).collect();
+        tracing::Span::current().record("batches", tracing::field::debug(&watched));
         let report = controller.step(promote_now).await?;
         let snapshot = self.inner.store.snapshot()?;
+        let new: Vec<i64> = snapshot.batches.iter().map(|b| b.id).filter(|id| before.batch(*id).is_none()).collect();
+        if !new.is_empty() {
+            tracing::Span::current().record("started_batches", tracing::field::debug(&new));
+        }
         if let Some(webhook) = &self.inner.webhook {
             for event in notify::events(&report, &before) {
                 webhook.send(event);
