@@ -259,7 +259,7 @@ fn wave_soak(config: &Config, wave: &str) -> chrono::Duration {
 }
 
 /// Batches the guard watches: applying and soaking ones, and finished ones for `grace`.
-pub(crate) fn watched<'s>(snapshot: &'s Snapshot, grace: chrono::Duration, now: DateTime<Utc>) -> impl Iterator<Item = &'s Batch> {
+pub(crate) fn watched(snapshot: &Snapshot, grace: chrono::Duration, now: DateTime<Utc>) -> impl Iterator<Item = &Batch> {
     snapshot.batches.iter().filter(move |b| is_watched(b.state, b.finished_at, grace, now))
 }
 
@@ -306,6 +306,7 @@ pub struct Controller<I, F> {
 const DIRECTORY_TTL: chrono::Duration = chrono::Duration::hours(1);
 
 impl<I: Iam, F: EventFeed> Controller<I, F> {
+    /// A controller over these edges; `mode` says whether it may write to IAM.
     pub fn new(config: Config, store: Arc<dyn RolloutStore>, iam: I, feed: F, clock: Arc<dyn Clock>, mode: Mode) -> Self {
         Controller {
             config,
@@ -320,6 +321,7 @@ impl<I: Iam, F: EventFeed> Controller<I, F> {
         }
     }
 
+    /// The configuration the controller runs with.
     pub fn config(&self) -> &Config {
         &self.config
     }

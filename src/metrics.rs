@@ -13,6 +13,7 @@ use crate::planner::{Action, Gate};
 use crate::rollout::{BatchState, Snapshot, UserState};
 use crate::store::Run;
 
+/// Every Prometheus series the daemon exports, in one registry.
 #[derive(Clone)]
 pub struct Metrics {
     registry: Registry,
@@ -67,6 +68,7 @@ impl Default for Metrics {
 }
 
 impl Metrics {
+    /// A fresh registry with every series registered (known labels start at zero).
     pub fn new() -> Metrics {
         let r = Registry::new();
         let metrics = Metrics {
@@ -190,7 +192,7 @@ impl Metrics {
     }
 
     /// Updates the gauges from the ledger and counts what one step did.
-    pub fn observe_step(&self, report: &StepReport, snapshot: &Snapshot, directory_size: usize, wave_names: &[String]) {
+    pub(crate) fn observe_step(&self, report: &StepReport, snapshot: &Snapshot, directory_size: usize, wave_names: &[String]) {
         self.steps.inc();
         for state in UserState::ALL {
             let count = snapshot.members.values().filter(|m| m.state == *state).count();
@@ -235,7 +237,7 @@ impl Metrics {
     }
 
     /// Counts one finished evidence refresh run.
-    pub fn observe_refresh(&self, run: &Run) {
+    pub(crate) fn observe_refresh(&self, run: &Run) {
         self.refresh_runs.with_label_values(&[&run.source, &run.status]).inc();
         if run.status != "succeeded" {
             self.refresh_failures.inc();
@@ -249,14 +251,14 @@ impl Metrics {
     }
 
     /// Times one controller step and, if it failed, counts it by kind.
-    pub fn observe_step_outcome(&self, elapsed: std::time::Duration, failure: Option<StepFailureKind>) {
+    pub(crate) fn observe_step_outcome(&self, elapsed: std::time::Duration, failure: Option<StepFailureKind>) {
         self.step_duration.observe(elapsed.as_secs_f64());
         if let Some(kind) = failure {
             self.step_failures.with_label_values(&[kind.as_str()]).inc();
         }
     }
 
-    pub fn observe_denials(&self, explicit: usize, other: usize) {
+    pub(crate) fn observe_denials(&self, explicit: usize, other: usize) {
         self.soaking_denials.with_label_values(&["explicit_identity_deny"]).set(explicit as i64);
         self.soaking_denials.with_label_values(&["other"]).set(other as i64);
     }
@@ -269,6 +271,7 @@ pub struct MeteredIam<I> {
 }
 
 impl<I> MeteredIam<I> {
+    /// Counts the calls `inner` makes into `metrics`.
     pub fn new(inner: I, metrics: Metrics) -> Self {
         MeteredIam { inner, metrics }
     }

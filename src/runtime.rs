@@ -50,6 +50,7 @@ struct Inner {
 }
 
 impl Shared {
+    /// The runtime around `controller`, publishing into `metrics`.
     pub fn new(controller: impl Stepper + 'static, metrics: Metrics) -> Shared {
         let config = controller.config().clone();
         let store = controller.store().clone();
@@ -86,6 +87,7 @@ impl Shared {
         self.inner.ready.load(Ordering::SeqCst)
     }
 
+    /// The daemon's metrics.
     pub fn metrics(&self) -> &Metrics {
         &self.inner.metrics
     }
@@ -115,8 +117,7 @@ impl Shared {
         let promote_now = self.inner.promote_now.swap(false, Ordering::SeqCst);
         let mut controller = self.inner.controller.lock().await;
         let before = self.inner.store.snapshot()?;
-        let watched: Vec<i64> = before.active_batches().map(|b| b.id).collect();
-        tracing::Span::current().record("batches", tracing::field::debug(&watched));
+        tracing::Span::current().record("batches", tracing::field::debug(before.active_batch_ids()));
         let report = controller.step(promote_now).await?;
         let snapshot = self.inner.store.snapshot()?;
         let new: Vec<i64> = snapshot.batches.iter().map(|b| b.id).filter(|id| before.batch(*id).is_none()).collect();
@@ -177,6 +178,7 @@ impl Shared {
         Ok(())
     }
 
+    /// What the next step would plan, without changing anything.
     pub async fn preview(&self) -> Result<Plan, ControllerError> {
         self.inner.controller.lock().await.preview().await
     }
@@ -186,6 +188,7 @@ impl Shared {
         self.inner.config.guard.poll
     }
 
+    /// The rollout's status from the ledger and the last step.
     pub async fn status(&self) -> Result<Status, ControllerError> {
         let snapshot = self.inner.store.snapshot()?;
         let freshness = self.inner.store.freshness()?;
@@ -243,6 +246,7 @@ pub enum Command {
 }
 
 impl Command {
+    /// Who gave the command, for the audit log.
     pub fn operator(&self) -> &str {
         match self {
             Command::Pause { operator, .. }
@@ -290,6 +294,7 @@ pub fn apply_command(ledger: &dyn Ledger, command: &Command, config: &Config, no
     }
 }
 
+/// One batch as `status` shows it.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct BatchView {
     pub id: i64,
@@ -319,6 +324,7 @@ pub struct Status {
     pub last_step: Option<DateTime<Utc>>,
 }
 
+/// The status from a ledger snapshot, the last step's report (if any) and evidence freshness.
 pub fn status(snapshot: &Snapshot, report: Option<&StepReport>, evidence: Freshness, mode: Mode, now: DateTime<Utc>) -> Status {
     let mut users: BTreeMap<String, usize> = BTreeMap::new();
     for member in snapshot.members.values() {

@@ -41,7 +41,7 @@ impl Source {
 
     /// The source of `kind` over the evidence section's location for it; `setting` names the
     /// setting that chose the kind, for the error when that section is missing.
-    pub async fn of_kind(config: &Config, kind: SourceKind, setting: &str) -> Result<Source, SourceError> {
+    pub(crate) async fn of_kind(config: &Config, kind: SourceKind, setting: &str) -> Result<Source, SourceError> {
         let evidence = &config.evidence;
         let missing = |section: &str| SourceError::Other(format!("{setting} needs the evidence.{section} section"));
         Ok(match kind {
@@ -59,6 +59,7 @@ impl Source {
         })
     }
 
+    /// Which kind of source this is.
     pub fn kind(&self) -> SourceKind {
         match self {
             Source::Folder(_) => SourceKind::Files,
@@ -69,7 +70,7 @@ impl Source {
 }
 
 /// The name a source kind has in the configuration and the refresh log.
-pub fn source_name(kind: SourceKind) -> &'static str {
+pub(crate) fn source_name(kind: SourceKind) -> &'static str {
     match kind {
         SourceKind::Files => "files",
         SourceKind::S3 => "s3",
@@ -105,6 +106,7 @@ pub struct Report {
     pub counts: RunCounts,
 }
 
+/// An evidence refresh (or its schedule) failed.
 #[derive(Debug, thiserror::Error)]
 pub enum RefreshError {
     #[error(transparent)]
@@ -190,7 +192,7 @@ impl RunLog {
         let now = clock.now();
         let id = store.start_run(name, window.since, window.until, now)?;
         // The evidence this run records is what the guard judges the active batches on.
-        let batches: Vec<i64> = store.snapshot()?.active_batches().map(|b| b.id).collect();
+        let batches = store.snapshot()?.active_batch_ids();
         let span = tracing::info_span!(
             "evidence_refresh",
             account = %config.account_id,
@@ -366,6 +368,7 @@ pub struct Schedule {
 }
 
 impl Schedule {
+    /// Stops the schedule; a run under way finishes first.
     pub async fn shutdown(mut self) -> Result<(), RefreshError> {
         self.scheduler.shutdown().await.map_err(|e| RefreshError::Schedule {
             schedule: self.schedule,

@@ -212,7 +212,7 @@ impl Store {
 
     /// Replaces everything `origin` holds for the hours overlapping `[since, until)` with
     /// `aggregates` (hours outside that range are ignored), in one transaction.
-    pub fn replace_hours(
+    pub(crate) fn replace_hours(
         &self,
         origin: &str,
         since: DateTime<Utc>,
@@ -238,7 +238,7 @@ impl Store {
 
     /// The greatest key read under `prefix` (keys are `/`-separated; `prefix` ends with `/` or is
     /// empty).
-    pub fn last_read(&self, prefix: &str) -> Result<Option<String>, StoreError> {
+    pub(crate) fn last_read(&self, prefix: &str) -> Result<Option<String>, StoreError> {
         let (low, high) = key_range(prefix);
         self.conn()
             .query_row(
@@ -268,7 +268,7 @@ impl Store {
     }
 
     /// Drops evidence hours, read marks and refresh runs older than `cutoff`.
-    pub fn drop_before(&self, cutoff: DateTime<Utc>) -> Result<(), StoreError> {
+    pub(crate) fn drop_before(&self, cutoff: DateTime<Utc>) -> Result<(), StoreError> {
         let doing = format!("dropping evidence older than {cutoff}");
         let cutoff = cutoff.timestamp();
         let mut conn = self.conn();
@@ -287,7 +287,7 @@ impl Store {
     // The refresh log.
 
     /// Records the start of a refresh; returns its ID for [`Store::finish_run`].
-    pub fn start_run(
+    pub(crate) fn start_run(
         &self,
         source: &str,
         since: DateTime<Utc>,
@@ -304,7 +304,7 @@ impl Store {
     }
 
     /// Records how a refresh ended: `error` is `None` for success.
-    pub fn finish_run(
+    pub(crate) fn finish_run(
         &self,
         id: i64,
         counts: &RunCounts,
@@ -530,7 +530,7 @@ impl Store {
 
     /// The rows of `query` as sorted lines, under a `[title]` header: for comparing store
     /// contents in tests.
-    pub fn dump_query(&self, title: &str, query: &str) -> Result<String, StoreError> {
+    pub(crate) fn dump_query(&self, title: &str, query: &str) -> Result<String, StoreError> {
         let doing = format!("dumping {title}");
         let conn = self.conn();
         let mut stmt = conn.prepare(query).doing(&doing)?;
