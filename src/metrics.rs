@@ -327,4 +327,26 @@ mod tests {
         let text = metrics.render();
         assert!(text.contains("lockstep_rollbacks_total{reason=\"manual\"} 1"), "{text}");
     }
+
+    #[test]
+    fn steps_are_timed_and_failures_counted_by_the_error_kind() {
+        use crate::controller::ControllerError;
+        use crate::store::StoreError;
+        let metrics = Metrics::new();
+        let throttled = IamError { operation: "GetGroup", code: "Throttling".into(), message: "slow down".into() };
+        let too_new = StoreError::TooNew { found: 99, known: 1 };
+        metrics.observe_step_outcome(std::time::Duration::from_millis(250), Some(ControllerError::from(throttled).kind()));
+        metrics.observe_step_outcome(std::time::Duration::from_millis(20), Some(ControllerError::from(too_new).kind()));
+        metrics.observe_step_outcome(std::time::Duration::from_millis(50), None);
+        let text = metrics.render();
+        for line in [
+            "lockstep_step_failures_total{kind=\"iam\"} 1",
+            "lockstep_step_failures_total{kind=\"store_too_new\"} 1",
+            "lockstep_step_failures_total{kind=\"store\"} 0",
+            "lockstep_step_duration_seconds_count 3",
+            "lockstep_step_duration_seconds_bucket{le=\"0.05\"} 2",
+        ] {
+            assert!(text.contains(line), "{line} missing from\n{text}");
+        }
+    }
 }

@@ -338,7 +338,7 @@ fn silence_is_inconclusive_but_a_seen_spike_still_wins() {
             })
         })
         .collect();
-    assert!(matches!(&verdicts[0], Verdict::Inconclusive { why } if why.contains("silent for 1h 40m")), "{verdicts:?}");
+    assert!(matches!(&verdicts[0], Verdict::Inconclusive { why } if why.contains("silent for 1h40m")), "{verdicts:?}");
     assert_eq!(verdicts[1].name(), "spike");
 }
 
