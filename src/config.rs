@@ -43,12 +43,14 @@ pub struct Config {
     pub listeners: Listeners,
 }
 
+/// The lockdown IAM group and the name of the perimeter policy attached to it.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Lockdown {
     pub group: String,
     pub policy_name: String,
 }
 
+/// Where CloudTrail evidence (or the guard's live feed) is read from.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, serde::Serialize)]
 #[serde(rename_all = "snake_case")]
 pub enum SourceKind {
@@ -67,6 +69,7 @@ pub enum Partitioning {
     RegionYearMonthDay,
 }
 
+/// `evidence`: where the trail is read from, how often, how far back, and how long it is kept.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Evidence {
     pub source: SourceKind,
@@ -82,12 +85,14 @@ pub struct Evidence {
     pub max_inflated_size: u64,
 }
 
+/// A bucket and key prefix holding CloudTrail files.
 #[derive(Debug, Clone, PartialEq)]
 pub struct S3Location {
     pub bucket: String,
     pub prefix: String,
 }
 
+/// `evidence.athena`: the Athena table over the trail and where query results go.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Athena {
     pub database: String,
@@ -99,6 +104,7 @@ pub struct Athena {
     pub timeout: Duration,
 }
 
+/// `eligibility`: how much clean history a user needs before promotion.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Eligibility {
     pub window: Duration,
@@ -111,6 +117,7 @@ pub struct Eligibility {
     pub hold_expiry: Duration,
 }
 
+/// One wave of the rollout: which users, in batches of what size, soaking how long.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Wave {
     pub name: String,
@@ -128,12 +135,14 @@ pub struct Selector {
     pub tag: Option<(String, String)>,
 }
 
+/// `rollout`: rate limits on promotions across waves.
 #[derive(Debug, Clone, PartialEq)]
 pub struct RolloutLimits {
     pub max_promotions_per_day: usize,
     pub max_soaking_batches: usize,
 }
 
+/// `guard`: the live feed that watches soaking batches and when it rolls them back.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Guard {
     pub source: SourceKind,
@@ -162,11 +171,13 @@ pub enum AfterSoak {
     Release,
 }
 
+/// `store`: where the SQLite ledger and evidence live.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Store {
     pub path: PathBuf,
 }
 
+/// `listeners`: the admin API and metrics addresses, the token and the webhook.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Listeners {
     pub admin: SocketAddr,
@@ -202,6 +213,7 @@ impl fmt::Display for Problem {
     }
 }
 
+/// A configuration file could not be read, or holds located problems.
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
     #[error("cannot read {}: {source}", path.display())]
@@ -222,6 +234,7 @@ fn render_problems(problems: &[Problem]) -> String {
 }
 
 impl ConfigError {
+    /// Every located problem found (empty when the file could not be read).
     pub fn problems(&self) -> &[Problem] {
         match self {
             ConfigError::Invalid(problems) => problems,
@@ -231,6 +244,7 @@ impl ConfigError {
 }
 
 impl Config {
+    /// Reads and validates `rollout.yaml`, collecting every problem with its line.
     pub fn load(path: &Path) -> Result<Config, ConfigError> {
         Config::parse(&read_text(path)?, path)
     }
@@ -257,7 +271,7 @@ impl Config {
 /// The largest configuration file read, and the limits on its YAML shape, checked before the
 /// document is deserialized: nesting depth, and nodes counted with every alias expanded (a
 /// "billion laughs" document is refused after reading its text once, in bounded memory).
-pub const MAX_CONFIG_BYTES: u64 = 1 << 20;
+pub(crate) const MAX_CONFIG_BYTES: u64 = 1 << 20;
 const MAX_DEPTH: usize = 32;
 const MAX_EXPANDED_NODES: u64 = 100_000;
 
@@ -580,7 +594,7 @@ const fn days(n: u64) -> Duration {
 
 /// No duration setting may exceed this. With it, `now ± duration` stays far inside chrono's
 /// range (about ±262,000 years) for any clock reading, so time arithmetic cannot overflow.
-pub const LONGEST_SPAN: Duration = days(3_650);
+pub(crate) const LONGEST_SPAN: Duration = days(3_650);
 
 /// Inclusive bounds of one duration setting.
 #[derive(Debug, Clone, Copy)]
@@ -620,9 +634,9 @@ const EXCLUDED_USERS: Count = Count(0, 100_000);
 
 /// Bounds of `evidence.max_inflated_size`. The default (256 MiB) is far above real CloudTrail
 /// files (a few MiB inflated); the ceiling is also the most a source fetches of one object.
-pub const DEFAULT_MAX_INFLATED_SIZE: u64 = 256 << 20;
-pub const MIN_INFLATED_SIZE: u64 = 1 << 20;
-pub const MAX_INFLATED_SIZE: u64 = 1 << 30;
+pub(crate) const DEFAULT_MAX_INFLATED_SIZE: u64 = 256 << 20;
+pub(crate) const MIN_INFLATED_SIZE: u64 = 1 << 20;
+pub(crate) const MAX_INFLATED_SIZE: u64 = 1 << 30;
 
 /// How often the evidence schedule must fire at least: a schedule with no occurrence within
 /// this long after 2001-01-01 (a common year), such as February 30th, or February 29th only,
@@ -658,7 +672,7 @@ pub fn earlier(at: chrono::DateTime<chrono::Utc>, span: Duration) -> chrono::Dat
 }
 
 /// Sizes as operators write them: `1048576`, `512KiB`, `256MiB`, `1GiB`.
-pub fn parse_size(text: &str) -> Result<u64, String> {
+pub(crate) fn parse_size(text: &str) -> Result<u64, String> {
     let text = text.trim();
     let digits = text.find(|c: char| !c.is_ascii_digit()).unwrap_or(text.len());
     let (number, unit) = text.split_at(digits);
@@ -1168,7 +1182,7 @@ fn fires_within(cron: &croner::Cron, horizon: Duration) -> bool {
 }
 
 /// Parses a cron expression exactly as the scheduler will (seconds field required).
-pub fn parse_cron(text: &str) -> Result<croner::Cron, String> {
+pub(crate) fn parse_cron(text: &str) -> Result<croner::Cron, String> {
     croner::parser::CronParser::builder()
         .seconds(croner::parser::Seconds::Required)
         .dom_and_dow(true)
@@ -1514,7 +1528,7 @@ waves:
         assert_eq!(parse_size("1048576"), Ok(1 << 20));
         assert!(parse_size("1TB").is_err());
         assert!(parse_size("99999999999999999999GiB").is_err());
-        let now = chrono::Utc::now();
+        let now = chrono::DateTime::UNIX_EPOCH;
         assert_eq!(later(now, Duration::MAX), chrono::DateTime::<chrono::Utc>::MAX_UTC);
         assert_eq!(later(now, Duration::from_secs(60)), now + chrono::TimeDelta::minutes(1));
     }

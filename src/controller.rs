@@ -113,12 +113,42 @@ pub struct Drift {
     pub message: String,
 }
 
+/// Why a controller step failed.
 #[derive(Debug, thiserror::Error)]
 pub enum ControllerError {
     #[error(transparent)]
     Store(#[from] StoreError),
     #[error(transparent)]
     Iam(#[from] IamError),
+}
+
+named_enum!(
+    /// What kind of error stopped a step: the `kind` label of `lockstep_step_failures_total`.
+    StepFailureKind {
+        /// The store could not be read or written.
+        Store = "store",
+        /// The store's schema is newer than this lockstep.
+        StoreTooNew = "store_too_new",
+        /// The store holds a value lockstep cannot read.
+        StoreCorrupt = "store_corrupt",
+        /// The store refused a change that does not apply in the current state.
+        Refused = "refused",
+        /// An IAM call failed (its operation and code are in `lockstep_iam_errors_total`).
+        Iam = "iam",
+    }
+);
+
+impl ControllerError {
+    /// The kind of failure, for metrics and alerts (never read from the message).
+    pub fn kind(&self) -> StepFailureKind {
+        match self {
+            ControllerError::Store(StoreError::Sqlite { .. }) => StepFailureKind::Store,
+            ControllerError::Store(StoreError::TooNew { .. }) => StepFailureKind::StoreTooNew,
+            ControllerError::Store(StoreError::Corrupt { .. }) => StepFailureKind::StoreCorrupt,
+            ControllerError::Store(StoreError::Refused(_)) => StepFailureKind::Refused,
+            ControllerError::Iam(_) => StepFailureKind::Iam,
+        }
+    }
 }
 
 /// What one step saw and did, for logs, metrics and `lockstep plan`.
@@ -254,7 +284,7 @@ fn wave_soak(config: &Config, wave: &str) -> chrono::Duration {
 }
 
 /// Batches the guard watches: applying and soaking ones, and finished ones for `grace`.
-pub(crate) fn watched<'s>(snapshot: &'s Snapshot, grace: chrono::Duration, now: DateTime<Utc>) -> impl Iterator<Item = &'s Batch> {
+pub(crate) fn watched(snapshot: &Snapshot, grace: chrono::Duration, now: DateTime<Utc>) -> impl Iterator<Item = &Batch> {
     snapshot.batches.iter().filter(move |b| is_watched(b.state, b.finished_at, grace, now))
 }
 
@@ -337,6 +367,7 @@ pub struct Controller<I, F> {
 const DIRECTORY_TTL: chrono::Duration = chrono::Duration::hours(1);
 
 impl<I: Iam, F: EventFeed> Controller<I, F> {
+    /// A controller over these edges; `mode` says whether it may write to IAM.
     pub fn new(config: Config, store: Arc<dyn RolloutStore>, iam: I, feed: F, clock: Arc<dyn Clock>, mode: Mode) -> Self {
         Controller {
             config,
@@ -351,6 +382,7 @@ impl<I: Iam, F: EventFeed> Controller<I, F> {
         }
     }
 
+    /// The configuration the controller runs with.
     pub fn config(&self) -> &Config {
         &self.config
     }

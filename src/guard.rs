@@ -59,10 +59,10 @@ use crate::rollout::Batch;
 
 /// Expected `unknown` denials per user-hour never go below this: an empty baseline is not a
 /// promise of silence.
-pub const MIN_UNKNOWN_PER_USER_HOUR: f64 = 1.0;
+pub(crate) const MIN_UNKNOWN_PER_USER_HOUR: f64 = 1.0;
 
 /// How many sample denials per cause an explanation carries.
-pub const SAMPLES_PER_CAUSE: usize = 3;
+pub(crate) const SAMPLES_PER_CAUSE: usize = 3;
 
 /// One recorded denial of one user, attributed.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -88,7 +88,7 @@ pub struct CohortRate {
 
 impl CohortRate {
     /// Denials per user per hour.
-    pub fn per_user_hour(&self) -> f64 {
+    pub(crate) fn per_user_hour(&self) -> f64 {
         if self.users == 0 || self.hours <= 0.0 {
             0.0
         } else {
@@ -119,6 +119,7 @@ impl SourceHealth {
     }
 }
 
+/// The guard's judgement of one watched batch.
 #[derive(Debug, Clone, PartialEq, Serialize)]
 #[serde(tag = "verdict", rename_all = "snake_case")]
 pub enum Verdict {
@@ -148,6 +149,7 @@ named_enum!(
 );
 
 impl Verdict {
+    /// The verdict's kind, for metrics, the CLI and notifications.
     pub fn kind(&self) -> VerdictKind {
         match self {
             Verdict::Healthy { .. } => VerdictKind::Healthy,
@@ -156,6 +158,7 @@ impl Verdict {
         }
     }
 
+    /// The verdict's name as people read it.
     pub fn name(&self) -> &'static str {
         match self {
             Verdict::Healthy { .. } => "healthy",
@@ -164,6 +167,7 @@ impl Verdict {
         }
     }
 
+    /// One line for people: the verdict and why.
     pub fn summary(&self) -> String {
         match self {
             Verdict::Healthy { detail } | Verdict::Spike { detail, .. } => format!("{}: {detail}", self.name()),
@@ -447,7 +451,7 @@ pub fn watch_locked(events: &[DenialEvent], locked: &BTreeSet<String>, since: Da
 }
 
 /// Why the event source cannot be relied on right now, if it cannot.
-pub fn source_problem(source: &SourceHealth, config: &Guard, now: DateTime<Utc>) -> Option<String> {
+pub(crate) fn source_problem(source: &SourceHealth, config: &Guard, now: DateTime<Utc>) -> Option<String> {
     let limit = chrono::Duration::from_std(config.silence_limit).unwrap_or(chrono::Duration::zero());
     let human = crate::duration::elapsed;
     match (source.last_ok_poll, &source.error) {

@@ -27,6 +27,7 @@ pub enum PolicyStatus {
 }
 
 impl PolicyStatus {
+    /// What is wrong with the group's policy, for people; `None` when it is in place.
     pub fn problem(&self, group: &str, policy: &str) -> Option<String> {
         Some(match self {
             PolicyStatus::InPlace => return None,
@@ -40,6 +41,7 @@ impl PolicyStatus {
     }
 }
 
+/// An IAM call failed: which operation, the AWS error code and its message.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[error("IAM {operation} failed: {code}: {message}")]
 pub struct IamError {
@@ -50,7 +52,7 @@ pub struct IamError {
 }
 
 impl IamError {
-    pub fn is_no_such_entity(&self) -> bool {
+    pub(crate) fn is_no_such_entity(&self) -> bool {
         self.code == "NoSuchEntity"
     }
 }
@@ -88,6 +90,7 @@ pub struct AwsIam {
 }
 
 impl AwsIam {
+    /// The real IAM client for `account_id`.
     pub fn new(sdk: &aws_config::SdkConfig, account_id: &str) -> AwsIam {
         AwsIam {
             client: aws_sdk_iam::Client::new(sdk),
@@ -335,7 +338,7 @@ impl AwsIam {
 }
 
 /// Collects every page of a marker-paginated IAM listing.
-pub async fn all_pages<T, F, Fut>(mut fetch: F) -> Result<Vec<T>, IamError>
+pub(crate) async fn all_pages<T, F, Fut>(mut fetch: F) -> Result<Vec<T>, IamError>
 where
     F: FnMut(Option<String>) -> Fut,
     Fut: Future<Output = Result<(Vec<T>, Option<String>), IamError>>,

@@ -13,12 +13,15 @@ macro_rules! named_enum {
         pub enum $name { $($(#[$vmeta])* $variant,)* }
 
         impl $name {
+            /// Every variant, in declaration order.
             pub const ALL: &'static [$name] = &[$($name::$variant,)*];
 
+            /// The variant's stable name (in the store, metrics labels and JSON).
             pub fn as_str(self) -> &'static str {
                 match self { $($name::$variant => $text,)* }
             }
 
+            /// The variant with this name, if any.
             pub fn from_name(text: &str) -> Option<$name> {
                 Self::ALL.iter().copied().find(|v| v.as_str() == text)
             }
@@ -57,7 +60,7 @@ pub mod feed;
 pub mod guard;
 pub mod iam;
 pub mod metrics;
-pub mod notify;
+pub(crate) mod notify;
 pub mod perimeter;
 pub mod planner;
 pub mod rollout;

@@ -6,13 +6,14 @@ use prometheus::{
     Encoder, Gauge, Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry, TextEncoder,
 };
 
-use crate::controller::{DriftKind, Mode, StepReport};
+use crate::controller::{DriftKind, Mode, StepFailureKind, StepReport};
 use crate::guard::VerdictKind;
 use crate::iam::{Iam, IamError, IamUser, PolicyStatus};
 use crate::planner::{Action, Gate};
 use crate::rollout::{BatchState, Snapshot, UserState};
 use crate::store::Run;
 
+/// Every Prometheus series the daemon exports, in one registry.
 #[derive(Clone)]
 pub struct Metrics {
     registry: Registry,
@@ -37,6 +38,8 @@ pub struct Metrics {
     pub reconcile_drift: IntCounterVec,
     pub steps: IntCounter,
     pub future_events: IntCounter,
+    pub step_duration: Histogram,
+    pub step_failures: IntCounterVec,
 }
 
 fn register<T: prometheus::core::Collector + Clone + 'static>(registry: &Registry, metric: T) -> T {
@@ -66,6 +69,7 @@ impl Default for Metrics {
 }
 
 impl Metrics {
+    /// A fresh registry with every series registered (known labels start at zero).
     pub fn new() -> Metrics {
         let r = Registry::new();
         let metrics = Metrics {
@@ -119,6 +123,21 @@ impl Metrics {
                 "lockstep_future_events_total",
                 "Trail records the guard's feed delivered dated after now (clamped to now: never trusted to prove the source alive)."
             ),
+            step_duration: register(
+                &r,
+                Histogram::with_opts(
+                    HistogramOpts::new("lockstep_step_duration_seconds", "Controller step run time, failed steps included.")
+                        .buckets(vec![0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0]),
+                )
+                .expect("valid metric"),
+            ),
+            step_failures: metric!(
+                &r,
+                IntCounterVec,
+                "lockstep_step_failures_total",
+                "Controller steps that failed, by error kind (store, store_too_new, store_corrupt, refused, iam).",
+                &["kind"]
+            ),
             registry: r,
         };
         // Labelled series appear on first use; start the known ones at zero so that rate()
@@ -132,12 +151,15 @@ impl Metrics {
         for verdict in VerdictKind::ALL {
             metrics.guard_verdicts.with_label_values(&[verdict.as_str()]);
         }
+        for kind in StepFailureKind::ALL {
+            metrics.step_failures.with_label_values(&[kind.as_str()]);
+        }
         metrics
     }
 
     /// Every metric family name the daemon exports, whether or not it has samples yet.
     pub fn names(&self) -> Vec<String> {
-        let collectors: [&dyn prometheus::core::Collector; 21] = [
+        let collectors: [&dyn prometheus::core::Collector; 23] = [
             &self.users,
             &self.batches,
             &self.promotions,
@@ -159,6 +181,8 @@ impl Metrics {
             &self.reconcile_drift,
             &self.steps,
             &self.future_events,
+            &self.step_duration,
+            &self.step_failures,
         ];
         let mut names: Vec<String> = collectors.iter().flat_map(|c| c.desc()).map(|d| d.fq_name.clone()).collect();
         names.sort();
@@ -176,7 +200,7 @@ impl Metrics {
     }
 
     /// Updates the gauges from the ledger and counts what one step did.
-    pub fn observe_step(&self, report: &StepReport, snapshot: &Snapshot, directory_size: usize, wave_names: &[String]) {
+    pub(crate) fn observe_step(&self, report: &StepReport, snapshot: &Snapshot, directory_size: usize, wave_names: &[String]) {
         self.steps.inc();
         self.future_events.inc_by(report.future_events);
         for state in UserState::ALL {
@@ -222,7 +246,7 @@ impl Metrics {
     }
 
     /// Counts one finished evidence refresh run.
-    pub fn observe_refresh(&self, run: &Run) {
+    pub(crate) fn observe_refresh(&self, run: &Run) {
         self.refresh_runs.with_label_values(&[&run.source, &run.status]).inc();
         if run.status != "succeeded" {
             self.refresh_failures.inc();
@@ -235,7 +259,15 @@ impl Metrics {
         self.athena_bytes_scanned.inc_by(run.counts.bytes_scanned);
     }
 
-    pub fn observe_denials(&self, explicit: usize, other: usize) {
+    /// Times one controller step and, if it failed, counts it by kind.
+    pub(crate) fn observe_step_outcome(&self, elapsed: std::time::Duration, failure: Option<StepFailureKind>) {
+        self.step_duration.observe(elapsed.as_secs_f64());
+        if let Some(kind) = failure {
+            self.step_failures.with_label_values(&[kind.as_str()]).inc();
+        }
+    }
+
+    pub(crate) fn observe_denials(&self, explicit: usize, other: usize) {
         self.soaking_denials.with_label_values(&["explicit_identity_deny"]).set(explicit as i64);
         self.soaking_denials.with_label_values(&["other"]).set(other as i64);
     }
@@ -248,6 +280,7 @@ pub struct MeteredIam<I> {
 }
 
 impl<I> MeteredIam<I> {
+    /// Counts the calls `inner` makes into `metrics`.
     pub fn new(inner: I, metrics: Metrics) -> Self {
         MeteredIam { inner, metrics }
     }
@@ -290,7 +323,7 @@ mod tests {
     fn every_series_follows_the_naming_conventions() {
         let metrics = Metrics::new();
         let names = metrics.names();
-        assert_eq!(names.len(), 21, "{names:?}");
+        assert_eq!(names.len(), 23, "{names:?}");
         assert!(names.iter().all(|n| n.starts_with("lockstep_")), "{names:?}");
         metrics.rollbacks.with_label_values(&["manual"]).inc();
         metrics.iam_errors.with_label_values(&["GetGroup", "Throttling"]).inc();
@@ -302,5 +335,27 @@ mod tests {
         }
         let text = metrics.render();
         assert!(text.contains("lockstep_rollbacks_total{reason=\"manual\"} 1"), "{text}");
+    }
+
+    #[test]
+    fn steps_are_timed_and_failures_counted_by_the_error_kind() {
+        use crate::controller::ControllerError;
+        use crate::store::StoreError;
+        let metrics = Metrics::new();
+        let throttled = IamError { operation: "GetGroup", code: "Throttling".into(), message: "slow down".into() };
+        let too_new = StoreError::TooNew { found: 99, known: 1 };
+        metrics.observe_step_outcome(std::time::Duration::from_millis(250), Some(ControllerError::from(throttled).kind()));
+        metrics.observe_step_outcome(std::time::Duration::from_millis(20), Some(ControllerError::from(too_new).kind()));
+        metrics.observe_step_outcome(std::time::Duration::from_millis(50), None);
+        let text = metrics.render();
+        for line in [
+            "lockstep_step_failures_total{kind=\"iam\"} 1",
+            "lockstep_step_failures_total{kind=\"store_too_new\"} 1",
+            "lockstep_step_failures_total{kind=\"store\"} 0",
+            "lockstep_step_duration_seconds_count 3",
+            "lockstep_step_duration_seconds_bucket{le=\"0.05\"} 2",
+        ] {
+            assert!(text.contains(line), "{line} missing from\n{text}");
+        }
     }
 }

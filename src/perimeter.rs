@@ -21,11 +21,12 @@ use serde::{Deserialize, Serialize};
 use crate::trail::Record;
 
 /// IAM's limit for a managed policy document, counted without whitespace.
-pub const MANAGED_POLICY_LIMIT: usize = 6_144;
+pub(crate) const MANAGED_POLICY_LIMIT: usize = 6_144;
 
 /// Actions that no IAM policy can deny (AWS documents that a Deny on them has no effect).
 const NEVER_DENIED: &[&str] = &["sts:GetCallerIdentity"];
 
+/// The trusted network: the account, its VPCs, endpoints and CIDRs, and the actions the Deny covers.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Perimeter {
     pub account_id: String,
@@ -40,6 +41,7 @@ pub struct Perimeter {
     pub not_actions: Vec<String>,
 }
 
+/// What the perimeter policy would do to one CloudTrail record, and why.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
 #[serde(tag = "verdict", content = "reason", rename_all = "snake_case")]
 pub enum Verdict {
@@ -86,6 +88,7 @@ named_enum!(SkipReason {
 });
 
 impl Verdict {
+    /// The reason's stable name (for storage and reports).
     pub fn reason_name(&self) -> &'static str {
         match self {
             Verdict::Allowed(r) => r.as_str(),
@@ -94,6 +97,7 @@ impl Verdict {
         }
     }
 
+    /// The verdict's stable name: `allowed`, `would_deny` or `not_applicable`.
     pub fn kind_name(&self) -> &'static str {
         match self {
             Verdict::Allowed(_) => "allowed",
@@ -344,6 +348,7 @@ pub fn action_matches(pattern: &str, action: &str) -> bool {
     go(pattern.as_bytes(), action.as_bytes())
 }
 
+/// The rendered perimeter policy, as IAM reads it.
 #[derive(Debug, Clone, Serialize)]
 pub struct PolicyDocument {
     #[serde(rename = "Version")]
@@ -352,6 +357,7 @@ pub struct PolicyDocument {
     pub statement: Vec<Statement>,
 }
 
+/// One statement of the perimeter policy.
 #[derive(Debug, Clone, Serialize)]
 pub struct Statement {
     #[serde(rename = "Sid")]
@@ -368,6 +374,7 @@ pub struct Statement {
     pub condition: BTreeMap<&'static str, BTreeMap<String, Vec<String>>>,
 }
 
+/// The rendered policy is over IAM's size limit for a managed policy.
 #[derive(Debug, thiserror::Error)]
 #[error("the rendered policy is {size} characters without whitespace, over IAM's {MANAGED_POLICY_LIMIT}-character limit for a managed policy; trust fewer, wider CIDRs or fewer VPCs")]
 pub struct PolicyTooLarge {
@@ -385,6 +392,7 @@ impl PolicyDocument {
         Ok(json)
     }
 
+    /// The policy as indented JSON, refused when its compact form is over IAM's limit.
     pub fn to_pretty_json(&self) -> Result<String, PolicyTooLarge> {
         self.to_json()?;
         Ok(serde_json::to_string_pretty(self).unwrap_or_default())

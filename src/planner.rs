@@ -18,6 +18,7 @@ use crate::guard;
 use crate::rollout::IamUser;
 use crate::rollout::{BatchState, Snapshot, UserState};
 
+/// Everything one planning decision reads: config, ledger, directory, evidence and `now`.
 pub struct Inputs<'a> {
     pub config: &'a Config,
     pub ledger: &'a Snapshot,
@@ -51,6 +52,7 @@ pub enum Gate {
     Finished,
 }
 
+/// A change the planner wants the controller to make.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "action", rename_all = "snake_case")]
 pub enum Action {
@@ -61,12 +63,14 @@ pub enum Action {
     StartBatch { wave: String, users: Vec<Candidate> },
 }
 
+/// A user chosen for a new batch, and why they are eligible.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Candidate {
     pub user: String,
     pub why: String,
 }
 
+/// Whether a user may be promoted, with the reason for people.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "status", content = "reason", rename_all = "snake_case")]
 pub enum Eligibility {
@@ -74,6 +78,7 @@ pub enum Eligibility {
     Ineligible(String),
 }
 
+/// The planner's decision: the gate, the current wave, the actions and each user's eligibility.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Plan {
     pub gate: Gate,
@@ -84,7 +89,7 @@ pub struct Plan {
     pub users: BTreeMap<String, Eligibility>,
 }
 
-/// Why evidence this old or absent cannot be acted on, if it cannot.
+/// Why the evidence cannot be acted on now (stale, missing, judged under another perimeter), if it cannot.
 pub fn evidence_problem(freshness: &Freshness, config: &Config, now: DateTime<Utc>) -> Option<String> {
     let configured = config.perimeter.fingerprint();
     if freshness.last_success.is_some() && freshness.judged_under != Some(configured) {
@@ -192,12 +197,13 @@ pub fn eligibility(user: &IamUser, evidence: Option<&UserEvidence>, ledger: &Sna
     ))
 }
 
-pub fn selects(selector: &Selector, user: &IamUser) -> bool {
+pub(crate) fn selects(selector: &Selector, user: &IamUser) -> bool {
     selector.path_prefix.as_ref().is_none_or(|p| user.path.starts_with(p.as_str()))
         && selector.user_glob.as_ref().is_none_or(|g| g.matches(&user.name))
         && selector.tag.as_ref().is_none_or(|(k, v)| user.tags.get(k) == Some(v))
 }
 
+/// Decides the next actions from the inputs alone (pure: no I/O, no clock).
 pub fn plan(inputs: &Inputs) -> Plan {
     let Inputs { config, ledger, now, .. } = *inputs;
     let evidence: BTreeMap<&str, &UserEvidence> = inputs.evidence.iter().map(|e| (e.user.as_str(), e)).collect();

@@ -39,7 +39,7 @@ impl UserState {
 }
 
 impl BatchState {
-    pub fn is_active(self) -> bool {
+    pub(crate) fn is_active(self) -> bool {
         matches!(self, BatchState::Applying | BatchState::Soaking)
     }
 }
@@ -53,6 +53,7 @@ pub struct IamUser {
     pub tags: BTreeMap<String, String>,
 }
 
+/// One user in the ledger: their state and the batch that promoted them.
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct Member {
     pub user: String,
@@ -64,6 +65,7 @@ pub struct Member {
     pub hold_until: Option<DateTime<Utc>>,
 }
 
+/// A group of users promoted together and judged together.
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct Batch {
     pub id: i64,
@@ -85,6 +87,7 @@ pub struct Batch {
     pub verdict_kind: Option<crate::guard::VerdictKind>,
 }
 
+/// Why, by whom and since when the rollout is paused.
 #[derive(Debug, Clone, PartialEq, Serialize, serde::Deserialize)]
 pub struct Pause {
     pub reason: String,
@@ -106,16 +109,23 @@ pub struct Snapshot {
 }
 
 impl Snapshot {
+    /// The batch with this id, if the ledger has it.
     pub fn batch(&self, id: i64) -> Option<&Batch> {
         self.batches.iter().find(|b| b.id == id)
     }
 
-    pub fn active_batches(&self) -> impl Iterator<Item = &Batch> {
+    pub(crate) fn active_batches(&self) -> impl Iterator<Item = &Batch> {
         self.batches.iter().filter(|b| b.state.is_active())
     }
 
+    /// The ids of the applying and soaking batches: what a step or a refresh works for (logged
+    /// in their spans).
+    pub(crate) fn active_batch_ids(&self) -> Vec<i64> {
+        self.active_batches().map(|b| b.id).collect()
+    }
+
     /// Users promoted (journaled) in `[since, now]`, for the daily cap.
-    pub fn promoted_since(&self, since: DateTime<Utc>) -> usize {
+    pub(crate) fn promoted_since(&self, since: DateTime<Utc>) -> usize {
         self.batches
             .iter()
             .filter(|b| b.created_at >= since)

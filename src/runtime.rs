@@ -11,6 +11,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 use tokio::sync::{Mutex, Notify, RwLock};
+use tracing::Instrument;
 
 use crate::clock::Clock;
 use crate::config::Config;
@@ -49,6 +50,7 @@ struct Inner {
 }
 
 impl Shared {
+    /// The runtime around `controller`, publishing into `metrics`.
     pub fn new(controller: impl Stepper + 'static, metrics: Metrics) -> Shared {
         let config = controller.config().clone();
         let store = controller.store().clone();
@@ -85,6 +87,7 @@ impl Shared {
         self.inner.ready.load(Ordering::SeqCst)
     }
 
+    /// The daemon's metrics.
     pub fn metrics(&self) -> &Metrics {
         &self.inner.metrics
     }
@@ -94,13 +97,33 @@ impl Shared {
         self.inner.wake.notified().await;
     }
 
-    /// Runs one controller step and publishes its report and metrics.
+    /// Runs one controller step in a `step` span and publishes its report and metrics. The span
+    /// names the account, the batches active when the step began (those it watches and may roll
+    /// back or succeed) and any batch it started.
     pub async fn step(&self) -> Result<StepReport, ControllerError> {
+        let span = tracing::info_span!(
+            "step",
+            account = %self.inner.config.account_id,
+            batches = tracing::field::Empty,
+            started_batches = tracing::field::Empty,
+        );
+        let started = std::time::Instant::now();
+        let result = self.publish_step().instrument(span).await;
+        self.inner.metrics.observe_step_outcome(started.elapsed(), result.as_ref().err().map(ControllerError::kind));
+        result
+    }
+
+    async fn publish_step(&self) -> Result<StepReport, ControllerError> {
         let promote_now = self.inner.promote_now.swap(false, Ordering::SeqCst);
         let mut controller = self.inner.controller.lock().await;
         let before = self.inner.store.snapshot()?;
+        tracing::Span::current().record("batches", tracing::field::debug(before.active_batch_ids()));
         let report = controller.step(promote_now).await?;
         let snapshot = self.inner.store.snapshot()?;
+        let new: Vec<i64> = snapshot.batches.iter().map(|b| b.id).filter(|id| before.batch(*id).is_none()).collect();
+        if !new.is_empty() {
+            tracing::Span::current().record("started_batches", tracing::field::debug(&new));
+        }
         if let Some(webhook) = &self.inner.webhook {
             for event in notify::events(&report, &before) {
                 webhook.send(event);
@@ -155,6 +178,7 @@ impl Shared {
         Ok(())
     }
 
+    /// What the next step would plan, without changing anything.
     pub async fn preview(&self) -> Result<Plan, ControllerError> {
         self.inner.controller.lock().await.preview().await
     }
@@ -164,6 +188,7 @@ impl Shared {
         self.inner.config.guard.poll
     }
 
+    /// The rollout's status from the ledger and the last step.
     pub async fn status(&self) -> Result<Status, ControllerError> {
         let snapshot = self.inner.store.snapshot()?;
         let freshness = self.inner.store.freshness()?;
@@ -223,6 +248,7 @@ pub enum Command {
 }
 
 impl Command {
+    /// Who gave the command, for the audit log.
     pub fn operator(&self) -> &str {
         match self {
             Command::Pause { operator, .. }
@@ -271,6 +297,7 @@ pub fn apply_command(ledger: &dyn Ledger, command: &Command, config: &Config, no
     }
 }
 
+/// One batch as `status` shows it.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct BatchView {
     pub id: i64,
@@ -304,6 +331,7 @@ pub struct Status {
     pub last_step: Option<DateTime<Utc>>,
 }
 
+/// The status from a ledger snapshot, the last step's report (if any) and evidence freshness.
 pub fn status(snapshot: &Snapshot, report: Option<&StepReport>, evidence: Freshness, mode: Mode, now: DateTime<Utc>) -> Status {
     let mut users: BTreeMap<String, usize> = BTreeMap::new();
     for member in snapshot.members.values() {

@@ -13,6 +13,7 @@ use std::path::Path;
 use serde::Deserialize;
 use serde_json::value::RawValue;
 
+/// One CloudTrail record, tolerant of missing and unknown fields.
 #[derive(Debug, Clone, Default, PartialEq, Deserialize)]
 #[serde(rename_all = "camelCase", default)]
 pub struct Record {
@@ -35,6 +36,7 @@ pub struct Record {
     pub s3_auth_method: Option<String>,
 }
 
+/// Who made a call, as CloudTrail records it.
 #[derive(Debug, Clone, Default, PartialEq, Deserialize)]
 #[serde(rename_all = "camelCase", default)]
 pub struct UserIdentity {
@@ -133,7 +135,7 @@ pub struct Refusal {
 /// Whether an `errorCode` is an access denial. AWS's own alarm template matches `AccessDenied*`
 /// and `*UnauthorizedOperation`; `Forbidden` and `VpceAccessDenied` are denials too.
 /// `ThrottlingException` and other errors are not.
-pub fn is_denial_code(code: &str) -> bool {
+pub(crate) fn is_denial_code(code: &str) -> bool {
     code.starts_with("AccessDenied")
         || code.ends_with("UnauthorizedOperation")
         || matches!(code, "Forbidden" | "ForbiddenException" | "VpceAccessDenied")
@@ -143,7 +145,7 @@ pub fn is_denial_code(code: &str) -> bool {
 /// fixed phrases anywhere, so prefixes such as EC2's "You are not authorized to perform this
 /// operation. User: ..." and suffixes such as "Encoded authorization failure message: ..." do not
 /// matter.
-pub fn stated_cause(code: &str, message: &str) -> StatedCause {
+pub(crate) fn stated_cause(code: &str, message: &str) -> StatedCause {
     if code == "VpceAccessDenied" {
         return StatedCause::VpcEndpointDenied;
     }
@@ -178,10 +180,12 @@ fn policy_phrase(text: &str) -> (PolicyType, &str) {
 }
 
 impl Record {
+    /// The IAM user name, for calls made by IAM users.
     pub fn user_name(&self) -> Option<&str> {
         self.user_identity.as_ref()?.user_name.as_deref()
     }
 
+    /// The caller's ARN.
     pub fn user_arn(&self) -> Option<&str> {
         self.user_identity.as_ref()?.arn.as_deref()
     }
@@ -193,6 +197,7 @@ impl Record {
         Some(format!("{}:{name}", action_prefix(source)))
     }
 
+    /// When the call was made; `None` when missing or malformed.
     pub fn event_time(&self) -> Option<chrono::DateTime<chrono::Utc>> {
         let text = self.event_time.as_deref()?;
         chrono::DateTime::parse_from_rfc3339(text).ok().map(|t| t.to_utc())
@@ -224,7 +229,7 @@ impl Record {
 }
 
 /// Whether a policy ARN is the policy called `name` (at any path).
-pub fn arn_names_policy(arn: &str, name: &str) -> bool {
+pub(crate) fn arn_names_policy(arn: &str, name: &str) -> bool {
     !name.is_empty()
         && arn
             .split_once(":policy/")
@@ -276,6 +281,7 @@ impl fmt::Display for Position {
     }
 }
 
+/// A record that could not be used, where it was and why.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct BadRecord {
     pub position: Position,
@@ -289,6 +295,7 @@ pub struct Parsed {
     pub bad: Vec<BadRecord>,
 }
 
+/// A trail file could not be read at all.
 #[derive(Debug, thiserror::Error)]
 pub enum ReadError {
     #[error("cannot read {path}: {source}")]
@@ -298,7 +305,7 @@ pub enum ReadError {
 }
 
 /// Whether a file inside a directory looks like trail data (explicitly named files are always read).
-pub fn is_trail_file_name(name: &str) -> bool {
+pub(crate) fn is_trail_file_name(name: &str) -> bool {
     [".json", ".json.gz", ".jsonl", ".jsonl.gz", ".ndjson", ".ndjson.gz"]
         .iter()
         .any(|ext| name.ends_with(ext))
@@ -369,7 +376,7 @@ pub fn parse_bytes(raw: &[u8]) -> Result<Parsed, String> {
 
 /// Parses the bytes of one trail file, compressed or not; a file that is or inflates to more
 /// than `max_inflated` bytes is refused, having inflated no more than that.
-pub fn parse_bytes_within(raw: &[u8], max_inflated: u64) -> Result<Parsed, String> {
+pub(crate) fn parse_bytes_within(raw: &[u8], max_inflated: u64) -> Result<Parsed, String> {
     let text = decompress(raw, max_inflated)?;
     let text = std::str::from_utf8(&text).map_err(|e| format!("not UTF-8 text: {e}"))?;
     Ok(parse_text(text))

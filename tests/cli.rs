@@ -9,7 +9,7 @@ mod faults;
 use std::path::Path;
 use std::process::{Command, Output};
 
-use chrono::Utc;
+use lockstep::clock::{Clock, SystemClock};
 use lockstep::config::Config;
 use lockstep::store::{Ledger, NewBatch, Store};
 
@@ -128,7 +128,7 @@ fn offline_pause_and_rollback_work_against_the_store_and_iam() {
         }
     });
     let store = Store::open(&config.store.path).unwrap();
-    let now = Utc::now();
+    let now = SystemClock.now();
     let users = [("off-ann".into(), "clean".into()), ("off-ben".into(), "clean".into())];
     let batch = store.start_batch(&NewBatch { wave: "canary", users: &users, soak: chrono::Duration::hours(24) }, "controller", now).unwrap();
     store.mark_locked("off-ann", "controller", now).unwrap();
@@ -258,7 +258,7 @@ impl EmulatedRollout {
             for hour in 1..(8 * 24) {
                 records.push(lockstep_synth::RecordSpec::new(
                     lockstep_synth::Identity::iam_user(common::ACCOUNT, user),
-                    Utc::now() - chrono::Duration::hours(hour),
+                    SystemClock.now() - chrono::Duration::hours(hour),
                     "ec2:DescribeInstances",
                     lockstep_synth::Origin::ip("203.0.113.9"),
                 ));
@@ -397,7 +397,7 @@ fn evidence_refresh_takes_the_window_as_the_readme_shows_it() {
         .map(|hour| {
             lockstep_synth::RecordSpec::new(
                 lockstep_synth::Identity::iam_user("123456789012", "ann"),
-                Utc::now() - chrono::Duration::hours(hour),
+                SystemClock.now() - chrono::Duration::hours(hour),
                 "ec2:DescribeInstances",
                 lockstep_synth::Origin::ip("203.0.113.9"),
             )

@@ -10,6 +10,7 @@ use std::io::Write;
 use std::time::Duration;
 
 use chrono::{TimeZone, Utc};
+use lockstep::clock::{Clock, SystemClock};
 use lockstep::config::{Athena, Partitioning, S3Location};
 use lockstep::evidence::athena::{run_window, window_query};
 use lockstep::evidence::s3::S3Trail;
@@ -204,7 +205,7 @@ fn athena() -> aws_sdk_athena::Client {
 
 /// Result columns as `window_query` names them, read off its SELECT list.
 fn result_columns() -> Vec<String> {
-    let q = window_query(&athena_cfg(), common::ACCOUNT, "p", Utc::now(), Utc::now());
+    let q = window_query(&athena_cfg(), common::ACCOUNT, "p", SystemClock.now(), SystemClock.now());
     let select = q.split("\nFROM ").next().unwrap();
     select.lines().filter_map(|l| l.rsplit_once(" AS ")).map(|(_, alias)| alias.trim_end_matches(',').to_string()).collect()
 }
@@ -297,7 +298,7 @@ async fn athena_timeout_stops_the_query() {
         ..athena_cfg()
     };
     let client = athena();
-    let result = run_window(&client, &cfg, common::ACCOUNT, "p", Utc::now() - chrono::TimeDelta::hours(1), Utc::now()).await;
+    let result = run_window(&client, &cfg, common::ACCOUNT, "p", SystemClock.now() - chrono::TimeDelta::hours(1), SystemClock.now()).await;
     common::athena_transition(None);
     let err = result.unwrap_err().to_string();
     assert!(err.contains("did not finish within 150ms; stopped it"), "{err}");
@@ -314,7 +315,7 @@ async fn athena_errors_name_the_operation_and_carry_the_service_message() {
         workgroup: "no-such-workgroup".into(),
         ..athena_cfg()
     };
-    let err = run_window(&athena(), &cfg, common::ACCOUNT, "p", Utc::now() - chrono::TimeDelta::hours(1), Utc::now())
+    let err = run_window(&athena(), &cfg, common::ACCOUNT, "p", SystemClock.now() - chrono::TimeDelta::hours(1), SystemClock.now())
         .await
         .unwrap_err();
     assert_eq!(

@@ -8,7 +8,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 
 use chrono::{DateTime, TimeDelta, Utc};
-use lockstep::clock::ManualClock;
+use lockstep::clock::{Clock, ManualClock, SystemClock};
 use lockstep::config::Config;
 use lockstep::evidence::files::Folder;
 use lockstep::evidence::refresh::{self, RefreshError, Report, Source, Window};
@@ -242,7 +242,7 @@ fn killing_a_refresh_mid_run_loses_nothing_a_clean_run_cannot_complete() {
     let config = Config::load(&config_path).unwrap();
 
     // Recent data: the command refreshes relative to the wall clock.
-    let day = Utc::now().date_naive() - chrono::Days::new(2);
+    let day = SystemClock.now().date_naive() - chrono::Days::new(2);
     let org = Org::new(16, 60, &config.perimeter);
     let (written, _) = write_day(&org, &trail, &day.to_string(), Faults::default());
     let total = written.files.len();

@@ -12,7 +12,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
-use chrono::Utc;
+use lockstep::clock::{Clock, SystemClock};
 use lockstep_synth::{Faults, Identity, Origin, RecordSpec, write_trail};
 use serde_json::Value;
 
@@ -71,7 +71,7 @@ impl World {
             for ago in minutes {
                 records.push(RecordSpec::new(
                     Identity::iam_user(common::ACCOUNT, user),
-                    Utc::now() - chrono::Duration::minutes(ago),
+                    SystemClock.now() - chrono::Duration::minutes(ago),
                     "ec2:DescribeInstances",
                     Origin::ip("203.0.113.9"),
                 ));
@@ -109,7 +109,7 @@ impl World {
             .map(|n| {
                 RecordSpec::new(
                     Identity::iam_user(common::ACCOUNT, user),
-                    Utc::now() - chrono::Duration::milliseconds(100 * n),
+                    SystemClock.now() - chrono::Duration::milliseconds(100 * n),
                     "s3:PutObject",
                     Origin::ip("192.0.2.44"),
                 )

@@ -23,6 +23,7 @@ pub struct Judge {
 }
 
 impl Judge {
+    /// Judges records by the configured perimeter and lockdown policy.
     pub fn new(config: &Config) -> Judge {
         Judge { perimeter: config.perimeter.clone(), lockdown_policy: config.lockdown.policy_name.clone() }
     }
@@ -303,17 +304,18 @@ impl Aggregates {
         self.users.iter().flat_map(|(user, hours)| hours.iter().map(move |(hour, agg)| (user.as_str(), *hour, agg)))
     }
 
+    /// Whether no user had an applicable call.
     pub fn is_empty(&self) -> bool {
         self.users.is_empty()
     }
 
     /// The latest hour with any call.
-    pub fn newest_hour(&self) -> Option<DateTime<Utc>> {
+    pub(crate) fn newest_hour(&self) -> Option<DateTime<Utc>> {
         self.users.values().filter_map(|hours| hours.keys().next_back()).max().copied()
     }
 
     /// Keeps only the hours `keep` accepts.
-    pub fn retain_hours(&mut self, keep: impl Fn(DateTime<Utc>) -> bool) {
+    pub(crate) fn retain_hours(&mut self, keep: impl Fn(DateTime<Utc>) -> bool) {
         for hours in self.users.values_mut() {
             hours.retain(|hour, _| keep(*hour));
         }

@@ -49,7 +49,7 @@ pub struct TrailFile {
 /// One prefix to list. `ordered` prefixes (a CloudTrail day prefix) list in delivery order, so
 /// listing can resume after the last file read.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct ScanPrefix {
+pub(crate) struct ScanPrefix {
     pub prefix: String,
     pub ordered: bool,
 }
@@ -57,7 +57,7 @@ pub struct ScanPrefix {
 /// The prefixes that may hold files delivered for `[since, until)`: the account's day prefixes
 /// in every region (plain or organisation trail), or the whole source when it is not in
 /// CloudTrail's layout.
-pub async fn scan_prefixes<T: TrailObjects>(
+pub(crate) async fn scan_prefixes<T: TrailObjects>(
     objects: &T,
     account_id: &str,
     since: DateTime<Utc>,
@@ -102,7 +102,7 @@ fn days(since: DateTime<Utc>, until: DateTime<Utc>) -> Vec<chrono::NaiveDate> {
 /// names files `<account>_CloudTrail_<region>_<YYYYMMDDTHHmmZ>_<random>.json.gz` by delivery
 /// minute, so a file delivered in that same minute may sort before the last one read: listing
 /// resumes before the minute, and the caller drops files it has already read.
-pub fn resume_after(last_read: &str) -> &str {
+pub(crate) fn resume_after(last_read: &str) -> &str {
     let name_start = last_read.rfind('/').map_or(0, |i| i + 1);
     match last_read[name_start..].rfind('_') {
         Some(at) => &last_read[..name_start + at],
@@ -260,6 +260,7 @@ pub struct Folder {
 }
 
 impl Folder {
+    /// Trail files under `root`, laid out as CloudTrail delivers them.
     pub fn new(root: impl Into<PathBuf>) -> Folder {
         Folder { root: root.into() }
     }

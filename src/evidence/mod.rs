@@ -60,6 +60,7 @@ pub struct UserEvidence {
     pub other_denials: u64,
 }
 
+/// One call from outside the perimeter that the policy would deny.
 #[derive(Debug, Clone, PartialEq, serde::Serialize)]
 pub struct OutsideCall {
     pub at: DateTime<Utc>,
@@ -69,6 +70,7 @@ pub struct OutsideCall {
     pub reason: crate::perimeter::DenyReason,
 }
 
+/// A source outside the perimeter a user called from, with how often and when last.
 #[derive(Debug, Clone, PartialEq, serde::Serialize)]
 pub struct OutsideSource {
     pub source: String,

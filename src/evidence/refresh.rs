@@ -16,6 +16,7 @@ use std::time::Duration;
 
 use chrono::{DateTime, TimeDelta, Utc};
 use tokio_cron_scheduler::{Job, JobScheduler};
+use tracing::Instrument;
 
 use crate::clock::Clock;
 use crate::config::{self, Config, SourceKind};
@@ -23,7 +24,7 @@ use crate::evidence::aggregate::{Judge, aggregate, hour_of};
 use crate::evidence::files::{self, Folder, TrailFile};
 use crate::evidence::s3::S3Trail;
 use crate::evidence::{EvidenceStore, SourceError, TrailObjects, athena};
-use crate::store::{ATHENA_ORIGIN, RunCounts, Store, StoreError};
+use crate::store::{ATHENA_ORIGIN, Ledger, RunCounts, Store, StoreError};
 
 /// Where evidence comes from, built once from the configuration.
 pub enum Source {
@@ -40,7 +41,7 @@ impl Source {
 
     /// The source of `kind` over the evidence section's location for it; `setting` names the
     /// setting that chose the kind, for the error when that section is missing.
-    pub async fn of_kind(config: &Config, kind: SourceKind, setting: &str) -> Result<Source, SourceError> {
+    pub(crate) async fn of_kind(config: &Config, kind: SourceKind, setting: &str) -> Result<Source, SourceError> {
         let evidence = &config.evidence;
         let missing = |section: &str| SourceError::Other(format!("{setting} needs the evidence.{section} section"));
         Ok(match kind {
@@ -58,6 +59,7 @@ impl Source {
         })
     }
 
+    /// Which kind of source this is.
     pub fn kind(&self) -> SourceKind {
         match self {
             Source::Folder(_) => SourceKind::Files,
@@ -68,7 +70,7 @@ impl Source {
 }
 
 /// The name a source kind has in the configuration and the refresh log.
-pub fn source_name(kind: SourceKind) -> &'static str {
+pub(crate) fn source_name(kind: SourceKind) -> &'static str {
     match kind {
         SourceKind::Files => "files",
         SourceKind::S3 => "s3",
@@ -104,6 +106,7 @@ pub struct Report {
     pub counts: RunCounts,
 }
 
+/// An evidence refresh (or its schedule) failed.
 #[derive(Debug, thiserror::Error)]
 pub enum RefreshError {
     #[error(transparent)]
@@ -138,7 +141,9 @@ pub async fn refresh(
             let mut counts = RunCounts::default();
             progress(Progress::Querying);
             let result =
-                within(timeout, read_athena(store, client, athena, config, window, log.cutoff, &mut counts)).await;
+                within(timeout, read_athena(store, client, athena, config, window, log.cutoff, &mut counts))
+                    .instrument(log.span.clone())
+                    .await;
             log.finish(store, result, counts, clock)
         }
     }
@@ -159,7 +164,9 @@ pub async fn refresh_trail<T: TrailObjects + 'static>(
     let log = RunLog::start(store, name, config, window, clock)?;
     let mut counts = RunCounts::default();
     let result =
-        within(timeout, read_trail(store, objects, config, window, log.cutoff, clock, &mut counts, progress)).await;
+        within(timeout, read_trail(store, objects, config, window, log.cutoff, clock, &mut counts, progress))
+            .instrument(log.span.clone())
+            .await;
     log.finish(store, result, counts, clock)
 }
 
@@ -183,6 +190,8 @@ struct RunLog {
     window: Window,
     /// Hours before this are past retention: not written, and dropped after success.
     cutoff: DateTime<Utc>,
+    /// The run's `evidence_refresh` span: account, source, window, and the batches it feeds.
+    span: tracing::Span,
 }
 
 impl RunLog {
@@ -196,12 +205,19 @@ impl RunLog {
         let now = clock.now();
         // New verdicts are derived under the configured perimeter: the stored ones must be too.
         rejudge_if_changed(store, config, now)?;
-        Ok(RunLog {
-            id: store.start_run(name, window.since, window.until, now)?,
-            name,
-            window,
-            cutoff: before(now, config.evidence.retention),
-        })
+        let id = store.start_run(name, window.since, window.until, now)?;
+        // The evidence this run records is what the guard judges the active batches on.
+        let batches = store.snapshot()?.active_batch_ids();
+        let span = tracing::info_span!(
+            "evidence_refresh",
+            account = %config.account_id,
+            source = name,
+            run = id,
+            since = %window.since,
+            until = %window.until,
+            batches = ?batches,
+        );
+        Ok(RunLog { id, name, window, cutoff: before(now, config.evidence.retention), span })
     }
 
     fn finish(
@@ -367,6 +383,7 @@ pub struct Schedule {
 }
 
 impl Schedule {
+    /// Stops the schedule; a run under way finishes first.
     pub async fn shutdown(mut self) -> Result<(), RefreshError> {
         self.scheduler.shutdown().await.map_err(|e| RefreshError::Schedule {
             schedule: self.schedule,
@@ -399,7 +416,7 @@ pub async fn start_schedule(
     let schedule = config.evidence.schedule.clone();
     let failed = |why: String| RefreshError::Schedule { schedule: schedule.clone(), why };
     let runner = Arc::new(Runner {
-        timeout: schedule_period(&schedule).map_err(failed)?,
+        timeout: schedule_period(&schedule, clock.now()).map_err(failed)?,
         store,
         source,
         config,
@@ -494,9 +511,9 @@ impl ProgressLog {
 }
 
 /// The time between two ticks of `schedule`: the longest a scheduled run may take.
-fn schedule_period(schedule: &str) -> Result<Duration, String> {
+fn schedule_period(schedule: &str, now: DateTime<Utc>) -> Result<Duration, String> {
     let cron = config::parse_cron(schedule)?;
-    let first = cron.find_next_occurrence(&Utc::now(), false).map_err(|e| e.to_string())?;
+    let first = cron.find_next_occurrence(&now, false).map_err(|e| e.to_string())?;
     let second = cron.find_next_occurrence(&first, false).map_err(|e| e.to_string())?;
     (second - first).to_std().map_err(|e| e.to_string())
 }
@@ -606,9 +623,9 @@ mod tests {
 
     #[test]
     fn schedule_period_and_saturating_arithmetic() {
-        assert_eq!(schedule_period("0 5 * * * *"), Ok(Duration::from_secs(3600)));
-        assert_eq!(schedule_period("*/20 * * * * *"), Ok(Duration::from_secs(20)));
-        assert!(schedule_period("every hour").is_err());
+        assert_eq!(schedule_period("0 5 * * * *", at("2026-01-01T00:00:00Z")), Ok(Duration::from_secs(3600)));
+        assert_eq!(schedule_period("*/20 * * * * *", at("2026-01-01T00:00:00Z")), Ok(Duration::from_secs(20)));
+        assert!(schedule_period("every hour", at("2026-01-01T00:00:00Z")).is_err());
         assert_eq!(before(at("2024-01-01T00:00:00Z"), Duration::MAX), DateTime::<Utc>::MIN_UTC);
     }
 }

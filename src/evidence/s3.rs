@@ -18,6 +18,7 @@ pub struct S3Trail {
 }
 
 impl S3Trail {
+    /// Trail files under `location` in S3.
     pub fn new(client: Client, location: &S3Location) -> S3Trail {
         let prefix = location.prefix.trim_matches('/');
         S3Trail {

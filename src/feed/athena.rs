@@ -64,6 +64,7 @@ pub struct AthenaFeed {
 }
 
 impl AthenaFeed {
+    /// A feed that polls Athena for the account's recent records.
     pub fn new(
         client: aws_sdk_athena::Client,
         athena: config::Athena,

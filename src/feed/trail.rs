@@ -15,6 +15,7 @@ use crate::evidence::{SourceError, TrailObjects};
 use crate::feed::EventFeed;
 use crate::trail::{self, Record};
 
+/// The guard's feed read from newly delivered trail files (a folder or the S3 bucket).
 pub struct TrailFeed<T> {
     objects: Arc<T>,
     account_id: String,
@@ -28,6 +29,7 @@ pub struct TrailFeed<T> {
 }
 
 impl<T: TrailObjects> TrailFeed<T> {
+    /// A feed over `objects` for `account_id`, starting `lookback` before now.
     pub fn new(objects: Arc<T>, account_id: &str, clock: Arc<dyn Clock>, lookback: std::time::Duration) -> Self {
         TrailFeed {
             objects,

@@ -56,14 +56,14 @@ pub struct Attribution {
 impl Attribution {
     /// The text the ledger stores for this attribution (JSON), read back by
     /// [`Attribution::from_stored`].
-    pub fn to_stored(&self) -> String {
+    pub(crate) fn to_stored(&self) -> String {
         serde_json::to_string(self).unwrap_or_else(|_| self.cause.as_str().to_string())
     }
 
     /// Reads what [`Attribution::to_stored`] wrote; the two-way kinds stored by older versions
     /// (`explicit_identity_deny`, `other`) map to `lockdown` and `other`, anything else to
     /// `unknown`, never an error.
-    pub fn from_stored(text: &str) -> Attribution {
+    pub(crate) fn from_stored(text: &str) -> Attribution {
         if let Ok(attribution) = serde_json::from_str(text) {
             return attribution;
         }

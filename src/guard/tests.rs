@@ -136,6 +136,7 @@ const ALICE: &str = "User: arn:aws:iam::123456789012:user/alice is not authorize
 /// expected cause and the rule that decides it.
 #[test]
 fn every_denial_shape_gets_its_cause() {
+    #[allow(clippy::type_complexity)] // one case per row reads best inline
     let rows: Vec<(&str, String, Option<&str>, Option<(Cause, &str)>)> = vec![
         // Implicit denies: the lockdown can never cause them, wherever the call came from.
         ("AccessDenied", format!("{ALICE} s3:GetObject on resource: \"arn:aws:s3:::reports/q3.csv\" because no identity-based policy allows the s3:GetObject action"), Some(OUTSIDE), Some((Cause::Other, "states_other_cause"))),

@@ -356,7 +356,7 @@ impl Store {
 
     /// The greatest key read under `prefix` (keys are `/`-separated; `prefix` ends with `/` or is
     /// empty).
-    pub fn last_read(&self, prefix: &str) -> Result<Option<String>, StoreError> {
+    pub(crate) fn last_read(&self, prefix: &str) -> Result<Option<String>, StoreError> {
         let (low, high) = key_range(prefix);
         self.conn()
             .query_row(
@@ -386,7 +386,7 @@ impl Store {
     }
 
     /// Drops evidence hours, read marks and refresh runs older than `cutoff`.
-    pub fn drop_before(&self, cutoff: DateTime<Utc>) -> Result<(), StoreError> {
+    pub(crate) fn drop_before(&self, cutoff: DateTime<Utc>) -> Result<(), StoreError> {
         let doing = format!("dropping evidence older than {cutoff}");
         let cutoff = cutoff.timestamp();
         let mut conn = self.conn();
@@ -405,7 +405,7 @@ impl Store {
     // The refresh log.
 
     /// Records the start of a refresh; returns its ID for [`Store::finish_run`].
-    pub fn start_run(
+    pub(crate) fn start_run(
         &self,
         source: &str,
         since: DateTime<Utc>,
@@ -422,7 +422,7 @@ impl Store {
     }
 
     /// Records how a refresh ended: `error` is `None` for success.
-    pub fn finish_run(
+    pub(crate) fn finish_run(
         &self,
         id: i64,
         counts: &RunCounts,
