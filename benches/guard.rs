@@ -123,7 +123,11 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     }
     let ms = |d: Duration| d.as_secs_f64() * 1000.0;
     println!("guard benchmark: {USERS} watched users, {DENIALS_PER_HOUR} denials in one hour, best of {RUNS}");
-    println!("  attribute {DENIALS_PER_HOUR} records: {:8.1} ms ({:.2} µs/record)", ms(attribute_best), ms(attribute_best) * 1000.0 / DENIALS_PER_HOUR as f64);
+    println!(
+        "  attribute {DENIALS_PER_HOUR} records: {:8.1} ms ({:.2} µs/record)",
+        ms(attribute_best),
+        ms(attribute_best) * 1000.0 / DENIALS_PER_HOUR as f64
+    );
     println!("  judge {} batches of {BATCH_SIZE}:        {:8.1} ms ({spikes} spikes)", batches.len(), ms(judge_best));
     println!("  watch {USERS} locked users:       {:8.1} ms", ms(watch_best));
     println!("  attribution + judgement:        {:8.1} ms", ms(attribute_best + judge_best));
@@ -138,7 +142,12 @@ fn denied(user: &str, i: usize, start: DateTime<Utc>) -> Record {
     let (message, source) = match i % 10 {
         0 => ("Access Denied".to_string(), Some("198.51.100.9")),
         1 => ("Access Denied".to_string(), None),
-        _ => (format!("User: arn:aws:iam::123456789012:user/{user} is not authorized to perform: s3:GetObject because no identity-based policy allows the s3:GetObject action"), Some("203.0.113.7")),
+        _ => (
+            format!(
+                "User: arn:aws:iam::123456789012:user/{user} is not authorized to perform: s3:GetObject because no identity-based policy allows the s3:GetObject action"
+            ),
+            Some("203.0.113.7"),
+        ),
     };
     Record {
         event_time: Some(at.to_rfc3339()),

@@ -139,12 +139,12 @@ fn zcat(paths: &[PathBuf]) -> std::io::Result<()> {
 fn ensure_data(root: &Path, config: &Config) -> Result<(u64, DateTime<Utc>, DateTime<Utc>), Failure> {
     let start: DateTime<Utc> = "2024-03-04T00:00:00Z".parse()?;
     let marker = root.join("complete");
-    if let Ok(text) = std::fs::read_to_string(&marker) {
-        if let Some((records, days)) = text.trim().split_once(' ') {
-            let (records, days): (u64, i64) = (records.parse()?, days.parse()?);
-            if records >= TARGET_RECORDS {
-                return Ok((records, start, start + TimeDelta::days(days)));
-            }
+    if let Ok(text) = std::fs::read_to_string(&marker)
+        && let Some((records, days)) = text.trim().split_once(' ')
+    {
+        let (records, days): (u64, i64) = (records.parse()?, days.parse()?);
+        if records >= TARGET_RECORDS {
+            return Ok((records, start, start + TimeDelta::days(days)));
         }
     }
     let org = Org::new(42, USERS, &config.perimeter);

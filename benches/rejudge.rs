@@ -15,8 +15,11 @@ use lockstep::trail::{Record, UserIdentity};
 
 const ACTIVE_HOURS_PER_DAY: i64 = 8;
 const SOURCES: [&str; 3] = ["203.0.113.7", "198.51.100.40", "192.0.2.10"];
-const ACTIONS: [(&str, &str); 3] =
-    [("s3.amazonaws.com", "GetObject"), ("ec2.amazonaws.com", "DescribeInstances"), ("sts.amazonaws.com", "AssumeRole")];
+const ACTIONS: [(&str, &str); 3] = [
+    ("s3.amazonaws.com", "GetObject"),
+    ("ec2.amazonaws.com", "DescribeInstances"),
+    ("sts.amazonaws.com", "AssumeRole"),
+];
 
 fn setting(name: &str, default: usize) -> Result<usize, Box<dyn std::error::Error>> {
     match std::env::var(name) {

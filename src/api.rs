@@ -116,10 +116,7 @@ pub struct Answer {
 
 impl Answer {
     fn error(message: impl Into<String>) -> Answer {
-        Answer {
-            ok: false,
-            message: message.into(),
-        }
+        Answer { ok: false, message: message.into() }
     }
 }
 

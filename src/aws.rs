@@ -19,11 +19,7 @@ const MAX_BACKOFF: Duration = Duration::from_secs(20);
 pub fn loader(region: &str, endpoint_url: Option<&str>) -> ConfigLoader {
     let loader = aws_config::defaults(BehaviorVersion::latest())
         .region(Region::new(region.to_string()))
-        .retry_config(
-            RetryConfig::standard()
-                .with_max_attempts(MAX_ATTEMPTS)
-                .with_max_backoff(MAX_BACKOFF),
-        );
+        .retry_config(RetryConfig::standard().with_max_attempts(MAX_ATTEMPTS).with_max_backoff(MAX_BACKOFF));
     match endpoint_url {
         Some(url) => loader.endpoint_url(url),
         None => loader,
@@ -39,9 +35,7 @@ pub async fn load(region: &str, endpoint_url: Option<&str>) -> SdkConfig {
 /// An S3 client. With an endpoint override (an emulator on 127.0.0.1, a private gateway), bucket
 /// names cannot become host names, so requests use path-style addressing.
 pub fn s3_client(config: &SdkConfig) -> aws_sdk_s3::Client {
-    let s3 = aws_sdk_s3::config::Builder::from(config)
-        .force_path_style(config.endpoint_url().is_some())
-        .build();
+    let s3 = aws_sdk_s3::config::Builder::from(config).force_path_style(config.endpoint_url().is_some()).build();
     aws_sdk_s3::Client::from_conf(s3)
 }
 
@@ -68,10 +62,7 @@ mod tests {
     #[tokio::test]
     async fn loader_applies_region_endpoint_and_retry() {
         let credentials = aws_sdk_s3::config::Credentials::new("AKIDTEST", "secret", None, None, "test");
-        let config = loader("eu-west-1", Some("http://127.0.0.1:9"))
-            .credentials_provider(credentials)
-            .load()
-            .await;
+        let config = loader("eu-west-1", Some("http://127.0.0.1:9")).credentials_provider(credentials).load().await;
         assert_eq!(config.region().map(|r| r.as_ref()), Some("eu-west-1"));
         assert_eq!(config.endpoint_url(), Some("http://127.0.0.1:9"));
         let retry = config.retry_config().expect("retry config is set");

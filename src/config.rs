@@ -18,14 +18,8 @@ use crate::perimeter::Perimeter;
 
 /// The actions whose services do not populate the network condition keys; the AWS
 /// data-perimeter examples exclude them from the network Deny.
-pub const DEFAULT_NOT_ACTIONS: &[&str] = &[
-    "es:ES*",
-    "dax:*",
-    "neptune-db:*",
-    "kafka-cluster:*",
-    "elasticfilesystem:client*",
-    "rds-db:connect",
-];
+pub const DEFAULT_NOT_ACTIONS: &[&str] =
+    &["es:ES*", "dax:*", "neptune-db:*", "kafka-cluster:*", "elasticfilesystem:client*", "rds-db:connect"];
 
 /// A validated configuration. Everything here has been checked; callers never re-validate.
 #[derive(Debug, Clone, PartialEq)]
@@ -217,20 +211,13 @@ impl fmt::Display for Problem {
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
     #[error("cannot read {}: {source}", path.display())]
-    Read {
-        path: PathBuf,
-        source: std::io::Error,
-    },
+    Read { path: PathBuf, source: std::io::Error },
     #[error("{} problem(s) in {}:\n{}", .0.len(), .0.first().map(|p| p.file.display().to_string()).unwrap_or_default(), render_problems(.0))]
     Invalid(Vec<Problem>),
 }
 
 fn render_problems(problems: &[Problem]) -> String {
-    problems
-        .iter()
-        .map(|p| format!("  {p}"))
-        .collect::<Vec<_>>()
-        .join("\n")
+    problems.iter().map(|p| format!("  {p}")).collect::<Vec<_>>().join("\n")
 }
 
 impl ConfigError {
@@ -549,10 +536,7 @@ struct RawTag {
     value: String,
 }
 
-raw_section!(RawRollout {
-    max_promotions_per_day: i64 = 50,
-    max_soaking_batches: i64 = 1,
-});
+raw_section!(RawRollout { max_promotions_per_day: i64 = 50, max_soaking_batches: i64 = 1 });
 
 raw_section!(RawGuard {
     source: String = "files",
@@ -692,9 +676,9 @@ fn shown(d: Duration) -> String {
     let secs = d.as_secs();
     match secs {
         0 => format!("{}ms", d.as_millis()),
-        _ if secs % 86_400 == 0 => format!("{}d", secs / 86_400),
-        _ if secs % 3_600 == 0 => format!("{}h", secs / 3_600),
-        _ if secs % 60 == 0 => format!("{}m", secs / 60),
+        _ if secs.is_multiple_of(86_400) => format!("{}d", secs / 86_400),
+        _ if secs.is_multiple_of(3_600) => format!("{}h", secs / 3_600),
+        _ if secs.is_multiple_of(60) => format!("{}m", secs / 60),
         _ => format!("{secs}s"),
     }
 }
@@ -830,8 +814,16 @@ impl Checker<'_> {
         }
         let waves = self.waves(raw.waves);
         let rollout = RolloutLimits {
-            max_promotions_per_day: self.count("rollout.max_promotions_per_day", raw.rollout.max_promotions_per_day, PROMOTIONS_PER_DAY),
-            max_soaking_batches: self.count("rollout.max_soaking_batches", raw.rollout.max_soaking_batches, SOAKING_BATCHES),
+            max_promotions_per_day: self.count(
+                "rollout.max_promotions_per_day",
+                raw.rollout.max_promotions_per_day,
+                PROMOTIONS_PER_DAY,
+            ),
+            max_soaking_batches: self.count(
+                "rollout.max_soaking_batches",
+                raw.rollout.max_soaking_batches,
+                SOAKING_BATCHES,
+            ),
         };
         let guard = self.guard(raw.guard, &evidence);
         let listeners = self.listeners(raw.listeners);
@@ -839,19 +831,14 @@ impl Checker<'_> {
         Config {
             account_id: raw.account_id,
             region: raw.region,
-            lockdown: Lockdown {
-                group: raw.lockdown.group,
-                policy_name: raw.lockdown.policy_name,
-            },
+            lockdown: Lockdown { group: raw.lockdown.group, policy_name: raw.lockdown.policy_name },
             perimeter,
             evidence,
             eligibility,
             waves,
             rollout,
             guard,
-            store: Store {
-                path: PathBuf::from(raw.store.path),
-            },
+            store: Store { path: PathBuf::from(raw.store.path) },
             listeners,
         }
     }
@@ -870,7 +857,10 @@ impl Checker<'_> {
         for (endpoint, vpc) in &raw.trusted_vpc_endpoints {
             let path = format!("perimeter.trusted_vpc_endpoints.{endpoint}");
             if !is_aws_id(endpoint, "vpce-") {
-                self.problem(&path, format!("expected a VPC endpoint ID like vpce-0a1b2c3d4e5f60718 as the key, got {endpoint:?}"));
+                self.problem(
+                    &path,
+                    format!("expected a VPC endpoint ID like vpce-0a1b2c3d4e5f60718 as the key, got {endpoint:?}"),
+                );
             } else if !is_aws_id(vpc, "vpc-") {
                 self.problem(&path, format!("expected the endpoint's VPC ID like vpc-0a1b2c3d, got {vpc:?}"));
             } else if !raw.trusted_vpcs.contains(vpc) {
@@ -920,10 +910,10 @@ impl Checker<'_> {
                 );
             }
         }
-        if let Some(key) = &raw.exempt_tag_key {
-            if key.is_empty() || key.len() > 128 || key.contains(char::is_whitespace) {
-                self.problem("perimeter.exempt_tag_key", format!("expected an IAM tag key without spaces, got {key:?}"));
-            }
+        if let Some(key) = &raw.exempt_tag_key
+            && (key.is_empty() || key.len() > 128 || key.contains(char::is_whitespace))
+        {
+            self.problem("perimeter.exempt_tag_key", format!("expected an IAM tag key without spaces, got {key:?}"));
         }
         let perimeter = Perimeter {
             account_id: account_id.to_string(),
@@ -955,11 +945,17 @@ impl Checker<'_> {
         }
         let athena = raw.athena.map(|a| {
             if !a.output_location.starts_with("s3://") {
-                self.problem("evidence.athena.output_location", format!("expected an s3:// URL, got {:?}", a.output_location));
+                self.problem(
+                    "evidence.athena.output_location",
+                    format!("expected an s3:// URL, got {:?}", a.output_location),
+                );
             }
             for (key, value) in [("database", &a.database), ("table", &a.table)] {
                 if value.is_empty() || !value.chars().all(|c| c.is_ascii_alphanumeric() || c == '_') {
-                    self.problem(&format!("evidence.athena.{key}"), format!("expected letters, digits and underscores, got {value:?}"));
+                    self.problem(
+                        &format!("evidence.athena.{key}"),
+                        format!("expected letters, digits and underscores, got {value:?}"),
+                    );
                 }
             }
             let partitioning = match a.partitioning.as_str() {
@@ -986,7 +982,9 @@ impl Checker<'_> {
         match parse_cron(&raw.schedule) {
             Err(why) => self.problem(
                 "evidence.schedule",
-                format!("expected a cron expression with seconds, like \"0 5 * * * *\" (sec min hour dom month dow): {why}"),
+                format!(
+                    "expected a cron expression with seconds, like \"0 5 * * * *\" (sec min hour dom month dow): {why}"
+                ),
             ),
             Ok(_) if raw.schedule.split_whitespace().count() > 6 => self.problem(
                 "evidence.schedule",
@@ -1001,10 +999,7 @@ impl Checker<'_> {
         Evidence {
             source,
             files_path: PathBuf::from(raw.files.path),
-            s3: raw.s3.map(|s| S3Location {
-                bucket: s.bucket,
-                prefix: s.prefix,
-            }),
+            s3: raw.s3.map(|s| S3Location { bucket: s.bucket, prefix: s.prefix }),
             athena,
             schedule: raw.schedule,
             overlap: self.duration("evidence.overlap", &raw.overlap, OVERLAP),
@@ -1053,13 +1048,13 @@ impl Checker<'_> {
                     None
                 }
             });
-            if let Some(prefix) = &wave.select.path_prefix {
-                if !is_iam_path_prefix(prefix) {
-                    self.problem(
+            if let Some(prefix) = &wave.select.path_prefix
+                && !is_iam_path_prefix(prefix)
+            {
+                self.problem(
                         &format!("{at}.select.path_prefix"),
                         format!("expected an IAM path starting with / (printable ASCII, no spaces, at most 512 characters), got {prefix:?}"),
                     );
-                }
             }
             waves.push(Wave {
                 batch_size: self.count(&format!("{at}.batch_size"), wave.batch_size, BATCH_SIZE),
@@ -1106,7 +1101,10 @@ impl Checker<'_> {
                 raw.false_alarm_budget
             } else {
                 let budget = raw.false_alarm_budget;
-                self.problem("guard.false_alarm_budget", format!("expected a probability between 0 and 1 (exclusive), got {budget}"));
+                self.problem(
+                    "guard.false_alarm_budget",
+                    format!("expected a probability between 0 and 1 (exclusive), got {budget}"),
+                );
                 0.001
             },
         }
@@ -1131,13 +1129,16 @@ impl Checker<'_> {
                     ),
                 );
             } else if raw.token_file.is_none() {
-                self.problem("listeners.token_file", "a remote admin listener needs a token_file, not only an environment variable");
+                self.problem(
+                    "listeners.token_file",
+                    "a remote admin listener needs a token_file, not only an environment variable",
+                );
             }
         }
-        if let Some(url) = &raw.webhook_url {
-            if !(url.starts_with("http://") || url.starts_with("https://")) {
-                self.problem("listeners.webhook_url", format!("expected an http:// or https:// URL, got {url:?}"));
-            }
+        if let Some(url) = &raw.webhook_url
+            && !(url.starts_with("http://") || url.starts_with("https://"))
+        {
+            self.problem("listeners.webhook_url", format!("expected an http:// or https:// URL, got {url:?}"));
         }
         Listeners {
             admin,
@@ -1245,9 +1246,9 @@ impl LocatorBuilder {
                 *next += 1;
                 Some(p)
             }
-            Some(Frame::Map { path, pending_key }) => pending_key.take().map(|key| {
-                if path.is_empty() { key } else { format!("{path}.{key}") }
-            }),
+            Some(Frame::Map { path, pending_key }) => {
+                pending_key.take().map(|key| if path.is_empty() { key } else { format!("{path}.{key}") })
+            }
         }
     }
 }
@@ -1259,11 +1260,11 @@ impl yaml_rust2::parser::MarkedEventReceiver for LocatorBuilder {
         match event {
             Event::Scalar(value, ..) => {
                 // A scalar in a mapping with no pending key *is* the key.
-                if let Some(Frame::Map { pending_key, .. }) = self.stack.last_mut() {
-                    if pending_key.is_none() {
-                        *pending_key = Some(value);
-                        return;
-                    }
+                if let Some(Frame::Map { pending_key, .. }) = self.stack.last_mut()
+                    && pending_key.is_none()
+                {
+                    *pending_key = Some(value);
+                    return;
                 }
                 if let Some(path) = self.child_path() {
                     self.spots.insert(path, spot);
@@ -1336,11 +1337,7 @@ waves:
 ";
         let found = problems(text);
         let at = |path: &str| {
-            found
-                .iter()
-                .find(|p| p.path == path)
-                .unwrap_or_else(|| panic!("no problem at {path} in {found:#?}"))
-                .line
+            found.iter().find(|p| p.path == path).unwrap_or_else(|| panic!("no problem at {path} in {found:#?}")).line
         };
         assert_eq!(at("perimeter.trusted_vpcs[1]"), Some(5));
         assert_eq!(at("perimeter.trusted_vpc_endpoints.vpce-0123456789abcdef0"), Some(7));
@@ -1374,7 +1371,10 @@ waves:
 
     #[test]
     fn guard_source_needs_its_evidence_section() {
-        let text = EXAMPLE.replace("  source: files                 # where the guard", "  source: athena                # where the guard");
+        let text = EXAMPLE.replace(
+            "  source: files                 # where the guard",
+            "  source: athena                # where the guard",
+        );
         let found = problems(&text);
         assert_eq!(found.len(), 1, "{found:#?}");
         assert_eq!(found[0].path, "guard.source");
@@ -1412,7 +1412,12 @@ waves:
             ("hold_expiry: 14d", "hold_expiry: 300000y", "eligibility.hold_expiry", "to 3650d"),
             ("lookback: 14d", "lookback: 1s", "evidence.lookback", "from 1h"),
             ("batch_size: 25", "batch_size: 100000000", "waves[2].batch_size", "from 1 to 10000"),
-            ("max_promotions_per_day: 50", "max_promotions_per_day: 0", "rollout.max_promotions_per_day", "from 1 to 100000"),
+            (
+                "max_promotions_per_day: 50",
+                "max_promotions_per_day: 0",
+                "rollout.max_promotions_per_day",
+                "from 1 to 100000",
+            ),
             ("min_calls: 20", "min_calls: -1", "eligibility.min_calls", "from 0 to 1000000000"),
         ];
         for (from, to, path, bound) in cases {
@@ -1441,8 +1446,16 @@ waves:
         refused("schedule: \"0 5 * * * *\"", "schedule: \"0 0 0 29 2 *\"", "evidence.schedule");
         refused("schedule: \"0 5 * * * *\"", "schedule: \"0 5 * * * * 2001\"", "evidence.schedule");
         refused("group: lockstep-network-perimeter", "group: \"lock step\"", "lockdown.group");
-        refused("policy_name: lockstep-network-perimeter", &format!("policy_name: {}", "p".repeat(129)), "lockdown.policy_name");
-        refused("path_prefix: /engineering/\n  - name: everyone", "path_prefix: /eng ineering/\n  - name: everyone", "waves[1].select.path_prefix");
+        refused(
+            "policy_name: lockstep-network-perimeter",
+            &format!("policy_name: {}", "p".repeat(129)),
+            "lockdown.policy_name",
+        );
+        refused(
+            "path_prefix: /engineering/\n  - name: everyone",
+            "path_prefix: /eng ineering/\n  - name: everyone",
+            "waves[1].select.path_prefix",
+        );
         refused("retention: 90d", "retention: 2d", "evidence.retention");
         refused("retention: 90d", "retention: 90d\n  max_inflated_size: 10GiB", "evidence.max_inflated_size");
 
@@ -1496,7 +1509,8 @@ waves:
         assert!(found[0].line.is_some());
         assert!(started.elapsed() < Duration::from_secs(5), "took {:?}", started.elapsed());
         // Anchors and aliases within the budget are fine.
-        let anchored = EXAMPLE.replacen("  poll: 1m", "  poll: &poll 1m", 1).replacen("  window: 15m", "  window: *poll", 1);
+        let anchored =
+            EXAMPLE.replacen("  poll: 1m", "  poll: &poll 1m", 1).replacen("  window: 15m", "  window: *poll", 1);
         assert_eq!(problems(&anchored), Vec::new());
     }
 

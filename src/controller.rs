@@ -36,7 +36,10 @@ use crate::trail::Record;
 
 /// A controller with its edges chosen, as the daemon's runtime sees it.
 pub trait Stepper: Send {
-    fn step(&mut self, promote_now: bool) -> Pin<Box<dyn Future<Output = Result<StepReport, ControllerError>> + Send + '_>>;
+    fn step(
+        &mut self,
+        promote_now: bool,
+    ) -> Pin<Box<dyn Future<Output = Result<StepReport, ControllerError>> + Send + '_>>;
     /// The plan as it stands, without polling, reconciling or changing anything.
     fn preview(&mut self) -> Pin<Box<dyn Future<Output = Result<Plan, ControllerError>> + Send + '_>>;
     fn config(&self) -> &Config;
@@ -46,7 +49,10 @@ pub trait Stepper: Send {
 }
 
 impl<I: Iam + 'static, F: EventFeed + 'static> Stepper for Controller<I, F> {
-    fn step(&mut self, promote_now: bool) -> Pin<Box<dyn Future<Output = Result<StepReport, ControllerError>> + Send + '_>> {
+    fn step(
+        &mut self,
+        promote_now: bool,
+    ) -> Pin<Box<dyn Future<Output = Result<StepReport, ControllerError>> + Send + '_>> {
         Box::pin(Controller::step(self, promote_now))
     }
     fn preview(&mut self) -> Pin<Box<dyn Future<Output = Result<Plan, ControllerError>> + Send + '_>> {
@@ -201,7 +207,12 @@ pub(crate) enum Fix {
 /// The reconcile table: what to fix and what drifted, from the ledger and the group's members.
 /// In dry run only ownership facts are recorded (they describe IAM, not the rollout); drift is
 /// reported once per change: a member lockstep did not add when first seen and when gone.
-pub(crate) fn reconcile(snapshot: &Snapshot, in_group: &HashSet<String>, group: &str, mode: Mode) -> (Vec<Fix>, Vec<Drift>) {
+pub(crate) fn reconcile(
+    snapshot: &Snapshot,
+    in_group: &HashSet<String>,
+    group: &str,
+    mode: Mode,
+) -> (Vec<Fix>, Vec<Drift>) {
     let commit = mode == Mode::Commit;
     let (mut fixes, mut drift) = (Vec::new(), Vec::new());
     // Recorded once: while they stay in the group there is nothing new to say.
@@ -228,7 +239,10 @@ pub(crate) fn reconcile(snapshot: &Snapshot, in_group: &HashSet<String>, group: 
             }
             (UserState::RollingBack, in_group) if commit => fixes.push(Fix::Remove { user, in_group }),
             (UserState::Held | UserState::RemovedByHand, true) => {
-                let message = format!("{user} is {} but back in {group}; lockstep did not add them and leaves them alone", member.state);
+                let message = format!(
+                    "{user} is {} but back in {group}; lockstep did not add them and leaves them alone",
+                    member.state
+                );
                 foreign(user, DriftKind::BackInGroupWhileHeld, message, &mut fixes, &mut drift);
             }
             _ => {}
@@ -258,10 +272,9 @@ pub(crate) fn soaks_to_start(snapshot: &Snapshot, config: &Config, now: DateTime
         .iter()
         .filter(|b| b.state == BatchState::Applying)
         .filter(|batch| {
-            !batch
-                .members
-                .iter()
-                .any(|u| snapshot.members.get(u).is_some_and(|m| m.state == UserState::Promoting && m.batch == Some(batch.id)))
+            !batch.members.iter().any(|u| {
+                snapshot.members.get(u).is_some_and(|m| m.state == UserState::Promoting && m.batch == Some(batch.id))
+            })
         })
         .map(|batch| (batch.id, later(now, soak_of(batch, config).to_std().unwrap_or_default())))
         .collect()
@@ -284,7 +297,11 @@ fn wave_soak(config: &Config, wave: &str) -> chrono::Duration {
 }
 
 /// Batches the guard watches: applying and soaking ones, and finished ones for `grace`.
-pub(crate) fn watched(snapshot: &Snapshot, grace: chrono::Duration, now: DateTime<Utc>) -> impl Iterator<Item = &Batch> {
+pub(crate) fn watched(
+    snapshot: &Snapshot,
+    grace: chrono::Duration,
+    now: DateTime<Utc>,
+) -> impl Iterator<Item = &Batch> {
     snapshot.batches.iter().filter(move |b| is_watched(b.state, b.finished_at, grace, now))
 }
 
@@ -335,11 +352,14 @@ pub(crate) fn dry_run_writes(plan: &Plan, snapshot: &Snapshot, group: &str) -> V
     let mut writes = Vec::new();
     for action in &plan.actions {
         match action {
-            Action::StartBatch { users, .. } => writes.extend(users.iter().map(|c| format!("AddUserToGroup {group} {}", c.user))),
+            Action::StartBatch { users, .. } => {
+                writes.extend(users.iter().map(|c| format!("AddUserToGroup {group} {}", c.user)))
+            }
             Action::RollBack { batch, .. } => {
                 if let Some(b) = snapshot.batch(*batch) {
                     let owned = |u: &&String| {
-                        !snapshot.foreign.contains_key(*u) && snapshot.members.get(*u).is_none_or(|m| m.state.wants_membership())
+                        !snapshot.foreign.contains_key(*u)
+                            && snapshot.members.get(*u).is_none_or(|m| m.state.wants_membership())
                     };
                     writes.extend(b.members.iter().filter(owned).map(|u| format!("RemoveUserFromGroup {group} {u}")));
                 }
@@ -368,7 +388,14 @@ const DIRECTORY_TTL: chrono::Duration = chrono::Duration::hours(1);
 
 impl<I: Iam, F: EventFeed> Controller<I, F> {
     /// A controller over these edges; `mode` says whether it may write to IAM.
-    pub fn new(config: Config, store: Arc<dyn RolloutStore>, iam: I, feed: F, clock: Arc<dyn Clock>, mode: Mode) -> Self {
+    pub fn new(
+        config: Config,
+        store: Arc<dyn RolloutStore>,
+        iam: I,
+        feed: F,
+        clock: Arc<dyn Clock>,
+        mode: Mode,
+    ) -> Self {
         Controller {
             config,
             store,
@@ -437,13 +464,17 @@ impl<I: Iam, F: EventFeed> Controller<I, F> {
 
     /// Gathers the planner's inputs, judges watched batches and plans; `record` keeps the
     /// verdicts in the ledger.
-    async fn plan(&mut self, now: DateTime<Utc>, promote_now: bool, record: bool) -> Result<(Plan, BTreeMap<i64, guard::Judgement>), ControllerError> {
+    async fn plan(
+        &mut self,
+        now: DateTime<Utc>,
+        promote_now: bool,
+        record: bool,
+    ) -> Result<(Plan, BTreeMap<i64, guard::Judgement>), ControllerError> {
         let snapshot = self.store.snapshot()?;
         let judgements = self.judge_batches(&snapshot, now, record)?;
-        let verdicts: BTreeMap<i64, guard::Verdict> = judgements.iter().map(|(id, j)| (*id, j.verdict.clone())).collect();
-        let evidence = self
-            .store
-            .user_evidence(earlier(now, self.config.eligibility.window), now)?;
+        let verdicts: BTreeMap<i64, guard::Verdict> =
+            judgements.iter().map(|(id, j)| (*id, j.verdict.clone())).collect();
+        let evidence = self.store.user_evidence(earlier(now, self.config.eligibility.window), now)?;
         let freshness = self.store.freshness()?;
         let users = self.directory(now).await?;
         let blocked = self.policy_problem().await?;
@@ -474,7 +505,10 @@ impl<I: Iam, F: EventFeed> Controller<I, F> {
                 health.error = None;
                 future = records.iter().filter_map(Record::event_time).filter(|at| *at > now).count() as u64;
                 if future > 0 {
-                    tracing::warn!(records = future, "trail records dated in the future: not taken as signs of life; their denials count as of now");
+                    tracing::warn!(
+                        records = future,
+                        "trail records dated in the future: not taken as signs of life; their denials count as of now"
+                    );
                 }
                 // A record from the future proves nothing about the source being alive.
                 if let Some(newest) = records.iter().filter_map(Record::event_time).filter(|at| *at <= now).max() {
@@ -504,7 +538,9 @@ impl<I: Iam, F: EventFeed> Controller<I, F> {
             .chain(snapshot.foreign.keys().map(String::as_str))
             .collect();
         let exempt: HashSet<String> = match (&self.config.perimeter.exempt_tag_key, &self.directory) {
-            (Some(key), Some((_, users))) => users.iter().filter(|u| u.tags.get(key).is_some_and(|v| v == "true")).map(|u| u.name.clone()).collect(),
+            (Some(key), Some((_, users))) => {
+                users.iter().filter(|u| u.tags.get(key).is_some_and(|v| v == "true")).map(|u| u.name.clone()).collect()
+            }
             _ => HashSet::new(),
         };
         let mut denials: BTreeMap<i64, Vec<(String, DenialEvent)>> = BTreeMap::new();
@@ -593,7 +629,13 @@ impl<I: Iam, F: EventFeed> Controller<I, F> {
         Ok(())
     }
 
-    async fn add_member(&self, group: &str, user: &str, report: &mut StepReport, now: DateTime<Utc>) -> Result<(), ControllerError> {
+    async fn add_member(
+        &self,
+        group: &str,
+        user: &str,
+        report: &mut StepReport,
+        now: DateTime<Utc>,
+    ) -> Result<(), ControllerError> {
         match self.iam.add_to_group(group, user).await {
             Ok(()) => {
                 failpoint("after-iam-write");
@@ -605,7 +647,14 @@ impl<I: Iam, F: EventFeed> Controller<I, F> {
         Ok(())
     }
 
-    async fn remove_member(&self, group: &str, user: &str, in_group: bool, report: &mut StepReport, now: DateTime<Utc>) -> Result<(), ControllerError> {
+    async fn remove_member(
+        &self,
+        group: &str,
+        user: &str,
+        in_group: bool,
+        report: &mut StepReport,
+        now: DateTime<Utc>,
+    ) -> Result<(), ControllerError> {
         match remove_and_hold(&self.iam, self.store.as_ref(), group, user, in_group, "controller", now).await {
             Ok(true) => report.iam_writes.push(format!("RemoveUserFromGroup {group} {user}")),
             Ok(false) => {}
@@ -625,7 +674,12 @@ impl<I: Iam, F: EventFeed> Controller<I, F> {
         Ok(())
     }
 
-    fn judge_batches(&self, snapshot: &Snapshot, now: DateTime<Utc>, record: bool) -> Result<BTreeMap<i64, guard::Judgement>, ControllerError> {
+    fn judge_batches(
+        &self,
+        snapshot: &Snapshot,
+        now: DateTime<Utc>,
+        record: bool,
+    ) -> Result<BTreeMap<i64, guard::Judgement>, ControllerError> {
         let window = chrono_of(self.config.eligibility.window);
         let health = self.store.source_health()?.as_of(now);
         let cohort = self.cohort_rate(now);
@@ -652,7 +706,9 @@ impl<I: Iam, F: EventFeed> Controller<I, F> {
             let judgement = await_delivery(judgement, batch, &health, self.config.guard.delivery_lag, now);
             let verdict = &judgement.verdict;
             let summary = verdict.summary();
-            if record && (batch.verdict.as_deref() != Some(summary.as_str()) || batch.verdict_kind != Some(verdict.kind())) {
+            if record
+                && (batch.verdict.as_deref() != Some(summary.as_str()) || batch.verdict_kind != Some(verdict.kind()))
+            {
                 self.store.set_verdict(batch.id, verdict.kind(), &summary)?;
             }
             verdicts.insert(batch.id, judgement);
@@ -661,10 +717,10 @@ impl<I: Iam, F: EventFeed> Controller<I, F> {
     }
 
     async fn directory(&mut self, now: DateTime<Utc>) -> Result<Vec<IamUser>, ControllerError> {
-        if let Some((at, users)) = &self.directory {
-            if now - *at < DIRECTORY_TTL {
-                return Ok(users.clone());
-            }
+        if let Some((at, users)) = &self.directory
+            && now - *at < DIRECTORY_TTL
+        {
+            return Ok(users.clone());
         }
         let users = self.iam.list_users().await?;
         self.directory = Some((now, users.clone()));
@@ -681,7 +737,13 @@ impl<I: Iam, F: EventFeed> Controller<I, F> {
         Ok(status.problem(&lockdown.group, &lockdown.policy_name).filter(|_| status != PolicyStatus::InPlace))
     }
 
-    async fn apply(&mut self, plan: &Plan, judgements: &BTreeMap<i64, guard::Judgement>, report: &mut StepReport, now: DateTime<Utc>) -> Result<(), ControllerError> {
+    async fn apply(
+        &mut self,
+        plan: &Plan,
+        judgements: &BTreeMap<i64, guard::Judgement>,
+        report: &mut StepReport,
+        now: DateTime<Utc>,
+    ) -> Result<(), ControllerError> {
         let group = self.config.lockdown.group.clone();
         let snapshot = self.store.snapshot()?;
         for action in &plan.actions {
@@ -711,7 +773,12 @@ impl<I: Iam, F: EventFeed> Controller<I, F> {
                     )?;
                     if let Some(judgement) = judgement {
                         let explanation = serde_json::to_string(&judgement.explanation).unwrap_or_default();
-                        self.store.note("controller", "guard_explanation", &format!("batch {batch}: {explanation}"), now)?;
+                        self.store.note(
+                            "controller",
+                            "guard_explanation",
+                            &format!("batch {batch}: {explanation}"),
+                            now,
+                        )?;
                     }
                     tracing::warn!(batch, users = ?users, bystanders = ?bystanders, %reason, "rolling back batch");
                     for user in users {
@@ -727,12 +794,9 @@ impl<I: Iam, F: EventFeed> Controller<I, F> {
                     tracing::info!(%wave, %why, "wave finished");
                 }
                 Action::StartBatch { wave, users } => {
-                    let journal: Vec<(String, String)> = users.iter().map(|c| (c.user.clone(), c.why.clone())).collect();
-                    let new = NewBatch {
-                        wave,
-                        users: &journal,
-                        soak: wave_soak(&self.config, wave),
-                    };
+                    let journal: Vec<(String, String)> =
+                        users.iter().map(|c| (c.user.clone(), c.why.clone())).collect();
+                    let new = NewBatch { wave, users: &journal, soak: wave_soak(&self.config, wave) };
                     let batch = self.store.start_batch(&new, "controller", now)?;
                     failpoint("after-journal");
                     tracing::info!(batch, %wave, users = ?journal.iter().map(|(u, _)| u).collect::<Vec<_>>(), "batch started");
@@ -747,10 +811,13 @@ impl<I: Iam, F: EventFeed> Controller<I, F> {
     }
 
     /// Dry run: records what `--commit` would do, once per change of plan.
-    fn record_dry_run(&mut self, plan: &Plan, report: &mut StepReport, now: DateTime<Utc>) -> Result<(), ControllerError> {
-        report
-            .iam_writes
-            .extend(dry_run_writes(plan, &self.store.snapshot()?, &self.config.lockdown.group));
+    fn record_dry_run(
+        &mut self,
+        plan: &Plan,
+        report: &mut StepReport,
+        now: DateTime<Utc>,
+    ) -> Result<(), ControllerError> {
+        report.iam_writes.extend(dry_run_writes(plan, &self.store.snapshot()?, &self.config.lockdown.group));
         if self.last_dry_plan.as_ref() != Some(&plan.actions) {
             for action in &plan.actions {
                 let line = serde_json::to_string(action).unwrap_or_default();
@@ -791,7 +858,12 @@ fn failpoint(name: &str) {
 }
 
 /// Soaking and applying batches are watched, and finished ones for `grace` after they ended.
-fn is_watched(state: BatchState, finished_at: Option<DateTime<Utc>>, grace: chrono::Duration, now: DateTime<Utc>) -> bool {
+fn is_watched(
+    state: BatchState,
+    finished_at: Option<DateTime<Utc>>,
+    grace: chrono::Duration,
+    now: DateTime<Utc>,
+) -> bool {
     match state {
         BatchState::Applying | BatchState::Soaking => true,
         BatchState::Succeeded => finished_at.is_some_and(|at| now - at <= grace),
@@ -1065,8 +1137,16 @@ mod tests {
     #[test]
     fn only_a_spike_with_culprits_clears_the_bystanders() {
         let explanation = |culprits: &[&str]| explanation(culprits, &["ben", "cat"]);
-        let spike = guard::Verdict::Spike { affected: vec!["ann".into()], weighted_denials: 5, offending: vec![], detail: "5 denials".into() };
-        let judged = |verdict: &guard::Verdict, culprits: &[&str]| guard::Judgement { verdict: verdict.clone(), explanation: explanation(culprits) };
+        let spike = guard::Verdict::Spike {
+            affected: vec!["ann".into()],
+            weighted_denials: 5,
+            offending: vec![],
+            detail: "5 denials".into(),
+        };
+        let judged = |verdict: &guard::Verdict, culprits: &[&str]| guard::Judgement {
+            verdict: verdict.clone(),
+            explanation: explanation(culprits),
+        };
         assert_eq!(not_at_fault(Some(&judged(&spike, &["ann"]))), ["ben", "cat"]);
         assert!(not_at_fault(Some(&judged(&spike, &[]))).is_empty(), "no culprit named: everyone is held");
         let healthy = guard::Verdict::Healthy { detail: "0 denials".into() };
@@ -1083,10 +1163,16 @@ mod tests {
             explanation: explanation(&[], &["ann"]),
         };
         let lag = std::time::Duration::from_secs(300);
-        let delivered_until = |at| guard::SourceHealth { last_event_at: Some(at), last_ok_poll: Some(t(3)), error: None };
+        let delivered_until =
+            |at| guard::SourceHealth { last_event_at: Some(at), last_ok_poll: Some(t(3)), error: None };
         let waiting = await_delivery(healthy(), &soaked, &delivered_until(t(2)), lag, t(3)).verdict;
-        assert!(matches!(&waiting, guard::Verdict::Inconclusive { why } if why == "waiting for delivery until 02:05Z"), "{waiting:?}");
-        let delivered = await_delivery(healthy(), &soaked, &delivered_until(t(2) + chrono::Duration::minutes(6)), lag, t(3)).verdict;
+        assert!(
+            matches!(&waiting, guard::Verdict::Inconclusive { why } if why == "waiting for delivery until 02:05Z"),
+            "{waiting:?}"
+        );
+        let delivered =
+            await_delivery(healthy(), &soaked, &delivered_until(t(2) + chrono::Duration::minutes(6)), lag, t(3))
+                .verdict;
         assert_eq!(delivered.kind(), guard::VerdictKind::Healthy);
         let still_soaking = await_delivery(healthy(), &soaked, &delivered_until(t(0)), lag, t(1)).verdict;
         assert_eq!(still_soaking.kind(), guard::VerdictKind::Healthy, "only a finished soak waits");
@@ -1094,13 +1180,17 @@ mod tests {
 
     #[test]
     fn a_dry_run_lists_the_writes_it_would_make() {
-        let snapshot = Snapshot { batches: vec![batch(4, "x", BatchState::Soaking, &["cat", "dan"])], ..Snapshot::default() };
+        let snapshot =
+            Snapshot { batches: vec![batch(4, "x", BatchState::Soaking, &["cat", "dan"])], ..Snapshot::default() };
         let plan = Plan {
             gate: Gate::Open,
             current_wave: None,
             actions: vec![
                 Action::RollBack { batch: 4, reason: "spike".into() },
-                Action::StartBatch { wave: "x".into(), users: vec![Candidate { user: "ann".into(), why: "clean".into() }] },
+                Action::StartBatch {
+                    wave: "x".into(),
+                    users: vec![Candidate { user: "ann".into(), why: "clean".into() }],
+                },
             ],
             waiting: vec![],
             users: BTreeMap::new(),
@@ -1115,9 +1205,18 @@ mod tests {
     async fn removal_holds_the_user_only_once_they_are_out_of_the_group() {
         let store = Store::open_in_memory().unwrap();
         let users = [("ann".to_string(), "clean".to_string())];
-        let id = store.start_batch(&NewBatch { wave: "x", users: &users, soak: chrono::Duration::hours(1) }, "controller", t(0)).unwrap();
+        let id = store
+            .start_batch(&NewBatch { wave: "x", users: &users, soak: chrono::Duration::hours(1) }, "controller", t(0))
+            .unwrap();
         store.mark_locked("ann", "controller", t(0)).unwrap();
-        let request = RollbackRequest { batch: id, actor: "ops", reason: "manual", hold_until: t(48), pause: Some("rolled back"), requeue: None };
+        let request = RollbackRequest {
+            batch: id,
+            actor: "ops",
+            reason: "manual",
+            hold_until: t(48),
+            pause: Some("rolled back"),
+            requeue: None,
+        };
         assert_eq!(store.begin_rollback(&request, t(1)).unwrap(), ["ann"]);
         assert!(store.snapshot().unwrap().paused.is_some(), "the rollback paused the rollout in the same transaction");
 

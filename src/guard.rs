@@ -89,11 +89,7 @@ pub struct CohortRate {
 impl CohortRate {
     /// Denials per user per hour.
     pub(crate) fn per_user_hour(&self) -> f64 {
-        if self.users == 0 || self.hours <= 0.0 {
-            0.0
-        } else {
-            self.denials as f64 / (self.users as f64 * self.hours)
-        }
+        if self.users == 0 || self.hours <= 0.0 { 0.0 } else { self.denials as f64 / (self.users as f64 * self.hours) }
     }
 }
 
@@ -300,13 +296,26 @@ pub fn assess(input: &Input) -> Judgement {
         } else {
             bystanders.push(user.to_string());
         }
-        counts.push(MemberCounts { user: user.to_string(), lockdown, other, unknown, unknown_expected, unknown_allowance, weight });
+        counts.push(MemberCounts {
+            user: user.to_string(),
+            lockdown,
+            other,
+            unknown,
+            unknown_expected,
+            unknown_allowance,
+            weight,
+        });
     }
     let weighted: u64 = counts.iter().map(|c| c.weight).sum();
     let samples = [Cause::Lockdown, Cause::Unknown, Cause::Other]
         .into_iter()
         .flat_map(|cause| {
-            by_member.values().flatten().filter(move |e| e.kind.cause == cause).take(SAMPLES_PER_CAUSE).map(|e| (*e).clone())
+            by_member
+                .values()
+                .flatten()
+                .filter(move |e| e.kind.cause == cause)
+                .take(SAMPLES_PER_CAUSE)
+                .map(|e| (*e).clone())
         })
         .collect();
     let explanation = Explanation {
@@ -331,9 +340,7 @@ pub fn assess(input: &Input) -> Judgement {
 
 fn verdict_of(input: &Input, explanation: &Explanation, applied_at: Option<DateTime<Utc>>) -> Verdict {
     if applied_at.is_none() {
-        return Verdict::Inconclusive {
-            why: "batch not applied yet".to_string(),
-        };
+        return Verdict::Inconclusive { why: "batch not applied yet".to_string() };
     }
     let config = input.config;
     let total = |cause: fn(&MemberCounts) -> u64| explanation.members.iter().map(cause).sum::<u64>();
@@ -391,15 +398,16 @@ pub struct DeliveryPending {
     pub newest_event: Option<DateTime<Utc>>,
 }
 
-pub fn delivery_pending(source: &SourceHealth, soak_until: DateTime<Utc>, delivery_lag: std::time::Duration) -> Option<DeliveryPending> {
+pub fn delivery_pending(
+    source: &SourceHealth,
+    soak_until: DateTime<Utc>,
+    delivery_lag: std::time::Duration,
+) -> Option<DeliveryPending> {
     let lag = chrono::Duration::from_std(delivery_lag).unwrap_or(chrono::Duration::MAX);
     let need = soak_until.checked_add_signed(lag).unwrap_or(DateTime::<Utc>::MAX_UTC);
     match source.last_event_at {
         Some(newest) if newest > need => None,
-        newest => Some(DeliveryPending {
-            need_events_after: need,
-            newest_event: newest,
-        }),
+        newest => Some(DeliveryPending { need_events_after: need, newest_event: newest }),
     }
 }
 
@@ -425,7 +433,13 @@ pub struct LockedWatch {
 }
 
 /// Attributed denials of locked users (past their soak) in `since..=now`, per user.
-pub fn watch_locked(events: &[DenialEvent], locked: &BTreeSet<String>, since: DateTime<Utc>, now: DateTime<Utc>, after_soak: AfterSoak) -> LockedWatch {
+pub fn watch_locked(
+    events: &[DenialEvent],
+    locked: &BTreeSet<String>,
+    since: DateTime<Utc>,
+    now: DateTime<Utc>,
+    after_soak: AfterSoak,
+) -> LockedWatch {
     let mut watch = LockedWatch::default();
     let mut by_user: BTreeMap<&str, Vec<&DenialEvent>> = BTreeMap::new();
     for event in events.iter().filter(|e| e.at >= since && e.at <= now && locked.contains(&e.user)) {
@@ -469,11 +483,9 @@ pub(crate) fn source_problem(source: &SourceHealth, config: &Guard, now: DateTim
     }
     match source.last_event_at {
         None => Some("event source has delivered no events yet".to_string()),
-        Some(last) if now - last > limit => Some(format!(
-            "event source silent for {} (limit {})",
-            human(now - last),
-            human(limit)
-        )),
+        Some(last) if now - last > limit => {
+            Some(format!("event source silent for {} (limit {})", human(now - last), human(limit)))
+        }
         Some(_) => None,
     }
 }

@@ -22,22 +22,26 @@ pub enum PolicyStatus {
     /// The policy exists but is not attached to the group.
     NotAttached,
     /// Attached, but its default version is not the rendered document.
-    Drifted { current: String },
+    Drifted {
+        current: String,
+    },
     InPlace,
 }
 
 impl PolicyStatus {
     /// What is wrong with the group's policy, for people; `None` when it is in place.
     pub fn problem(&self, group: &str, policy: &str) -> Option<String> {
-        Some(match self {
-            PolicyStatus::InPlace => return None,
-            PolicyStatus::GroupMissing => format!("IAM group {group} does not exist"),
-            PolicyStatus::PolicyMissing => format!("managed policy {policy} does not exist"),
-            PolicyStatus::NotAttached => format!("managed policy {policy} is not attached to group {group}"),
-            PolicyStatus::Drifted { .. } => {
-                format!("managed policy {policy} differs from the policy rendered from rollout.yaml")
-            }
-        } + "; run `lockstep policy apply --commit` (promotions are stopped until then)")
+        Some(
+            match self {
+                PolicyStatus::InPlace => return None,
+                PolicyStatus::GroupMissing => format!("IAM group {group} does not exist"),
+                PolicyStatus::PolicyMissing => format!("managed policy {policy} does not exist"),
+                PolicyStatus::NotAttached => format!("managed policy {policy} is not attached to group {group}"),
+                PolicyStatus::Drifted { .. } => {
+                    format!("managed policy {policy} differs from the policy rendered from rollout.yaml")
+                }
+            } + "; run `lockstep policy apply --commit` (promotions are stopped until then)",
+        )
     }
 }
 
@@ -92,10 +96,7 @@ pub struct AwsIam {
 impl AwsIam {
     /// The real IAM client for `account_id`.
     pub fn new(sdk: &aws_config::SdkConfig, account_id: &str) -> AwsIam {
-        AwsIam {
-            client: aws_sdk_iam::Client::new(sdk),
-            account_id: account_id.to_string(),
-        }
+        AwsIam { client: aws_sdk_iam::Client::new(sdk), account_id: account_id.to_string() }
     }
 
     fn policy_arn(&self, policy: &str) -> String {
@@ -175,13 +176,7 @@ impl AwsIam {
 impl Iam for AwsIam {
     async fn list_users(&self) -> Result<Vec<IamUser>, IamError> {
         let users = all_pages(|marker| async {
-            let page = self
-                .client
-                .list_users()
-                .set_marker(marker)
-                .send()
-                .await
-                .map_err(|e| error("ListUsers", e))?;
+            let page = self.client.list_users().set_marker(marker).send().await.map_err(|e| error("ListUsers", e))?;
             let next = page.is_truncated().then(|| page.marker().map(str::to_string)).flatten();
             let users = page
                 .users()
@@ -257,12 +252,7 @@ impl Iam for AwsIam {
     async fn apply_policy(&self, group: &str, policy: &str, document: &str) -> Result<Vec<String>, IamError> {
         let mut changes = Vec::new();
         if !self.group_exists(group).await? {
-            self.client
-                .create_group()
-                .group_name(group)
-                .send()
-                .await
-                .map_err(|e| error("CreateGroup", e))?;
+            self.client.create_group().group_name(group).send().await.map_err(|e| error("CreateGroup", e))?;
             changes.push(format!("created group {group}"));
         }
         let arn = self.policy_arn(policy);
@@ -355,7 +345,10 @@ where
     }
 }
 
-fn error<E: ProvideErrorMetadata + std::error::Error + 'static, R: std::fmt::Debug>(operation: &'static str, e: SdkError<E, R>) -> IamError {
+fn error<E: ProvideErrorMetadata + std::error::Error + 'static, R: std::fmt::Debug>(
+    operation: &'static str,
+    e: SdkError<E, R>,
+) -> IamError {
     match &e {
         SdkError::ServiceError(service) => IamError {
             operation,
@@ -414,11 +407,9 @@ mod tests {
         let failing = |marker: Option<String>| async move {
             match marker {
                 None => Ok((vec![1], Some("m1".to_string()))),
-                Some(_) => Err(IamError {
-                    operation: "GetGroup",
-                    code: "Throttling".into(),
-                    message: "Rate exceeded".into(),
-                }),
+                Some(_) => {
+                    Err(IamError { operation: "GetGroup", code: "Throttling".into(), message: "Rate exceeded".into() })
+                }
             }
         };
         assert_eq!(all_pages(failing).await.unwrap_err().code, "Throttling");

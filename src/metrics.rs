@@ -3,7 +3,8 @@
 //! `dashboards/` and the alert rules query only these names (a test checks that).
 
 use prometheus::{
-    Encoder, Gauge, Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry, TextEncoder,
+    Encoder, Gauge, Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry,
+    TextEncoder,
 };
 
 use crate::controller::{DriftKind, Mode, StepFailureKind, StepReport};
@@ -73,10 +74,27 @@ impl Metrics {
     pub fn new() -> Metrics {
         let r = Registry::new();
         let metrics = Metrics {
-            users: metric!(&r, IntGaugeVec, "lockstep_users", "IAM users by rollout state (candidate = not in the ledger).", &["state"]),
+            users: metric!(
+                &r,
+                IntGaugeVec,
+                "lockstep_users",
+                "IAM users by rollout state (candidate = not in the ledger).",
+                &["state"]
+            ),
             batches: metric!(&r, IntGaugeVec, "lockstep_batches", "Batches by state.", &["state"]),
-            promotions: metric!(&r, IntCounter, "lockstep_promotions_total", "Users journaled for promotion into the lockdown group."),
-            rollbacks: metric!(&r, IntCounterVec, "lockstep_rollbacks_total", "Batches rolled back, by reason (guard, manual).", &["reason"]),
+            promotions: metric!(
+                &r,
+                IntCounter,
+                "lockstep_promotions_total",
+                "Users journaled for promotion into the lockdown group."
+            ),
+            rollbacks: metric!(
+                &r,
+                IntCounterVec,
+                "lockstep_rollbacks_total",
+                "Batches rolled back, by reason (guard, manual).",
+                &["reason"]
+            ),
             soaking_denials: metric!(
                 &r,
                 IntGaugeVec,
@@ -84,12 +102,41 @@ impl Metrics {
                 "Denials recorded for members of batches the guard watches, by kind (explicit_identity_deny, other).",
                 &["kind"]
             ),
-            guard_verdicts: metric!(&r, IntCounterVec, "lockstep_guard_verdicts_total", "Guard verdicts on watched batches, by verdict.", &["verdict"]),
+            guard_verdicts: metric!(
+                &r,
+                IntCounterVec,
+                "lockstep_guard_verdicts_total",
+                "Guard verdicts on watched batches, by verdict.",
+                &["verdict"]
+            ),
             rollout_paused: metric!(&r, IntGauge, "lockstep_rollout_paused", "1 while the rollout is paused."),
-            gate: metric!(&r, IntGaugeVec, "lockstep_gate", "1 for the planner's current gate (open, paused, inconclusive, blocked, finished).", &["gate"]),
-            current_wave: metric!(&r, IntGaugeVec, "lockstep_current_wave", "1 for the wave the rollout is in.", &["wave"]),
-            refresh_runs: metric!(&r, IntCounterVec, "lockstep_evidence_refresh_runs_total", "Evidence refresh runs, by source and outcome.", &["source", "status"]),
-            refresh_failures: metric!(&r, IntCounter, "lockstep_evidence_refresh_failures_total", "Evidence refresh runs that failed or timed out."),
+            gate: metric!(
+                &r,
+                IntGaugeVec,
+                "lockstep_gate",
+                "1 for the planner's current gate (open, paused, inconclusive, blocked, finished).",
+                &["gate"]
+            ),
+            current_wave: metric!(
+                &r,
+                IntGaugeVec,
+                "lockstep_current_wave",
+                "1 for the wave the rollout is in.",
+                &["wave"]
+            ),
+            refresh_runs: metric!(
+                &r,
+                IntCounterVec,
+                "lockstep_evidence_refresh_runs_total",
+                "Evidence refresh runs, by source and outcome.",
+                &["source", "status"]
+            ),
+            refresh_failures: metric!(
+                &r,
+                IntCounter,
+                "lockstep_evidence_refresh_failures_total",
+                "Evidence refresh runs that failed or timed out."
+            ),
             refresh_duration: register(
                 &r,
                 Histogram::with_opts(
@@ -104,11 +151,38 @@ impl Metrics {
                 "lockstep_evidence_last_success_timestamp_seconds",
                 "Unix time of the last successful evidence refresh."
             ),
-            records_read: metric!(&r, IntCounter, "lockstep_evidence_records_read_total", "CloudTrail records read by evidence refreshes."),
-            records_skipped: metric!(&r, IntCounter, "lockstep_evidence_records_skipped_total", "Malformed or unusable CloudTrail records skipped."),
-            athena_bytes_scanned: metric!(&r, IntCounter, "lockstep_athena_bytes_scanned_total", "Bytes scanned by Athena evidence queries."),
-            iam_calls: metric!(&r, IntCounterVec, "lockstep_iam_calls_total", "IAM API calls, by operation.", &["operation"]),
-            iam_errors: metric!(&r, IntCounterVec, "lockstep_iam_errors_total", "IAM API errors, by operation and error code.", &["operation", "code"]),
+            records_read: metric!(
+                &r,
+                IntCounter,
+                "lockstep_evidence_records_read_total",
+                "CloudTrail records read by evidence refreshes."
+            ),
+            records_skipped: metric!(
+                &r,
+                IntCounter,
+                "lockstep_evidence_records_skipped_total",
+                "Malformed or unusable CloudTrail records skipped."
+            ),
+            athena_bytes_scanned: metric!(
+                &r,
+                IntCounter,
+                "lockstep_athena_bytes_scanned_total",
+                "Bytes scanned by Athena evidence queries."
+            ),
+            iam_calls: metric!(
+                &r,
+                IntCounterVec,
+                "lockstep_iam_calls_total",
+                "IAM API calls, by operation.",
+                &["operation"]
+            ),
+            iam_errors: metric!(
+                &r,
+                IntCounterVec,
+                "lockstep_iam_errors_total",
+                "IAM API errors, by operation and error code.",
+                &["operation", "code"]
+            ),
             reconcile_drift: metric!(
                 &r,
                 IntCounterVec,
@@ -126,8 +200,11 @@ impl Metrics {
             step_duration: register(
                 &r,
                 Histogram::with_opts(
-                    HistogramOpts::new("lockstep_step_duration_seconds", "Controller step run time, failed steps included.")
-                        .buckets(vec![0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0]),
+                    HistogramOpts::new(
+                        "lockstep_step_duration_seconds",
+                        "Controller step run time, failed steps included.",
+                    )
+                    .buckets(vec![0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0]),
                 )
                 .expect("valid metric"),
             ),
@@ -200,7 +277,13 @@ impl Metrics {
     }
 
     /// Updates the gauges from the ledger and counts what one step did.
-    pub(crate) fn observe_step(&self, report: &StepReport, snapshot: &Snapshot, directory_size: usize, wave_names: &[String]) {
+    pub(crate) fn observe_step(
+        &self,
+        report: &StepReport,
+        snapshot: &Snapshot,
+        directory_size: usize,
+        wave_names: &[String],
+    ) {
         self.steps.inc();
         self.future_events.inc_by(report.future_events);
         for state in UserState::ALL {
@@ -344,7 +427,8 @@ mod tests {
         let metrics = Metrics::new();
         let throttled = IamError { operation: "GetGroup", code: "Throttling".into(), message: "slow down".into() };
         let too_new = StoreError::TooNew { found: 99, known: 1 };
-        metrics.observe_step_outcome(std::time::Duration::from_millis(250), Some(ControllerError::from(throttled).kind()));
+        metrics
+            .observe_step_outcome(std::time::Duration::from_millis(250), Some(ControllerError::from(throttled).kind()));
         metrics.observe_step_outcome(std::time::Duration::from_millis(20), Some(ControllerError::from(too_new).kind()));
         metrics.observe_step_outcome(std::time::Duration::from_millis(50), None);
         let text = metrics.render();

@@ -37,8 +37,16 @@ pub enum Event {
         #[serde(skip_serializing_if = "Option::is_none")]
         explanation: Option<Box<Explanation>>,
     },
-    Pause { at: DateTime<Utc>, by: String, reason: String },
-    WaveFinished { at: DateTime<Utc>, wave: String, why: String },
+    Pause {
+        at: DateTime<Utc>,
+        by: String,
+        reason: String,
+    },
+    WaveFinished {
+        at: DateTime<Utc>,
+        wave: String,
+        why: String,
+    },
 }
 
 /// What a committed step did that people want to hear about. `before` is the ledger before the
@@ -70,7 +78,9 @@ pub fn events(report: &StepReport, before: &Snapshot) -> Vec<Event> {
                     });
                 }
             }
-            Action::FinishWave { wave, why } => events.push(Event::WaveFinished { at: report.at, wave: wave.clone(), why: why.clone() }),
+            Action::FinishWave { wave, why } => {
+                events.push(Event::WaveFinished { at: report.at, wave: wave.clone(), why: why.clone() })
+            }
             _ => {}
         }
     }
@@ -103,10 +113,7 @@ impl Webhook {
             .https_or_http()
             .enable_http1()
             .build();
-        Ok(Webhook {
-            url: parsed,
-            client: Client::builder(TokioExecutor::new()).build(connector),
-        })
+        Ok(Webhook { url: parsed, client: Client::builder(TokioExecutor::new()).build(connector) })
     }
 
     /// Posts `event` in the background.
@@ -130,11 +137,7 @@ impl Webhook {
             .await
             .map_err(|_| format!("no answer within {}s", TIMEOUT.as_secs()))?
             .map_err(|e| e.to_string())?;
-        if response.status().is_success() {
-            Ok(())
-        } else {
-            Err(format!("receiver answered {}", response.status()))
-        }
+        if response.status().is_success() { Ok(()) } else { Err(format!("receiver answered {}", response.status())) }
     }
 }
 
@@ -158,7 +161,11 @@ mod tests {
             socket.write_all(b"HTTP/1.1 204 No Content\r\ncontent-length: 0\r\n\r\n").await.unwrap();
             String::from_utf8_lossy(&raw).into_owned()
         });
-        let event = Event::WaveFinished { at: chrono::DateTime::UNIX_EPOCH, wave: "canary".into(), why: "all 1 batches done".into() };
+        let event = Event::WaveFinished {
+            at: chrono::DateTime::UNIX_EPOCH,
+            wave: "canary".into(),
+            why: "all 1 batches done".into(),
+        };
         Webhook::new(&url).unwrap().post(&event).await.unwrap();
         let request = received.await.unwrap();
         assert!(request.starts_with("POST /hook HTTP/1.1"), "{request}");

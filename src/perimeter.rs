@@ -144,10 +144,7 @@ enum Origin<'a> {
 
 fn origin(record: &Record) -> Origin<'_> {
     if let Some(id) = record.vpc_endpoint_id.as_deref().filter(|id| !id.is_empty()) {
-        return Origin::Endpoint {
-            id,
-            account: record.vpc_endpoint_account_id.as_deref().filter(|a| !a.is_empty()),
-        };
+        return Origin::Endpoint { id, account: record.vpc_endpoint_account_id.as_deref().filter(|a| !a.is_empty()) };
     }
     let invoked_by = record.user_identity.as_ref().and_then(|u| u.invoked_by.as_deref());
     if let Some(service) = invoked_by.filter(|s| !s.is_empty()) {
@@ -178,10 +175,7 @@ impl Perimeter {
         if account != Some(self.account_id.as_str()) {
             return NotApplicable(SkipReason::OtherAccount);
         }
-        if matches!(
-            record.event_type.as_deref(),
-            Some("AwsServiceEvent" | "AwsConsoleSignIn" | "AwsVpceEvent")
-        ) {
+        if matches!(record.event_type.as_deref(), Some("AwsServiceEvent" | "AwsConsoleSignIn" | "AwsVpceEvent")) {
             return NotApplicable(SkipReason::NotApiCall);
         }
         let Some(action) = record.action() else {
@@ -252,9 +246,10 @@ impl Perimeter {
             "exempt_tag_key": self.exempt_tag_key,
             "not_actions": sorted(&self.not_actions),
         });
-        let hash = canonical.to_string().bytes().fold(0xcbf2_9ce4_8422_2325_u64, |hash, byte| {
-            (hash ^ u64::from(byte)).wrapping_mul(0x0000_0100_0000_01b3)
-        });
+        let hash = canonical
+            .to_string()
+            .bytes()
+            .fold(0xcbf2_9ce4_8422_2325_u64, |hash, byte| (hash ^ u64::from(byte)).wrapping_mul(0x0000_0100_0000_01b3));
         Fingerprint(hash)
     }
 
@@ -277,10 +272,7 @@ impl Perimeter {
             );
         }
         if !self.trusted_vpcs.is_empty() {
-            network.insert(
-                "StringNotEqualsIfExists",
-                condition("aws:SourceVpc", self.trusted_vpcs.iter().cloned()),
-            );
+            network.insert("StringNotEqualsIfExists", condition("aws:SourceVpc", self.trusted_vpcs.iter().cloned()));
         }
         if let Some(key) = &self.exempt_tag_key {
             network
@@ -323,10 +315,7 @@ impl Perimeter {
                 condition: network,
             },
         );
-        PolicyDocument {
-            version: "2012-10-17",
-            statement: statements,
-        }
+        PolicyDocument { version: "2012-10-17", statement: statements }
     }
 }
 
@@ -376,7 +365,9 @@ pub struct Statement {
 
 /// The rendered policy is over IAM's size limit for a managed policy.
 #[derive(Debug, thiserror::Error)]
-#[error("the rendered policy is {size} characters without whitespace, over IAM's {MANAGED_POLICY_LIMIT}-character limit for a managed policy; trust fewer, wider CIDRs or fewer VPCs")]
+#[error(
+    "the rendered policy is {size} characters without whitespace, over IAM's {MANAGED_POLICY_LIMIT}-character limit for a managed policy; trust fewer, wider CIDRs or fewer VPCs"
+)]
 pub struct PolicyTooLarge {
     pub size: usize,
 }
@@ -488,49 +479,113 @@ mod tests {
             ("IPv6 inside", call("2001:db8:1234:5::1"), Allowed(A::TrustedCidr)),
             ("IPv6 outside", call("2001:db8:9999::1"), WouldDeny(D::UntrustedIp)),
             ("trusted endpoint", via_endpoint("vpce-0123456789abcdef0", None), Allowed(A::TrustedEndpoint)),
-            ("trusted endpoint, our account", via_endpoint("vpce-0123456789abcdef0", Some(ACCOUNT)), Allowed(A::TrustedEndpoint)),
-            ("AWS-owned endpoint (S3 console)", via_endpoint("vpce-0aaaaaaaaaaaaaaaa", Some("999999999999")), WouldDeny(D::UntrustedEndpoint)),
-            ("listed endpoint id, other account", via_endpoint("vpce-0123456789abcdef0", Some("999999999999")), WouldDeny(D::UntrustedEndpoint)),
-            ("endpoint without a trusted mapping", via_endpoint("vpce-0bbbbbbbbbbbbbbbb", None), WouldDeny(D::UntrustedEndpoint)),
+            (
+                "trusted endpoint, our account",
+                via_endpoint("vpce-0123456789abcdef0", Some(ACCOUNT)),
+                Allowed(A::TrustedEndpoint),
+            ),
+            (
+                "AWS-owned endpoint (S3 console)",
+                via_endpoint("vpce-0aaaaaaaaaaaaaaaa", Some("999999999999")),
+                WouldDeny(D::UntrustedEndpoint),
+            ),
+            (
+                "listed endpoint id, other account",
+                via_endpoint("vpce-0123456789abcdef0", Some("999999999999")),
+                WouldDeny(D::UntrustedEndpoint),
+            ),
+            (
+                "endpoint without a trusted mapping",
+                via_endpoint("vpce-0bbbbbbbbbbbbbbbb", None),
+                WouldDeny(D::UntrustedEndpoint),
+            ),
             ("service DNS name as source", service("athena.amazonaws.com", None), Allowed(A::ViaAwsService)),
             ("invokedBy", service("athena.amazonaws.com", Some("athena.amazonaws.com")), Allowed(A::ViaAwsService)),
             ("AWS Internal", service("AWS Internal", None), Allowed(A::ViaAwsService)),
             ("zero-padded junk IP", call("035.249.253.232"), WouldDeny(D::UnrecognizedSource)),
             ("no source at all", with(call(""), |r| r.source_ip_address = None), WouldDeny(D::NoSource)),
-            ("exempt user", with(call("198.51.100.1"), |r| r.user_identity.as_mut().unwrap().user_name = Some("bob".into())), Allowed(A::Exempt)),
-            ("not-action service", with(call("198.51.100.1"), |r| {
-                r.event_source = Some("es.amazonaws.com".into());
-                r.event_name = Some("ESHttpGet".into());
-            }), Allowed(A::NotAction)),
-            ("presigned read from anywhere", with(call("198.51.100.1"), |r| {
-                r.event_source = Some("s3.amazonaws.com".into());
-                r.event_name = Some("GetObject".into());
-                r.s3_auth_method = Some("QueryString".into());
-            }), Allowed(A::PresignedRead)),
-            ("header-signed read from outside", with(call("198.51.100.1"), |r| {
-                r.event_source = Some("s3.amazonaws.com".into());
-                r.event_name = Some("GetObject".into());
-                r.s3_auth_method = Some("AuthHeader".into());
-            }), WouldDeny(D::UntrustedIp)),
-            ("presigned put is not a read", with(call("198.51.100.1"), |r| {
-                r.event_source = Some("s3.amazonaws.com".into());
-                r.event_name = Some("PutObject".into());
-                r.s3_auth_method = Some("QueryString".into());
-            }), WouldDeny(D::UntrustedIp)),
-            ("console session from outside", with(call("198.51.100.1"), |r| {
-                r.user_identity.as_mut().unwrap().access_key_id = Some("ASIAEXAMPLE".into());
-            }), WouldDeny(D::UntrustedIp)),
-            ("missing userIdentity", with(call("198.51.100.1"), |r| r.user_identity = None), NotApplicable(S::NoUserIdentity)),
-            ("assumed role", with(call("198.51.100.1"), |r| r.user_identity.as_mut().unwrap().kind = Some("AssumedRole".into())), NotApplicable(S::NotIamUser)),
-            ("other account", with(call("198.51.100.1"), |r| {
-                r.user_identity.as_mut().unwrap().account_id = Some("999999999999".into());
-            }), NotApplicable(S::OtherAccount)),
-            ("service event", with(call("198.51.100.1"), |r| r.event_type = Some("AwsServiceEvent".into())), NotApplicable(S::NotApiCall)),
-            ("console sign-in", with(call("198.51.100.1"), |r| r.event_type = Some("AwsConsoleSignIn".into())), NotApplicable(S::NotApiCall)),
-            ("GetCallerIdentity", with(call("198.51.100.1"), |r| {
-                r.event_source = Some("sts.amazonaws.com".into());
-                r.event_name = Some("GetCallerIdentity".into());
-            }), NotApplicable(S::NeverDenied)),
+            (
+                "exempt user",
+                with(call("198.51.100.1"), |r| r.user_identity.as_mut().unwrap().user_name = Some("bob".into())),
+                Allowed(A::Exempt),
+            ),
+            (
+                "not-action service",
+                with(call("198.51.100.1"), |r| {
+                    r.event_source = Some("es.amazonaws.com".into());
+                    r.event_name = Some("ESHttpGet".into());
+                }),
+                Allowed(A::NotAction),
+            ),
+            (
+                "presigned read from anywhere",
+                with(call("198.51.100.1"), |r| {
+                    r.event_source = Some("s3.amazonaws.com".into());
+                    r.event_name = Some("GetObject".into());
+                    r.s3_auth_method = Some("QueryString".into());
+                }),
+                Allowed(A::PresignedRead),
+            ),
+            (
+                "header-signed read from outside",
+                with(call("198.51.100.1"), |r| {
+                    r.event_source = Some("s3.amazonaws.com".into());
+                    r.event_name = Some("GetObject".into());
+                    r.s3_auth_method = Some("AuthHeader".into());
+                }),
+                WouldDeny(D::UntrustedIp),
+            ),
+            (
+                "presigned put is not a read",
+                with(call("198.51.100.1"), |r| {
+                    r.event_source = Some("s3.amazonaws.com".into());
+                    r.event_name = Some("PutObject".into());
+                    r.s3_auth_method = Some("QueryString".into());
+                }),
+                WouldDeny(D::UntrustedIp),
+            ),
+            (
+                "console session from outside",
+                with(call("198.51.100.1"), |r| {
+                    r.user_identity.as_mut().unwrap().access_key_id = Some("ASIAEXAMPLE".into());
+                }),
+                WouldDeny(D::UntrustedIp),
+            ),
+            (
+                "missing userIdentity",
+                with(call("198.51.100.1"), |r| r.user_identity = None),
+                NotApplicable(S::NoUserIdentity),
+            ),
+            (
+                "assumed role",
+                with(call("198.51.100.1"), |r| r.user_identity.as_mut().unwrap().kind = Some("AssumedRole".into())),
+                NotApplicable(S::NotIamUser),
+            ),
+            (
+                "other account",
+                with(call("198.51.100.1"), |r| {
+                    r.user_identity.as_mut().unwrap().account_id = Some("999999999999".into());
+                }),
+                NotApplicable(S::OtherAccount),
+            ),
+            (
+                "service event",
+                with(call("198.51.100.1"), |r| r.event_type = Some("AwsServiceEvent".into())),
+                NotApplicable(S::NotApiCall),
+            ),
+            (
+                "console sign-in",
+                with(call("198.51.100.1"), |r| r.event_type = Some("AwsConsoleSignIn".into())),
+                NotApplicable(S::NotApiCall),
+            ),
+            (
+                "GetCallerIdentity",
+                with(call("198.51.100.1"), |r| {
+                    r.event_source = Some("sts.amazonaws.com".into());
+                    r.event_name = Some("GetCallerIdentity".into());
+                }),
+                NotApplicable(S::NeverDenied),
+            ),
         ];
         let p = perimeter();
         for (name, record, expected) in table {
@@ -540,10 +595,7 @@ mod tests {
 
     #[test]
     fn service_calls_when_only_called_via_is_trusted() {
-        let p = Perimeter {
-            allow_aws_service_calls: false,
-            ..perimeter()
-        };
+        let p = Perimeter { allow_aws_service_calls: false, ..perimeter() };
         let none = HashSet::new();
         let athena = with(call("athena.amazonaws.com"), |r| {
             r.user_identity.as_mut().unwrap().invoked_by = Some("athena.amazonaws.com".into())
@@ -576,7 +628,10 @@ mod tests {
         assert!(statements[0]["NotAction"].as_array().unwrap().contains(&"s3:GetObject".into()));
         assert_eq!(statements[1]["Action"][0], "s3:GetObject");
         assert_eq!(statements[1]["Condition"]["StringNotEqualsIfExists"]["s3:authType"][0], "REST-QUERY-STRING");
-        assert_eq!(statements[0]["Condition"]["StringNotEqualsIfExists"]["aws:PrincipalTag/lockstep-exempt"][0], "true");
+        assert_eq!(
+            statements[0]["Condition"]["StringNotEqualsIfExists"]["aws:PrincipalTag/lockstep-exempt"][0],
+            "true"
+        );
     }
 
     #[test]

@@ -57,10 +57,22 @@ pub enum Gate {
 #[serde(tag = "action", rename_all = "snake_case")]
 pub enum Action {
     /// Take the batch's members back out of the group and hold them; pause the rollout.
-    RollBack { batch: i64, reason: String },
-    Succeed { batch: i64, detail: String },
-    FinishWave { wave: String, why: String },
-    StartBatch { wave: String, users: Vec<Candidate> },
+    RollBack {
+        batch: i64,
+        reason: String,
+    },
+    Succeed {
+        batch: i64,
+        detail: String,
+    },
+    FinishWave {
+        wave: String,
+        why: String,
+    },
+    StartBatch {
+        wave: String,
+        users: Vec<Candidate>,
+    },
 }
 
 /// A user chosen for a new batch, and why they are eligible.
@@ -109,17 +121,21 @@ pub fn evidence_problem(freshness: &Freshness, config: &Config, now: DateTime<Ut
     let limit = chrono_of(config.eligibility.max_evidence_age);
     match freshness.last_success {
         None => Some("no successful evidence refresh yet; run `lockstep evidence refresh`".to_string()),
-        Some(at) if now - at > limit => Some(format!(
-            "evidence is stale: last successful refresh {} ago (limit {})",
-            human(now - at),
-            human(limit)
-        )),
+        Some(at) if now - at > limit => {
+            Some(format!("evidence is stale: last successful refresh {} ago (limit {})", human(now - at), human(limit)))
+        }
         Some(_) => None,
     }
 }
 
 /// Whether one user may be promoted, and why (not).
-pub fn eligibility(user: &IamUser, evidence: Option<&UserEvidence>, ledger: &Snapshot, config: &Config, now: DateTime<Utc>) -> Eligibility {
+pub fn eligibility(
+    user: &IamUser,
+    evidence: Option<&UserEvidence>,
+    ledger: &Snapshot,
+    config: &Config,
+    now: DateTime<Utc>,
+) -> Eligibility {
     use Eligibility::*;
     let rules = &config.eligibility;
     if let Some(since) = ledger.foreign.get(&user.name) {
@@ -148,10 +164,10 @@ pub fn eligibility(user: &IamUser, evidence: Option<&UserEvidence>, ledger: &Sna
     if rules.exclude_users.contains(&user.name) {
         return Ineligible("excluded in rollout.yaml".to_string());
     }
-    if let Some(key) = &config.perimeter.exempt_tag_key {
-        if user.tags.get(key).is_some_and(|v| v == "true") {
-            return Ineligible(format!("exempt (tag {key}=true)"));
-        }
+    if let Some(key) = &config.perimeter.exempt_tag_key
+        && user.tags.get(key).is_some_and(|v| v == "true")
+    {
+        return Ineligible(format!("exempt (tag {key}=true)"));
     }
     let Some(ev) = evidence else {
         return Ineligible(format!("no recorded calls in the last {}", human(chrono_of(rules.window))));
@@ -212,13 +228,7 @@ pub fn plan(inputs: &Inputs) -> Plan {
         .iter()
         .map(|u| (u.name.clone(), eligibility(u, evidence.get(u.name.as_str()).copied(), ledger, config, now)))
         .collect();
-    let mut plan = Plan {
-        gate: Gate::Open,
-        current_wave: None,
-        actions: Vec::new(),
-        waiting: Vec::new(),
-        users,
-    };
+    let mut plan = Plan { gate: Gate::Open, current_wave: None, actions: Vec::new(), waiting: Vec::new(), users };
 
     // Batches under watch: roll back on a spike, succeed when soaked and healthy.
     let mut guard_blind = None;
@@ -226,10 +236,8 @@ pub fn plan(inputs: &Inputs) -> Plan {
         let verdict = inputs.verdicts.get(&batch.id);
         match (batch.state, verdict) {
             (BatchState::Soaking | BatchState::Succeeded, Some(guard::Verdict::Spike { detail, .. })) => {
-                plan.actions.push(Action::RollBack {
-                    batch: batch.id,
-                    reason: format!("guard: AccessDenied spike: {detail}"),
-                });
+                plan.actions
+                    .push(Action::RollBack { batch: batch.id, reason: format!("guard: AccessDenied spike: {detail}") });
             }
             (BatchState::Soaking, verdict) => {
                 let soaked = batch.soak_until.is_some_and(|until| until <= now);
@@ -237,10 +245,9 @@ pub fn plan(inputs: &Inputs) -> Plan {
                     Some(guard::Verdict::Inconclusive { why }) => {
                         guard_blind = Some(format!("batch {} cannot be judged: {why}", batch.id));
                     }
-                    Some(guard::Verdict::Healthy { detail }) if soaked => plan.actions.push(Action::Succeed {
-                        batch: batch.id,
-                        detail: detail.clone(),
-                    }),
+                    Some(guard::Verdict::Healthy { detail }) if soaked => {
+                        plan.actions.push(Action::Succeed { batch: batch.id, detail: detail.clone() })
+                    }
                     Some(_) => plan.waiting.push(format!(
                         "batch {} ({}) soaking until {}",
                         batch.id,
@@ -293,11 +300,8 @@ pub fn plan(inputs: &Inputs) -> Plan {
 /// wave is done (the last one possibly idle).
 fn plan_waves(inputs: &Inputs, plan: &mut Plan) -> bool {
     let Inputs { config, ledger, now, .. } = *inputs;
-    let chosen_users: Vec<&IamUser> = inputs
-        .users
-        .iter()
-        .filter(|u| matches!(plan.users.get(&u.name), Some(Eligibility::Eligible(_))))
-        .collect();
+    let chosen_users: Vec<&IamUser> =
+        inputs.users.iter().filter(|u| matches!(plan.users.get(&u.name), Some(Eligibility::Eligible(_)))).collect();
     for (index, wave) in config.waves.iter().enumerate() {
         if ledger.waves_done.contains_key(&wave.name) {
             continue;
@@ -310,7 +314,8 @@ fn plan_waves(inputs: &Inputs, plan: &mut Plan) -> bool {
         let out_of_users = candidates.is_empty() && plan.gate == Gate::Open;
         if !active && last && out_of_users && !all_batches_run {
             plan.current_wave = Some(wave.name.clone());
-            plan.waiting.push(format!("wave {}: every eligible user is locked; newly eligible users join it", wave.name));
+            plan.waiting
+                .push(format!("wave {}: every eligible user is locked; newly eligible users join it", wave.name));
             return true;
         }
         if !active && (all_batches_run || out_of_users) {
@@ -319,10 +324,7 @@ fn plan_waves(inputs: &Inputs, plan: &mut Plan) -> bool {
             } else {
                 "no eligible user matches it".to_string()
             };
-            plan.actions.push(Action::FinishWave {
-                wave: wave.name.clone(),
-                why,
-            });
+            plan.actions.push(Action::FinishWave { wave: wave.name.clone(), why });
             continue;
         }
         plan.current_wave = Some(wave.name.clone());
@@ -363,10 +365,7 @@ fn plan_waves(inputs: &Inputs, plan: &mut Plan) -> bool {
             })
             .collect();
         if inputs.blocked.is_none() {
-            plan.actions.push(Action::StartBatch {
-                wave: wave.name.clone(),
-                users,
-            });
+            plan.actions.push(Action::StartBatch { wave: wave.name.clone(), users });
         }
         return false;
     }
@@ -477,7 +476,9 @@ mod tests {
 
     fn started(plan: &Plan) -> Option<(&str, Vec<&str>)> {
         plan.actions.iter().find_map(|a| match a {
-            Action::StartBatch { wave, users } => Some((wave.as_str(), users.iter().map(|c| c.user.as_str()).collect())),
+            Action::StartBatch { wave, users } => {
+                Some((wave.as_str(), users.iter().map(|c| c.user.as_str()).collect()))
+            }
             _ => None,
         })
     }
@@ -531,7 +532,11 @@ mod tests {
         world.ledger.foreign = [("ben".to_string(), now()), ("cat".to_string(), now())].into();
         let plan = world.plan();
         assert_eq!(started(&plan), Some(("canary", vec!["ann"])));
-        assert!(matches!(&plan.users["ben"], Eligibility::Ineligible(why) if why.contains("someone else")), "{:?}", plan.users["ben"]);
+        assert!(
+            matches!(&plan.users["ben"], Eligibility::Ineligible(why) if why.contains("someone else")),
+            "{:?}",
+            plan.users["ben"]
+        );
     }
 
     #[test]
@@ -587,7 +592,10 @@ mod tests {
         assert_eq!(reason("eve"), "no recorded calls in the last 14d");
         assert!(reason("fay").starts_with("evidence spans only 2d"), "{}", reason("fay"));
         assert_eq!(reason("gus"), "only 3 calls in the window (needs 20)");
-        assert!(reason("hal").contains("2 calls in the window would have been denied") && reason("hal").contains("198.51.100.7"));
+        assert!(
+            reason("hal").contains("2 calls in the window would have been denied")
+                && reason("hal").contains("198.51.100.7")
+        );
         assert!(matches!(&plan.users["ben"], Eligibility::Eligible(why) if why.contains("all from trusted networks")));
     }
 
@@ -612,14 +620,17 @@ mod tests {
         let mut world = World::new();
         world.ledger.batches.push(soaking_batch(1, "canary", &["ben", "cat"], 3));
         for user in ["ben", "cat"] {
-            world.ledger.members.insert(user.into(), Member {
-                user: user.into(),
-                state: UserState::Locked,
-                batch: Some(1),
-                since: now(),
-                reason: None,
-                hold_until: None,
-            });
+            world.ledger.members.insert(
+                user.into(),
+                Member {
+                    user: user.into(),
+                    state: UserState::Locked,
+                    batch: Some(1),
+                    since: now(),
+                    reason: None,
+                    hold_until: None,
+                },
+            );
         }
         world.verdicts.insert(1, guard::Verdict::Healthy { detail: "0 denials".into() });
         let plan = world.plan();
@@ -655,12 +666,15 @@ mod tests {
         batch.state = BatchState::Succeeded;
         world.ledger.batches.push(batch);
         world.ledger.paused = Some(Pause { reason: "checking".into(), by: "ops".into(), at: now() });
-        world.verdicts.insert(4, guard::Verdict::Spike {
-            affected: vec!["ben".into()],
-            weighted_denials: 5,
-            offending: vec![],
-            detail: "1 of 1 members denied".into(),
-        });
+        world.verdicts.insert(
+            4,
+            guard::Verdict::Spike {
+                affected: vec!["ben".into()],
+                weighted_denials: 5,
+                offending: vec![],
+                detail: "1 of 1 members denied".into(),
+            },
+        );
         let plan = world.plan();
         assert!(matches!(&plan.actions[0], Action::RollBack { batch: 4, reason } if reason.contains("spike")));
         assert!(matches!(plan.gate, Gate::Paused(_)));
@@ -685,7 +699,10 @@ mod tests {
         let mut world = World::new();
         world.users.retain(|u| u.name == "dan");
         let plan = world.plan();
-        assert!(plan.actions.contains(&Action::FinishWave { wave: "canary".into(), why: "no eligible user matches it".into() }));
+        assert!(
+            plan.actions
+                .contains(&Action::FinishWave { wave: "canary".into(), why: "no eligible user matches it".into() })
+        );
         assert_eq!(started(&plan), Some(("everyone", vec!["dan"])));
         world.users.clear();
         let plan = world.plan();
@@ -696,14 +713,17 @@ mod tests {
     fn held_users_wait_for_expiry_and_clean_evidence() {
         let mut world = World::new();
         world.users.retain(|u| u.name == "ben");
-        world.ledger.members.insert("ben".into(), Member {
-            user: "ben".into(),
-            state: UserState::Held,
-            batch: Some(1),
-            since: now() - chrono::Duration::days(1),
-            reason: Some("guard spike".into()),
-            hold_until: Some(now() + chrono::Duration::days(1)),
-        });
+        world.ledger.members.insert(
+            "ben".into(),
+            Member {
+                user: "ben".into(),
+                state: UserState::Held,
+                batch: Some(1),
+                since: now() - chrono::Duration::days(1),
+                reason: Some("guard spike".into()),
+                hold_until: Some(now() + chrono::Duration::days(1)),
+            },
+        );
         assert!(matches!(&world.plan().users["ben"], Eligibility::Ineligible(r) if r.starts_with("held until")));
         world.ledger.members.get_mut("ben").unwrap().hold_until = Some(now() - chrono::Duration::hours(1));
         assert!(matches!(&world.plan().users["ben"], Eligibility::Eligible(_)));

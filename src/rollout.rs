@@ -126,11 +126,7 @@ impl Snapshot {
 
     /// Users promoted (journaled) in `[since, now]`, for the daily cap.
     pub(crate) fn promoted_since(&self, since: DateTime<Utc>) -> usize {
-        self.batches
-            .iter()
-            .filter(|b| b.created_at >= since)
-            .map(|b| b.members.len())
-            .sum()
+        self.batches.iter().filter(|b| b.created_at >= since).map(|b| b.members.len()).sum()
     }
 }
 

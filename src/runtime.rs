@@ -206,7 +206,9 @@ impl Shared {
             _ => {}
         }
         let event = match command {
-            Command::Pause { operator, reason } => Some(notify::Event::Pause { at: now, by: operator.clone(), reason: reason.clone() }),
+            Command::Pause { operator, reason } => {
+                Some(notify::Event::Pause { at: now, by: operator.clone(), reason: reason.clone() })
+            }
             Command::Rollback { batch, reason, .. } => Some(notify::Event::Rollback {
                 at: now,
                 batch: *batch,
@@ -262,7 +264,12 @@ impl Command {
 }
 
 /// The ledger side of an operator command: refused with a reason, or done with a message.
-pub fn apply_command(ledger: &dyn Ledger, command: &Command, config: &Config, now: DateTime<Utc>) -> Result<String, StoreError> {
+pub fn apply_command(
+    ledger: &dyn Ledger,
+    command: &Command,
+    config: &Config,
+    now: DateTime<Utc>,
+) -> Result<String, StoreError> {
     let operator = command.operator();
     if operator.trim().is_empty() {
         return Err(StoreError::Refused("an operator name is required".to_string()));
@@ -273,14 +280,7 @@ pub fn apply_command(ledger: &dyn Ledger, command: &Command, config: &Config, no
         Command::Rollback { batch, reason, .. } => {
             let hold_until = crate::config::later(now, config.eligibility.hold_expiry);
             let users = ledger.begin_rollback(
-                &RollbackRequest {
-                    batch: *batch,
-                    actor: operator,
-                    reason,
-                    hold_until,
-                    pause: None,
-                    requeue: None,
-                },
+                &RollbackRequest { batch: *batch, actor: operator, reason, hold_until, pause: None, requeue: None },
                 now,
             )?;
             Ok(format!(
@@ -332,7 +332,13 @@ pub struct Status {
 }
 
 /// The status from a ledger snapshot, the last step's report (if any) and evidence freshness.
-pub fn status(snapshot: &Snapshot, report: Option<&StepReport>, evidence: Freshness, mode: Mode, now: DateTime<Utc>) -> Status {
+pub fn status(
+    snapshot: &Snapshot,
+    report: Option<&StepReport>,
+    evidence: Freshness,
+    mode: Mode,
+    now: DateTime<Utc>,
+) -> Status {
     let mut users: BTreeMap<String, usize> = BTreeMap::new();
     for member in snapshot.members.values() {
         *users.entry(member.state.to_string()).or_default() += 1;
@@ -377,4 +383,3 @@ pub fn status(snapshot: &Snapshot, report: Option<&StepReport>, evidence: Freshn
         last_step: report.map(|r| r.at),
     }
 }
-

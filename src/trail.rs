@@ -59,10 +59,9 @@ fn auth_method<'de, D: serde::Deserializer<'de>>(de: D) -> Result<Option<String>
     }
     let value = Option::<serde_json::Value>::deserialize(de)?;
     Ok(match value {
-        Some(serde_json::Value::Object(map)) => map
-            .get("AuthenticationMethod")
-            .and_then(|m| m.as_str())
-            .map(str::to_string),
+        Some(serde_json::Value::Object(map)) => {
+            map.get("AuthenticationMethod").and_then(|m| m.as_str()).map(str::to_string)
+        }
         Some(serde_json::Value::String(text)) => serde_json::from_str::<Data>(&text).ok().and_then(|d| d.method),
         _ => None,
     })
@@ -216,10 +215,8 @@ impl Record {
     pub fn denial(&self, lockdown_policy: &str) -> Option<Denial> {
         let refusal = self.refusal()?;
         let message = self.error_message.as_deref().unwrap_or("");
-        let identity_deny = matches!(
-            refusal.stated,
-            StatedCause::ExplicitDeny { policy_type: PolicyType::IdentityBased, .. }
-        );
+        let identity_deny =
+            matches!(refusal.stated, StatedCause::ExplicitDeny { policy_type: PolicyType::IdentityBased, .. });
         if identity_deny || names_policy(message, lockdown_policy) {
             Some(Denial::ExplicitIdentityDeny)
         } else {
@@ -306,9 +303,7 @@ pub enum ReadError {
 
 /// Whether a file inside a directory looks like trail data (explicitly named files are always read).
 pub(crate) fn is_trail_file_name(name: &str) -> bool {
-    [".json", ".json.gz", ".jsonl", ".jsonl.gz", ".ndjson", ".ndjson.gz"]
-        .iter()
-        .any(|ext| name.ends_with(ext))
+    [".json", ".json.gz", ".jsonl", ".jsonl.gz", ".ndjson", ".ndjson.gz"].iter().any(|ext| name.ends_with(ext))
 }
 
 /// Expands files and directories (recursively, in name order, following links) into the trail
@@ -363,10 +358,7 @@ pub fn read_file_within(path: &Path, max_inflated: u64) -> Result<Parsed, ReadEr
     std::fs::File::open(path)
         .and_then(|file| file.take(max_inflated.saturating_add(1)).read_to_end(&mut raw))
         .map_err(io)?;
-    parse_bytes_within(&raw, max_inflated).map_err(|why| ReadError::Malformed {
-        path: path.display().to_string(),
-        why,
-    })
+    parse_bytes_within(&raw, max_inflated).map_err(|why| ReadError::Malformed { path: path.display().to_string(), why })
 }
 
 /// Parses the bytes of one trail file, compressed or not, within the default inflate limit.
@@ -428,10 +420,7 @@ fn parse_array(text: &str) -> Parsed {
         Ok(items) => parse_each(items.into_iter().enumerate().map(|(i, r)| (Position::Index(i), r.get()))),
         Err(e) => Parsed {
             records: Vec::new(),
-            bad: vec![BadRecord {
-                position: Position::File,
-                reason: format!("not a JSON array of records: {e}"),
-            }],
+            bad: vec![BadRecord { position: Position::File, reason: format!("not a JSON array of records: {e}") }],
         },
     }
 }
@@ -464,10 +453,7 @@ fn parse_each<'a>(items: impl Iterator<Item = (Position, &'a str)>) -> Parsed {
     for (position, text) in items {
         match serde_json::from_str::<Record>(text) {
             Ok(record) => parsed.records.push(record),
-            Err(e) => parsed.bad.push(BadRecord {
-                position,
-                reason: e.to_string(),
-            }),
+            Err(e) => parsed.bad.push(BadRecord { position, reason: e.to_string() }),
         }
     }
     parsed

@@ -36,26 +36,18 @@ struct Request {
 
 impl Request {
     fn new(action: &str) -> Request {
-        Request {
-            action: action.to_string(),
-            keys: BTreeMap::new(),
-        }
+        Request { action: action.to_string(), keys: BTreeMap::new() }
     }
 
     fn with(mut self, key: &str, values: &[&str]) -> Request {
-        self.keys
-            .insert(key.to_string(), values.iter().map(|v| v.to_string()).collect());
+        self.keys.insert(key.to_string(), values.iter().map(|v| v.to_string()).collect());
         self
     }
 
     /// The values of a key (IAM matches key names case-insensitively); a key without values
     /// counts as missing.
     fn values(&self, key: &str) -> Option<&[String]> {
-        self.keys
-            .iter()
-            .find(|(k, _)| k.eq_ignore_ascii_case(key))
-            .map(|(_, v)| v.as_slice())
-            .filter(|v| !v.is_empty())
+        self.keys.iter().find(|(k, _)| k.eq_ignore_ascii_case(key)).map(|(_, v)| v.as_slice()).filter(|v| !v.is_empty())
     }
 }
 
@@ -69,9 +61,7 @@ fn policy_denies(policy: &Value, request: &Request) -> bool {
 }
 
 fn deny_applies(statement: &Value, request: &Request) -> bool {
-    let fields = statement
-        .as_object()
-        .unwrap_or_else(|| panic!("a statement must be an object, got {statement}"));
+    let fields = statement.as_object().unwrap_or_else(|| panic!("a statement must be an object, got {statement}"));
     const KNOWN: &[&str] = &["Sid", "Effect", "Action", "NotAction", "Resource", "Condition"];
     if let Some(unknown) = fields.keys().find(|k| !KNOWN.contains(&k.as_str())) {
         panic!("the evaluator does not implement the statement element {unknown:?}");
@@ -84,9 +74,7 @@ fn deny_applies(statement: &Value, request: &Request) -> bool {
     let resources = strings(fields.get("Resource").expect("a statement needs Resource"), "Resource");
     assert_eq!(resources, ["*"], "the evaluator only implements Resource \"*\"");
     let listed = |actions: &Value, element| {
-        strings(actions, element)
-            .iter()
-            .any(|pattern| wildcard_matches(pattern, &request.action))
+        strings(actions, element).iter().any(|pattern| wildcard_matches(pattern, &request.action))
     };
     let in_scope = match (fields.get("Action"), fields.get("NotAction")) {
         (Some(actions), None) => listed(actions, "Action"),
@@ -102,10 +90,7 @@ fn strings<'a>(value: &'a Value, element: &str) -> Vec<&'a str> {
         Value::String(one) => vec![one.as_str()],
         Value::Array(items) => items
             .iter()
-            .map(|item| {
-                item.as_str()
-                    .unwrap_or_else(|| panic!("{element}: expected strings, got {item}"))
-            })
+            .map(|item| item.as_str().unwrap_or_else(|| panic!("{element}: expected strings, got {item}")))
             .collect(),
         other => panic!("{element}: expected a string or an array of strings, got {other}"),
     }
@@ -142,16 +127,12 @@ fn conditions_hold(condition: Option<&Value>, request: &Request) -> bool {
     let Some(condition) = condition else {
         return true;
     };
-    let blocks = condition
-        .as_object()
-        .unwrap_or_else(|| panic!("Condition must be an object, got {condition}"));
+    let blocks = condition.as_object().unwrap_or_else(|| panic!("Condition must be an object, got {condition}"));
     blocks.iter().all(|(name, keys)| {
         let operator = Operator::parse(name);
-        let keys = keys
-            .as_object()
-            .unwrap_or_else(|| panic!("{name}: expected an object of condition keys, got {keys}"));
-        keys.iter()
-            .all(|(key, wanted)| operator.holds(request.values(key), &strings(wanted, key)))
+        let keys =
+            keys.as_object().unwrap_or_else(|| panic!("{name}: expected an object of condition keys, got {keys}"));
+        keys.iter().all(|(key, wanted)| operator.holds(request.values(key), &strings(wanted, key)))
     })
 }
 
@@ -200,12 +181,7 @@ impl Operator {
             "NotIpAddress" => (Comparison::Ip, true),
             _ => unknown(),
         };
-        Operator {
-            set,
-            comparison,
-            negated,
-            if_exists,
-        }
+        Operator { set, comparison, negated, if_exists }
     }
 
     /// Whether the condition holds for one key; `present` is `None` when the request lacks it.
@@ -269,9 +245,7 @@ fn request_context(record: &Value, perimeter: &Perimeter, exempt: &HashSet<Strin
             .with("aws:SourceVpce", &[endpoint])
             .with("aws:ViaAWSService", &["false"]);
     } else if let Some(service) = service {
-        request = request
-            .with("aws:ViaAWSService", &["true"])
-            .with("aws:CalledVia", &[service]);
+        request = request.with("aws:ViaAWSService", &["true"]).with("aws:CalledVia", &[service]);
     } else {
         request = request.with("aws:ViaAWSService", &["false"]);
         if let Some(ip) = address.filter(|a| a.parse::<IpAddr>().is_ok()) {
@@ -280,10 +254,10 @@ fn request_context(record: &Value, perimeter: &Perimeter, exempt: &HashSet<Strin
     }
 
     let user = text(record, &["userIdentity", "userName"]);
-    if let (Some(key), Some(user)) = (&perimeter.exempt_tag_key, user) {
-        if exempt.contains(user) {
-            request = request.with(&format!("aws:PrincipalTag/{key}"), &["true"]);
-        }
+    if let (Some(key), Some(user)) = (&perimeter.exempt_tag_key, user)
+        && exempt.contains(user)
+    {
+        request = request.with(&format!("aws:PrincipalTag/{key}"), &["true"]);
     }
 
     if prefix.eq_ignore_ascii_case("s3") {
@@ -306,10 +280,7 @@ fn request_context(record: &Value, perimeter: &Perimeter, exempt: &HashSet<Strin
 /// The string at `path`. Missing, null and empty all read as absent: an empty field says
 /// nothing about where a call came from.
 fn text<'a>(value: &'a Value, path: &[&str]) -> Option<&'a str> {
-    path.iter()
-        .try_fold(value, |v, key| v.get(key))?
-        .as_str()
-        .filter(|s| !s.is_empty())
+    path.iter().try_fold(value, |v, key| v.get(key))?.as_str().filter(|s| !s.is_empty())
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -332,15 +303,8 @@ const OTHER_SERVICES: &[&str] = &[
     "AWS Internal",
 ];
 /// Source addresses that are not plain usable addresses (seen in real trails, or malformed).
-const JUNK_SOURCES: &[&str] = &[
-    "035.249.253.232",
-    "203.0.113.300",
-    "203.0.113.0/24",
-    "fe80::1%eth0",
-    "localhost",
-    "::ffff:203.0.113.5",
-    "",
-];
+const JUNK_SOURCES: &[&str] =
+    &["035.249.253.232", "203.0.113.300", "203.0.113.0/24", "fe80::1%eth0", "localhost", "::ffff:203.0.113.5", ""];
 
 /// (eventSource, eventName). Repeats weigh the mix; near misses sit next to each not-action
 /// pattern.
@@ -421,12 +385,7 @@ impl Generator {
             rng: Rng(seed),
             account: shipped.account_id.clone(),
             cidrs: shipped.trusted_cidrs.clone(),
-            v4_cidrs: shipped
-                .trusted_cidrs
-                .iter()
-                .filter(|n| matches!(n, IpNet::V4(_)))
-                .copied()
-                .collect(),
+            v4_cidrs: shipped.trusted_cidrs.iter().filter(|n| matches!(n, IpNet::V4(_))).copied().collect(),
             endpoints: shipped.trusted_endpoints.keys().cloned().collect(),
             services,
         }
@@ -445,13 +404,8 @@ impl Generator {
         let mut r = Map::new();
         let rng = &mut self.rng;
         r.insert("eventVersion".into(), json!("1.09"));
-        let time = format!(
-            "2024-05-{:02}T{:02}:{:02}:{:02}Z",
-            1 + rng.below(28),
-            rng.below(24),
-            rng.below(60),
-            rng.below(60)
-        );
+        let time =
+            format!("2024-05-{:02}T{:02}:{:02}:{:02}Z", 1 + rng.below(28), rng.below(24), rng.below(60), rng.below(60));
         r.insert("eventTime".into(), json!(time));
         r.insert("awsRegion".into(), json!("us-east-1"));
 
@@ -474,11 +428,7 @@ impl Generator {
         if let Some(event_type) = event_type {
             r.insert("eventType".into(), event_type);
         }
-        let recipient = if rng.percent(92) {
-            self.account.clone()
-        } else {
-            OTHER_ACCOUNT.to_string()
-        };
+        let recipient = if rng.percent(92) { self.account.clone() } else { OTHER_ACCOUNT.to_string() };
         if let Some(recipient) = self.sometimes_null(json!(recipient)) {
             r.insert("recipientAccountId".into(), recipient);
         }
@@ -497,10 +447,7 @@ impl Generator {
         self.auth_method(&mut r, source == "s3.amazonaws.com");
         if self.rng.percent(5) {
             r.insert("errorCode".into(), json!("AccessDenied"));
-            r.insert(
-                "errorMessage".into(),
-                json!("User is not authorized because no identity-based policy allows it"),
-            );
+            r.insert("errorMessage".into(), json!("User is not authorized because no identity-based policy allows it"));
         }
         Value::Object(r)
     }
@@ -600,14 +547,10 @@ impl Generator {
     fn inside(&mut self, net: IpNet) -> IpAddr {
         let (high, low) = (self.rng.next(), self.rng.next());
         match net {
-            IpNet::V4(n) => IpAddr::V4(Ipv4Addr::from(
-                u32::from(n.network()) | (low as u32 & u32::from(n.hostmask())),
-            )),
+            IpNet::V4(n) => IpAddr::V4(Ipv4Addr::from(u32::from(n.network()) | (low as u32 & u32::from(n.hostmask())))),
             IpNet::V6(n) => {
                 let random = u128::from(high) << 64 | u128::from(low);
-                IpAddr::V6(Ipv6Addr::from(
-                    u128::from(n.network()) | (random & u128::from(n.hostmask())),
-                ))
+                IpAddr::V6(Ipv6Addr::from(u128::from(n.network()) | (random & u128::from(n.hostmask()))))
             }
         }
     }
@@ -628,19 +571,11 @@ impl Generator {
             }
             3 => (listed, Some(json!(OTHER_ACCOUNT))),
             4 | 5 => {
-                let account = if self.rng.percent(70) {
-                    Some(json!(OTHER_ACCOUNT))
-                } else {
-                    None
-                };
+                let account = if self.rng.percent(70) { Some(json!(OTHER_ACCOUNT)) } else { None };
                 (AWS_OWNED_ENDPOINT.to_string(), account)
             }
             _ => {
-                let account = if self.rng.percent(50) {
-                    Some(json!(self.account))
-                } else {
-                    None
-                };
+                let account = if self.rng.percent(50) { Some(json!(self.account)) } else { None };
                 (UNLISTED_ENDPOINT.to_string(), account)
             }
         };
@@ -682,9 +617,7 @@ impl Generator {
         if !s3 && !self.rng.percent(10) {
             return;
         }
-        let method = *self
-            .rng
-            .pick(&[Some("QueryString"), Some("QueryString"), Some("AuthHeader"), None]);
+        let method = *self.rng.pick(&[Some("QueryString"), Some("QueryString"), Some("AuthHeader"), None]);
         let data = match (self.rng.below(10), method) {
             (0, _) => return,
             (1, _) => Value::Null,
@@ -735,9 +668,7 @@ fn corpus() -> &'static Corpus {
 // Comparing the two sides.
 
 fn shipped() -> Perimeter {
-    Config::parse(include_str!("../rollout.yaml"), Path::new("rollout.yaml"))
-        .expect("rollout.yaml is valid")
-        .perimeter
+    Config::parse(include_str!("../rollout.yaml"), Path::new("rollout.yaml")).expect("rollout.yaml is valid").perimeter
 }
 
 fn exempt_users() -> HashSet<String> {
@@ -780,15 +711,9 @@ fn perimeters() -> Vec<(&'static str, Perimeter)> {
         (
             "custom not_actions",
             variant(|p| {
-                p.not_actions = [
-                    "s3:Get*",
-                    "kms:Decrypt",
-                    "ec2:Describe?nstances",
-                    "IAM:list*",
-                    "rds-db:connect",
-                ]
-                .map(String::from)
-                .into();
+                p.not_actions = ["s3:Get*", "kms:Decrypt", "ec2:Describe?nstances", "IAM:list*", "rds-db:connect"]
+                    .map(String::from)
+                    .into();
             }),
         ),
         (
@@ -856,11 +781,7 @@ fn policy_and_classifier_agree_on_every_record() {
         // Plenty of each verdict, or the comparison proves little.
         for kind in ["allowed", "would_deny", "not_applicable"] {
             let count = tally.kinds.get(kind).copied().unwrap_or(0);
-            assert!(
-                count >= CORPUS_SIZE / 20,
-                "{name}: only {count} {kind} records: {:?}",
-                tally.kinds
-            );
+            assert!(count >= CORPUS_SIZE / 20, "{name}: only {count} {kind} records: {:?}", tally.kinds);
         }
         for (reason, count) in tally.reasons {
             *reasons.entry(reason).or_default() += count;
@@ -902,10 +823,7 @@ fn disagreements_with_shipped_classifier(policy: &Value) -> usize {
 fn a_policy_without_the_ip_condition_is_caught() {
     let mut policy = rendered(&shipped());
     for statement in policy["Statement"].as_array_mut().unwrap() {
-        let removed = statement["Condition"]
-            .as_object_mut()
-            .unwrap()
-            .remove("NotIpAddressIfExists");
+        let removed = statement["Condition"].as_object_mut().unwrap().remove("NotIpAddressIfExists");
         assert!(removed.is_some(), "the shipped policy trusts CIDRs in every statement");
     }
     assert!(disagreements_with_shipped_classifier(&policy) > 0);
@@ -924,23 +842,16 @@ fn a_policy_that_denies_presigned_reads_is_caught() {
 #[test]
 fn a_classifier_that_ignores_presigned_reads_is_caught() {
     let perimeter = shipped();
-    let blind = Perimeter {
-        allow_presigned_s3_reads: false,
-        ..perimeter.clone()
-    };
+    let blind = Perimeter { allow_presigned_s3_reads: false, ..perimeter.clone() };
     let exempt = exempt_users();
-    let tally = compare(&rendered(&perimeter), &perimeter, |record| {
-        blind.classify(record, &exempt)
-    });
+    let tally = compare(&rendered(&perimeter), &perimeter, |record| blind.classify(record, &exempt));
     assert!(tally.disagreements > 0);
 }
 
 #[test]
 fn a_classifier_that_ignores_exemptions_is_caught() {
     let perimeter = shipped();
-    let tally = compare(&rendered(&perimeter), &perimeter, |record| {
-        perimeter.classify(record, &HashSet::new())
-    });
+    let tally = compare(&rendered(&perimeter), &perimeter, |record| perimeter.classify(record, &HashSet::new()));
     assert!(tally.disagreements > 0);
 }
 
@@ -975,18 +886,11 @@ fn evaluator_missing_keys() {
         ("ForAnyValue:StringEqualsIfExists", true),
     ];
     for (operator, denies) in cases {
-        let value = if operator.contains("Ip") {
-            "203.0.113.0/24"
-        } else {
-            "true"
-        };
+        let value = if operator.contains("Ip") { "203.0.113.0/24" } else { "true" };
         let policy = key_policy(operator, "aws:SomeKey", json!(value));
         assert_eq!(policy_denies(&policy, &bare), denies, "{operator} on a missing key");
         // A key present without values is missing too.
-        assert_eq!(
-            policy_denies(&policy, &Request::new("ec2:RunInstances").with("aws:SomeKey", &[])),
-            denies
-        );
+        assert_eq!(policy_denies(&policy, &Request::new("ec2:RunInstances").with("aws:SomeKey", &[])), denies);
     }
 }
 
@@ -997,42 +901,20 @@ fn evaluator_if_exists_on_a_present_key_is_the_plain_operator() {
     assert!(!policy_denies(&policy, &from("vpc-2")));
     assert!(policy_denies(&policy, &from("vpc-3")));
     let policy = key_policy("BoolIfExists", "aws:ViaAWSService", json!("false"));
-    assert!(policy_denies(
-        &policy,
-        &Request::new("s3:PutObject").with("aws:ViaAWSService", &["FALSE"])
-    ));
-    assert!(!policy_denies(
-        &policy,
-        &Request::new("s3:PutObject").with("aws:ViaAWSService", &["true"])
-    ));
+    assert!(policy_denies(&policy, &Request::new("s3:PutObject").with("aws:ViaAWSService", &["FALSE"])));
+    assert!(!policy_denies(&policy, &Request::new("s3:PutObject").with("aws:ViaAWSService", &["true"])));
 }
 
 #[test]
 fn evaluator_values_are_ored_and_keys_and_operators_anded() {
-    let request = Request::new("s3:GetObject")
-        .with("aws:PrincipalTag/team", &["blue"])
-        .with("aws:SourceIp", &["203.0.113.9"]);
-    assert!(policy_denies(
-        &key_policy("StringEquals", "aws:PrincipalTag/team", json!(["red", "blue"])),
-        &request
-    ));
-    assert!(!policy_denies(
-        &key_policy("StringNotEquals", "aws:PrincipalTag/team", json!(["red", "blue"])),
-        &request
-    ));
-    assert!(policy_denies(
-        &key_policy("StringNotEquals", "aws:PrincipalTag/team", json!(["red", "green"])),
-        &request
-    ));
+    let request =
+        Request::new("s3:GetObject").with("aws:PrincipalTag/team", &["blue"]).with("aws:SourceIp", &["203.0.113.9"]);
+    assert!(policy_denies(&key_policy("StringEquals", "aws:PrincipalTag/team", json!(["red", "blue"])), &request));
+    assert!(!policy_denies(&key_policy("StringNotEquals", "aws:PrincipalTag/team", json!(["red", "blue"])), &request));
+    assert!(policy_denies(&key_policy("StringNotEquals", "aws:PrincipalTag/team", json!(["red", "green"])), &request));
     // Key names match case-insensitively, values do not.
-    assert!(!policy_denies(
-        &key_policy("StringEquals", "AWS:PRINCIPALTAG/TEAM", json!("Blue")),
-        &request
-    ));
-    assert!(policy_denies(
-        &key_policy("StringEquals", "AWS:PRINCIPALTAG/TEAM", json!("blue")),
-        &request
-    ));
+    assert!(!policy_denies(&key_policy("StringEquals", "AWS:PRINCIPALTAG/TEAM", json!("Blue")), &request));
+    assert!(policy_denies(&key_policy("StringEquals", "AWS:PRINCIPALTAG/TEAM", json!("blue")), &request));
 
     let both = |ip: &str| {
         deny_all_when(json!({
@@ -1040,61 +922,35 @@ fn evaluator_values_are_ored_and_keys_and_operators_anded() {
             "IpAddress": {"aws:SourceIp": ip},
         }))
     };
-    assert!(
-        !policy_denies(&both("203.0.113.0/24"), &request),
-        "one key of a block fails"
-    );
+    assert!(!policy_denies(&both("203.0.113.0/24"), &request), "one key of a block fails");
     let two_operators = |ip: &str| {
         deny_all_when(json!({"StringEquals": {"aws:PrincipalTag/team": "blue"}, "IpAddress": {"aws:SourceIp": ip}}))
     };
     assert!(policy_denies(&two_operators("203.0.113.0/24"), &request));
-    assert!(
-        !policy_denies(&two_operators("198.51.100.0/24"), &request),
-        "one operator fails"
-    );
+    assert!(!policy_denies(&two_operators("198.51.100.0/24"), &request), "one operator fails");
 }
 
 #[test]
 fn evaluator_set_operators() {
-    let policy = key_policy(
-        "ForAllValues:StringNotEquals",
-        "aws:CalledVia",
-        json!(["athena.amazonaws.com"]),
-    );
+    let policy = key_policy("ForAllValues:StringNotEquals", "aws:CalledVia", json!(["athena.amazonaws.com"]));
     let via = |services: &[&str]| Request::new("s3:GetObject").with("aws:CalledVia", services);
     assert!(policy_denies(&policy, &via(&["kms.amazonaws.com"])));
     assert!(!policy_denies(&policy, &via(&["athena.amazonaws.com"])));
-    assert!(
-        !policy_denies(&policy, &via(&["kms.amazonaws.com", "athena.amazonaws.com"])),
-        "every value must pass"
-    );
+    assert!(!policy_denies(&policy, &via(&["kms.amazonaws.com", "athena.amazonaws.com"])), "every value must pass");
 
-    let policy = key_policy(
-        "ForAnyValue:StringEquals",
-        "aws:CalledVia",
-        json!("athena.amazonaws.com"),
-    );
-    assert!(policy_denies(
-        &policy,
-        &via(&["kms.amazonaws.com", "athena.amazonaws.com"])
-    ));
+    let policy = key_policy("ForAnyValue:StringEquals", "aws:CalledVia", json!("athena.amazonaws.com"));
+    assert!(policy_denies(&policy, &via(&["kms.amazonaws.com", "athena.amazonaws.com"])));
     assert!(!policy_denies(&policy, &via(&["kms.amazonaws.com"])));
 }
 
 #[test]
 fn evaluator_addresses() {
     let from = |ip: &str| Request::new("ec2:RunInstances").with("aws:SourceIp", &[ip]);
-    let outside = key_policy(
-        "NotIpAddress",
-        "aws:SourceIp",
-        json!(["203.0.113.0/24", "2001:db8:1234::/48", "198.51.100.7"]),
-    );
+    let outside =
+        key_policy("NotIpAddress", "aws:SourceIp", json!(["203.0.113.0/24", "2001:db8:1234::/48", "198.51.100.7"]));
     assert!(!policy_denies(&outside, &from("203.0.113.255")));
     assert!(!policy_denies(&outside, &from("2001:db8:1234:ffff::1")));
-    assert!(
-        !policy_denies(&outside, &from("198.51.100.7")),
-        "a bare address is a /32"
-    );
+    assert!(!policy_denies(&outside, &from("198.51.100.7")), "a bare address is a /32");
     assert!(policy_denies(&outside, &from("198.51.100.8")));
     assert!(policy_denies(&outside, &from("2001:db8:1235::")));
     // Not an address: in no range, so the negated operator holds and the plain one does not.
@@ -1129,10 +985,7 @@ fn wildcards() {
     assert!(wildcard_matches("*", ""));
     assert!(wildcard_matches("a*b*c", "aXbYbZc"));
     assert!(!wildcard_matches("a*b*c", "aXbYbZ"));
-    assert!(wildcard_matches(
-        "elasticfilesystem:client*",
-        "elasticfilesystem:ClientMount"
-    ));
+    assert!(wildcard_matches("elasticfilesystem:client*", "elasticfilesystem:ClientMount"));
     assert!(!wildcard_matches("dax:*", "dynamodb:GetItem"));
     assert!(!wildcard_matches("s3:Get?bject", "s3:GetObject2"));
     assert!(!wildcard_matches("?", ""));

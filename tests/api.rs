@@ -11,7 +11,6 @@ use std::sync::Arc;
 
 use chrono::TimeZone;
 use lockstep::api;
-use lockstep::runtime::{Shared, Status};
 use lockstep::clock::{Clock, ManualClock};
 use lockstep::config::Config;
 use lockstep::controller::{Controller, Mode};
@@ -20,6 +19,7 @@ use lockstep::evidence::refresh::{self, Source};
 use lockstep::feed::TrailFeed;
 use lockstep::iam::{AwsIam, Iam};
 use lockstep::metrics::{MeteredIam, Metrics};
+use lockstep::runtime::{Shared, Status};
 use lockstep::store::{Ledger, Store};
 
 const TOKEN: &str = "s3cr3t-admin-token";
@@ -62,13 +62,22 @@ async fn daemon(prefix: &str) -> Daemon {
     let config = Config::parse(&text, Path::new("api.yaml")).unwrap();
     let sdk = common::lockstep_sdk(&common::endpoint()).await;
     let iam = AwsIam::new(&sdk, common::ACCOUNT);
-    iam.apply_policy(&config.lockdown.group, &config.lockdown.policy_name, &config.perimeter.policy().to_json().unwrap())
-        .await
-        .unwrap();
+    iam.apply_policy(
+        &config.lockdown.group,
+        &config.lockdown.policy_name,
+        &config.perimeter.policy().to_json().unwrap(),
+    )
+    .await
+    .unwrap();
     let store = Arc::new(Store::open(&config.store.path).unwrap());
     let clock: Arc<dyn Clock> = Arc::new(ManualClock::new(chrono::Utc.with_ymd_and_hms(2026, 3, 1, 0, 0, 0).unwrap()));
     std::fs::create_dir_all(dir.path().join("trail")).unwrap();
-    let feed = TrailFeed::new(Arc::new(Folder::new(dir.path().join("trail"))), &config.account_id, clock.clone(), config.guard.window);
+    let feed = TrailFeed::new(
+        Arc::new(Folder::new(dir.path().join("trail"))),
+        &config.account_id,
+        clock.clone(),
+        config.guard.window,
+    );
     let metrics = Metrics::new();
     let iam = MeteredIam::new(iam, metrics.clone());
     let controller = Controller::new(config.clone(), store.clone(), iam, feed, clock.clone(), Mode::Commit);
@@ -78,19 +87,17 @@ async fn daemon(prefix: &str) -> Daemon {
     let (admin_port, metrics_port) = (admin.local_addr().unwrap().port(), metrics.local_addr().unwrap().port());
     tokio::spawn(axum::serve(admin, api::admin_router(shared.clone(), TOKEN.to_string())).into_future());
     tokio::spawn(axum::serve(metrics, api::metrics_router(shared.clone())).into_future());
-    Daemon {
-        shared,
-        config,
-        clock,
-        admin: admin_port,
-        metrics: metrics_port,
-        store,
-        _dir: dir,
-    }
+    Daemon { shared, config, clock, admin: admin_port, metrics: metrics_port, store, _dir: dir }
 }
 
 /// Runs blocking HTTP calls off the async runtime.
-async fn call(port: u16, method: &'static str, path: &'static str, token: Option<&'static str>, body: String) -> (u16, String) {
+async fn call(
+    port: u16,
+    method: &'static str,
+    path: &'static str,
+    token: Option<&'static str>,
+    body: String,
+) -> (u16, String) {
     tokio::task::spawn_blocking(move || http(port, method, path, token, &body)).await.unwrap()
 }
 
@@ -98,7 +105,9 @@ async fn call(port: u16, method: &'static str, path: &'static str, token: Option
 async fn every_admin_endpoint_rejects_a_missing_or_wrong_token() {
     let d = daemon("api-auth").await;
     let pause = r#"{"command":"pause","operator":"mallory","reason":"x"}"#.to_string();
-    for (method, path, body) in [("GET", "/v1/status", String::new()), ("GET", "/v1/plan", String::new()), ("POST", "/v1/command", pause)] {
+    for (method, path, body) in
+        [("GET", "/v1/status", String::new()), ("GET", "/v1/plan", String::new()), ("POST", "/v1/command", pause)]
+    {
         for token in [None, Some("wrong-token"), Some("s3cr3t-admin-token-but-longer"), Some("")] {
             let (status, answer) = call(d.admin, method, path, token, body.clone()).await;
             assert_eq!(status, 401, "{method} {path} with {token:?}: {answer}");
@@ -128,7 +137,8 @@ async fn operator_commands_work_are_audited_and_refuse_undefined_transitions() {
     assert_eq!((status, answer.contains("not paused")), (409, true), "{answer}");
     let (status, answer) = command(r#"{"command":"rollback","operator":"kim","batch":42,"reason":"x"}"#).await;
     assert_eq!((status, answer.contains("no batch 42")), (409, true), "{answer}");
-    let (status, _) = command(r#"{"command":"hold","operator":"kim","user":"vendor-bot","reason":"vendor laptop"}"#).await;
+    let (status, _) =
+        command(r#"{"command":"hold","operator":"kim","user":"vendor-bot","reason":"vendor laptop"}"#).await;
     assert_eq!(status, 200);
     let (status, answer) = command(r#"{"command":"hold","operator":"kim","user":"vendor-bot","reason":"again"}"#).await;
     assert_eq!((status, answer.contains("already held")), (409, true), "{answer}");
@@ -146,7 +156,11 @@ async fn operator_commands_work_are_audited_and_refuse_undefined_transitions() {
     let audit = d.store.audit_log(100).unwrap();
     let lines: Vec<(String, String)> = audit.iter().map(|e| (e.actor.clone(), e.action.clone())).collect();
     let expected = [("kim", "pause"), ("kim", "resume"), ("kim", "hold"), ("lee", "release"), ("lee", "promote_next")];
-    assert_eq!(lines, expected.map(|(a, b)| (a.to_string(), b.to_string())), "only what was done is audited, with who did it");
+    assert_eq!(
+        lines,
+        expected.map(|(a, b)| (a.to_string(), b.to_string())),
+        "only what was done is audited, with who did it"
+    );
     assert_eq!(audit[0].reason, "change freeze");
 }
 
@@ -185,7 +199,11 @@ async fn status_plan_metrics_and_probes() {
     assert_eq!(status, 200);
     for series in [
         "lockstep_controller_steps_total 2",
-        "lockstep_evidence_refresh_runs_total{source=\"files\",status=\"succeeded\"} 1", "lockstep_gate{gate=\"inconclusive\"} 1", "lockstep_rollbacks_total{reason=\"guard\"} 0", "lockstep_iam_calls_total{operation=\"GetGroup\"}"] {
+        "lockstep_evidence_refresh_runs_total{source=\"files\",status=\"succeeded\"} 1",
+        "lockstep_gate{gate=\"inconclusive\"} 1",
+        "lockstep_rollbacks_total{reason=\"guard\"} 0",
+        "lockstep_iam_calls_total{operation=\"GetGroup\"}",
+    ] {
         assert!(metrics.contains(series), "{series} in:\n{metrics}");
     }
 }

@@ -66,8 +66,10 @@ fn user_identity(dice: &mut Dice, user: &str) -> Option<Value> {
         // No accountId: the recipient account decides.
         80..=84 => json!({"type": "IAMUser", "arn": arn, "userName": user}),
         // Console session of an IAM user.
-        85..=87 => json!({"type": "IAMUser", "arn": arn, "accountId": ACCOUNT, "userName": user, "accessKeyId": "ASIAEXAMPLE",
-                          "sessionContext": {"attributes": {"mfaAuthenticated": "true", "creationDate": "2023-12-30T00:00:00Z"}}}),
+        85..=87 => {
+            json!({"type": "IAMUser", "arn": arn, "accountId": ACCOUNT, "userName": user, "accessKeyId": "ASIAEXAMPLE",
+                          "sessionContext": {"attributes": {"mfaAuthenticated": "true", "creationDate": "2023-12-30T00:00:00Z"}}})
+        }
         88..=90 => json!({"type": "IAMUser", "arn": format!("arn:aws:iam::{OTHER_ACCOUNT}:user/{user}"),
                           "accountId": OTHER_ACCOUNT, "userName": user}),
         91..=95 => json!({"type": "AssumedRole", "arn": format!("arn:aws:sts::{ACCOUNT}:assumed-role/deploy/{user}"),
@@ -155,21 +157,39 @@ fn call(dice: &mut Dice, user: &str, at: DateTime<Utc>) -> Value {
     }
     let action = format!("{}:{name}", source.split('.').next().unwrap_or(source));
     let arn = format!("arn:aws:iam::{ACCOUNT}:user/{user}");
-    let denied = |why: &str| format!("User: {arn} is not authorized to perform: {action} on resource: arn:aws:s3:::data/key {why}");
+    let denied = |why: &str| {
+        format!("User: {arn} is not authorized to perform: {action} on resource: arn:aws:s3:::data/key {why}")
+    };
     let (code, message) = match dice.below(100) {
         0..=69 => (None, None),
         70..=74 => (
             Some("AccessDenied"),
-            Some(denied(&format!("with an explicit deny in an identity-based policy: arn:aws:iam::{ACCOUNT}:policy/{POLICY}"))),
+            Some(denied(&format!(
+                "with an explicit deny in an identity-based policy: arn:aws:iam::{ACCOUNT}:policy/{POLICY}"
+            ))),
         ),
         75..=76 => (Some("AccessDenied"), Some(denied("with an explicit deny in an identity-based policy"))),
         // The lockdown policy under a path, the ARN followed by a full stop.
-        77..=78 => (Some("AccessDeniedException"), Some(denied(&format!("because arn:aws:iam::{ACCOUNT}:policy/security/{POLICY}. denies it")))),
+        77..=78 => (
+            Some("AccessDeniedException"),
+            Some(denied(&format!("because arn:aws:iam::{ACCOUNT}:policy/security/{POLICY}. denies it"))),
+        ),
         // A policy whose name merely starts with the lockdown policy's.
-        79..=80 => (Some("AccessDenied"), Some(denied(&format!("because no identity-based policy allows: arn:aws:iam::{ACCOUNT}:policy/{POLICY}-old")))),
-        81..=86 => (Some("AccessDenied"), Some(denied(&format!("because no identity-based policy allows the {action} action")))),
+        79..=80 => (
+            Some("AccessDenied"),
+            Some(denied(&format!(
+                "because no identity-based policy allows: arn:aws:iam::{ACCOUNT}:policy/{POLICY}-old"
+            ))),
+        ),
+        81..=86 => (
+            Some("AccessDenied"),
+            Some(denied(&format!("because no identity-based policy allows the {action} action"))),
+        ),
         87..=88 => (Some("AccessDenied"), None),
-        89..=91 => (Some("Client.UnauthorizedOperation"), Some("You are not authorized to perform this operation.".to_string())),
+        89..=91 => (
+            Some("Client.UnauthorizedOperation"),
+            Some("You are not authorized to perform this operation.".to_string()),
+        ),
         92..=95 => (Some("ThrottlingException"), Some("Rate exceeded".to_string())),
         _ => (Some("NoSuchKey"), Some("The specified key does not exist.".to_string())),
     };
@@ -247,7 +267,8 @@ fn generate() -> Trail {
     let synth = lockstep_synth::write_trail(root.path(), ACCOUNT, &generated.records, Default::default()).unwrap();
     written.extend(synth.files);
     // In-window calls misfiled under a November day: outside every partition range we query.
-    let misfiled: Vec<Value> = (0..5).map(|i| call(&mut Dice(99 + i), "misfiled", since + TimeDelta::hours(1))).collect();
+    let misfiled: Vec<Value> =
+        (0..5).map(|i| call(&mut Dice(99 + i), "misfiled", since + TimeDelta::hours(1))).collect();
     write_trail_file(root.path(), "us-east-1", Utc.with_ymd_and_hms(2023, 11, 15, 0, 0, 0).unwrap(), 0, &misfiled);
     Trail { root, files: written }
 }
@@ -287,11 +308,7 @@ fn direct_groups(files: &[PathBuf]) -> Vec<CallGroup> {
         let parsed = lockstep::trail::read_file(path).unwrap();
         assert!(parsed.bad.is_empty(), "{}: {:?}", path.display(), parsed.bad);
         groups.extend(
-            parsed
-                .records
-                .into_iter()
-                .filter_map(CallGroup::single)
-                .filter(|g| since <= g.first && g.first < until),
+            parsed.records.into_iter().filter_map(CallGroup::single).filter(|g| since <= g.first && g.first < until),
         );
     }
     groups
@@ -308,8 +325,6 @@ fn athena_cfg(partitioning: Partitioning) -> Athena {
         timeout: Duration::from_secs(20),
     }
 }
-
-
 
 /// Every (user, hour) aggregate, so a mismatch can be reported precisely.
 fn by_user_hour(aggregates: &Aggregates) -> BTreeMap<(String, DateTime<Utc>), UserHour> {
@@ -352,8 +367,18 @@ async fn athena_query_run_by_duckdb_matches_the_files() {
         other += hour.other_denials;
     }
     for reason in [
-        "not_action", "called_via", "presigned_read", "trusted_endpoint", "trusted_cidr", "untrusted_ip",
-        "untrusted_endpoint", "untrusted_service", "unrecognized_source", "no_source", "not_api_call", "no_action",
+        "not_action",
+        "called_via",
+        "presigned_read",
+        "trusted_endpoint",
+        "trusted_cidr",
+        "untrusted_ip",
+        "untrusted_endpoint",
+        "untrusted_service",
+        "unrecognized_source",
+        "no_source",
+        "not_api_call",
+        "no_action",
         "never_denied",
     ] {
         assert!(verdicts.get(reason).copied().unwrap_or(0) > 0, "no {reason} calls in {verdicts:?}");
@@ -361,10 +386,8 @@ async fn athena_query_run_by_duckdb_matches_the_files() {
     assert!(explicit > 0 && other > 0, "explicit {explicit}, other {other}");
 
     let layouts = [Partitioning::Projected, Partitioning::RegionYearMonthDay];
-    let queries: Vec<String> = layouts
-        .iter()
-        .map(|p| window_query(&athena_cfg(*p), ACCOUNT, POLICY, since, until))
-        .collect();
+    let queries: Vec<String> =
+        layouts.iter().map(|p| window_query(&athena_cfg(*p), ACCOUNT, POLICY, since, until)).collect();
     let results = common::duckdb(trail.root.path(), &queries);
     let client = aws_sdk_athena::Client::new(&common::sdk_config());
     let _serial = common::exclusive().await;

@@ -17,8 +17,8 @@ use std::time::Duration;
 use chrono::{DateTime, TimeDelta, TimeZone, Utc};
 use lockstep::clock::{Clock, ManualClock};
 use lockstep::config::{Athena, Partitioning};
-use lockstep::feed::{AthenaFeed, EventFeed};
 use lockstep::feed::athena::{activity_query, denials_query};
+use lockstep::feed::{AthenaFeed, EventFeed};
 use lockstep::trail::{Denial, Record};
 use serde_json::{Value, json};
 
@@ -199,7 +199,13 @@ async fn polls_return_denials_and_activity_once() {
         &DENIAL_COLUMNS,
         &[
             denial_row("e-2", "2024-05-01T11:55:00Z", "bob", "AccessDeniedException", None),
-            denial_row("e-4", "2024-05-01T12:01:00Z", "bob", "AccessDenied", Some("no identity-based policy allows it")),
+            denial_row(
+                "e-4",
+                "2024-05-01T12:01:00Z",
+                "bob",
+                "AccessDenied",
+                Some("no identity-based policy allows it"),
+            ),
         ],
     );
     common::queue_athena_result(
@@ -232,10 +238,7 @@ async fn polls_return_denials_and_activity_once() {
 #[tokio::test]
 async fn a_query_that_times_out_is_an_error_and_the_window_does_not_move() {
     let _serial = common::exclusive().await;
-    let cfg = Athena {
-        timeout: Duration::from_millis(150),
-        ..athena_cfg(Partitioning::Projected)
-    };
+    let cfg = Athena { timeout: Duration::from_millis(150), ..athena_cfg(Partitioning::Projected) };
     let start = time(2024, 6, 3, 9, 0, 0);
     let clock = Arc::new(ManualClock::new(start));
     let mut feed = feed(cfg.clone(), &clock, Duration::from_secs(3600));
@@ -262,10 +265,7 @@ async fn a_query_that_times_out_is_an_error_and_the_window_does_not_move() {
 #[tokio::test]
 async fn athena_errors_surface_as_source_errors() {
     let _serial = common::exclusive().await;
-    let cfg = Athena {
-        workgroup: "no-such-workgroup".into(),
-        ..athena_cfg(Partitioning::Projected)
-    };
+    let cfg = Athena { workgroup: "no-such-workgroup".into(), ..athena_cfg(Partitioning::Projected) };
     let clock = Arc::new(ManualClock::new(time(2024, 6, 3, 9, 0, 0)));
     let err = feed(cfg, &clock, Duration::from_secs(3600)).poll().await.unwrap_err();
     assert_eq!(
@@ -307,10 +307,9 @@ fn deliver(root: &Path, day: &str, name: &str, records: Vec<Value>) {
     std::fs::create_dir_all(&folder).unwrap();
     let mut encoder = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
     encoder.write_all(json!({ "Records": records }).to_string().as_bytes()).unwrap();
-    std::fs::write(folder.join(format!("{ACCOUNT}_CloudTrail_us-east-1_{name}.json.gz")), encoder.finish().unwrap()).unwrap();
+    std::fs::write(folder.join(format!("{ACCOUNT}_CloudTrail_us-east-1_{name}.json.gz")), encoder.finish().unwrap())
+        .unwrap();
 }
-
-
 
 #[tokio::test]
 async fn the_queries_run_by_duckdb_over_trail_files_give_the_expected_records() {
@@ -325,10 +324,20 @@ async fn the_queries_run_by_duckdb_over_trail_files_give_the_expected_records() 
         "2023/12/31",
         "20231231T2355Z_a",
         vec![
-            record("a-deny", "2023-12-31T23:50:00Z", iam_user("alice"), Some(("AccessDenied", Some(lockdown.as_str())))),
+            record(
+                "a-deny",
+                "2023-12-31T23:50:00Z",
+                iam_user("alice"),
+                Some(("AccessDenied", Some(lockdown.as_str()))),
+            ),
             record("b-ok", "2023-12-31T22:30:00Z", iam_user("bob"), None),
             record("b-ec2", "2023-12-31T23:00:00Z", iam_user("bob"), deny("Client.UnauthorizedOperation", None)),
-            record("d-throttled", "2023-12-31T23:30:00Z", iam_user("dave"), deny("ThrottlingException", Some("Rate exceeded"))),
+            record(
+                "d-throttled",
+                "2023-12-31T23:30:00Z",
+                iam_user("dave"),
+                deny("ThrottlingException", Some("Rate exceeded")),
+            ),
             // Before the window.
             record("e-early", "2023-12-31T22:00:00Z", iam_user("erin"), deny("AccessDenied", None)),
             // Not IAM users of the account.
@@ -361,7 +370,12 @@ async fn the_queries_run_by_duckdb_over_trail_files_give_the_expected_records() 
                 deny("AccessDeniedException", Some("no identity-based policy allows the action")),
             ),
             // No accountId: the recipient account decides.
-            record("g-deny", "2023-12-31T23:20:00Z", json!({"type": "IAMUser", "userName": "gina"}), deny("AccessDenied", None)),
+            record(
+                "g-deny",
+                "2023-12-31T23:20:00Z",
+                json!({"type": "IAMUser", "userName": "gina"}),
+                deny("AccessDenied", None),
+            ),
             // The window's end is exclusive.
             record("f-at-end", "2024-01-01T00:10:00Z", iam_user("frank"), deny("AccessDenied", None)),
         ],
@@ -390,7 +404,10 @@ async fn the_queries_run_by_duckdb_over_trail_files_give_the_expected_records() 
     for partitioning in [Partitioning::Projected, Partitioning::RegionYearMonthDay] {
         let cfg = athena_cfg(partitioning);
         let (since, until) = (now - TimeDelta::hours(2), now);
-        let results = common::duckdb(trail.path(), &[denials_query(&cfg, ACCOUNT, since, until), activity_query(&cfg, ACCOUNT, since, until)]);
+        let results = common::duckdb(
+            trail.path(),
+            &[denials_query(&cfg, ACCOUNT, since, until), activity_query(&cfg, ACCOUNT, since, until)],
+        );
         assert_eq!(results[0].columns, DENIAL_COLUMNS, "{partitioning:?}");
         assert_eq!(results[1].columns, ACTIVITY_COLUMNS, "{partitioning:?}");
         for result in &results {
@@ -404,13 +421,11 @@ async fn the_queries_run_by_duckdb_over_trail_files_give_the_expected_records() 
             .iter()
             .filter_map(|r| Some((r.event_id.clone()?, r.user_name()?.to_string(), r.denial(POLICY)?)))
             .collect();
-        let expected: BTreeSet<_> = expected_denials.iter().map(|(id, u, d)| (id.to_string(), u.to_string(), *d)).collect();
+        let expected: BTreeSet<_> =
+            expected_denials.iter().map(|(id, u, d)| (id.to_string(), u.to_string(), *d)).collect();
         assert_eq!(denials, expected, "{partitioning:?}");
-        let activity: BTreeSet<&str> = records
-            .iter()
-            .filter(|r| r.denial(POLICY).is_none())
-            .filter_map(|r| r.event_id.as_deref())
-            .collect();
+        let activity: BTreeSet<&str> =
+            records.iter().filter(|r| r.denial(POLICY).is_none()).filter_map(|r| r.event_id.as_deref()).collect();
         assert_eq!(activity, BTreeSet::from(expected_activity), "{partitioning:?}");
         assert_eq!(records.len(), expected_denials.len() + expected_activity.len(), "{partitioning:?}");
     }

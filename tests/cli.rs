@@ -3,7 +3,6 @@
 
 mod common;
 mod emulated_cli;
-#[allow(dead_code)] // shared test support: this binary uses only the slow relay
 mod faults;
 
 use std::path::Path;
@@ -84,13 +83,17 @@ fn classify_prints_a_line_per_record_and_skips_what_it_cannot_read() {
     .unwrap();
     let broken = dir.path().join("broken.json.gz");
     std::fs::write(&broken, [0x1f, 0x8b, 8, 0, 1, 2, 3]).unwrap();
-    let out = lockstep(&["--config", "rollout.yaml", "classify", good.to_str().unwrap(), broken.to_str().unwrap()], None);
+    let out =
+        lockstep(&["--config", "rollout.yaml", "classify", good.to_str().unwrap(), broken.to_str().unwrap()], None);
     assert!(out.status.success(), "{}", text(&out.stderr));
     let lines: Vec<serde_json::Value> = text(&out.stdout).lines().map(|l| serde_json::from_str(l).unwrap()).collect();
     assert_eq!(lines.len(), 2);
     assert_eq!((lines[0]["verdict"].as_str(), lines[0]["reason"].as_str()), (Some("allowed"), Some("trusted_cidr")));
     assert_eq!(lines[0]["user"], "arn:aws:iam::123456789012:user/ann");
-    assert_eq!((lines[1]["verdict"].as_str(), lines[1]["reason"].as_str()), (Some("would_deny"), Some("unrecognized_source")));
+    assert_eq!(
+        (lines[1]["verdict"].as_str(), lines[1]["reason"].as_str()),
+        (Some("would_deny"), Some("unrecognized_source"))
+    );
     let err = text(&out.stderr);
     assert!(err.contains("good.json: record 1:"), "{err}");
     assert!(err.contains("broken.json.gz"), "{err}");
@@ -130,7 +133,9 @@ fn offline_pause_and_rollback_work_against_the_store_and_iam() {
     let store = Store::open(&config.store.path).unwrap();
     let now = SystemClock.now();
     let users = [("off-ann".into(), "clean".into()), ("off-ben".into(), "clean".into())];
-    let batch = store.start_batch(&NewBatch { wave: "canary", users: &users, soak: chrono::Duration::hours(24) }, "controller", now).unwrap();
+    let batch = store
+        .start_batch(&NewBatch { wave: "canary", users: &users, soak: chrono::Duration::hours(24) }, "controller", now)
+        .unwrap();
     store.mark_locked("off-ann", "controller", now).unwrap();
     store.mark_locked("off-ben", "controller", now).unwrap();
     store.start_soak(batch, now + chrono::Duration::hours(24), now).unwrap();
@@ -151,10 +156,12 @@ fn offline_pause_and_rollback_work_against_the_store_and_iam() {
             .output()
             .unwrap()
     };
-    let members = || runtime.block_on(async {
-        let got = iam.get_group().group_name(group).send().await.unwrap();
-        got.users().iter().map(|u| u.user_name().to_string()).collect::<Vec<_>>()
-    });
+    let members = || {
+        runtime.block_on(async {
+            let got = iam.get_group().group_name(group).send().await.unwrap();
+            got.users().iter().map(|u| u.user_name().to_string()).collect::<Vec<_>>()
+        })
+    };
 
     let paused = run(&["pause", "--reason", "incident 4711", "--operator", "oncall-kim"]);
     assert!(paused.status.success(), "{}", text(&paused.stderr));
@@ -264,15 +271,14 @@ impl EmulatedRollout {
                 ));
             }
         }
-        lockstep_synth::write_trail(&dir.path().join("trail"), common::ACCOUNT, &records, lockstep_synth::Faults::default()).unwrap();
-        EmulatedRollout {
-            dir,
-            prefix: prefix.to_string(),
-            config_path,
-            runtime,
-            iam,
-            users,
-        }
+        lockstep_synth::write_trail(
+            &dir.path().join("trail"),
+            common::ACCOUNT,
+            &records,
+            lockstep_synth::Faults::default(),
+        )
+        .unwrap();
+        EmulatedRollout { dir, prefix: prefix.to_string(), config_path, runtime, iam, users }
     }
 
     fn run(&self, args: &[&str], failpoint: Option<&str>) -> Output {
@@ -285,7 +291,8 @@ impl EmulatedRollout {
     }
 
     fn group(&self) -> Vec<String> {
-        let got = self.runtime.block_on(self.iam.get_group().group_name(format!("{}-lockdown", self.prefix)).send()).unwrap();
+        let got =
+            self.runtime.block_on(self.iam.get_group().group_name(format!("{}-lockdown", self.prefix)).send()).unwrap();
         let mut users: Vec<String> = got.users().iter().map(|u| u.user_name().to_string()).collect();
         users.sort();
         users
@@ -313,7 +320,8 @@ fn policy_apply_and_a_dry_run_of_the_daemon_against_the_emulator() {
     assert!(once.status.success(), "{}", text(&once.stderr));
     let report: serde_json::Value = serde_json::from_str(text(&once.stdout).lines().last().unwrap()).unwrap();
     assert_eq!(report["mode"], "dry-run");
-    let writes: Vec<String> = report["iam_writes"].as_array().unwrap().iter().map(|w| w.as_str().unwrap().to_string()).collect();
+    let writes: Vec<String> =
+        report["iam_writes"].as_array().unwrap().iter().map(|w| w.as_str().unwrap().to_string()).collect();
     assert_eq!(writes, world.users.iter().map(|u| format!("AddUserToGroup {prefix}-lockdown {u}")).collect::<Vec<_>>());
     assert!(world.group().is_empty(), "a dry run writes nothing to IAM");
 }
@@ -327,7 +335,13 @@ fn killed_and_restarted(prefix: &str, point: &str, in_group_after_kill: usize) {
     assert!(!killed.status.success(), "the process died at {point}");
     assert_eq!(world.group().len(), in_group_after_kill);
     let store = world.store();
-    let promoting = store.snapshot().unwrap().members.values().filter(|m| m.state == lockstep::rollout::UserState::Promoting).count();
+    let promoting = store
+        .snapshot()
+        .unwrap()
+        .members
+        .values()
+        .filter(|m| m.state == lockstep::rollout::UserState::Promoting)
+        .count();
     assert_eq!(promoting, 2, "the intent was journaled before the process died");
     drop(store);
 
@@ -340,7 +354,8 @@ fn killed_and_restarted(prefix: &str, point: &str, in_group_after_kill: usize) {
     assert!(snapshot.members.values().all(|m| m.state == lockstep::rollout::UserState::Locked));
     let audit = store.audit_log(100).unwrap();
     for user in &world.users {
-        let actions: Vec<&str> = audit.iter().filter(|e| e.user.as_ref() == Some(user)).map(|e| e.action.as_str()).collect();
+        let actions: Vec<&str> =
+            audit.iter().filter(|e| e.user.as_ref() == Some(user)).map(|e| e.action.as_str()).collect();
         assert_eq!(actions, ["promote", "locked"], "audit for {user}");
     }
 }
@@ -403,7 +418,8 @@ fn evidence_refresh_takes_the_window_as_the_readme_shows_it() {
             )
         })
         .collect();
-    lockstep_synth::write_trail(&dir.path().join("trail"), "123456789012", &records, lockstep_synth::Faults::default()).unwrap();
+    lockstep_synth::write_trail(&dir.path().join("trail"), "123456789012", &records, lockstep_synth::Faults::default())
+        .unwrap();
 
     let out = lockstep(&["evidence", "refresh", "--since", "36h", "--until", "now"], Some(&config));
     assert!(out.status.success(), "{}", text(&out.stderr));
@@ -428,8 +444,13 @@ fn every_command_the_readme_shows_exists_with_its_flags() {
         }
         let command = line.split(" #").next().unwrap();
         for shown in command.split(" / ").filter_map(|c| c.trim().strip_prefix("lockstep ")) {
-            let words: Vec<String> = shown.split_whitespace().map(|w| w.trim_matches(|c| c == '[' || c == ']').to_string()).collect();
-            let path: Vec<&str> = words.iter().map(String::as_str).take_while(|w| w.chars().all(|c| c.is_ascii_lowercase() || c == '-') && !w.starts_with('-')).collect();
+            let words: Vec<String> =
+                shown.split_whitespace().map(|w| w.trim_matches(|c| c == '[' || c == ']').to_string()).collect();
+            let path: Vec<&str> = words
+                .iter()
+                .map(String::as_str)
+                .take_while(|w| w.chars().all(|c| c.is_ascii_lowercase() || c == '-') && !w.starts_with('-'))
+                .collect();
             // The longest leading run of words that is a (sub)command.
             let help = (1..=path.len())
                 .rev()
@@ -460,7 +481,10 @@ impl EmulatedRollout {
 
     /// An operator command as someone without the admin token runs it.
     fn operator(&self, args: &[&str]) -> Output {
-        emulated_cli::lockstep(args, &self.config_path, self.dir.path()).env_remove("LOCKSTEP_ADMIN_TOKEN").output().unwrap()
+        emulated_cli::lockstep(args, &self.config_path, self.dir.path())
+            .env_remove("LOCKSTEP_ADMIN_TOKEN")
+            .output()
+            .unwrap()
     }
 
     /// The same command from `n` processes at once.
@@ -496,12 +520,19 @@ fn with_the_daemon_running_the_cli_without_its_token_refuses_and_changes_nothing
 
     let refused = world.operator(&["pause", "--operator", "kim", "--reason", "incident"]);
     assert!(!refused.status.success());
-    assert!(text(&refused.stderr).contains("refused, nothing changed: the lockstep daemon is running"), "{}", text(&refused.stderr));
+    assert!(
+        text(&refused.stderr).contains("refused, nothing changed: the lockstep daemon is running"),
+        "{}",
+        text(&refused.stderr)
+    );
     let rollback = world.operator(&["rollback", "1", "--commit", "--operator", "kim"]);
     assert!(!rollback.status.success(), "{}", text(&rollback.stdout));
     let store = world.store();
     assert!(store.snapshot().unwrap().paused.is_none());
-    assert!(!store.audit_log(1000).unwrap().iter().any(|e| e.actor == "kim"), "nothing written by the refused commands");
+    assert!(
+        !store.audit_log(1000).unwrap().iter().any(|e| e.actor == "kim"),
+        "nothing written by the refused commands"
+    );
 
     daemon.kill().unwrap();
     daemon.wait().unwrap();
@@ -548,14 +579,20 @@ fn an_offline_rollback_leaves_a_member_added_by_hand_in_the_group() {
     assert!(once.status.success(), "{}", text(&once.stderr));
     let store = world.store();
     let snapshot = store.snapshot().unwrap();
-    assert_eq!(snapshot.batches[0].members, [ann.clone()], "the hand-added member is never planned");
+    assert_eq!(snapshot.batches[0].members, std::slice::from_ref(&ann), "the hand-added member is never planned");
     assert!(snapshot.foreign.contains_key(&ben));
     assert_eq!(world.group(), [ann.clone(), ben.clone()]);
 
     let done = world.operator(&["rollback", "1", "--commit", "--operator", "kim"]);
     assert!(done.status.success(), "{}", text(&done.stderr));
-    assert_eq!(world.group(), [ben.clone()], "only what lockstep added was removed");
-    let actions: Vec<String> = store.audit_log(1000).unwrap().into_iter().filter(|e| e.user.as_ref() == Some(&ben)).map(|e| e.action).collect();
+    assert_eq!(world.group(), std::slice::from_ref(&ben), "only what lockstep added was removed");
+    let actions: Vec<String> = store
+        .audit_log(1000)
+        .unwrap()
+        .into_iter()
+        .filter(|e| e.user.as_ref() == Some(&ben))
+        .map(|e| e.action)
+        .collect();
     assert_eq!(actions, ["foreign"]);
     let status = world.operator(&["status", "--json"]);
     let status: serde_json::Value = serde_json::from_slice(&status.stdout).unwrap();
@@ -572,7 +609,10 @@ fn sigterm_during_a_step_finishes_it_and_exits_cleanly() {
     world.free_listeners();
     assert!(world.run(&["policy", "apply", "--commit"], None).status.success());
     assert!(world.run(&["evidence", "refresh"], None).status.success());
-    let proxy = world.runtime.block_on(faults::Proxy::start(&common::endpoint(), faults::Fault::Slow(std::time::Duration::from_millis(150))));
+    let proxy = world.runtime.block_on(faults::Proxy::start(
+        &common::endpoint(),
+        faults::Fault::Slow(std::time::Duration::from_millis(150)),
+    ));
     let mut daemon = emulated_cli::lockstep(&["run", "--commit"], &world.config_path, world.dir.path())
         .env("AWS_ENDPOINT_URL", proxy.url())
         .stdout(std::process::Stdio::null())
@@ -609,7 +649,11 @@ fn sigterm_during_a_step_finishes_it_and_exits_cleanly() {
     println!("exited {:?} after SIGTERM", sent.elapsed());
     // The ledger and the group agree: the step in flight finished its writes and journal.
     let snapshot = world.store().snapshot().unwrap();
-    assert!(snapshot.members.values().all(|m| m.state == lockstep::rollout::UserState::Locked), "{:?}", snapshot.members);
+    assert!(
+        snapshot.members.values().all(|m| m.state == lockstep::rollout::UserState::Locked),
+        "{:?}",
+        snapshot.members
+    );
     assert_eq!(world.group(), world.users.to_vec());
 }
 

@@ -17,9 +17,9 @@ use chrono::{DateTime, TimeZone, Utc};
 use lockstep::clock::{Clock, ManualClock};
 use lockstep::config::Config;
 use lockstep::controller::{Controller, DriftKind, Mode, StepReport};
+use lockstep::evidence::EvidenceStore;
 use lockstep::evidence::files::Folder;
 use lockstep::evidence::refresh::{self, Source};
-use lockstep::evidence::EvidenceStore;
 use lockstep::feed::TrailFeed;
 use lockstep::iam::{AwsIam, Iam, IamError, IamUser, PolicyStatus};
 use lockstep::planner::{Action, Gate};
@@ -111,7 +111,12 @@ impl World {
     }
 
     /// Like [`World::new`], with the configuration text edited by `edit`.
-    async fn with_config(prefix: &str, users: &[(&str, Habit)], history_days: i64, edit: impl Fn(&str) -> String) -> World {
+    async fn with_config(
+        prefix: &str,
+        users: &[(&str, Habit)],
+        history_days: i64,
+        edit: impl Fn(&str) -> String,
+    ) -> World {
         let dir = tempfile::tempdir().unwrap();
         let root = dir.path().to_path_buf();
         let config = Config::parse(&edit(&config_text(prefix, &root)), Path::new("test.yaml")).unwrap();
@@ -172,11 +177,18 @@ impl World {
                     Habit::TrustedWithDenials => {
                         records.push(call(TRUSTED_IP));
                         records.push(
-                            RecordSpec::new(self.identity(user), at + chrono::Duration::minutes(1), "iam:ListRoles", Origin::ip(TRUSTED_IP))
-                                .denied_no_allow(),
+                            RecordSpec::new(
+                                self.identity(user),
+                                at + chrono::Duration::minutes(1),
+                                "iam:ListRoles",
+                                Origin::ip(TRUSTED_IP),
+                            )
+                            .denied_no_allow(),
                         );
                     }
-                    Habit::Outside => records.push(call(if at.timestamp() % 7200 == 0 { UNTRUSTED_IP } else { TRUSTED_IP })),
+                    Habit::Outside => {
+                        records.push(call(if at.timestamp() % 7200 == 0 { UNTRUSTED_IP } else { TRUSTED_IP }))
+                    }
                     Habit::Quiet => {}
                 }
             }
@@ -251,8 +263,13 @@ impl World {
         let now = self.clock.now();
         (1..=count)
             .map(|m| {
-                RecordSpec::new(self.identity(user), now + chrono::Duration::minutes(m), "s3:PutObject", Origin::ip(UNTRUSTED_IP))
-                    .denied_explicitly(&self.config.lockdown.policy_name)
+                RecordSpec::new(
+                    self.identity(user),
+                    now + chrono::Duration::minutes(m),
+                    "s3:PutObject",
+                    Origin::ip(UNTRUSTED_IP),
+                )
+                .denied_explicitly(&self.config.lockdown.policy_name)
             })
             .collect()
     }
@@ -262,7 +279,13 @@ impl World {
     }
 }
 
-fn controller<I: Iam>(config: &Config, store: &Arc<Store>, clock: &Arc<ManualClock>, iam: I, mode: Mode) -> Controller<I, TrailFeed<Folder>> {
+fn controller<I: Iam>(
+    config: &Config,
+    store: &Arc<Store>,
+    clock: &Arc<ManualClock>,
+    iam: I,
+    mode: Mode,
+) -> Controller<I, TrailFeed<Folder>> {
     let clock: Arc<dyn Clock> = clock.clone();
     let folder = Arc::new(Folder::new(&config.evidence.files_path));
     let feed = TrailFeed::new(folder, &config.account_id, clock.clone(), config.guard.window + config.guard.grace);
@@ -330,7 +353,11 @@ async fn clean_rollout_locks_every_eligible_user_and_nobody_else() {
     let eligible = world.names(&["ann", "ben", "cat", "dan", "eve"]);
     let mut expected_group = eligible.clone();
     expected_group.insert(world.user("hal"));
-    assert_eq!(world.group().await, expected_group, "the group holds every eligible user, plus the hand-added one left alone");
+    assert_eq!(
+        world.group().await,
+        expected_group,
+        "the group holds every eligible user, plus the hand-added one left alone"
+    );
     assert_eq!(world.users_in(UserState::Locked), eligible);
     let ledger = world.ledger();
     assert!(ledger.batches.iter().all(|b| b.state == BatchState::Succeeded), "{:?}", ledger.batches);
@@ -344,7 +371,8 @@ async fn clean_rollout_locks_every_eligible_user_and_nobody_else() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn denials_after_promotion_roll_the_batch_back_within_one_poll() {
-    let mut world = World::new("spike", &[("ann", Habit::Trusted), ("ben", Habit::Trusted), ("cat", Habit::Trusted)], 8).await;
+    let mut world =
+        World::new("spike", &[("ann", Habit::Trusted), ("ben", Habit::Trusted), ("cat", Habit::Trusted)], 8).await;
     let report = world.advance(chrono::Duration::minutes(10), true).await;
     let batch = started_batch(&report).expect("canary batch started");
     assert_eq!(world.group().await, batch.iter().cloned().collect());
@@ -367,7 +395,10 @@ async fn denials_after_promotion_roll_the_batch_back_within_one_poll() {
     assert!(ledger.paused.is_some(), "rollout paused");
     assert_eq!(ledger.batches[0].state, BatchState::RolledBack);
     let reason = ledger.members[&culprit].reason.clone().unwrap_or_default();
-    assert!(reason.contains("spike") && reason.contains("s3:PutObject"), "hold reason names the offending calls: {reason}");
+    assert!(
+        reason.contains("spike") && reason.contains("s3:PutObject"),
+        "hold reason names the offending calls: {reason}"
+    );
 
     // Paused: nothing more is promoted, even hours later.
     for _ in 0..6 {
@@ -380,7 +411,8 @@ async fn denials_after_promotion_roll_the_batch_back_within_one_poll() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn background_denials_and_an_incident_for_everyone_cause_no_rollback() {
-    let users: Vec<(&str, Habit)> = ["ann", "ben", "cat", "dan", "eve", "fay"].iter().map(|n| (*n, Habit::TrustedWithDenials)).collect();
+    let users: Vec<(&str, Habit)> =
+        ["ann", "ben", "cat", "dan", "eve", "fay"].iter().map(|n| (*n, Habit::TrustedWithDenials)).collect();
     let mut world = World::new("noise", &users, 8).await;
     let report = world.advance(chrono::Duration::minutes(10), true).await;
     let batch = started_batch(&report).expect("canary batch started");
@@ -392,8 +424,13 @@ async fn background_denials_and_an_incident_for_everyone_cause_no_rollback() {
     for (user, _) in &world.habits {
         for s in 0..8 {
             incident.push(
-                RecordSpec::new(world.identity(user), now + chrono::Duration::seconds(30 + s * 40), "dynamodb:Scan", Origin::ip(TRUSTED_IP))
-                    .denied_no_allow(),
+                RecordSpec::new(
+                    world.identity(user),
+                    now + chrono::Duration::seconds(30 + s * 40),
+                    "dynamodb:Scan",
+                    Origin::ip(TRUSTED_IP),
+                )
+                .denied_no_allow(),
             );
         }
     }
@@ -418,7 +455,8 @@ async fn background_denials_and_an_incident_for_everyone_cause_no_rollback() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_silent_event_source_is_inconclusive_and_nothing_succeeds() {
-    let mut world = World::new("silent", &[("ann", Habit::Trusted), ("ben", Habit::Trusted), ("cat", Habit::Trusted)], 8).await;
+    let mut world =
+        World::new("silent", &[("ann", Habit::Trusted), ("ben", Habit::Trusted), ("cat", Habit::Trusted)], 8).await;
     let report = world.advance(chrono::Duration::minutes(10), true).await;
     assert!(started_batch(&report).is_some());
     // The trail stops arriving. Evidence refreshes still succeed (there is just nothing new).
@@ -427,11 +465,7 @@ async fn a_silent_event_source_is_inconclusive_and_nothing_succeeds() {
         last = Some(world.advance(chrono::Duration::hours(1), false).await);
     }
     let report = last.unwrap();
-    assert!(
-        matches!(&report.plan.gate, Gate::Inconclusive(why) if why.contains("silent")),
-        "{:?}",
-        report.plan.gate
-    );
+    assert!(matches!(&report.plan.gate, Gate::Inconclusive(why) if why.contains("silent")), "{:?}", report.plan.gate);
     assert!(report.verdicts.values().all(|v| v.name() == "inconclusive"), "{:?}", report.verdicts);
     let ledger = world.ledger();
     assert_eq!(ledger.batches.len(), 1, "no further batch");
@@ -459,11 +493,7 @@ impl Iam for CrashingIam {
         if self.write_before_failing {
             self.inner.add_to_group(group, user).await?;
         }
-        Err(IamError {
-            operation: "AddUserToGroup",
-            code: "Crash".into(),
-            message: "the process died here".into(),
-        })
+        Err(IamError { operation: "AddUserToGroup", code: "Crash".into(), message: "the process died here".into() })
     }
     async fn remove_from_group(&self, group: &str, user: &str) -> Result<(), IamError> {
         self.inner.remove_from_group(group, user).await
@@ -478,10 +508,7 @@ impl Iam for CrashingIam {
 
 async fn crash_and_restart(prefix: &str, write_before_failing: bool) {
     let mut world = World::new(prefix, &[("ann", Habit::Trusted), ("ben", Habit::Trusted)], 8).await;
-    let iam = CrashingIam {
-        inner: AwsIam::new(&world.sdk, common::ACCOUNT),
-        write_before_failing,
-    };
+    let iam = CrashingIam { inner: AwsIam::new(&world.sdk, common::ACCOUNT), write_before_failing };
     let mut crashing = world.restart_with(iam, Mode::Commit);
     world.clock.advance(chrono::Duration::minutes(10));
     let report = crashing.step(false).await.unwrap();
@@ -519,7 +546,8 @@ async fn crash_between_iam_write_and_ledger_update_is_recorded_on_restart() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn dry_run_writes_nothing_and_plans_exactly_what_commit_does() {
-    let mut world = World::new("dry", &[("ann", Habit::Trusted), ("ben", Habit::Trusted), ("cat", Habit::Trusted)], 8).await;
+    let mut world =
+        World::new("dry", &[("ann", Habit::Trusted), ("ben", Habit::Trusted), ("cat", Habit::Trusted)], 8).await;
     world.clock.advance(chrono::Duration::minutes(10));
     let mut dry = world.restart_with(AwsIam::new(&world.sdk, common::ACCOUNT), Mode::DryRun);
     let report = dry.step(false).await.unwrap();
@@ -546,14 +574,7 @@ async fn dry_run_writes_nothing_and_plans_exactly_what_commit_does() {
 async fn missing_or_drifted_policy_blocks_promotions() {
     let mut world = World::new("drift", &[("ann", Habit::Trusted), ("ben", Habit::Trusted)], 8).await;
     let arn = format!("arn:aws:iam::{}:policy/{}", common::ACCOUNT, world.config.lockdown.policy_name);
-    world
-        .client
-        .detach_group_policy()
-        .group_name(&world.config.lockdown.group)
-        .policy_arn(&arn)
-        .send()
-        .await
-        .unwrap();
+    world.client.detach_group_policy().group_name(&world.config.lockdown.group).policy_arn(&arn).send().await.unwrap();
     let report = world.advance(chrono::Duration::minutes(10), true).await;
     assert!(matches!(&report.plan.gate, Gate::Blocked(why) if why.contains("not attached")), "{:?}", report.plan.gate);
     assert_eq!(started_batch(&report), None);
@@ -594,17 +615,16 @@ async fn throttled_iam_calls_are_retried_and_paging_reads_every_member() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_operator_rollback_of_a_succeeded_batch_removes_and_holds_its_members() {
-    let mut world = World::new("manual", &[("ann", Habit::Trusted), ("ben", Habit::Trusted), ("cat", Habit::Trusted)], 8).await;
+    let mut world =
+        World::new("manual", &[("ann", Habit::Trusted), ("ben", Habit::Trusted), ("cat", Habit::Trusted)], 8).await;
     world.advance(chrono::Duration::minutes(10), true).await;
     for _ in 0..14 {
         world.advance(chrono::Duration::minutes(30), true).await;
     }
     assert_eq!(world.ledger().batches[0].state, BatchState::Succeeded);
     let now = world.clock.now();
-    let users = world
-        .store
-        .begin_rollback(&rollback("customer escalation", now + chrono::Duration::days(7)), now)
-        .unwrap();
+    let users =
+        world.store.begin_rollback(&rollback("customer escalation", now + chrono::Duration::days(7)), now).unwrap();
     assert_eq!(users.len(), 2);
     world.advance(chrono::Duration::minutes(10), true).await;
     for user in &users {
@@ -618,7 +638,8 @@ async fn an_operator_rollback_of_a_succeeded_batch_removes_and_holds_its_members
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_member_removed_by_hand_is_recorded_and_not_re_added() {
-    let mut world = World::new("by-hand", &[("ann", Habit::Trusted), ("ben", Habit::Trusted), ("cat", Habit::Trusted)], 8).await;
+    let mut world =
+        World::new("by-hand", &[("ann", Habit::Trusted), ("ben", Habit::Trusted), ("cat", Habit::Trusted)], 8).await;
     let report = world.advance(chrono::Duration::minutes(10), true).await;
     let batch = started_batch(&report).expect("canary batch");
     let removed = batch[0].clone();
@@ -655,7 +676,10 @@ async fn a_member_removed_by_hand_is_recorded_and_not_re_added() {
 async fn a_spike_holds_only_the_culprit_and_requeues_the_bystanders() {
     let names = ["ann", "ben", "cat", "dan", "eve", "fay"];
     let users: Vec<(&str, Habit)> = names.iter().map(|n| (*n, Habit::Trusted)).collect();
-    let mut world = World::with_config("bystand", &users, 8, |text| text.replace("batch_size: 2", "batch_size: 6").replace("batch_size: 3", "batch_size: 6")).await;
+    let mut world = World::with_config("bystand", &users, 8, |text| {
+        text.replace("batch_size: 2", "batch_size: 6").replace("batch_size: 3", "batch_size: 6")
+    })
+    .await;
     let report = world.advance(chrono::Duration::minutes(10), true).await;
     let batch = started_batch(&report).expect("batch started");
     assert_eq!(batch.len(), 6);
@@ -666,7 +690,7 @@ async fn a_spike_holds_only_the_culprit_and_requeues_the_bystanders() {
     let report = world.advance(chrono::Duration::minutes(10), true).await;
     assert!(report.plan.actions.iter().any(|a| matches!(a, Action::RollBack { .. })), "{:?}", report.verdicts);
     let explanation = &report.explanations[&world.ledger().batches[0].id];
-    assert_eq!(explanation.culprits.iter().map(|c| c.user.clone()).collect::<Vec<_>>(), [culprit.clone()]);
+    assert_eq!(explanation.culprits.iter().map(|c| c.user.clone()).collect::<Vec<_>>(), std::slice::from_ref(&culprit));
     assert!(world.group().await.is_empty(), "the whole batch leaves the group");
 
     let ledger = world.ledger();
@@ -676,8 +700,14 @@ async fn a_spike_holds_only_the_culprit_and_requeues_the_bystanders() {
     assert!(ledger.members[&culprit].reason.as_deref().unwrap_or_default().contains("s3:PutObject"));
     for user in &bystanders {
         let member = &ledger.members[user];
-        assert_eq!(member.reason.as_deref(), Some(format!("rolled back with batch {}, not at fault", ledger.batches[0].id).as_str()));
-        assert!(member.hold_until.unwrap() - world.clock.now() <= chrono::Duration::hours(6), "requeued after one soak");
+        assert_eq!(
+            member.reason.as_deref(),
+            Some(format!("rolled back with batch {}, not at fault", ledger.batches[0].id).as_str())
+        );
+        assert!(
+            member.hold_until.unwrap() - world.clock.now() <= chrono::Duration::hours(6),
+            "requeued after one soak"
+        );
         assert!(world.audit_actions(user).iter().any(|a| a == "rolling_back"));
     }
 
@@ -705,8 +735,13 @@ async fn an_explicit_deny_from_another_policy_is_not_a_spike() {
         .iter()
         .flat_map(|user| (1..=5).map(move |m| (user.clone(), m)))
         .map(|(user, m)| {
-            RecordSpec::new(world.identity(&user), now + chrono::Duration::minutes(m), "s3:PutObject", Origin::ip(TRUSTED_IP))
-                .denied_explicitly("team-data-guardrail")
+            RecordSpec::new(
+                world.identity(&user),
+                now + chrono::Duration::minutes(m),
+                "s3:PutObject",
+                Origin::ip(TRUSTED_IP),
+            )
+            .denied_explicitly("team-data-guardrail")
         })
         .collect();
     world.write(&denied);
@@ -725,7 +760,13 @@ async fn an_explicit_deny_from_another_policy_is_not_a_spike() {
 /// an operator's rollback through the daemon's command path.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn members_added_by_hand_are_never_planned_rolled_back_or_removed() {
-    let users = [("ann", Habit::Trusted), ("ben", Habit::Trusted), ("cat", Habit::Trusted), ("dan", Habit::Trusted), ("eve", Habit::Trusted)];
+    let users = [
+        ("ann", Habit::Trusted),
+        ("ben", Habit::Trusted),
+        ("cat", Habit::Trusted),
+        ("dan", Habit::Trusted),
+        ("eve", Habit::Trusted),
+    ];
     let mut world = World::new("owned", &users, 8).await;
     let (client, group) = (world.client.clone(), world.config.lockdown.group.clone());
     let add_by_hand = |user: String| {
@@ -740,7 +781,9 @@ async fn members_added_by_hand_are_never_planned_rolled_back_or_removed() {
     ben_reported += report.drift.iter().filter(|d| d.user == ben && d.kind == DriftKind::NotAddedByLockstep).count();
     let first = started_batch(&report).expect("canary batch");
     assert!(!first.contains(&ben), "{first:?}");
-    assert!(matches!(&report.plan.users[&ben], lockstep::planner::Eligibility::Ineligible(why) if why.contains("someone else")));
+    assert!(
+        matches!(&report.plan.users[&ben], lockstep::planner::Eligibility::Ineligible(why) if why.contains("someone else"))
+    );
 
     // Batch 1 soaks and succeeds; batch 2 starts in the next wave, still without ben.
     let mut second = None;
@@ -757,7 +800,8 @@ async fn members_added_by_hand_are_never_planned_rolled_back_or_removed() {
     assert_eq!(ben_reported, 1, "reported once, not every step");
 
     // An operator rollback of batch 1 through the daemon's command path.
-    let command = lockstep::runtime::Command::Rollback { operator: "alice".into(), batch: 1, reason: "escalation".into() };
+    let command =
+        lockstep::runtime::Command::Rollback { operator: "alice".into(), batch: 1, reason: "escalation".into() };
     lockstep::runtime::apply_command(world.store.as_ref(), &command, &world.config, world.clock.now()).unwrap();
     world.advance(chrono::Duration::minutes(10), true).await;
     for user in &first {
@@ -766,24 +810,44 @@ async fn members_added_by_hand_are_never_planned_rolled_back_or_removed() {
     // One of them is put back by hand: recorded, and from now on left alone too.
     add_by_hand(first[0].clone()).await;
     let report = world.advance(chrono::Duration::minutes(10), true).await;
-    assert!(report.drift.iter().any(|d| d.user == first[0] && d.kind == DriftKind::BackInGroupWhileHeld), "{:?}", report.drift);
+    assert!(
+        report.drift.iter().any(|d| d.user == first[0] && d.kind == DriftKind::BackInGroupWhileHeld),
+        "{:?}",
+        report.drift
+    );
 
     // The guard rolls batch 2 back on a spike of its first member's denials.
     let now = world.clock.now();
     let denied: Vec<RecordSpec> = (1..=4)
         .map(|m| {
-            RecordSpec::new(world.identity(&second[0]), now + chrono::Duration::minutes(m), "s3:PutObject", Origin::ip(UNTRUSTED_IP))
-                .denied_explicitly(&world.config.lockdown.policy_name)
+            RecordSpec::new(
+                world.identity(&second[0]),
+                now + chrono::Duration::minutes(m),
+                "s3:PutObject",
+                Origin::ip(UNTRUSTED_IP),
+            )
+            .denied_explicitly(&world.config.lockdown.policy_name)
         })
         .collect();
     world.write(&denied);
     let report = world.advance(chrono::Duration::minutes(10), true).await;
-    assert!(report.plan.actions.iter().any(|a| matches!(a, Action::RollBack { batch: 2, .. })), "{:?}", report.plan.actions);
+    assert!(
+        report.plan.actions.iter().any(|a| matches!(a, Action::RollBack { batch: 2, .. })),
+        "{:?}",
+        report.plan.actions
+    );
     assert!(report.drift.is_empty(), "nothing new to report: {:?}", report.drift);
-    assert_eq!(world.group().await, [ben.clone(), first[0].clone()].into_iter().collect(), "only the hand-added members remain");
+    assert_eq!(
+        world.group().await,
+        [ben.clone(), first[0].clone()].into_iter().collect(),
+        "only the hand-added members remain"
+    );
     let ledger = world.ledger();
     assert!(ledger.batches.iter().all(|b| !b.members.contains(&ben)), "never planned");
-    assert_eq!(ledger.foreign.keys().cloned().collect::<BTreeSet<_>>(), [ben.clone(), first[0].clone()].into_iter().collect());
+    assert_eq!(
+        ledger.foreign.keys().cloned().collect::<BTreeSet<_>>(),
+        [ben.clone(), first[0].clone()].into_iter().collect()
+    );
     assert_eq!(world.audit_actions(&ben), ["foreign"]);
     assert_eq!(world.audit_actions(&first[0]), ["promote", "locked", "rolling_back", "held", "foreign"]);
 }
@@ -793,7 +857,8 @@ async fn members_added_by_hand_are_never_planned_rolled_back_or_removed() {
 /// nothing behind.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_future_dated_record_never_makes_a_silent_source_healthy() {
-    let mut world = World::new("future", &[("ann", Habit::Trusted), ("ben", Habit::Trusted), ("cat", Habit::Trusted)], 8).await;
+    let mut world =
+        World::new("future", &[("ann", Habit::Trusted), ("ben", Habit::Trusted), ("cat", Habit::Trusted)], 8).await;
     let report = world.advance(chrono::Duration::minutes(10), true).await;
     assert!(started_batch(&report).is_some());
     for _ in 0..3 {
@@ -811,7 +876,11 @@ async fn a_future_dated_record_never_makes_a_silent_source_healthy() {
     let forged_files: Vec<_> = walk(&world.root.join("trail")).difference(&before).cloned().collect();
     assert!(!forged_files.is_empty());
     // Its day folder is in 2099, out of the feed's window: put it where the feed looks today.
-    let today = world.root.join("trail").join(format!("AWSLogs/{}/CloudTrail/us-east-1/{}", common::ACCOUNT, world.clock.now().format("%Y/%m/%d")));
+    let today = world.root.join("trail").join(format!(
+        "AWSLogs/{}/CloudTrail/us-east-1/{}",
+        common::ACCOUNT,
+        world.clock.now().format("%Y/%m/%d")
+    ));
     std::fs::create_dir_all(&today).unwrap();
     let planted = today.join("123456789012_CloudTrail_us-east-1_20990101T0000Z_forged.json.gz");
     std::fs::rename(&forged_files[0], &planted).unwrap();
@@ -840,7 +909,11 @@ fn walk(dir: &Path) -> BTreeSet<std::path::PathBuf> {
     while let Some(dir) = pending.pop() {
         for entry in std::fs::read_dir(&dir).into_iter().flatten().flatten() {
             let path = entry.path();
-            if path.is_dir() { pending.push(path) } else { files.insert(path); }
+            if path.is_dir() {
+                pending.push(path)
+            } else {
+                files.insert(path);
+            }
         }
     }
     files

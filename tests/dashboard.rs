@@ -79,7 +79,8 @@ fn metric_names(expr: &str) -> Vec<&str> {
         while end < bytes.len() && matches!(bytes[end], b'a'..=b'z' | b'0'..=b'9' | b'_') {
             end += 1;
         }
-        let inside_word = start > 0 && matches!(bytes[start - 1], b'a'..=b'z' | b'A'..=b'Z' | b'0'..=b'9' | b'_' | b':');
+        let inside_word =
+            start > 0 && matches!(bytes[start - 1], b'a'..=b'z' | b'A'..=b'Z' | b'0'..=b'9' | b'_' | b':');
         if !inside_word && end > start + PREFIX.len() {
             names.push(&expr[start..end]);
         }
@@ -151,14 +152,19 @@ fn alert_rules(alerts: &Yaml) -> Vec<&Yaml> {
 fn unknown_metrics(exported: &Exported, queries: &[Query]) -> Vec<String> {
     queries
         .iter()
-        .flat_map(|q| exported.unknown(&q.expr).into_iter().map(move |name| format!("{}: {name} in `{}`", q.place, q.expr)))
+        .flat_map(|q| {
+            exported.unknown(&q.expr).into_iter().map(move |name| format!("{}: {name} in `{}`", q.place, q.expr))
+        })
         .collect()
 }
 
 #[test]
 fn the_check_reports_names_the_daemon_does_not_export() {
     let exported = Exported::new();
-    assert_eq!(exported.unknown("sum(rate(lockstep_not_a_metric[5m])) / sum(lockstep_users)"), ["lockstep_not_a_metric"]);
+    assert_eq!(
+        exported.unknown("sum(rate(lockstep_not_a_metric[5m])) / sum(lockstep_users)"),
+        ["lockstep_not_a_metric"]
+    );
     // Histogram series are accepted for histograms only.
     assert!(exported.unknown("rate(lockstep_evidence_refresh_duration_seconds_bucket[1h])").is_empty());
     assert_eq!(exported.unknown("lockstep_users_count"), ["lockstep_users_count"]);
@@ -166,7 +172,10 @@ fn the_check_reports_names_the_daemon_does_not_export() {
     assert_eq!(metric_names(r#"my_lockstep_users + lockstep_gate{gate="open", job="lockstep"}"#), ["lockstep_gate"]);
 
     let queries = [Query { place: "panel \"made up\"".into(), expr: "increase(lockstep_not_a_metric[1h])".into() }];
-    assert_eq!(unknown_metrics(&exported, &queries), ["panel \"made up\": lockstep_not_a_metric in `increase(lockstep_not_a_metric[1h])`"]);
+    assert_eq!(
+        unknown_metrics(&exported, &queries),
+        ["panel \"made up\": lockstep_not_a_metric in `increase(lockstep_not_a_metric[1h])`"]
+    );
 }
 
 #[test]
@@ -180,11 +189,8 @@ fn the_dashboard_queries_only_exported_metrics() {
 fn the_dashboard_covers_the_essential_metrics() {
     let exported = Exported::new();
     let queries = dashboard_queries(&load_dashboard());
-    let charted: BTreeSet<&str> = queries
-        .iter()
-        .flat_map(|q| metric_names(&q.expr))
-        .filter_map(|name| exported.family(name))
-        .collect();
+    let charted: BTreeSet<&str> =
+        queries.iter().flat_map(|q| metric_names(&q.expr)).filter_map(|name| exported.family(name)).collect();
     let missing: Vec<&&str> = REQUIRED_ON_DASHBOARD.iter().filter(|name| !charted.contains(**name)).collect();
     assert!(missing.is_empty(), "the dashboard no longer charts {missing:?}");
 }
@@ -206,7 +212,8 @@ fn every_dashboard_panel_queries_through_the_datasource_variable() {
         }
         charts += 1;
         assert_eq!(panel["datasource"]["uid"], "${datasource}", "panel {title} must use the datasource variable");
-        let exprs: Vec<&str> = panel["targets"].as_array().into_iter().flatten().filter_map(|t| t["expr"].as_str()).collect();
+        let exprs: Vec<&str> =
+            panel["targets"].as_array().into_iter().flatten().filter_map(|t| t["expr"].as_str()).collect();
         assert!(!exprs.is_empty() && exprs.iter().all(|e| !e.trim().is_empty()), "panel {title} has no query");
     }
     assert!(charts >= 10, "only {charts} panels");

@@ -71,14 +71,7 @@ async fn sdk_config_from_lockstep_reaches_the_emulator_with_path_style() {
         .await;
     let client = lockstep::aws::s3_client(&config);
     client.create_bucket().bucket("path-style-check").send().await.unwrap();
-    client
-        .put_object()
-        .bucket("path-style-check")
-        .key("k")
-        .body(b"v".to_vec().into())
-        .send()
-        .await
-        .unwrap();
+    client.put_object().bucket("path-style-check").key("k").body(b"v".to_vec().into()).send().await.unwrap();
     // Seen from another client: the object really is in the emulator.
     let got = s3().get_object().bucket("path-style-check").key("k").send().await.unwrap();
     assert_eq!(got.body.collect().await.unwrap().into_bytes().as_ref(), b"v");
@@ -105,13 +98,7 @@ async fn s3_trail_walks_the_cloudtrail_layout() {
     objects.push(("org/logs/AWSLogs/folder/".to_string(), Vec::new()));
     put_all(&client, name, objects).await;
 
-    let trail = S3Trail::new(
-        client,
-        &S3Location {
-            bucket: name.into(),
-            prefix: "/org/logs/".into(),
-        },
-    );
+    let trail = S3Trail::new(client, &S3Location { bucket: name.into(), prefix: "/org/logs/".into() });
     let acct = common::ACCOUNT;
     assert_eq!(trail.list_prefixes("").await.unwrap(), ["AWSLogs/"]);
     assert_eq!(trail.list_prefixes("AWSLogs/").await.unwrap(), [format!("AWSLogs/{acct}/"), "AWSLogs/folder/".into()]);
@@ -144,13 +131,7 @@ async fn s3_listing_follows_continuation_tokens_past_1000() {
     let day = format!("AWSLogs/{}/CloudTrail/us-east-1/2024/03/05/", common::ACCOUNT);
     let keys: Vec<String> = (0..1205).map(|i| format!("{day}h{i:04}/f.json.gz")).collect();
     put_all(&client, name, keys.iter().map(|k| (k.clone(), b"x".to_vec())).collect()).await;
-    let trail = S3Trail::new(
-        client,
-        &S3Location {
-            bucket: name.into(),
-            prefix: String::new(),
-        },
-    );
+    let trail = S3Trail::new(client, &S3Location { bucket: name.into(), prefix: String::new() });
     assert_eq!(trail.list_keys(&day, None).await.unwrap(), keys);
     assert_eq!(trail.list_keys(&day, Some(&keys[99])).await.unwrap(), keys[100..]);
     let prefixes = trail.list_prefixes(&day).await.unwrap();
@@ -161,13 +142,7 @@ async fn s3_listing_follows_continuation_tokens_past_1000() {
 #[tokio::test]
 async fn s3_errors_name_the_operation_and_carry_the_service_message() {
     let name = "trail-errors";
-    let trail = S3Trail::new(
-        bucket(name).await,
-        &S3Location {
-            bucket: name.into(),
-            prefix: "p".into(),
-        },
-    );
+    let trail = S3Trail::new(bucket(name).await, &S3Location { bucket: name.into(), prefix: "p".into() });
     match trail.fetch("missing.json.gz").await {
         Err(SourceError::Aws { operation, message }) => {
             assert_eq!(operation, "s3:GetObject s3://trail-errors/p/missing.json.gz");
@@ -175,13 +150,7 @@ async fn s3_errors_name_the_operation_and_carry_the_service_message() {
         }
         other => panic!("{other:?}"),
     }
-    let gone = S3Trail::new(
-        s3(),
-        &S3Location {
-            bucket: "no-such-trail-bucket".into(),
-            prefix: String::new(),
-        },
-    );
+    let gone = S3Trail::new(s3(), &S3Location { bucket: "no-such-trail-bucket".into(), prefix: String::new() });
     let err = gone.list_keys("AWSLogs/", None).await.unwrap_err();
     let text = err.to_string();
     assert!(text.starts_with("s3:ListObjectsV2 s3://no-such-trail-bucket/AWSLogs/: NoSuchBucket"), "{text}");
@@ -207,7 +176,11 @@ fn athena() -> aws_sdk_athena::Client {
 fn result_columns() -> Vec<String> {
     let q = window_query(&athena_cfg(), common::ACCOUNT, "p", SystemClock.now(), SystemClock.now());
     let select = q.split("\nFROM ").next().unwrap();
-    select.lines().filter_map(|l| l.rsplit_once(" AS ")).map(|(_, alias)| alias.trim_end_matches(',').to_string()).collect()
+    select
+        .lines()
+        .filter_map(|l| l.rsplit_once(" AS "))
+        .map(|(_, alias)| alias.trim_end_matches(',').to_string())
+        .collect()
 }
 
 /// One result row in `result_columns` order.
@@ -255,7 +228,8 @@ async fn athena_window_polls_pages_and_skips_the_header_and_bad_rows() {
     // SUCCEEDED is an error in moto, so success here means the run waited.
     common::athena_transition(Some(2));
     let cfg = athena_cfg();
-    let (since, until) = (Utc.with_ymd_and_hms(2024, 5, 1, 0, 0, 0).unwrap(), Utc.with_ymd_and_hms(2024, 5, 2, 0, 0, 0).unwrap());
+    let (since, until) =
+        (Utc.with_ymd_and_hms(2024, 5, 1, 0, 0, 0).unwrap(), Utc.with_ymd_and_hms(2024, 5, 2, 0, 0, 0).unwrap());
     let client = athena();
     let run = run_window(&client, &cfg, common::ACCOUNT, "lockstep-deny", since, until).await;
     common::athena_transition(None);
@@ -264,11 +238,8 @@ async fn athena_window_polls_pages_and_skips_the_header_and_bad_rows() {
     assert_eq!(run.skipped_rows, 1, "carol's count does not parse");
     assert_eq!(run.bytes_scanned, 0, "moto reports no bytes scanned");
     assert!(run.elapsed > Duration::ZERO);
-    let got: Vec<_> = run
-        .groups
-        .iter()
-        .map(|g| (g.record.user_name().unwrap(), g.calls, g.record.denial("lockstep-deny")))
-        .collect();
+    let got: Vec<_> =
+        run.groups.iter().map(|g| (g.record.user_name().unwrap(), g.calls, g.record.denial("lockstep-deny"))).collect();
     use lockstep::trail::Denial;
     assert_eq!(got, [("alice", 17, Some(Denial::Other)), ("bob", 3, Some(Denial::ExplicitIdentityDeny))]);
     assert_eq!(run.groups[0].first, Utc.with_ymd_and_hms(2024, 5, 1, 10, 2, 3).unwrap());
@@ -293,12 +264,17 @@ async fn athena_window_polls_pages_and_skips_the_header_and_bad_rows() {
 async fn athena_timeout_stops_the_query() {
     let _serial = common::exclusive().await;
     common::athena_transition(Some(100_000));
-    let cfg = Athena {
-        timeout: Duration::from_millis(150),
-        ..athena_cfg()
-    };
+    let cfg = Athena { timeout: Duration::from_millis(150), ..athena_cfg() };
     let client = athena();
-    let result = run_window(&client, &cfg, common::ACCOUNT, "p", SystemClock.now() - chrono::TimeDelta::hours(1), SystemClock.now()).await;
+    let result = run_window(
+        &client,
+        &cfg,
+        common::ACCOUNT,
+        "p",
+        SystemClock.now() - chrono::TimeDelta::hours(1),
+        SystemClock.now(),
+    )
+    .await;
     common::athena_transition(None);
     let err = result.unwrap_err().to_string();
     assert!(err.contains("did not finish within 150ms; stopped it"), "{err}");
@@ -311,13 +287,17 @@ async fn athena_timeout_stops_the_query() {
 
 #[tokio::test]
 async fn athena_errors_name_the_operation_and_carry_the_service_message() {
-    let cfg = Athena {
-        workgroup: "no-such-workgroup".into(),
-        ..athena_cfg()
-    };
-    let err = run_window(&athena(), &cfg, common::ACCOUNT, "p", SystemClock.now() - chrono::TimeDelta::hours(1), SystemClock.now())
-        .await
-        .unwrap_err();
+    let cfg = Athena { workgroup: "no-such-workgroup".into(), ..athena_cfg() };
+    let err = run_window(
+        &athena(),
+        &cfg,
+        common::ACCOUNT,
+        "p",
+        SystemClock.now() - chrono::TimeDelta::hours(1),
+        SystemClock.now(),
+    )
+    .await
+    .unwrap_err();
     assert_eq!(
         err.to_string(),
         "athena:StartQueryExecution in workgroup no-such-workgroup: InvalidRequestException: WorkGroup does not exist"

@@ -204,7 +204,10 @@ async fn a_refresh_that_fails_midway_leaves_whole_files_and_a_clean_run_complete
         "every file before the failure is recorded whole, none after"
     );
     assert_eq!(store.recent_runs(1).unwrap()[0].status, "failed");
-    assert!(matches!(store.freshness().unwrap(), lockstep::evidence::Freshness { last_success: None, covered_until: None, .. }));
+    assert!(matches!(
+        store.freshness().unwrap(),
+        lockstep::evidence::Freshness { last_success: None, covered_until: None, .. }
+    ));
 
     let rest = run(&store, &folder(&config), &config, w).await.unwrap();
     assert_eq!(rest.counts.files, written.files.len() as u64 - 40);
@@ -223,7 +226,10 @@ async fn a_failed_run_is_logged_and_does_not_move_freshness() {
     let error =
         run(&store, &missing, &config, window("2024-03-18T00:00:00Z", "2024-03-19T00:00:00Z")).await.unwrap_err();
     assert!(error.to_string().contains("nowhere"), "{error}");
-    assert!(matches!(store.freshness().unwrap(), lockstep::evidence::Freshness { last_success: None, covered_until: None, .. }));
+    assert!(matches!(
+        store.freshness().unwrap(),
+        lockstep::evidence::Freshness { last_success: None, covered_until: None, .. }
+    ));
     let runs = store.recent_runs(1).unwrap();
     assert_eq!(runs[0].status, "failed");
     assert!(runs[0].error.as_deref().unwrap_or("").contains("nowhere"));
@@ -280,7 +286,10 @@ fn killing_a_refresh_mid_run_loses_nothing_a_clean_run_cannot_complete() {
     assert!(at_kill < total, "the kill landed after the refresh finished ({at_kill} of {total} files); use more data");
     let runs = store.recent_runs(1).unwrap();
     assert_eq!(runs[0].status, "running", "the killed run never finished");
-    assert!(matches!(store.freshness().unwrap(), lockstep::evidence::Freshness { last_success: None, covered_until: None, .. }));
+    assert!(matches!(
+        store.freshness().unwrap(),
+        lockstep::evidence::Freshness { last_success: None, covered_until: None, .. }
+    ));
 
     let mut clean = refresh_command();
     assert!(clean.wait().unwrap().success());

@@ -12,8 +12,7 @@
 //! - a rollback started before a kill (through the admin API, or offline while the daemon is
 //!   down) has finished after the restart: the batch is rolled back, its users held and out;
 //! - no hand-added member touched: users put in the group by hand before the rollout are still
-//!   there, in no batch, never removed. Issue 13 item 2 (lockstep takes them over) is open, so
-//!   these are counted and printed but only fail the test with LOCKSTEP_FAULT_CHECK_OWNERSHIP=1.
+//!   there, in no batch, never removed.
 //!
 //! LOCKSTEP_FAULT_TRIALS (default 20) trials, LOCKSTEP_FAULT_PARALLEL (default 8) at a time,
 //! from LOCKSTEP_FAULT_SEED (default: from the clock; printed, with each trial's own seed, so
@@ -31,8 +30,8 @@ use std::process::{Child, Command, Output, Stdio};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
-use chrono::Utc;
 use faults::{Fault, Kind, Proxy, Rates, Rng};
+use lockstep::clock::{Clock, SystemClock};
 use lockstep::rollout::{BatchState, Snapshot, UserState};
 use lockstep::store::{Ledger, Store};
 
@@ -57,7 +56,6 @@ struct Settings {
     trials: usize,
     seed: u64,
     parallel: usize,
-    check_ownership: bool,
 }
 
 fn env_number(name: &str, default: u64) -> u64 {
@@ -76,12 +74,11 @@ fn env_number(name: &str, default: u64) -> u64 {
 
 impl Settings {
     fn from_env() -> Settings {
-        let clock_seed = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_nanos() as u64).unwrap_or(1);
+        let clock_seed = SystemClock.now().timestamp_nanos_opt().map_or(1, |nanos| nanos as u64);
         Settings {
             trials: env_number("LOCKSTEP_FAULT_TRIALS", 20) as usize,
             seed: env_number("LOCKSTEP_FAULT_SEED", clock_seed),
             parallel: env_number("LOCKSTEP_FAULT_PARALLEL", 8).max(1) as usize,
-            check_ownership: std::env::var("LOCKSTEP_FAULT_CHECK_OWNERSHIP").is_ok_and(|v| v == "1"),
         }
     }
 
@@ -139,16 +136,24 @@ impl Figures {
         println!("  daemon starts           {} ({restarts} restarts)", self.daemon_starts);
         println!("  SIGKILLs at random      {}", self.kills);
         println!("  aborts at failpoints    {}", self.failpoint_aborts);
-        println!("  rollbacks started       {} via the admin API, {} offline", self.api_rollbacks, self.offline_rollbacks);
+        println!(
+            "  rollbacks started       {} via the admin API, {} offline",
+            self.api_rollbacks, self.offline_rollbacks
+        );
         println!("  rollbacks verified      {} finished after a kill and restart", self.rollbacks_verified);
         println!("  promote-next commands   {}", self.promote_next);
-        println!("  IAM writes relayed      {} AddUserToGroup, {} RemoveUserFromGroup", self.adds_relayed, self.removes_relayed);
+        println!(
+            "  IAM writes relayed      {} AddUserToGroup, {} RemoveUserFromGroup",
+            self.adds_relayed, self.removes_relayed
+        );
         let faults: Vec<String> = self.faults.iter().map(|(kind, n)| format!("{n} {kind:?}")).collect();
         println!("  faults injected         {} ({})", self.faults.values().sum::<usize>(), faults.join(", "));
-        println!("  checks                  {} after convergence, {} with the daemon down", self.convergence_checks, self.quiescent_checks);
+        println!(
+            "  checks                  {} after convergence, {} with the daemon down",
+            self.convergence_checks, self.quiescent_checks
+        );
         println!("  invariant violations    {}", self.violations.len());
-        let gate = if settings.check_ownership { "enforced" } else { "not enforced: LOCKSTEP_FAULT_CHECK_OWNERSHIP=1 enforces" };
-        println!("  hand-added members touched {} (issue 13 item 2; {gate})", self.ownership_violations.len());
+        println!("  hand-added members touched {}", self.ownership_violations.len());
         for violation in self.violations.iter().chain(&self.ownership_violations).take(40) {
             println!("    {violation}");
         }
@@ -187,9 +192,13 @@ fn the_daemon_keeps_its_invariants_through_faults_kills_and_restarts() {
     let figures = figures.into_inner().unwrap_or_else(|e| e.into_inner());
     figures.print(&settings, started.elapsed());
     assert_eq!(figures.trials, settings.trials);
-    assert!(figures.violations.is_empty(), "{} invariant violation(s); see the figures above", figures.violations.len());
     assert!(
-        !settings.check_ownership || figures.ownership_violations.is_empty(),
+        figures.violations.is_empty(),
+        "{} invariant violation(s); see the figures above",
+        figures.violations.len()
+    );
+    assert!(
+        figures.ownership_violations.is_empty(),
         "{} hand-added member(s) touched; see the figures above",
         figures.ownership_violations.len()
     );
@@ -260,10 +269,11 @@ impl<'r> Trial<'r> {
         let config_path = dir.path().join("rollout.yaml");
         std::fs::write(&config_path, config_text).expect("write the trial config");
 
-        let iam = runtime.block_on(async { aws_sdk_iam::Client::new(&common::lockstep_sdk(&common::endpoint()).await) });
+        let iam =
+            runtime.block_on(async { aws_sdk_iam::Client::new(&common::lockstep_sdk(&common::endpoint()).await) });
         let candidates: Vec<String> = (0..6).map(|i| format!("{prefix}-user{i}")).collect();
         let hand_added: Vec<String> = (0..1 + rng.below(2)).map(|i| format!("{prefix}-hand{i}")).collect();
-        let now = Utc::now();
+        let now = SystemClock.now();
         let mut records = Vec::new();
         for user in candidates.iter().chain(&hand_added) {
             runtime.block_on(iam.create_user().user_name(user).path("/engineering/").send()).expect("create a user");
@@ -278,9 +288,15 @@ impl<'r> Trial<'r> {
                 ));
             }
         }
-        lockstep_synth::write_trail(&dir.path().join("trail"), common::ACCOUNT, &records, lockstep_synth::Faults::default())
-            .expect("write the trail");
-        let proxy = runtime.block_on(Proxy::start(&common::endpoint(), Fault::Random { seed: rng.next_u64(), rates: RATES }));
+        lockstep_synth::write_trail(
+            &dir.path().join("trail"),
+            common::ACCOUNT,
+            &records,
+            lockstep_synth::Faults::default(),
+        )
+        .expect("write the trail");
+        let proxy =
+            runtime.block_on(Proxy::start(&common::endpoint(), Fault::Random { seed: rng.next_u64(), rates: RATES }));
         let trial = Trial {
             index,
             seed,
@@ -343,11 +359,7 @@ impl<'r> Trial<'r> {
                     2..=4 => Op::PromoteNext,
                     _ => Op::Rollback,
                 };
-                Life::Operator {
-                    op,
-                    busy: delay(&mut self.rng, 1500),
-                    delay: delay(&mut self.rng, 600),
-                }
+                Life::Operator { op, busy: delay(&mut self.rng, 1500), delay: delay(&mut self.rng, 600) }
             }
         }
     }
@@ -364,9 +376,15 @@ impl<'r> Trial<'r> {
                 let deadline = Instant::now() + Duration::from_secs(4);
                 loop {
                     match daemon.try_wait() {
-                        Ok(Some(status)) if status.success() => self.violation(format!("the daemon exited cleanly with a failpoint set: {}", self.log_tail())),
-                        Ok(Some(_)) if self.log_tail().contains("aborting at failpoint") => self.figures.failpoint_aborts += 1,
-                        Ok(Some(status)) => self.violation(format!("the daemon died ({status}) short of failpoint {point}: {}", self.log_tail())),
+                        Ok(Some(status)) if status.success() => self
+                            .violation(format!("the daemon exited cleanly with a failpoint set: {}", self.log_tail())),
+                        Ok(Some(_)) if self.log_tail().contains("aborting at failpoint") => {
+                            self.figures.failpoint_aborts += 1
+                        }
+                        Ok(Some(status)) => self.violation(format!(
+                            "the daemon died ({status}) short of failpoint {point}: {}",
+                            self.log_tail()
+                        )),
                         _ if Instant::now() >= deadline => self.kill(&mut daemon),
                         _ => {
                             std::thread::sleep(Duration::from_millis(50));
@@ -401,12 +419,19 @@ impl<'r> Trial<'r> {
             }
             Op::Rollback => {
                 let Some(batch) = self.rollback_target(snapshot) else { return };
-                let out = self.lockstep(&["rollback", &batch.to_string(), "--reason", "fault trial", "--operator", OPERATOR], &self.proxy.url());
+                let out = self.lockstep(
+                    &["rollback", &batch.to_string(), "--reason", "fault trial", "--operator", OPERATOR],
+                    &self.proxy.url(),
+                );
                 if out.status.success() && !text(&out.stderr).contains("not reachable") {
                     self.figures.api_rollbacks += 1;
                     self.pending_rollbacks.insert(batch);
                 } else {
-                    self.violation(format!("rollback {batch} through the admin API failed: {}{}", text(&out.stdout), text(&out.stderr)));
+                    self.violation(format!(
+                        "rollback {batch} through the admin API failed: {}{}",
+                        text(&out.stdout),
+                        text(&out.stderr)
+                    ));
                 }
             }
         }
@@ -421,12 +446,17 @@ impl<'r> Trial<'r> {
             &["rollback", &batch.to_string(), "--commit", "--reason", "fault trial offline", "--operator", OPERATOR],
             &self.proxy.url(),
         );
-        let begun = self.snapshot().and_then(|s| s.batch(batch).map(|b| b.state == BatchState::RolledBack)).unwrap_or(false);
+        let begun =
+            self.snapshot().and_then(|s| s.batch(batch).map(|b| b.state == BatchState::RolledBack)).unwrap_or(false);
         if begun {
             self.figures.offline_rollbacks += 1;
             self.pending_rollbacks.insert(batch);
         } else {
-            self.violation(format!("offline rollback {batch} was not journaled: {}{}", text(&out.stdout), text(&out.stderr)));
+            self.violation(format!(
+                "offline rollback {batch} was not journaled: {}{}",
+                text(&out.stdout),
+                text(&out.stderr)
+            ));
         }
     }
 
@@ -460,14 +490,18 @@ impl<'r> Trial<'r> {
             }
             if let (Some(before), Some(group), Some(after)) = (self.snapshot(), self.group(), self.snapshot()) {
                 let settled = before.members == after.members
-                    && !after.members.values().any(|m| matches!(m.state, UserState::Promoting | UserState::RollingBack));
+                    && !after
+                        .members
+                        .values()
+                        .any(|m| matches!(m.state, UserState::Promoting | UserState::RollingBack));
                 let wanted: BTreeSet<String> = after
                     .members
                     .values()
                     .filter(|m| m.state.wants_membership() && !self.hand_added.contains(&m.user))
                     .map(|m| m.user.clone())
                     .collect();
-                let present: BTreeSet<String> = group.iter().filter(|u| !self.hand_added.contains(u)).cloned().collect();
+                let present: BTreeSet<String> =
+                    group.iter().filter(|u| !self.hand_added.contains(u)).cloned().collect();
                 if settled && wanted == present {
                     self.check_rollbacks_finished(&after, &group);
                     return Some(after);
@@ -476,7 +510,10 @@ impl<'r> Trial<'r> {
             }
             std::thread::sleep(Duration::from_millis(200));
         }
-        self.violation(format!("ledger and group did not converge within {CONVERGE_WITHIN:?}: {last}; {}", self.log_tail()));
+        self.violation(format!(
+            "ledger and group did not converge within {CONVERGE_WITHIN:?}: {last}; {}",
+            self.log_tail()
+        ));
         None
     }
 
@@ -495,8 +532,12 @@ impl<'r> Trial<'r> {
                 .filter(|u| !self.hand_added.contains(u))
                 .filter_map(|user| {
                     let state = snapshot.members.get(user).map(|m| m.state);
-                    (state != Some(UserState::Held) || group.contains(user))
-                        .then(|| format!("{user} is {state:?} and {}in the group", if group.contains(user) { "" } else { "not " }))
+                    (state != Some(UserState::Held) || group.contains(user)).then(|| {
+                        format!(
+                            "{user} is {state:?} and {}in the group",
+                            if group.contains(user) { "" } else { "not " }
+                        )
+                    })
                 })
                 .collect();
             for what in unfinished {
@@ -524,15 +565,19 @@ impl<'r> Trial<'r> {
         }
         let mut found = Vec::new();
         found.extend(promotions.iter().filter(|(_, n)| **n > 1).map(|(user, n)| format!("{user} promoted {n} times")));
-        found.extend(batches_of.iter().filter(|(_, b)| b.len() > 1).map(|(user, b)| format!("{user} in batches {b:?}")));
+        found
+            .extend(batches_of.iter().filter(|(_, b)| b.len() > 1).map(|(user, b)| format!("{user} in batches {b:?}")));
         // An audit entry (the journaled intent) for every IAM write, no later than the write.
         for write in writes.iter().filter(|w| w.group == self.group) {
             let intent = if write.action == "AddUserToGroup" { "promote" } else { "rolling_back" };
-            let journaled = audit
-                .iter()
-                .any(|e| e.action == intent && e.user.as_deref() == Some(&write.user) && e.at.timestamp() <= write.at.timestamp());
+            let journaled = audit.iter().any(|e| {
+                e.action == intent && e.user.as_deref() == Some(&write.user) && e.at.timestamp() <= write.at.timestamp()
+            });
             if !journaled {
-                found.push(format!("{} {} at {} has no earlier `{intent}` audit line", write.action, write.user, write.at));
+                found.push(format!(
+                    "{} {} at {} has no earlier `{intent}` audit line",
+                    write.action, write.user, write.at
+                ));
             }
         }
         for violation in found {
@@ -672,10 +717,7 @@ fn stop(daemon: &mut Child) {
 }
 
 fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .expect("a free local port")
-        .port()
+    std::net::TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).expect("a free local port").port()
 }
 
 /// `template` with each `(from, to)` replaced; every `from` must occur.

@@ -14,8 +14,8 @@ use chrono::{TimeZone, Utc};
 use lockstep::clock::{Clock, ManualClock};
 use lockstep::config::Config;
 use lockstep::controller::{Controller, Mode};
-use lockstep::feed::EventFeed;
 use lockstep::evidence::SourceError;
+use lockstep::feed::EventFeed;
 use lockstep::iam::{Iam, IamError, IamUser, PolicyStatus};
 use lockstep::store::{Ledger, NewBatch, Store};
 use lockstep::trail::Record;
@@ -52,11 +52,25 @@ const COUNTS: &[&str] = &[
 
 /// Values at, around and far beyond every bound the configuration has, or should have.
 const DURATION_VALUES: &[&str] = &[
-    "1ns", "999ms", "1s", "59s", "1m", "59m", "1h", "23h", "1d", "2d", "7d", "8d", "30d", "31d", "365d", "366d", "400d",
-    "401d", "3650d", "3651d", "300000y", "0s", "-1s", "soon",
+    "1ns", "999ms", "1s", "59s", "1m", "59m", "1h", "23h", "1d", "2d", "7d", "8d", "30d", "31d", "365d", "366d",
+    "400d", "401d", "3650d", "3651d", "300000y", "0s", "-1s", "soon",
 ];
 const COUNT_VALUES: &[i64] = &[
-    -1, 0, 1, 2, 3, 1_000, 1_001, 10_000, 10_001, 100_000, 100_001, 1_000_000, 1_000_001, 1_000_000_000, 1_000_000_001,
+    -1,
+    0,
+    1,
+    2,
+    3,
+    1_000,
+    1_001,
+    10_000,
+    10_001,
+    100_000,
+    100_001,
+    1_000_000,
+    1_000_001,
+    1_000_000_000,
+    1_000_000_001,
     i64::MAX,
 ];
 
@@ -174,7 +188,8 @@ async fn steps(config: Config) {
         config.eligibility.window,
         config.evidence.lookback,
     ];
-    let mut dry = Controller::new(config.clone(), store.clone(), MemoryIam::default(), Quiet, clock.clone(), Mode::DryRun);
+    let mut dry =
+        Controller::new(config.clone(), store.clone(), MemoryIam::default(), Quiet, clock.clone(), Mode::DryRun);
     let _ = dry.step(true).await;
     let mut live = Controller::new(config, store, MemoryIam::default(), Quiet, clock.clone(), Mode::Commit);
     let _ = live.step(true).await;

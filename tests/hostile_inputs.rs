@@ -104,7 +104,8 @@ async fn bad_entries_are_skipped_counted_and_the_rest_is_read_once() {
 fn classify_reads_a_perimeter_only_file_and_skips_a_fifo_named_on_the_command_line() {
     let dir = tempfile::tempdir().unwrap();
     let config = dir.path().join("perimeter.yaml");
-    std::fs::write(&config, format!("account_id: \"{ACCOUNT}\"\nperimeter:\n  trusted_cidrs: [203.0.113.0/24]\n")).unwrap();
+    std::fs::write(&config, format!("account_id: \"{ACCOUNT}\"\nperimeter:\n  trusted_cidrs: [203.0.113.0/24]\n"))
+        .unwrap();
     let good = dir.path().join("good.json");
     std::fs::write(&good, trail_file(&[record("e-1", "alice", 1)])).unwrap();
     let pipe = dir.path().join("pipe.json");

@@ -60,7 +60,8 @@ fn sdk_calls(source: &str) -> (Vec<String>, usize) {
     let mut rest = compact.as_str();
     while let Some(at) = rest.find("client.") {
         rest = &rest[at + "client.".len()..];
-        let name: String = rest.chars().take_while(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || *c == '_').collect();
+        let name: String =
+            rest.chars().take_while(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || *c == '_').collect();
         if !name.is_empty() && rest[name.len()..].starts_with("()") {
             calls.push(name);
         }
@@ -81,14 +82,18 @@ fn the_shipped_iam_policy_grants_exactly_the_calls_the_code_makes() {
         assert_eq!(calls.len(), sends, "{}: {calls:?} for {sends} .send() calls", file.display());
         for call in calls {
             let Some((_, action)) = OPERATIONS.iter().find(|(op, _)| *op == call) else {
-                panic!("{} calls the SDK operation {call}: add its IAM action to OPERATIONS and to deploy/lockstep-iam-policy.json", file.display());
+                panic!(
+                    "{} calls the SDK operation {call}: add its IAM action to OPERATIONS and to deploy/lockstep-iam-policy.json",
+                    file.display()
+                );
             };
             called.insert(action.to_string());
         }
     }
     assert!(called.len() >= 15, "the scan found the code's calls: {called:?}");
 
-    let policy: Value = serde_json::from_str(&std::fs::read_to_string("deploy/lockstep-iam-policy.json").unwrap()).unwrap();
+    let policy: Value =
+        serde_json::from_str(&std::fs::read_to_string("deploy/lockstep-iam-policy.json").unwrap()).unwrap();
     let mut granted = BTreeSet::new();
     for statement in policy["Statement"].as_array().unwrap() {
         assert_eq!(statement["Effect"], "Allow");
@@ -127,7 +132,8 @@ fn the_scan_sees_calls_across_lines_and_counts_sends() {
 fn the_readme_names_every_placeholder_of_the_policy() {
     let policy = std::fs::read_to_string("deploy/lockstep-iam-policy.json").unwrap();
     let readme = std::fs::read_to_string("README.md").unwrap();
-    let words: BTreeSet<&str> = policy.split(|c: char| !(c.is_ascii_uppercase() || c == '_')).filter(|w| w.len() > 3).collect();
+    let words: BTreeSet<&str> =
+        policy.split(|c: char| !(c.is_ascii_uppercase() || c == '_')).filter(|w| w.len() > 3).collect();
     assert!(words.contains("ACCOUNT_ID") && words.contains("TRAIL_BUCKET"), "{words:?}");
     for placeholder in words {
         assert!(readme.contains(&format!("`{placeholder}`")), "README.md explains the placeholder {placeholder}");

@@ -62,7 +62,8 @@ impl World {
         std::fs::write(&config, config_text).unwrap();
         let users = [format!("{prefix}-ann"), format!("{prefix}-ben")];
         let runtime = tokio::runtime::Runtime::new().unwrap();
-        let iam = runtime.block_on(async { aws_sdk_iam::Client::new(&common::lockstep_sdk(&common::endpoint()).await) });
+        let iam =
+            runtime.block_on(async { aws_sdk_iam::Client::new(&common::lockstep_sdk(&common::endpoint()).await) });
         let mut records = Vec::new();
         for user in &users {
             runtime.block_on(iam.create_user().user_name(user).path("/engineering/").send()).unwrap();
@@ -78,15 +79,7 @@ impl World {
             }
         }
         write_trail(&dir.path().join("trail"), common::ACCOUNT, &records, Faults::default()).unwrap();
-        World {
-            dir,
-            config,
-            metrics_port,
-            prefix: prefix.to_string(),
-            users,
-            runtime,
-            iam,
-        }
+        World { dir, config, metrics_port, prefix: prefix.to_string(), users, runtime, iam }
     }
 
     fn command(&self, args: &[&str]) -> Command {
@@ -151,11 +144,7 @@ impl Prometheus {
             .stderr(log)
             .spawn()
             .unwrap();
-        let prometheus = Prometheus {
-            port,
-            _process: Running(process),
-            _dir: dir,
-        };
+        let prometheus = Prometheus { port, _process: Running(process), _dir: dir };
         eventually("Prometheus ready", Duration::from_secs(20), || {
             matches!(get(port, "/-/ready"), Ok((200, _))).then_some(())
         });
@@ -171,7 +160,10 @@ impl Prometheus {
 
     /// An instant query: its result vector, or the error Prometheus gave.
     fn query(&self, expr: &str) -> Result<Vec<Value>, String> {
-        let encoded: String = expr.bytes().map(|b| if b.is_ascii_alphanumeric() { (b as char).to_string() } else { format!("%{b:02X}") }).collect();
+        let encoded: String = expr
+            .bytes()
+            .map(|b| if b.is_ascii_alphanumeric() { (b as char).to_string() } else { format!("%{b:02X}") })
+            .collect();
         let (_, body) = get(self.port, &format!("/api/v1/query?query={encoded}")).map_err(|e| e.to_string())?;
         let value: Value = serde_json::from_str(&body).map_err(|e| format!("{e}: {body}"))?;
         if value["status"] != "success" {
@@ -330,7 +322,11 @@ fn prometheus_sees_a_guard_rollback_fire_the_alert_and_every_dashboard_query_ans
     let canary = world.run(&["wait", "--for", "wave=canary", "--timeout", "5s"]);
     assert_eq!(canary.status.code(), Some(0), "the canary wave was reached: {}", text(&canary.stderr));
     let unknown = world.run(&["wait", "--for", "wave=nope", "--timeout", "1s"]);
-    assert!(!unknown.status.success() && text(&unknown.stderr).contains("no wave \"nope\""), "{}", text(&unknown.stderr));
+    assert!(
+        !unknown.status.success() && text(&unknown.stderr).contains("no wave \"nope\""),
+        "{}",
+        text(&unknown.stderr)
+    );
 
     // Series that only exist once something happened: a refresh run counted by the daemon (an
     // operator's refresh by hand), and IAM errors (someone deletes the lockdown group).

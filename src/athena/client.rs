@@ -29,7 +29,12 @@ pub(crate) struct QueryRows {
 /// Runs `sql` in the configured workgroup: starts it, waits with capped backoff until
 /// `cfg.timeout` (stopping a query that runs over, which would go on scanning and billing for
 /// nothing), and reads every page of results. `what` names the query in errors.
-pub(crate) async fn run_query(client: &Client, cfg: &config::Athena, what: &str, sql: &str) -> Result<QueryRows, SourceError> {
+pub(crate) async fn run_query(
+    client: &Client,
+    cfg: &config::Athena,
+    what: &str,
+    sql: &str,
+) -> Result<QueryRows, SourceError> {
     let id = start(client, cfg, sql).await?;
     let poll = || async {
         let out = client
@@ -107,19 +112,21 @@ where
     E: aws_sdk_athena::error::ProvideErrorMetadata + std::error::Error + 'static,
     R: std::fmt::Debug,
 {
-    SourceError::Aws {
-        operation: format!("athena:{operation} {id}"),
-        message: error_message(err),
-    }
+    SourceError::Aws { operation: format!("athena:{operation} {id}"), message: error_message(err) }
 }
 
 /// What one `GetQueryExecution` said about the query.
 #[derive(Debug, Clone, PartialEq)]
 enum Progress {
     Pending,
-    Succeeded { bytes_scanned: u64 },
+    Succeeded {
+        bytes_scanned: u64,
+    },
     /// FAILED or CANCELLED, with Athena's reason.
-    Ended { state: String, reason: String },
+    Ended {
+        state: String,
+        reason: String,
+    },
 }
 
 fn progress(execution: Option<&QueryExecution>) -> Progress {
@@ -248,11 +255,12 @@ mod tests {
         let err = read_pages("denials query q-1", |_| async { Ok((vec![header()], Some("same".to_string()))) })
             .await
             .unwrap_err();
-        assert_eq!(err.to_string(), "Athena denials query q-1 returned the same NextToken twice; results are incomplete");
+        assert_eq!(
+            err.to_string(),
+            "Athena denials query q-1 returned the same NextToken twice; results are incomplete"
+        );
 
-        let err = read_pages("q", |_| async { Err::<Page, _>(SourceError::Other("boom".into())) })
-            .await
-            .unwrap_err();
+        let err = read_pages("q", |_| async { Err::<Page, _>(SourceError::Other("boom".into())) }).await.unwrap_err();
         assert_eq!(err.to_string(), "boom");
     }
 
@@ -276,16 +284,15 @@ mod tests {
             .status(
                 QueryExecutionStatus::builder()
                     .state(QueryExecutionState::Failed)
-                    .athena_error(AthenaError::builder().error_message("COLUMN_NOT_FOUND: vpcendpointaccountid").build())
+                    .athena_error(
+                        AthenaError::builder().error_message("COLUMN_NOT_FOUND: vpcendpointaccountid").build(),
+                    )
                     .build(),
             )
             .build();
         assert_eq!(
             progress(Some(&failed)),
-            Progress::Ended {
-                state: "FAILED".into(),
-                reason: "COLUMN_NOT_FOUND: vpcendpointaccountid".into()
-            }
+            Progress::Ended { state: "FAILED".into(), reason: "COLUMN_NOT_FOUND: vpcendpointaccountid".into() }
         );
         let cancelled = QueryExecution::builder()
             .status(
@@ -295,7 +302,9 @@ mod tests {
                     .build(),
             )
             .build();
-        assert!(matches!(progress(Some(&cancelled)), Progress::Ended { state, reason } if state == "CANCELLED" && reason == "Query cancelled by user"));
+        assert!(
+            matches!(progress(Some(&cancelled)), Progress::Ended { state, reason } if state == "CANCELLED" && reason == "Query cancelled by user")
+        );
     }
 
     #[tokio::test]
@@ -312,10 +321,7 @@ mod tests {
         assert_eq!(polls, 4);
 
         let ended = wait(Duration::from_millis(1), Duration::from_secs(5), || async {
-            Ok(Progress::Ended {
-                state: "FAILED".into(),
-                reason: "why".into(),
-            })
+            Ok(Progress::Ended { state: "FAILED".into(), reason: "why".into() })
         })
         .await
         .unwrap();

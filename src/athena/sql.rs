@@ -21,7 +21,12 @@ const DELIVERY_SLACK: chrono::TimeDelta = chrono::TimeDelta::hours(1);
 /// The `FROM` and `WHERE` every query over the table shares: the account's IAM-user records
 /// with `eventTime` in `[since, until)`, constrained to the partitions that can hold them.
 /// Callers append further `AND` conditions and any `GROUP BY`.
-pub(crate) fn from_window(cfg: &config::Athena, account_id: &str, since: DateTime<Utc>, until: DateTime<Utc>) -> String {
+pub(crate) fn from_window(
+    cfg: &config::Athena,
+    account_id: &str,
+    since: DateTime<Utc>,
+    until: DateTime<Utc>,
+) -> String {
     let first_day = since.date_naive();
     let last_day = (until + DELIVERY_SLACK).date_naive().max(first_day);
     format!(
@@ -39,11 +44,9 @@ pub(crate) fn from_window(cfg: &config::Athena, account_id: &str, since: DateTim
 /// so string ranges order like dates.
 fn partition_filter(partitioning: Partitioning, first: NaiveDate, last: NaiveDate) -> String {
     match partitioning {
-        Partitioning::Projected => format!(
-            "\"timestamp\" BETWEEN '{}' AND '{}'",
-            first.format("%Y/%m/%d"),
-            last.format("%Y/%m/%d")
-        ),
+        Partitioning::Projected => {
+            format!("\"timestamp\" BETWEEN '{}' AND '{}'", first.format("%Y/%m/%d"), last.format("%Y/%m/%d"))
+        }
         Partitioning::RegionYearMonthDay => {
             // One range of days per calendar month, so windows across month and year ends work.
             let mut months: Vec<(NaiveDate, NaiveDate)> = Vec::new();
@@ -131,7 +134,10 @@ mod tests {
     fn event_time_bounds_round_up_to_whole_seconds() {
         let t = at(2024, 3, 1, 10, 0) + chrono::TimeDelta::milliseconds(1500);
         assert_eq!(trail_time(t), "2024-03-01T10:00:02Z");
-        assert_eq!(trail_time(at(2024, 12, 31, 23, 59) + chrono::TimeDelta::nanoseconds(59_000_000_001)), "2025-01-01T00:00:00Z");
+        assert_eq!(
+            trail_time(at(2024, 12, 31, 23, 59) + chrono::TimeDelta::nanoseconds(59_000_000_001)),
+            "2025-01-01T00:00:00Z"
+        );
         assert_eq!(trail_time(at(2024, 3, 1, 10, 0)), "2024-03-01T10:00:00Z");
     }
 

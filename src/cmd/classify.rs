@@ -71,4 +71,3 @@ pub fn run(perimeter: &Perimeter, inputs: &[PathBuf], exempt: HashSet<String>) -
     );
     Ok(if read == 0 { ExitCode::FAILURE } else { ExitCode::SUCCESS })
 }
-

@@ -211,7 +211,8 @@ impl Currency {
                 day_time(until)
             ),
             Some(until) => {
-                let current = format!("Evidence: current to {} ({} ago)", day_time(until), duration::elapsed(now - until));
+                let current =
+                    format!("Evidence: current to {} ({} ago)", day_time(until), duration::elapsed(now - until));
                 match &self.unusable {
                     Some(why) => format!("{current}, but NOT USABLE - {why}."),
                     None => format!("{current}."),
@@ -395,7 +396,7 @@ fn thousands(n: u64) -> String {
     let digits = n.to_string();
     let mut out = String::with_capacity(digits.len() + digits.len() / 3);
     for (i, c) in digits.chars().enumerate() {
-        if i > 0 && (digits.len() - i) % 3 == 0 {
+        if i > 0 && (digits.len() - i).is_multiple_of(3) {
             out.push(',');
         }
         out.push(c);

@@ -9,8 +9,8 @@ use lockstep::config::Config;
 use crate::{Cli, Command, LogFormat, PolicyAction};
 
 mod classify;
-mod ops;
 pub mod evidence;
+mod ops;
 mod policy;
 mod run;
 mod sandbox;
@@ -18,9 +18,9 @@ mod sandbox;
 /// Logs go to stderr; `LOCKSTEP_LOG` (an `EnvFilter` directive) overrides `default_level`, except
 /// that the AWS SDK and its HTTP stack never log below info (see [`sdk_ceiling`]).
 pub fn init_logging(format: LogFormat, default_level: &str) {
+    use tracing_subscriber::Layer;
     use tracing_subscriber::layer::SubscriberExt;
     use tracing_subscriber::util::SubscriberInitExt;
-    use tracing_subscriber::Layer;
     let filter = tracing_subscriber::EnvFilter::try_from_env("LOCKSTEP_LOG")
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default_level));
     let layer = tracing_subscriber::fmt::layer().with_writer(std::io::stderr);
@@ -54,29 +54,35 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 PolicyAction::Apply { commit } => block_on(policy::apply(&config, commit)),
             }
         }
-        Command::Sandbox { dir, users, seed, pace, admin_port, metrics_port, json } => block_on(sandbox::run(sandbox::Options {
-            dir,
-            users,
-            seed,
-            pace,
-            admin_port,
-            metrics_port,
-            json,
-        })),
+        Command::Sandbox { dir, users, seed, pace, admin_port, metrics_port, json } => {
+            block_on(sandbox::run(sandbox::Options { dir, users, seed, pace, admin_port, metrics_port, json }))
+        }
         Command::Status { json, watch: false, .. } => block_on(ops::status(&load(&cli.config)?, json)),
         Command::Status { json, watch: true, interval } => block_on(ops::watch(&load(&cli.config)?, json, interval)),
-        Command::Wait { target, timeout, interval } => block_on(ops::wait(&load(&cli.config)?, &target, timeout, interval)),
+        Command::Wait { target, timeout, interval } => {
+            block_on(ops::wait(&load(&cli.config)?, &target, timeout, interval))
+        }
         Command::Completions { shell } => crate::print_completions(shell),
         Command::Man => crate::print_man(),
         Command::Plan { json } => block_on(ops::plan(&load(&cli.config)?, json)),
-        Command::Pause { reason, operator } => operator_command(&cli.config, OpCommand::Pause { operator: operator.operator, reason }, false),
-        Command::Resume { operator } => operator_command(&cli.config, OpCommand::Resume { operator: operator.operator }, false),
+        Command::Pause { reason, operator } => {
+            operator_command(&cli.config, OpCommand::Pause { operator: operator.operator, reason }, false)
+        }
+        Command::Resume { operator } => {
+            operator_command(&cli.config, OpCommand::Resume { operator: operator.operator }, false)
+        }
         Command::Rollback { batch, reason, commit, operator } => {
             operator_command(&cli.config, OpCommand::Rollback { operator: operator.operator, batch, reason }, commit)
         }
-        Command::Hold { user, reason, operator } => operator_command(&cli.config, OpCommand::Hold { operator: operator.operator, user, reason }, false),
-        Command::Release { user, operator } => operator_command(&cli.config, OpCommand::Release { operator: operator.operator, user }, false),
-        Command::PromoteNext { operator } => operator_command(&cli.config, OpCommand::PromoteNext { operator: operator.operator }, false),
+        Command::Hold { user, reason, operator } => {
+            operator_command(&cli.config, OpCommand::Hold { operator: operator.operator, user, reason }, false)
+        }
+        Command::Release { user, operator } => {
+            operator_command(&cli.config, OpCommand::Release { operator: operator.operator, user }, false)
+        }
+        Command::PromoteNext { operator } => {
+            operator_command(&cli.config, OpCommand::PromoteNext { operator: operator.operator }, false)
+        }
         Command::Run { commit, once, json } => {
             let config = load(&cli.config)?;
             block_on(run::run(config, run::Options { commit, once, json }))

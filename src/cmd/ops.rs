@@ -22,8 +22,8 @@ use lockstep::evidence::{EvidenceStore, SourceError};
 use lockstep::feed::EventFeed;
 use lockstep::guard::{Explanation, VerdictKind};
 use lockstep::iam::AwsIam;
-use lockstep::planner::{Action, Eligibility, Gate, Plan};
 use lockstep::metrics::{MeteredIam, Metrics};
+use lockstep::planner::{Action, Eligibility, Gate, Plan};
 use lockstep::runtime::{self, Command, Status};
 use lockstep::store::{Ledger, LockError, Store, StoreError, StoreLock};
 use lockstep::trail::Record;
@@ -44,10 +44,7 @@ struct AdminClient {
 impl AdminClient {
     fn new(config: &Config) -> anyhow::Result<Option<AdminClient>> {
         let token = api::admin_token(&config.listeners).context("reading the admin token")?;
-        Ok(token.map(|token| AdminClient {
-            base: format!("http://{}", config.listeners.admin),
-            token,
-        }))
+        Ok(token.map(|token| AdminClient { base: format!("http://{}", config.listeners.admin), token }))
     }
 
     async fn call(&self, method: Method, path: &str, body: Option<String>) -> Result<(StatusCode, Bytes), Reach> {
@@ -76,12 +73,14 @@ impl AdminClient {
 }
 
 /// Asks the daemon, or says why it could not.
-async fn ask(config: &Config, method: Method, path: &str, body: Option<String>) -> anyhow::Result<Result<(StatusCode, Bytes), String>> {
+async fn ask(
+    config: &Config,
+    method: Method,
+    path: &str,
+    body: Option<String>,
+) -> anyhow::Result<Result<(StatusCode, Bytes), String>> {
     let Some(client) = AdminClient::new(config)? else {
-        return Ok(Err(format!(
-            "no admin token configured (listeners.token_file or ${})",
-            config.listeners.token_env
-        )));
+        return Ok(Err(format!("no admin token configured (listeners.token_file or ${})", config.listeners.token_env)));
     };
     match client.call(method, path, body).await {
         Ok(answer) => Ok(Ok(answer)),
@@ -99,7 +98,9 @@ pub async fn status(config: &Config, json: bool) -> anyhow::Result<ExitCode> {
 /// The daemon's status, or the ledger's when the daemon is down (`announce`: say so on stderr).
 async fn current_status(config: &Config, announce: bool) -> anyhow::Result<Status> {
     Ok(match ask(config, Method::GET, "/v1/status", None).await? {
-        Ok((code, body)) if code.is_success() => serde_json::from_slice::<Status>(&body).context("the daemon's status answer")?,
+        Ok((code, body)) if code.is_success() => {
+            serde_json::from_slice::<Status>(&body).context("the daemon's status answer")?
+        }
         Ok((code, body)) => bail!("daemon answered {code}: {}", answer_text(&body)),
         Err(why) => {
             if announce {
@@ -141,9 +142,13 @@ fn render_status(status: &Status) -> String {
         out += &format!("waiting    {why}\n");
     }
     if !status.batches.is_empty() {
-        out += &format!("\n{:>5}  {:<14} {:<12} {:>12}  {:<40} {}\n", "BATCH", "WAVE", "STATE", "SOAK LEFT", "MEMBERS", "GUARD");
+        out += &format!(
+            "\n{:>5}  {:<14} {:<12} {:>12}  {:<40} {}\n",
+            "BATCH", "WAVE", "STATE", "SOAK LEFT", "MEMBERS", "GUARD"
+        );
         for b in &status.batches {
-            let soak = b.soak_remaining_seconds.map(|s| ago(chrono::Duration::seconds(s))).unwrap_or_else(|| "-".to_string());
+            let soak =
+                b.soak_remaining_seconds.map(|s| ago(chrono::Duration::seconds(s))).unwrap_or_else(|| "-".to_string());
             let mut members = b.members.join(",");
             if members.chars().count() > 40 {
                 let count = format!("… ({})", b.members.len());
@@ -181,9 +186,13 @@ fn explanation_lines(e: &Explanation) -> String {
         );
     }
     if !e.culprits.is_empty() {
-        let culprits: Vec<String> = e.culprits.iter().map(|c| format!("{} ({} calls)", c.user, c.offending.len())).collect();
+        let culprits: Vec<String> =
+            e.culprits.iter().map(|c| format!("{} ({} calls)", c.user, c.offending.len())).collect();
         out += &format!("       at fault: {}\n", culprits.join(", "));
-        out += &format!("       not at fault: {}\n", if e.bystanders.is_empty() { "-".to_string() } else { e.bystanders.join(", ") });
+        out += &format!(
+            "       not at fault: {}\n",
+            if e.bystanders.is_empty() { "-".to_string() } else { e.bystanders.join(", ") }
+        );
     }
     out
 }
@@ -245,20 +254,20 @@ async fn offline(config: &Config, command: Command, commit: bool) -> anyhow::Res
     };
     let store = existing_store(config)?;
     let now = SystemClock.now();
-    if let Command::Rollback { batch, .. } = &command {
-        if !commit {
-            let snapshot = store.snapshot()?;
-            let Some(found) = snapshot.batch(*batch) else {
-                bail!("there is no batch {batch}");
-            };
-            println!(
-                "dry run, nothing changed; with --commit lockstep would roll back batch {batch} ({}) and remove from {}: {}",
-                found.state,
-                config.lockdown.group,
-                found.members.join(", ")
-            );
-            return Ok(ExitCode::SUCCESS);
-        }
+    if let Command::Rollback { batch, .. } = &command
+        && !commit
+    {
+        let snapshot = store.snapshot()?;
+        let Some(found) = snapshot.batch(*batch) else {
+            bail!("there is no batch {batch}");
+        };
+        println!(
+            "dry run, nothing changed; with --commit lockstep would roll back batch {batch} ({}) and remove from {}: {}",
+            found.state,
+            config.lockdown.group,
+            found.members.join(", ")
+        );
+        return Ok(ExitCode::SUCCESS);
     }
     let message = match runtime::apply_command(&store, &command, config, now) {
         Ok(message) => message,
@@ -283,9 +292,9 @@ async fn remove_rolled_back(config: &Config, store: &Store, operator: &str) -> a
     let group = &config.lockdown.group;
     let snapshot = store.snapshot()?;
     for member in snapshot.members.values().filter(|m| m.state == lockstep::rollout::UserState::RollingBack) {
-        remove_and_hold(&iam, store, group, &member.user, true, operator, SystemClock.now())
-            .await
-            .with_context(|| format!("removing {} from {group} (the rollback is journaled; rerun to retry)", member.user))?;
+        remove_and_hold(&iam, store, group, &member.user, true, operator, SystemClock.now()).await.with_context(
+            || format!("removing {} from {group} (the rollback is journaled; rerun to retry)", member.user),
+        )?;
         println!("removed {} from {group}", member.user);
     }
     Ok(())
@@ -311,14 +320,23 @@ impl EventFeed for NoFeed {
 
 pub async fn plan(config: &Config, json: bool) -> anyhow::Result<ExitCode> {
     let plan = match ask(config, Method::GET, "/v1/plan", None).await? {
-        Ok((code, body)) if code.is_success() => serde_json::from_slice::<Plan>(&body).context("the daemon's plan answer")?,
+        Ok((code, body)) if code.is_success() => {
+            serde_json::from_slice::<Plan>(&body).context("the daemon's plan answer")?
+        }
         Ok((code, body)) => bail!("daemon answered {code}: {}", answer_text(&body)),
         Err(why) => {
             eprintln!("{why}; planning from the store and IAM directly");
             let store = Arc::new(existing_store(config)?);
             let sdk = lockstep::aws::load(&config.region, None).await;
             let clock: Arc<dyn Clock> = Arc::new(SystemClock);
-            let mut controller = Controller::new(config.clone(), store, AwsIam::new(&sdk, &config.account_id), NoFeed, clock, Mode::DryRun);
+            let mut controller = Controller::new(
+                config.clone(),
+                store,
+                AwsIam::new(&sdk, &config.account_id),
+                NoFeed,
+                clock,
+                Mode::DryRun,
+            );
             controller.preview().await?
         }
     };
@@ -374,7 +392,8 @@ fn offline_status(config: &Config) -> anyhow::Result<Status> {
     let store = existing_store(config)?;
     let snapshot = store.snapshot()?;
     let mode = store.audit_log(LAST_MODE_HORIZON)?.iter().rev().find_map(|entry| Mode::of_actor(&entry.actor));
-    let mut status = runtime::status(&snapshot, None, store.freshness()?, mode.unwrap_or(Mode::DryRun), SystemClock.now());
+    let mut status =
+        runtime::status(&snapshot, None, store.freshness()?, mode.unwrap_or(Mode::DryRun), SystemClock.now());
     if mode.is_none() {
         status.mode = "unknown (no run recorded)".to_string();
     }
@@ -448,12 +467,17 @@ fn progress(target: &WaitTarget, status: &Status, waves: &[String]) -> Progress 
 
 /// `lockstep wait`: looks at the rollout every `interval` until `target` is reached (exit 0),
 /// the guard pauses it (exit 2) or `timeout` passes (exit 1).
-pub async fn wait(config: &Config, target: &WaitTarget, timeout: std::time::Duration, interval: std::time::Duration) -> anyhow::Result<ExitCode> {
+pub async fn wait(
+    config: &Config,
+    target: &WaitTarget,
+    timeout: std::time::Duration,
+    interval: std::time::Duration,
+) -> anyhow::Result<ExitCode> {
     let waves: Vec<String> = config.waves.iter().map(|w| w.name.clone()).collect();
-    if let WaitTarget::Wave(name) = target {
-        if !waves.contains(name) {
-            bail!("there is no wave {name:?} in the configuration (waves: {})", waves.join(", "));
-        }
+    if let WaitTarget::Wave(name) = target
+        && !waves.contains(name)
+    {
+        bail!("there is no wave {name:?} in the configuration (waves: {})", waves.join(", "));
     }
     let deadline = tokio::time::Instant::now() + timeout;
     let mut first = true;
@@ -515,17 +539,31 @@ mod tests {
     fn wait_reaches_a_wave_when_it_or_a_later_one_is_current_or_all_are_done() {
         let waves = ["canary", "engineering", "everyone"].map(String::from);
         let wave = |name: &str| WaitTarget::Wave(name.to_string());
-        assert_eq!(progress(&wave("engineering"), &status(Some(Gate::Open), Some("canary"), None), &waves), Progress::NotYet);
-        assert_eq!(progress(&wave("engineering"), &status(Some(Gate::Open), Some("engineering"), None), &waves), Progress::Reached);
-        assert_eq!(progress(&wave("engineering"), &status(Some(Gate::Open), Some("everyone"), None), &waves), Progress::Reached);
+        assert_eq!(
+            progress(&wave("engineering"), &status(Some(Gate::Open), Some("canary"), None), &waves),
+            Progress::NotYet
+        );
+        assert_eq!(
+            progress(&wave("engineering"), &status(Some(Gate::Open), Some("engineering"), None), &waves),
+            Progress::Reached
+        );
+        assert_eq!(
+            progress(&wave("engineering"), &status(Some(Gate::Open), Some("everyone"), None), &waves),
+            Progress::Reached
+        );
         assert_eq!(progress(&wave("everyone"), &status(Some(Gate::Finished), None, None), &waves), Progress::Reached);
-        assert_eq!(progress(&wave("canary"), &status(None, None, None), &waves), Progress::NotYet, "offline: no current wave");
+        assert_eq!(
+            progress(&wave("canary"), &status(None, None, None), &waves),
+            Progress::NotYet,
+            "offline: no current wave"
+        );
     }
 
     #[test]
     fn only_a_guard_pause_ends_a_wait_for_something_else() {
         let waves = ["canary".to_string()];
-        let by_guard = status(Some(Gate::Paused("batch 1 rolled back".into())), Some("canary"), Some(Mode::Commit.actor()));
+        let by_guard =
+            status(Some(Gate::Paused("batch 1 rolled back".into())), Some("canary"), Some(Mode::Commit.actor()));
         let by_operator = status(Some(Gate::Paused("incident".into())), Some("canary"), Some("alice"));
         assert_eq!(progress(&WaitTarget::Finished, &by_guard, &waves), Progress::PausedByGuard);
         assert_eq!(progress(&WaitTarget::Finished, &by_operator, &waves), Progress::NotYet);

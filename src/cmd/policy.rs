@@ -36,7 +36,10 @@ pub async fn apply(config: &Config, commit: bool) -> anyhow::Result<ExitCode> {
             println!("  - {change}");
         }
         if let PolicyStatus::Drifted { current } = status {
-            println!("\ncurrent default version:\n{current}\n\nrendered from rollout.yaml:\n{}", config.perimeter.policy().to_pretty_json()?);
+            println!(
+                "\ncurrent default version:\n{current}\n\nrendered from rollout.yaml:\n{}",
+                config.perimeter.policy().to_pretty_json()?
+            );
         }
     }
     Ok(ExitCode::SUCCESS)

@@ -7,7 +7,6 @@ use std::sync::Arc;
 
 use anyhow::Context;
 use lockstep::api;
-use lockstep::runtime::Shared;
 use lockstep::clock::{Clock, SystemClock};
 use lockstep::config::Config;
 use lockstep::controller::{Controller, Mode};
@@ -15,7 +14,8 @@ use lockstep::evidence::EvidenceStore;
 use lockstep::evidence::refresh::{self, Source};
 use lockstep::feed::{self, EventFeed};
 use lockstep::iam::AwsIam;
-use lockstep::metrics::{Metrics, MeteredIam};
+use lockstep::metrics::{MeteredIam, Metrics};
+use lockstep::runtime::Shared;
 use lockstep::store::{Ledger, Store, StoreLock};
 
 pub struct Options {
@@ -30,9 +30,11 @@ const LOCK_PATIENCE: std::time::Duration = std::time::Duration::from_secs(10);
 pub async fn run(config: Config, options: Options) -> anyhow::Result<ExitCode> {
     let clock: Arc<dyn Clock> = Arc::new(SystemClock);
     // Held for the daemon's life: while it is, the CLI refuses to act on the store directly.
-    let _lock = StoreLock::daemon(&config.store.path, LOCK_PATIENCE).context("taking the store lock; is lockstep already running?")?;
+    let _lock = StoreLock::daemon(&config.store.path, LOCK_PATIENCE)
+        .context("taking the store lock; is lockstep already running?")?;
     let store = Arc::new(
-        Store::open(&config.store.path).with_context(|| format!("opening the store {}", config.store.path.display()))?,
+        Store::open(&config.store.path)
+            .with_context(|| format!("opening the store {}", config.store.path.display()))?,
     );
     let sdk = lockstep::aws::load(&config.region, None).await;
     let metrics = Metrics::new();
@@ -74,11 +76,7 @@ pub async fn drive<F: EventFeed + 'static>(
     let mut shutdown = Shutdown::install().context("listening for shutdown signals")?;
     let config = controller.config().clone();
     let shared = Shared::new(controller, metrics);
-    let servers = if options.once {
-        None
-    } else {
-        Some(api::serve(shared.clone(), &config.listeners).await?)
-    };
+    let servers = if options.once { None } else { Some(api::serve(shared.clone(), &config.listeners).await?) };
     let poll = shared.real_poll_interval();
     let mut ticker = tokio::time::interval(poll);
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);

@@ -18,9 +18,9 @@ use lockstep::api::{self, Command, Shared};
 use lockstep::clock::{Clock, ManualClock};
 use lockstep::config::Config;
 use lockstep::controller::{Controller, Mode, StepReport};
+use lockstep::evidence::EvidenceStore;
 use lockstep::evidence::files::Folder;
 use lockstep::evidence::refresh::{self, Source};
-use lockstep::evidence::EvidenceStore;
 use lockstep::feed;
 use lockstep::iam::{Iam, IamError, IamUser, PolicyStatus};
 use lockstep::metrics::Metrics;
@@ -174,11 +174,7 @@ pub async fn run(options: Options) -> anyhow::Result<ExitCode> {
             tags: u.tags.iter().cloned().collect(),
         })
         .collect();
-    let iam = LocalIam {
-        users: Arc::new(users),
-        group: Arc::default(),
-        policy: Arc::default(),
-    };
+    let iam = LocalIam { users: Arc::new(users), group: Arc::default(), policy: Arc::default() };
     iam.apply_policy(&config.lockdown.group, &config.lockdown.policy_name, &config.perimeter.policy().to_json()?)
         .await?;
     let dyn_clock: Arc<dyn Clock> = clock.clone();
@@ -196,10 +192,7 @@ pub async fn run(options: Options) -> anyhow::Result<ExitCode> {
     let mut story = Story::default();
     let mut written_until = start;
     let mut last_refresh = start;
-    let mut summary = Summary {
-        users: org.users.len(),
-        ..Summary::default()
-    };
+    let mut summary = Summary { users: org.users.len(), ..Summary::default() };
     while clock.now() - start < chrono::Duration::days(MAX_DAYS) {
         let now = clock.now() + STEP;
         let mut records = org.generate(written_until, now).records;
@@ -230,7 +223,8 @@ pub async fn run(options: Options) -> anyhow::Result<ExitCode> {
         match member.state {
             UserState::Locked => summary.locked.push(member.user.clone()),
             UserState::Held => {
-                let batch = member.batch.map(|b| format!("batch {b} rolled back")).unwrap_or_else(|| "held".to_string());
+                let batch =
+                    member.batch.map(|b| format!("batch {b} rolled back")).unwrap_or_else(|| "held".to_string());
                 summary.held.push(format!("{} ({batch})", member.user));
             }
             _ => {}
@@ -288,7 +282,13 @@ impl Story {
         records
     }
 
-    fn react(&mut self, report: &StepReport, shared: &Shared, now: DateTime<Utc>, summary: &mut Summary) -> anyhow::Result<()> {
+    fn react(
+        &mut self,
+        report: &StepReport,
+        shared: &Shared,
+        now: DateTime<Utc>,
+        summary: &mut Summary,
+    ) -> anyhow::Result<()> {
         for action in &report.plan.actions {
             match action {
                 Action::StartBatch { wave, users } if wave == "engineering" && self.misbehaving.is_none() => {
@@ -304,14 +304,13 @@ impl Story {
                 _ => {}
             }
         }
-        if let Some(at) = self.rolled_back_at {
-            if !self.resumed && now - at >= chrono::Duration::hours(2) {
-                let answer = shared.command(&Command::Resume {
-                    operator: OPERATOR.to_string(),
-                })?;
-                eprintln!("sandbox: {OPERATOR} looked at the held users and resumed the rollout: {answer}");
-                self.resumed = true;
-            }
+        if let Some(at) = self.rolled_back_at
+            && !self.resumed
+            && now - at >= chrono::Duration::hours(2)
+        {
+            let answer = shared.command(&Command::Resume { operator: OPERATOR.to_string() })?;
+            eprintln!("sandbox: {OPERATOR} looked at the held users and resumed the rollout: {answer}");
+            self.resumed = true;
         }
         Ok(())
     }
@@ -336,7 +335,12 @@ fn narrate(report: &StepReport) {
 fn print_summary(summary: &Summary) {
     println!("\nlockstep sandbox summary ({:.1} virtual days)", summary.virtual_days);
     println!("  rollout finished:  {}", if summary.finished { "yes" } else { "no" });
-    println!("  users:             {} generated, {} locked, {} held", summary.users, summary.locked.len(), summary.held.len());
+    println!(
+        "  users:             {} generated, {} locked, {} held",
+        summary.users,
+        summary.locked.len(),
+        summary.held.len()
+    );
     let batches: Vec<String> = summary.batches.iter().map(|(state, n)| format!("{n} {state}")).collect();
     println!("  batches:           {}", batches.join(", "));
     println!("  rollbacks:         {}", summary.rollbacks.len());

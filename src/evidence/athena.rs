@@ -152,13 +152,7 @@ fn explicit_deny(lockdown_policy: &str) -> String {
     // literal in Trino's and DuckDB's regex dialects alike.
     let name: String = lockdown_policy
         .chars()
-        .map(|c| {
-            if c.is_ascii_alphanumeric() || c == '_' {
-                c.to_string()
-            } else {
-                format!("[{c}]")
-            }
-        })
+        .map(|c| if c.is_ascii_alphanumeric() || c == '_' { c.to_string() } else { format!("[{c}]") })
         .collect();
     let pattern = format!(r"policy: arn:\S*:policy/(\S*/)?{name}[.,)]*(\s|$)");
     format!(
@@ -177,10 +171,8 @@ pub fn window_query(
     since: DateTime<Utc>,
     until: DateTime<Utc>,
 ) -> String {
-    let select: Vec<String> = Col::ALL
-        .iter()
-        .map(|col| format!("  {} AS {}", col.expression(lockdown_policy), col.name()))
-        .collect();
+    let select: Vec<String> =
+        Col::ALL.iter().map(|col| format!("  {} AS {}", col.expression(lockdown_policy), col.name())).collect();
     let mut group_by: Vec<String> = Col::ALL
         .iter()
         .filter(|col| col.is_key())
@@ -210,12 +202,7 @@ pub async fn run_window(
     let (groups, skipped_rows) = parse_rows("evidence", &rows, parse_row);
     let elapsed = started.elapsed();
     tracing::info!(query = %id, groups = groups.len(), skipped_rows, bytes_scanned, ?elapsed, "Athena window read");
-    Ok(AthenaRun {
-        groups,
-        bytes_scanned,
-        elapsed,
-        skipped_rows,
-    })
+    Ok(AthenaRun { groups, bytes_scanned, elapsed, skipped_rows })
 }
 
 /// One result row as the call group it stands for.
@@ -229,9 +216,7 @@ fn parse_row(cells: &[Option<String>]) -> Result<CallGroup, String> {
     let calls: u64 = calls.parse().map_err(|e| format!("calls {calls:?}: {e}"))?;
     let time = |col: Col| -> Result<DateTime<Utc>, String> {
         let value = required(col)?;
-        DateTime::parse_from_rfc3339(&value)
-            .map(|t| t.to_utc())
-            .map_err(|e| format!("{} {value:?}: {e}", col.name()))
+        DateTime::parse_from_rfc3339(&value).map(|t| t.to_utc()).map_err(|e| format!("{} {value:?}: {e}", col.name()))
     };
     let (first, last) = (time(Col::FirstTime)?, time(Col::LastTime)?);
     let explicit_deny = match text(Col::ExplicitDeny).as_deref() {
@@ -262,12 +247,7 @@ fn parse_row(cells: &[Option<String>]) -> Result<CallGroup, String> {
         s3_auth_method: text(Col::S3AuthMethod),
         ..Record::default()
     };
-    Ok(CallGroup {
-        record,
-        calls,
-        first,
-        last,
-    })
+    Ok(CallGroup { record, calls, first, last })
 }
 
 #[cfg(test)]
@@ -312,12 +292,7 @@ mod tests {
     fn row(values: &[(Col, Option<&str>)]) -> Vec<Option<String>> {
         Col::ALL
             .iter()
-            .map(|col| {
-                values
-                    .iter()
-                    .find(|(c, _)| c == col)
-                    .and_then(|(_, v)| v.map(str::to_string))
-            })
+            .map(|col| values.iter().find(|(c, _)| c == col).and_then(|(_, v)| v.map(str::to_string)))
             .collect()
     }
 

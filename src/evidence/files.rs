@@ -314,7 +314,12 @@ impl TrailObjects for Folder {
                             tracing::warn!(path = %path.display(), "cannot walk trail folder entry: {e}");
                             path.to_path_buf()
                         }
-                        _ => return Err(SourceError::Io { what: format!("listing folder {}", dir.display()), source: e.into() }),
+                        _ => {
+                            return Err(SourceError::Io {
+                                what: format!("listing folder {}", dir.display()),
+                                source: e.into(),
+                            });
+                        }
                     },
                 };
                 let Some(key) = relative_key(&root, &path) else {

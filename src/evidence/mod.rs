@@ -29,12 +29,7 @@ impl CallGroup {
     /// One recorded call; `None` when the record has no usable `eventTime`.
     pub fn single(record: Record) -> Option<CallGroup> {
         let at = record.event_time()?;
-        Some(CallGroup {
-            record,
-            calls: 1,
-            first: at,
-            last: at,
-        })
+        Some(CallGroup { record, calls: 1, first: at, last: at })
     }
 }
 

@@ -140,10 +140,9 @@ pub async fn refresh(
             let log = RunLog::start(store, name, config, window, clock)?;
             let mut counts = RunCounts::default();
             progress(Progress::Querying);
-            let result =
-                within(timeout, read_athena(store, client, athena, config, window, log.cutoff, &mut counts))
-                    .instrument(log.span.clone())
-                    .await;
+            let result = within(timeout, read_athena(store, client, athena, config, window, log.cutoff, &mut counts))
+                .instrument(log.span.clone())
+                .await;
             log.finish(store, result, counts, clock)
         }
     }
@@ -163,10 +162,9 @@ pub async fn refresh_trail<T: TrailObjects + 'static>(
 ) -> Result<Report, RefreshError> {
     let log = RunLog::start(store, name, config, window, clock)?;
     let mut counts = RunCounts::default();
-    let result =
-        within(timeout, read_trail(store, objects, config, window, log.cutoff, clock, &mut counts, progress))
-            .instrument(log.span.clone())
-            .await;
+    let result = within(timeout, read_trail(store, objects, config, window, log.cutoff, clock, &mut counts, progress))
+        .instrument(log.span.clone())
+        .await;
     log.finish(store, result, counts, clock)
 }
 
@@ -268,14 +266,20 @@ async fn read_trail<T: TrailObjects + 'static>(
     }
     progress(Progress::Reading { files: keys.len() as u64 });
     let mut batch = Vec::with_capacity(BATCH);
-    let read = files::read_files(objects.clone(), keys, Arc::new(Judge::new(config)), config.evidence.max_inflated_size, |mut file: TrailFile| {
-        file.aggregates.retain_hours(|hour| hour >= cutoff);
-        batch.push(file);
-        if batch.len() < BATCH {
-            return Ok(());
-        }
-        record(store, &mut batch, clock, counts, progress)
-    })
+    let read = files::read_files(
+        objects.clone(),
+        keys,
+        Arc::new(Judge::new(config)),
+        config.evidence.max_inflated_size,
+        |mut file: TrailFile| {
+            file.aggregates.retain_hours(|hour| hour >= cutoff);
+            batch.push(file);
+            if batch.len() < BATCH {
+                return Ok(());
+            }
+            record(store, &mut batch, clock, counts, progress)
+        },
+    )
     .await;
     // Files read before a failure are whole: keep them.
     let recorded = record(store, &mut batch, clock, counts, progress);
@@ -500,8 +504,13 @@ impl ProgressLog {
                 self.done += 1;
                 self.records += records;
                 let step = (self.files / 10).max(1);
-                if self.done % step == 0 || self.done == self.files {
-                    tracing::info!(done = self.done, of = self.files, records = self.records, "evidence refresh progress");
+                if self.done.is_multiple_of(step) || self.done == self.files {
+                    tracing::info!(
+                        done = self.done,
+                        of = self.files,
+                        records = self.records,
+                        "evidence refresh progress"
+                    );
                 }
             }
             Progress::Querying => tracing::info!("evidence refresh: waiting for the Athena query"),

@@ -61,12 +61,8 @@ impl TrailObjects for S3Trail {
         let mut prefixes = Vec::new();
         while let Some(page) = pages.next().await {
             let page = page.map_err(|e| self.failed("ListObjectsV2", prefix, e))?;
-            prefixes.extend(
-                page.common_prefixes()
-                    .iter()
-                    .filter_map(|p| p.prefix())
-                    .map(|p| self.relative(p).to_string()),
-            );
+            prefixes
+                .extend(page.common_prefixes().iter().filter_map(|p| p.prefix()).map(|p| self.relative(p).to_string()));
         }
         Ok(prefixes)
     }
@@ -126,13 +122,7 @@ mod tests {
             .behavior_version(aws_sdk_s3::config::BehaviorVersion::latest())
             .region(aws_sdk_s3::config::Region::new("us-east-1"))
             .build();
-        S3Trail::new(
-            Client::from_conf(config),
-            &S3Location {
-                bucket: "b".into(),
-                prefix: prefix.into(),
-            },
-        )
+        S3Trail::new(Client::from_conf(config), &S3Location { bucket: "b".into(), prefix: prefix.into() })
     }
 
     #[test]

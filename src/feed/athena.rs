@@ -85,12 +85,8 @@ impl AthenaFeed {
 
     async fn new_records(&mut self) -> Result<Vec<Record>, SourceError> {
         let (since, until) = poll_window(self.window_end, self.clock.now(), self.lookback);
-        let denials = self
-            .rows("denials", &denials_query(&self.athena, &self.account_id, since, until))
-            .await?;
-        let activity = self
-            .rows("activity", &activity_query(&self.athena, &self.account_id, since, until))
-            .await?;
+        let denials = self.rows("denials", &denials_query(&self.athena, &self.account_id, since, until)).await?;
+        let activity = self.rows("activity", &activity_query(&self.athena, &self.account_id, since, until)).await?;
         let (mut records, _) = parse_rows("denials", &denials, denial_record);
         records.extend(parse_rows("activity", &activity, |row| activity_record(row, &self.account_id)).0);
         self.window_end = Some(until);
@@ -146,10 +142,8 @@ const DENIAL_COLUMNS: [(&str, &str); 12] = [
 /// row per record, with the fields a [`Record`] needs (`event_id`, `event_time`, ...,
 /// `source_ip`). Plain SQL that Athena and DuckDB both accept.
 pub fn denials_query(athena: &config::Athena, account_id: &str, since: DateTime<Utc>, until: DateTime<Utc>) -> String {
-    let select: Vec<String> = DENIAL_COLUMNS
-        .iter()
-        .map(|(label, expression)| format!("  {expression} AS {label}"))
-        .collect();
+    let select: Vec<String> =
+        DENIAL_COLUMNS.iter().map(|(label, expression)| format!("  {expression} AS {label}")).collect();
     format!(
         "SELECT\n{}\n{}\n  AND (errorcode LIKE 'AccessDenied%' OR errorcode LIKE '%UnauthorizedOperation')",
         select.join(",\n"),
@@ -287,10 +281,7 @@ mod tests {
             event_time: Some(time.to_string()),
             event_source: Some("s3.amazonaws.com".into()),
             event_name: Some("GetObject".into()),
-            user_identity: Some(UserIdentity {
-                user_name: Some(user.into()),
-                ..UserIdentity::default()
-            }),
+            user_identity: Some(UserIdentity { user_name: Some(user.into()), ..UserIdentity::default() }),
             ..Record::default()
         };
         (record.event_time().unwrap(), record)
@@ -346,7 +337,9 @@ mod tests {
             ("error_code", Some("AccessDenied")),
             (
                 "error_message",
-                Some("User: arn:aws:iam::123456789012:user/alice is not authorized to perform: s3:GetObject with an explicit deny in an identity-based policy: arn:aws:iam::123456789012:policy/lockstep-deny"),
+                Some(
+                    "User: arn:aws:iam::123456789012:user/alice is not authorized to perform: s3:GetObject with an explicit deny in an identity-based policy: arn:aws:iam::123456789012:policy/lockstep-deny",
+                ),
             ),
             ("user_name", Some("alice")),
             ("user_arn", Some("arn:aws:iam::123456789012:user/alice")),
@@ -443,7 +436,10 @@ mod tests {
         ] {
             assert!(query.contains(r#"FROM "trail db"."cloudtrail_logs""#), "{query}");
             assert!(query.contains(r#"WHERE "timestamp" BETWEEN '2024/03/01' AND '2024/03/02'"#), "{query}");
-            assert!(query.contains("AND eventtime >= '2024-03-01T23:40:00Z'\n  AND eventtime < '2024-03-02T00:10:00Z'"), "{query}");
+            assert!(
+                query.contains("AND eventtime >= '2024-03-01T23:40:00Z'\n  AND eventtime < '2024-03-02T00:10:00Z'"),
+                "{query}"
+            );
             assert!(query.contains("useridentity.type = 'IAMUser'"), "{query}");
             assert!(query.contains("coalesce(useridentity.accountid, recipientaccountid) = '123456789012'"), "{query}");
         }
@@ -462,18 +458,21 @@ mod tests {
     fn the_denial_query_selects_every_column_in_order_and_only_denials() {
         let query = denials_query(&cfg(Partitioning::Projected), "o'brien", at(2024, 3, 1, 0, 0), at(2024, 3, 1, 1, 0));
         let select = query.split("\nFROM ").next().unwrap();
-        let labels: Vec<&str> = select
-            .lines()
-            .filter_map(|l| l.rsplit_once(" AS "))
-            .map(|(_, a)| a.trim_end_matches(','))
-            .collect();
+        let labels: Vec<&str> =
+            select.lines().filter_map(|l| l.rsplit_once(" AS ")).map(|(_, a)| a.trim_end_matches(',')).collect();
         assert_eq!(labels, DENIAL_COLUMNS.map(|(label, _)| label));
-        assert!(query.ends_with("AND (errorcode LIKE 'AccessDenied%' OR errorcode LIKE '%UnauthorizedOperation')"), "{query}");
+        assert!(
+            query.ends_with("AND (errorcode LIKE 'AccessDenied%' OR errorcode LIKE '%UnauthorizedOperation')"),
+            "{query}"
+        );
         assert!(query.contains("= 'o''brien'"), "{query}");
         assert!(!query.contains("GROUP BY"));
 
         let query = activity_query(&cfg(Partitioning::Projected), "1", at(2024, 3, 1, 0, 0), at(2024, 3, 1, 1, 0));
-        assert!(query.starts_with("SELECT\n  useridentity.username AS user_name,\n  max(eventtime) AS last_time\nFROM "), "{query}");
+        assert!(
+            query.starts_with("SELECT\n  useridentity.username AS user_name,\n  max(eventtime) AS last_time\nFROM "),
+            "{query}"
+        );
         assert!(query.ends_with("AND useridentity.username IS NOT NULL\nGROUP BY useridentity.username"), "{query}");
         assert!(!query.contains("errorcode"), "{query}");
     }

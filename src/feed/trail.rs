@@ -122,9 +122,18 @@ mod tests {
         std::fs::create_dir_all(&day).unwrap();
         let record = r#"{"Records":[{"eventVersion":"1.08","eventTime":"2026-03-10T01:00:00Z","eventSource":"s3.amazonaws.com","eventName":"ListBuckets","eventID":"e1","userIdentity":{"type":"IAMUser","userName":"ann","arn":"arn:aws:iam::123456789012:user/ann","accountId":"123456789012"},"sourceIPAddress":"203.0.113.9"}]}"#;
         std::fs::write(day.join("123456789012_CloudTrail_us-east-1_20260310T0105Z_b.json"), record).unwrap();
-        std::os::unix::fs::symlink(day.join("nowhere"), day.join("123456789012_CloudTrail_us-east-1_20260310T0100Z_a.json")).unwrap();
+        std::os::unix::fs::symlink(
+            day.join("nowhere"),
+            day.join("123456789012_CloudTrail_us-east-1_20260310T0100Z_a.json"),
+        )
+        .unwrap();
         let clock: Arc<dyn Clock> = Arc::new(ManualClock::new(now));
-        let mut feed = TrailFeed::new(Arc::new(Folder::new(dir.path())), "123456789012", clock, std::time::Duration::from_secs(3600));
+        let mut feed = TrailFeed::new(
+            Arc::new(Folder::new(dir.path())),
+            "123456789012",
+            clock,
+            std::time::Duration::from_secs(3600),
+        );
         let records = feed.poll().await.unwrap();
         assert_eq!(records.len(), 1);
         assert_eq!(feed.unreadable(), 1);

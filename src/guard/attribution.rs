@@ -72,10 +72,7 @@ impl Attribution {
             "other" => Cause::Other,
             _ => Cause::Unknown,
         };
-        Attribution {
-            cause,
-            evidence: Evidence::Legacy { kind: text.to_string() },
-        }
+        Attribution { cause, evidence: Evidence::Legacy { kind: text.to_string() } }
     }
 }
 
@@ -83,7 +80,12 @@ impl Attribution {
 /// (success, throttling, any other error). `exempt` holds the user names carrying the
 /// exemption tag, as [`Perimeter::classify`] takes them; `lockdown_policy` is the lockdown
 /// policy's name (matched against a named policy ARN at any path).
-pub fn attribute(record: &Record, perimeter: &Perimeter, exempt: &HashSet<String>, lockdown_policy: &str) -> Option<Attribution> {
+pub fn attribute(
+    record: &Record,
+    perimeter: &Perimeter,
+    exempt: &HashSet<String>,
+    lockdown_policy: &str,
+) -> Option<Attribution> {
     let refusal = record.refusal()?;
     Some(attribute_stated(refusal.stated, perimeter.classify(record, exempt), lockdown_policy))
 }
@@ -97,19 +99,19 @@ pub fn attribute(record: &Record, perimeter: &Perimeter, exempt: &HashSet<String
 pub fn attribute_stated(stated: StatedCause, classifier: perimeter::Verdict, lockdown_policy: &str) -> Attribution {
     use perimeter::Verdict::*;
     let found = |cause, evidence| Attribution { cause, evidence };
-    if let StatedCause::ExplicitDeny { policy_arn: Some(arn), .. } = &stated {
-        if arn_names_policy(arn, lockdown_policy) {
-            return found(Cause::Lockdown, Evidence::NamesLockdownPolicy { policy_arn: arn.clone() });
-        }
+    if let StatedCause::ExplicitDeny { policy_arn: Some(arn), .. } = &stated
+        && arn_names_policy(arn, lockdown_policy)
+    {
+        return found(Cause::Lockdown, Evidence::NamesLockdownPolicy { policy_arn: arn.clone() });
     }
     if rules_out_lockdown(&stated) {
         return found(Cause::Other, Evidence::StatesOtherCause { stated });
     }
     match classifier {
         Allowed(_) => found(Cause::Other, Evidence::PerimeterAllows { classifier }),
-        NotApplicable(SkipReason::NotIamUser | SkipReason::OtherAccount | SkipReason::NotApiCall | SkipReason::NeverDenied) => {
-            found(Cause::Other, Evidence::LockdownDoesNotApply { classifier })
-        }
+        NotApplicable(
+            SkipReason::NotIamUser | SkipReason::OtherAccount | SkipReason::NotApiCall | SkipReason::NeverDenied,
+        ) => found(Cause::Other, Evidence::LockdownDoesNotApply { classifier }),
         WouldDeny(DenyReason::UntrustedIp | DenyReason::UntrustedEndpoint | DenyReason::UntrustedService) => {
             found(Cause::Lockdown, Evidence::PerimeterDenies { classifier, stated })
         }

@@ -93,10 +93,7 @@ fn attributed(user: &str, minute: i64, cause: Cause) -> DenialEvent {
         user: user.into(),
         at: t(minute),
         action: "s3:ListBucket".into(),
-        kind: Attribution {
-            cause,
-            evidence: Evidence::Legacy { kind: "test".into() },
-        },
+        kind: Attribution { cause, evidence: Evidence::Legacy { kind: "test".into() } },
         code: "AccessDenied".into(),
         message: String::new(),
         source: None,
@@ -104,26 +101,14 @@ fn attributed(user: &str, minute: i64, cause: Cause) -> DenialEvent {
 }
 
 fn healthy_source(now: DateTime<Utc>) -> SourceHealth {
-    SourceHealth {
-        last_event_at: Some(now - chrono::Duration::minutes(2)),
-        last_ok_poll: Some(now),
-        error: None,
-    }
+    SourceHealth { last_event_at: Some(now - chrono::Duration::minutes(2)), last_ok_poll: Some(now), error: None }
 }
 
 fn assess_at(now: i64, events: &[DenialEvent], baselines: &BTreeMap<String, f64>, cohort: CohortRate) -> Judgement {
     let source = healthy_source(t(now));
     let config = config();
     let batch = batch();
-    assess(&Input {
-        batch: &batch,
-        events,
-        baselines,
-        cohort,
-        source: &source,
-        config: &config,
-        now: t(now),
-    })
+    assess(&Input { batch: &batch, events, baselines, cohort, source: &source, config: &config, now: t(now) })
 }
 
 fn judge_at(now: i64, events: &[DenialEvent], baselines: &BTreeMap<String, f64>, cohort: CohortRate) -> Verdict {
@@ -202,7 +187,8 @@ fn records_the_lockdown_cannot_apply_to_are_other() {
     let mut service_event = bare(None);
     service_event.event_type = Some("AwsServiceEvent".into());
     let mut caller_identity = bare(None);
-    (caller_identity.event_source, caller_identity.event_name) = (Some("sts.amazonaws.com".into()), Some("GetCallerIdentity".into()));
+    (caller_identity.event_source, caller_identity.event_name) =
+        (Some("sts.amazonaws.com".into()), Some("GetCallerIdentity".into()));
     for record in [role, service_event, caller_identity] {
         let a = attribute(&record, &perimeter, &none, POLICY).unwrap();
         assert!(matches!(a.evidence, Evidence::LockdownDoesNotApply { .. }) && a.cause == Cause::Other, "{a:?}");
@@ -215,7 +201,8 @@ fn records_the_lockdown_cannot_apply_to_are_other() {
 
 #[test]
 fn attributions_survive_the_ledger_text_and_old_rows_still_read() {
-    let a = attribute(&refused("AccessDenied", "Access Denied", Some(OUTSIDE)), &perimeter(), &HashSet::new(), POLICY).unwrap();
+    let a = attribute(&refused("AccessDenied", "Access Denied", Some(OUTSIDE)), &perimeter(), &HashSet::new(), POLICY)
+        .unwrap();
     assert_eq!(Attribution::from_stored(&a.to_stored()), a);
     assert_eq!(Attribution::from_stored("explicit_identity_deny").cause, Cause::Lockdown);
     assert_eq!(Attribution::from_stored("other").cause, Cause::Other);
@@ -264,7 +251,8 @@ fn denials_before_promotion_or_outside_the_window_do_not_count() {
 #[test]
 fn other_denials_never_weigh_however_many() {
     // 60 a minute for 15 minutes, an incident hitting both members: counted, not acted on.
-    let events: Vec<_> = (0..900).map(|i| attributed(if i % 2 == 0 { "alice" } else { "bob" }, 45 + i / 60, Cause::Other)).collect();
+    let events: Vec<_> =
+        (0..900).map(|i| attributed(if i % 2 == 0 { "alice" } else { "bob" }, 45 + i / 60, Cause::Other)).collect();
     let judgement = assess_at(60, &events, &BTreeMap::new(), CohortRate::default());
     assert_eq!(judgement.verdict.name(), "healthy");
     assert_eq!(judgement.explanation.members.iter().map(|m| m.other).sum::<u64>(), 900);
@@ -283,7 +271,8 @@ fn unknown_denials_at_the_members_own_baseline_are_not_a_spike() {
 
 #[test]
 fn an_incident_that_hits_everyone_is_not_the_batchs_fault() {
-    let events: Vec<_> = (0..12).map(|m| attributed(if m % 2 == 0 { "alice" } else { "bob" }, 45 + m, Cause::Unknown)).collect();
+    let events: Vec<_> =
+        (0..12).map(|m| attributed(if m % 2 == 0 { "alice" } else { "bob" }, 45 + m, Cause::Unknown)).collect();
     // The unpromoted cohort sees 30 unknown denials per user-hour right now.
     let cohort = CohortRate { denials: 75, users: 10, hours: 0.25 };
     assert_eq!(judge_at(60, &events, &BTreeMap::new(), cohort).name(), "healthy");
@@ -318,11 +307,7 @@ fn bare_access_denied_at_the_usual_rate_is_noise_and_at_ten_times_a_spike() {
 #[test]
 fn silence_is_inconclusive_but_a_seen_spike_still_wins() {
     let (config, batch, baselines) = (config(), batch(), BTreeMap::new());
-    let silent = SourceHealth {
-        last_event_at: Some(t(0)),
-        last_ok_poll: Some(t(100)),
-        error: None,
-    };
+    let silent = SourceHealth { last_event_at: Some(t(0)), last_ok_poll: Some(t(100)), error: None };
     let spike: Vec<_> = (0..3).map(|m| attributed("bob", 95 + m, Cause::Lockdown)).collect();
     let verdicts: Vec<Verdict> = [&[][..], &spike[..]]
         .into_iter()
@@ -369,7 +354,10 @@ fn a_batch_waits_for_delivery_past_its_soak_plus_the_lag() {
 
 #[test]
 fn locked_users_denied_by_the_lockdown_are_reported_with_sources() {
-    let with_source = |user, minute, cause, source: &str| DenialEvent { source: Some(source.into()), ..attributed(user, minute, cause) };
+    let with_source = |user, minute, cause, source: &str| DenialEvent {
+        source: Some(source.into()),
+        ..attributed(user, minute, cause)
+    };
     let events = vec![
         with_source("carol", 10, Cause::Lockdown, OUTSIDE),
         with_source("carol", 11, Cause::Lockdown, OUTSIDE),
@@ -435,7 +423,10 @@ fn simulated_soak(rng: &mut Rng, boost: f64) -> bool {
     config.grace = Duration::from_secs(10 * 60);
     let batch = batch_of(&members, 30);
     let end = (30.0 + 10.0) * 60.0;
-    let event = |user: &str, second: i64, cause| DenialEvent { at: t(0) + chrono::Duration::seconds(second), ..attributed(user, 0, cause) };
+    let event = |user: &str, second: i64, cause| DenialEvent {
+        at: t(0) + chrono::Duration::seconds(second),
+        ..attributed(user, 0, cause)
+    };
     let mut events = Vec::new();
     for (i, user) in members.iter().enumerate() {
         let rate = if i == 0 { USUAL[i] * boost } else { USUAL[i] };
@@ -448,13 +439,20 @@ fn simulated_soak(rng: &mut Rng, boost: f64) -> bool {
     (1..=40).any(|minute| {
         let now = t(minute);
         let hours = (minute.min(15) as f64) / 60.0;
-        let cohort = CohortRate {
-            denials: rng.poisson(COHORT_RATE * COHORT_USERS as f64 * hours),
-            users: COHORT_USERS,
-            hours,
-        };
+        let cohort =
+            CohortRate { denials: rng.poisson(COHORT_RATE * COHORT_USERS as f64 * hours), users: COHORT_USERS, hours };
         let source = healthy_source(now);
-        judge(&Input { batch: &batch, events: &events, baselines: &baselines, cohort, source: &source, config: &config, now }).name() == "spike"
+        judge(&Input {
+            batch: &batch,
+            events: &events,
+            baselines: &baselines,
+            cohort,
+            source: &source,
+            config: &config,
+            now,
+        })
+        .name()
+            == "spike"
     })
 }
 

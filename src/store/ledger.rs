@@ -105,7 +105,6 @@ fn fmt_time(t: DateTime<Utc>) -> String {
     t.format("%Y-%m-%d %H:%M:%SZ").to_string()
 }
 
-
 impl Store {
     /// Runs `f` in one IMMEDIATE transaction: the write lock is taken first, so a check and the
     /// write that follows it see the same state whichever process runs concurrently.
@@ -223,7 +222,10 @@ impl Ledger for Store {
     fn finish_wave(&self, wave: &str, why: &str, now: DateTime<Utc>) -> Result<(), StoreError> {
         self.write("finishing a wave", |tx| {
             let added = tx
-                .execute("INSERT OR IGNORE INTO waves_done (wave, finished_at, why) VALUES (?1, ?2, ?3)", params![wave, secs(now), why])
+                .execute(
+                    "INSERT OR IGNORE INTO waves_done (wave, finished_at, why) VALUES (?1, ?2, ?3)",
+                    params![wave, secs(now), why],
+                )
                 .doing("finishing a wave")?;
             if added == 1 {
                 audit(tx, now, "controller", "finish_wave", None, None, &format!("wave {wave}: {why}"))?;
@@ -280,11 +282,10 @@ impl Ledger for Store {
                 .doing("journaling a removal")?;
                 audit(tx, now, actor, "rolling_back", Some(batch), Some(user), reason)?;
             }
-            if let Some(why) = pause {
-                if read_pause(tx)?.is_none() {
+            if let Some(why) = pause
+                && read_pause(tx)?.is_none() {
                     set_pause(tx, actor, why, now)?;
                 }
-            }
             Ok(users)
         })
     }
@@ -368,7 +369,10 @@ impl Ledger for Store {
 
     fn set_verdict(&self, batch: i64, kind: VerdictKind, summary: &str) -> Result<(), StoreError> {
         self.conn()
-            .execute("UPDATE batches SET verdict = ?2, verdict_kind = ?3 WHERE id = ?1", params![batch, summary, kind.as_str()])
+            .execute(
+                "UPDATE batches SET verdict = ?2, verdict_kind = ?3 WHERE id = ?1",
+                params![batch, summary, kind.as_str()],
+            )
             .doing("recording a guard verdict")?;
         Ok(())
     }
@@ -394,7 +398,9 @@ impl Ledger for Store {
         let doing = "reading denials";
         let conn = self.conn();
         let mut stmt = conn
-            .prepare("SELECT user, at, action, kind, code, message FROM guard_denials WHERE batch = ?1 ORDER BY at, user")
+            .prepare(
+                "SELECT user, at, action, kind, code, message FROM guard_denials WHERE batch = ?1 ORDER BY at, user",
+            )
             .doing(doing)?;
         stmt.query_map([batch], |r| {
             Ok(DenialEvent {
@@ -437,7 +443,10 @@ impl Ledger for Store {
     fn record_foreign(&self, user: &str, why: &str, now: DateTime<Utc>) -> Result<(), StoreError> {
         self.write("recording a member lockstep did not add", |tx| {
             let added = tx
-                .execute("INSERT OR IGNORE INTO foreign_members (user, since) VALUES (?1, ?2)", params![user, secs(now)])
+                .execute(
+                    "INSERT OR IGNORE INTO foreign_members (user, since) VALUES (?1, ?2)",
+                    params![user, secs(now)],
+                )
                 .doing("recording a member lockstep did not add")?;
             if added == 1 {
                 audit(tx, now, "controller", "foreign", None, Some(user), why)?;
@@ -452,7 +461,15 @@ impl Ledger for Store {
                 .execute("DELETE FROM foreign_members WHERE user = ?1", [user])
                 .doing("forgetting a member lockstep did not add")?;
             if gone == 1 {
-                audit(tx, now, "controller", "foreign_left", None, Some(user), "no longer in the lockdown group; lockstep may plan them again")?;
+                audit(
+                    tx,
+                    now,
+                    "controller",
+                    "foreign_left",
+                    None,
+                    Some(user),
+                    "no longer in the lockdown group; lockstep may plan them again",
+                )?;
             }
             Ok(())
         })
@@ -460,17 +477,32 @@ impl Ledger for Store {
 }
 
 impl Store {
-    fn move_user(&self, user: &str, from: UserState, to: UserState, actor: &str, why: &str, now: DateTime<Utc>) -> Result<(), StoreError> {
+    fn move_user(
+        &self,
+        user: &str,
+        from: UserState,
+        to: UserState,
+        actor: &str,
+        why: &str,
+        now: DateTime<Utc>,
+    ) -> Result<(), StoreError> {
         self.write("updating a member", |tx| {
             let batch: Option<Option<i64>> = tx
-                .query_row("SELECT batch FROM members WHERE user = ?1 AND state = ?2", params![user, from.as_str()], |r| r.get(0))
+                .query_row(
+                    "SELECT batch FROM members WHERE user = ?1 AND state = ?2",
+                    params![user, from.as_str()],
+                    |r| r.get(0),
+                )
                 .optional()
                 .doing("reading a member")?;
             let Some(batch) = batch else {
                 return Err(StoreError::Refused(format!("{user} is not {from}")));
             };
-            tx.execute("UPDATE members SET state = ?2, since = ?3 WHERE user = ?1", params![user, to.as_str(), secs(now)])
-                .doing("updating a member")?;
+            tx.execute(
+                "UPDATE members SET state = ?2, since = ?3 WHERE user = ?1",
+                params![user, to.as_str(), secs(now)],
+            )
+            .doing("updating a member")?;
             audit(tx, now, actor, to.as_str(), batch, Some(user), why)
         })
     }
@@ -490,13 +522,7 @@ fn snapshot(conn: &Connection) -> Result<Snapshot, StoreError> {
         .doing("reading foreign members")?
         .collect::<Result<_, _>>()
         .doing("reading foreign members")?;
-    Ok(Snapshot {
-        paused,
-        waves_done,
-        batches: batches(conn)?,
-        members: members(conn)?,
-        foreign,
-    })
+    Ok(Snapshot { paused, waves_done, batches: batches(conn)?, members: members(conn)?, foreign })
 }
 
 fn is_foreign(conn: &Connection, user: &str) -> Result<bool, StoreError> {
@@ -509,7 +535,12 @@ fn is_foreign(conn: &Connection, user: &str) -> Result<bool, StoreError> {
 fn read_pause(conn: &Connection) -> Result<Option<Pause>, StoreError> {
     let (paused, reason, by, at) = conn
         .query_row("SELECT paused, pause_reason, paused_by, paused_at FROM rollout_state WHERE id = 1", [], |r| {
-            Ok((r.get::<_, bool>(0)?, r.get::<_, Option<String>>(1)?, r.get::<_, Option<String>>(2)?, r.get::<_, Option<i64>>(3)?))
+            Ok((
+                r.get::<_, bool>(0)?,
+                r.get::<_, Option<String>>(1)?,
+                r.get::<_, Option<String>>(2)?,
+                r.get::<_, Option<i64>>(3)?,
+            ))
         })
         .doing("reading the pause switch")?;
     Ok(paused.then(|| Pause {
@@ -565,13 +596,18 @@ fn batches(conn: &Connection) -> Result<Vec<Batch>, StoreError> {
         .doing(doing)?
         .collect::<Result<Vec<_>, _>>()
         .doing(doing)?;
-    let mut members = conn.prepare("SELECT user FROM batch_members WHERE batch = ?1 ORDER BY user").doing("reading batch members")?;
+    let mut members =
+        conn.prepare("SELECT user FROM batch_members WHERE batch = ?1 ORDER BY user").doing("reading batch members")?;
     rows.into_iter()
         .map(|((id, wave, state, created), (applied, soak_until, finished), (verdict, verdict_kind, soak))| {
             let corrupt = |what: String| StoreError::Corrupt { doing: doing.to_string(), what };
-            let state = BatchState::from_name(&state).ok_or_else(|| corrupt(format!("batch {id} has unknown state {state:?}")))?;
+            let state = BatchState::from_name(&state)
+                .ok_or_else(|| corrupt(format!("batch {id} has unknown state {state:?}")))?;
             let verdict_kind = verdict_kind
-                .map(|kind| VerdictKind::from_name(&kind).ok_or_else(|| corrupt(format!("batch {id} has unknown verdict kind {kind:?}"))))
+                .map(|kind| {
+                    VerdictKind::from_name(&kind)
+                        .ok_or_else(|| corrupt(format!("batch {id} has unknown verdict kind {kind:?}")))
+                })
                 .transpose()?;
             let users = members
                 .query_map([id], |r| r.get::<_, String>(0))
@@ -614,7 +650,15 @@ fn member(r: &Row) -> rusqlite::Result<Result<Member, StoreError>> {
     }))
 }
 
-fn audit(conn: &Connection, at: DateTime<Utc>, actor: &str, action: &str, batch: Option<i64>, user: Option<&str>, reason: &str) -> Result<(), StoreError> {
+fn audit(
+    conn: &Connection,
+    at: DateTime<Utc>,
+    actor: &str,
+    action: &str,
+    batch: Option<i64>,
+    user: Option<&str>,
+    reason: &str,
+) -> Result<(), StoreError> {
     conn.execute(
         "INSERT INTO audit (at, actor, action, batch, user, reason) VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
         params![secs(at), actor, action, batch, user, reason],
@@ -656,16 +700,29 @@ mod tests {
             ledger.mark_locked(user, "controller", t(0)).unwrap();
         }
         let bystanders = ["ben".to_string(), "cat".to_string()];
-        let request = RollbackRequest { requeue: Some(super::super::Requeue { users: &bystanders, until: t(3) }), ..rollback(id, "guard: spike", t(48)) };
-        assert_eq!(ledger.begin_rollback(&request, t(1)).unwrap(), ["ann", "ben", "cat"], "the whole batch leaves the group");
+        let request = RollbackRequest {
+            requeue: Some(super::super::Requeue { users: &bystanders, until: t(3) }),
+            ..rollback(id, "guard: spike", t(48))
+        };
+        assert_eq!(
+            ledger.begin_rollback(&request, t(1)).unwrap(),
+            ["ann", "ben", "cat"],
+            "the whole batch leaves the group"
+        );
         let members = ledger.snapshot().unwrap().members;
         assert_eq!((members["ann"].hold_until, members["ann"].reason.as_deref()), (Some(t(48)), Some("guard: spike")));
         for user in bystanders {
             assert_eq!(members[&user].hold_until, Some(t(3)));
-            assert_eq!(members[&user].reason.as_deref(), Some(format!("rolled back with batch {id}, not at fault").as_str()));
+            assert_eq!(
+                members[&user].reason.as_deref(),
+                Some(format!("rolled back with batch {id}, not at fault").as_str())
+            );
         }
         let audit = ledger.audit_log(100).unwrap();
-        assert!(audit.iter().any(|e| e.user.as_deref() == Some("ben") && e.reason.contains("not at fault")), "{audit:?}");
+        assert!(
+            audit.iter().any(|e| e.user.as_deref() == Some("ben") && e.reason.contains("not at fault")),
+            "{audit:?}"
+        );
     }
 
     #[test]
@@ -697,7 +754,9 @@ mod tests {
         assert_eq!(ledger.snapshot().unwrap().members["ann"].state, UserState::RollingBack);
         let again = ledger.begin_rollback(&rollback(id, "manual", t(48)), t(2)).unwrap_err();
         assert!(again.to_string().contains("already rolled back"), "{again}");
-        assert!(ledger.begin_rollback(&rollback(99, "x", t(48)), t(2)).unwrap_err().to_string().contains("no batch 99"));
+        assert!(
+            ledger.begin_rollback(&rollback(99, "x", t(48)), t(2)).unwrap_err().to_string().contains("no batch 99")
+        );
         // Resume is refused until the removal finished.
         ledger.pause("controller", "guard spike", t(1)).unwrap();
         assert!(ledger.resume("ops", t(2)).unwrap_err().to_string().contains("still being rolled back"));

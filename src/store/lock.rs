@@ -52,7 +52,9 @@ impl StoreLock {
         loop {
             match file.try_lock() {
                 Ok(()) => return Ok(StoreLock { _file: file }),
-                Err(TryLockError::WouldBlock) if Instant::now() < deadline => std::thread::sleep(Duration::from_millis(50)),
+                Err(TryLockError::WouldBlock) if Instant::now() < deadline => {
+                    std::thread::sleep(Duration::from_millis(50))
+                }
                 Err(TryLockError::WouldBlock) => {
                     return Err(LockError::Held { path, holder: "another lockstep daemon or an offline command" });
                 }
@@ -90,7 +92,10 @@ mod tests {
         let daemon = StoreLock::daemon(&store, Duration::ZERO).unwrap();
         let refused = StoreLock::offline(&store).unwrap_err();
         assert!(refused.to_string().contains("running lockstep daemon"), "{refused}");
-        assert!(matches!(StoreLock::daemon(&store, Duration::ZERO), Err(LockError::Held { .. })), "one daemon per store");
+        assert!(
+            matches!(StoreLock::daemon(&store, Duration::ZERO), Err(LockError::Held { .. })),
+            "one daemon per store"
+        );
         drop(daemon);
         StoreLock::offline(&store).unwrap();
     }

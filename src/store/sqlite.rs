@@ -332,7 +332,11 @@ impl Store {
         }
         let hours = tx
             .execute_batch(REBUILD_VERDICTS)
-            .and_then(|()| tx.query_row("SELECT count(*) FROM evidence_hour WHERE needs_reread = 0", [], |row| row.get::<_, i64>(0)))
+            .and_then(|()| {
+                tx.query_row("SELECT count(*) FROM evidence_hour WHERE needs_reread = 0", [], |row| {
+                    row.get::<_, i64>(0)
+                })
+            })
             .doing(doing)?;
         tx.execute(
             "INSERT INTO evidence_judged (only, fingerprint, judged_at) VALUES (1, ?1, ?2)
@@ -448,7 +452,6 @@ impl Store {
             .doing("recording the end of a refresh")?;
         Ok(())
     }
-
 
     /// The most recent refresh runs, newest first.
     pub fn recent_runs(&self, limit: usize) -> Result<Vec<Run>, StoreError> {
@@ -712,15 +715,16 @@ impl EvidenceStore for Store {
             })
             .doing(doing)?;
         let conn = self.conn();
-        let judged_under: Option<String> = conn
-            .query_row("SELECT fingerprint FROM evidence_judged", [], |row| row.get(0))
-            .optional()
-            .doing(doing)?;
+        let judged_under: Option<String> =
+            conn.query_row("SELECT fingerprint FROM evidence_judged", [], |row| row.get(0)).optional().doing(doing)?;
         let judged_under = judged_under
-            .map(|text| Fingerprint::try_from(text).map_err(|what| StoreError::Corrupt { doing: doing.to_string(), what }))
+            .map(|text| {
+                Fingerprint::try_from(text).map_err(|what| StoreError::Corrupt { doing: doing.to_string(), what })
+            })
             .transpose()?;
-        let legacy_hours: i64 =
-            conn.query_row("SELECT count(*) FROM evidence_hour WHERE needs_reread = 1", [], |row| row.get(0)).doing(doing)?;
+        let legacy_hours: i64 = conn
+            .query_row("SELECT count(*) FROM evidence_hour WHERE needs_reread = 1", [], |row| row.get(0))
+            .doing(doing)?;
         Ok(Freshness {
             last_success: finished.map(|t| time(t, doing)).transpose()?,
             covered_until: covered.map(|t| time(t, doing)).transpose()?,
@@ -1057,14 +1061,17 @@ mod tests {
         let fresh = store.freshness().unwrap();
         assert_eq!((fresh.judged_under, fresh.legacy_hours), (None, 1));
         // Its verdicts are kept (nothing is guessed) but cannot be re-judged: they stay marked.
-        store.add_trail_files(&[file("new", &[call("bob", "2024-01-02T11:00:00Z", "203.0.113.5", false)])], now).unwrap();
+        store
+            .add_trail_files(&[file("new", &[call("bob", "2024-01-02T11:00:00Z", "203.0.113.5", false)])], now)
+            .unwrap();
         let rejudged = store.rejudge(&judge(), now).unwrap();
         assert_eq!(rejudged.hours, 1, "only bob's hour has contexts");
         let fresh = store.freshness().unwrap();
         assert_eq!((fresh.judged_under, fresh.legacy_hours), (Some(judge().perimeter.fingerprint()), 1));
         let alice = store.evidence(at("2024-01-02T00:00:00Z"), now, Some("alice")).unwrap();
         assert_eq!(alice[0].calls, 25);
-        let config = crate::config::Config::parse(include_str!("../../rollout.yaml"), Path::new("rollout.yaml")).unwrap();
+        let config =
+            crate::config::Config::parse(include_str!("../../rollout.yaml"), Path::new("rollout.yaml")).unwrap();
         let stamped = Freshness { judged_under: Some(config.perimeter.fingerprint()), ..fresh };
         let problem = crate::planner::evidence_problem(&stamped, &config, at("2024-01-03T00:30:00Z")).unwrap();
         assert!(problem.contains("1 user-hours") && problem.contains("re-read"), "{problem}");

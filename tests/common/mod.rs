@@ -64,9 +64,7 @@ fn manifest_dir() -> PathBuf {
 }
 
 fn tool(variable: &str, default: &str) -> PathBuf {
-    let path = std::env::var_os(variable)
-        .map(PathBuf::from)
-        .unwrap_or_else(|| manifest_dir().join(default));
+    let path = std::env::var_os(variable).map(PathBuf::from).unwrap_or_else(|| manifest_dir().join(default));
     assert!(path.is_file(), "{} not found: {INSTALL_HINT}", path.display());
     path
 }
@@ -83,10 +81,7 @@ fn server() -> &'static Server {
 fn start() -> Server {
     let moto = tool("LOCKSTEP_MOTO_SERVER", ".venv/bin/moto_server");
     // Port 0 makes the kernel pick a free port; release it for moto to take.
-    let port = TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .expect("a free local port")
-        .port();
+    let port = TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).expect("a free local port").port();
     let binary = std::env::current_exe()
         .ok()
         .and_then(|p| p.file_stem().map(|s| s.to_string_lossy().into_owned()))
@@ -107,11 +102,7 @@ fn start() -> Server {
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {
         if matches!(request(port, "GET", "/moto-api/", ""), Ok((200, _))) {
-            return Server {
-                port,
-                _lifeline: lifeline,
-                _wrapper: child,
-            };
+            return Server { port, _lifeline: lifeline, _wrapper: child };
         }
         let log = || std::fs::read_to_string(&log_path).unwrap_or_default();
         if let Ok(Some(status)) = child.try_wait() {
@@ -145,8 +136,8 @@ fn request(port: u16, method: &str, path: &str, body: &str) -> std::io::Result<(
 
 /// POSTs a moto control call and insists on success.
 fn control(path: &str, body: &serde_json::Value) {
-    let (status, answer) = request(server().port, "POST", path, &body.to_string())
-        .unwrap_or_else(|e| panic!("POST {path}: {e}"));
+    let (status, answer) =
+        request(server().port, "POST", path, &body.to_string()).unwrap_or_else(|e| panic!("POST {path}: {e}"));
     assert!((200..300).contains(&status), "POST {path}: HTTP {status}: {answer}");
 }
 
@@ -194,10 +185,8 @@ pub fn queue_athena_result(columns: &[&str], rows: &[Vec<Option<String>>]) {
         rows.iter()
             .map(|row| serde_json::json!({ "Data": row.iter().map(|v| cell(v.as_deref())).collect::<Vec<_>>() })),
     );
-    let column_info: Vec<_> = columns
-        .iter()
-        .map(|name| serde_json::json!({ "Name": name, "Label": name, "Type": "varchar" }))
-        .collect();
+    let column_info: Vec<_> =
+        columns.iter().map(|name| serde_json::json!({ "Name": name, "Label": name, "Type": "varchar" })).collect();
     control(
         "/moto-api/static/athena/query-results",
         &serde_json::json!({
@@ -230,7 +219,13 @@ pub fn athena_transition(polls_per_step: Option<u32>) {
 /// extra attempts), static dummy credentials, pointed at `endpoint` (the emulator or a proxy).
 pub async fn lockstep_sdk(endpoint: &str) -> SdkConfig {
     lockstep::aws::loader(REGION, Some(endpoint))
-        .credentials_provider(Credentials::new("AKIDLOCKSTEPTESTS", "lockstep-test-secret", None, None, "lockstep-tests"))
+        .credentials_provider(Credentials::new(
+            "AKIDLOCKSTEPTESTS",
+            "lockstep-test-secret",
+            None,
+            None,
+            "lockstep-tests",
+        ))
         .load()
         .await
 }

@@ -16,6 +16,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
+use lockstep::clock::{Clock, SystemClock};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 
@@ -118,10 +119,7 @@ impl Schedule {
             Schedule::Budget(0) => Fate::default(),
             Schedule::Budget(left) => {
                 *left -= 1;
-                Fate {
-                    fault: Some(Kind::Throttle),
-                    ..Fate::default()
-                }
+                Fate { fault: Some(Kind::Throttle), ..Fate::default() }
             }
             Schedule::Slow(delay) => Fate { delay: Some(*delay), ..Fate::default() },
             Schedule::Random { rng, rates } => {
@@ -138,11 +136,7 @@ impl Schedule {
                     edge += p;
                     (roll < edge).then_some(kind)
                 });
-                Fate {
-                    delay,
-                    fault,
-                    unavailable: rng.chance(0.5),
-                }
+                Fate { delay, fault, unavailable: rng.chance(0.5) }
             }
         }
     }
@@ -229,12 +223,16 @@ async fn relay(mut client: TcpStream, upstream: &str, state: &State) -> std::io:
         state.count(kind);
     }
     match fate.fault {
-        Some(Kind::Throttle) => return answer_error(&mut client, "400 Bad Request", "Sender", "Throttling", "Rate exceeded").await,
+        Some(Kind::Throttle) => {
+            return answer_error(&mut client, "400 Bad Request", "Sender", "Throttling", "Rate exceeded").await;
+        }
         Some(Kind::ServerError) if !fate.unavailable => {
-            return answer_error(&mut client, "500 Internal Server Error", "Receiver", "InternalFailure", "injected").await;
+            return answer_error(&mut client, "500 Internal Server Error", "Receiver", "InternalFailure", "injected")
+                .await;
         }
         Some(Kind::ServerError) => {
-            return answer_error(&mut client, "503 Service Unavailable", "Receiver", "ServiceUnavailable", "injected").await;
+            return answer_error(&mut client, "503 Service Unavailable", "Receiver", "ServiceUnavailable", "injected")
+                .await;
         }
         Some(Kind::DropBeforeRelay) => return Ok(()),
         _ => {}
@@ -243,10 +241,10 @@ async fn relay(mut client: TcpStream, upstream: &str, state: &State) -> std::io:
     server.write_all(&request).await?;
     let mut answer = Vec::new();
     server.read_to_end(&mut answer).await?;
-    if answer.starts_with(b"HTTP/1.1 200") {
-        if let Some(write) = group_write(&request) {
-            lock(&state.writes).push(write);
-        }
+    if answer.starts_with(b"HTTP/1.1 200")
+        && let Some(write) = group_write(&request)
+    {
+        lock(&state.writes).push(write);
     }
     if fate.fault == Some(Kind::DropAfterRelay) {
         return Ok(());
@@ -254,7 +252,13 @@ async fn relay(mut client: TcpStream, upstream: &str, state: &State) -> std::io:
     client.write_all(&answer).await
 }
 
-async fn answer_error(client: &mut TcpStream, status: &str, kind: &str, code: &str, message: &str) -> std::io::Result<()> {
+async fn answer_error(
+    client: &mut TcpStream,
+    status: &str,
+    kind: &str,
+    code: &str,
+    message: &str,
+) -> std::io::Result<()> {
     let body = format!(
         "<ErrorResponse xmlns=\"https://iam.amazonaws.com/doc/2010-05-08/\"><Error><Type>{kind}</Type>\
          <Code>{code}</Code><Message>{message}</Message></Error><RequestId>fault-proxy</RequestId></ErrorResponse>"
@@ -271,14 +275,10 @@ async fn answer_error(client: &mut TcpStream, status: &str, kind: &str, code: &s
 fn group_write(request: &[u8]) -> Option<GroupWrite> {
     let at = request.windows(4).position(|w| w == b"\r\n\r\n")? + 4;
     let body = String::from_utf8_lossy(&request[at..]);
-    let field = |name: &str| body.split('&').find_map(|pair| pair.strip_prefix(name)?.strip_prefix('=')).map(str::to_string);
+    let field =
+        |name: &str| body.split('&').find_map(|pair| pair.strip_prefix(name)?.strip_prefix('=')).map(str::to_string);
     let action = field("Action").filter(|a| a == "AddUserToGroup" || a == "RemoveUserFromGroup")?;
-    Some(GroupWrite {
-        action,
-        group: field("GroupName")?,
-        user: field("UserName")?,
-        at: Utc::now(),
-    })
+    Some(GroupWrite { action, group: field("GroupName")?, user: field("UserName")?, at: SystemClock.now() })
 }
 
 /// One request with its `Connection` header replaced by `close`, or `None` at end of stream.
