@@ -21,7 +21,7 @@ use lockstep::evidence::aggregate::Judge;
 use lockstep::evidence::files::{self, Folder, TrailFile};
 use lockstep::evidence::refresh::{self, Source, Window};
 use lockstep::evidence::{SourceError, TrailObjects};
-use lockstep::store::Store;
+use lockstep::store::{EvidenceWriter, Store};
 use lockstep_synth::{Faults, Org, write_trail};
 
 const TARGET_RECORDS: u64 = 1_000_000;

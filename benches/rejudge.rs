@@ -10,7 +10,7 @@ use chrono::{DateTime, TimeDelta, TimeZone, Utc};
 use lockstep::config::Config;
 use lockstep::evidence::CallGroup;
 use lockstep::evidence::aggregate::{Judge, aggregate};
-use lockstep::store::{ATHENA_ORIGIN, Store};
+use lockstep::store::{ATHENA_ORIGIN, EvidenceWriter, Store};
 use lockstep::trail::{Record, UserIdentity};
 
 const ACTIVE_HOURS_PER_DAY: i64 = 8;

@@ -110,7 +110,9 @@ async fn authenticate(token: &str, request: Request, next: Next) -> Response {
 /// Every admin answer: a message, or an error saying why nothing was done.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Answer {
+    /// Whether the command was carried out.
     pub ok: bool,
+    /// What was done, or why nothing was: for the operator to read.
     pub message: String,
 }
 

@@ -7,6 +7,7 @@ use chrono::{DateTime, Utc};
 
 /// Where decisions read the time: the wall clock in production, virtual time in tests.
 pub trait Clock: Send + Sync {
+    /// The current time in UTC.
     fn now(&self) -> DateTime<Utc>;
 }
 

@@ -24,23 +24,36 @@ pub const DEFAULT_NOT_ACTIONS: &[&str] =
 /// A validated configuration. Everything here has been checked; callers never re-validate.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Config {
+    /// The AWS account whose IAM users are rolled out (12 digits).
     pub account_id: String,
+    /// The region for the IAM, Athena and S3 API calls.
     pub region: String,
+    /// The group whose policy locks its members to the perimeter.
     pub lockdown: Lockdown,
+    /// The trusted network: renders the Deny policy and judges every recorded call.
     pub perimeter: Perimeter,
+    /// Where CloudTrail evidence comes from and how it is refreshed and kept.
     pub evidence: Evidence,
+    /// How much clean history a user needs before promotion.
     pub eligibility: Eligibility,
+    /// The waves, in order: a later wave starts when the one before is finished.
     pub waves: Vec<Wave>,
+    /// Caps on promotions across waves.
     pub rollout: RolloutLimits,
+    /// How soaking batches are watched and when they are rolled back.
     pub guard: Guard,
+    /// Where the ledger and the evidence are stored.
     pub store: Store,
+    /// The admin API and metrics addresses, the admin token and the webhook.
     pub listeners: Listeners,
 }
 
 /// The lockdown IAM group and the name of the perimeter policy attached to it.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Lockdown {
+    /// The IAM group lockstep adds users to; its only policy is the perimeter Deny.
     pub group: String,
+    /// The customer-managed policy attached to the group, named in denial messages.
     pub policy_name: String,
 }
 
@@ -48,8 +61,11 @@ pub struct Lockdown {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, serde::Serialize)]
 #[serde(rename_all = "snake_case")]
 pub enum SourceKind {
+    /// Trail files in a local folder (S3 layout or any folder of trail files).
     Files,
+    /// The trail bucket in S3.
     S3,
+    /// An Athena table over the trail, queried per window.
     Athena,
 }
 
@@ -66,14 +82,21 @@ pub enum Partitioning {
 /// `evidence`: where the trail is read from, how often, how far back, and how long it is kept.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Evidence {
+    /// Which kind of source the refresh reads.
     pub source: SourceKind,
+    /// The folder read when `source` is `files`.
     pub files_path: PathBuf,
+    /// The bucket read when `source` is `s3`.
     pub s3: Option<S3Location>,
+    /// The table queried when `source` is `athena`.
     pub athena: Option<Athena>,
     /// Cron expression with a seconds field, as `tokio-cron-scheduler` reads it.
     pub schedule: String,
+    /// How far before the covered end each refresh reads again, for late deliveries.
     pub overlap: Duration,
+    /// How far back the first refresh (and a catch-up after an outage) reads.
     pub lookback: Duration,
+    /// Evidence hours older than this are dropped.
     pub retention: Duration,
     /// The most bytes one trail file may inflate to; larger files are skipped, not read.
     pub max_inflated_size: u64,
@@ -82,69 +105,103 @@ pub struct Evidence {
 /// A bucket and key prefix holding CloudTrail files.
 #[derive(Debug, Clone, PartialEq)]
 pub struct S3Location {
+    /// The bucket name.
     pub bucket: String,
+    /// The part of the key before `AWSLogs/` (may be empty).
     pub prefix: String,
 }
 
 /// `evidence.athena`: the Athena table over the trail and where query results go.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Athena {
+    /// The Glue database holding the table.
     pub database: String,
+    /// The CloudTrail table.
     pub table: String,
+    /// The workgroup queries run in.
     pub workgroup: String,
+    /// The `s3://` location query results are written to.
     pub output_location: String,
+    /// How the table is partitioned, which decides the partition filter.
     pub partitioning: Partitioning,
+    /// How often a running query is polled.
     pub poll_interval: Duration,
+    /// A query running longer is cancelled and the refresh fails.
     pub timeout: Duration,
 }
 
 /// `eligibility`: how much clean history a user needs before promotion.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Eligibility {
+    /// How far back the evidence is judged.
     pub window: Duration,
+    /// A user's evidence must span at least this long.
     pub min_history: Duration,
+    /// Fewer applicable calls than this prove nothing: not eligible.
     pub min_calls: u64,
+    /// The most calls in the window the policy would have denied (usually 0).
     pub max_would_deny: u64,
+    /// The last call from outside the perimeter must be older than this.
     pub quiet_for: Duration,
+    /// No promotions at all while the last refresh covers less recent time than this.
     pub max_evidence_age: Duration,
+    /// Users never promoted (break-glass accounts).
     pub exclude_users: Vec<String>,
+    /// Held users become candidates again after this, if their evidence is clean.
     pub hold_expiry: Duration,
 }
 
 /// One wave of the rollout: which users, in batches of what size, soaking how long.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Wave {
+    /// Unique name: in the ledger, metrics and the audit log.
     pub name: String,
+    /// Users per batch.
     pub batch_size: usize,
+    /// How long a batch is watched before it succeeds.
     pub soak: Duration,
+    /// How many batches the wave runs at most; `None`: until no eligible user is left.
     pub batches: Option<usize>,
+    /// Which users the wave may take.
     pub select: Selector,
 }
 
 /// Which users a wave may take. Every given criterion must match.
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct Selector {
+    /// The IAM path must start with this.
     pub path_prefix: Option<String>,
+    /// The user name must match this glob.
     pub user_glob: Option<glob::Pattern>,
+    /// The user must carry this tag key with this value.
     pub tag: Option<(String, String)>,
 }
 
 /// `rollout`: rate limits on promotions across waves.
 #[derive(Debug, Clone, PartialEq)]
 pub struct RolloutLimits {
+    /// The most users promoted in any 24 hours.
     pub max_promotions_per_day: usize,
+    /// The most batches soaking at once.
     pub max_soaking_batches: usize,
 }
 
 /// `guard`: the live feed that watches soaking batches and when it rolls them back.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Guard {
+    /// Where the guard reads denials live.
     pub source: SourceKind,
+    /// How often the live feed is polled.
     pub poll: Duration,
+    /// How long a batch is still watched after its soak ends.
     pub grace: Duration,
+    /// Denials are counted over this sliding window.
     pub window: Duration,
+    /// A spike needs at least this many batch members denied...
     pub min_affected_users: usize,
+    /// ...and at least this many weighted denials in the window.
     pub min_denials: usize,
+    /// No events for this long: the verdict is inconclusive and nothing succeeds.
     pub silence_limit: Duration,
     /// How long members rolled back with a batch but not at fault wait before they are eligible
     /// again; `None` means one soak of their wave.
@@ -161,23 +218,31 @@ pub struct Guard {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, serde::Serialize)]
 #[serde(rename_all = "snake_case")]
 pub enum AfterSoak {
+    /// Report the user (log, metric, webhook) and leave it locked.
     Alert,
+    /// Also take the user out of the group and hold it.
     Release,
 }
 
 /// `store`: where the SQLite ledger and evidence live.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Store {
+    /// The SQLite database file.
     pub path: PathBuf,
 }
 
 /// `listeners`: the admin API and metrics addresses, the token and the webhook.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Listeners {
+    /// The admin API's address (bearer token).
     pub admin: SocketAddr,
+    /// The address of `/metrics`, `/healthz` and `/readyz`.
     pub metrics: SocketAddr,
+    /// A file holding the admin token (preferred over `token_env`).
     pub token_file: Option<PathBuf>,
+    /// The environment variable holding the admin token when no file is given.
     pub token_env: String,
+    /// Where rollout events are POSTed, if anywhere.
     pub webhook_url: Option<String>,
     /// The admin API may listen on a non-loopback address (plain HTTP: only behind a TLS proxy).
     pub allow_remote_admin: bool,
@@ -186,10 +251,15 @@ pub struct Listeners {
 /// One thing wrong with the file, located as precisely as the YAML allows.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Problem {
+    /// The configuration file.
     pub file: PathBuf,
+    /// 1-based line of the offending value, when the YAML locates it.
     pub line: Option<usize>,
+    /// 1-based column of the offending value, when the YAML locates it.
     pub column: Option<usize>,
+    /// The setting's dotted path (`guard.window`); empty for the file as a whole.
     pub path: String,
+    /// What is wrong, with the accepted bounds.
     pub message: String,
 }
 
@@ -211,8 +281,15 @@ impl fmt::Display for Problem {
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
     #[error("cannot read {}: {source}", path.display())]
-    Read { path: PathBuf, source: std::io::Error },
+    /// The file could not be read.
+    Read {
+        /// The file that could not be read.
+        path: PathBuf,
+        /// Why.
+        source: std::io::Error,
+    },
     #[error("{} problem(s) in {}:\n{}", .0.len(), .0.first().map(|p| p.file.display().to_string()).unwrap_or_default(), render_problems(.0))]
+    /// The file was read and parsed; these settings are wrong.
     Invalid(Vec<Problem>),
 }
 

@@ -36,15 +36,20 @@ use crate::trail::Record;
 
 /// A controller with its edges chosen, as the daemon's runtime sees it.
 pub trait Stepper: Send {
+    /// Runs one gather/decide/apply step; `promote_now` lifts the soaking-batch cap once.
     fn step(
         &mut self,
         promote_now: bool,
     ) -> Pin<Box<dyn Future<Output = Result<StepReport, ControllerError>> + Send + '_>>;
     /// The plan as it stands, without polling, reconciling or changing anything.
     fn preview(&mut self) -> Pin<Box<dyn Future<Output = Result<Plan, ControllerError>> + Send + '_>>;
+    /// The configuration the controller runs with.
     fn config(&self) -> &Config;
+    /// The store the controller journals into.
     fn store(&self) -> &Arc<dyn RolloutStore>;
+    /// The clock the controller reads `now` from.
     fn clock(&self) -> &Arc<dyn Clock>;
+    /// Whether the controller writes to IAM.
     fn mode(&self) -> Mode;
 }
 
@@ -77,6 +82,7 @@ named_enum!(
     Mode {
         /// Plan and report; write nothing to IAM.
         DryRun = "dry-run",
+        /// Act: write to IAM.
         Commit = "commit",
     }
 );
@@ -114,8 +120,11 @@ named_enum!(
 /// One difference reconcile found: the kind for code, the message for people.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
 pub struct Drift {
+    /// The user whose ledger state and group membership disagree.
     pub user: String,
+    /// What differs: what metrics and code match on.
     pub kind: DriftKind,
+    /// The difference explained, for logs and people.
     pub message: String,
 }
 
@@ -123,8 +132,10 @@ pub struct Drift {
 #[derive(Debug, thiserror::Error)]
 pub enum ControllerError {
     #[error(transparent)]
+    /// The store could not be read or written, or refused the change.
     Store(#[from] StoreError),
     #[error(transparent)]
+    /// An IAM call failed; the next step retries.
     Iam(#[from] IamError),
 }
 
@@ -160,9 +171,13 @@ impl ControllerError {
 /// What one step saw and did, for logs, metrics and `lockstep plan`.
 #[derive(Debug, Clone, serde::Serialize)]
 pub struct StepReport {
+    /// When the step ran.
     pub at: DateTime<Utc>,
+    /// Whether the step wrote to IAM.
     pub mode: Mode,
+    /// What the planner decided.
     pub plan: Plan,
+    /// The guard's verdict on each watched batch, by batch ID.
     pub verdicts: BTreeMap<i64, guard::Verdict>,
     /// IAM writes made (or, in dry run, that would have been made).
     pub iam_writes: Vec<String>,
@@ -889,57 +904,14 @@ mod tests {
     //! The controller's decisions, pure, over hand-built ledgers; and the removal path over an
     //! in-memory IAM (test support only: the emulator tests prove the AWS path).
     use std::path::Path;
-    use std::sync::Mutex;
 
     use chrono::TimeZone;
 
     use super::*;
-    use crate::iam::PolicyStatus;
     use crate::planner::Candidate;
     use crate::rollout::Member;
     use crate::store::Store;
-
-    /// An IAM whose lockdown group is a set in memory; `fail` makes every write fail.
-    #[derive(Default)]
-    struct MemoryIam {
-        group: Mutex<BTreeSet<String>>,
-        fail: bool,
-    }
-
-    impl MemoryIam {
-        fn write(&self, operation: &'static str, change: impl FnOnce(&mut BTreeSet<String>)) -> Result<(), IamError> {
-            if self.fail {
-                return Err(IamError { operation, code: "Throttling".into(), message: "slow down".into() });
-            }
-            change(&mut self.group.lock().unwrap());
-            Ok(())
-        }
-    }
-
-    impl Iam for MemoryIam {
-        async fn list_users(&self) -> Result<Vec<IamUser>, IamError> {
-            Ok(Vec::new())
-        }
-        async fn group_members(&self, _group: &str) -> Result<Vec<String>, IamError> {
-            Ok(self.group.lock().unwrap().iter().cloned().collect())
-        }
-        async fn add_to_group(&self, _group: &str, user: &str) -> Result<(), IamError> {
-            self.write("AddUserToGroup", |g| {
-                g.insert(user.to_string());
-            })
-        }
-        async fn remove_from_group(&self, _group: &str, user: &str) -> Result<(), IamError> {
-            self.write("RemoveUserFromGroup", |g| {
-                g.remove(user);
-            })
-        }
-        async fn policy_status(&self, _group: &str, _policy: &str, _document: &str) -> Result<PolicyStatus, IamError> {
-            Ok(PolicyStatus::InPlace)
-        }
-        async fn apply_policy(&self, _group: &str, _policy: &str, _document: &str) -> Result<Vec<String>, IamError> {
-            Ok(Vec::new())
-        }
-    }
+    use crate::testkit::MemoryIam;
 
     fn t(h: i64) -> DateTime<Utc> {
         Utc.with_ymd_and_hms(2026, 3, 1, 0, 0, 0).unwrap() + chrono::Duration::hours(h)
@@ -1220,14 +1192,14 @@ mod tests {
         assert_eq!(store.begin_rollback(&request, t(1)).unwrap(), ["ann"]);
         assert!(store.snapshot().unwrap().paused.is_some(), "the rollback paused the rollout in the same transaction");
 
-        let failing = MemoryIam { group: Mutex::new(["ann".to_string()].into()), fail: true };
+        let failing = MemoryIam::new(Vec::new(), &["ann"]).failing();
         let error = remove_and_hold(&failing, &store, "lockdown", "ann", true, "ops", t(2)).await.unwrap_err();
         assert!(matches!(error, ControllerError::Iam(_)), "{error}");
         assert_eq!(store.snapshot().unwrap().members["ann"].state, UserState::RollingBack, "unchanged, retried later");
 
-        let iam = MemoryIam { group: Mutex::new(["ann".to_string()].into()), fail: false };
+        let iam = MemoryIam::new(Vec::new(), &["ann"]);
         assert!(remove_and_hold(&iam, &store, "lockdown", "ann", true, "ops", t(2)).await.unwrap());
-        assert!(iam.group.lock().unwrap().is_empty());
+        assert!(iam.members().is_empty());
         assert_eq!(store.snapshot().unwrap().members["ann"].state, UserState::Held);
     }
 }

@@ -67,11 +67,17 @@ pub(crate) const SAMPLES_PER_CAUSE: usize = 3;
 /// One recorded denial of one user, attributed.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct DenialEvent {
+    /// The batch member who was denied.
     pub user: String,
+    /// When the call was made.
     pub at: DateTime<Utc>,
+    /// The IAM action, `service:Name`.
     pub action: String,
+    /// What caused the denial, and the evidence for it.
     pub kind: Attribution,
+    /// The `errorCode`.
     pub code: String,
+    /// The `errorMessage`.
     pub message: String,
     /// Where the call came from: the VPC endpoint ID, else `sourceIPAddress`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -81,8 +87,11 @@ pub struct DenialEvent {
 /// `unknown` denial rate among users who are not promoted, over the guard window.
 #[derive(Debug, Clone, Copy, PartialEq, Default)]
 pub struct CohortRate {
+    /// `unknown` denials among them.
     pub denials: u64,
+    /// How many unpromoted users were watched.
     pub users: u64,
+    /// Over how many hours.
     pub hours: f64,
 }
 
@@ -119,18 +128,25 @@ impl SourceHealth {
 #[derive(Debug, Clone, PartialEq, Serialize)]
 #[serde(tag = "verdict", rename_all = "snake_case")]
 pub enum Verdict {
+    /// No spike: the batch may succeed once its soak and delivery are done.
     Healthy {
+        /// What was seen, for people.
         detail: String,
     },
+    /// Denials above noise: the batch is rolled back.
     Spike {
         /// The culprits: members with weighing denials.
         affected: Vec<String>,
+        /// The culprits' denials as weighed: `lockdown` plus `unknown` above noise.
         weighted_denials: u64,
         /// The culprits' offending calls.
         offending: Vec<DenialEvent>,
+        /// What was seen, for people.
         detail: String,
     },
+    /// The guard cannot judge: nothing succeeds or is rolled back on it.
     Inconclusive {
+        /// Why the guard cannot tell (stale source, no events yet, waiting for delivery).
         why: String,
     },
 }
@@ -138,8 +154,11 @@ pub enum Verdict {
 named_enum!(
     /// A verdict's kind: what metrics, the CLI and the ledger match on.
     VerdictKind {
+        /// No spike.
         Healthy = "healthy",
+        /// Denials above noise: roll back.
         Spike = "spike",
+        /// The guard cannot judge.
         Inconclusive = "inconclusive",
     }
 );
@@ -174,21 +193,28 @@ impl Verdict {
 
 /// Everything one judgement needs.
 pub struct Input<'a> {
+    /// The batch being judged.
     pub batch: &'a Batch,
     /// Denials of this batch's members; older ones and other users' are ignored.
     pub events: &'a [DenialEvent],
     /// Each member's `unknown` denials per hour before promotion.
     pub baselines: &'a BTreeMap<String, f64>,
+    /// The `unknown` denial rate among unpromoted users.
     pub cohort: CohortRate,
+    /// Whether the event stream can be trusted to show denials.
     pub source: &'a SourceHealth,
+    /// The guard's thresholds.
     pub config: &'a Guard,
+    /// The time of the judgement.
     pub now: DateTime<Utc>,
 }
 
 /// A verdict and why.
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct Judgement {
+    /// What the guard decided.
     pub verdict: Verdict,
+    /// Why.
     pub explanation: Explanation,
 }
 
@@ -196,21 +222,29 @@ pub struct Judgement {
 /// webhook.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Explanation {
+    /// The batch judged.
     pub batch: i64,
     /// The denials judged are those in `since..=until`.
     pub since: DateTime<Utc>,
+    /// The end of the judged span.
     pub until: DateTime<Utc>,
     /// `unknown` denials per user-hour among unpromoted users.
     pub cohort_unknown_per_user_hour: f64,
+    /// The configured bound on false alarms per soak.
     pub false_alarm_budget: f64,
     /// Tests one soak makes (members × polls): the Bonferroni divisor.
     pub tests_per_soak: u64,
     /// `α` for one member in one poll.
     pub significance: f64,
+    /// A spike needs at least this many members with weighing denials...
     pub min_affected_users: usize,
+    /// ...and at least this many weighted denials.
     pub min_denials: usize,
+    /// The weighted denials of all members.
     pub weighted_denials: u64,
+    /// Each member's counts.
     pub members: Vec<MemberCounts>,
+    /// Members with weighing denials, whom a rollback holds.
     pub culprits: Vec<Culprit>,
     /// Members not at fault.
     pub bystanders: Vec<String>,
@@ -229,9 +263,13 @@ impl Explanation {
 /// One member's denials in the judged window, per cause, and how they were weighed.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct MemberCounts {
+    /// The member.
     pub user: String,
+    /// Denials the lockdown policy caused.
     pub lockdown: u64,
+    /// Denials something else caused; never acted on.
     pub other: u64,
+    /// Denials of no known cause.
     pub unknown: u64,
     /// `λ`: `unknown` denials expected in the window.
     pub unknown_expected: f64,
@@ -244,7 +282,9 @@ pub struct MemberCounts {
 /// A member with weighing denials, and those denials.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Culprit {
+    /// The member.
     pub user: String,
+    /// Its weighing denials.
     pub offending: Vec<DenialEvent>,
 }
 
@@ -398,6 +438,7 @@ pub struct DeliveryPending {
     pub newest_event: Option<DateTime<Utc>>,
 }
 
+/// Whether the event source has not yet delivered past `soak_until` + `delivery_lag`; `None` once it has.
 pub fn delivery_pending(
     source: &SourceHealth,
     soak_until: DateTime<Utc>,
@@ -414,6 +455,7 @@ pub fn delivery_pending(
 /// One locked user the lockdown denied after its soak: breakage, or the lock doing its job.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct LockedUserReport {
+    /// The locked user.
     pub user: String,
     /// Its `lockdown` denials in the window, newest last.
     pub lockdown_denials: Vec<DenialEvent>,

@@ -17,14 +17,18 @@ pub use crate::rollout::IamUser;
 /// How the lockdown group and its policy compare with what the perimeter renders.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum PolicyStatus {
+    /// The lockdown group does not exist.
     GroupMissing,
+    /// The perimeter policy does not exist.
     PolicyMissing,
     /// The policy exists but is not attached to the group.
     NotAttached,
     /// Attached, but its default version is not the rendered document.
     Drifted {
+        /// The policy document IAM holds.
         current: String,
     },
+    /// The group has the rendered policy attached: adding a user locks them.
     InPlace,
 }
 
@@ -49,9 +53,11 @@ impl PolicyStatus {
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[error("IAM {operation} failed: {code}: {message}")]
 pub struct IamError {
+    /// The IAM operation (`AddUserToGroup`, ...).
     pub operation: &'static str,
     /// The AWS error code (`NoSuchEntity`, `Throttling`, ...) or a transport-level description.
     pub code: String,
+    /// The error's message.
     pub message: String,
 }
 
@@ -68,8 +74,11 @@ pub trait Iam: Send + Sync {
     fn list_users(&self) -> impl Future<Output = Result<Vec<IamUser>, IamError>> + Send;
     /// Names of the group's members, all pages.
     fn group_members(&self, group: &str) -> impl Future<Output = Result<Vec<String>, IamError>> + Send;
+    /// Adds `user` to `group` (succeeds if already a member).
     fn add_to_group(&self, group: &str, user: &str) -> impl Future<Output = Result<(), IamError>> + Send;
+    /// Removes `user` from `group` (succeeds if not a member).
     fn remove_from_group(&self, group: &str, user: &str) -> impl Future<Output = Result<(), IamError>> + Send;
+    /// How the group and its managed policy compare with `document`.
     fn policy_status(
         &self,
         group: &str,

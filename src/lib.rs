@@ -4,6 +4,9 @@
 //! aggregation, the planner and the guard) and the edges behind small traits (AWS, the store,
 //! the clock). The `lockstep` binary is the imperative shell around it.
 
+// Every public item says what it is for: `cargo clippy -D warnings` turns this into an error.
+#![warn(missing_docs)]
+
 /// Declares an enum whose variants have stable snake_case names, used in output, metric labels
 /// and the store: `as_str`, `from_name`, `ALL`, `Display`, `Serialize` and `Deserialize` come with it.
 macro_rules! named_enum {
@@ -66,4 +69,6 @@ pub mod planner;
 pub mod rollout;
 pub mod runtime;
 pub mod store;
+#[cfg(any(test, feature = "test-support"))]
+pub mod testkit;
 pub mod trail;

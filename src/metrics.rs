@@ -18,28 +18,51 @@ use crate::store::Run;
 #[derive(Clone)]
 pub struct Metrics {
     registry: Registry,
+    /// `lockstep_users`: users by ledger state.
     pub users: IntGaugeVec,
+    /// `lockstep_batches`: batches by state.
     pub batches: IntGaugeVec,
+    /// `lockstep_promotions_total`: users added to the lockdown group.
     pub promotions: IntCounter,
+    /// `lockstep_rollbacks_total`: rollbacks, by reason.
     pub rollbacks: IntCounterVec,
+    /// `lockstep_watched_batch_denials`: denials of watched batches' members, by batch.
     pub soaking_denials: IntGaugeVec,
+    /// `lockstep_guard_verdicts_total`: guard verdicts, by kind.
     pub guard_verdicts: IntCounterVec,
+    /// `lockstep_rollout_paused`: 1 while the rollout is paused.
     pub rollout_paused: IntGauge,
+    /// `lockstep_gate`: 1 for the planner's current gate.
     pub gate: IntGaugeVec,
+    /// `lockstep_current_wave`: 1 for the wave in progress.
     pub current_wave: IntGaugeVec,
+    /// `lockstep_evidence_refresh_runs_total`: refresh runs, by source and outcome.
     pub refresh_runs: IntCounterVec,
+    /// `lockstep_evidence_refresh_failures_total`: failed refresh runs.
     pub refresh_failures: IntCounter,
+    /// `lockstep_evidence_refresh_duration_seconds`: refresh run time.
     pub refresh_duration: Histogram,
+    /// `lockstep_evidence_last_success_timestamp_seconds`: when a refresh last succeeded.
     pub refresh_last_success: Gauge,
+    /// `lockstep_evidence_records_read_total`: CloudTrail records read.
     pub records_read: IntCounter,
+    /// `lockstep_evidence_records_skipped_total`: records that could not be used.
     pub records_skipped: IntCounter,
+    /// `lockstep_athena_bytes_scanned_total`: what Athena billed for.
     pub athena_bytes_scanned: IntCounter,
+    /// `lockstep_iam_calls_total`: IAM calls, by operation.
     pub iam_calls: IntCounterVec,
+    /// `lockstep_iam_errors_total`: failed IAM calls, by operation and code.
     pub iam_errors: IntCounterVec,
+    /// `lockstep_reconcile_drift_total`: differences reconcile found, by kind.
     pub reconcile_drift: IntCounterVec,
+    /// `lockstep_controller_steps_total`: controller steps run.
     pub steps: IntCounter,
+    /// `lockstep_future_events_total`: records dated after now, refused.
     pub future_events: IntCounter,
+    /// `lockstep_step_duration_seconds`: how long steps take.
     pub step_duration: Histogram,
+    /// `lockstep_step_failures_total`: failed steps, by error kind.
     pub step_failures: IntCounterVec,
 }
 

@@ -29,15 +29,23 @@ const NEVER_DENIED: &[&str] = &["sts:GetCallerIdentity"];
 /// The trusted network: the account, its VPCs, endpoints and CIDRs, and the actions the Deny covers.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Perimeter {
+    /// The account whose IAM users the policy applies to.
     pub account_id: String,
+    /// VPCs whose traffic is trusted (`aws:SourceVpc`).
     pub trusted_vpcs: Vec<String>,
     /// Endpoint ID -> the VPC it lives in.
     pub trusted_endpoints: BTreeMap<String, String>,
+    /// Public egress ranges trusted (`aws:SourceIp`).
     pub trusted_cidrs: Vec<IpNet>,
+    /// Let AWS services act for the user (`aws:ViaAWSService`).
     pub allow_aws_service_calls: bool,
+    /// Services always allowed to call onward for the user (`aws:CalledVia`).
     pub called_via_services: Vec<String>,
+    /// Presigned S3 GET URLs are allowed from anywhere.
     pub allow_presigned_s3_reads: bool,
+    /// Users tagged `<key>=true` are exempt from the Deny.
     pub exempt_tag_key: Option<String>,
+    /// Actions the Deny never covers (services without network condition keys).
     pub not_actions: Vec<String>,
 }
 
@@ -45,47 +53,69 @@ pub struct Perimeter {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
 #[serde(tag = "verdict", content = "reason", rename_all = "snake_case")]
 pub enum Verdict {
+    /// The policy would allow the call.
     Allowed(AllowReason),
+    /// The policy would deny the call.
     WouldDeny(DenyReason),
+    /// The policy does not apply to the record.
     NotApplicable(SkipReason),
 }
 
-named_enum!(AllowReason {
-    NotAction = "not_action",
-    Exempt = "exempt",
-    ViaAwsService = "via_aws_service",
-    CalledVia = "called_via",
-    PresignedRead = "presigned_read",
-    TrustedEndpoint = "trusted_endpoint",
-    TrustedCidr = "trusted_cidr",
-});
+named_enum!(
+    /// Why the perimeter policy would allow a call.
+    AllowReason {
+        /// The action is one the Deny does not cover (`not_actions`).
+        NotAction = "not_action",
+        /// The user carries the exemption tag.
+        Exempt = "exempt",
+        /// An AWS service made the call for the user and service calls are allowed.
+        ViaAwsService = "via_aws_service",
+        /// A `called_via` service made the call for the user.
+        CalledVia = "called_via",
+        /// A presigned S3 read, allowed from anywhere.
+        PresignedRead = "presigned_read",
+        /// Through a trusted VPC endpoint of the account.
+        TrustedEndpoint = "trusted_endpoint",
+        /// From an address in a trusted CIDR.
+        TrustedCidr = "trusted_cidr",
+    }
+);
 
-named_enum!(DenyReason {
-    /// A public address outside every trusted CIDR.
-    UntrustedIp = "untrusted_ip",
-    /// A VPC endpoint that is not listed (for example AWS-owned) or belongs to another account.
-    UntrustedEndpoint = "untrusted_endpoint",
-    /// A service acted for the user, but service calls are not allowed and it is not a
-    /// `called_via` service.
-    UntrustedService = "untrusted_service",
-    /// `sourceIPAddress` is neither an address nor a service name, so nothing proves the call
-    /// came from a trusted network.
-    UnrecognizedSource = "unrecognized_source",
-    /// No source address recorded at all.
-    NoSource = "no_source",
-});
+named_enum!(
+    /// Why the perimeter policy would deny a call.
+    DenyReason {
+        /// A public address outside every trusted CIDR.
+        UntrustedIp = "untrusted_ip",
+        /// A VPC endpoint that is not listed (for example AWS-owned) or belongs to another account.
+        UntrustedEndpoint = "untrusted_endpoint",
+        /// A service acted for the user, but service calls are not allowed and it is not a
+        /// `called_via` service.
+        UntrustedService = "untrusted_service",
+        /// `sourceIPAddress` is neither an address nor a service name, so nothing proves the call
+        /// came from a trusted network.
+        UnrecognizedSource = "unrecognized_source",
+        /// No source address recorded at all.
+        NoSource = "no_source",
+    }
+);
 
-named_enum!(SkipReason {
-    NoUserIdentity = "no_user_identity",
-    /// A role session, the root user, an AWS service: the group policy does not apply.
-    NotIamUser = "not_iam_user",
-    OtherAccount = "other_account",
-    /// Service events, console sign-ins, network-activity events: not API calls by the user.
-    NotApiCall = "not_api_call",
-    NoAction = "no_action",
-    /// Actions IAM never denies.
-    NeverDenied = "never_denied",
-});
+named_enum!(
+    /// Why the perimeter policy does not apply to a record at all.
+    SkipReason {
+        /// The record names no caller.
+        NoUserIdentity = "no_user_identity",
+        /// A role session, the root user, an AWS service: the group policy does not apply.
+        NotIamUser = "not_iam_user",
+        /// A user of another account.
+        OtherAccount = "other_account",
+        /// Service events, console sign-ins, network-activity events: not API calls by the user.
+        NotApiCall = "not_api_call",
+        /// The record names no action.
+        NoAction = "no_action",
+        /// Actions IAM never denies.
+        NeverDenied = "never_denied",
+    }
+);
 
 impl Verdict {
     /// The reason's stable name (for storage and reports).
@@ -341,8 +371,10 @@ pub fn action_matches(pattern: &str, action: &str) -> bool {
 #[derive(Debug, Clone, Serialize)]
 pub struct PolicyDocument {
     #[serde(rename = "Version")]
+    /// The policy language version.
     pub version: &'static str,
     #[serde(rename = "Statement")]
+    /// The statements, in order.
     pub statement: Vec<Statement>,
 }
 
@@ -350,16 +382,22 @@ pub struct PolicyDocument {
 #[derive(Debug, Clone, Serialize)]
 pub struct Statement {
     #[serde(rename = "Sid")]
+    /// The statement's ID.
     pub sid: &'static str,
     #[serde(rename = "Effect")]
+    /// `Deny` for every perimeter statement.
     pub effect: &'static str,
     #[serde(rename = "Action", skip_serializing_if = "Option::is_none")]
+    /// The actions covered, when listed.
     pub action: Option<Vec<String>>,
     #[serde(rename = "NotAction", skip_serializing_if = "Option::is_none")]
+    /// The actions not covered, when the statement covers all others.
     pub not_action: Option<Vec<String>>,
     #[serde(rename = "Resource")]
+    /// `*`: every resource.
     pub resource: &'static str,
     #[serde(rename = "Condition")]
+    /// Operator -> condition key -> values: when the statement applies.
     pub condition: BTreeMap<&'static str, BTreeMap<String, Vec<String>>>,
 }
 
@@ -369,6 +407,7 @@ pub struct Statement {
     "the rendered policy is {size} characters without whitespace, over IAM's {MANAGED_POLICY_LIMIT}-character limit for a managed policy; trust fewer, wider CIDRs or fewer VPCs"
 )]
 pub struct PolicyTooLarge {
+    /// The policy's size in characters, without whitespace.
     pub size: usize,
 }
 

@@ -20,11 +20,15 @@ use crate::rollout::{BatchState, Snapshot, UserState};
 
 /// Everything one planning decision reads: config, ledger, directory, evidence and `now`.
 pub struct Inputs<'a> {
+    /// The validated configuration.
     pub config: &'a Config,
+    /// The ledger as read at the start of the step.
     pub ledger: &'a Snapshot,
+    /// The IAM users, with paths and tags.
     pub users: &'a [IamUser],
     /// Evidence over `eligibility.window` ending at `now`.
     pub evidence: &'a [UserEvidence],
+    /// How current the evidence is.
     pub freshness: Freshness,
     /// The guard's latest verdict for each batch it watches.
     pub verdicts: &'a BTreeMap<i64, guard::Verdict>,
@@ -32,6 +36,7 @@ pub struct Inputs<'a> {
     /// would not lock them, or lock them with something else); rollbacks and successes still
     /// proceed.
     pub blocked: Option<&'a str>,
+    /// The time of the decision.
     pub now: DateTime<Utc>,
     /// An operator asked for the next batch now: skip the soaking-batch cap, nothing else.
     pub promote_now: bool,
@@ -41,7 +46,9 @@ pub struct Inputs<'a> {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "gate", content = "why", rename_all = "snake_case")]
 pub enum Gate {
+    /// Batches may start.
     Open,
+    /// An operator or the guard paused the rollout, with why.
     Paused(String),
     /// Evidence missing or stale, or the guard cannot see: nothing is promoted.
     Inconclusive(String),
@@ -58,19 +65,30 @@ pub enum Gate {
 pub enum Action {
     /// Take the batch's members back out of the group and hold them; pause the rollout.
     RollBack {
+        /// The batch to roll back.
         batch: i64,
+        /// Why, for the audit log and the webhook.
         reason: String,
     },
+    /// The batch soaked without a spike: it succeeds.
     Succeed {
+        /// The batch.
         batch: i64,
+        /// The guard's verdict, for the audit log.
         detail: String,
     },
+    /// The wave is done: later waves may start.
     FinishWave {
+        /// The wave.
         wave: String,
+        /// Why it is done (batch limit reached, no eligible user left).
         why: String,
     },
+    /// Journal a new batch of the wave and add its users to the group.
     StartBatch {
+        /// The wave.
         wave: String,
+        /// The users, each with why they are eligible.
         users: Vec<Candidate>,
     },
 }
@@ -78,7 +96,9 @@ pub enum Action {
 /// A user chosen for a new batch, and why they are eligible.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Candidate {
+    /// The IAM user name.
     pub user: String,
+    /// Why they are eligible, for the audit log.
     pub why: String,
 }
 
@@ -86,18 +106,24 @@ pub struct Candidate {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "status", content = "reason", rename_all = "snake_case")]
 pub enum Eligibility {
+    /// May be promoted, with the evidence that says so.
     Eligible(String),
+    /// May not be promoted, with why.
     Ineligible(String),
 }
 
 /// The planner's decision: the gate, the current wave, the actions and each user's eligibility.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Plan {
+    /// Whether new batches may start.
     pub gate: Gate,
+    /// The wave new batches come from.
     pub current_wave: Option<String>,
+    /// The changes to make, in order.
     pub actions: Vec<Action>,
     /// Why nothing (more) happens right now.
     pub waiting: Vec<String>,
+    /// Each known user's eligibility.
     pub users: BTreeMap<String, Eligibility>,
 }
 

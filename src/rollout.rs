@@ -14,9 +14,13 @@ use serde::Serialize;
 named_enum!(
     /// Where one user stands. Users with no ledger row are candidates.
     UserState {
+        /// Journaled into a batch; being added to the group.
         Promoting = "promoting",
+        /// In the group: locked to the perimeter.
         Locked = "locked",
+        /// Journaled for removal from the group by a rollback.
         RollingBack = "rolling_back",
+        /// Out of the group and kept out until released or the hold lapses.
         Held = "held",
         /// Locked by lockstep, then taken out of the group by someone else: not re-added
         /// without an operator.
@@ -24,12 +28,19 @@ named_enum!(
     }
 );
 
-named_enum!(BatchState {
-    Applying = "applying",
-    Soaking = "soaking",
-    Succeeded = "succeeded",
-    RolledBack = "rolled_back",
-});
+named_enum!(
+    /// Where one batch stands.
+    BatchState {
+        /// Journaled; its members are being added to the group.
+        Applying = "applying",
+        /// Every member is in the group; the guard watches until the soak ends.
+        Soaking = "soaking",
+        /// Soaked without a spike.
+        Succeeded = "succeeded",
+        /// Taken back out of the group.
+        RolledBack = "rolled_back",
+    }
+);
 
 impl UserState {
     /// States in which lockstep wants the user in the lockdown group.
@@ -47,19 +58,28 @@ impl BatchState {
 /// An IAM user as the planner needs it: the name, where it lives, and its tags.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct IamUser {
+    /// The user name.
     pub name: String,
+    /// The user's ARN.
     pub arn: String,
+    /// The IAM path, for wave selection (`/engineering/`).
     pub path: String,
+    /// The user's tags, for exemptions and wave selection.
     pub tags: BTreeMap<String, String>,
 }
 
 /// One user in the ledger: their state and the batch that promoted them.
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct Member {
+    /// The user name.
     pub user: String,
+    /// Where the user stands in the rollout.
     pub state: UserState,
+    /// The batch that promoted them, if any.
     pub batch: Option<i64>,
+    /// When the user entered this state.
     pub since: DateTime<Utc>,
+    /// Why (a hold's or rollback's reason).
     pub reason: Option<String>,
     /// For held users: when the hold lapses (if the evidence is clean by then).
     pub hold_until: Option<DateTime<Utc>>,
@@ -68,10 +88,15 @@ pub struct Member {
 /// A group of users promoted together and judged together.
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct Batch {
+    /// The batch's ID, increasing.
     pub id: i64,
+    /// The wave it belongs to.
     pub wave: String,
+    /// Where the batch stands.
     pub state: BatchState,
+    /// The users in the batch.
     pub members: Vec<String>,
+    /// When the batch was journaled.
     pub created_at: DateTime<Utc>,
     /// How long the batch soaks, recorded when it started (`None` for batches journaled before
     /// lockstep recorded it).
@@ -79,7 +104,9 @@ pub struct Batch {
     pub soak: Option<chrono::Duration>,
     /// When the last member was added: the soak starts here.
     pub applied_at: Option<DateTime<Utc>>,
+    /// When the soak ends and the batch may succeed.
     pub soak_until: Option<DateTime<Utc>>,
+    /// When it succeeded or was rolled back.
     pub finished_at: Option<DateTime<Utc>>,
     /// The guard's last verdict and why, as shown to operators.
     pub verdict: Option<String>,
@@ -90,18 +117,24 @@ pub struct Batch {
 /// Why, by whom and since when the rollout is paused.
 #[derive(Debug, Clone, PartialEq, Serialize, serde::Deserialize)]
 pub struct Pause {
+    /// Why it was paused.
     pub reason: String,
+    /// Who paused it: an operator or the guard.
     pub by: String,
+    /// When.
     pub at: DateTime<Utc>,
 }
 
 /// Everything the ledger holds that decisions depend on.
 #[derive(Debug, Clone, Default, PartialEq, Serialize)]
 pub struct Snapshot {
+    /// Set while the rollout is paused: no batch starts.
     pub paused: Option<Pause>,
     /// Finished waves and when.
     pub waves_done: BTreeMap<String, DateTime<Utc>>,
+    /// Every batch, oldest first.
     pub batches: Vec<Batch>,
+    /// Every user the ledger knows, by name.
     pub members: BTreeMap<String, Member>,
     /// Members of the lockdown group lockstep did not add, since when it saw them: never
     /// planned, rolled back or removed.
@@ -133,12 +166,17 @@ impl Snapshot {
 /// One line of the append-only audit log.
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct AuditEntry {
+    /// When it happened.
     pub at: DateTime<Utc>,
     /// `controller`, `dry-run`, or the operator's name.
     pub actor: String,
+    /// What happened (`start_batch`, `rollback`, `hold`, ...).
     pub action: String,
+    /// The batch it concerns, if any.
     pub batch: Option<i64>,
+    /// The user it concerns, if any.
     pub user: Option<String>,
+    /// Why.
     pub reason: String,
 }
 

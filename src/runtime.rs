@@ -241,12 +241,48 @@ fn log_report(report: &StepReport) {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "command", rename_all = "kebab-case")]
 pub enum Command {
-    Pause { operator: String, reason: String },
-    Resume { operator: String },
-    Rollback { operator: String, batch: i64, reason: String },
-    Hold { operator: String, user: String, reason: String },
-    Release { operator: String, user: String },
-    PromoteNext { operator: String },
+    /// Stop starting batches.
+    Pause {
+        /// Who.
+        operator: String,
+        /// Why.
+        reason: String,
+    },
+    /// Start batches again.
+    Resume {
+        /// Who.
+        operator: String,
+    },
+    /// Roll a batch back: its members leave the group and are held.
+    Rollback {
+        /// Who.
+        operator: String,
+        /// The batch.
+        batch: i64,
+        /// Why.
+        reason: String,
+    },
+    /// Keep a user out of the rollout until released.
+    Hold {
+        /// Who.
+        operator: String,
+        /// The user.
+        user: String,
+        /// Why.
+        reason: String,
+    },
+    /// Make a held user a candidate again.
+    Release {
+        /// Who.
+        operator: String,
+        /// The user.
+        user: String,
+    },
+    /// Start the next batch now, beyond the soaking-batch cap.
+    PromoteNext {
+        /// Who.
+        operator: String,
+    },
 }
 
 impl Command {
@@ -300,11 +336,17 @@ pub fn apply_command(
 /// One batch as `status` shows it.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct BatchView {
+    /// The batch's ID.
     pub id: i64,
+    /// Its wave.
     pub wave: String,
+    /// Its state's name.
     pub state: String,
+    /// Its users.
     pub members: Vec<String>,
+    /// Seconds until the soak ends, while soaking.
     pub soak_remaining_seconds: Option<i64>,
+    /// The guard's last verdict, for people.
     pub verdict: Option<String>,
     /// The verdict's kind (absent from daemons that predate it).
     #[serde(default)]
@@ -318,16 +360,25 @@ pub struct BatchView {
 /// The rollout at a glance: what `lockstep status` prints.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Status {
+    /// When the status was taken.
     pub at: DateTime<Utc>,
+    /// `commit` or `dry-run`.
     pub mode: String,
+    /// Why, by whom and since when the rollout is paused.
     pub paused: Option<Pause>,
     /// The planner's gate at the last step (`open`, `paused`, `inconclusive`, ...), with why.
     pub gate: Option<Gate>,
+    /// The wave in progress.
     pub current_wave: Option<String>,
+    /// Why nothing (more) happens right now.
     pub waiting: Vec<String>,
+    /// The batches, oldest first.
     pub batches: Vec<BatchView>,
+    /// How many users are in each state.
     pub users: BTreeMap<String, usize>,
+    /// How current the evidence is.
     pub evidence: Freshness,
+    /// When the last step ran.
     pub last_step: Option<DateTime<Utc>>,
 }
 

@@ -18,21 +18,35 @@ use serde_json::value::RawValue;
 #[serde(rename_all = "camelCase", default)]
 pub struct Record {
     #[serde(rename = "eventID")]
+    /// `eventID`: unique per event, the same in every delivery of it.
     pub event_id: Option<String>,
+    /// `eventTime`, RFC 3339.
     pub event_time: Option<String>,
+    /// `eventSource`, the service called (`s3.amazonaws.com`).
     pub event_source: Option<String>,
+    /// `eventName`, the API operation.
     pub event_name: Option<String>,
+    /// `eventType` (`AwsApiCall`, `AwsServiceEvent`, `AwsConsoleSignIn`, ...).
     pub event_type: Option<String>,
+    /// `awsRegion`.
     pub aws_region: Option<String>,
+    /// `recipientAccountId`: the account that received the call.
     pub recipient_account_id: Option<String>,
     #[serde(rename = "sourceIPAddress")]
+    /// `sourceIPAddress`: an address, or a service name for calls made by a service.
     pub source_ip_address: Option<String>,
+    /// `errorCode`, for failed calls.
     pub error_code: Option<String>,
+    /// `errorMessage`, which may state the cause of a denial.
     pub error_message: Option<String>,
+    /// `userIdentity`: who made the call.
     pub user_identity: Option<UserIdentity>,
+    /// `vpcEndpointId`, for calls through a VPC endpoint.
     pub vpc_endpoint_id: Option<String>,
+    /// `vpcEndpointAccountId`: the endpoint's owner.
     pub vpc_endpoint_account_id: Option<String>,
     #[serde(deserialize_with = "auth_method", rename = "additionalEventData")]
+    /// S3's `additionalEventData.AuthenticationMethod` (`QueryString` for presigned URLs).
     pub s3_auth_method: Option<String>,
 }
 
@@ -41,11 +55,17 @@ pub struct Record {
 #[serde(rename_all = "camelCase", default)]
 pub struct UserIdentity {
     #[serde(rename = "type")]
+    /// `type`: `IAMUser`, `AssumedRole`, `Root`, `AWSService`, ...
     pub kind: Option<String>,
+    /// The caller's ARN.
     pub arn: Option<String>,
+    /// `userName`, for IAM users.
     pub user_name: Option<String>,
+    /// The caller's account.
     pub account_id: Option<String>,
+    /// The access key used.
     pub access_key_id: Option<String>,
+    /// `invokedBy`: the service that made the call for the caller.
     pub invoked_by: Option<String>,
 }
 
@@ -83,12 +103,19 @@ pub enum Denial {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, serde::Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum PolicyType {
+    /// An identity-based policy (user, group or role).
     IdentityBased,
+    /// A resource-based policy (bucket, key, queue policy).
     ResourceBased,
+    /// An organization service control policy.
     ServiceControl,
+    /// An organization resource control policy.
     ResourceControl,
+    /// A permissions boundary.
     PermissionsBoundary,
+    /// A session policy.
     Session,
+    /// A VPC endpoint policy.
     VpcEndpoint,
     /// "explicit deny in a policy", or a type this parser does not know.
     Unnamed,
@@ -110,11 +137,16 @@ const POLICY_PHRASES: &[(&str, PolicyType)] = &[
 #[serde(tag = "stated", rename_all = "snake_case")]
 pub enum StatedCause {
     /// "... because no <type> policy allows the <action> action".
-    ImplicitDeny { policy_type: PolicyType },
+    ImplicitDeny {
+        /// The policy type that allows nothing.
+        policy_type: PolicyType,
+    },
     /// "... with an explicit deny in a <type> policy[: <policy ARN>]".
     ExplicitDeny {
+        /// The policy type that denied.
         policy_type: PolicyType,
         #[serde(default, skip_serializing_if = "Option::is_none")]
+        /// The denying policy's ARN, when the message names it.
         policy_arn: Option<String>,
     },
     /// `VpceAccessDenied`: a VPC endpoint policy refused the request (network-activity events).
@@ -127,7 +159,9 @@ pub enum StatedCause {
 /// A refused call: the error code and what the message says caused it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Refusal {
+    /// The `errorCode`.
     pub code: String,
+    /// What the message says caused it.
     pub stated: StatedCause,
 }
 
@@ -281,14 +315,18 @@ impl fmt::Display for Position {
 /// A record that could not be used, where it was and why.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct BadRecord {
+    /// Where in the file the record is.
     pub position: Position,
+    /// Why it cannot be used.
     pub reason: String,
 }
 
 /// What one file yielded.
 #[derive(Debug, Default)]
 pub struct Parsed {
+    /// The records that parsed.
     pub records: Vec<Record>,
+    /// The records that did not, and why.
     pub bad: Vec<BadRecord>,
 }
 
@@ -296,9 +334,21 @@ pub struct Parsed {
 #[derive(Debug, thiserror::Error)]
 pub enum ReadError {
     #[error("cannot read {path}: {source}")]
-    Io { path: String, source: std::io::Error },
+    /// The file could not be opened or read.
+    Io {
+        /// The file.
+        path: String,
+        /// Why.
+        source: std::io::Error,
+    },
     #[error("{path}: {why}")]
-    Malformed { path: String, why: String },
+    /// The file is not CloudTrail JSON.
+    Malformed {
+        /// The file.
+        path: String,
+        /// What is wrong.
+        why: String,
+    },
 }
 
 /// Whether a file inside a directory looks like trail data (explicitly named files are always read).

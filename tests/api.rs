@@ -172,7 +172,7 @@ async fn status_plan_metrics_and_probes() {
     // A refresh that reads nothing still counts as a run, and the step after it reports it.
     let source = Source::Folder(Arc::new(Folder::new(&d.config.evidence.files_path)));
     let window = refresh::Window { since: d.clock.now() - chrono::Duration::hours(2), until: d.clock.now() };
-    refresh::refresh(&d.store, &source, &d.config, window, d.clock.as_ref(), None, &mut |_| {}).await.unwrap();
+    refresh::refresh(&*d.store, &source, &d.config, window, d.clock.as_ref(), None, &mut |_| {}).await.unwrap();
     d.shared.step().await.unwrap();
     d.shared.step().await.unwrap();
     let (ready, _) = call(d.metrics, "GET", "/readyz", None, String::new()).await;

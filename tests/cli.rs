@@ -259,25 +259,12 @@ impl EmulatedRollout {
             aws_sdk_iam::Client::new(&sdk)
         });
         let users = [format!("{prefix}-ann"), format!("{prefix}-ben")];
-        let mut records = Vec::new();
         for user in &users {
             runtime.block_on(iam.create_user().user_name(user).path("/engineering/").send()).unwrap();
-            for hour in 1..(8 * 24) {
-                records.push(lockstep_synth::RecordSpec::new(
-                    lockstep_synth::Identity::iam_user(common::ACCOUNT, user),
-                    SystemClock.now() - chrono::Duration::hours(hour),
-                    "ec2:DescribeInstances",
-                    lockstep_synth::Origin::ip("203.0.113.9"),
-                ));
-            }
         }
-        lockstep_synth::write_trail(
-            &dir.path().join("trail"),
-            common::ACCOUNT,
-            &records,
-            lockstep_synth::Faults::default(),
-        )
-        .unwrap();
+        let now = SystemClock.now();
+        let times: Vec<_> = (1..(8 * 24)).map(|hour| now - chrono::Duration::hours(hour)).collect();
+        common::write_office_trail(&dir.path().join("trail"), &users, &times).unwrap();
         EmulatedRollout { dir, prefix: prefix.to_string(), config_path, runtime, iam, users }
     }
 
@@ -408,18 +395,9 @@ fn evidence_refresh_takes_the_window_as_the_readme_shows_it() {
         .replace("path: ./lockstep.db", &format!("path: {}/lockstep.db", dir.path().display()));
     let config = dir.path().join("rollout.yaml");
     std::fs::write(&config, config_text).unwrap();
-    let records: Vec<_> = (1..30)
-        .map(|hour| {
-            lockstep_synth::RecordSpec::new(
-                lockstep_synth::Identity::iam_user("123456789012", "ann"),
-                SystemClock.now() - chrono::Duration::hours(hour),
-                "ec2:DescribeInstances",
-                lockstep_synth::Origin::ip("203.0.113.9"),
-            )
-        })
-        .collect();
-    lockstep_synth::write_trail(&dir.path().join("trail"), "123456789012", &records, lockstep_synth::Faults::default())
-        .unwrap();
+    let now = SystemClock.now();
+    let times: Vec<_> = (1..30).map(|hour| now - chrono::Duration::hours(hour)).collect();
+    common::write_office_trail(&dir.path().join("trail"), &["ann".to_string()], &times).unwrap();
 
     let out = lockstep(&["evidence", "refresh", "--since", "36h", "--until", "now"], Some(&config));
     assert!(out.status.success(), "{}", text(&out.stderr));

@@ -202,7 +202,7 @@ impl World {
         let source = Source::Folder(Arc::new(Folder::new(&self.config.evidence.files_path)));
         let freshness = self.store.freshness().unwrap();
         let window = refresh::scheduled_window(&freshness, self.clock.now(), &self.config.evidence);
-        refresh::refresh(&self.store, &source, &self.config, window, self.clock.as_ref(), None, &mut |_| {})
+        refresh::refresh(&*self.store, &source, &self.config, window, self.clock.as_ref(), None, &mut |_| {})
             .await
             .unwrap();
         self.last_refresh = self.clock.now();

@@ -13,7 +13,7 @@ use lockstep::config::Config;
 use lockstep::evidence::files::Folder;
 use lockstep::evidence::refresh::{self, RefreshError, Report, Source, Window};
 use lockstep::evidence::{EvidenceStore, SourceError, TrailObjects};
-use lockstep::store::Store;
+use lockstep::store::{EvidenceWriter, RefreshLog, Store};
 use lockstep_synth::{Faults, Org, Written, write_trail};
 
 const EXAMPLE: &str = include_str!("../rollout.yaml");

@@ -274,27 +274,14 @@ impl<'r> Trial<'r> {
         let candidates: Vec<String> = (0..6).map(|i| format!("{prefix}-user{i}")).collect();
         let hand_added: Vec<String> = (0..1 + rng.below(2)).map(|i| format!("{prefix}-hand{i}")).collect();
         let now = SystemClock.now();
-        let mut records = Vec::new();
-        for user in candidates.iter().chain(&hand_added) {
+        let users: Vec<String> = candidates.iter().chain(&hand_added).cloned().collect();
+        for user in &users {
             runtime.block_on(iam.create_user().user_name(user).path("/engineering/").send()).expect("create a user");
-            // Eight clean days of calls from the office, and one a minute ago for the guard.
-            let hours = (0..32).map(|i| chrono::Duration::hours(6 * i + 1)).chain([chrono::Duration::minutes(1)]);
-            for ago in hours {
-                records.push(lockstep_synth::RecordSpec::new(
-                    lockstep_synth::Identity::iam_user(common::ACCOUNT, user),
-                    now - ago,
-                    "ec2:DescribeInstances",
-                    lockstep_synth::Origin::ip("203.0.113.9"),
-                ));
-            }
         }
-        lockstep_synth::write_trail(
-            &dir.path().join("trail"),
-            common::ACCOUNT,
-            &records,
-            lockstep_synth::Faults::default(),
-        )
-        .expect("write the trail");
+        // Eight clean days of calls from the office, and one a minute ago for the guard.
+        let ago = (0..32).map(|i| chrono::Duration::hours(6 * i + 1)).chain([chrono::Duration::minutes(1)]);
+        let times: Vec<_> = ago.map(|ago| now - ago).collect();
+        common::write_office_trail(&dir.path().join("trail"), &users, &times).expect("write the trail");
         let proxy =
             runtime.block_on(Proxy::start(&common::endpoint(), Fault::Random { seed: rng.next_u64(), rates: RATES }));
         let trial = Trial {

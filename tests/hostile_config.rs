@@ -3,12 +3,12 @@
 //! that passes drives controller steps over a batch being applied, soaking and past its soak,
 //! in virtual time. Nothing that validates may panic.
 //!
-//! IAM here is an in-memory stand-in: this proves the pure logic and the time arithmetic, not
+//! IAM here is the in-memory stand-in from `lockstep::testkit`: this proves the pure logic and the time arithmetic, not
 //! the AWS path (tests/controller.rs does that against the emulator).
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::BTreeMap;
 use std::path::Path;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 
 use chrono::{TimeZone, Utc};
 use lockstep::clock::{Clock, ManualClock};
@@ -16,8 +16,9 @@ use lockstep::config::Config;
 use lockstep::controller::{Controller, Mode};
 use lockstep::evidence::SourceError;
 use lockstep::feed::EventFeed;
-use lockstep::iam::{Iam, IamError, IamUser, PolicyStatus};
+use lockstep::iam::IamUser;
 use lockstep::store::{Ledger, NewBatch, Store};
+use lockstep::testkit::MemoryIam;
 use lockstep::trail::Record;
 
 const EXAMPLE: &str = include_str!("../rollout.yaml");
@@ -120,13 +121,8 @@ fn generated() -> Vec<String> {
     configs
 }
 
-/// IAM in memory: a few users, the policy in place, group membership in a set.
-#[derive(Clone, Default)]
-struct MemoryIam {
-    members: Arc<Mutex<BTreeSet<String>>>,
-}
-
-fn users() -> Vec<IamUser> {
+/// The users the in-memory IAM lists.
+fn directory() -> Vec<IamUser> {
     ["ann", "ben", "cat", "dan"]
         .iter()
         .map(|name| IamUser {
@@ -136,29 +132,6 @@ fn users() -> Vec<IamUser> {
             tags: BTreeMap::new(),
         })
         .collect()
-}
-
-impl Iam for MemoryIam {
-    async fn list_users(&self) -> Result<Vec<IamUser>, IamError> {
-        Ok(users())
-    }
-    async fn group_members(&self, _group: &str) -> Result<Vec<String>, IamError> {
-        Ok(self.members.lock().unwrap().iter().cloned().collect())
-    }
-    async fn add_to_group(&self, _group: &str, user: &str) -> Result<(), IamError> {
-        self.members.lock().unwrap().insert(user.to_string());
-        Ok(())
-    }
-    async fn remove_from_group(&self, _group: &str, user: &str) -> Result<(), IamError> {
-        self.members.lock().unwrap().remove(user);
-        Ok(())
-    }
-    async fn policy_status(&self, _group: &str, _policy: &str, _document: &str) -> Result<PolicyStatus, IamError> {
-        Ok(PolicyStatus::InPlace)
-    }
-    async fn apply_policy(&self, _group: &str, _policy: &str, _document: &str) -> Result<Vec<String>, IamError> {
-        Ok(Vec::new())
-    }
 }
 
 /// A trail with nothing new.
@@ -188,10 +161,16 @@ async fn steps(config: Config) {
         config.eligibility.window,
         config.evidence.lookback,
     ];
-    let mut dry =
-        Controller::new(config.clone(), store.clone(), MemoryIam::default(), Quiet, clock.clone(), Mode::DryRun);
+    let mut dry = Controller::new(
+        config.clone(),
+        store.clone(),
+        MemoryIam::new(directory(), &[]),
+        Quiet,
+        clock.clone(),
+        Mode::DryRun,
+    );
     let _ = dry.step(true).await;
-    let mut live = Controller::new(config, store, MemoryIam::default(), Quiet, clock.clone(), Mode::Commit);
+    let mut live = Controller::new(config, store, MemoryIam::new(directory(), &[]), Quiet, clock.clone(), Mode::Commit);
     let _ = live.step(true).await;
     for span in spans {
         clock.set(lockstep::config::later(clock.now(), span));

@@ -14,7 +14,7 @@ use lockstep::evidence::files::Folder;
 use lockstep::evidence::refresh::{self, Source, Window};
 use lockstep::planner::{self, Action, Gate, Inputs};
 use lockstep::rollout::{IamUser, Snapshot};
-use lockstep::store::Store;
+use lockstep::store::{EvidenceWriter, Store};
 use lockstep_synth::{Faults, Identity, Origin, RecordSpec, write_trail};
 
 const EXAMPLE: &str = include_str!("../rollout.yaml");

@@ -19,7 +19,7 @@ use lockstep::duration;
 use lockstep::evidence::refresh::{self, Progress, Source, Window};
 use lockstep::evidence::{EvidenceStore, Freshness, UserEvidence};
 use lockstep::perimeter::Verdict;
-use lockstep::store::Store;
+use lockstep::store::{RolloutStore, Store};
 use serde::Serialize;
 
 #[derive(Debug, Subcommand)]
@@ -187,7 +187,7 @@ struct Currency {
 }
 
 impl Currency {
-    fn new(store: &Store, config: &Config, now: DateTime<Utc>) -> anyhow::Result<Currency> {
+    fn new(store: &dyn RolloutStore, config: &Config, now: DateTime<Utc>) -> anyhow::Result<Currency> {
         let freshness = store.freshness()?;
         let age = freshness.covered_until.map(|until| now - until);
         let limit = config.eligibility.max_evidence_age;
@@ -241,10 +241,16 @@ struct VerdictCount {
     calls: u64,
 }
 
-fn show(config: &Config, store: &Store, now: DateTime<Utc>, user: &str, json: bool) -> anyhow::Result<ExitCode> {
+fn show(
+    config: &Config,
+    store: &dyn RolloutStore,
+    now: DateTime<Utc>,
+    user: &str,
+    json: bool,
+) -> anyhow::Result<ExitCode> {
     let window = Window { since: refresh::before(now, config.eligibility.window), until: now };
     let currency = Currency::new(store, config, now)?;
-    let evidence = store.evidence(window.since, window.until, Some(user))?.into_iter().next();
+    let evidence = store.evidence_of(user, window.since, window.until)?;
     let verdicts = store.verdict_counts(user, window.since, window.until)?;
     let code = if !currency.stale && evidence.is_some() { ExitCode::SUCCESS } else { ExitCode::FAILURE };
     let trusted_only =
@@ -338,7 +344,13 @@ struct ListJson<'a> {
     users: &'a [UserEvidence],
 }
 
-fn list(config: &Config, store: &Store, now: DateTime<Utc>, sort: SortBy, json: bool) -> anyhow::Result<ExitCode> {
+fn list(
+    config: &Config,
+    store: &dyn RolloutStore,
+    now: DateTime<Utc>,
+    sort: SortBy,
+    json: bool,
+) -> anyhow::Result<ExitCode> {
     let window = Window { since: refresh::before(now, config.eligibility.window), until: now };
     let currency = Currency::new(store, config, now)?;
     let mut users = store.user_evidence(window.since, window.until)?;

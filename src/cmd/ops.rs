@@ -286,7 +286,7 @@ async fn offline(config: &Config, command: Command, commit: bool) -> anyhow::Res
 
 /// Takes every `rolling_back` user out of the group and marks them held, through the daemon's
 /// removal path and its metered IAM client.
-async fn remove_rolled_back(config: &Config, store: &Store, operator: &str) -> anyhow::Result<()> {
+async fn remove_rolled_back(config: &Config, store: &dyn Ledger, operator: &str) -> anyhow::Result<()> {
     let sdk = lockstep::aws::load(&config.region, None).await;
     let iam = MeteredIam::new(AwsIam::new(&sdk, &config.account_id), Metrics::new());
     let group = &config.lockdown.group;

@@ -48,12 +48,12 @@ pub async fn run(config: Config, options: Options) -> anyhow::Result<ExitCode> {
 
     // Stored verdicts follow the perimeter: re-judge them before the first step if it changed
     // (the planner promotes no one until they are).
-    refresh::rejudge_if_changed(&store, &config, clock.now())?;
+    refresh::rejudge_if_changed(&*store, &config, clock.now())?;
     let source = Source::from_config(&config).await?;
     let schedule = if options.once {
         // One-shot (cron-style) runs bring the evidence up to date first.
         let window = refresh::scheduled_window(&store.freshness()?, clock.now(), &config.evidence);
-        refresh::refresh(&store, &source, &config, window, clock.as_ref(), None, &mut |_| {}).await?;
+        refresh::refresh(&*store, &source, &config, window, clock.as_ref(), None, &mut |_| {}).await?;
         None
     } else {
         Some(refresh::start_schedule(store.clone(), source, Arc::new(config.clone()), clock.clone()).await?)

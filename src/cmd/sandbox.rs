@@ -18,7 +18,6 @@ use lockstep::api::{self, Command, Shared};
 use lockstep::clock::{Clock, ManualClock};
 use lockstep::config::Config;
 use lockstep::controller::{Controller, Mode, StepReport};
-use lockstep::evidence::EvidenceStore;
 use lockstep::evidence::files::Folder;
 use lockstep::evidence::refresh::{self, Source};
 use lockstep::feed;
@@ -26,7 +25,7 @@ use lockstep::iam::{Iam, IamError, IamUser, PolicyStatus};
 use lockstep::metrics::Metrics;
 use lockstep::planner::{Action, Gate};
 use lockstep::rollout::UserState;
-use lockstep::store::{Ledger, Store};
+use lockstep::store::{Ledger, RolloutStore, Store};
 use lockstep_synth::{Faults, Org, Origin, RecordSpec, write_trail};
 
 pub struct Options {
@@ -162,7 +161,7 @@ pub async fn run(options: Options) -> anyhow::Result<ExitCode> {
 
     let store = Arc::new(Store::open(&config.store.path)?);
     let source = Source::Folder(Arc::new(Folder::new(&config.evidence.files_path)));
-    refresh_evidence(&store, &source, &config, clock.as_ref()).await?;
+    refresh_evidence(&*store, &source, &config, clock.as_ref()).await?;
 
     let users: Vec<IamUser> = org
         .users
@@ -201,7 +200,7 @@ pub async fn run(options: Options) -> anyhow::Result<ExitCode> {
         written_until = now;
         clock.set(now);
         if now - last_refresh >= chrono::Duration::hours(1) {
-            refresh_evidence(&store, &source, &config, clock.as_ref()).await?;
+            refresh_evidence(&*store, &source, &config, clock.as_ref()).await?;
             last_refresh = now;
         }
         let report = shared.step().await?;
@@ -243,7 +242,12 @@ pub async fn run(options: Options) -> anyhow::Result<ExitCode> {
     Ok(if summary.finished && consistent { ExitCode::SUCCESS } else { ExitCode::FAILURE })
 }
 
-async fn refresh_evidence(store: &Store, source: &Source, config: &Config, clock: &dyn Clock) -> anyhow::Result<()> {
+async fn refresh_evidence(
+    store: &dyn RolloutStore,
+    source: &Source,
+    config: &Config,
+    clock: &dyn Clock,
+) -> anyhow::Result<()> {
     let window = refresh::scheduled_window(&store.freshness()?, clock.now(), &config.evidence);
     refresh::refresh(store, source, config, window, clock, None, &mut |_| {}).await?;
     Ok(())

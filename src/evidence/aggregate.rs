@@ -18,7 +18,9 @@ use crate::trail::{Denial, Record, UserIdentity};
 /// name (to tell its denials from everyone else's).
 #[derive(Debug, Clone)]
 pub struct Judge {
+    /// The perimeter rule every call is classified by.
     pub perimeter: Perimeter,
+    /// The lockdown policy's name, to tell its denials from every other.
     pub lockdown_policy: String,
 }
 
@@ -47,8 +49,11 @@ impl Judge {
 /// [`Judge::judge_context`]'s answer.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct JudgedContext {
+    /// The perimeter's verdict on the call.
     pub verdict: Verdict,
+    /// Where the call came from, when the policy would deny it.
     pub outside_source: Option<String>,
+    /// The IAM action, `service:Name`.
     pub action: String,
 }
 
@@ -61,15 +66,19 @@ pub struct Aggregates {
 /// One user's calls in one hour.
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct UserHour {
+    /// The user's ARN, when a record in the hour carried it.
     pub arn: Option<String>,
     /// First and last call the perimeter applies to (`None` when every call was not applicable).
     pub first_call: Option<DateTime<Utc>>,
+    /// The latest applicable call in the hour.
     pub last_call: Option<DateTime<Utc>>,
     /// Calls by verdict and reason, not-applicable ones included.
     pub verdicts: BTreeMap<Verdict, u64>,
     /// Sources of calls the policy would deny, by source.
     pub outside: BTreeMap<String, OutsideSeen>,
+    /// Recorded denials that look like the lockdown policy's.
     pub explicit_denials: u64,
+    /// Every other recorded denial.
     pub other_denials: u64,
     /// The calls as the perimeter rule reads them: what the verdicts above are derived from,
     /// kept so that they can be derived again under another perimeter.
@@ -80,19 +89,28 @@ pub struct UserHour {
 /// made it. Absent fields are empty strings, which the classifier treats as absent.
 #[derive(Debug, Clone, Default, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct RequestContext {
+    /// `eventSource`, the service called.
     pub event_source: String,
+    /// `eventName`, the API operation.
     pub event_name: String,
+    /// `eventType` (`AwsApiCall`, `AwsServiceEvent`, ...).
     pub event_type: String,
     /// The caller's account (`userIdentity.accountId`, else `recipientAccountId`).
     pub account: String,
+    /// `sourceIPAddress`: an address or a service name.
     pub source_ip: String,
+    /// `vpcEndpointId`, when the call came through one.
     pub endpoint: String,
+    /// `vpcEndpointAccountId`: who owns that endpoint.
     pub endpoint_account: String,
+    /// `userIdentity.invokedBy`: the service that called for the user.
     pub invoked_by: String,
+    /// S3's `additionalEventData.AuthenticationMethod` (presigned URLs).
     pub s3_auth_method: String,
 }
 
 impl RequestContext {
+    /// The context of `record`, the fields the classifier reads.
     pub fn of(record: &Record) -> RequestContext {
         let text = |field: Option<&str>| field.unwrap_or_default().to_string();
         let identity = record.user_identity.as_ref();
@@ -138,8 +156,11 @@ impl RequestContext {
 /// How many calls had one context in an hour, and when.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct ContextSeen {
+    /// Calls with the context in the hour.
     pub calls: u64,
+    /// The earliest of them.
     pub first: DateTime<Utc>,
+    /// The latest of them.
     pub last: DateTime<Utc>,
 }
 
@@ -180,9 +201,13 @@ fn earliest(a: Option<DateTime<Utc>>, b: Option<DateTime<Utc>>) -> Option<DateTi
 /// Calls from one outside source.
 #[derive(Debug, Clone, PartialEq)]
 pub struct OutsideSeen {
+    /// Calls from the source in the hour.
     pub calls: u64,
+    /// The latest of them.
     pub last_seen: DateTime<Utc>,
+    /// The action of the latest call.
     pub last_action: String,
+    /// Why the policy would deny the latest call.
     pub reason: DenyReason,
 }
 
@@ -340,23 +365,17 @@ fn outside_source(record: &Record, reason: DenyReason) -> String {
 mod tests {
     use super::*;
     use crate::perimeter::AllowReason;
-    use crate::trail::UserIdentity;
-
-    const ACCOUNT: &str = "123456789012";
+    use crate::testkit;
 
     fn judge() -> Judge {
         Judge {
             perimeter: Perimeter {
-                account_id: ACCOUNT.into(),
                 trusted_vpcs: vec!["vpc-0a1b2c3d".into()],
                 trusted_endpoints: BTreeMap::from([("vpce-0123456789abcdef0".into(), "vpc-0a1b2c3d".into())]),
-                trusted_cidrs: vec!["203.0.113.0/24".parse().unwrap()],
-                allow_aws_service_calls: true,
-                called_via_services: vec![],
-                allow_presigned_s3_reads: true,
                 // Set, so that a non-empty exempt set would change verdicts: it must not be used.
                 exempt_tag_key: Some("lockstep-exempt".into()),
                 not_actions: vec!["es:ES*".into()],
+                ..testkit::perimeter()
             },
             lockdown_policy: "lockstep".into(),
         }
@@ -366,25 +385,7 @@ mod tests {
         text.parse().unwrap()
     }
 
-    fn call(user: &str, time: &str, source: &str, action: &str) -> CallGroup {
-        let (service, name) = action.split_once(':').unwrap();
-        CallGroup::single(Record {
-            event_time: Some(time.into()),
-            event_source: Some(format!("{service}.amazonaws.com")),
-            event_name: Some(name.into()),
-            event_type: Some("AwsApiCall".into()),
-            source_ip_address: Some(source.into()),
-            user_identity: Some(UserIdentity {
-                kind: Some("IAMUser".into()),
-                user_name: Some(user.into()),
-                arn: Some(format!("arn:aws:iam::{ACCOUNT}:user/{user}")),
-                account_id: Some(ACCOUNT.into()),
-                ..UserIdentity::default()
-            }),
-            ..Record::default()
-        })
-        .unwrap()
-    }
+    use crate::testkit::user_call as call;
 
     fn with(mut g: CallGroup, f: impl FnOnce(&mut Record)) -> CallGroup {
         f(&mut g.record);

@@ -26,6 +26,7 @@ use crate::trail::{Record, UserIdentity};
 /// What one windowed query produced and cost.
 #[derive(Debug, Clone, PartialEq)]
 pub struct AthenaRun {
+    /// The rows, each a group of identical calls.
     pub groups: Vec<CallGroup>,
     /// `Statistics.DataScannedInBytes`: what Athena bills for.
     pub bytes_scanned: u64,

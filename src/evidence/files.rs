@@ -30,6 +30,7 @@ const DELIVERY_SLACK: TimeDelta = TimeDelta::hours(1);
 /// What one trail file contributed.
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct TrailFile {
+    /// The object key, relative to the source's root.
     pub key: String,
     /// Size as stored (compressed).
     pub bytes: u64,
@@ -43,6 +44,7 @@ pub struct TrailFile {
     /// Why the file as a whole could not be read (unreadable entry, too large, bad gzip, not
     /// trail data).
     pub error: Option<String>,
+    /// What the file's records add to the evidence.
     pub aggregates: Aggregates,
 }
 

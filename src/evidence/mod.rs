@@ -19,9 +19,13 @@ use crate::trail::Record;
 /// Identical calls, as far as the classifier and the aggregates are concerned.
 #[derive(Debug, Clone, PartialEq)]
 pub struct CallGroup {
+    /// The representative record.
     pub record: Record,
+    /// How many calls it stands for (at least 1).
     pub calls: u64,
+    /// The earliest of those calls.
     pub first: DateTime<Utc>,
+    /// The latest of those calls.
     pub last: DateTime<Utc>,
 }
 
@@ -37,9 +41,13 @@ impl CallGroup {
 /// eligibility rules) need before locking them.
 #[derive(Debug, Clone, PartialEq, serde::Serialize)]
 pub struct UserEvidence {
+    /// The IAM user name.
     pub user: String,
+    /// The user's ARN, when a record carried it.
     pub arn: Option<String>,
+    /// The earliest applicable call in the window.
     pub first_call: DateTime<Utc>,
+    /// The latest applicable call in the window.
     pub last_call: DateTime<Utc>,
     /// Calls the perimeter applies to (not_applicable ones are not counted).
     pub calls: u64,
@@ -58,18 +66,24 @@ pub struct UserEvidence {
 /// One call from outside the perimeter that the policy would deny.
 #[derive(Debug, Clone, PartialEq, serde::Serialize)]
 pub struct OutsideCall {
+    /// When the call was made.
     pub at: DateTime<Utc>,
     /// The IP address, VPC endpoint ID or service that the call came from.
     pub source: String,
+    /// The IAM action, `service:Name`.
     pub action: String,
+    /// Why the policy would deny it.
     pub reason: crate::perimeter::DenyReason,
 }
 
 /// A source outside the perimeter a user called from, with how often and when last.
 #[derive(Debug, Clone, PartialEq, serde::Serialize)]
 pub struct OutsideSource {
+    /// The IP address, VPC endpoint ID or service the calls came from.
     pub source: String,
+    /// Calls from it in the window.
     pub calls: u64,
+    /// The latest of those calls.
     pub last_seen: DateTime<Utc>,
 }
 
@@ -89,12 +103,30 @@ pub struct Freshness {
 
 /// The evidence the controller reads. SQLite implements it today; a server database can later.
 pub trait EvidenceStore {
+    /// Why the store could not answer.
     type Error: std::error::Error + Send + Sync + 'static;
 
     /// Every user with applicable calls in `[since, until)`, in user-name order.
     fn user_evidence(&self, since: DateTime<Utc>, until: DateTime<Utc>) -> Result<Vec<UserEvidence>, Self::Error>;
 
+    /// How current the stored evidence is, from the refresh log.
     fn freshness(&self) -> Result<Freshness, Self::Error>;
+
+    /// One user's evidence in `[since, until)`; `None` when they made no applicable call.
+    fn evidence_of(
+        &self,
+        user: &str,
+        since: DateTime<Utc>,
+        until: DateTime<Utc>,
+    ) -> Result<Option<UserEvidence>, Self::Error>;
+
+    /// One user's calls in `[since, until)` by perimeter verdict and reason, most calls first.
+    fn verdict_counts(
+        &self,
+        user: &str,
+        since: DateTime<Utc>,
+        until: DateTime<Utc>,
+    ) -> Result<Vec<(crate::perimeter::Verdict, u64)>, Self::Error>;
 }
 
 /// Where trail files are delivered: a local folder or the trail bucket. Keys are `/`-separated
@@ -119,13 +151,31 @@ pub trait TrailObjects: Send + Sync {
 #[derive(Debug, thiserror::Error)]
 pub enum SourceError {
     #[error("{what}: {source}")]
-    Io { what: String, source: std::io::Error },
+    /// A local file or folder could not be read.
+    Io {
+        /// What was being read.
+        what: String,
+        /// Why it failed.
+        source: std::io::Error,
+    },
     #[error("{operation}: {message}")]
-    Aws { operation: String, message: String },
+    /// An AWS call failed.
+    Aws {
+        /// The AWS operation that failed.
+        operation: String,
+        /// The error AWS (or the transport) gave.
+        message: String,
+    },
     /// This one object cannot be read and retrying will not help (a dangling link, a FIFO, no
     /// permission, too large): readers skip it, count it and go on with the rest.
     #[error("cannot read {key}: {why}")]
-    Unreadable { key: String, why: String },
+    Unreadable {
+        /// The object that cannot be read.
+        key: String,
+        /// Why not.
+        why: String,
+    },
     #[error("{0}")]
+    /// Any other failure, described for people.
     Other(String),
 }

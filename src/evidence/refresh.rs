@@ -23,14 +23,22 @@ use crate::config::{self, Config, SourceKind};
 use crate::evidence::aggregate::{Judge, aggregate, hour_of};
 use crate::evidence::files::{self, Folder, TrailFile};
 use crate::evidence::s3::S3Trail;
-use crate::evidence::{EvidenceStore, SourceError, TrailObjects, athena};
-use crate::store::{ATHENA_ORIGIN, Ledger, RunCounts, Store, StoreError};
+use crate::evidence::{SourceError, TrailObjects, athena};
+use crate::store::{ATHENA_ORIGIN, RolloutStore, RunCounts, StoreError};
 
 /// Where evidence comes from, built once from the configuration.
 pub enum Source {
+    /// A folder of trail files.
     Folder(Arc<Folder>),
+    /// The trail bucket.
     S3(Arc<S3Trail>),
-    Athena { client: aws_sdk_athena::Client, config: config::Athena },
+    /// An Athena table, queried per window.
+    Athena {
+        /// The Athena client.
+        client: aws_sdk_athena::Client,
+        /// The table and where results go.
+        config: config::Athena,
+    },
 }
 
 impl Source {
@@ -81,7 +89,9 @@ pub(crate) fn source_name(kind: SourceKind) -> &'static str {
 /// A span of time to refresh, `[since, until)`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
 pub struct Window {
+    /// The first instant covered.
     pub since: DateTime<Utc>,
+    /// The first instant not covered.
     pub until: DateTime<Utc>,
 }
 
@@ -91,9 +101,17 @@ pub enum Progress {
     /// Finding new trail files.
     Listing,
     /// This many new trail files will be read.
-    Reading { files: u64 },
+    Reading {
+        /// How many.
+        files: u64,
+    },
     /// One more file read and recorded.
-    FileDone { records: u64, bytes: u64 },
+    FileDone {
+        /// Records the file held.
+        records: u64,
+        /// Its size as stored.
+        bytes: u64,
+    },
     /// Waiting for the Athena query.
     Querying,
 }
@@ -101,8 +119,11 @@ pub enum Progress {
 /// What a successful refresh did.
 #[derive(Debug, Clone, PartialEq, serde::Serialize)]
 pub struct Report {
+    /// The source's name in the configuration and the refresh log.
     pub source: &'static str,
+    /// What was refreshed.
     pub window: Window,
+    /// What the run read and recorded.
     pub counts: RunCounts,
 }
 
@@ -110,13 +131,22 @@ pub struct Report {
 #[derive(Debug, thiserror::Error)]
 pub enum RefreshError {
     #[error(transparent)]
+    /// The source could not be read.
     Source(#[from] SourceError),
     #[error(transparent)]
+    /// The store could not be read or written.
     Store(#[from] StoreError),
     #[error("the refresh did not finish within {}", crate::duration::format(*.0))]
+    /// The run took longer than this and was abandoned.
     TimedOut(Duration),
     #[error("evidence.schedule {schedule:?}: {why}")]
-    Schedule { schedule: String, why: String },
+    /// The schedule could not be set up or stopped.
+    Schedule {
+        /// The configured cron expression.
+        schedule: String,
+        /// What went wrong.
+        why: String,
+    },
 }
 
 /// Runs one refresh of `window` from the configured source and logs it. Hours older than
@@ -124,7 +154,7 @@ pub enum RefreshError {
 /// With `timeout`, a run that takes longer is abandoned and logged as failed; what it had
 /// recorded stays, whole.
 pub async fn refresh(
-    store: &Store,
+    store: &dyn RolloutStore,
     source: &Source,
     config: &Config,
     window: Window,
@@ -137,13 +167,9 @@ pub async fn refresh(
         Source::Folder(folder) => refresh_trail(store, folder, name, config, window, clock, timeout, progress).await,
         Source::S3(bucket) => refresh_trail(store, bucket, name, config, window, clock, timeout, progress).await,
         Source::Athena { client, config: athena } => {
-            let log = RunLog::start(store, name, config, window, clock)?;
-            let mut counts = RunCounts::default();
-            progress(Progress::Querying);
-            let result = within(timeout, read_athena(store, client, athena, config, window, log.cutoff, &mut counts))
-                .instrument(log.span.clone())
-                .await;
-            log.finish(store, result, counts, clock)
+            // No trail files to read: any `TrailObjects` type will do.
+            let reading: Reading<'_, Folder> = Reading::Athena { client, athena };
+            LoggedRun { store, name, config, window, clock, timeout }.run(reading, progress).await
         }
     }
 }
@@ -151,7 +177,7 @@ pub async fn refresh(
 /// [`refresh`] from any trail-file source, logged under `name`.
 #[allow(clippy::too_many_arguments)]
 pub async fn refresh_trail<T: TrailObjects + 'static>(
-    store: &Store,
+    store: &dyn RolloutStore,
     objects: &Arc<T>,
     name: &'static str,
     config: &Config,
@@ -160,17 +186,55 @@ pub async fn refresh_trail<T: TrailObjects + 'static>(
     timeout: Option<Duration>,
     progress: &mut (dyn FnMut(Progress) + Send),
 ) -> Result<Report, RefreshError> {
-    let log = RunLog::start(store, name, config, window, clock)?;
-    let mut counts = RunCounts::default();
-    let result = within(timeout, read_trail(store, objects, config, window, log.cutoff, clock, &mut counts, progress))
-        .instrument(log.span.clone())
-        .await;
-    log.finish(store, result, counts, clock)
+    LoggedRun { store, name, config, window, clock, timeout }.run(Reading::Trail(objects), progress).await
+}
+
+/// What one refresh reads: new trail files from a source of them, or an Athena window.
+enum Reading<'a, T> {
+    Trail(&'a Arc<T>),
+    Athena { client: &'a aws_sdk_athena::Client, athena: &'a config::Athena },
+}
+
+/// One refresh run: where it is logged and written, what it covers, how long it may take.
+struct LoggedRun<'a> {
+    store: &'a dyn RolloutStore,
+    name: &'static str,
+    config: &'a Config,
+    window: Window,
+    clock: &'a dyn Clock,
+    timeout: Option<Duration>,
+}
+
+impl LoggedRun<'_> {
+    /// Reads within the timeout, in the run's span, logging the run from its start to its outcome.
+    async fn run<T: TrailObjects + 'static>(
+        self,
+        reading: Reading<'_, T>,
+        progress: &mut (dyn FnMut(Progress) + Send),
+    ) -> Result<Report, RefreshError> {
+        let LoggedRun { store, name, config, window, clock, timeout } = self;
+        let log = RunLog::start(store, name, config, window, clock)?;
+        let cutoff = log.cutoff;
+        let mut counts = RunCounts::default();
+        let read = async {
+            match reading {
+                Reading::Trail(objects) => {
+                    read_trail(store, objects, config, window, cutoff, clock, &mut counts, progress).await
+                }
+                Reading::Athena { client, athena } => {
+                    progress(Progress::Querying);
+                    read_athena(store, client, athena, config, window, cutoff, &mut counts).await
+                }
+            }
+        };
+        let result = within(timeout, read).instrument(log.span.clone()).await;
+        log.finish(store, result, counts, clock)
+    }
 }
 
 /// Re-judges the stored evidence (from its request contexts, reading no CloudTrail) unless it
 /// was judged under the configured perimeter already.
-pub fn rejudge_if_changed(store: &Store, config: &Config, now: DateTime<Utc>) -> Result<(), StoreError> {
+pub fn rejudge_if_changed(store: &dyn RolloutStore, config: &Config, now: DateTime<Utc>) -> Result<(), StoreError> {
     if let Some(rejudged) = store.ensure_judged(&Judge::new(config), now)? {
         tracing::info!(
             perimeter = %rejudged.fingerprint,
@@ -194,7 +258,7 @@ struct RunLog {
 
 impl RunLog {
     fn start(
-        store: &Store,
+        store: &dyn RolloutStore,
         name: &'static str,
         config: &Config,
         window: Window,
@@ -220,7 +284,7 @@ impl RunLog {
 
     fn finish(
         self,
-        store: &Store,
+        store: &dyn RolloutStore,
         result: Result<(), RefreshError>,
         counts: RunCounts,
         clock: &dyn Clock,
@@ -244,7 +308,7 @@ async fn within(
 
 #[allow(clippy::too_many_arguments)]
 async fn read_trail<T: TrailObjects + 'static>(
-    store: &Store,
+    store: &dyn RolloutStore,
     objects: &Arc<T>,
     config: &Config,
     window: Window,
@@ -292,7 +356,7 @@ const BATCH: usize = 256;
 
 /// Writes and empties `batch`, counting the files this run added.
 fn record(
-    store: &Store,
+    store: &dyn RolloutStore,
     batch: &mut Vec<TrailFile>,
     clock: &dyn Clock,
     counts: &mut RunCounts,
@@ -319,7 +383,7 @@ fn record(
 /// Queries whole hours, so that replacing the window's hours never drops calls a query did not
 /// cover.
 async fn read_athena(
-    store: &Store,
+    store: &dyn RolloutStore,
     client: &aws_sdk_athena::Client,
     athena: &config::Athena,
     config: &Config,
@@ -373,7 +437,9 @@ pub fn before(at: DateTime<Utc>, span: Duration) -> DateTime<Utc> {
 /// Outcomes of scheduled refreshes, for logs and metrics.
 #[derive(Debug, Default)]
 pub struct RefreshStats {
+    /// Runs that finished successfully.
     pub succeeded: AtomicU64,
+    /// Runs that failed or timed out.
     pub failed: AtomicU64,
     /// Ticks skipped because the previous refresh was still running.
     pub skipped: AtomicU64,
@@ -383,6 +449,7 @@ pub struct RefreshStats {
 pub struct Schedule {
     scheduler: JobScheduler,
     schedule: String,
+    /// How the scheduled runs went so far.
     pub stats: Arc<RefreshStats>,
 }
 
@@ -397,7 +464,7 @@ impl Schedule {
 }
 
 struct Runner {
-    store: Arc<Store>,
+    store: Arc<dyn RolloutStore>,
     source: Source,
     config: Arc<Config>,
     clock: Arc<dyn Clock>,
@@ -412,7 +479,7 @@ struct Runner {
 /// right away: on a new store that is the `lookback` backfill, after a restart it catches up. A
 /// failed or timed-out run is logged and counted, and the next tick retries it.
 pub async fn start_schedule(
-    store: Arc<Store>,
+    store: Arc<dyn RolloutStore>,
     source: Source,
     config: Arc<Config>,
     clock: Arc<dyn Clock>,
@@ -455,7 +522,7 @@ impl Runner {
             Ok(freshness) => {
                 let window = scheduled_window(&freshness, self.clock.now(), &self.config.evidence);
                 let mut logger = ProgressLog::default();
-                refresh(&self.store, &self.source, &self.config, window, &*self.clock, Some(self.timeout), &mut |p| {
+                refresh(&*self.store, &self.source, &self.config, window, &*self.clock, Some(self.timeout), &mut |p| {
                     logger.record(&p)
                 })
                 .await
@@ -530,7 +597,8 @@ fn schedule_period(schedule: &str, now: DateTime<Utc>) -> Result<Duration, Strin
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::evidence::Freshness;
+    use crate::evidence::{EvidenceStore, Freshness};
+    use crate::store::{RefreshLog, Store};
 
     fn at(text: &str) -> DateTime<Utc> {
         text.parse().unwrap()

@@ -20,13 +20,17 @@ pub use trail::TrailFeed;
 
 /// New trail records since the last poll.
 pub trait EventFeed: Send + Sync {
+    /// The records delivered since the previous poll (none is returned twice).
     fn poll(&mut self) -> impl Future<Output = Result<Vec<Record>, SourceError>> + Send;
 }
 
 /// The feed of whichever source `guard.source` names.
 pub enum AnyFeed {
+    /// Trail files in a folder.
     Files(TrailFeed<Folder>),
+    /// Trail files in the bucket.
     S3(TrailFeed<S3Trail>),
+    /// Windowed Athena queries.
     Athena(AthenaFeed),
 }
 

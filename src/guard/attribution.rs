@@ -26,30 +26,57 @@ named_enum!(
 #[serde(tag = "rule", rename_all = "snake_case")]
 pub enum Evidence {
     /// The message names the lockdown policy's ARN as the denying policy.
-    NamesLockdownPolicy { policy_arn: String },
+    NamesLockdownPolicy {
+        /// The ARN the message names.
+        policy_arn: String,
+    },
     /// The message states a cause the lockdown (one explicit Deny in an identity-based group
     /// policy) cannot produce: an implicit deny, an explicit deny in another policy type or in
     /// another named policy, a VPC endpoint policy.
-    StatesOtherCause { stated: StatedCause },
+    StatesOtherCause {
+        /// The cause the message states.
+        stated: StatedCause,
+    },
     /// The classifier says the rendered policy allows this call, so something else denied it.
-    PerimeterAllows { classifier: perimeter::Verdict },
+    PerimeterAllows {
+        /// The classifier's verdict on the call.
+        classifier: perimeter::Verdict,
+    },
     /// The lockdown policy cannot apply to this record (a role session, another account, a
     /// service event, an action IAM never denies).
-    LockdownDoesNotApply { classifier: perimeter::Verdict },
+    LockdownDoesNotApply {
+        /// The classifier's verdict on the call.
+        classifier: perimeter::Verdict,
+    },
     /// The classifier says the rendered policy denies this call, and the message states no
     /// cause the lockdown cannot produce.
-    PerimeterDenies { classifier: perimeter::Verdict, stated: StatedCause },
+    PerimeterDenies {
+        /// The classifier's verdict on the call.
+        classifier: perimeter::Verdict,
+        /// The cause the message states (none the lockdown cannot produce).
+        stated: StatedCause,
+    },
     /// The record lacks what the classifier needs (source address, action, identity) and the
     /// message gives no cause the lockdown cannot produce.
-    Undecidable { classifier: perimeter::Verdict, stated: StatedCause },
+    Undecidable {
+        /// The classifier's verdict on the call.
+        classifier: perimeter::Verdict,
+        /// The cause the message states (none the lockdown cannot produce).
+        stated: StatedCause,
+    },
     /// Stored before attribution by cause existed, under this kind name.
-    Legacy { kind: String },
+    Legacy {
+        /// The stored kind name.
+        kind: String,
+    },
 }
 
 /// One denial's cause and the evidence for it.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
 pub struct Attribution {
+    /// Whose fault the denial is.
     pub cause: Cause,
+    /// The rule that decided it, with what it looked at.
     pub evidence: Evidence,
 }
 

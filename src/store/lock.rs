@@ -15,9 +15,20 @@ use std::time::{Duration, Instant};
 pub enum LockError {
     /// A daemon (or, for a daemon, another daemon or an offline command) holds it.
     #[error("{} is held by {holder}", path.display())]
-    Held { path: PathBuf, holder: &'static str },
+    Held {
+        /// The lock file.
+        path: PathBuf,
+        /// What holds it: `a daemon` or `an offline command`.
+        holder: &'static str,
+    },
     #[error("cannot open the lock file {}: {source}", path.display())]
-    Io { path: PathBuf, source: std::io::Error },
+    /// The lock file could not be opened.
+    Io {
+        /// The lock file.
+        path: PathBuf,
+        /// Why.
+        source: std::io::Error,
+    },
 }
 
 /// A held store lock; released when dropped (or when the process ends).

@@ -9,9 +9,13 @@ mod ledger;
 mod lock;
 mod sqlite;
 
+use std::collections::HashSet;
+
 use chrono::{DateTime, Utc};
 
 pub use crate::evidence::EvidenceStore;
+use crate::evidence::aggregate::{Aggregates, Judge};
+use crate::evidence::files::TrailFile;
 use crate::guard::{DenialEvent, SourceHealth, VerdictKind};
 use crate::rollout::{AuditEntry, Snapshot};
 pub use lock::{LockError, StoreLock, lock_path};
@@ -21,11 +25,29 @@ pub use sqlite::{ATHENA_ORIGIN, Rejudged, Run, RunCounts, Store, TRAIL_ORIGIN};
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
     #[error("{doing}: {source}")]
-    Sqlite { doing: String, source: rusqlite::Error },
+    /// SQLite failed while doing something.
+    Sqlite {
+        /// What was being done.
+        doing: String,
+        /// Why it failed.
+        source: rusqlite::Error,
+    },
     #[error("the store is at schema version {found}, newer than this lockstep knows ({known}); use a newer lockstep")]
-    TooNew { found: i64, known: usize },
+    /// The store was written by a newer lockstep.
+    TooNew {
+        /// The store's schema version.
+        found: i64,
+        /// The newest version this lockstep knows.
+        known: usize,
+    },
     #[error("{doing}: the store holds an unexpected value: {what}")]
-    Corrupt { doing: String, what: String },
+    /// A value in the store cannot be read back.
+    Corrupt {
+        /// What was being done.
+        doing: String,
+        /// The value.
+        what: String,
+    },
     /// The command does not apply in the current state; nothing was changed.
     #[error("{0}")]
     Refused(String),
@@ -45,6 +67,7 @@ impl<T> Doing<T> for rusqlite::Result<T> {
 /// A new batch as the controller journals it, before any IAM call.
 #[derive(Debug, Clone)]
 pub struct NewBatch<'a> {
+    /// The wave the batch belongs to.
     pub wave: &'a str,
     /// Each user with why they were chosen.
     pub users: &'a [(String, String)],
@@ -56,9 +79,13 @@ pub struct NewBatch<'a> {
 /// A rollback to journal: the batch ends `rolled_back`, its members are to be removed and held.
 #[derive(Debug, Clone)]
 pub struct RollbackRequest<'a> {
+    /// The batch to roll back.
     pub batch: i64,
+    /// Who: an operator or the guard.
     pub actor: &'a str,
+    /// Why, for the audit log.
     pub reason: &'a str,
+    /// Members are held until then.
     pub hold_until: DateTime<Utc>,
     /// Also pause the rollout (unless already paused), with this reason: the guard does.
     pub pause: Option<&'a str>,
@@ -70,7 +97,9 @@ pub struct RollbackRequest<'a> {
 /// The bystanders of a rollback and when they return to the eligible pool.
 #[derive(Debug, Clone, Copy)]
 pub struct Requeue<'a> {
+    /// The bystanders.
     pub users: &'a [String],
+    /// When they are eligible again.
     pub until: DateTime<Utc>,
 }
 
@@ -78,6 +107,7 @@ pub struct Requeue<'a> {
 /// observations and the append-only audit log. Every change writes its audit line in the same
 /// transaction; operator commands refuse undefined transitions with [`StoreError::Refused`].
 pub trait Ledger: Send + Sync {
+    /// Everything the ledger holds that decisions depend on, read in one transaction.
     fn snapshot(&self) -> Result<Snapshot, StoreError>;
     /// The last `limit` audit lines, oldest first.
     fn audit_log(&self, limit: usize) -> Result<Vec<AuditEntry>, StoreError>;
@@ -93,10 +123,13 @@ pub trait Ledger: Send + Sync {
     fn start_soak(&self, batch: i64, soak_until: DateTime<Utc>, now: DateTime<Utc>) -> Result<(), StoreError>;
     /// `soaking -> succeeded`.
     fn succeed(&self, batch: i64, detail: &str, now: DateTime<Utc>) -> Result<(), StoreError>;
+    /// Records that a wave is done, with why.
     fn finish_wave(&self, wave: &str, why: &str, now: DateTime<Utc>) -> Result<(), StoreError>;
     /// Journals a rollback; returns the users to remove from the group.
     fn begin_rollback(&self, rollback: &RollbackRequest<'_>, now: DateTime<Utc>) -> Result<Vec<String>, StoreError>;
+    /// Stops batches from starting (refused when already paused).
     fn pause(&self, by: &str, reason: &str, now: DateTime<Utc>) -> Result<(), StoreError>;
+    /// Lets batches start again (refused when not paused).
     fn resume(&self, by: &str, now: DateTime<Utc>) -> Result<(), StoreError>;
     /// An operator keeps a candidate out of the rollout until released.
     fn hold(&self, user: &str, by: &str, reason: &str, now: DateTime<Utc>) -> Result<(), StoreError>;
@@ -110,8 +143,11 @@ pub trait Ledger: Send + Sync {
     fn note(&self, actor: &str, action: &str, reason: &str, now: DateTime<Utc>) -> Result<(), StoreError>;
     /// Stores denials of batch members (duplicates by event ID are ignored).
     fn record_denials(&self, batch: i64, events: &[(String, DenialEvent)]) -> Result<(), StoreError>;
+    /// The stored denials of a batch's members.
     fn denials(&self, batch: i64) -> Result<Vec<DenialEvent>, StoreError>;
+    /// How the guard's event stream last looked.
     fn source_health(&self) -> Result<SourceHealth, StoreError>;
+    /// Records how the guard's event stream looks now.
     fn set_source_health(&self, health: &SourceHealth) -> Result<(), StoreError>;
     /// Records a member of the lockdown group that lockstep did not add (or no longer wants
     /// there): from now on never planned, rolled back or removed. Once per change: an audit line
@@ -121,14 +157,68 @@ pub trait Ledger: Send + Sync {
     fn forget_foreign(&self, user: &str, now: DateTime<Utc>) -> Result<(), StoreError>;
 }
 
-/// The log of evidence refreshes (scheduled or run by hand).
+/// The log of evidence refreshes (scheduled or run by hand): what freshness is answered from.
 pub trait RefreshLog: Send + Sync {
     /// The most recent refresh runs, newest first.
     fn recent_runs(&self, limit: usize) -> Result<Vec<Run>, StoreError>;
+    /// Records the start of a refresh of `[since, until)` from `source`; returns its ID for
+    /// [`RefreshLog::finish_run`].
+    fn start_run(
+        &self,
+        source: &str,
+        since: DateTime<Utc>,
+        until: DateTime<Utc>,
+        now: DateTime<Utc>,
+    ) -> Result<i64, StoreError>;
+    /// Records how a refresh ended (`error` is `None` for success); only a success moves
+    /// freshness forward.
+    fn finish_run(
+        &self,
+        id: i64,
+        counts: &RunCounts,
+        error: Option<&str>,
+        now: DateTime<Utc>,
+    ) -> Result<(), StoreError>;
 }
 
-/// What the controller and the runtime need from storage: the ledger, the evidence and the
-/// refresh log.
-pub trait RolloutStore: Ledger + RefreshLog + EvidenceStore<Error = StoreError> {}
+/// What an evidence refresh writes: aggregated calls, the read marks that keep a trail file from
+/// being counted twice, verdicts re-derived under a new perimeter, and retention. Each method is
+/// one transaction, so a crash leaves a file's mark and its contribution both or neither.
+pub trait EvidenceWriter: EvidenceStore<Error = StoreError> + Send + Sync {
+    /// Adds trail files' contributions and marks them read; a file already marked (by a
+    /// concurrent refresh) adds nothing. Returns, per file, whether it was added.
+    fn add_trail_files(&self, files: &[TrailFile], now: DateTime<Utc>) -> Result<Vec<bool>, StoreError>;
+    /// Replaces everything `origin` holds for the hours overlapping `[since, until)` with
+    /// `aggregates` (hours outside that range are ignored).
+    fn replace_hours(
+        &self,
+        origin: &str,
+        since: DateTime<Utc>,
+        until: DateTime<Utc>,
+        aggregates: &Aggregates,
+    ) -> Result<(), StoreError>;
+    /// Derives every stored verdict again under `judge` from the stored request contexts (no
+    /// CloudTrail read) and stamps the evidence with its perimeter's fingerprint.
+    fn rejudge(&self, judge: &Judge, now: DateTime<Utc>) -> Result<Rejudged, StoreError>;
+    /// The greatest key read under `prefix` (`/`-separated; `prefix` ends with `/` or is empty).
+    fn last_read(&self, prefix: &str) -> Result<Option<String>, StoreError>;
+    /// The keys read under `prefix` that sort after `after` (all of them when `None`).
+    fn read_keys(&self, prefix: &str, after: Option<&str>) -> Result<HashSet<String>, StoreError>;
+    /// Drops evidence hours, read marks and finished refresh runs older than `cutoff`.
+    fn drop_before(&self, cutoff: DateTime<Utc>) -> Result<(), StoreError>;
 
-impl<T: Ledger + RefreshLog + EvidenceStore<Error = StoreError>> RolloutStore for T {}
+    /// Re-judges the evidence unless it is already stamped with `judge`'s perimeter; `None` when
+    /// nothing needed doing.
+    fn ensure_judged(&self, judge: &Judge, now: DateTime<Utc>) -> Result<Option<Rejudged>, StoreError> {
+        if self.freshness()?.judged_under == Some(judge.perimeter.fingerprint()) {
+            return Ok(None);
+        }
+        self.rejudge(judge, now).map(Some)
+    }
+}
+
+/// What the controller, the evidence refresh and the runtime need from storage: the ledger, the
+/// evidence (read and written) and the refresh log.
+pub trait RolloutStore: Ledger + RefreshLog + EvidenceWriter {}
+
+impl<T: Ledger + RefreshLog + EvidenceWriter> RolloutStore for T {}

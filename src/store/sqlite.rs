@@ -24,7 +24,7 @@ use crate::evidence::files::TrailFile;
 use crate::evidence::{EvidenceStore, Freshness, OutsideCall, OutsideSource, UserEvidence};
 use crate::perimeter::{AllowReason, DenyReason, Fingerprint, SkipReason, Verdict};
 
-use super::{Doing, RefreshLog, StoreError};
+use super::{Doing, EvidenceWriter, RefreshLog, StoreError};
 
 /// Schema migrations, applied in order; `user_version` is the number applied.
 pub(crate) const MIGRATIONS: &[&str] = &[
@@ -158,10 +158,15 @@ impl std::fmt::Debug for Store {
 /// A row of the refresh log, as the refresh fills it in.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize)]
 pub struct RunCounts {
+    /// Trail files added.
     pub files: u64,
+    /// Files that could not be read as a whole.
     pub files_corrupt: u64,
+    /// Records read.
     pub records_read: u64,
+    /// Records that could not be used.
     pub records_skipped: u64,
+    /// Bytes read (compressed) or scanned by Athena.
     pub bytes_scanned: u64,
 }
 
@@ -201,14 +206,14 @@ impl Store {
     pub fn schema_version(&self) -> Result<i64, StoreError> {
         schema_version(&self.conn())
     }
+}
 
-    // -----------------------------------------------------------------------------------------
-    // Writing evidence.
-
+/// Writing evidence.
+impl EvidenceWriter for Store {
     /// Adds trail files' contributions and marks them read, all in one transaction. A file
     /// already marked (read by a concurrent refresh) adds nothing. Returns, per file, whether it
     /// was added.
-    pub fn add_trail_files(&self, files: &[TrailFile], now: DateTime<Utc>) -> Result<Vec<bool>, StoreError> {
+    fn add_trail_files(&self, files: &[TrailFile], now: DateTime<Utc>) -> Result<Vec<bool>, StoreError> {
         let doing = match files {
             [one] => format!("recording trail file {}", one.key),
             _ => format!("recording {} trail files", files.len()),
@@ -251,7 +256,7 @@ impl Store {
 
     /// Replaces everything `origin` holds for the hours overlapping `[since, until)` with
     /// `aggregates` (hours outside that range are ignored), in one transaction.
-    pub fn replace_hours(
+    fn replace_hours(
         &self,
         origin: &str,
         since: DateTime<Utc>,
@@ -281,7 +286,7 @@ impl Store {
     ///
     /// A verdict depends on the context alone, so each distinct context is judged once, in
     /// Rust (the one classifier), and the derived rows are rebuilt from that table in SQL.
-    pub fn rejudge(&self, judge: &Judge, now: DateTime<Utc>) -> Result<Rejudged, StoreError> {
+    fn rejudge(&self, judge: &Judge, now: DateTime<Utc>) -> Result<Rejudged, StoreError> {
         let fingerprint = judge.perimeter.fingerprint();
         let doing = format!("re-judging the stored evidence under perimeter {fingerprint}");
         let doing = doing.as_str();
@@ -349,18 +354,9 @@ impl Store {
         Ok(Rejudged { fingerprint, hours: count(Some(hours)) })
     }
 
-    /// Re-judges the evidence unless it is already stamped with `judge`'s perimeter; `None` when
-    /// nothing needed doing.
-    pub fn ensure_judged(&self, judge: &Judge, now: DateTime<Utc>) -> Result<Option<Rejudged>, StoreError> {
-        if self.freshness()?.judged_under == Some(judge.perimeter.fingerprint()) {
-            return Ok(None);
-        }
-        self.rejudge(judge, now).map(Some)
-    }
-
     /// The greatest key read under `prefix` (keys are `/`-separated; `prefix` ends with `/` or is
     /// empty).
-    pub(crate) fn last_read(&self, prefix: &str) -> Result<Option<String>, StoreError> {
+    fn last_read(&self, prefix: &str) -> Result<Option<String>, StoreError> {
         let (low, high) = key_range(prefix);
         self.conn()
             .query_row(
@@ -372,7 +368,7 @@ impl Store {
     }
 
     /// The keys read under `prefix` that sort after `after` (all of them when `None`).
-    pub fn read_keys(&self, prefix: &str, after: Option<&str>) -> Result<HashSet<String>, StoreError> {
+    fn read_keys(&self, prefix: &str, after: Option<&str>) -> Result<HashSet<String>, StoreError> {
         let doing = format!("listing trail files read under {prefix:?}");
         let (low, high) = key_range(prefix);
         let conn = self.conn();
@@ -390,7 +386,7 @@ impl Store {
     }
 
     /// Drops evidence hours, read marks and refresh runs older than `cutoff`.
-    pub(crate) fn drop_before(&self, cutoff: DateTime<Utc>) -> Result<(), StoreError> {
+    fn drop_before(&self, cutoff: DateTime<Utc>) -> Result<(), StoreError> {
         let doing = format!("dropping evidence older than {cutoff}");
         let cutoff = cutoff.timestamp();
         let mut conn = self.conn();
@@ -404,12 +400,12 @@ impl Store {
         tx.execute("DELETE FROM refresh_run WHERE started < ?1 AND status != 'running'", [cutoff]).doing(&doing)?;
         tx.commit().doing(&doing)
     }
+}
 
-    // -----------------------------------------------------------------------------------------
-    // The refresh log.
-
-    /// Records the start of a refresh; returns its ID for [`Store::finish_run`].
-    pub(crate) fn start_run(
+/// The refresh log.
+impl RefreshLog for Store {
+    /// Records the start of a refresh; returns its ID for [`RefreshLog::finish_run`].
+    fn start_run(
         &self,
         source: &str,
         since: DateTime<Utc>,
@@ -426,7 +422,7 @@ impl Store {
     }
 
     /// Records how a refresh ended: `error` is `None` for success.
-    pub(crate) fn finish_run(
+    fn finish_run(
         &self,
         id: i64,
         counts: &RunCounts,
@@ -454,7 +450,7 @@ impl Store {
     }
 
     /// The most recent refresh runs, newest first.
-    pub fn recent_runs(&self, limit: usize) -> Result<Vec<Run>, StoreError> {
+    fn recent_runs(&self, limit: usize) -> Result<Vec<Run>, StoreError> {
         let doing = "reading the refresh log";
         let conn = self.conn();
         let mut stmt = conn
@@ -497,10 +493,10 @@ impl Store {
         })
         .collect()
     }
+}
 
-    // -----------------------------------------------------------------------------------------
-    // Reading evidence.
-
+/// Reading evidence.
+impl Store {
     /// Like [`EvidenceStore::user_evidence`], for one user or all.
     pub fn evidence(
         &self,
@@ -604,37 +600,6 @@ impl Store {
         Ok(evidence)
     }
 
-    /// One user's calls in `[since, until)` by verdict and reason, most calls first.
-    pub fn verdict_counts(
-        &self,
-        user: &str,
-        since: DateTime<Utc>,
-        until: DateTime<Utc>,
-    ) -> Result<Vec<(Verdict, u64)>, StoreError> {
-        let doing = format!("reading {user}'s calls by verdict");
-        let doing = doing.as_str();
-        let conn = self.conn();
-        let mut stmt = conn
-            .prepare_cached(
-                "SELECT verdict, reason, sum(calls) AS n FROM evidence_verdict
-                 WHERE user_name = ?1 AND hour >= ?2 AND hour < ?3
-                 GROUP BY verdict, reason ORDER BY n DESC, verdict, reason",
-            )
-            .doing(doing)?;
-        let mut rows = stmt.query(params![user, hour_of(since).timestamp(), until.timestamp()]).doing(doing)?;
-        let mut counts = Vec::new();
-        while let Some(row) = rows.next().doing(doing)? {
-            let kind: String = row.get(0).doing(doing)?;
-            let reason: String = row.get(1).doing(doing)?;
-            let verdict = verdict_from_names(&kind, &reason).ok_or_else(|| StoreError::Corrupt {
-                doing: doing.to_string(),
-                what: format!("verdict {kind}/{reason}"),
-            })?;
-            counts.push((verdict, count(row.get(2).doing(doing)?)));
-        }
-        Ok(counts)
-    }
-
     /// The evidence as canonical text: every evidence row and read mark (without the time it
     /// was read), sorted. Two stores with equal dumps hold the same evidence.
     pub fn dump_evidence(&self) -> Result<String, StoreError> {
@@ -682,21 +647,22 @@ impl Store {
 /// A refresh as the log recorded it.
 #[derive(Debug, Clone, PartialEq, serde::Serialize)]
 pub struct Run {
+    /// The source's name (`files`, `s3`, `athena`).
     pub source: String,
+    /// The first instant of the window.
     pub since: DateTime<Utc>,
+    /// The first instant after the window.
     pub until: DateTime<Utc>,
+    /// When the run started.
     pub started: DateTime<Utc>,
+    /// When it ended, if it did.
     pub finished: Option<DateTime<Utc>>,
     /// `running` (or interrupted), `succeeded` or `failed`.
     pub status: String,
+    /// What it read and recorded.
     pub counts: RunCounts,
+    /// Why it failed, if it did.
     pub error: Option<String>,
-}
-
-impl RefreshLog for Store {
-    fn recent_runs(&self, limit: usize) -> Result<Vec<Run>, StoreError> {
-        Store::recent_runs(self, limit)
-    }
 }
 
 impl EvidenceStore for Store {
@@ -704,6 +670,46 @@ impl EvidenceStore for Store {
 
     fn user_evidence(&self, since: DateTime<Utc>, until: DateTime<Utc>) -> Result<Vec<UserEvidence>, StoreError> {
         self.evidence(since, until, None)
+    }
+
+    fn evidence_of(
+        &self,
+        user: &str,
+        since: DateTime<Utc>,
+        until: DateTime<Utc>,
+    ) -> Result<Option<UserEvidence>, StoreError> {
+        Ok(self.evidence(since, until, Some(user))?.into_iter().next())
+    }
+
+    /// One user's calls in `[since, until)` by verdict and reason, most calls first.
+    fn verdict_counts(
+        &self,
+        user: &str,
+        since: DateTime<Utc>,
+        until: DateTime<Utc>,
+    ) -> Result<Vec<(Verdict, u64)>, StoreError> {
+        let doing = format!("reading {user}'s calls by verdict");
+        let doing = doing.as_str();
+        let conn = self.conn();
+        let mut stmt = conn
+            .prepare_cached(
+                "SELECT verdict, reason, sum(calls) AS n FROM evidence_verdict
+                 WHERE user_name = ?1 AND hour >= ?2 AND hour < ?3
+                 GROUP BY verdict, reason ORDER BY n DESC, verdict, reason",
+            )
+            .doing(doing)?;
+        let mut rows = stmt.query(params![user, hour_of(since).timestamp(), until.timestamp()]).doing(doing)?;
+        let mut counts = Vec::new();
+        while let Some(row) = rows.next().doing(doing)? {
+            let kind: String = row.get(0).doing(doing)?;
+            let reason: String = row.get(1).doing(doing)?;
+            let verdict = verdict_from_names(&kind, &reason).ok_or_else(|| StoreError::Corrupt {
+                doing: doing.to_string(),
+                what: format!("verdict {kind}/{reason}"),
+            })?;
+            counts.push((verdict, count(row.get(2).doing(doing)?)));
+        }
+        Ok(counts)
     }
 
     fn freshness(&self) -> Result<Freshness, StoreError> {
@@ -859,6 +865,7 @@ fn add_verdicts(tx: &Transaction<'_>, origin: &str, user: &str, hour: i64, agg: 
 /// What a re-judgement did.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
 pub struct Rejudged {
+    /// The perimeter the evidence is now judged under.
     pub fingerprint: Fingerprint,
     /// User-hours whose verdicts were derived again.
     pub hours: u64,
@@ -953,50 +960,24 @@ mod tests {
     use super::*;
     use crate::evidence::CallGroup;
     use crate::evidence::aggregate::{Judge, aggregate};
-    use crate::perimeter::Perimeter;
-    use crate::trail::{Record, UserIdentity};
-
-    const ACCOUNT: &str = "123456789012";
+    use crate::testkit;
 
     fn judge() -> Judge {
-        Judge {
-            perimeter: Perimeter {
-                account_id: ACCOUNT.into(),
-                trusted_vpcs: vec![],
-                trusted_endpoints: BTreeMap::new(),
-                trusted_cidrs: vec!["203.0.113.0/24".parse().unwrap()],
-                allow_aws_service_calls: true,
-                called_via_services: vec![],
-                allow_presigned_s3_reads: true,
-                exempt_tag_key: None,
-                not_actions: vec![],
-            },
-            lockdown_policy: "lockstep".into(),
-        }
+        Judge { perimeter: testkit::perimeter(), lockdown_policy: "lockstep".into() }
     }
 
     fn at(text: &str) -> DateTime<Utc> {
         text.parse().unwrap()
     }
 
+    /// A call to s3:ListBuckets, refused by an explicit identity-based deny when `denied`.
     fn call(user: &str, time: &str, source: &str, denied: bool) -> CallGroup {
-        CallGroup::single(Record {
-            event_time: Some(time.into()),
-            event_source: Some("s3.amazonaws.com".into()),
-            event_name: Some("ListBuckets".into()),
-            source_ip_address: Some(source.into()),
-            error_code: denied.then(|| "AccessDenied".into()),
-            error_message: denied.then(|| "... with an explicit deny in an identity-based policy".into()),
-            user_identity: Some(UserIdentity {
-                kind: Some("IAMUser".into()),
-                user_name: Some(user.into()),
-                arn: Some(format!("arn:aws:iam::{ACCOUNT}:user/{user}")),
-                account_id: Some(ACCOUNT.into()),
-                ..UserIdentity::default()
-            }),
-            ..Record::default()
-        })
-        .unwrap()
+        let mut call = testkit::user_call(user, time, source, "s3:ListBuckets");
+        if denied {
+            call.record.error_code = Some("AccessDenied".into());
+            call.record.error_message = Some("... with an explicit deny in an identity-based policy".into());
+        }
+        call
     }
 
     fn file(key: &str, groups: &[CallGroup]) -> TrailFile {

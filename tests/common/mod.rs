@@ -255,3 +255,27 @@ pub fn duckdb(root: &std::path::Path, queries: &[String]) -> Vec<DuckResult> {
     assert!(out.status.success(), "duckdb_run.py failed:\n{}", String::from_utf8_lossy(&out.stderr));
     serde_json::from_slice(&out.stdout).unwrap()
 }
+
+/// Writes trail files under `root` in which each of `users` calls ec2:DescribeInstances from the
+/// trusted office address 203.0.113.9 at each of `times`: a clean history that makes them
+/// eligible.
+pub fn write_office_trail(
+    root: &std::path::Path,
+    users: &[String],
+    times: &[chrono::DateTime<chrono::Utc>],
+) -> std::io::Result<()> {
+    let records: Vec<_> = users
+        .iter()
+        .flat_map(|user| {
+            times.iter().map(move |&at| {
+                lockstep_synth::RecordSpec::new(
+                    lockstep_synth::Identity::iam_user(ACCOUNT, user),
+                    at,
+                    "ec2:DescribeInstances",
+                    lockstep_synth::Origin::ip("203.0.113.9"),
+                )
+            })
+        })
+        .collect();
+    lockstep_synth::write_trail(root, ACCOUNT, &records, lockstep_synth::Faults::default()).map(drop)
+}

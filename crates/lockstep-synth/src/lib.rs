@@ -14,6 +14,8 @@
 //! misbehaves after promotion); [`write_trail`] writes records as gzip `{"Records": [...]}`
 //! files in CloudTrail's S3 layout, one file per region and 5-minute delivery window.
 
+#![warn(missing_docs)]
+
 use std::collections::BTreeMap;
 use std::io::Write;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
@@ -49,11 +51,15 @@ pub enum Behaviour {
 /// One synthetic IAM user.
 #[derive(Debug, Clone, PartialEq)]
 pub struct SynthUser {
+    /// The IAM user name.
     pub name: String,
     /// IAM path, e.g. `/engineering/`.
     pub path: String,
+    /// The user's ARN in the organisation's account.
     pub arn: String,
+    /// IAM tags (an exemption tag for break-glass users).
     pub tags: Vec<(String, String)>,
+    /// How the user calls AWS: what their records show.
     pub behaviour: Behaviour,
     /// Calls in a busy hour.
     pub rate: f64,
@@ -65,6 +71,7 @@ pub struct SynthUser {
 }
 
 impl SynthUser {
+    /// The user as the caller of their records in `account_id`.
     pub fn identity(&self, account_id: &str) -> Identity {
         Identity::IamUser {
             account: account_id.to_string(),
@@ -78,9 +85,31 @@ impl SynthUser {
 /// Who made a call.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Identity {
-    IamUser { account: String, name: String, arn: String, access_key: String },
-    AssumedRole { account: String, role: String, session: String },
-    AwsService { service: String },
+    /// An IAM user: what the lockdown applies to.
+    IamUser {
+        /// The user's account.
+        account: String,
+        /// The user name.
+        name: String,
+        /// The user's ARN.
+        arn: String,
+        /// The access key the calls are signed with.
+        access_key: String,
+    },
+    /// A role session: the group policy does not apply.
+    AssumedRole {
+        /// The role's account.
+        account: String,
+        /// The role name.
+        role: String,
+        /// The session name.
+        session: String,
+    },
+    /// An AWS service acting on its own.
+    AwsService {
+        /// The service principal (`cloudformation.amazonaws.com`).
+        service: String,
+    },
 }
 
 impl Identity {
@@ -101,16 +130,25 @@ pub enum Origin {
     /// `sourceIPAddress` as given (junk such as `035.1.2.3` included).
     Ip(String),
     /// Through a VPC endpoint: CloudTrail records the endpoint and the private client address.
-    Endpoint { id: String, account: String, client_ip: String },
+    Endpoint {
+        /// The endpoint ID.
+        id: String,
+        /// The endpoint's owner.
+        account: String,
+        /// The private address the call came from.
+        client_ip: String,
+    },
     /// Made by a service for the caller (`invokedBy`, and the service as source).
     Service(String),
 }
 
 impl Origin {
+    /// From the address `address`.
     pub fn ip(address: &str) -> Origin {
         Origin::Ip(address.to_string())
     }
 
+    /// Through VPC endpoint `id` owned by `account`, from a fixed private address.
     pub fn endpoint(id: &str, account: &str) -> Origin {
         Origin::Endpoint { id: id.to_string(), account: account.to_string(), client_ip: "10.0.12.34".to_string() }
     }
@@ -119,11 +157,15 @@ impl Origin {
 /// One trail record to write. Build scripted ones with [`RecordSpec::new`] and the modifiers.
 #[derive(Debug, Clone, PartialEq)]
 pub struct RecordSpec {
+    /// The event time.
     pub at: DateTime<Utc>,
+    /// Who made the call.
     pub identity: Identity,
     /// IAM action, `s3:GetObject`; event source and name derive from it.
     pub action: String,
+    /// `awsRegion`, which also decides the delivery file.
     pub region: String,
+    /// Where the call came from.
     pub origin: Origin,
     /// `AwsApiCall`, `AwsConsoleSignIn`, `AwsServiceEvent`.
     pub event_type: String,
@@ -133,6 +175,7 @@ pub struct RecordSpec {
     pub presigned: bool,
     /// Console session credentials.
     pub console: bool,
+    /// `userAgent`.
     pub user_agent: String,
     /// Derived from the record's content and position when not set.
     pub event_id: Option<String>,
@@ -161,6 +204,7 @@ impl RecordSpec {
         }
     }
 
+    /// Failed with `code` and `message`.
     pub fn error(mut self, code: &str, message: &str) -> RecordSpec {
         self.error = Some((code.to_string(), message.to_string()));
         self
@@ -188,26 +232,31 @@ impl RecordSpec {
         self.error(code, &message)
     }
 
+    /// Throttled: a failure that is not a denial.
     pub fn throttled(self) -> RecordSpec {
         self.error("ThrottlingException", "Rate exceeded")
     }
 
+    /// An S3 request through a presigned URL.
     pub fn presigned(mut self) -> RecordSpec {
         self.presigned = true;
         self
     }
 
+    /// Made from the console, with its session credentials and user agent.
     pub fn console(mut self) -> RecordSpec {
         self.console = true;
         self.user_agent = "AWS Internal".to_string();
         self
     }
 
+    /// With this `eventType` instead of `AwsApiCall`.
     pub fn event_type(mut self, event_type: &str) -> RecordSpec {
         self.event_type = event_type.to_string();
         self
     }
 
+    /// With this `userAgent`.
     pub fn user_agent(mut self, agent: &str) -> RecordSpec {
         self.user_agent = agent.to_string();
         self
@@ -239,9 +288,11 @@ fn denial_code(action: &str) -> &'static str {
 pub struct Tally {
     /// Every record generated, whoever made it.
     pub records: u64,
+    /// What each IAM user's records show, by user name.
     pub users: BTreeMap<String, UserTally>,
 }
 
+/// What one user's records were meant to show.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct UserTally {
     /// API calls the lockdown policy applies to (sign-ins and `sts:GetCallerIdentity` are not).
@@ -253,6 +304,7 @@ pub struct UserTally {
 }
 
 impl Tally {
+    /// Adds `other`'s counts (the tally of an adjacent time range).
     pub fn merge(&mut self, other: &Tally) {
         self.records += other.records;
         for (user, t) in &other.users {
@@ -267,7 +319,9 @@ impl Tally {
 /// Records of a time range, with what they were meant to show.
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct Generated {
+    /// The records, in time order.
     pub records: Vec<RecordSpec>,
+    /// What they were meant to show.
     pub tally: Tally,
 }
 
@@ -282,7 +336,9 @@ pub fn example_perimeter() -> Result<Perimeter, lockstep::config::ConfigError> {
 #[derive(Debug, Clone)]
 pub struct Org {
     seed: u64,
+    /// The organisation's account.
     pub account_id: String,
+    /// Its IAM users.
     pub users: Vec<SynthUser>,
     perimeter: Perimeter,
     trusted_nets: Vec<IpNet>,
@@ -318,6 +374,7 @@ impl Org {
         org
     }
 
+    /// The user named `name`, if the organisation has one.
     pub fn user(&self, name: &str) -> Option<&SynthUser> {
         self.users.iter().find(|u| u.name == name)
     }
@@ -676,7 +733,9 @@ pub struct Written {
     pub files: Vec<PathBuf>,
     /// Good records.
     pub records: u64,
+    /// Records written broken on purpose (faults).
     pub bad_records: u64,
+    /// Files written unreadable on purpose (faults).
     pub corrupt_files: u64,
     /// Compressed bytes.
     pub bytes: u64,
