@@ -1,5 +1,7 @@
-//! Storage: the evidence store and the rollout ledger, each a trait the controller, the evidence
-//! refresh and the runtime depend on, with one SQLite implementation ([`Store`]).
+//! Storage: the rollout ledger ([`Ledger`]), the evidence ([`EvidenceStore`] to read it,
+//! [`EvidenceWriter`] to write it) and the refresh log ([`RefreshLog`]), each a trait the
+//! controller, the evidence refresh and the runtime depend on (together [`RolloutStore`]), with
+//! one SQLite implementation ([`Store`]).
 //!
 //! No SQL connection leaves this module. Ledger methods say what they mean (`begin_rollback`,
 //! `pause`), each one transaction inside the implementation that checks the current state,
