@@ -36,7 +36,7 @@ pub fn perimeter() -> Perimeter {
 /// One API call by IAM user `user` of [`ACCOUNT`] at `time` (RFC 3339) from the address
 /// `source`, for `action` (`service:Name`), as CloudTrail records it.
 pub fn user_call(user: &str, time: &str, source: &str, action: &str) -> CallGroup {
-    let (service, name) = action.split_once(':').unwrap_or((action, action));
+    let (service, name) = action.split_once(':').unwrap_or_else(|| panic!("{action} is not service:Name"));
     let record = Record {
         event_time: Some(time.into()),
         event_source: Some(format!("{service}.amazonaws.com")),
