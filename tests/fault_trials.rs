@@ -12,7 +12,10 @@
 //! - a rollback started before a kill (through the admin API, or offline while the daemon is
 //!   down) has finished after the restart: the batch is rolled back, its users held and out;
 //! - no hand-added member touched: users put in the group by hand before the rollout are still
-//!   there, in no batch, never removed.
+//!   there, in no batch, never removed;
+//! - lockstep's own adds stay its own: no user lockstep journaled an add for is ever recorded as
+//!   a member it did not add (an add sent before a kill may land after the restart's reconcile;
+//!   that user is taken out again, counted as a late add reclaimed).
 //!
 //! LOCKSTEP_FAULT_TRIALS (default 20) trials, LOCKSTEP_FAULT_PARALLEL (default 8) at a time,
 //! from LOCKSTEP_FAULT_SEED (default: from the clock; printed, with each trial's own seed, so
@@ -103,6 +106,11 @@ struct Figures {
     promote_next: usize,
     adds_relayed: usize,
     removes_relayed: usize,
+    /// Users journaled `promoting` or `rolling_back` (IAM write announced, not recorded done)
+    /// when the daemon died.
+    unfinished_at_death: usize,
+    /// Held users back in the group through lockstep's late add, taken out again.
+    late_adds_reclaimed: usize,
     faults: BTreeMap<Kind, usize>,
     violations: Vec<String>,
     ownership_violations: Vec<String>,
@@ -122,6 +130,8 @@ impl Figures {
         self.promote_next += other.promote_next;
         self.adds_relayed += other.adds_relayed;
         self.removes_relayed += other.removes_relayed;
+        self.unfinished_at_death += other.unfinished_at_death;
+        self.late_adds_reclaimed += other.late_adds_reclaimed;
         for (kind, n) in other.faults {
             *self.faults.entry(kind).or_default() += n;
         }
@@ -142,6 +152,8 @@ impl Figures {
         );
         println!("  rollbacks verified      {} finished after a kill and restart", self.rollbacks_verified);
         println!("  promote-next commands   {}", self.promote_next);
+        println!("  writes journaled, unfinished at a kill {}", self.unfinished_at_death);
+        println!("  late adds reclaimed     {}", self.late_adds_reclaimed);
         println!(
             "  IAM writes relayed      {} AddUserToGroup, {} RemoveUserFromGroup",
             self.adds_relayed, self.removes_relayed
@@ -344,6 +356,9 @@ impl<'r> Trial<'r> {
         self.figures.adds_relayed = writes.iter().filter(|w| w.action == "AddUserToGroup").count();
         self.figures.removes_relayed = writes.len() - self.figures.adds_relayed;
         self.figures.faults = self.proxy.served_by_kind();
+        if let Some((_, audit)) = self.ledger_and_audit() {
+            self.figures.late_adds_reclaimed = late_adds_reclaimed(&audit);
+        }
         self.figures
     }
 
@@ -552,6 +567,11 @@ impl<'r> Trial<'r> {
         self.figures.quiescent_checks += 1;
         let writes = self.proxy.group_writes();
         let Some((snapshot, audit)) = self.ledger_and_audit() else { return };
+        self.figures.unfinished_at_death += snapshot
+            .members
+            .values()
+            .filter(|m| matches!(m.state, UserState::Promoting | UserState::RollingBack))
+            .count();
         // No double promotion.
         let mut promotions: BTreeMap<&str, usize> = BTreeMap::new();
         for entry in audit.iter().filter(|e| e.action == "promote") {
@@ -580,6 +600,16 @@ impl<'r> Trial<'r> {
                 ));
             }
         }
+        // Lockstep's own adds are never taken for someone else's.
+        let promoted: BTreeSet<&str> =
+            audit.iter().filter(|e| e.action == "promote").filter_map(|e| e.user.as_deref()).collect();
+        found.extend(
+            snapshot
+                .foreign
+                .keys()
+                .filter(|user| promoted.contains(user.as_str()) && !self.hand_added.contains(user))
+                .map(|user| format!("{user}, whom lockstep added, is recorded as a member it did not add")),
+        );
         for violation in found {
             self.violation(violation);
         }
@@ -704,6 +734,20 @@ impl<'r> Trial<'r> {
         let got = self.runtime.block_on(self.iam.get_group().group_name(&self.group).send()).ok()?;
         Some(got.users().iter().map(|u| u.user_name().to_string()).collect())
     }
+}
+
+/// Users held, then journaled `rolling_back` again: a late add of lockstep's taken out.
+fn late_adds_reclaimed(audit: &[lockstep::rollout::AuditEntry]) -> usize {
+    let mut last: BTreeMap<&str, &str> = BTreeMap::new();
+    let mut reclaimed = 0;
+    for entry in audit {
+        let Some(user) = entry.user.as_deref() else { continue };
+        if entry.action == "rolling_back" && last.get(user) == Some(&"held") {
+            reclaimed += 1;
+        }
+        last.insert(user, &entry.action);
+    }
+    reclaimed
 }
 
 fn open_store(path: &Path) -> Option<Store> {

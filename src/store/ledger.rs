@@ -93,6 +93,14 @@ pub(super) const SCHEMA_V5: &str = "
 CREATE TABLE foreign_members (user TEXT PRIMARY KEY, since INTEGER NOT NULL);
 ";
 
+/// Store migration (appended after 5): adds lockstep journaled and has not yet seen land. Such an
+/// add may still reach IAM after a crash and a rollback, so a held user found back in the group
+/// is lockstep's own late write, not a hand-added member. Promoting users get their mark.
+pub(super) const SCHEMA_ADDS_IN_FLIGHT: &str = "
+CREATE TABLE adds_in_flight (user TEXT PRIMARY KEY, since INTEGER NOT NULL);
+INSERT INTO adds_in_flight (user, since) SELECT user, since FROM members WHERE state = 'promoting';
+";
+
 fn secs(t: DateTime<Utc>) -> i64 {
     t.timestamp()
 }
@@ -162,6 +170,11 @@ impl Ledger for Store {
                     "INSERT INTO members (user, state, batch, since, reason, hold_until) VALUES (?1, 'promoting', ?2, ?3, ?4, NULL)
                      ON CONFLICT(user) DO UPDATE SET state = 'promoting', batch = ?2, since = ?3, reason = ?4, hold_until = NULL",
                     params![user, id, secs(now), why],
+                )
+                .doing("journaling a promotion")?;
+                tx.execute(
+                    "INSERT INTO adds_in_flight (user, since) VALUES (?1, ?2) ON CONFLICT(user) DO UPDATE SET since = ?2",
+                    params![user, secs(now)],
                 )
                 .doing("journaling a promotion")?;
                 audit(tx, now, actor, "promote", Some(id), Some(user), &format!("wave {}: {why}", batch.wave))?;
@@ -455,6 +468,27 @@ impl Ledger for Store {
         })
     }
 
+    fn reclaim_late_add(&self, user: &str, why: &str, now: DateTime<Utc>) -> Result<(), StoreError> {
+        self.write("reclaiming a late add", |tx| {
+            if tx
+                .query_row("SELECT 1 FROM adds_in_flight WHERE user = ?1", [user], |_| Ok(()))
+                .optional()
+                .doing("reading adds in flight")?
+                .is_none()
+            {
+                return Err(StoreError::Refused(format!("lockstep has no add of {user} in flight")));
+            }
+            move_user(tx, user, UserState::Held, UserState::RollingBack, "controller", why, now)
+        })
+    }
+
+    fn settle_add(&self, user: &str) -> Result<(), StoreError> {
+        self.write("settling an add", |tx| {
+            tx.execute("DELETE FROM adds_in_flight WHERE user = ?1", [user]).doing("settling an add")?;
+            Ok(())
+        })
+    }
+
     fn forget_foreign(&self, user: &str, now: DateTime<Utc>) -> Result<(), StoreError> {
         self.write("forgetting a member lockstep did not add", |tx| {
             let gone = tx
@@ -486,26 +520,36 @@ impl Store {
         why: &str,
         now: DateTime<Utc>,
     ) -> Result<(), StoreError> {
-        self.write("updating a member", |tx| {
-            let batch: Option<Option<i64>> = tx
-                .query_row(
-                    "SELECT batch FROM members WHERE user = ?1 AND state = ?2",
-                    params![user, from.as_str()],
-                    |r| r.get(0),
-                )
-                .optional()
-                .doing("reading a member")?;
-            let Some(batch) = batch else {
-                return Err(StoreError::Refused(format!("{user} is not {from}")));
-            };
-            tx.execute(
-                "UPDATE members SET state = ?2, since = ?3 WHERE user = ?1",
-                params![user, to.as_str(), secs(now)],
-            )
-            .doing("updating a member")?;
-            audit(tx, now, actor, to.as_str(), batch, Some(user), why)
-        })
+        self.write("updating a member", |tx| move_user(tx, user, from, to, actor, why, now))
     }
+}
+
+/// `from -> to` for `user` with its audit line, refused when the user is not `from`. A user
+/// recorded `locked` was seen in the group: lockstep's add has landed.
+fn move_user(
+    tx: &Connection,
+    user: &str,
+    from: UserState,
+    to: UserState,
+    actor: &str,
+    why: &str,
+    now: DateTime<Utc>,
+) -> Result<(), StoreError> {
+    let batch: Option<Option<i64>> = tx
+        .query_row("SELECT batch FROM members WHERE user = ?1 AND state = ?2", params![user, from.as_str()], |r| {
+            r.get(0)
+        })
+        .optional()
+        .doing("reading a member")?;
+    let Some(batch) = batch else {
+        return Err(StoreError::Refused(format!("{user} is not {from}")));
+    };
+    tx.execute("UPDATE members SET state = ?2, since = ?3 WHERE user = ?1", params![user, to.as_str(), secs(now)])
+        .doing("updating a member")?;
+    if to == UserState::Locked {
+        tx.execute("DELETE FROM adds_in_flight WHERE user = ?1", [user]).doing("settling an add")?;
+    }
+    audit(tx, now, actor, to.as_str(), batch, Some(user), why)
 }
 
 fn snapshot(conn: &Connection) -> Result<Snapshot, StoreError> {
@@ -522,7 +566,13 @@ fn snapshot(conn: &Connection) -> Result<Snapshot, StoreError> {
         .doing("reading foreign members")?
         .collect::<Result<_, _>>()
         .doing("reading foreign members")?;
-    Ok(Snapshot { paused, waves_done, batches: batches(conn)?, members: members(conn)?, foreign })
+    let mut stmt = conn.prepare("SELECT user, since FROM adds_in_flight").doing("reading adds in flight")?;
+    let adds_in_flight = stmt
+        .query_map([], |r| Ok((r.get::<_, String>(0)?, time(r.get(1)?))))
+        .doing("reading adds in flight")?
+        .collect::<Result<_, _>>()
+        .doing("reading adds in flight")?;
+    Ok(Snapshot { paused, waves_done, batches: batches(conn)?, members: members(conn)?, foreign, adds_in_flight })
 }
 
 fn is_foreign(conn: &Connection, user: &str) -> Result<bool, StoreError> {
@@ -819,6 +869,35 @@ mod tests {
         ledger.forget_foreign("kim", t(5)).unwrap();
         assert!(!ledger.snapshot().unwrap().foreign.contains_key("kim"));
         assert_eq!(ledger.audit_log(100).unwrap().into_iter().filter(|e| e.action == "foreign_left").count(), 1);
+    }
+
+    #[test]
+    fn an_add_is_in_flight_from_its_journal_until_seen_in_the_group() {
+        let ledger = store();
+        let id = ledger.start_batch(&batch(&users(&["ann", "ben"])), "controller", t(0)).unwrap();
+        ledger.mark_locked("ann", "controller", t(0)).unwrap();
+        let in_flight = |ledger: &Store| ledger.snapshot().unwrap().adds_in_flight.into_keys().collect::<Vec<_>>();
+        assert_eq!(in_flight(&ledger), ["ben"], "ann was seen in the group");
+        // Rolled back before ben's add was seen: held, and his add still in flight.
+        assert_eq!(ledger.begin_rollback(&rollback(id, "manual", t(48)), t(1)).unwrap(), ["ann", "ben"]);
+        ledger.mark_held("ben", "controller", t(1)).unwrap();
+        assert_eq!(in_flight(&ledger), ["ben"]);
+        // The late add landed: back to rolling_back with an audit line, then out and settled.
+        let refused = ledger.reclaim_late_add("ann", "late", t(2)).unwrap_err();
+        assert!(matches!(refused, StoreError::Refused(_)), "{refused}");
+        ledger.reclaim_late_add("ben", "late", t(2)).unwrap();
+        assert_eq!(ledger.snapshot().unwrap().members["ben"].state, UserState::RollingBack);
+        ledger.settle_add("ben").unwrap();
+        ledger.mark_held("ben", "controller", t(2)).unwrap();
+        assert!(in_flight(&ledger).is_empty());
+        let ben: Vec<_> = ledger
+            .audit_log(100)
+            .unwrap()
+            .into_iter()
+            .filter(|e| e.user.as_deref() == Some("ben"))
+            .map(|e| e.action)
+            .collect();
+        assert_eq!(ben, ["promote", "rolling_back", "held", "rolling_back", "held"]);
     }
 
     #[test]
