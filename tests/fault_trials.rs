@@ -216,6 +216,54 @@ fn the_daemon_keeps_its_invariants_through_faults_kills_and_restarts() {
     );
 }
 
+/// Trial 93 of an earlier 200-trial run (seed 0x93141edac80281ca), made deterministic: the
+/// daemon journals a batch and dies before (as far as it knows) its adds reach IAM; with the
+/// daemon down the batch is rolled back (nobody is in the group yet, so nothing is removed);
+/// then the adds the dead daemon sent land. The next step must take lockstep's own late adds
+/// out again, and leave the users added by hand alone.
+#[test]
+fn adds_that_land_after_a_crash_and_a_rollback_are_taken_out_and_hand_adds_are_not() {
+    let runtime = tokio::runtime::Runtime::new().expect("a tokio runtime");
+    let trial = Trial::new(9093, 0x9314_1eda_c802_81ca, runtime.handle());
+    let endpoint = common::endpoint();
+    let mut crash = trial.command(&["run", "--commit", "--once"], &endpoint);
+    let crashed = crash.env("LOCKSTEP_FAILPOINT", "after-journal").output().expect("run lockstep");
+    assert!(
+        !crashed.status.success() && text(&crashed.stderr).contains("aborting at failpoint"),
+        "the first step journals a batch and dies: {}",
+        text(&crashed.stderr)
+    );
+    let journaled = trial.snapshot().expect("the store");
+    let batch = journaled.batches.last().expect("a journaled batch");
+    assert!(batch.members.iter().all(|u| journaled.adds_in_flight.contains_key(u)), "{journaled:?}");
+    let rollback = trial.lockstep(
+        &["rollback", &batch.id.to_string(), "--commit", "--reason", "late write", "--operator", OPERATOR],
+        &endpoint,
+    );
+    assert!(rollback.status.success(), "offline rollback: {}", text(&rollback.stderr));
+    for user in &batch.members {
+        runtime
+            .block_on(trial.iam.add_user_to_group().group_name(&trial.group).user_name(user).send())
+            .expect("the late add lands");
+    }
+
+    let step = trial.lockstep(&["run", "--commit", "--once"], &endpoint);
+    assert!(step.status.success(), "the next step: {}", text(&step.stderr));
+    let group = trial.group().expect("the group");
+    let (snapshot, audit) = trial.ledger_and_audit().expect("the ledger");
+    for user in &batch.members {
+        assert!(!group.contains(user), "{user}, added late by lockstep, is out again: {group:?}");
+        assert_eq!(snapshot.members[user].state, UserState::Held, "{user}");
+        assert!(!snapshot.foreign.contains_key(user), "{user} is lockstep's own, never foreign");
+        assert!(!snapshot.adds_in_flight.contains_key(user), "{user}'s add is settled");
+    }
+    assert_eq!(late_adds_reclaimed(&audit), batch.members.len());
+    for user in &trial.hand_added {
+        assert!(group.contains(user), "hand-added {user} stays in the group");
+        assert!(snapshot.foreign.contains_key(user), "hand-added {user} is recorded as not added by lockstep");
+    }
+}
+
 /// What the harness does to one daemon life.
 #[derive(Debug)]
 enum Life {
