@@ -300,6 +300,8 @@ struct Trial<'r> {
     pending_rollbacks: BTreeSet<i64>,
     lives: usize,
     figures: Figures,
+    /// Every user the trial created (candidates and hand-added), deleted at its end.
+    users: Vec<String>,
 }
 
 impl<'r> Trial<'r> {
@@ -357,6 +359,7 @@ impl<'r> Trial<'r> {
         .expect("write the trail");
         let proxy =
             runtime.block_on(Proxy::start(&common::endpoint(), Fault::Random { seed: rng.next_u64(), rates: RATES }));
+        let users = candidates.iter().chain(&hand_added).cloned().collect();
         let trial = Trial {
             index,
             seed,
@@ -372,6 +375,7 @@ impl<'r> Trial<'r> {
             pending_rollbacks: BTreeSet::new(),
             lives: 0,
             figures: Figures { trials: 1, ..Figures::default() },
+            users,
         };
         // The group and its policy, straight to the emulator; then the users added by hand.
         let applied = trial.lockstep(&["policy", "apply", "--commit"], &common::endpoint());
@@ -407,7 +411,28 @@ impl<'r> Trial<'r> {
         if let Some((_, audit)) = self.ledger_and_audit() {
             self.figures.late_adds_reclaimed = late_adds_reclaimed(&audit);
         }
+        self.clean_up();
         self.figures
+    }
+
+    /// Deletes the trial's users, group and policy from the emulator, which every trial shares:
+    /// the daemon lists every user of the account each step, so leftovers would slow later
+    /// trials down until they cannot finish a step. Best effort: the emulator dies with the test.
+    fn clean_up(&self) {
+        self.runtime.block_on(async {
+            for user in &self.users {
+                let _ = self.iam.remove_user_from_group().group_name(&self.group).user_name(user).send().await;
+                let _ = self.iam.delete_user().user_name(user).send().await;
+            }
+            if let Ok(attached) = self.iam.list_attached_group_policies().group_name(&self.group).send().await {
+                for policy in attached.attached_policies() {
+                    let arn = policy.policy_arn().unwrap_or_default();
+                    let _ = self.iam.detach_group_policy().group_name(&self.group).policy_arn(arn).send().await;
+                    let _ = self.iam.delete_policy().policy_arn(arn).send().await;
+                }
+            }
+            let _ = self.iam.delete_group().group_name(&self.group).send().await;
+        });
     }
 
     fn draw_life(&mut self) -> Life {
