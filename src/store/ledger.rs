@@ -7,6 +7,8 @@
 //! crash. Operator commands check the current state and refuse undefined transitions with a
 //! clear answer instead of half-applying them.
 
+use std::collections::BTreeMap;
+
 use chrono::{DateTime, TimeZone, Utc};
 use rusqlite::{Connection, OptionalExtension, Row, TransactionBehavior, params};
 
@@ -184,22 +186,29 @@ impl Ledger for Store {
     }
 
     fn mark_locked(&self, user: &str, actor: &str, now: DateTime<Utc>) -> Result<(), StoreError> {
-        self.move_user(user, UserState::Promoting, UserState::Locked, actor, "added to the lockdown group", now)
+        self.write("updating a member", |tx| {
+            move_user(tx, user, UserState::Promoting, UserState::Locked, actor, "added to the lockdown group", now)
+        })
     }
 
     fn mark_held(&self, user: &str, actor: &str, now: DateTime<Utc>) -> Result<(), StoreError> {
-        self.move_user(user, UserState::RollingBack, UserState::Held, actor, "removed from the lockdown group", now)
+        self.write("updating a member", |tx| {
+            move_user(tx, user, UserState::RollingBack, UserState::Held, actor, "removed from the lockdown group", now)
+        })
     }
 
     fn mark_removed_by_hand(&self, user: &str, now: DateTime<Utc>) -> Result<(), StoreError> {
-        self.move_user(
-            user,
-            UserState::Locked,
-            UserState::RemovedByHand,
-            "controller",
-            "found removed from the lockdown group by someone else; not re-added without an operator",
-            now,
-        )
+        self.write("updating a member", |tx| {
+            move_user(
+                tx,
+                user,
+                UserState::Locked,
+                UserState::RemovedByHand,
+                "controller",
+                "found removed from the lockdown group by someone else; not re-added without an operator",
+                now,
+            )
+        })
     }
 
     fn start_soak(&self, batch: i64, soak_until: DateTime<Utc>, now: DateTime<Utc>) -> Result<(), StoreError> {
@@ -510,20 +519,6 @@ impl Ledger for Store {
     }
 }
 
-impl Store {
-    fn move_user(
-        &self,
-        user: &str,
-        from: UserState,
-        to: UserState,
-        actor: &str,
-        why: &str,
-        now: DateTime<Utc>,
-    ) -> Result<(), StoreError> {
-        self.write("updating a member", |tx| move_user(tx, user, from, to, actor, why, now))
-    }
-}
-
 /// `from -> to` for `user` with its audit line, refused when the user is not `from`. A user
 /// recorded `locked` was seen in the group: lockstep's add has landed.
 fn move_user(
@@ -560,19 +555,19 @@ fn snapshot(conn: &Connection) -> Result<Snapshot, StoreError> {
         .doing("reading finished waves")?
         .collect::<Result<_, _>>()
         .doing("reading finished waves")?;
-    let mut stmt = conn.prepare("SELECT user, since FROM foreign_members").doing("reading foreign members")?;
-    let foreign = stmt
-        .query_map([], |r| Ok((r.get::<_, String>(0)?, time(r.get(1)?))))
-        .doing("reading foreign members")?
-        .collect::<Result<_, _>>()
-        .doing("reading foreign members")?;
-    let mut stmt = conn.prepare("SELECT user, since FROM adds_in_flight").doing("reading adds in flight")?;
-    let adds_in_flight = stmt
-        .query_map([], |r| Ok((r.get::<_, String>(0)?, time(r.get(1)?))))
-        .doing("reading adds in flight")?
-        .collect::<Result<_, _>>()
-        .doing("reading adds in flight")?;
+    let foreign = users_since(conn, "foreign_members")?;
+    let adds_in_flight = users_since(conn, "adds_in_flight")?;
     Ok(Snapshot { paused, waves_done, batches: batches(conn)?, members: members(conn)?, foreign, adds_in_flight })
+}
+
+/// A `(user, since)` table (members lockstep did not add, adds in flight) by user.
+fn users_since(conn: &Connection, table: &str) -> Result<BTreeMap<String, DateTime<Utc>>, StoreError> {
+    let doing = format!("reading {table}");
+    let mut stmt = conn.prepare(&format!("SELECT user, since FROM {table}")).doing(&doing)?;
+    stmt.query_map([], |r| Ok((r.get::<_, String>(0)?, time(r.get(1)?))))
+        .doing(&doing)?
+        .collect::<Result<_, _>>()
+        .doing(&doing)
 }
 
 fn is_foreign(conn: &Connection, user: &str) -> Result<bool, StoreError> {
@@ -611,7 +606,7 @@ fn set_pause(conn: &Connection, by: &str, reason: &str, now: DateTime<Utc>) -> R
 
 const MEMBER_COLUMNS: &str = "SELECT user, state, batch, since, reason, hold_until FROM members";
 
-fn members(conn: &Connection) -> Result<std::collections::BTreeMap<String, Member>, StoreError> {
+fn members(conn: &Connection) -> Result<BTreeMap<String, Member>, StoreError> {
     let doing = "reading members";
     let mut stmt = conn.prepare(&format!("{MEMBER_COLUMNS} ORDER BY user")).doing(doing)?;
     stmt.query_map([], member)
