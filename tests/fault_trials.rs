@@ -833,8 +833,26 @@ fn stop(daemon: &mut Child) {
     let _ = daemon.wait();
 }
 
+/// A free port below the kernel's ephemeral range. A daemon binds its ports again after every
+/// restart, and between lives a port from the ephemeral range may be taken by any outgoing
+/// connection on the machine (an earlier run lost a trial to "Address already in use").
 fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).expect("a free local port").port()
+    static NEXT: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+    let ephemeral = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+        .ok()
+        .and_then(|range| range.split_whitespace().next()?.parse::<u32>().ok())
+        .unwrap_or(32768);
+    let (low, span) = (10_000, ephemeral.saturating_sub(10_000).max(1));
+    // Different runs (and test binaries) start at different places in the range.
+    let start = std::process::id().wrapping_mul(7919);
+    for _ in 0..span {
+        let port = low + (start.wrapping_add(NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed)) % span);
+        let port = u16::try_from(port).expect("ports below the ephemeral range fit in u16");
+        if std::net::TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            return port;
+        }
+    }
+    panic!("no free port between {low} and {ephemeral}");
 }
 
 /// `template` with each `(from, to)` replaced; every `from` must occur.
