@@ -117,7 +117,8 @@ fn main() -> Result<(), Failure> {
 async fn read_all(folder: Arc<Folder>, judge: Arc<Judge>) -> Result<Vec<TrailFile>, SourceError> {
     let keys = folder.list_keys("", None).await?.into_iter().filter(|k| files::is_trail_key(k)).collect();
     let mut read = Vec::new();
-    files::read_files(folder, keys, judge, lockstep::trail::DEFAULT_MAX_INFLATED, |file| {
+    let seen = files::SeenEvents::default();
+    files::read_files(folder, keys, judge, lockstep::trail::DEFAULT_MAX_INFLATED, seen, |file| {
         read.push(file);
         Ok::<(), SourceError>(())
     })

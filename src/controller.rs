@@ -114,6 +114,9 @@ named_enum!(
         NotAddedByLockstep = "not_added_by_lockstep",
         /// A member lockstep did not add left the group: a candidate again.
         ForeignLeft = "foreign_left",
+        /// Held, but back in the group through lockstep's own add that landed late (sent before
+        /// a crash, after which the user was rolled back): taken out again.
+        LateAdd = "late_add",
     }
 );
 
@@ -217,6 +220,22 @@ pub(crate) enum Fix {
     RecordForeign { user: String, why: String },
     /// A member lockstep did not add is no longer in the group.
     ForgetForeign(String),
+    /// Held and back in the group while lockstep's add of them may still have been in flight:
+    /// lockstep's own late write; journal `rolling_back` and take them out.
+    ReclaimLateAdd { user: String, why: String },
+    /// Lockstep's add of the user can no longer land: any later appearance is someone else's.
+    SettleAdd(String),
+}
+
+/// How long after journaling an add it may still reach IAM: the step's own retries (a few
+/// minutes at most) plus the 15 minutes AWS accepts a SigV4 signature after signing, with margin.
+/// A user seen outside the group this long after the add was journaled will not be added by it.
+pub const LATE_ADD_HORIZON: std::time::Duration = std::time::Duration::from_secs(30 * 60);
+
+/// Whether a held user found in the group is there through lockstep's own add (journaled, never
+/// seen to land): then reconcile takes them out again; otherwise someone else put them back.
+pub(crate) fn is_late_add(snapshot: &Snapshot, user: &str) -> bool {
+    snapshot.adds_in_flight.contains_key(user) && !snapshot.foreign.contains_key(user)
 }
 
 /// The reconcile table: what to fix and what drifted, from the ledger and the group's members.
@@ -227,6 +246,7 @@ pub(crate) fn reconcile(
     in_group: &HashSet<String>,
     group: &str,
     mode: Mode,
+    now: DateTime<Utc>,
 ) -> (Vec<Fix>, Vec<Drift>) {
     let commit = mode == Mode::Commit;
     let (mut fixes, mut drift) = (Vec::new(), Vec::new());
@@ -253,6 +273,14 @@ pub(crate) fn reconcile(
                 }
             }
             (UserState::RollingBack, in_group) if commit => fixes.push(Fix::Remove { user, in_group }),
+            (UserState::Held, true) if is_late_add(snapshot, &user) => {
+                let message =
+                    format!("{user} is held but back in {group} through lockstep's own add, which landed late");
+                if commit {
+                    fixes.push(Fix::ReclaimLateAdd { user: user.clone(), why: message.clone() });
+                }
+                drift.push(Drift { user, kind: DriftKind::LateAdd, message });
+            }
             (UserState::Held | UserState::RemovedByHand, true) => {
                 let message = format!(
                     "{user} is {} but back in {group}; lockstep did not add them and leaves them alone",
@@ -268,6 +296,16 @@ pub(crate) fn reconcile(
     for user in strangers {
         let message = format!("{user} is in {group} but lockstep did not add them; left alone");
         foreign(user.clone(), DriftKind::NotAddedByLockstep, message, &mut fixes, &mut drift);
+    }
+    if commit {
+        // Seen outside the group past the horizon: the add will not land any more. A user still
+        // promoting is added again (and settled when seen in the group).
+        let settled = snapshot.adds_in_flight.iter().filter(|(user, since)| {
+            !in_group.contains(*user)
+                && snapshot.members.get(*user).is_none_or(|m| m.state != UserState::Promoting)
+                && now >= crate::config::later(**since, LATE_ADD_HORIZON)
+        });
+        fixes.extend(settled.map(|(user, _)| Fix::SettleAdd(user.clone())));
     }
     for user in snapshot.foreign.keys().filter(|u| !in_group.contains(*u)) {
         fixes.push(Fix::ForgetForeign(user.clone()));
@@ -623,7 +661,7 @@ impl<I: Iam, F: EventFeed> Controller<I, F> {
             Err(e) => return Err(e.into()),
         };
         let snapshot = self.store.snapshot()?;
-        let (fixes, drift) = reconcile(&snapshot, &members, &group, self.mode);
+        let (fixes, drift) = reconcile(&snapshot, &members, &group, self.mode, now);
         for fix in fixes {
             match fix {
                 Fix::MarkLocked(user) => self.store.mark_locked(&user, "controller", now)?,
@@ -632,6 +670,11 @@ impl<I: Iam, F: EventFeed> Controller<I, F> {
                 Fix::Remove { user, in_group } => self.remove_member(&group, &user, in_group, report, now).await?,
                 Fix::RecordForeign { user, why } => self.store.record_foreign(&user, &why, now)?,
                 Fix::ForgetForeign(user) => self.store.forget_foreign(&user, now)?,
+                Fix::ReclaimLateAdd { user, why } => {
+                    self.store.reclaim_late_add(&user, &why, now)?;
+                    self.remove_member(&group, &user, true, report, now).await?;
+                }
+                Fix::SettleAdd(user) => self.store.settle_add(&user)?,
             }
         }
         if self.mode == Mode::Commit {
@@ -671,7 +714,11 @@ impl<I: Iam, F: EventFeed> Controller<I, F> {
         now: DateTime<Utc>,
     ) -> Result<(), ControllerError> {
         match remove_and_hold(&self.iam, self.store.as_ref(), group, user, in_group, "controller", now).await {
-            Ok(true) => report.iam_writes.push(format!("RemoveUserFromGroup {group} {user}")),
+            Ok(true) => {
+                report.iam_writes.push(format!("RemoveUserFromGroup {group} {user}"));
+                // Seen in the group (not assumed, as an offline rollback does): any add landed.
+                self.store.settle_add(user)?;
+            }
             Ok(false) => {}
             // Rollbacks keep retrying, step after step, until the user is out.
             Err(ControllerError::Iam(e)) => report.errors.push(e.to_string()),
@@ -961,7 +1008,7 @@ mod tests {
             ..Snapshot::default()
         };
         let in_group = group(&["ann", "dan", "eve", "fay", "zed"]);
-        let (fixes, drift) = reconcile(&snapshot, &in_group, "lockdown", Mode::Commit);
+        let (fixes, drift) = reconcile(&snapshot, &in_group, "lockdown", Mode::Commit, t(1));
         assert_eq!(
             fixes,
             [
@@ -983,7 +1030,7 @@ mod tests {
             ]
         );
         // A dry run reports the same drift and records only who lockstep did not add.
-        let (fixes, dry_drift) = reconcile(&snapshot, &in_group, "lockdown", Mode::DryRun);
+        let (fixes, dry_drift) = reconcile(&snapshot, &in_group, "lockdown", Mode::DryRun, t(1));
         assert!(fixes.iter().all(|f| matches!(f, Fix::RecordForeign { .. })), "{fixes:?}");
         assert_eq!(dry_drift, drift);
     }
@@ -993,12 +1040,57 @@ mod tests {
         let mut snapshot = Snapshot { members: [member("eve", UserState::Held, None)].into(), ..Snapshot::default() };
         snapshot.foreign = [("eve".to_string(), t(0)), ("zed".to_string(), t(0))].into();
         // Recorded already: nothing to say while they stay.
-        let (fixes, drift) = reconcile(&snapshot, &group(&["eve", "zed"]), "lockdown", Mode::Commit);
+        let (fixes, drift) = reconcile(&snapshot, &group(&["eve", "zed"]), "lockdown", Mode::Commit, t(1));
         assert!(fixes.is_empty() && drift.is_empty(), "{fixes:?} {drift:?}");
         // Gone from the group: forgotten, reported once.
-        let (fixes, drift) = reconcile(&snapshot, &group(&["eve"]), "lockdown", Mode::Commit);
+        let (fixes, drift) = reconcile(&snapshot, &group(&["eve"]), "lockdown", Mode::Commit, t(1));
         assert_eq!(fixes, [Fix::ForgetForeign("zed".into())]);
         assert_eq!(drift.iter().map(|d| d.kind).collect::<Vec<_>>(), [DriftKind::ForeignLeft]);
+    }
+
+    #[test]
+    fn a_late_add_of_lockstep_is_its_own_and_a_hand_add_is_not() {
+        // ann: rolled back while her add was in flight, which then landed. kim: held after a
+        // confirmed removal (no add in flight), put back by hand. ben: held, out, add in flight.
+        let mut snapshot = Snapshot {
+            members: [
+                member("ann", UserState::Held, Some(1)),
+                member("ben", UserState::Held, Some(1)),
+                member("kim", UserState::Held, Some(1)),
+                member("liv", UserState::Promoting, Some(2)),
+            ]
+            .into(),
+            ..Snapshot::default()
+        };
+        snapshot.adds_in_flight =
+            [("ann", t(0)), ("ben", t(0)), ("liv", t(0))].map(|(u, at)| (u.to_string(), at)).into();
+        let in_group = group(&["ann", "kim"]);
+        let (fixes, drift) = reconcile(&snapshot, &in_group, "lockdown", Mode::Commit, t(0));
+        assert_eq!(
+            fixes,
+            [
+                Fix::ReclaimLateAdd { user: "ann".into(), why: drift[0].message.clone() },
+                Fix::RecordForeign { user: "kim".into(), why: drift[1].message.clone() },
+                Fix::Add("liv".into()),
+            ]
+        );
+        let kinds: Vec<_> = drift.iter().map(|d| (d.user.as_str(), d.kind)).collect();
+        assert_eq!(kinds, [("ann", DriftKind::LateAdd), ("kim", DriftKind::BackInGroupWhileHeld)]);
+        // A dry run reports the late add and changes nothing.
+        let (fixes, _) = reconcile(&snapshot, &in_group, "lockdown", Mode::DryRun, t(0));
+        assert_eq!(fixes, [Fix::RecordForeign { user: "kim".into(), why: drift[1].message.clone() }]);
+        // Past the horizon, a user seen outside the group is settled (still promoting: not yet).
+        let later = crate::config::later(t(0), LATE_ADD_HORIZON);
+        let (fixes, _) = reconcile(&snapshot, &group(&[]), "lockdown", Mode::Commit, later);
+        assert_eq!(fixes, [Fix::Add("liv".into()), Fix::SettleAdd("ann".into()), Fix::SettleAdd("ben".into())]);
+        let just_before = later - chrono::Duration::seconds(1);
+        let (fixes, _) = reconcile(&snapshot, &group(&[]), "lockdown", Mode::Commit, just_before);
+        assert_eq!(fixes, [Fix::Add("liv".into())]);
+        // Once settled, the same appearance is someone else's.
+        snapshot.adds_in_flight.remove("ann");
+        let (fixes, drift) = reconcile(&snapshot, &group(&["ann"]), "lockdown", Mode::Commit, later);
+        assert_eq!(drift[0].kind, DriftKind::BackInGroupWhileHeld);
+        assert!(matches!(&fixes[..], [Fix::RecordForeign { .. }, Fix::Add(_), Fix::SettleAdd(_)]), "{fixes:?}");
     }
 
     #[test]

@@ -139,6 +139,9 @@ pub struct Snapshot {
     /// Members of the lockdown group lockstep did not add, since when it saw them: never
     /// planned, rolled back or removed.
     pub foreign: BTreeMap<String, DateTime<Utc>>,
+    /// Users whose add lockstep journaled (since when) and has not yet seen land: the add may
+    /// still reach IAM, so their presence in the group is lockstep's doing, never a hand's.
+    pub adds_in_flight: BTreeMap<String, DateTime<Utc>>,
 }
 
 impl Snapshot {

@@ -418,7 +418,7 @@ pub fn parse_bytes(raw: &[u8]) -> Result<Parsed, String> {
 
 /// Parses the bytes of one trail file, compressed or not; a file that is or inflates to more
 /// than `max_inflated` bytes is refused, having inflated no more than that.
-pub(crate) fn parse_bytes_within(raw: &[u8], max_inflated: u64) -> Result<Parsed, String> {
+pub fn parse_bytes_within(raw: &[u8], max_inflated: u64) -> Result<Parsed, String> {
     let text = decompress(raw, max_inflated)?;
     let text = std::str::from_utf8(&text).map_err(|e| format!("not UTF-8 text: {e}"))?;
     Ok(parse_text(text))

@@ -239,12 +239,14 @@ fn generate() -> Trail {
         made += 1;
         // Most calls repeat one of the user's habits (same call, same place), which Athena
         // groups; the rest are one-offs.
-        let record = if dice.chance(70) {
+        let mut record = if dice.chance(70) {
             let habit = (number * 3 + dice.below(3)) as u64;
             call(&mut Dice(0x9e37_79b9_7f4a_7c15 ^ habit), &user, at)
         } else {
             call(&mut dice, &user, at)
         };
+        // Every call its own event (a habit repeats the call, not its ID).
+        record["eventID"] = json!(format!("evt-{made:05}"));
         // Usually minutes; now and then hours late (never past the query's delivery slack).
         let mut delay = TimeDelta::minutes(2 + dice.below(20) as i64);
         if dice.chance(3) && at + TimeDelta::hours(4) < until {
@@ -253,6 +255,11 @@ fn generate() -> Trail {
         let delivered = at + delay;
         let slot = delivered - TimeDelta::seconds(delivered.timestamp() % 900);
         let region = dice.pick(&["us-east-1", "eu-west-1"]);
+        // CloudTrail delivers at least once: now and then the record again, in a later file.
+        if dice.chance(2) {
+            let again = slot + TimeDelta::minutes(15);
+            files.entry((region, again)).or_default().push(record.clone());
+        }
         files.entry((region, slot)).or_default().push(record);
     }
     let root = tempfile::tempdir().unwrap();
@@ -300,15 +307,22 @@ fn judge() -> Judge {
     }
 }
 
-/// The files parsed directly, one group per record in the window, as the file source does.
+/// The files parsed directly, one group per event (by `eventID`) in the window, as the file
+/// source does.
 fn direct_groups(files: &[PathBuf]) -> Vec<CallGroup> {
     let (since, until) = window();
     let mut groups = Vec::new();
+    let mut seen = HashSet::new();
     for path in files {
         let parsed = lockstep::trail::read_file(path).unwrap();
         assert!(parsed.bad.is_empty(), "{}: {:?}", path.display(), parsed.bad);
         groups.extend(
-            parsed.records.into_iter().filter_map(CallGroup::single).filter(|g| since <= g.first && g.first < until),
+            parsed
+                .records
+                .into_iter()
+                .filter(|r| r.event_id.clone().is_none_or(|id| seen.insert(id)))
+                .filter_map(CallGroup::single)
+                .filter(|g| since <= g.first && g.first < until),
         );
     }
     groups

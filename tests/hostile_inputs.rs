@@ -100,6 +100,33 @@ async fn bad_entries_are_skipped_counted_and_the_rest_is_read_once() {
     assert_eq!(evidence.iter().any(|e| e.user == "locked-user"), !permissions_bite);
 }
 
+#[tokio::test]
+async fn a_record_delivered_again_after_a_refresh_is_counted_once_by_the_next() {
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path();
+    let first = record("e-1", "alice", 1);
+    std::fs::write(root.join("g1.json"), trail_file(&[first.clone(), record("e-2", "alice", 2)])).unwrap();
+    let mut config = Config::parse(EXAMPLE, Path::new("rollout.yaml")).unwrap();
+    config.evidence.files_path = root.to_path_buf();
+    let path = dir.path().join("store.db");
+    let source = Source::Folder(Arc::new(Folder::new(root)));
+    let window = Window { since: at("2024-03-18T00:00:00Z"), until: at("2024-03-19T00:00:00Z") };
+    let clock = ManualClock::new(window.until + TimeDelta::minutes(10));
+    let refresh = |store: Store| {
+        let (source, config, clock) = (&source, &config, &clock);
+        async move {
+            refresh::refresh(&store, source, config, window, clock, None, &mut |_| {}).await.unwrap();
+            store.user_evidence(window.since, window.until).unwrap()
+        }
+    };
+    let calls = |evidence: Vec<lockstep::evidence::UserEvidence>| evidence.iter().map(|e| e.calls).sum::<u64>();
+    assert_eq!(calls(refresh(Store::open(&path).unwrap()).await), 2);
+    // Delivered again, in a later file, next to a new event: read by a separate refresh (and
+    // process: the store is opened afresh).
+    std::fs::write(root.join("g2-redelivered.json"), trail_file(&[first, record("e-3", "alice", 3)])).unwrap();
+    assert_eq!(calls(refresh(Store::open(&path).unwrap()).await), 3, "e-1 is counted once across refreshes");
+}
+
 #[test]
 fn classify_reads_a_perimeter_only_file_and_skips_a_fifo_named_on_the_command_line() {
     let dir = tempfile::tempdir().unwrap();

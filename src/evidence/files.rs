@@ -9,14 +9,13 @@
 //! and records are logged and counted, never fatal.
 
 use std::collections::{HashSet, VecDeque};
-use std::hash::BuildHasher;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use chrono::{DateTime, Days, TimeDelta, Utc};
 use tokio::task::JoinHandle;
 
-use crate::evidence::aggregate::{Aggregates, Judge};
+use crate::evidence::aggregate::{Aggregates, Judge, hour_of};
 use crate::evidence::{CallGroup, SourceError, TrailObjects};
 use crate::trail::{self, Position};
 
@@ -38,14 +37,34 @@ pub struct TrailFile {
     pub records: u64,
     /// Malformed records, and records without a usable `eventTime`.
     pub skipped: u64,
-    /// Records whose `eventID` an earlier file of the same read already had (CloudTrail
-    /// delivers at least once); not aggregated again.
+    /// Records whose `eventID` an earlier file already had, in this read or (within the
+    /// store's dedup horizon) an earlier one (CloudTrail delivers at least once); not aggregated
+    /// again.
     pub duplicates: u64,
     /// Why the file as a whole could not be read (unreadable entry, too large, bad gzip, not
     /// trail data).
     pub error: Option<String>,
     /// What the file's records add to the evidence.
     pub aggregates: Aggregates,
+    /// The events this file contributed, for deduplication across reads (kept in the store).
+    pub event_ids: Vec<EventKey>,
+}
+
+/// One aggregated event as the store remembers it to count a later copy once: the hour of its
+/// `eventTime` (for pruning) and a stable 64-bit hash of its `eventID`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct EventKey {
+    /// The hour of the event's `eventTime`.
+    pub hour: DateTime<Utc>,
+    /// [`event_id_hash`] of its `eventID`.
+    pub id: u64,
+}
+
+/// A stable hash of an `eventID` (FNV-1a, 64 bits): the same in every process and release, so
+/// the store can hold 8 bytes per event instead of the ID. IDs are random UUIDs that no one
+/// writing trail files can predict, so a forged ID can only hide a copy of an event it copies.
+pub fn event_id_hash(id: &str) -> u64 {
+    id.bytes().fold(0xcbf2_9ce4_8422_2325, |hash, byte| (hash ^ u64::from(byte)).wrapping_mul(0x0100_0000_01b3))
 }
 
 /// One prefix to list. `ordered` prefixes (a CloudTrail day prefix) list in delivery order, so
@@ -121,19 +140,20 @@ pub fn is_trail_key(key: &str) -> bool {
 /// that cannot be fetched for now stops the read (it must be retried, not marked read); a file
 /// that can never be read (see [`SourceError::Unreadable`]), is over `max_inflated` bytes
 /// inflated, or is corrupt is handed over with its `error` set. An event present in several
-/// files of one read is aggregated once.
+/// files of one read, or among the `seen` events of earlier reads, is aggregated once.
 pub async fn read_files<T, E>(
     objects: Arc<T>,
     keys: Vec<String>,
     judge: Arc<Judge>,
     max_inflated: u64,
+    seen: SeenEvents,
     mut on_file: impl FnMut(TrailFile) -> Result<(), E>,
 ) -> Result<(), E>
 where
     T: TrailObjects + 'static,
     E: From<SourceError>,
 {
-    let reader = Arc::new(Reader { judge, max_inflated, seen: SeenEvents::default() });
+    let reader = Arc::new(Reader { judge, max_inflated, seen });
     let mut pending = InFlight(VecDeque::with_capacity(IN_FLIGHT));
     let mut keys = keys.into_iter();
     loop {
@@ -167,22 +187,26 @@ struct Reader {
     seen: SeenEvents,
 }
 
-/// The `eventID`s one read has aggregated, hashed (8 bytes each) with a per-read random key so
-/// that no one can choose an ID to collide with another event's.
+/// The events (by [`event_id_hash`]) a read has aggregated, starting with those earlier reads
+/// recorded in the store: 8 bytes each.
 #[derive(Default)]
-struct SeenEvents {
-    hasher: std::hash::RandomState,
+pub struct SeenEvents {
     ids: std::sync::Mutex<HashSet<u64>>,
 }
 
 impl SeenEvents {
+    /// Events already counted (read back from the store).
+    pub fn new(ids: HashSet<u64>) -> SeenEvents {
+        SeenEvents { ids: std::sync::Mutex::new(ids) }
+    }
+
     /// Drops the records whose event was seen before; returns how many were dropped. Records
     /// without an `eventID` are all kept.
     fn keep_first(&self, records: &mut Vec<trail::Record>) -> u64 {
         let before = records.len();
         // A panic elsewhere while holding the lock leaves the set valid: keep using it.
         let mut ids = self.ids.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
-        records.retain(|r| r.event_id.as_deref().is_none_or(|id| ids.insert(self.hasher.hash_one(id))));
+        records.retain(|r| r.event_id.as_deref().is_none_or(|id| ids.insert(event_id_hash(id))));
         (before - records.len()) as u64
     }
 }
@@ -240,6 +264,11 @@ fn read_bytes(key: String, raw: &[u8], reader: &Reader) -> TrailFile {
     if file.duplicates > 0 {
         tracing::info!(file = %file.key, "{} record(s) already read from another file, counted once", file.duplicates);
     }
+    file.event_ids = parsed
+        .records
+        .iter()
+        .filter_map(|r| Some(EventKey { hour: hour_of(r.event_time()?), id: event_id_hash(r.event_id.as_deref()?) }))
+        .collect();
     let mut untimed = 0u64;
     for record in parsed.records {
         match CallGroup::single(record) {

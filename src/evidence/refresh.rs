@@ -329,14 +329,18 @@ async fn read_trail<T: TrailObjects + 'static>(
         keys.extend(listed.into_iter().filter(|key| files::is_trail_key(key) && !read.contains(key)));
     }
     progress(Progress::Reading { files: keys.len() as u64 });
+    let (dedup_since, dedup_until) = dedup_hours(config, clock.now());
+    let seen = files::SeenEvents::new(store.recent_event_ids(dedup_since, dedup_until)?);
     let mut batch = Vec::with_capacity(BATCH);
     let read = files::read_files(
         objects.clone(),
         keys,
         Arc::new(Judge::new(config)),
         config.evidence.max_inflated_size,
+        seen,
         |mut file: TrailFile| {
             file.aggregates.retain_hours(|hour| hour >= cutoff);
+            file.event_ids.retain(|event| (dedup_since..dedup_until).contains(&event.hour));
             batch.push(file);
             if batch.len() < BATCH {
                 return Ok(());
@@ -348,6 +352,17 @@ async fn read_trail<T: TrailObjects + 'static>(
     // Files read before a failure are whole: keep them.
     let recorded = record(store, &mut batch, clock, counts, progress);
     read.and(recorded)
+}
+
+/// The least time the store remembers events by their `eventID` (more when `evidence.overlap`
+/// is longer): a record CloudTrail delivers again in a later file within it is counted once.
+pub const DEDUP_HORIZON: Duration = Duration::from_secs(24 * 3600);
+
+/// The event hours whose IDs the store keeps: the dedup horizon (or the overlap) before `now`,
+/// up to the hour after it (records dated later are clamped, never kept).
+fn dedup_hours(config: &Config, now: DateTime<Utc>) -> (DateTime<Utc>, DateTime<Utc>) {
+    let since = hour_of(before(now, DEDUP_HORIZON.max(config.evidence.overlap)));
+    (since, config::later(hour_of(now), Duration::from_secs(2 * 3600)))
 }
 
 /// Trail files recorded per transaction: enough to merge away most rows, few enough that a crash

@@ -7,6 +7,8 @@
 //! crash. Operator commands check the current state and refuse undefined transitions with a
 //! clear answer instead of half-applying them.
 
+use std::collections::BTreeMap;
+
 use chrono::{DateTime, TimeZone, Utc};
 use rusqlite::{Connection, OptionalExtension, Row, TransactionBehavior, params};
 
@@ -93,6 +95,14 @@ pub(super) const SCHEMA_V5: &str = "
 CREATE TABLE foreign_members (user TEXT PRIMARY KEY, since INTEGER NOT NULL);
 ";
 
+/// Store migration (appended after 5): adds lockstep journaled and has not yet seen land. Such an
+/// add may still reach IAM after a crash and a rollback, so a held user found back in the group
+/// is lockstep's own late write, not a hand-added member. Promoting users get their mark.
+pub(super) const SCHEMA_ADDS_IN_FLIGHT: &str = "
+CREATE TABLE adds_in_flight (user TEXT PRIMARY KEY, since INTEGER NOT NULL);
+INSERT INTO adds_in_flight (user, since) SELECT user, since FROM members WHERE state = 'promoting';
+";
+
 fn secs(t: DateTime<Utc>) -> i64 {
     t.timestamp()
 }
@@ -164,6 +174,11 @@ impl Ledger for Store {
                     params![user, id, secs(now), why],
                 )
                 .doing("journaling a promotion")?;
+                tx.execute(
+                    "INSERT INTO adds_in_flight (user, since) VALUES (?1, ?2) ON CONFLICT(user) DO UPDATE SET since = ?2",
+                    params![user, secs(now)],
+                )
+                .doing("journaling a promotion")?;
                 audit(tx, now, actor, "promote", Some(id), Some(user), &format!("wave {}: {why}", batch.wave))?;
             }
             Ok(id)
@@ -171,22 +186,29 @@ impl Ledger for Store {
     }
 
     fn mark_locked(&self, user: &str, actor: &str, now: DateTime<Utc>) -> Result<(), StoreError> {
-        self.move_user(user, UserState::Promoting, UserState::Locked, actor, "added to the lockdown group", now)
+        self.write("updating a member", |tx| {
+            move_user(tx, user, UserState::Promoting, UserState::Locked, actor, "added to the lockdown group", now)
+        })
     }
 
     fn mark_held(&self, user: &str, actor: &str, now: DateTime<Utc>) -> Result<(), StoreError> {
-        self.move_user(user, UserState::RollingBack, UserState::Held, actor, "removed from the lockdown group", now)
+        self.write("updating a member", |tx| {
+            move_user(tx, user, UserState::RollingBack, UserState::Held, actor, "removed from the lockdown group", now)
+        })
     }
 
     fn mark_removed_by_hand(&self, user: &str, now: DateTime<Utc>) -> Result<(), StoreError> {
-        self.move_user(
-            user,
-            UserState::Locked,
-            UserState::RemovedByHand,
-            "controller",
-            "found removed from the lockdown group by someone else; not re-added without an operator",
-            now,
-        )
+        self.write("updating a member", |tx| {
+            move_user(
+                tx,
+                user,
+                UserState::Locked,
+                UserState::RemovedByHand,
+                "controller",
+                "found removed from the lockdown group by someone else; not re-added without an operator",
+                now,
+            )
+        })
     }
 
     fn start_soak(&self, batch: i64, soak_until: DateTime<Utc>, now: DateTime<Utc>) -> Result<(), StoreError> {
@@ -455,6 +477,27 @@ impl Ledger for Store {
         })
     }
 
+    fn reclaim_late_add(&self, user: &str, why: &str, now: DateTime<Utc>) -> Result<(), StoreError> {
+        self.write("reclaiming a late add", |tx| {
+            if tx
+                .query_row("SELECT 1 FROM adds_in_flight WHERE user = ?1", [user], |_| Ok(()))
+                .optional()
+                .doing("reading adds in flight")?
+                .is_none()
+            {
+                return Err(StoreError::Refused(format!("lockstep has no add of {user} in flight")));
+            }
+            move_user(tx, user, UserState::Held, UserState::RollingBack, "controller", why, now)
+        })
+    }
+
+    fn settle_add(&self, user: &str) -> Result<(), StoreError> {
+        self.write("settling an add", |tx| {
+            tx.execute("DELETE FROM adds_in_flight WHERE user = ?1", [user]).doing("settling an add")?;
+            Ok(())
+        })
+    }
+
     fn forget_foreign(&self, user: &str, now: DateTime<Utc>) -> Result<(), StoreError> {
         self.write("forgetting a member lockstep did not add", |tx| {
             let gone = tx
@@ -476,36 +519,32 @@ impl Ledger for Store {
     }
 }
 
-impl Store {
-    fn move_user(
-        &self,
-        user: &str,
-        from: UserState,
-        to: UserState,
-        actor: &str,
-        why: &str,
-        now: DateTime<Utc>,
-    ) -> Result<(), StoreError> {
-        self.write("updating a member", |tx| {
-            let batch: Option<Option<i64>> = tx
-                .query_row(
-                    "SELECT batch FROM members WHERE user = ?1 AND state = ?2",
-                    params![user, from.as_str()],
-                    |r| r.get(0),
-                )
-                .optional()
-                .doing("reading a member")?;
-            let Some(batch) = batch else {
-                return Err(StoreError::Refused(format!("{user} is not {from}")));
-            };
-            tx.execute(
-                "UPDATE members SET state = ?2, since = ?3 WHERE user = ?1",
-                params![user, to.as_str(), secs(now)],
-            )
-            .doing("updating a member")?;
-            audit(tx, now, actor, to.as_str(), batch, Some(user), why)
+/// `from -> to` for `user` with its audit line, refused when the user is not `from`. A user
+/// recorded `locked` was seen in the group: lockstep's add has landed.
+fn move_user(
+    tx: &Connection,
+    user: &str,
+    from: UserState,
+    to: UserState,
+    actor: &str,
+    why: &str,
+    now: DateTime<Utc>,
+) -> Result<(), StoreError> {
+    let batch: Option<Option<i64>> = tx
+        .query_row("SELECT batch FROM members WHERE user = ?1 AND state = ?2", params![user, from.as_str()], |r| {
+            r.get(0)
         })
+        .optional()
+        .doing("reading a member")?;
+    let Some(batch) = batch else {
+        return Err(StoreError::Refused(format!("{user} is not {from}")));
+    };
+    tx.execute("UPDATE members SET state = ?2, since = ?3 WHERE user = ?1", params![user, to.as_str(), secs(now)])
+        .doing("updating a member")?;
+    if to == UserState::Locked {
+        tx.execute("DELETE FROM adds_in_flight WHERE user = ?1", [user]).doing("settling an add")?;
     }
+    audit(tx, now, actor, to.as_str(), batch, Some(user), why)
 }
 
 fn snapshot(conn: &Connection) -> Result<Snapshot, StoreError> {
@@ -516,13 +555,19 @@ fn snapshot(conn: &Connection) -> Result<Snapshot, StoreError> {
         .doing("reading finished waves")?
         .collect::<Result<_, _>>()
         .doing("reading finished waves")?;
-    let mut stmt = conn.prepare("SELECT user, since FROM foreign_members").doing("reading foreign members")?;
-    let foreign = stmt
-        .query_map([], |r| Ok((r.get::<_, String>(0)?, time(r.get(1)?))))
-        .doing("reading foreign members")?
+    let foreign = users_since(conn, "foreign_members")?;
+    let adds_in_flight = users_since(conn, "adds_in_flight")?;
+    Ok(Snapshot { paused, waves_done, batches: batches(conn)?, members: members(conn)?, foreign, adds_in_flight })
+}
+
+/// A `(user, since)` table (members lockstep did not add, adds in flight) by user.
+fn users_since(conn: &Connection, table: &str) -> Result<BTreeMap<String, DateTime<Utc>>, StoreError> {
+    let doing = format!("reading {table}");
+    let mut stmt = conn.prepare(&format!("SELECT user, since FROM {table}")).doing(&doing)?;
+    stmt.query_map([], |r| Ok((r.get::<_, String>(0)?, time(r.get(1)?))))
+        .doing(&doing)?
         .collect::<Result<_, _>>()
-        .doing("reading foreign members")?;
-    Ok(Snapshot { paused, waves_done, batches: batches(conn)?, members: members(conn)?, foreign })
+        .doing(&doing)
 }
 
 fn is_foreign(conn: &Connection, user: &str) -> Result<bool, StoreError> {
@@ -561,7 +606,7 @@ fn set_pause(conn: &Connection, by: &str, reason: &str, now: DateTime<Utc>) -> R
 
 const MEMBER_COLUMNS: &str = "SELECT user, state, batch, since, reason, hold_until FROM members";
 
-fn members(conn: &Connection) -> Result<std::collections::BTreeMap<String, Member>, StoreError> {
+fn members(conn: &Connection) -> Result<BTreeMap<String, Member>, StoreError> {
     let doing = "reading members";
     let mut stmt = conn.prepare(&format!("{MEMBER_COLUMNS} ORDER BY user")).doing(doing)?;
     stmt.query_map([], member)
@@ -819,6 +864,35 @@ mod tests {
         ledger.forget_foreign("kim", t(5)).unwrap();
         assert!(!ledger.snapshot().unwrap().foreign.contains_key("kim"));
         assert_eq!(ledger.audit_log(100).unwrap().into_iter().filter(|e| e.action == "foreign_left").count(), 1);
+    }
+
+    #[test]
+    fn an_add_is_in_flight_from_its_journal_until_seen_in_the_group() {
+        let ledger = store();
+        let id = ledger.start_batch(&batch(&users(&["ann", "ben"])), "controller", t(0)).unwrap();
+        ledger.mark_locked("ann", "controller", t(0)).unwrap();
+        let in_flight = |ledger: &Store| ledger.snapshot().unwrap().adds_in_flight.into_keys().collect::<Vec<_>>();
+        assert_eq!(in_flight(&ledger), ["ben"], "ann was seen in the group");
+        // Rolled back before ben's add was seen: held, and his add still in flight.
+        assert_eq!(ledger.begin_rollback(&rollback(id, "manual", t(48)), t(1)).unwrap(), ["ann", "ben"]);
+        ledger.mark_held("ben", "controller", t(1)).unwrap();
+        assert_eq!(in_flight(&ledger), ["ben"]);
+        // The late add landed: back to rolling_back with an audit line, then out and settled.
+        let refused = ledger.reclaim_late_add("ann", "late", t(2)).unwrap_err();
+        assert!(matches!(refused, StoreError::Refused(_)), "{refused}");
+        ledger.reclaim_late_add("ben", "late", t(2)).unwrap();
+        assert_eq!(ledger.snapshot().unwrap().members["ben"].state, UserState::RollingBack);
+        ledger.settle_add("ben").unwrap();
+        ledger.mark_held("ben", "controller", t(2)).unwrap();
+        assert!(in_flight(&ledger).is_empty());
+        let ben: Vec<_> = ledger
+            .audit_log(100)
+            .unwrap()
+            .into_iter()
+            .filter(|e| e.user.as_deref() == Some("ben"))
+            .map(|e| e.action)
+            .collect();
+        assert_eq!(ben, ["promote", "rolling_back", "held", "rolling_back", "held"]);
     }
 
     #[test]

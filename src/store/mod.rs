@@ -155,6 +155,12 @@ pub trait Ledger: Send + Sync {
     /// there): from now on never planned, rolled back or removed. Once per change: an audit line
     /// only when newly recorded.
     fn record_foreign(&self, user: &str, why: &str, now: DateTime<Utc>) -> Result<(), StoreError>;
+    /// `held -> rolling_back` for a user whose add lockstep journaled and never saw land, found
+    /// back in the group: lockstep's own late write, to be taken out again. Refused when no add of
+    /// theirs is in flight.
+    fn reclaim_late_add(&self, user: &str, why: &str, now: DateTime<Utc>) -> Result<(), StoreError>;
+    /// Lockstep's add of `user` can no longer land (it was seen in the group, or the horizon passed).
+    fn settle_add(&self, user: &str) -> Result<(), StoreError>;
     /// The member lockstep did not add has left the group: a candidate like any other again.
     fn forget_foreign(&self, user: &str, now: DateTime<Utc>) -> Result<(), StoreError>;
 }

@@ -99,7 +99,17 @@ pub(crate) const MIGRATIONS: &[&str] = &[
     SCHEMA_V4,
     // 5: members lockstep did not add (ownership as a fact).
     super::ledger::SCHEMA_V5,
+    // 6: adds lockstep journaled and has not seen land (a late add is lockstep's own).
+    super::ledger::SCHEMA_ADDS_IN_FLIGHT,
+    // 7: recent events by hour, so a record delivered again in a later file is counted once.
+    SCHEMA_SEEN_EVENTS,
 ];
+
+/// The events trail refreshes recorded lately ([`crate::evidence::files::EventKey`]; the ID
+/// hash bit-cast to SQLite's signed integer), pruned to the dedup horizon by each refresh.
+const SCHEMA_SEEN_EVENTS: &str = "
+    CREATE TABLE seen_event (hour INTEGER NOT NULL, id INTEGER NOT NULL, PRIMARY KEY (hour, id)) WITHOUT ROWID;
+";
 
 /// Each user-hour keeps its calls as the perimeter rule reads them (`evidence_context`); its
 /// verdict and outside rows are derived from them under the perimeter `evidence_judged` names.
@@ -230,6 +240,8 @@ impl EvidenceWriter for Store {
                      VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
                 )
                 .doing(&doing)?;
+            let mut seen =
+                tx.prepare_cached("INSERT OR IGNORE INTO seen_event (hour, id) VALUES (?1, ?2)").doing(&doing)?;
             for file in files {
                 let marked = mark
                     .execute(params![
@@ -245,6 +257,9 @@ impl EvidenceWriter for Store {
                     == 1;
                 if marked {
                     merged.merge(&file.aggregates);
+                    for event in &file.event_ids {
+                        seen.execute(params![event.hour.timestamp(), event.id as i64]).doing(&doing)?;
+                    }
                 }
                 added.push(marked);
             }
@@ -383,6 +398,25 @@ impl EvidenceWriter for Store {
             .collect::<Result<HashSet<_>, _>>()
             .doing(&doing)?;
         Ok(keys)
+    }
+
+    /// The events recorded with an `eventTime` in `[since, until)`, after dropping the others
+    /// (older: past the dedup horizon; later: dated in the future, never to be pruned by age).
+    pub fn recent_event_ids(&self, since: DateTime<Utc>, until: DateTime<Utc>) -> Result<HashSet<u64>, StoreError> {
+        let doing = "reading recent event IDs";
+        let mut conn = self.conn();
+        let tx = conn.transaction().doing(doing)?;
+        let (since, until) = (since.timestamp(), until.timestamp());
+        tx.execute("DELETE FROM seen_event WHERE hour < ?1 OR hour >= ?2", [since, until]).doing(doing)?;
+        let ids = {
+            let mut stmt = tx.prepare("SELECT id FROM seen_event").doing(doing)?;
+            stmt.query_map([], |r| r.get::<_, i64>(0).map(|id| id as u64))
+                .doing(doing)?
+                .collect::<Result<HashSet<u64>, _>>()
+                .doing(doing)?
+        };
+        tx.commit().doing(doing)?;
+        Ok(ids)
     }
 
     /// Drops evidence hours, read marks and refresh runs older than `cutoff`.
