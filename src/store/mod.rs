@@ -212,6 +212,9 @@ pub trait EvidenceWriter: EvidenceStore<Error = StoreError> + Send + Sync {
     fn last_read(&self, prefix: &str) -> Result<Option<String>, StoreError>;
     /// The keys read under `prefix` that sort after `after` (all of them when `None`).
     fn read_keys(&self, prefix: &str, after: Option<&str>) -> Result<HashSet<String>, StoreError>;
+    /// The event IDs recorded with an `eventTime` in `[since, until)`, after dropping the others
+    /// (older: past the dedup horizon; later: dated in the future, never to be pruned by age).
+    fn recent_event_ids(&self, since: DateTime<Utc>, until: DateTime<Utc>) -> Result<HashSet<u64>, StoreError>;
     /// Drops evidence hours, read marks and finished refresh runs older than `cutoff`.
     fn drop_before(&self, cutoff: DateTime<Utc>) -> Result<(), StoreError>;
 

@@ -402,7 +402,7 @@ impl EvidenceWriter for Store {
 
     /// The events recorded with an `eventTime` in `[since, until)`, after dropping the others
     /// (older: past the dedup horizon; later: dated in the future, never to be pruned by age).
-    pub fn recent_event_ids(&self, since: DateTime<Utc>, until: DateTime<Utc>) -> Result<HashSet<u64>, StoreError> {
+    fn recent_event_ids(&self, since: DateTime<Utc>, until: DateTime<Utc>) -> Result<HashSet<u64>, StoreError> {
         let doing = "reading recent event IDs";
         let mut conn = self.conn();
         let tx = conn.transaction().doing(doing)?;
