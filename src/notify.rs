@@ -1,6 +1,7 @@
 //! Webhook notifications: a JSON POST to `listeners.webhook_url` when a batch is rolled back,
-//! the rollout is paused, or a wave finishes. Sent in the background with a timeout; a receiver
-//! that is down is logged and never holds up the controller.
+//! the rollout is paused, a wave finishes, or a locked user gets new lockdown denials. Sent in
+//! the background with a timeout; a receiver that is down is logged and never holds up the
+//! controller.
 
 use std::time::Duration;
 
@@ -14,7 +15,7 @@ use hyper_util::rt::TokioExecutor;
 use serde::Serialize;
 
 use crate::controller::{Mode, StepReport};
-use crate::guard::Explanation;
+use crate::guard::{Explanation, LockedUserReport};
 use crate::planner::Action;
 use crate::rollout::Snapshot;
 
@@ -47,6 +48,13 @@ pub enum Event {
         wave: String,
         why: String,
     },
+    /// A locked user past its soak got new `lockdown` denials: breakage, or the lock doing its
+    /// job. Its recent denied calls with their sources, and what `guard.after_soak` does.
+    LockedUserDenied {
+        at: DateTime<Utc>,
+        #[serde(flatten)]
+        report: LockedUserReport,
+    },
 }
 
 /// What a committed step did that people want to hear about. `before` is the ledger before the
@@ -70,7 +78,8 @@ pub fn events(report: &StepReport, before: &Snapshot) -> Vec<Event> {
                     not_at_fault,
                     explanation: explanation.map(Box::new),
                 });
-                if before.paused.is_none() {
+                let pauses = explanation_pauses(report.explanations.get(batch));
+                if pauses && before.paused.is_none() {
                     events.push(Event::Pause {
                         at: report.at,
                         by: "controller".to_string(),
@@ -84,7 +93,16 @@ pub fn events(report: &StepReport, before: &Snapshot) -> Vec<Event> {
             _ => {}
         }
     }
+    for locked in report.locked.reports.iter().filter(|r| report.locked_alerts.contains(&r.user)) {
+        events.push(Event::LockedUserDenied { at: report.at, report: locked.clone() });
+    }
     events
+}
+
+/// Whether a guard rollback on this explanation pauses the rollout (see
+/// [`Explanation::fully_attributed`]).
+fn explanation_pauses(explanation: Option<&Explanation>) -> bool {
+    explanation.is_none_or(|e| !e.fully_attributed())
 }
 
 #[derive(Clone)]
@@ -197,6 +215,9 @@ mod tests {
             errors: vec![],
             explanations: Default::default(),
             future_events: 0,
+            locked: Default::default(),
+            locked_denials_new: Default::default(),
+            locked_alerts: vec![],
         };
         let mut before = Snapshot::default();
         before.batches.push(Batch {

@@ -25,6 +25,7 @@ fn config() -> Guard {
         after_soak: AfterSoak::Alert,
         delivery_lag: Duration::from_secs(300),
         false_alarm_budget: 0.001,
+        watch_locked: true,
     }
 }
 

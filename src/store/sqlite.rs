@@ -99,6 +99,8 @@ pub(crate) const MIGRATIONS: &[&str] = &[
     SCHEMA_V4,
     // 5: members lockstep did not add (ownership as a fact).
     super::ledger::SCHEMA_V5,
+    // 6 on the guardwire branch: guard denials record their source (endpoint or address).
+    super::ledger::SCHEMA_DENIAL_SOURCE,
 ];
 
 /// Each user-hour keeps its calls as the perimeter rule reads them (`evidence_context`); its
