@@ -851,15 +851,7 @@ impl<I: Iam, F: EventFeed> Controller<I, F> {
                         },
                         now,
                     )?;
-                    if let Some(judgement) = judgement {
-                        let explanation = serde_json::to_string(&judgement.explanation).unwrap_or_default();
-                        self.store.note(
-                            "controller",
-                            "guard_explanation",
-                            &format!("batch {batch}: {explanation}"),
-                            now,
-                        )?;
-                    }
+                    self.note_explanation(*batch, judgement, now)?;
                     tracing::warn!(batch, users = ?users, bystanders = ?bystanders, %reason, "rolling back batch");
                     for user in users {
                         self.remove_member(&group, &user, true, report, now).await?;
@@ -867,6 +859,8 @@ impl<I: Iam, F: EventFeed> Controller<I, F> {
                 }
                 Action::Succeed { batch, detail } => {
                     self.store.succeed(*batch, detail, now)?;
+                    // "Why did it not roll back?" has its answer in the audit log too.
+                    self.note_explanation(*batch, judgements.get(batch), now)?;
                     tracing::info!(batch, %detail, "batch succeeded");
                 }
                 Action::FinishWave { wave, why } => {
@@ -886,6 +880,21 @@ impl<I: Iam, F: EventFeed> Controller<I, F> {
                     self.start_soaks(now)?;
                 }
             }
+        }
+        Ok(())
+    }
+
+    /// Writes the guard's explanation of a batch's judgement to the audit log (`guard_explanation`:
+    /// counts per cause, expectation, thresholds, culprits, bystanders, samples, as JSON).
+    fn note_explanation(
+        &self,
+        batch: i64,
+        judgement: Option<&guard::Judgement>,
+        now: DateTime<Utc>,
+    ) -> Result<(), ControllerError> {
+        if let Some(judgement) = judgement {
+            let explanation = serde_json::to_string(&judgement.explanation).unwrap_or_default();
+            self.store.note("controller", "guard_explanation", &format!("batch {batch}: {explanation}"), now)?;
         }
         Ok(())
     }

@@ -241,6 +241,46 @@ mod tests {
         assert!(super::events(&report(Mode::DryRun), &before).is_empty(), "a dry run notifies nobody");
     }
 
+    #[test]
+    fn a_locked_user_with_new_lockdown_denials_is_one_event_with_its_sources() {
+        use crate::config::AfterSoak;
+        use crate::guard::{LockedUserReport, LockedWatch};
+        use crate::planner::{Gate, Plan};
+        let at = chrono::DateTime::UNIX_EPOCH;
+        let locked = |user: &str| LockedUserReport {
+            user: user.into(),
+            lockdown_denials: vec![],
+            sources: [("198.51.100.77".to_string(), 4)].into(),
+            action: AfterSoak::Alert,
+            denied: 4,
+        };
+        let report = StepReport {
+            at,
+            mode: Mode::Commit,
+            plan: Plan {
+                gate: Gate::Open,
+                current_wave: None,
+                actions: vec![],
+                waiting: vec![],
+                users: Default::default(),
+            },
+            verdicts: Default::default(),
+            iam_writes: vec![],
+            drift: vec![],
+            errors: vec![],
+            explanations: Default::default(),
+            future_events: 0,
+            locked: LockedWatch { denials_by_cause: Default::default(), reports: vec![locked("ann"), locked("ben")] },
+            locked_denials_new: Default::default(),
+            // ben's denials were all seen before: already notified.
+            locked_alerts: vec!["ann".into()],
+        };
+        let events = events(&report, &Snapshot::default());
+        assert_eq!(events, [Event::LockedUserDenied { at, report: locked("ann") }]);
+        let json = serde_json::to_string(&events[0]).unwrap();
+        assert!(json.contains("\"event\":\"locked_user_denied\"") && json.contains("198.51.100.77"), "{json}");
+    }
+
     #[tokio::test]
     async fn a_receiver_that_is_down_is_an_error_not_a_hang() {
         let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
