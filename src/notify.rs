@@ -51,7 +51,9 @@ pub enum Event {
     /// A locked user past its soak got new `lockdown` denials: breakage, or the lock doing its
     /// job. Its recent denied calls with their sources, and what `guard.after_soak` does.
     LockedUserDenied {
+        /// When the step saw the new denials.
         at: DateTime<Utc>,
+        /// The user, its recent denied calls with sources, and the `guard.after_soak` action.
         #[serde(flatten)]
         report: LockedUserReport,
     },
@@ -190,25 +192,13 @@ mod tests {
         assert!(request.contains("\"event\":\"wave_finished\""), "{request}");
     }
 
-    #[test]
-    fn committed_rollbacks_and_finished_waves_become_events() {
+    /// A step report at the epoch with these actions and nothing else.
+    fn step_report(mode: Mode, actions: Vec<Action>) -> StepReport {
         use crate::planner::{Gate, Plan};
-        use crate::rollout::{Batch, BatchState};
-        let at = chrono::DateTime::UNIX_EPOCH;
-        let report = |mode: Mode| StepReport {
-            at,
+        StepReport {
+            at: chrono::DateTime::UNIX_EPOCH,
             mode,
-            plan: Plan {
-                gate: Gate::Open,
-                current_wave: None,
-                actions: vec![
-                    Action::RollBack { batch: 3, reason: "guard: spike".into() },
-                    Action::FinishWave { wave: "canary".into(), why: "done".into() },
-                    Action::Succeed { batch: 2, detail: "healthy".into() },
-                ],
-                waiting: vec![],
-                users: Default::default(),
-            },
+            plan: Plan { gate: Gate::Open, current_wave: None, actions, waiting: vec![], users: Default::default() },
             verdicts: Default::default(),
             iam_writes: vec![],
             drift: vec![],
@@ -218,7 +208,19 @@ mod tests {
             locked: Default::default(),
             locked_denials_new: Default::default(),
             locked_alerts: vec![],
-        };
+        }
+    }
+
+    #[test]
+    fn committed_rollbacks_and_finished_waves_become_events() {
+        use crate::rollout::{Batch, BatchState};
+        let at = chrono::DateTime::UNIX_EPOCH;
+        let actions = vec![
+            Action::RollBack { batch: 3, reason: "guard: spike".into() },
+            Action::FinishWave { wave: "canary".into(), why: "done".into() },
+            Action::Succeed { batch: 2, detail: "healthy".into() },
+        ];
+        let report = |mode: Mode| step_report(mode, actions.clone());
         let mut before = Snapshot::default();
         before.batches.push(Batch {
             id: 3,
@@ -245,7 +247,6 @@ mod tests {
     fn a_locked_user_with_new_lockdown_denials_is_one_event_with_its_sources() {
         use crate::config::AfterSoak;
         use crate::guard::{LockedUserReport, LockedWatch};
-        use crate::planner::{Gate, Plan};
         let at = chrono::DateTime::UNIX_EPOCH;
         let locked = |user: &str| LockedUserReport {
             user: user.into(),
@@ -255,25 +256,10 @@ mod tests {
             denied: 4,
         };
         let report = StepReport {
-            at,
-            mode: Mode::Commit,
-            plan: Plan {
-                gate: Gate::Open,
-                current_wave: None,
-                actions: vec![],
-                waiting: vec![],
-                users: Default::default(),
-            },
-            verdicts: Default::default(),
-            iam_writes: vec![],
-            drift: vec![],
-            errors: vec![],
-            explanations: Default::default(),
-            future_events: 0,
             locked: LockedWatch { denials_by_cause: Default::default(), reports: vec![locked("ann"), locked("ben")] },
-            locked_denials_new: Default::default(),
             // ben's denials were all seen before: already notified.
             locked_alerts: vec!["ann".into()],
+            ..step_report(Mode::Commit, vec![])
         };
         let events = events(&report, &Snapshot::default());
         assert_eq!(events, [Event::LockedUserDenied { at, report: locked("ann") }]);
