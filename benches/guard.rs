@@ -53,6 +53,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         after_soak: AfterSoak::Alert,
         delivery_lag: Duration::from_secs(300),
         false_alarm_budget: 0.001,
+        watch_locked: true,
     };
     let batches: Vec<Batch> = users
         .chunks(BATCH_SIZE)

@@ -212,6 +212,9 @@ pub struct Guard {
     pub delivery_lag: Duration,
     /// Bound on the probability that noise alone makes one spike in one soak (see `guard`).
     pub false_alarm_budget: f64,
+    /// Whether the guard keeps attributing denials of locked users after their soak, for as long
+    /// as they are locked (`guard.after_soak` says what it does about `lockdown` ones).
+    pub watch_locked: bool,
 }
 
 /// `guard.after_soak`: report a locked user the lockdown denies, or also release and hold it.
@@ -627,6 +630,7 @@ raw_section!(RawGuard {
     after_soak: String = "alert",
     delivery_lag: String = "5m",
     false_alarm_budget: f64 = 0.001,
+    watch_locked: bool = true,
 });
 
 raw_section!(RawStore { path: String = "./lockstep.db" });
@@ -1184,6 +1188,7 @@ impl Checker<'_> {
                 );
                 0.001
             },
+            watch_locked: raw.watch_locked,
         }
     }
 

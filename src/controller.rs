@@ -13,8 +13,13 @@
 //! 3. judge each watched batch ([`watched`]) with the guard;
 //! 4. plan (the lockdown policy's state is one of the planner's inputs), then apply the plan:
 //!    journal in the ledger first, then call IAM. A guard rollback pauses the rollout in the
-//!    same transaction. In dry run nothing is written to IAM or the ledger's state; the plan is
-//!    recorded in the audit log instead.
+//!    same transaction unless its spike is fully attributed to named culprits
+//!    ([`guard::Explanation::fully_attributed`]): then the culprits are held, the bystanders
+//!    requeued, and the rollout goes on. In dry run nothing is written to IAM or the ledger's
+//!    state; the plan is recorded in the audit log instead;
+//! 5. watch locked users past their soak ([`locked_watch`]): count and report their denials, and
+//!    with `guard.after_soak: release` take those the lockdown denied out of the group and hold
+//!    them (journaled first).
 
 use std::collections::{BTreeMap, BTreeSet, HashSet, VecDeque};
 use std::future::Future;
@@ -24,14 +29,14 @@ use std::sync::Arc;
 use chrono::{DateTime, Utc};
 
 use crate::clock::Clock;
-use crate::config::{Config, earlier, later};
+use crate::config::{AfterSoak, Config, earlier, later};
 use crate::duration::chrono_of;
 use crate::feed::EventFeed;
 use crate::guard::{self, CohortRate, DenialEvent};
 use crate::iam::{Iam, IamError, PolicyStatus};
 use crate::planner::{self, Action, Gate, Plan};
 use crate::rollout::{Batch, BatchState, IamUser, Snapshot, UserState};
-use crate::store::{Ledger, NewBatch, Requeue, RollbackRequest, RolloutStore, StoreError};
+use crate::store::{Ledger, NewBatch, Removal, Requeue, RollbackRequest, RolloutStore, StoreError};
 use crate::trail::Record;
 
 /// A controller with its edges chosen, as the daemon's runtime sees it.
@@ -194,6 +199,14 @@ pub struct StepReport {
     /// Records the feed delivered dated after `now`: no sign of life for the silence check,
     /// and their denials count as of `now`.
     pub future_events: u64,
+    /// The watch over locked users past their soak: their denials in the last guard window per
+    /// cause, and a report for each user the lockdown denied (empty with `guard.watch_locked:
+    /// false`).
+    pub locked: guard::LockedWatch,
+    /// Denials of locked users first recorded in this step, per cause (the counter's increments).
+    pub locked_denials_new: BTreeMap<guard::Cause, u64>,
+    /// Locked users with `lockdown` denials first recorded in this step: the ones to notify.
+    pub locked_alerts: Vec<String>,
 }
 
 /// One generic or explicit denial, or a plain call, by a user who is not promoted.
@@ -400,6 +413,48 @@ pub(crate) fn await_delivery(
     judgement
 }
 
+/// Locked users whose batch has succeeded (their soak is over), with that batch: the users the
+/// guard keeps watching for as long as they are locked.
+pub(crate) fn locked_after_soak(snapshot: &Snapshot) -> BTreeMap<String, i64> {
+    snapshot
+        .members
+        .values()
+        .filter(|m| m.state == UserState::Locked && !snapshot.foreign.contains_key(&m.user))
+        .filter_map(|m| {
+            let batch = m.batch.filter(|b| snapshot.batch(*b).is_some_and(|b| b.state == BatchState::Succeeded))?;
+            Some((m.user.clone(), batch))
+        })
+        .collect()
+}
+
+/// The watch over locked users past their soak, from the ledger: their denials in the last
+/// `guard.window` per cause, and a report for each user the lockdown denied. The daemon's step
+/// and the offline `status` both read it here.
+pub fn locked_watch(
+    ledger: &dyn Ledger,
+    config: &Config,
+    now: DateTime<Utc>,
+) -> Result<guard::LockedWatch, StoreError> {
+    let locked: BTreeSet<String> = locked_after_soak(&ledger.snapshot()?).into_keys().collect();
+    if !config.guard.watch_locked || locked.is_empty() {
+        return Ok(guard::LockedWatch::default());
+    }
+    let since = earlier(now, config.guard.window);
+    let events = ledger.denials_since(since)?;
+    Ok(guard::watch_locked(&events, &locked, since, now, config.guard.after_soak))
+}
+
+/// Why a locked user is taken out of the group after its soak: its lockdown denials and sources.
+pub(crate) fn release_reason(report: &guard::LockedUserReport) -> String {
+    let sources: Vec<String> = report.sources.iter().map(|(source, n)| format!("{source} ({n})")).collect();
+    format!(
+        "after its soak the lockdown policy denied {} call(s) from {}{} (guard.after_soak: release)",
+        report.denied,
+        sources.join(", "),
+        describe_calls(&report.lockdown_denials)
+    )
+}
+
 /// The IAM writes a dry-run plan would make.
 pub(crate) fn dry_run_writes(plan: &Plan, snapshot: &Snapshot, group: &str) -> Vec<String> {
     let mut writes = Vec::new();
@@ -490,10 +545,14 @@ impl<I: Iam, F: EventFeed> Controller<I, F> {
             errors: Vec::new(),
             explanations: BTreeMap::new(),
             future_events: 0,
+            locked: guard::LockedWatch::default(),
+            locked_denials_new: BTreeMap::new(),
+            locked_alerts: Vec::new(),
         };
 
         let snapshot = self.store.snapshot()?;
-        report.future_events = self.observe_events(&snapshot, now).await?;
+        let (future, locked_new) = self.observe_events(&snapshot, now).await?;
+        report.future_events = future;
         self.reconcile(&mut report, now).await?;
 
         let (plan, judgements) = self.plan(now, promote_now, self.mode == Mode::Commit).await?;
@@ -501,6 +560,7 @@ impl<I: Iam, F: EventFeed> Controller<I, F> {
             Mode::Commit => self.apply(&plan, &judgements, &mut report, now).await?,
             Mode::DryRun => self.record_dry_run(&plan, &mut report, now)?,
         }
+        self.watch_locked(&locked_new, &mut report, now).await?;
         for (batch, judgement) in judgements {
             report.verdicts.insert(batch, judgement.verdict);
             report.explanations.insert(batch, judgement.explanation);
@@ -547,11 +607,17 @@ impl<I: Iam, F: EventFeed> Controller<I, F> {
 
     /// Reads new trail records: denials of watched batches' members go to the ledger, the
     /// unpromoted cohort's activity to the in-memory window.
-    /// Returns how many records were dated after `now`.
-    async fn observe_events(&mut self, snapshot: &Snapshot, now: DateTime<Utc>) -> Result<u64, ControllerError> {
+    /// Returns how many records were dated after `now`, and the denials of locked users (past
+    /// their soak) recorded for the first time.
+    async fn observe_events(
+        &mut self,
+        snapshot: &Snapshot,
+        now: DateTime<Utc>,
+    ) -> Result<(u64, Vec<DenialEvent>), ControllerError> {
         let ledger_health = self.store.source_health()?;
         let mut health = ledger_health.clone().as_of(now);
         let mut future = 0;
+        let mut locked_new = Vec::new();
         match self.feed.poll().await {
             Ok(records) => {
                 health.last_ok_poll = Some(now);
@@ -567,7 +633,7 @@ impl<I: Iam, F: EventFeed> Controller<I, F> {
                 if let Some(newest) = records.iter().filter_map(Record::event_time).filter(|at| *at <= now).max() {
                     health.last_event_at = Some(health.last_event_at.map_or(newest, |t| t.max(newest)));
                 }
-                self.remember(snapshot, &records, now)?;
+                locked_new = self.remember(snapshot, &records, now)?;
             }
             Err(error) => {
                 tracing::warn!(%error, "guard event source poll failed");
@@ -577,10 +643,17 @@ impl<I: Iam, F: EventFeed> Controller<I, F> {
         if health != ledger_health {
             self.store.set_source_health(&health)?;
         }
-        Ok(future)
+        Ok((future, locked_new))
     }
 
-    fn remember(&mut self, snapshot: &Snapshot, records: &[Record], now: DateTime<Utc>) -> Result<(), ControllerError> {
+    /// Stores denials of watched batches' members and of locked users past their soak; returns
+    /// the latter's first recorded.
+    fn remember(
+        &mut self,
+        snapshot: &Snapshot,
+        records: &[Record],
+        now: DateTime<Utc>,
+    ) -> Result<Vec<DenialEvent>, ControllerError> {
         let policy = &self.config.lockdown.policy_name;
         let watched: Vec<_> = watched(snapshot, chrono_of(self.config.guard.grace), now).collect();
         let promoted: HashSet<&str> = snapshot
@@ -596,7 +669,9 @@ impl<I: Iam, F: EventFeed> Controller<I, F> {
             }
             _ => HashSet::new(),
         };
+        let locked = if self.config.guard.watch_locked { locked_after_soak(snapshot) } else { BTreeMap::new() };
         let mut denials: BTreeMap<i64, Vec<(String, DenialEvent)>> = BTreeMap::new();
+        let mut locked_denials = Vec::new();
         for record in records {
             let (Some(user), Some(at)) = (record.user_name(), record.event_time()) else {
                 continue;
@@ -611,26 +686,29 @@ impl<I: Iam, F: EventFeed> Controller<I, F> {
                 });
             }
             let Some(kind) = denial else { continue };
+            let event = DenialEvent {
+                user: user.to_string(),
+                at,
+                action: record.action().unwrap_or_default(),
+                kind,
+                code: record.error_code.clone().unwrap_or_default(),
+                message: record.error_message.clone().unwrap_or_default(),
+                source: record.vpc_endpoint_id.clone().or_else(|| record.source_ip_address.clone()),
+            };
+            let id = record.event_id.clone().unwrap_or_else(|| format!("{}/{}/{}", at.timestamp(), event.action, user));
+            if let Some(batch) = locked.get(user) {
+                locked_denials.push((*batch, id.clone(), event.clone()));
+            }
             for batch in &watched {
                 let since = batch.applied_at.unwrap_or(batch.created_at);
                 if at >= since && batch.members.iter().any(|m| m == user) {
-                    let event = DenialEvent {
-                        user: user.to_string(),
-                        at,
-                        action: record.action().unwrap_or_default(),
-                        kind: kind.clone(),
-                        code: record.error_code.clone().unwrap_or_default(),
-                        message: record.error_message.clone().unwrap_or_default(),
-                        source: record.vpc_endpoint_id.clone().or_else(|| record.source_ip_address.clone()),
-                    };
-                    let id = record
-                        .event_id
-                        .clone()
-                        .unwrap_or_else(|| format!("{}/{}/{}", at.timestamp(), event.action, user));
-                    denials.entry(batch.id).or_default().push((id, event));
+                    denials.entry(batch.id).or_default().push((id.clone(), event.clone()));
                 }
             }
         }
+        // Locked users' denials first: one also seen by its batch's grace is stored once, and
+        // counted as new here.
+        let locked_new = self.store.record_locked_denials(&locked_denials)?;
         for (batch, events) in denials {
             self.store.record_denials(batch, &events)?;
         }
@@ -638,7 +716,7 @@ impl<I: Iam, F: EventFeed> Controller<I, F> {
         while self.cohort.front().is_some_and(|e| e.at < horizon) {
             self.cohort.pop_front();
         }
-        Ok(())
+        Ok(locked_new)
     }
 
     fn cohort_rate(&self, now: DateTime<Utc>) -> CohortRate {
@@ -814,6 +892,8 @@ impl<I: Iam, F: EventFeed> Controller<I, F> {
                     let judgement = judgements.get(batch);
                     let reason = rollback_reason(reason, judgement.map(|j| &j.verdict));
                     let pause = format!("batch {batch} rolled back by the guard");
+                    // Fully attributed to named culprits: nothing for an operator to decide.
+                    let pause = (!judgement.is_some_and(|j| j.explanation.fully_attributed())).then_some(pause);
                     let bystanders = not_at_fault(judgement);
                     let requeue_after = self
                         .config
@@ -828,20 +908,12 @@ impl<I: Iam, F: EventFeed> Controller<I, F> {
                             actor: "controller",
                             reason: &reason,
                             hold_until: later(now, self.config.eligibility.hold_expiry),
-                            pause: Some(&pause),
+                            pause: pause.as_deref(),
                             requeue: Some(Requeue { users: &bystanders, until: now + requeue_after }),
                         },
                         now,
                     )?;
-                    if let Some(judgement) = judgement {
-                        let explanation = serde_json::to_string(&judgement.explanation).unwrap_or_default();
-                        self.store.note(
-                            "controller",
-                            "guard_explanation",
-                            &format!("batch {batch}: {explanation}"),
-                            now,
-                        )?;
-                    }
+                    self.note_explanation(*batch, judgement, now)?;
                     tracing::warn!(batch, users = ?users, bystanders = ?bystanders, %reason, "rolling back batch");
                     for user in users {
                         self.remove_member(&group, &user, true, report, now).await?;
@@ -849,6 +921,8 @@ impl<I: Iam, F: EventFeed> Controller<I, F> {
                 }
                 Action::Succeed { batch, detail } => {
                     self.store.succeed(*batch, detail, now)?;
+                    // "Why did it not roll back?" has its answer in the audit log too.
+                    self.note_explanation(*batch, judgements.get(batch), now)?;
                     tracing::info!(batch, %detail, "batch succeeded");
                 }
                 Action::FinishWave { wave, why } => {
@@ -869,6 +943,53 @@ impl<I: Iam, F: EventFeed> Controller<I, F> {
                 }
             }
         }
+        Ok(())
+    }
+
+    /// Writes the guard's explanation of a batch's judgement to the audit log (`guard_explanation`:
+    /// counts per cause, expectation, thresholds, culprits, bystanders, samples, as JSON).
+    fn note_explanation(
+        &self,
+        batch: i64,
+        judgement: Option<&guard::Judgement>,
+        now: DateTime<Utc>,
+    ) -> Result<(), ControllerError> {
+        if let Some(judgement) = judgement {
+            let explanation = serde_json::to_string(&judgement.explanation).unwrap_or_default();
+            self.store.note("controller", "guard_explanation", &format!("batch {batch}: {explanation}"), now)?;
+        }
+        Ok(())
+    }
+
+    /// Watches locked users past their soak: fills the report's watch, counts and alerts, and
+    /// with `guard.after_soak: release` (committing) takes each user the lockdown denied out of
+    /// the group and holds it: journaled first, then the IAM write, as a rollback is.
+    async fn watch_locked(
+        &self,
+        new: &[DenialEvent],
+        report: &mut StepReport,
+        now: DateTime<Utc>,
+    ) -> Result<(), ControllerError> {
+        let watch = locked_watch(self.store.as_ref(), &self.config, now)?;
+        for event in new {
+            *report.locked_denials_new.entry(event.kind.cause).or_default() += 1;
+        }
+        let alerted: BTreeSet<&str> =
+            new.iter().filter(|e| e.kind.cause == guard::Cause::Lockdown).map(|e| e.user.as_str()).collect();
+        report.locked_alerts =
+            watch.reports.iter().filter(|r| alerted.contains(r.user.as_str())).map(|r| r.user.clone()).collect();
+        if self.mode == Mode::Commit {
+            let group = self.config.lockdown.group.clone();
+            for locked in watch.reports.iter().filter(|r| r.action == AfterSoak::Release) {
+                let reason = release_reason(locked);
+                let hold_until = later(now, self.config.eligibility.hold_expiry);
+                let removal = Removal { user: &locked.user, actor: "controller", reason: &reason, hold_until };
+                self.store.begin_removal(&removal, now)?;
+                tracing::warn!(user = %locked.user, %reason, "taking a locked user out of the group");
+                self.remove_member(&group, &locked.user, true, report, now).await?;
+            }
+        }
+        report.locked = watch;
         Ok(())
     }
 

@@ -253,6 +253,14 @@ pub struct Explanation {
 }
 
 impl Explanation {
+    /// Whether a spike on this judgement is fully attributed: it names culprits and every
+    /// weighing denial is a `lockdown` one (none is an `unknown` excess). Such a rollback holds
+    /// the culprits and requeues the bystanders without pausing the rollout; any other needs
+    /// an operator.
+    pub fn fully_attributed(&self) -> bool {
+        !self.culprits.is_empty() && self.members.iter().all(|m| m.weight == m.lockdown)
+    }
+
     /// The members a rollback on this judgement need not hold: the bystanders, when the
     /// judgement names culprits (without culprits no one is cleared).
     pub fn not_at_fault(&self) -> &[String] {
@@ -452,23 +460,31 @@ pub fn delivery_pending(
     }
 }
 
+/// How many of a locked user's most recent `lockdown` denials a report carries (the count
+/// covers them all): bounded whatever the flood.
+pub const RECENT_LOCKED_DENIALS: usize = 20;
+
 /// One locked user the lockdown denied after its soak: breakage, or the lock doing its job.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct LockedUserReport {
     /// The locked user.
     pub user: String,
-    /// Its `lockdown` denials in the window, newest last.
+    /// Its most recent `lockdown` denials in the window (at most [`RECENT_LOCKED_DENIALS`]),
+    /// newest last, each with its source.
     pub lockdown_denials: Vec<DenialEvent>,
     /// Denied calls per source (endpoint or address; `unrecorded` when the record had none).
     pub sources: BTreeMap<String, u64>,
     /// What `guard.after_soak` says to do: report, or also take out of the group and hold.
     pub action: AfterSoak,
+    /// All its `lockdown` denials in the window: the outside calls the lock blocked.
+    #[serde(default)]
+    pub denied: u64,
 }
 
 /// Watching locked users over one window.
 #[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
 pub struct LockedWatch {
-    /// Denials of locked users in the window per cause (the counter's increments).
+    /// Denials of locked users in the window per cause.
     pub denials_by_cause: BTreeMap<Cause, u64>,
     /// Users with `lockdown` denials in the window (the gauge is its length).
     pub reports: Vec<LockedUserReport>,
@@ -496,11 +512,14 @@ pub fn watch_locked(
         for event in &denials {
             *sources.entry(event.source.clone().unwrap_or_else(|| "unrecorded".to_string())).or_default() += 1;
         }
+        let denied = denials.len() as u64;
+        let recent = denials.len().saturating_sub(RECENT_LOCKED_DENIALS);
         watch.reports.push(LockedUserReport {
             user: user.to_string(),
-            lockdown_denials: denials.into_iter().cloned().collect(),
+            lockdown_denials: denials[recent..].iter().map(|e| (*e).clone()).collect(),
             sources,
             action: after_soak,
+            denied,
         });
     }
     watch

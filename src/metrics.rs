@@ -8,7 +8,7 @@ use prometheus::{
 };
 
 use crate::controller::{DriftKind, Mode, StepFailureKind, StepReport};
-use crate::guard::VerdictKind;
+use crate::guard::{Cause, VerdictKind};
 use crate::iam::{Iam, IamError, IamUser, PolicyStatus};
 use crate::planner::{Action, Gate};
 use crate::rollout::{BatchState, Snapshot, UserState};
@@ -64,6 +64,10 @@ pub struct Metrics {
     pub step_duration: Histogram,
     /// `lockstep_step_failures_total`: failed steps, by error kind.
     pub step_failures: IntCounterVec,
+    /// Denials of locked users after their soak, by cause (never by user: bounded cardinality).
+    pub locked_user_denials: IntCounterVec,
+    /// Locked users the lockdown policy denied in the last guard window.
+    pub locked_users_denied: IntGauge,
 }
 
 fn register<T: prometheus::core::Collector + Clone + 'static>(registry: &Registry, metric: T) -> T {
@@ -238,6 +242,19 @@ impl Metrics {
                 "Controller steps that failed, by error kind (store, store_too_new, store_corrupt, refused, iam).",
                 &["kind"]
             ),
+            locked_user_denials: metric!(
+                &r,
+                IntCounterVec,
+                "lockstep_locked_user_denials_total",
+                "Denials of locked users after their soak, by cause (lockdown, other, unknown).",
+                &["cause"]
+            ),
+            locked_users_denied: metric!(
+                &r,
+                IntGauge,
+                "lockstep_locked_users_denied",
+                "Locked users the lockdown policy denied in the last guard window."
+            ),
             registry: r,
         };
         // Labelled series appear on first use; start the known ones at zero so that rate()
@@ -254,12 +271,15 @@ impl Metrics {
         for kind in StepFailureKind::ALL {
             metrics.step_failures.with_label_values(&[kind.as_str()]);
         }
+        for cause in Cause::ALL {
+            metrics.locked_user_denials.with_label_values(&[cause.as_str()]);
+        }
         metrics
     }
 
     /// Every metric family name the daemon exports, whether or not it has samples yet.
     pub fn names(&self) -> Vec<String> {
-        let collectors: [&dyn prometheus::core::Collector; 23] = [
+        let collectors: [&dyn prometheus::core::Collector; 25] = [
             &self.users,
             &self.batches,
             &self.promotions,
@@ -283,6 +303,8 @@ impl Metrics {
             &self.future_events,
             &self.step_duration,
             &self.step_failures,
+            &self.locked_user_denials,
+            &self.locked_users_denied,
         ];
         let mut names: Vec<String> = collectors.iter().flat_map(|c| c.desc()).map(|d| d.fq_name.clone()).collect();
         names.sort();
@@ -349,6 +371,10 @@ impl Metrics {
         for drift in &report.drift {
             self.reconcile_drift.with_label_values(&[drift.kind.as_str()]).inc();
         }
+        for (cause, count) in &report.locked_denials_new {
+            self.locked_user_denials.with_label_values(&[cause.as_str()]).inc_by(*count);
+        }
+        self.locked_users_denied.set(report.locked.reports.len() as i64);
     }
 
     /// Counts one finished evidence refresh run.
@@ -429,7 +455,7 @@ mod tests {
     fn every_series_follows_the_naming_conventions() {
         let metrics = Metrics::new();
         let names = metrics.names();
-        assert_eq!(names.len(), 23, "{names:?}");
+        assert_eq!(names.len(), 25, "{names:?}");
         assert!(names.iter().all(|n| n.starts_with("lockstep_")), "{names:?}");
         metrics.rollbacks.with_label_values(&["manual"]).inc();
         metrics.iam_errors.with_label_values(&["GetGroup", "Throttling"]).inc();

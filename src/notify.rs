@@ -1,6 +1,7 @@
 //! Webhook notifications: a JSON POST to `listeners.webhook_url` when a batch is rolled back,
-//! the rollout is paused, or a wave finishes. Sent in the background with a timeout; a receiver
-//! that is down is logged and never holds up the controller.
+//! the rollout is paused, a wave finishes, or a locked user gets new lockdown denials. Sent in
+//! the background with a timeout; a receiver that is down is logged and never holds up the
+//! controller.
 
 use std::time::Duration;
 
@@ -14,7 +15,7 @@ use hyper_util::rt::TokioExecutor;
 use serde::Serialize;
 
 use crate::controller::{Mode, StepReport};
-use crate::guard::Explanation;
+use crate::guard::{Explanation, LockedUserReport};
 use crate::planner::Action;
 use crate::rollout::Snapshot;
 
@@ -47,6 +48,15 @@ pub enum Event {
         wave: String,
         why: String,
     },
+    /// A locked user past its soak got new `lockdown` denials: breakage, or the lock doing its
+    /// job. Its recent denied calls with their sources, and what `guard.after_soak` does.
+    LockedUserDenied {
+        /// When the step saw the new denials.
+        at: DateTime<Utc>,
+        /// The user, its recent denied calls with sources, and the `guard.after_soak` action.
+        #[serde(flatten)]
+        report: LockedUserReport,
+    },
 }
 
 /// What a committed step did that people want to hear about. `before` is the ledger before the
@@ -70,7 +80,8 @@ pub fn events(report: &StepReport, before: &Snapshot) -> Vec<Event> {
                     not_at_fault,
                     explanation: explanation.map(Box::new),
                 });
-                if before.paused.is_none() {
+                let pauses = explanation_pauses(report.explanations.get(batch));
+                if pauses && before.paused.is_none() {
                     events.push(Event::Pause {
                         at: report.at,
                         by: "controller".to_string(),
@@ -84,7 +95,16 @@ pub fn events(report: &StepReport, before: &Snapshot) -> Vec<Event> {
             _ => {}
         }
     }
+    for locked in report.locked.reports.iter().filter(|r| report.locked_alerts.contains(&r.user)) {
+        events.push(Event::LockedUserDenied { at: report.at, report: locked.clone() });
+    }
     events
+}
+
+/// Whether a guard rollback on this explanation pauses the rollout (see
+/// [`Explanation::fully_attributed`]).
+fn explanation_pauses(explanation: Option<&Explanation>) -> bool {
+    explanation.is_none_or(|e| !e.fully_attributed())
 }
 
 #[derive(Clone)]
@@ -172,32 +192,35 @@ mod tests {
         assert!(request.contains("\"event\":\"wave_finished\""), "{request}");
     }
 
-    #[test]
-    fn committed_rollbacks_and_finished_waves_become_events() {
+    /// A step report at the epoch with these actions and nothing else.
+    fn step_report(mode: Mode, actions: Vec<Action>) -> StepReport {
         use crate::planner::{Gate, Plan};
-        use crate::rollout::{Batch, BatchState};
-        let at = chrono::DateTime::UNIX_EPOCH;
-        let report = |mode: Mode| StepReport {
-            at,
+        StepReport {
+            at: chrono::DateTime::UNIX_EPOCH,
             mode,
-            plan: Plan {
-                gate: Gate::Open,
-                current_wave: None,
-                actions: vec![
-                    Action::RollBack { batch: 3, reason: "guard: spike".into() },
-                    Action::FinishWave { wave: "canary".into(), why: "done".into() },
-                    Action::Succeed { batch: 2, detail: "healthy".into() },
-                ],
-                waiting: vec![],
-                users: Default::default(),
-            },
+            plan: Plan { gate: Gate::Open, current_wave: None, actions, waiting: vec![], users: Default::default() },
             verdicts: Default::default(),
             iam_writes: vec![],
             drift: vec![],
             errors: vec![],
             explanations: Default::default(),
             future_events: 0,
-        };
+            locked: Default::default(),
+            locked_denials_new: Default::default(),
+            locked_alerts: vec![],
+        }
+    }
+
+    #[test]
+    fn committed_rollbacks_and_finished_waves_become_events() {
+        use crate::rollout::{Batch, BatchState};
+        let at = chrono::DateTime::UNIX_EPOCH;
+        let actions = vec![
+            Action::RollBack { batch: 3, reason: "guard: spike".into() },
+            Action::FinishWave { wave: "canary".into(), why: "done".into() },
+            Action::Succeed { batch: 2, detail: "healthy".into() },
+        ];
+        let report = |mode: Mode| step_report(mode, actions.clone());
         let mut before = Snapshot::default();
         before.batches.push(Batch {
             id: 3,
@@ -218,6 +241,30 @@ mod tests {
         assert!(matches!(&events[1], Event::Pause { by, .. } if by == "controller"));
         assert!(matches!(&events[2], Event::WaveFinished { wave, .. } if wave == "canary"));
         assert!(super::events(&report(Mode::DryRun), &before).is_empty(), "a dry run notifies nobody");
+    }
+
+    #[test]
+    fn a_locked_user_with_new_lockdown_denials_is_one_event_with_its_sources() {
+        use crate::config::AfterSoak;
+        use crate::guard::{LockedUserReport, LockedWatch};
+        let at = chrono::DateTime::UNIX_EPOCH;
+        let locked = |user: &str| LockedUserReport {
+            user: user.into(),
+            lockdown_denials: vec![],
+            sources: [("198.51.100.77".to_string(), 4)].into(),
+            action: AfterSoak::Alert,
+            denied: 4,
+        };
+        let report = StepReport {
+            locked: LockedWatch { denials_by_cause: Default::default(), reports: vec![locked("ann"), locked("ben")] },
+            // ben's denials were all seen before: already notified.
+            locked_alerts: vec!["ann".into()],
+            ..step_report(Mode::Commit, vec![])
+        };
+        let events = events(&report, &Snapshot::default());
+        assert_eq!(events, [Event::LockedUserDenied { at, report: locked("ann") }]);
+        let json = serde_json::to_string(&events[0]).unwrap();
+        assert!(json.contains("\"event\":\"locked_user_denied\"") && json.contains("198.51.100.77"), "{json}");
     }
 
     #[tokio::test]

@@ -17,7 +17,7 @@ use crate::clock::Clock;
 use crate::config::Config;
 use crate::controller::{ControllerError, Mode, StepReport, Stepper};
 use crate::evidence::Freshness;
-use crate::guard::{Cause, Explanation, VerdictKind};
+use crate::guard::{Cause, Explanation, LockedUserReport, VerdictKind};
 use crate::metrics::Metrics;
 use crate::notify::{self, Webhook};
 use crate::planner::{Gate, Plan};
@@ -380,6 +380,10 @@ pub struct Status {
     pub evidence: Freshness,
     /// When the last step ran.
     pub last_step: Option<DateTime<Utc>>,
+    /// Locked users past their soak the lockdown denied in the last guard window, each with its
+    /// recent denied calls and their sources (the protection figure: outside calls blocked).
+    #[serde(default)]
+    pub locked_denied: Vec<LockedUserReport>,
 }
 
 /// The status from a ledger snapshot, the last step's report (if any) and evidence freshness.
@@ -432,5 +436,6 @@ pub fn status(
         users,
         evidence,
         last_step: report.map(|r| r.at),
+        locked_denied: report.map(|r| r.locked.reports.clone()).unwrap_or_default(),
     }
 }

@@ -96,17 +96,20 @@ impl World {
         Running(self.command(args).stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().unwrap())
     }
 
-    /// Explicit denials naming the lockdown policy for `user`, in the last second.
+    /// A spike nothing attributes, so that the guard's rollback pauses the rollout: S3's bare
+    /// "Access Denied" for `user` on records without a source address (cause `unknown`), in the
+    /// last second, far above any expectation. (Denials naming the lockdown policy are fully
+    /// attributed: those roll back without a pause.)
     fn spike(&self, user: &str) {
-        let records: Vec<RecordSpec> = (0..6)
+        let records: Vec<RecordSpec> = (0..12)
             .map(|n| {
                 RecordSpec::new(
                     Identity::iam_user(common::ACCOUNT, user),
-                    SystemClock.now() - chrono::Duration::milliseconds(100 * n),
-                    "s3:PutObject",
-                    Origin::ip("192.0.2.44"),
+                    SystemClock.now() - chrono::Duration::milliseconds(50 * n),
+                    "s3:GetObject",
+                    Origin::ip(""),
                 )
-                .denied_explicitly(&format!("{}-perimeter", self.prefix))
+                .error("AccessDenied", "Access Denied")
             })
             .collect();
         write_trail(&self.dir.path().join("trail"), common::ACCOUNT, &records, Faults::default()).unwrap();

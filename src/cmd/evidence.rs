@@ -18,6 +18,7 @@ use lockstep::config::Config;
 use lockstep::duration;
 use lockstep::evidence::refresh::{self, Progress, Source, Window};
 use lockstep::evidence::{EvidenceStore, Freshness, UserEvidence};
+use lockstep::guard::DenialEvent;
 use lockstep::perimeter::Verdict;
 use lockstep::store::{RolloutStore, Store};
 use serde::Serialize;
@@ -232,6 +233,9 @@ struct ShowJson<'a> {
     trusted_only: Option<bool>,
     evidence: Option<&'a UserEvidence>,
     calls_by_verdict: Vec<VerdictCount>,
+    /// The user's most recent denials the guard recorded in the window (while it watched the
+    /// user's batch or the user was locked), each with its cause and source.
+    guard_denials: Vec<DenialEvent>,
 }
 
 #[derive(Serialize)]
@@ -255,6 +259,7 @@ fn show(
     let code = if !currency.stale && evidence.is_some() { ExitCode::SUCCESS } else { ExitCode::FAILURE };
     let trusted_only =
         evidence.as_ref().filter(|_| !currency.stale && currency.unusable.is_none()).map(|e| e.would_deny == 0);
+    let guard_denials = recent_guard_denials(store, user, window.since)?;
     if json {
         let doc = ShowJson {
             user,
@@ -263,6 +268,7 @@ fn show(
             trusted_only,
             evidence: evidence.as_ref(),
             calls_by_verdict: verdicts.into_iter().map(|(verdict, calls)| VerdictCount { verdict, calls }).collect(),
+            guard_denials,
         };
         emit(serde_json::to_string_pretty(&doc)? + "\n")?;
         return Ok(code);
@@ -273,6 +279,7 @@ fn show(
     let window_span = duration::format(config.eligibility.window);
     let Some(e) = evidence else {
         writeln!(out, "{user}: no calls recorded in the last {window_span} (since {}).", day_time(window.since))?;
+        out += &guard_denial_lines(&guard_denials);
         emit(out)?;
         return Ok(code);
     };
@@ -330,8 +337,42 @@ fn show(
     for (verdict, n) in &verdicts {
         writeln!(out, "    {:<15} {:<20} {:>9}", verdict.kind_name(), verdict.reason_name(), thousands(*n))?;
     }
+    out += &guard_denial_lines(&guard_denials);
     emit(out)?;
     Ok(code)
+}
+
+/// How many of a user's recent guard denials `show` lists.
+const RECENT_DENIALS: usize = 10;
+
+/// The user's most recent denials the guard recorded since `since`, oldest first.
+fn recent_guard_denials(
+    store: &dyn RolloutStore,
+    user: &str,
+    since: DateTime<Utc>,
+) -> anyhow::Result<Vec<DenialEvent>> {
+    let mut denials: Vec<DenialEvent> = store.denials_since(since)?.into_iter().filter(|d| d.user == user).collect();
+    denials.drain(..denials.len().saturating_sub(RECENT_DENIALS));
+    Ok(denials)
+}
+
+/// The guard's recent denials of the user, with cause and source: what the lock blocked.
+fn guard_denial_lines(denials: &[DenialEvent]) -> String {
+    if denials.is_empty() {
+        return String::new();
+    }
+    let mut out = "  Recent denials the guard recorded (cause, source):\n".to_string();
+    for d in denials {
+        out += &format!(
+            "    {}  {:<8} {} {} from {}\n",
+            day_time(d.at),
+            d.kind.cause,
+            d.action,
+            d.code,
+            d.source.as_deref().unwrap_or("unrecorded")
+        );
+    }
+    out
 }
 
 /// Outside sources `show` lists.

@@ -15,12 +15,12 @@ use hyper_util::client::legacy::Client;
 use hyper_util::rt::TokioExecutor;
 use lockstep::api::{self, Answer};
 use lockstep::clock::{Clock, SystemClock};
-use lockstep::config::Config;
+use lockstep::config::{AfterSoak, Config};
 use lockstep::controller::{Controller, Mode, remove_and_hold};
 use lockstep::duration::elapsed as ago;
 use lockstep::evidence::{EvidenceStore, SourceError};
 use lockstep::feed::EventFeed;
-use lockstep::guard::{Explanation, VerdictKind};
+use lockstep::guard::{Explanation, LockedUserReport, VerdictKind};
 use lockstep::iam::AwsIam;
 use lockstep::metrics::{MeteredIam, Metrics};
 use lockstep::planner::{Action, Eligibility, Gate, Plan};
@@ -167,6 +167,38 @@ fn render_status(status: &Status) -> String {
             if let Some(explanation) = &b.explanation {
                 out += &explanation_lines(explanation);
             }
+        }
+    }
+    out += &locked_denied_lines(&status.locked_denied);
+    out
+}
+
+/// Locked users the lockdown policy denied after their soak: breakage, or the lock doing its job.
+/// Each with its blocked calls per source and its most recent denied calls.
+fn locked_denied_lines(reports: &[LockedUserReport]) -> String {
+    const SHOWN: usize = 5;
+    if reports.is_empty() {
+        return String::new();
+    }
+    let mut out =
+        "\nlocked users the lockdown denied in the last guard window (a workflow moved, or the lock at work):\n"
+            .to_string();
+    for report in reports {
+        let sources: Vec<String> = report.sources.iter().map(|(source, n)| format!("{source} ({n})")).collect();
+        let action = match report.action {
+            AfterSoak::Alert => "reported (guard.after_soak: alert)",
+            AfterSoak::Release => "taken out and held (guard.after_soak: release)",
+        };
+        out += &format!("  {}: {} denied call(s) from {}; {action}\n", report.user, report.denied, sources.join(", "));
+        let recent = report.lockdown_denials.len().saturating_sub(SHOWN);
+        for call in &report.lockdown_denials[recent..] {
+            out += &format!(
+                "    {} {} {} from {}\n",
+                call.at.format("%Y-%m-%d %H:%M:%SZ"),
+                call.action,
+                call.code,
+                call.source.as_deref().unwrap_or("unrecorded")
+            );
         }
     }
     out
@@ -397,6 +429,7 @@ fn offline_status(config: &Config) -> anyhow::Result<Status> {
     if mode.is_none() {
         status.mode = "unknown (no run recorded)".to_string();
     }
+    status.locked_denied = lockstep::controller::locked_watch(&store, config, status.at)?.reports;
     Ok(status)
 }
 
@@ -532,6 +565,7 @@ mod tests {
             users: Default::default(),
             evidence: Default::default(),
             last_step: None,
+            locked_denied: Vec::new(),
         }
     }
 

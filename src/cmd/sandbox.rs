@@ -255,7 +255,7 @@ async fn refresh_evidence(
 
 /// The scripted part: one member of the first engineering batch starts working from an
 /// untrusted network after promotion; once the guard has rolled the batch back, an operator
-/// resumes the rollout.
+/// resumes the rollout if the rollback paused it.
 #[derive(Default)]
 struct Story {
     misbehaving: Option<(String, DateTime<Utc>)>,
@@ -308,9 +308,11 @@ impl Story {
                 _ => {}
             }
         }
+        // A rollback fully attributed to its culprit does not pause: nothing to resume then.
         if let Some(at) = self.rolled_back_at
             && !self.resumed
             && now - at >= chrono::Duration::hours(2)
+            && matches!(report.plan.gate, lockstep::planner::Gate::Paused(_))
         {
             let answer = shared.command(&Command::Resume { operator: OPERATOR.to_string() })?;
             eprintln!("sandbox: {OPERATOR} looked at the held users and resumed the rollout: {answer}");

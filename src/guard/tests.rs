@@ -25,6 +25,7 @@ fn config() -> Guard {
         after_soak: AfterSoak::Alert,
         delivery_lag: Duration::from_secs(300),
         false_alarm_budget: 0.001,
+        watch_locked: true,
     }
 }
 
@@ -302,6 +303,17 @@ fn bare_access_denied_at_the_usual_rate_is_noise_and_at_ten_times_a_spike() {
     let judgement = assess_at(60, &tenfold, &baselines, CohortRate::default());
     assert_eq!(judgement.verdict.name(), "spike", "{:?}", judgement.explanation.members);
     assert_eq!(judgement.explanation.culprits[0].offending.len(), 50);
+    assert!(!judgement.explanation.fully_attributed(), "an unknown-cause spike is for an operator to resume");
+}
+
+#[test]
+fn only_a_spike_of_lockdown_denials_is_fully_attributed() {
+    let lockdown: Vec<_> = (0..3).map(|m| attributed("bob", 95 + m, Cause::Lockdown)).collect();
+    let judgement = assess_at(100, &lockdown, &BTreeMap::new(), CohortRate::default());
+    assert_eq!(judgement.verdict.name(), "spike");
+    assert!(judgement.explanation.fully_attributed());
+    let quiet = assess_at(100, &[], &BTreeMap::new(), CohortRate::default());
+    assert!(!quiet.explanation.fully_attributed(), "no culprit named");
 }
 
 #[test]

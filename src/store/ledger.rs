@@ -12,7 +12,7 @@ use std::collections::BTreeMap;
 use chrono::{DateTime, TimeZone, Utc};
 use rusqlite::{Connection, OptionalExtension, Row, TransactionBehavior, params};
 
-use super::{Doing, Ledger, NewBatch, RollbackRequest, Store, StoreError};
+use super::{Doing, Ledger, NewBatch, Removal, RollbackRequest, Store, StoreError};
 use crate::guard::{Attribution, DenialEvent, SourceHealth, VerdictKind};
 use crate::rollout::{AuditEntry, Batch, BatchState, Member, Pause, Snapshot, UserState};
 
@@ -101,6 +101,14 @@ CREATE TABLE foreign_members (user TEXT PRIMARY KEY, since INTEGER NOT NULL);
 pub(super) const SCHEMA_ADDS_IN_FLIGHT: &str = "
 CREATE TABLE adds_in_flight (user TEXT PRIMARY KEY, since INTEGER NOT NULL);
 INSERT INTO adds_in_flight (user, since) SELECT user, since FROM members WHERE state = 'promoting';
+";
+
+/// Store migration (appended after 7): each guard denial records where the call came from (the
+/// VPC endpoint or the source address), so that reports on locked users can name it; denials
+/// are read by time for the watch over locked users.
+pub(super) const SCHEMA_DENIAL_SOURCE: &str = "
+ALTER TABLE guard_denials ADD COLUMN source TEXT;
+CREATE INDEX guard_denials_by_time ON guard_denials (at, user);
 ";
 
 fn secs(t: DateTime<Utc>) -> i64 {
@@ -405,39 +413,59 @@ impl Ledger for Store {
 
     fn record_denials(&self, batch: i64, events: &[(String, DenialEvent)]) -> Result<(), StoreError> {
         self.write("recording denials", |tx| {
-            for (event_id, e) in events {
-                tx.execute(
-                    "INSERT OR IGNORE INTO guard_denials (batch, user, at, action, kind, code, message, event_id) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
-                    params![batch, e.user, secs(e.at), e.action, e.kind.to_stored(), e.code, e.message, event_id],
-                )
-                .doing("recording a denial")?;
+            for (event_id, event) in events {
+                insert_denial(tx, batch, event_id, event)?;
             }
             Ok(())
         })
     }
 
-    fn denials(&self, batch: i64) -> Result<Vec<DenialEvent>, StoreError> {
-        let doing = "reading denials";
-        let conn = self.conn();
-        let mut stmt = conn
-            .prepare(
-                "SELECT user, at, action, kind, code, message FROM guard_denials WHERE batch = ?1 ORDER BY at, user",
-            )
-            .doing(doing)?;
-        stmt.query_map([batch], |r| {
-            Ok(DenialEvent {
-                user: r.get(0)?,
-                at: time(r.get(1)?),
-                action: r.get(2)?,
-                kind: Attribution::from_stored(&r.get::<_, String>(3)?),
-                code: r.get(4)?,
-                message: r.get(5)?,
-                source: None,
-            })
+    fn record_locked_denials(&self, events: &[(i64, String, DenialEvent)]) -> Result<Vec<DenialEvent>, StoreError> {
+        self.write("recording denials of locked users", |tx| {
+            let mut new = Vec::new();
+            for (batch, event_id, event) in events {
+                if insert_denial(tx, *batch, event_id, event)? {
+                    new.push(event.clone());
+                }
+            }
+            Ok(new)
         })
-        .doing(doing)?
-        .collect::<Result<_, _>>()
-        .doing(doing)
+    }
+
+    fn denials(&self, batch: i64) -> Result<Vec<DenialEvent>, StoreError> {
+        read_denials(
+            &self.conn(),
+            "SELECT user, at, action, kind, code, message, source FROM guard_denials WHERE batch = ?1 ORDER BY at, user",
+            batch,
+        )
+    }
+
+    fn denials_since(&self, since: DateTime<Utc>) -> Result<Vec<DenialEvent>, StoreError> {
+        // A user's denial recorded under two batches (rolled back, promoted again) is one denial.
+        read_denials(
+            &self.conn(),
+            "SELECT user, at, action, kind, code, message, source FROM guard_denials WHERE at >= ?1
+             GROUP BY user, event_id ORDER BY at, user",
+            secs(since),
+        )
+    }
+
+    fn begin_removal(&self, removal: &Removal<'_>, now: DateTime<Utc>) -> Result<(), StoreError> {
+        let Removal { user, actor, reason, hold_until } = *removal;
+        self.write("journaling a removal", |tx| {
+            let Some(member) = member_by_name(tx, user)? else {
+                return Err(StoreError::Refused(format!("{user} is not in the rollout")));
+            };
+            if member.state != UserState::Locked {
+                return Err(StoreError::Refused(format!("{user} is {}, not locked", member.state)));
+            }
+            tx.execute(
+                "UPDATE members SET state = 'rolling_back', since = ?2, reason = ?3, hold_until = ?4 WHERE user = ?1",
+                params![user, secs(now), reason, secs(hold_until)],
+            )
+            .doing("journaling a removal")?;
+            audit(tx, now, actor, "rolling_back", member.batch, Some(user), reason)
+        })
     }
 
     fn source_health(&self) -> Result<SourceHealth, StoreError> {
@@ -568,6 +596,39 @@ fn users_since(conn: &Connection, table: &str) -> Result<BTreeMap<String, DateTi
         .doing(&doing)?
         .collect::<Result<_, _>>()
         .doing(&doing)
+}
+
+/// Records one denial under `batch`; whether it was new (duplicates by event ID are ignored).
+fn insert_denial(tx: &Connection, batch: i64, event_id: &str, e: &DenialEvent) -> Result<bool, StoreError> {
+    let added = tx
+        .execute(
+            "INSERT OR IGNORE INTO guard_denials (batch, user, at, action, kind, code, message, event_id, source)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)",
+            params![batch, e.user, secs(e.at), e.action, e.kind.to_stored(), e.code, e.message, event_id, e.source],
+        )
+        .doing("recording a denial")?;
+    Ok(added == 1)
+}
+
+/// Reads denials with `query`, whose one parameter is `param` and whose columns are user, at,
+/// action, kind, code, message, source.
+fn read_denials(conn: &Connection, query: &str, param: i64) -> Result<Vec<DenialEvent>, StoreError> {
+    let doing = "reading denials";
+    let mut stmt = conn.prepare(query).doing(doing)?;
+    stmt.query_map([param], |r| {
+        Ok(DenialEvent {
+            user: r.get(0)?,
+            at: time(r.get(1)?),
+            action: r.get(2)?,
+            kind: Attribution::from_stored(&r.get::<_, String>(3)?),
+            code: r.get(4)?,
+            message: r.get(5)?,
+            source: r.get(6)?,
+        })
+    })
+    .doing(doing)?
+    .collect::<Result<_, _>>()
+    .doing(doing)
 }
 
 fn is_foreign(conn: &Connection, user: &str) -> Result<bool, StoreError> {
@@ -809,6 +870,40 @@ mod tests {
         let member = &ledger.snapshot().unwrap().members["ann"];
         assert_eq!((member.state, member.hold_until), (UserState::Held, Some(t(48))));
         ledger.resume("ops", t(2)).unwrap();
+    }
+
+    #[test]
+    fn a_locked_user_is_taken_out_alone_and_its_denials_keep_their_source() {
+        use crate::guard::{Cause, Evidence};
+        let ledger = store();
+        let id = ledger.start_batch(&batch(&users(&["ann", "ben"])), "controller", t(0)).unwrap();
+        ledger.mark_locked("ann", "controller", t(0)).unwrap();
+        ledger.mark_locked("ben", "controller", t(0)).unwrap();
+        let denial = |at: i64| DenialEvent {
+            user: "ann".into(),
+            at: t(at),
+            action: "s3:PutObject".into(),
+            kind: Attribution { cause: Cause::Lockdown, evidence: Evidence::Legacy { kind: "lockdown".into() } },
+            code: "AccessDenied".into(),
+            message: "denied".into(),
+            source: Some("198.51.100.77".into()),
+        };
+        let events = [(id, "e1".to_string(), denial(2)), (id, "e2".to_string(), denial(3))];
+        assert_eq!(ledger.record_locked_denials(&events).unwrap().len(), 2);
+        assert!(ledger.record_locked_denials(&events).unwrap().is_empty(), "stored once, counted once");
+        ledger.record_denials(id, &[("e2".to_string(), denial(3))]).unwrap();
+        let since = ledger.denials_since(t(3)).unwrap();
+        assert_eq!(since, [denial(3)], "one denial per event, with its source");
+        assert_eq!(ledger.denials(id).unwrap()[0].source.as_deref(), Some("198.51.100.77"));
+
+        let removal = Removal { user: "ann", actor: "controller", reason: "after its soak", hold_until: t(48) };
+        ledger.begin_removal(&removal, t(4)).unwrap();
+        let members = ledger.snapshot().unwrap().members;
+        assert_eq!((members["ann"].state, members["ann"].hold_until), (UserState::RollingBack, Some(t(48))));
+        assert_eq!(members["ben"].state, UserState::Locked, "the rest of the batch stays");
+        assert!(ledger.begin_removal(&removal, t(5)).unwrap_err().to_string().contains("not locked"));
+        let audit = ledger.audit_log(100).unwrap();
+        assert!(audit.iter().any(|e| e.user.as_deref() == Some("ann") && e.reason == "after its soak"), "{audit:?}");
     }
 
     #[test]

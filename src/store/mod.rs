@@ -105,6 +105,19 @@ pub struct Requeue<'a> {
     pub until: DateTime<Utc>,
 }
 
+/// One locked user to take out of the group and hold, whatever its batch does.
+#[derive(Debug, Clone, Copy)]
+pub struct Removal<'a> {
+    /// The locked user.
+    pub user: &'a str,
+    /// Who decided it, for the audit log.
+    pub actor: &'a str,
+    /// Why, for the audit log and the hold.
+    pub reason: &'a str,
+    /// Held until then, then eligible again.
+    pub hold_until: DateTime<Utc>,
+}
+
 /// The rollout ledger: users' states, batches, the pause switch, finished waves, the guard's
 /// observations and the append-only audit log. Every change writes its audit line in the same
 /// transaction; operator commands refuse undefined transitions with [`StoreError::Refused`].
@@ -145,7 +158,7 @@ pub trait Ledger: Send + Sync {
     fn note(&self, actor: &str, action: &str, reason: &str, now: DateTime<Utc>) -> Result<(), StoreError>;
     /// Stores denials of batch members (duplicates by event ID are ignored).
     fn record_denials(&self, batch: i64, events: &[(String, DenialEvent)]) -> Result<(), StoreError>;
-    /// The stored denials of a batch's members.
+    /// Denials recorded for a batch's members, oldest first.
     fn denials(&self, batch: i64) -> Result<Vec<DenialEvent>, StoreError>;
     /// How the guard's event stream last looked.
     fn source_health(&self) -> Result<SourceHealth, StoreError>;
@@ -163,6 +176,14 @@ pub trait Ledger: Send + Sync {
     fn settle_add(&self, user: &str) -> Result<(), StoreError>;
     /// The member lockstep did not add has left the group: a candidate like any other again.
     fn forget_foreign(&self, user: &str, now: DateTime<Utc>) -> Result<(), StoreError>;
+    /// Stores denials of locked users, each under the batch that locked them (`(batch, event
+    /// ID, denial)`); returns those not stored before (duplicates by event ID are ignored).
+    fn record_locked_denials(&self, events: &[(i64, String, DenialEvent)]) -> Result<Vec<DenialEvent>, StoreError>;
+    /// Every recorded denial at or after `since`, once each, oldest first.
+    fn denials_since(&self, since: DateTime<Utc>) -> Result<Vec<DenialEvent>, StoreError>;
+    /// `locked -> rolling_back`: journals taking one locked user out of the group, to be held
+    /// until `hold_until` (`guard.after_soak: release`). Refused unless the user is locked.
+    fn begin_removal(&self, removal: &Removal<'_>, now: DateTime<Utc>) -> Result<(), StoreError>;
 }
 
 /// The log of evidence refreshes (scheduled or run by hand): what freshness is answered from.

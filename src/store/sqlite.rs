@@ -103,6 +103,8 @@ pub(crate) const MIGRATIONS: &[&str] = &[
     super::ledger::SCHEMA_ADDS_IN_FLIGHT,
     // 7: recent events by hour, so a record delivered again in a later file is counted once.
     SCHEMA_SEEN_EVENTS,
+    // 8: guard denials record their source (endpoint or address).
+    super::ledger::SCHEMA_DENIAL_SOURCE,
 ];
 
 /// The events trail refreshes recorded lately ([`crate::evidence::files::EventKey`]; the ID
