@@ -722,7 +722,7 @@ impl<I: Iam, F: EventFeed> Controller<I, F> {
         {
             return Ok(users.clone());
         }
-        let users = self.iam.list_users().await?;
+        let users = self.iam.list_users().await?.users;
         self.directory = Some((now, users.clone()));
         Ok(users)
     }
@@ -917,8 +917,8 @@ mod tests {
     }
 
     impl Iam for MemoryIam {
-        async fn list_users(&self) -> Result<Vec<IamUser>, IamError> {
-            Ok(Vec::new())
+        async fn list_users(&self) -> Result<crate::iam::Directory, IamError> {
+            Ok(crate::iam::Directory::default())
         }
         async fn group_members(&self, _group: &str) -> Result<Vec<String>, IamError> {
             Ok(self.group.lock().unwrap().iter().cloned().collect())
@@ -938,6 +938,13 @@ mod tests {
         }
         async fn apply_policy(&self, _group: &str, _policy: &str, _document: &str) -> Result<Vec<String>, IamError> {
             Ok(Vec::new())
+        }
+        // No users, so never asked to change one's tags.
+        async fn tag_user(&self, _user: &str, _tags: &[(String, String)]) -> Result<(), IamError> {
+            Ok(())
+        }
+        async fn untag_user(&self, _user: &str, _keys: &[String]) -> Result<(), IamError> {
+            Ok(())
         }
     }
 

@@ -9,7 +9,7 @@ use prometheus::{
 
 use crate::controller::{DriftKind, Mode, StepFailureKind, StepReport};
 use crate::guard::VerdictKind;
-use crate::iam::{Iam, IamError, IamUser, PolicyStatus};
+use crate::iam::{Directory, Iam, IamError, PolicyStatus};
 use crate::planner::{Action, Gate};
 use crate::rollout::{BatchState, Snapshot, UserState};
 use crate::store::Run;
@@ -41,6 +41,8 @@ pub struct Metrics {
     pub future_events: IntCounter,
     pub step_duration: Histogram,
     pub step_failures: IntCounterVec,
+    /// IAM calls the last read of the user directory made (one per page).
+    pub directory_iam_calls: IntGauge,
 }
 
 fn register<T: prometheus::core::Collector + Clone + 'static>(registry: &Registry, metric: T) -> T {
@@ -215,6 +217,12 @@ impl Metrics {
                 "Controller steps that failed, by error kind (store, store_too_new, store_corrupt, refused, iam).",
                 &["kind"]
             ),
+            directory_iam_calls: metric!(
+                &r,
+                IntGauge,
+                "lockstep_directory_iam_calls",
+                "IAM API calls the last read of the user directory made (one per page of up to 1,000 users)."
+            ),
             registry: r,
         };
         // Labelled series appear on first use; start the known ones at zero so that rate()
@@ -236,7 +244,7 @@ impl Metrics {
 
     /// Every metric family name the daemon exports, whether or not it has samples yet.
     pub fn names(&self) -> Vec<String> {
-        let collectors: [&dyn prometheus::core::Collector; 23] = [
+        let collectors: [&dyn prometheus::core::Collector; 24] = [
             &self.users,
             &self.batches,
             &self.promotions,
@@ -260,6 +268,7 @@ impl Metrics {
             &self.future_events,
             &self.step_duration,
             &self.step_failures,
+            &self.directory_iam_calls,
         ];
         let mut names: Vec<String> = collectors.iter().flat_map(|c| c.desc()).map(|d| d.fq_name.clone()).collect();
         names.sort();
@@ -378,8 +387,16 @@ impl<I> MeteredIam<I> {
 }
 
 impl<I: Iam> Iam for MeteredIam<I> {
-    async fn list_users(&self) -> Result<Vec<IamUser>, IamError> {
-        self.count("ListUsers", self.inner.list_users().await)
+    async fn list_users(&self) -> Result<Directory, IamError> {
+        const OPERATION: &str = "GetAccountAuthorizationDetails";
+        match self.inner.list_users().await {
+            Ok(directory) => {
+                self.metrics.iam_calls.with_label_values(&[OPERATION]).inc_by(directory.iam_calls);
+                self.metrics.directory_iam_calls.set(directory.iam_calls as i64);
+                Ok(directory)
+            }
+            failed => self.count(OPERATION, failed),
+        }
     }
     async fn group_members(&self, group: &str) -> Result<Vec<String>, IamError> {
         self.count("GetGroup", self.inner.group_members(group).await)
@@ -396,6 +413,12 @@ impl<I: Iam> Iam for MeteredIam<I> {
     async fn apply_policy(&self, group: &str, policy: &str, document: &str) -> Result<Vec<String>, IamError> {
         self.count("ApplyPolicy", self.inner.apply_policy(group, policy, document).await)
     }
+    async fn tag_user(&self, user: &str, tags: &[(String, String)]) -> Result<(), IamError> {
+        self.count("TagUser", self.inner.tag_user(user, tags).await)
+    }
+    async fn untag_user(&self, user: &str, keys: &[String]) -> Result<(), IamError> {
+        self.count("UntagUser", self.inner.untag_user(user, keys).await)
+    }
 }
 
 #[cfg(test)]
@@ -406,7 +429,7 @@ mod tests {
     fn every_series_follows_the_naming_conventions() {
         let metrics = Metrics::new();
         let names = metrics.names();
-        assert_eq!(names.len(), 23, "{names:?}");
+        assert_eq!(names.len(), 24, "{names:?}");
         assert!(names.iter().all(|n| n.starts_with("lockstep_")), "{names:?}");
         metrics.rollbacks.with_label_values(&["manual"]).inc();
         metrics.iam_errors.with_label_values(&["GetGroup", "Throttling"]).inc();

@@ -16,7 +16,7 @@ use lockstep::config::Config;
 use lockstep::controller::{Controller, Mode};
 use lockstep::evidence::SourceError;
 use lockstep::feed::EventFeed;
-use lockstep::iam::{Iam, IamError, IamUser, PolicyStatus};
+use lockstep::iam::{Directory, Iam, IamError, IamUser, PolicyStatus};
 use lockstep::store::{Ledger, NewBatch, Store};
 use lockstep::trail::Record;
 
@@ -139,8 +139,8 @@ fn users() -> Vec<IamUser> {
 }
 
 impl Iam for MemoryIam {
-    async fn list_users(&self) -> Result<Vec<IamUser>, IamError> {
-        Ok(users())
+    async fn list_users(&self) -> Result<Directory, IamError> {
+        Ok(Directory { users: users(), iam_calls: 0 })
     }
     async fn group_members(&self, _group: &str) -> Result<Vec<String>, IamError> {
         Ok(self.members.lock().unwrap().iter().cloned().collect())
@@ -158,6 +158,13 @@ impl Iam for MemoryIam {
     }
     async fn apply_policy(&self, _group: &str, _policy: &str, _document: &str) -> Result<Vec<String>, IamError> {
         Ok(Vec::new())
+    }
+    // These users carry no exemption tags, so no tag is ever written.
+    async fn tag_user(&self, _user: &str, _tags: &[(String, String)]) -> Result<(), IamError> {
+        Ok(())
+    }
+    async fn untag_user(&self, _user: &str, _keys: &[String]) -> Result<(), IamError> {
+        Ok(())
     }
 }
 
