@@ -13,6 +13,49 @@ use serde::Serialize;
 use crate::config::later;
 use crate::rollout::IamUser;
 
+named_enum!(
+    /// Where an exemption stands in the ledger. `granting` and `expiring` are journaled intents,
+    /// written before the IAM tag write they announce.
+    ExemptionState {
+        Granting = "granting",
+        Granted = "granted",
+        Expiring = "expiring",
+        Expired = "expired",
+    }
+);
+
+/// An operator's exemption, as `lockstep exempt --commit` journals it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Grant<'a> {
+    /// The IAM user name.
+    pub user: &'a str,
+    /// When it ends.
+    pub until: DateTime<Utc>,
+    /// Why (also the `<key>-reason` tag).
+    pub reason: &'a str,
+    /// The operator.
+    pub by: &'a str,
+}
+
+/// An exemption as the ledger records it: who granted it, why and when, and where it stands.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Record {
+    /// The IAM user name.
+    pub user: String,
+    /// Where it stands.
+    pub state: ExemptionState,
+    /// When it ends (`None` for one the daemon found set by hand).
+    pub until: Option<DateTime<Utc>>,
+    /// Why (empty for one set by hand).
+    pub reason: String,
+    /// The operator who granted it (empty for one set by hand).
+    pub by: String,
+    /// When it was granted (or first recorded).
+    pub at: DateTime<Utc>,
+    /// When its state last changed.
+    pub changed_at: DateTime<Utc>,
+}
+
 /// How far ahead an exemption counts as expiring soon (the gauge and its alert).
 pub const EXPIRING_SOON: chrono::Duration = chrono::Duration::days(7);
 

@@ -12,6 +12,7 @@ mod sqlite;
 use chrono::{DateTime, Utc};
 
 pub use crate::evidence::EvidenceStore;
+use crate::exemption::{ExemptionState, Grant, Record as ExemptionRecord};
 use crate::guard::{DenialEvent, SourceHealth, VerdictKind};
 use crate::rollout::{AuditEntry, Snapshot};
 pub use lock::{LockError, StoreLock, lock_path};
@@ -119,6 +120,20 @@ pub trait Ledger: Send + Sync {
     fn record_foreign(&self, user: &str, why: &str, now: DateTime<Utc>) -> Result<(), StoreError>;
     /// The member lockstep did not add has left the group: a candidate like any other again.
     fn forget_foreign(&self, user: &str, now: DateTime<Utc>) -> Result<(), StoreError>;
+    /// Journals an operator's exemption (`granting`) before its tags are written in IAM.
+    fn begin_exemption(&self, grant: &Grant<'_>, now: DateTime<Utc>) -> Result<(), StoreError>;
+    /// Moves an exemption to `state` with its audit line (`granted` once tagged; `expiring`
+    /// before the daemon removes the tags, `expired` after). One the ledger never saw (set by
+    /// hand) is recorded as found.
+    fn mark_exemption(
+        &self,
+        user: &str,
+        state: ExemptionState,
+        actor: &str,
+        now: DateTime<Utc>,
+    ) -> Result<(), StoreError>;
+    /// Every exemption the ledger recorded, by user name.
+    fn exemption_records(&self) -> Result<Vec<ExemptionRecord>, StoreError>;
 }
 
 /// The log of evidence refreshes (scheduled or run by hand).

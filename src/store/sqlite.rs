@@ -99,6 +99,8 @@ pub(crate) const MIGRATIONS: &[&str] = &[
     SCHEMA_V4,
     // 5: members lockstep did not add (ownership as a fact).
     super::ledger::SCHEMA_V5,
+    // Exemptions that expire: who granted them, why, until when.
+    super::ledger::SCHEMA_EXEMPTIONS,
 ];
 
 /// Each user-hour keeps its calls as the perimeter rule reads them (`evidence_context`); its
