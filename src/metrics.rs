@@ -43,6 +43,8 @@ pub struct Metrics {
     pub step_failures: IntCounterVec,
     /// IAM calls the last read of the user directory made (one per page).
     pub directory_iam_calls: IntGauge,
+    /// Exemptions ending within 7 days.
+    pub exemptions_expiring_soon: IntGauge,
 }
 
 fn register<T: prometheus::core::Collector + Clone + 'static>(registry: &Registry, metric: T) -> T {
@@ -223,6 +225,12 @@ impl Metrics {
                 "lockstep_directory_iam_calls",
                 "IAM API calls the last read of the user directory made (one per page of up to 1,000 users)."
             ),
+            exemptions_expiring_soon: metric!(
+                &r,
+                IntGauge,
+                "lockstep_exemptions_expiring_soon",
+                "Exemptions (the perimeter's exemption tag) that end within 7 days; review or extend them."
+            ),
             registry: r,
         };
         // Labelled series appear on first use; start the known ones at zero so that rate()
@@ -244,7 +252,7 @@ impl Metrics {
 
     /// Every metric family name the daemon exports, whether or not it has samples yet.
     pub fn names(&self) -> Vec<String> {
-        let collectors: [&dyn prometheus::core::Collector; 24] = [
+        let collectors: [&dyn prometheus::core::Collector; 25] = [
             &self.users,
             &self.batches,
             &self.promotions,
@@ -269,6 +277,7 @@ impl Metrics {
             &self.step_duration,
             &self.step_failures,
             &self.directory_iam_calls,
+            &self.exemptions_expiring_soon,
         ];
         let mut names: Vec<String> = collectors.iter().flat_map(|c| c.desc()).map(|d| d.fq_name.clone()).collect();
         names.sort();
@@ -295,6 +304,7 @@ impl Metrics {
     ) {
         self.steps.inc();
         self.future_events.inc_by(report.future_events);
+        self.exemptions_expiring_soon.set(report.exemptions_expiring_soon as i64);
         for state in UserState::ALL {
             let count = snapshot.members.values().filter(|m| m.state == *state).count();
             self.users.with_label_values(&[state.as_str()]).set(count as i64);
@@ -429,7 +439,7 @@ mod tests {
     fn every_series_follows_the_naming_conventions() {
         let metrics = Metrics::new();
         let names = metrics.names();
-        assert_eq!(names.len(), 24, "{names:?}");
+        assert_eq!(names.len(), 25, "{names:?}");
         assert!(names.iter().all(|n| n.starts_with("lockstep_")), "{names:?}");
         metrics.rollbacks.with_label_values(&["manual"]).inc();
         metrics.iam_errors.with_label_values(&["GetGroup", "Throttling"]).inc();

@@ -197,6 +197,7 @@ mod tests {
             errors: vec![],
             explanations: Default::default(),
             future_events: 0,
+            exemptions_expiring_soon: 0,
         };
         let mut before = Snapshot::default();
         before.batches.push(Batch {
