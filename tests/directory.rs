@@ -117,76 +117,77 @@ fn top_level_members(list: &str) -> Vec<String> {
     members
 }
 
-/// `count` users under /directory/, each tagged with its team (and every third one exempt), in
-/// one of three groups.
-async fn create_users(count: usize) -> aws_sdk_iam::Client {
+/// `count` users `<prefix>-NNNN` under `/<prefix>/`, each tagged with its team (and every third
+/// one exempt), in one of three groups. The emulator is shared by the binary's tests and never
+/// reset, so each test has its own prefix and counts only its own users.
+async fn create_users(prefix: &str, count: usize) {
     let iam = aws_sdk_iam::Client::new(&common::sdk_config());
-    for group in ["dir-red", "dir-green", "dir-blue"] {
+    let groups: Vec<String> = ["red", "green", "blue"].iter().map(|g| format!("{prefix}-{g}")).collect();
+    for group in &groups {
         iam.create_group().group_name(group).send().await.unwrap();
     }
     for i in 0..count {
-        let name = format!("dir-user-{i:04}");
+        let name = format!("{prefix}-{i:04}");
         let team = aws_sdk_iam::types::Tag::builder().key("team").value(format!("team-{}", i % 7)).build().unwrap();
-        let mut create = iam.create_user().user_name(&name).path("/directory/").tags(team);
+        let mut create = iam.create_user().user_name(&name).path(format!("/{prefix}/")).tags(team);
         if i % 3 == 0 {
             create =
                 create.tags(aws_sdk_iam::types::Tag::builder().key("lockstep-exempt").value("true").build().unwrap());
         }
         create.send().await.unwrap();
-        let group = ["dir-red", "dir-green", "dir-blue"][i % 3];
-        iam.add_user_to_group().group_name(group).user_name(&name).send().await.unwrap();
+        iam.add_user_to_group().group_name(&groups[i % 3]).user_name(&name).send().await.unwrap();
     }
-    iam
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_directory_of_hundreds_of_users_is_read_in_a_handful_of_pages_and_the_calls_are_counted() {
+    // Exclusive: the other test's users must not appear between the two reads below.
     let _guard = common::exclusive().await;
-    common::reset();
-    create_users(350).await;
+    create_users("bulk", 350).await;
+    // Straight from moto (which never pages): every user of the account in one call.
+    let direct = AwsIam::new(&common::lockstep_sdk(&common::endpoint()).await, common::ACCOUNT);
+    let whole = direct.list_users().await.unwrap();
+    assert_eq!(whole.iam_calls, 1);
+    let pages = whole.users.len().div_ceil(100) as u64;
+    assert!((4..=5).contains(&pages), "350 users and at most the other test's 30: {pages} pages");
+
     let (url, pager) = Pager::start(100, false).await;
     let metrics = Metrics::new();
     let iam = MeteredIam::new(AwsIam::new(&common::lockstep_sdk(&url).await, common::ACCOUNT), metrics.clone());
-
     let directory = iam.list_users().await.unwrap();
 
-    assert_eq!(directory.users.len(), 350);
-    assert_eq!(directory.iam_calls, 4, "350 users in pages of 100");
-    assert_eq!(pager.requests(), ["1000"; 4], "every page asks for IAM's maximum of 1,000 users");
+    assert_eq!(directory.iam_calls, pages, "{} users in pages of 100", whole.users.len());
+    assert_eq!(directory.users, whole.users, "the pages hold the same users, tags and paths");
+    assert_eq!(pager.requests(), vec!["1000"; pages as usize], "every page asks for IAM's maximum of 1,000 users");
     let text = metrics.render();
-    for line in
-        ["lockstep_directory_iam_calls 4", "lockstep_iam_calls_total{operation=\"GetAccountAuthorizationDetails\"} 4"]
-    {
-        assert!(text.contains(line), "{line} missing from\n{text}");
+    for line in [
+        format!("lockstep_directory_iam_calls {pages}"),
+        format!("lockstep_iam_calls_total{{operation=\"GetAccountAuthorizationDetails\"}} {pages}"),
+    ] {
+        assert!(text.contains(&line), "{line} missing from\n{text}");
     }
-    let by_name: BTreeMap<&str, _> = directory.users.iter().map(|u| (u.name.as_str(), u)).collect();
-    assert_eq!(by_name.len(), 350, "no user twice");
-    let user = by_name["dir-user-0123"];
-    assert_eq!(user.path, "/directory/");
-    assert_eq!(user.arn, "arn:aws:iam::123456789012:user/directory/dir-user-0123");
+    let ours: BTreeMap<&str, _> =
+        directory.users.iter().filter(|u| u.path == "/bulk/").map(|u| (u.name.as_str(), u)).collect();
+    assert_eq!(ours.len(), 350);
+    let user = ours["bulk-0123"];
+    assert_eq!(user.arn, "arn:aws:iam::123456789012:user/bulk/bulk-0123");
     assert_eq!(user.tags.get("team").map(String::as_str), Some("team-4"));
     assert_eq!(user.tags.get("lockstep-exempt").map(String::as_str), Some("true"));
-    assert!(!by_name["dir-user-0124"].tags.contains_key("lockstep-exempt"));
-    assert_eq!(directory.users.iter().filter(|u| u.tags.contains_key("lockstep-exempt")).count(), 117);
+    assert!(!ours["bulk-0124"].tags.contains_key("lockstep-exempt"));
+    assert_eq!(ours.values().filter(|u| u.tags.contains_key("lockstep-exempt")).count(), 117);
 
     // A second read is counted afresh: the gauge is per read, the counter adds up.
     iam.list_users().await.unwrap();
     let text = metrics.render();
-    assert!(text.contains("lockstep_directory_iam_calls 4"), "{text}");
-    assert!(text.contains("lockstep_iam_calls_total{operation=\"GetAccountAuthorizationDetails\"} 8"), "{text}");
-
-    // Straight from moto (one page): the same users in one call.
-    let direct = AwsIam::new(&common::lockstep_sdk(&common::endpoint()).await, common::ACCOUNT);
-    let whole = direct.list_users().await.unwrap();
-    assert_eq!(whole.iam_calls, 1);
-    assert_eq!(whole.users.len(), 350);
+    assert!(text.contains(&format!("lockstep_directory_iam_calls {pages}")), "{text}");
+    let total = format!("lockstep_iam_calls_total{{operation=\"GetAccountAuthorizationDetails\"}} {}", 2 * pages);
+    assert!(text.contains(&total), "{text}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_malformed_page_is_a_clear_error_naming_the_page_and_the_user() {
     let _guard = common::exclusive().await;
-    common::reset();
-    create_users(30).await;
+    create_users("odd", 30).await;
     let (url, _pager) = Pager::start(10, true).await;
     let metrics = Metrics::new();
     let iam = MeteredIam::new(AwsIam::new(&common::lockstep_sdk(&url).await, common::ACCOUNT), metrics.clone());
