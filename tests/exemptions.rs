@@ -259,3 +259,34 @@ async fn an_exemption_set_with_an_end_is_removed_at_the_end_and_the_user_is_prom
     let in_group = AwsIam::new(&common::sdk_config(), common::ACCOUNT).group_members("exm-lockdown").await.unwrap();
     assert_eq!(in_group, [ANN]);
 }
+
+/// The README's `lockstep exempt` dry run, run exactly as written against the shipped
+/// rollout.yaml: it needs neither AWS nor a store, and prints the tags it would set.
+#[test]
+fn the_readme_exempt_dry_run_works_as_written() {
+    let readme = std::fs::read_to_string("README.md").unwrap();
+    let line = readme
+        .lines()
+        .find(|l| l.starts_with("lockstep exempt ") && !l.contains("--commit"))
+        .expect("the README shows an `exempt` dry run");
+    let command = line.split(" #").next().unwrap();
+    // Words, with "double-quoted" ones kept whole as the shell would.
+    let args: Vec<String> = command
+        .split('"')
+        .enumerate()
+        .flat_map(|(i, part)| match i % 2 {
+            1 => vec![part.to_string()],
+            _ => part.split_whitespace().map(str::to_string).collect(),
+        })
+        .collect();
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_lockstep"))
+        .args(&args[1..])
+        .env("LOCKSTEP_CONFIG", "rollout.yaml")
+        .env("LOCKSTEP_LOG", "warn")
+        .output()
+        .unwrap();
+    let text = stdout(&out);
+    assert!(out.status.success(), "{command}: {}", String::from_utf8_lossy(&out.stderr));
+    assert!(text.starts_with("dry run, nothing changed; with --commit lockstep would tag IAM user alice:"), "{text}");
+    assert!(text.contains("  lockstep-exempt-reason=vendor VPN migration INC-42\n"), "{text}");
+}
