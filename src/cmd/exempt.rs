@@ -17,10 +17,15 @@ use lockstep::store::{Ledger, Store};
 
 /// What `lockstep exempt` was asked to do.
 pub struct Request {
+    /// The IAM user name.
     pub user: String,
+    /// `--until` as typed: a date, an RFC 3339 time or a duration.
     pub until: String,
+    /// Why (also the reason tag).
     pub reason: String,
+    /// Who, for the ledger and the audit log.
     pub operator: String,
+    /// Write the tags and the record (otherwise print what would change).
     pub commit: bool,
 }
 
@@ -39,6 +44,8 @@ fn rfc3339(at: DateTime<Utc>) -> String {
     at.to_rfc3339_opts(SecondsFormat::Secs, true)
 }
 
+/// `lockstep exempt`: prints the change, or (with `--commit`) journals it, tags the user and
+/// records it as granted.
 pub async fn exempt(config: &Config, request: Request) -> anyhow::Result<ExitCode> {
     let key = exemption_key(config)?;
     let now = SystemClock.now();
@@ -96,6 +103,8 @@ struct Listed {
     granted_at: Option<DateTime<Utc>>,
 }
 
+/// `lockstep exemptions`: exempt users as IAM shows them, with the ledger's record of who granted
+/// each; flags those with no expiry.
 pub async fn list(config: &Config, json: bool) -> anyhow::Result<ExitCode> {
     let key = exemption_key(config)?;
     let now = SystemClock.now();
