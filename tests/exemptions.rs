@@ -120,12 +120,12 @@ impl World {
             .unwrap();
     }
 
-    fn controller(&self) -> Controller<AwsIam, TrailFeed<Folder>> {
+    fn controller(&self, mode: Mode) -> Controller<AwsIam, TrailFeed<Folder>> {
         let clock: Arc<dyn Clock> = self.clock.clone();
         let folder = Arc::new(Folder::new(&self.config.evidence.files_path));
         let feed = TrailFeed::new(folder, &self.config.account_id, clock.clone(), self.config.guard.window);
         let iam = AwsIam::new(&common::sdk_config(), common::ACCOUNT);
-        Controller::new(self.config.clone(), self.store.clone(), iam, feed, clock, Mode::Commit)
+        Controller::new(self.config.clone(), self.store.clone(), iam, feed, clock, mode)
     }
 
     fn lockstep(&self, args: &[&str]) -> Output {
@@ -215,7 +215,7 @@ async fn an_exemption_set_with_an_end_is_removed_at_the_end_and_the_user_is_prom
     assert!(text.contains("1 exemption(s) with no expiry"), "{text}");
 
     // While exempt, neither is promoted; Ann's exemption ends within 7 days.
-    let mut controller = world.controller();
+    let mut controller = world.controller(Mode::Commit);
     world.traffic_until(start + chrono::Duration::minutes(10)).await;
     let report = controller.step(false).await.unwrap();
     assert!(report.errors.is_empty(), "{:?}", report.errors);
@@ -231,6 +231,11 @@ async fn an_exemption_set_with_an_end_is_removed_at_the_end_and_the_user_is_prom
     // At the end: the tags go (journaled first, then recorded), and Ann is promoted in the same
     // step; Bob's hand-set exemption stays.
     world.traffic_until(start + chrono::Duration::days(2)).await;
+    // A dry run only reports the removal.
+    let dry = world.controller(Mode::DryRun).step(false).await.unwrap();
+    assert!(dry.iam_writes.iter().any(|w| w.starts_with(&format!("UntagUser {ANN} "))), "{:?}", dry.iam_writes);
+    assert_eq!(world.tags(ANN).await.len(), 3, "a dry run leaves the tags");
+    assert_eq!(world.store.exemption_records().unwrap()[0].state, ExemptionState::Granted);
     let report = controller.step(false).await.unwrap();
     assert!(report.errors.is_empty(), "{:?}", report.errors);
     assert_eq!(
