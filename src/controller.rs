@@ -31,6 +31,7 @@ use chrono::{DateTime, Utc};
 use crate::clock::Clock;
 use crate::config::{AfterSoak, Config, earlier, later};
 use crate::duration::chrono_of;
+use crate::exemption::{self, ExemptionState};
 use crate::feed::EventFeed;
 use crate::guard::{self, CohortRate, DenialEvent};
 use crate::iam::{Iam, IamError, PolicyStatus};
@@ -207,6 +208,8 @@ pub struct StepReport {
     pub locked_denials_new: BTreeMap<guard::Cause, u64>,
     /// Locked users with `lockdown` denials first recorded in this step: the ones to notify.
     pub locked_alerts: Vec<String>,
+    /// Exemptions ending within 7 days (`exemption::EXPIRING_SOON`), as the directory shows them.
+    pub exemptions_expiring_soon: usize,
 }
 
 /// One generic or explicit denial, or a plain call, by a user who is not promoted.
@@ -548,12 +551,14 @@ impl<I: Iam, F: EventFeed> Controller<I, F> {
             locked: guard::LockedWatch::default(),
             locked_denials_new: BTreeMap::new(),
             locked_alerts: Vec::new(),
+            exemptions_expiring_soon: 0,
         };
 
         let snapshot = self.store.snapshot()?;
         let (future, locked_new) = self.observe_events(&snapshot, now).await?;
         report.future_events = future;
         self.reconcile(&mut report, now).await?;
+        self.expire_exemptions(&mut report, now).await?;
 
         let (plan, judgements) = self.plan(now, promote_now, self.mode == Mode::Commit).await?;
         match self.mode {
@@ -862,9 +867,45 @@ impl<I: Iam, F: EventFeed> Controller<I, F> {
         {
             return Ok(users.clone());
         }
-        let users = self.iam.list_users().await?;
+        let users = self.iam.list_users().await?.users;
         self.directory = Some((now, users.clone()));
         Ok(users)
+    }
+
+    /// Ends the exemptions whose time is up (commit mode): journal, remove the tags, record.
+    /// The cached directory forgets the tags at once, so the plan below judges those users like
+    /// anyone else. A failed write is retried next step; in dry run the writes are only reported.
+    async fn expire_exemptions(&mut self, report: &mut StepReport, now: DateTime<Utc>) -> Result<(), ControllerError> {
+        let Some(key) = self.config.perimeter.exempt_tag_key.clone() else {
+            return Ok(());
+        };
+        let users = self.directory(now).await?;
+        let keys = exemption::tag_keys(&key);
+        let mut ended = Vec::new();
+        for user in exemption::due(&users, &key, now) {
+            let write = format!("UntagUser {user} {}", keys.join(" "));
+            if self.mode == Mode::DryRun {
+                report.iam_writes.push(write);
+                continue;
+            }
+            self.store.mark_exemption(&user, ExemptionState::Expiring, self.actor(), now)?;
+            match self.iam.untag_user(&user, &keys).await {
+                Ok(()) => {
+                    report.iam_writes.push(write);
+                    self.store.mark_exemption(&user, ExemptionState::Expired, self.actor(), now)?;
+                    tracing::info!(%user, "exemption expired; tags removed");
+                    ended.push(user);
+                }
+                Err(e) => report.errors.push(e.to_string()),
+            }
+        }
+        if let Some((_, cached)) = &mut self.directory {
+            for user in cached.iter_mut().filter(|u| ended.contains(&u.name)) {
+                user.tags.retain(|k, _| !keys.contains(k));
+            }
+            report.exemptions_expiring_soon = exemption::expiring_soon(cached, &key, now);
+        }
+        Ok(())
     }
 
     async fn policy_problem(&self) -> Result<Option<String>, ControllerError> {

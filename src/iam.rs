@@ -7,10 +7,11 @@
 //! transient errors are retried by the SDK's standard retry strategy (see `aws::sdk_config`);
 //! what still fails comes back as an [`IamError`] and the controller retries on its next step.
 
-use std::collections::BTreeMap;
+use std::collections::HashSet;
 use std::future::Future;
 
 use aws_sdk_iam::error::{ProvideErrorMetadata, SdkError};
+use aws_sdk_iam::types::{EntityType, UserDetail};
 
 pub use crate::rollout::IamUser;
 
@@ -67,11 +68,27 @@ impl IamError {
     }
 }
 
+/// The IAM user directory as one read returned it, and what the read cost.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Directory {
+    /// Every IAM user with path and tags.
+    pub users: Vec<IamUser>,
+    /// IAM API calls the read made (one per page; none for an in-memory IAM).
+    pub iam_calls: u64,
+}
+
+/// Users per `GetAccountAuthorizationDetails` page (IAM's maximum).
+const DIRECTORY_PAGE_SIZE: i32 = 1000;
+
+/// Pages after which a directory read gives up: ten times IAM's largest user quota, so only an
+/// answer whose markers never end reaches it.
+const DIRECTORY_MAX_PAGES: u64 = 5_000;
+
 /// The IAM operations lockstep uses. Writes are idempotent: adding a member twice or removing
 /// a non-member succeeds.
 pub trait Iam: Send + Sync {
-    /// Every IAM user with path and tags.
-    fn list_users(&self) -> impl Future<Output = Result<Vec<IamUser>, IamError>> + Send;
+    /// Every IAM user with path and tags, and how many IAM calls reading them took.
+    fn list_users(&self) -> impl Future<Output = Result<Directory, IamError>> + Send;
     /// Names of the group's members, all pages.
     fn group_members(&self, group: &str) -> impl Future<Output = Result<Vec<String>, IamError>> + Send;
     /// Adds `user` to `group` (succeeds if already a member).
@@ -93,6 +110,10 @@ pub trait Iam: Send + Sync {
         policy: &str,
         document: &str,
     ) -> impl Future<Output = Result<Vec<String>, IamError>> + Send;
+    /// Sets these tags on the user (a key it already has takes the new value).
+    fn tag_user(&self, user: &str, tags: &[(String, String)]) -> impl Future<Output = Result<(), IamError>> + Send;
+    /// Removes these tag keys from the user (keys it does not have are ignored).
+    fn untag_user(&self, user: &str, keys: &[String]) -> impl Future<Output = Result<(), IamError>> + Send;
 }
 
 /// `aws-sdk-iam` behind the [`Iam`] trait.
@@ -162,45 +183,42 @@ impl AwsIam {
             }
         }
     }
-
-    async fn user_tags(&self, user: &str) -> Result<BTreeMap<String, String>, IamError> {
-        let tags = all_pages(|marker| async {
-            let page = self
-                .client
-                .list_user_tags()
-                .user_name(user)
-                .set_marker(marker)
-                .send()
-                .await
-                .map_err(|e| error("ListUserTags", e))?;
-            let next = page.is_truncated().then(|| page.marker().map(str::to_string)).flatten();
-            let tags = page.tags().iter().map(|t| (t.key().to_string(), t.value().to_string())).collect();
-            Ok((tags, next))
-        })
-        .await?;
-        Ok(tags.into_iter().collect())
-    }
 }
 
 impl Iam for AwsIam {
-    async fn list_users(&self) -> Result<Vec<IamUser>, IamError> {
-        let users = all_pages(|marker| async {
-            let page = self.client.list_users().set_marker(marker).send().await.map_err(|e| error("ListUsers", e))?;
-            let next = page.is_truncated().then(|| page.marker().map(str::to_string)).flatten();
-            let users = page
-                .users()
-                .iter()
-                .map(|u| (u.user_name().to_string(), u.arn().to_string(), u.path().to_string()))
-                .collect();
-            Ok((users, next))
-        })
-        .await?;
-        let mut out = Vec::with_capacity(users.len());
-        for (name, arn, path) in users {
-            let tags = self.user_tags(&name).await?;
-            out.push(IamUser { name, arn, path, tags });
+    /// One `GetAccountAuthorizationDetails` (users only) per page of up to 1,000 users, each
+    /// page turned into [`IamUser`]s and dropped before the next is read.
+    async fn list_users(&self) -> Result<Directory, IamError> {
+        const OPERATION: &str = "GetAccountAuthorizationDetails";
+        let mut pages = self
+            .client
+            .get_account_authorization_details()
+            .filter(EntityType::User)
+            .max_items(DIRECTORY_PAGE_SIZE)
+            .into_paginator()
+            .send();
+        let mut directory = Directory::default();
+        let mut seen = HashSet::new();
+        while let Some(page) = pages.next().await {
+            directory.iam_calls += 1;
+            let page = page.map_err(|e| error(OPERATION, e))?;
+            let bad_answer = |what: String| IamError {
+                operation: OPERATION,
+                code: "InvalidAnswer".to_string(),
+                message: format!("page {}: {what}", directory.iam_calls),
+            };
+            for (index, detail) in page.user_detail_list().iter().enumerate() {
+                let user = directory_user(detail).map_err(|what| bad_answer(format!("user #{}: {what}", index + 1)))?;
+                if !seen.insert(user.name.clone()) {
+                    return Err(bad_answer(format!("user {} listed twice", user.name)));
+                }
+                directory.users.push(user);
+            }
+            if directory.iam_calls >= DIRECTORY_MAX_PAGES && page.is_truncated() {
+                return Err(bad_answer(format!("still truncated after {DIRECTORY_MAX_PAGES} pages; giving up")));
+            }
         }
-        Ok(out)
+        Ok(directory)
     }
 
     async fn group_members(&self, group: &str) -> Result<Vec<String>, IamError> {
@@ -303,6 +321,33 @@ impl Iam for AwsIam {
         }
         Ok(changes)
     }
+
+    async fn tag_user(&self, user: &str, tags: &[(String, String)]) -> Result<(), IamError> {
+        let tags = tags
+            .iter()
+            .map(|(key, value)| aws_sdk_iam::types::Tag::builder().key(key).value(value).build())
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|e| IamError { operation: "TagUser", code: "InvalidTag".to_string(), message: e.to_string() })?;
+        self.client
+            .tag_user()
+            .user_name(user)
+            .set_tags(Some(tags))
+            .send()
+            .await
+            .map(|_| ())
+            .map_err(|e| error("TagUser", e))
+    }
+
+    async fn untag_user(&self, user: &str, keys: &[String]) -> Result<(), IamError> {
+        self.client
+            .untag_user()
+            .user_name(user)
+            .set_tag_keys(Some(keys.to_vec()))
+            .send()
+            .await
+            .map(|_| ())
+            .map_err(|e| error("UntagUser", e))
+    }
 }
 
 impl AwsIam {
@@ -334,6 +379,19 @@ impl AwsIam {
         }
         Ok(())
     }
+}
+
+/// One user of a directory page, or what is missing from it.
+fn directory_user(detail: &UserDetail) -> Result<IamUser, String> {
+    let name = detail.user_name().filter(|n| !n.is_empty()).ok_or("no UserName")?;
+    let arn = detail.arn().filter(|a| !a.is_empty()).ok_or_else(|| format!("{name} has no Arn"))?;
+    Ok(IamUser {
+        name: name.to_string(),
+        arn: arn.to_string(),
+        // IAM's default path; every real answer carries one.
+        path: detail.path().unwrap_or("/").to_string(),
+        tags: detail.tags().iter().map(|t| (t.key().to_string(), t.value().to_string())).collect(),
+    })
 }
 
 /// Collects every page of a marker-paginated IAM listing.
@@ -422,6 +480,17 @@ mod tests {
             }
         };
         assert_eq!(all_pages(failing).await.unwrap_err().code, "Throttling");
+    }
+
+    #[test]
+    fn a_directory_user_needs_a_name_and_an_arn() {
+        let tag = aws_sdk_iam::types::Tag::builder().key("team").value("red").build().unwrap();
+        let full = UserDetail::builder().user_name("ann").arn("arn:aws:iam::1:user/ann").tags(tag).build();
+        let ann = directory_user(&full).unwrap();
+        assert_eq!((ann.name.as_str(), ann.path.as_str()), ("ann", "/"));
+        assert_eq!(ann.tags.get("team").map(String::as_str), Some("red"));
+        assert_eq!(directory_user(&UserDetail::builder().arn("arn").build()).unwrap_err(), "no UserName");
+        assert_eq!(directory_user(&UserDetail::builder().user_name("bob").build()).unwrap_err(), "bob has no Arn");
     }
 
     #[test]

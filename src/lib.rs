@@ -59,6 +59,7 @@ pub mod config;
 pub mod controller;
 pub mod duration;
 pub mod evidence;
+pub mod exemption;
 pub mod feed;
 pub mod guard;
 pub mod iam;

@@ -166,6 +166,33 @@ pub enum Command {
         #[command(flatten)]
         operator: Operator,
     },
+    /// Exempt a user from the perimeter until a given end: sets the exemption tag with its end
+    /// and reason in IAM and records who did it in the ledger and the audit log.
+    ///
+    /// Without --commit, prints exactly what would change. When the exemption ends, the daemon
+    /// (with --commit) removes the tags and the user is judged like anyone else.
+    Exempt {
+        /// The IAM user name.
+        user: String,
+        /// When it ends: a date (00:00 UTC that day), an RFC 3339 time, or a duration from now (`30d`).
+        #[arg(long)]
+        until: String,
+        /// Why (also a tag: letters, digits, spaces and `_.:/=+-@`, at most 256 characters).
+        #[arg(long)]
+        reason: String,
+        /// Write the tags in IAM and the record in the ledger.
+        #[arg(long)]
+        commit: bool,
+        #[command(flatten)]
+        operator: Operator,
+    },
+    /// List exempt users with their end, time left, reason and who granted it; flags exemptions
+    /// with no expiry (set by hand).
+    Exemptions {
+        /// Machine-readable output.
+        #[arg(long)]
+        json: bool,
+    },
     /// Refresh the evidence now, and show what it says about users' networks.
     Evidence {
         #[command(subcommand)]

@@ -9,7 +9,7 @@ use prometheus::{
 
 use crate::controller::{DriftKind, Mode, StepFailureKind, StepReport};
 use crate::guard::{Cause, VerdictKind};
-use crate::iam::{Iam, IamError, IamUser, PolicyStatus};
+use crate::iam::{Directory, Iam, IamError, PolicyStatus};
 use crate::planner::{Action, Gate};
 use crate::rollout::{BatchState, Snapshot, UserState};
 use crate::store::Run;
@@ -68,6 +68,10 @@ pub struct Metrics {
     pub locked_user_denials: IntCounterVec,
     /// Locked users the lockdown policy denied in the last guard window.
     pub locked_users_denied: IntGauge,
+    /// IAM calls the last read of the user directory made (one per page).
+    pub directory_iam_calls: IntGauge,
+    /// Exemptions ending within 7 days.
+    pub exemptions_expiring_soon: IntGauge,
 }
 
 fn register<T: prometheus::core::Collector + Clone + 'static>(registry: &Registry, metric: T) -> T {
@@ -255,6 +259,18 @@ impl Metrics {
                 "lockstep_locked_users_denied",
                 "Locked users the lockdown policy denied in the last guard window."
             ),
+            directory_iam_calls: metric!(
+                &r,
+                IntGauge,
+                "lockstep_directory_iam_calls",
+                "IAM API calls the last read of the user directory made (one per page of up to 1,000 users)."
+            ),
+            exemptions_expiring_soon: metric!(
+                &r,
+                IntGauge,
+                "lockstep_exemptions_expiring_soon",
+                "Exemptions (the perimeter's exemption tag) that end within 7 days; review or extend them."
+            ),
             registry: r,
         };
         // Labelled series appear on first use; start the known ones at zero so that rate()
@@ -279,7 +295,7 @@ impl Metrics {
 
     /// Every metric family name the daemon exports, whether or not it has samples yet.
     pub fn names(&self) -> Vec<String> {
-        let collectors: [&dyn prometheus::core::Collector; 25] = [
+        let collectors: [&dyn prometheus::core::Collector; 27] = [
             &self.users,
             &self.batches,
             &self.promotions,
@@ -305,6 +321,8 @@ impl Metrics {
             &self.step_failures,
             &self.locked_user_denials,
             &self.locked_users_denied,
+            &self.directory_iam_calls,
+            &self.exemptions_expiring_soon,
         ];
         let mut names: Vec<String> = collectors.iter().flat_map(|c| c.desc()).map(|d| d.fq_name.clone()).collect();
         names.sort();
@@ -331,6 +349,7 @@ impl Metrics {
     ) {
         self.steps.inc();
         self.future_events.inc_by(report.future_events);
+        self.exemptions_expiring_soon.set(report.exemptions_expiring_soon as i64);
         for state in UserState::ALL {
             let count = snapshot.members.values().filter(|m| m.state == *state).count();
             self.users.with_label_values(&[state.as_str()]).set(count as i64);
@@ -427,8 +446,16 @@ impl<I> MeteredIam<I> {
 }
 
 impl<I: Iam> Iam for MeteredIam<I> {
-    async fn list_users(&self) -> Result<Vec<IamUser>, IamError> {
-        self.count("ListUsers", self.inner.list_users().await)
+    async fn list_users(&self) -> Result<Directory, IamError> {
+        const OPERATION: &str = "GetAccountAuthorizationDetails";
+        match self.inner.list_users().await {
+            Ok(directory) => {
+                self.metrics.iam_calls.with_label_values(&[OPERATION]).inc_by(directory.iam_calls);
+                self.metrics.directory_iam_calls.set(directory.iam_calls as i64);
+                Ok(directory)
+            }
+            failed => self.count(OPERATION, failed),
+        }
     }
     async fn group_members(&self, group: &str) -> Result<Vec<String>, IamError> {
         self.count("GetGroup", self.inner.group_members(group).await)
@@ -445,6 +472,12 @@ impl<I: Iam> Iam for MeteredIam<I> {
     async fn apply_policy(&self, group: &str, policy: &str, document: &str) -> Result<Vec<String>, IamError> {
         self.count("ApplyPolicy", self.inner.apply_policy(group, policy, document).await)
     }
+    async fn tag_user(&self, user: &str, tags: &[(String, String)]) -> Result<(), IamError> {
+        self.count("TagUser", self.inner.tag_user(user, tags).await)
+    }
+    async fn untag_user(&self, user: &str, keys: &[String]) -> Result<(), IamError> {
+        self.count("UntagUser", self.inner.untag_user(user, keys).await)
+    }
 }
 
 #[cfg(test)]
@@ -455,7 +488,7 @@ mod tests {
     fn every_series_follows_the_naming_conventions() {
         let metrics = Metrics::new();
         let names = metrics.names();
-        assert_eq!(names.len(), 25, "{names:?}");
+        assert_eq!(names.len(), 27, "{names:?}");
         assert!(names.iter().all(|n| n.starts_with("lockstep_")), "{names:?}");
         metrics.rollbacks.with_label_values(&["manual"]).inc();
         metrics.iam_errors.with_label_values(&["GetGroup", "Throttling"]).inc();

@@ -208,6 +208,7 @@ mod tests {
             locked: Default::default(),
             locked_denials_new: Default::default(),
             locked_alerts: vec![],
+            exemptions_expiring_soon: 0,
         }
     }
 

@@ -9,7 +9,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::sync::{Mutex, MutexGuard};
 
 use crate::evidence::CallGroup;
-use crate::iam::{Iam, IamError, IamUser, PolicyStatus};
+use crate::iam::{Directory, Iam, IamError, IamUser, PolicyStatus};
 use crate::perimeter::Perimeter;
 use crate::trail::{Record, UserIdentity};
 
@@ -55,12 +55,12 @@ pub fn user_call(user: &str, time: &str, source: &str, action: &str) -> CallGrou
     CallGroup::single(record).unwrap_or_else(|| panic!("{time} is not an RFC 3339 time"))
 }
 
-/// IAM in memory: a fixed list of users, the lockdown group's members in a set, the lockdown
-/// policy always in place. Writes are idempotent like IAM's; [`MemoryIam::failing`] makes every
-/// write fail as throttled, without changing the group.
+/// IAM in memory: a fixed set of users (whose tags can change), the lockdown group's members in a
+/// set, the lockdown policy always in place. Writes are idempotent like IAM's;
+/// [`MemoryIam::failing`] makes every write fail as throttled, without changing anything.
 #[derive(Debug, Default)]
 pub struct MemoryIam {
-    users: Vec<IamUser>,
+    users: Mutex<Vec<IamUser>>,
     group: Mutex<BTreeSet<String>>,
     fail_writes: bool,
 }
@@ -69,7 +69,7 @@ impl MemoryIam {
     /// An IAM that lists `users` and has `members` in the lockdown group already.
     pub fn new(users: Vec<IamUser>, members: &[&str]) -> MemoryIam {
         let group = members.iter().map(|m| m.to_string()).collect();
-        MemoryIam { users, group: Mutex::new(group), fail_writes: false }
+        MemoryIam { users: Mutex::new(users), group: Mutex::new(group), fail_writes: false }
     }
 
     /// The same IAM, but every group write fails with `Throttling`.
@@ -82,23 +82,57 @@ impl MemoryIam {
         self.group().clone()
     }
 
-    /// A panicking test cannot leave the set half-changed, so a poisoned lock is still usable.
+    /// The users' directory entries now (tags as written since).
+    pub fn users(&self) -> Vec<IamUser> {
+        unpoisoned(&self.users).clone()
+    }
+
     fn group(&self) -> MutexGuard<'_, BTreeSet<String>> {
-        self.group.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+        unpoisoned(&self.group)
     }
 
     fn write(&self, operation: &'static str, change: impl FnOnce(&mut BTreeSet<String>)) -> Result<(), IamError> {
+        self.check_write(operation)?;
+        change(&mut self.group());
+        Ok(())
+    }
+
+    fn check_write(&self, operation: &'static str) -> Result<(), IamError> {
         if self.fail_writes {
             return Err(IamError { operation, code: "Throttling".into(), message: "slow down".into() });
         }
-        change(&mut self.group());
+        Ok(())
+    }
+
+    /// Changes `user`'s tags like IAM: `NoSuchEntity` for a user it does not have.
+    fn retag(
+        &self,
+        operation: &'static str,
+        user: &str,
+        change: impl FnOnce(&mut BTreeMap<String, String>),
+    ) -> Result<(), IamError> {
+        self.check_write(operation)?;
+        let mut users = unpoisoned(&self.users);
+        let Some(entry) = users.iter_mut().find(|u| u.name == user) else {
+            return Err(IamError {
+                operation,
+                code: "NoSuchEntity".into(),
+                message: format!("The user with name {user} cannot be found."),
+            });
+        };
+        change(&mut entry.tags);
         Ok(())
     }
 }
 
+/// A panicking test cannot leave a set half-changed, so a poisoned lock is still usable.
+fn unpoisoned<T>(lock: &Mutex<T>) -> MutexGuard<'_, T> {
+    lock.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
 impl Iam for MemoryIam {
-    async fn list_users(&self) -> Result<Vec<IamUser>, IamError> {
-        Ok(self.users.clone())
+    async fn list_users(&self) -> Result<Directory, IamError> {
+        Ok(Directory { users: self.users(), iam_calls: 0 })
     }
     async fn group_members(&self, _group: &str) -> Result<Vec<String>, IamError> {
         Ok(self.members().into_iter().collect())
@@ -118,5 +152,11 @@ impl Iam for MemoryIam {
     }
     async fn apply_policy(&self, _group: &str, _policy: &str, _document: &str) -> Result<Vec<String>, IamError> {
         Ok(Vec::new())
+    }
+    async fn tag_user(&self, user: &str, tags: &[(String, String)]) -> Result<(), IamError> {
+        self.retag("TagUser", user, |have| have.extend(tags.iter().cloned()))
+    }
+    async fn untag_user(&self, user: &str, keys: &[String]) -> Result<(), IamError> {
+        self.retag("UntagUser", user, |have| have.retain(|k, _| !keys.contains(k)))
     }
 }

@@ -21,7 +21,7 @@ use lockstep::evidence::EvidenceStore;
 use lockstep::evidence::files::Folder;
 use lockstep::evidence::refresh::{self, Source};
 use lockstep::feed::TrailFeed;
-use lockstep::iam::{AwsIam, Iam, IamError, IamUser, PolicyStatus};
+use lockstep::iam::{AwsIam, Directory, Iam, IamError, PolicyStatus};
 use lockstep::planner::{Action, Gate};
 use lockstep::rollout::{BatchState, Snapshot, UserState};
 use lockstep::store::{Ledger, RollbackRequest, Store};
@@ -502,7 +502,7 @@ struct CrashingIam {
 }
 
 impl Iam for CrashingIam {
-    async fn list_users(&self) -> Result<Vec<IamUser>, IamError> {
+    async fn list_users(&self) -> Result<Directory, IamError> {
         self.inner.list_users().await
     }
     async fn group_members(&self, group: &str) -> Result<Vec<String>, IamError> {
@@ -522,6 +522,12 @@ impl Iam for CrashingIam {
     }
     async fn apply_policy(&self, group: &str, policy: &str, document: &str) -> Result<Vec<String>, IamError> {
         self.inner.apply_policy(group, policy, document).await
+    }
+    async fn tag_user(&self, user: &str, tags: &[(String, String)]) -> Result<(), IamError> {
+        self.inner.tag_user(user, tags).await
+    }
+    async fn untag_user(&self, user: &str, keys: &[String]) -> Result<(), IamError> {
+        self.inner.untag_user(user, keys).await
     }
 }
 

@@ -10,6 +10,7 @@ use crate::{Cli, Command, LogFormat, PolicyAction};
 
 mod classify;
 pub mod evidence;
+mod exempt;
 mod ops;
 mod policy;
 mod run;
@@ -87,6 +88,11 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             let config = load(&cli.config)?;
             block_on(run::run(config, run::Options { commit, once, json }))
         }
+        Command::Exempt { user, until, reason, commit, operator } => {
+            let request = exempt::Request { user, until, reason, operator: operator.operator, commit };
+            block_on(exempt::exempt(&load(&cli.config)?, request))
+        }
+        Command::Exemptions { json } => block_on(exempt::list(&load(&cli.config)?, json)),
         Command::Evidence { command } => evidence::run(&load(&cli.config)?, command),
         Command::Classify { files, exempt } => {
             // Only the perimeter matters here: a file without waves (or a full one) will do.

@@ -21,7 +21,7 @@ use lockstep::controller::{Controller, Mode, StepReport};
 use lockstep::evidence::files::Folder;
 use lockstep::evidence::refresh::{self, Source};
 use lockstep::feed;
-use lockstep::iam::{Iam, IamError, IamUser, PolicyStatus};
+use lockstep::iam::{Directory, Iam, IamError, IamUser, PolicyStatus};
 use lockstep::metrics::Metrics;
 use lockstep::planner::{Action, Gate};
 use lockstep::rollout::UserState;
@@ -43,7 +43,7 @@ pub struct Options {
 /// Nothing here talks to AWS.
 #[derive(Clone)]
 struct LocalIam {
-    users: Arc<Vec<IamUser>>,
+    users: Arc<Mutex<Vec<IamUser>>>,
     group: Arc<Mutex<BTreeSet<String>>>,
     policy: Arc<Mutex<Option<String>>>,
 }
@@ -55,8 +55,8 @@ impl LocalIam {
 }
 
 impl Iam for LocalIam {
-    async fn list_users(&self) -> Result<Vec<IamUser>, IamError> {
-        Ok(self.users.as_ref().clone())
+    async fn list_users(&self) -> Result<Directory, IamError> {
+        Ok(Directory { users: self.users.lock().unwrap_or_else(|e| e.into_inner()).clone(), iam_calls: 0 })
     }
     async fn group_members(&self, _group: &str) -> Result<Vec<String>, IamError> {
         Ok(self.members().into_iter().collect())
@@ -79,6 +79,20 @@ impl Iam for LocalIam {
     async fn apply_policy(&self, group: &str, policy: &str, document: &str) -> Result<Vec<String>, IamError> {
         *self.policy.lock().unwrap_or_else(|e| e.into_inner()) = Some(document.to_string());
         Ok(vec![format!("stand-in: attached {policy} to {group}")])
+    }
+    async fn tag_user(&self, user: &str, tags: &[(String, String)]) -> Result<(), IamError> {
+        let mut users = self.users.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(found) = users.iter_mut().find(|u| u.name == user) {
+            found.tags.extend(tags.iter().cloned());
+        }
+        Ok(())
+    }
+    async fn untag_user(&self, user: &str, keys: &[String]) -> Result<(), IamError> {
+        let mut users = self.users.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(found) = users.iter_mut().find(|u| u.name == user) {
+            found.tags.retain(|key, _| !keys.contains(key));
+        }
+        Ok(())
     }
 }
 
@@ -173,7 +187,7 @@ pub async fn run(options: Options) -> anyhow::Result<ExitCode> {
             tags: u.tags.iter().cloned().collect(),
         })
         .collect();
-    let iam = LocalIam { users: Arc::new(users), group: Arc::default(), policy: Arc::default() };
+    let iam = LocalIam { users: Arc::new(Mutex::new(users)), group: Arc::default(), policy: Arc::default() };
     iam.apply_policy(&config.lockdown.group, &config.lockdown.policy_name, &config.perimeter.policy().to_json()?)
         .await?;
     let dyn_clock: Arc<dyn Clock> = clock.clone();

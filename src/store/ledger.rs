@@ -13,6 +13,7 @@ use chrono::{DateTime, TimeZone, Utc};
 use rusqlite::{Connection, OptionalExtension, Row, TransactionBehavior, params};
 
 use super::{Doing, Ledger, NewBatch, Removal, RollbackRequest, Store, StoreError};
+use crate::exemption::{ExemptionState, Grant, Record as ExemptionRecord};
 use crate::guard::{Attribution, DenialEvent, SourceHealth, VerdictKind};
 use crate::rollout::{AuditEntry, Batch, BatchState, Member, Pause, Snapshot, UserState};
 
@@ -109,6 +110,20 @@ INSERT INTO adds_in_flight (user, since) SELECT user, since FROM members WHERE s
 pub(super) const SCHEMA_DENIAL_SOURCE: &str = "
 ALTER TABLE guard_denials ADD COLUMN source TEXT;
 CREATE INDEX guard_denials_by_time ON guard_denials (at, user);
+";
+
+/// Store migration (appended after 8): exemptions with who granted them, why, until when, and where
+/// they stand (`granting`/`expiring` are intents journaled before the IAM tag write).
+pub(super) const SCHEMA_EXEMPTIONS: &str = "
+CREATE TABLE exemptions (
+    user TEXT PRIMARY KEY,
+    state TEXT NOT NULL,
+    until INTEGER,
+    reason TEXT NOT NULL,
+    by TEXT NOT NULL,
+    at INTEGER NOT NULL,
+    changed_at INTEGER NOT NULL
+);
 ";
 
 fn secs(t: DateTime<Utc>) -> i64 {
@@ -545,6 +560,81 @@ impl Ledger for Store {
             Ok(())
         })
     }
+
+    fn begin_exemption(&self, grant: &Grant<'_>, now: DateTime<Utc>) -> Result<(), StoreError> {
+        let doing = "journaling an exemption";
+        self.write(doing, |tx| {
+            tx.execute(
+                "INSERT INTO exemptions (user, state, until, reason, by, at, changed_at) VALUES (?1, 'granting', ?2, ?3, ?4, ?5, ?5)
+                 ON CONFLICT (user) DO UPDATE SET state = 'granting', until = ?2, reason = ?3, by = ?4, at = ?5, changed_at = ?5",
+                params![grant.user, secs(grant.until), grant.reason, grant.by, secs(now)],
+            )
+            .doing(doing)?;
+            let why = format!("until {}: {}", fmt_time(grant.until), grant.reason);
+            audit(tx, now, grant.by, "exempt", None, Some(grant.user), &why)
+        })
+    }
+
+    fn mark_exemption(
+        &self,
+        user: &str,
+        state: ExemptionState,
+        actor: &str,
+        now: DateTime<Utc>,
+    ) -> Result<(), StoreError> {
+        let doing = "recording an exemption's state";
+        self.write(doing, |tx| {
+            // An exemption set by hand is recorded as the daemon finds it.
+            tx.execute(
+                "INSERT INTO exemptions (user, state, until, reason, by, at, changed_at) VALUES (?1, ?2, NULL, '', '', ?3, ?3)
+                 ON CONFLICT (user) DO UPDATE SET state = ?2, changed_at = ?3",
+                params![user, state.as_str(), secs(now)],
+            )
+            .doing(doing)?;
+            let why = match state {
+                ExemptionState::Granting => "tags to be written",
+                ExemptionState::Granted => "exemption tags set in IAM",
+                ExemptionState::Expiring => "expired; removing the exemption tags",
+                ExemptionState::Expired => "exemption tags removed; judged like anyone else",
+            };
+            audit(tx, now, actor, &format!("exemption_{state}"), None, Some(user), why)
+        })
+    }
+
+    fn exemption_records(&self) -> Result<Vec<ExemptionRecord>, StoreError> {
+        let doing = "reading exemptions";
+        let conn = self.conn();
+        let mut stmt = conn
+            .prepare("SELECT user, state, until, reason, by, at, changed_at FROM exemptions ORDER BY user")
+            .doing(doing)?;
+        let rows = stmt
+            .query_map([], |r| {
+                let state: String = r.get(1)?;
+                Ok((
+                    ExemptionRecord {
+                        user: r.get(0)?,
+                        state: ExemptionState::Granting,
+                        until: r.get::<_, Option<i64>>(2)?.map(time),
+                        reason: r.get(3)?,
+                        by: r.get(4)?,
+                        at: time(r.get(5)?),
+                        changed_at: time(r.get(6)?),
+                    },
+                    state,
+                ))
+            })
+            .doing(doing)?;
+        let mut records = Vec::new();
+        for row in rows {
+            let (mut record, state) = row.doing(doing)?;
+            record.state = ExemptionState::from_name(&state).ok_or_else(|| StoreError::Corrupt {
+                doing: doing.to_string(),
+                what: format!("exemption of {} has unknown state {state:?}", record.user),
+            })?;
+            records.push(record);
+        }
+        Ok(records)
+    }
 }
 
 /// `from -> to` for `user` with its audit line, refused when the user is not `from`. A user
@@ -796,6 +886,34 @@ mod tests {
 
     fn users(names: &[&str]) -> Vec<(String, String)> {
         names.iter().map(|n| (n.to_string(), "clean".to_string())).collect()
+    }
+
+    #[test]
+    fn an_exemption_is_journaled_with_its_operator_and_each_step_audited() {
+        let ledger = store();
+        let grant = Grant { user: "ann", until: t(48), reason: "vendor VPN", by: "maria" };
+        ledger.begin_exemption(&grant, t(0)).unwrap();
+        ledger.mark_exemption("ann", ExemptionState::Granted, "maria", t(0)).unwrap();
+        ledger.mark_exemption("ann", ExemptionState::Expiring, "controller", t(48)).unwrap();
+        ledger.mark_exemption("ann", ExemptionState::Expired, "controller", t(48)).unwrap();
+        // Found set by hand with an end: recorded as found.
+        ledger.mark_exemption("bob", ExemptionState::Expiring, "controller", t(50)).unwrap();
+        let records = ledger.exemption_records().unwrap();
+        assert_eq!(records.len(), 2);
+        let ann = &records[0];
+        assert_eq!(
+            (ann.state, ann.until, ann.by.as_str(), ann.reason.as_str()),
+            (ExemptionState::Expired, Some(t(48)), "maria", "vendor VPN")
+        );
+        assert_eq!((ann.at, ann.changed_at), (t(0), t(48)));
+        assert_eq!((records[1].state, records[1].until, records[1].by.as_str()), (ExemptionState::Expiring, None, ""));
+        let lines: Vec<_> = ledger.audit_log(10).unwrap().into_iter().map(|e| (e.actor, e.action, e.reason)).collect();
+        assert_eq!(lines[0], ("maria".into(), "exempt".into(), "until 2026-03-03 00:00:00Z: vendor VPN".into()));
+        let actions: Vec<_> = lines.iter().map(|(_, action, _)| action.as_str()).collect();
+        assert_eq!(
+            actions,
+            ["exempt", "exemption_granted", "exemption_expiring", "exemption_expired", "exemption_expiring"]
+        );
     }
 
     #[test]

@@ -18,6 +18,7 @@ use chrono::{DateTime, Utc};
 pub use crate::evidence::EvidenceStore;
 use crate::evidence::aggregate::{Aggregates, Judge};
 use crate::evidence::files::TrailFile;
+use crate::exemption::{ExemptionState, Grant, Record as ExemptionRecord};
 use crate::guard::{DenialEvent, SourceHealth, VerdictKind};
 use crate::rollout::{AuditEntry, Snapshot};
 pub use lock::{LockError, StoreLock, lock_path};
@@ -184,6 +185,20 @@ pub trait Ledger: Send + Sync {
     /// `locked -> rolling_back`: journals taking one locked user out of the group, to be held
     /// until `hold_until` (`guard.after_soak: release`). Refused unless the user is locked.
     fn begin_removal(&self, removal: &Removal<'_>, now: DateTime<Utc>) -> Result<(), StoreError>;
+    /// Journals an operator's exemption (`granting`) before its tags are written in IAM.
+    fn begin_exemption(&self, grant: &Grant<'_>, now: DateTime<Utc>) -> Result<(), StoreError>;
+    /// Moves an exemption to `state` with its audit line (`granted` once tagged; `expiring`
+    /// before the daemon removes the tags, `expired` after). One the ledger never saw (set by
+    /// hand) is recorded as found.
+    fn mark_exemption(
+        &self,
+        user: &str,
+        state: ExemptionState,
+        actor: &str,
+        now: DateTime<Utc>,
+    ) -> Result<(), StoreError>;
+    /// Every exemption the ledger recorded, by user name.
+    fn exemption_records(&self) -> Result<Vec<ExemptionRecord>, StoreError>;
 }
 
 /// The log of evidence refreshes (scheduled or run by hand): what freshness is answered from.

@@ -105,6 +105,8 @@ pub(crate) const MIGRATIONS: &[&str] = &[
     SCHEMA_SEEN_EVENTS,
     // 8: guard denials record their source (endpoint or address).
     super::ledger::SCHEMA_DENIAL_SOURCE,
+    // 9: exemptions that expire: who granted them, why, until when.
+    super::ledger::SCHEMA_EXEMPTIONS,
 ];
 
 /// The events trail refreshes recorded lately ([`crate::evidence::files::EventKey`]; the ID
