@@ -7,6 +7,7 @@
 
 mod ledger;
 mod lock;
+mod rejudge;
 mod sqlite;
 
 use chrono::{DateTime, Utc};
@@ -15,7 +16,8 @@ pub use crate::evidence::EvidenceStore;
 use crate::guard::{DenialEvent, SourceHealth, VerdictKind};
 use crate::rollout::{AuditEntry, Snapshot};
 pub use lock::{LockError, StoreLock, lock_path};
-pub use sqlite::{ATHENA_ORIGIN, Rejudged, Run, RunCounts, Store, TRAIL_ORIGIN};
+pub use rejudge::Rejudged;
+pub use sqlite::{ATHENA_ORIGIN, Run, RunCounts, Store, TRAIL_ORIGIN};
 
 /// Why a store operation failed.
 #[derive(Debug, thiserror::Error)]
