@@ -11,12 +11,13 @@
 //! [`Aggregates`]: crate::evidence::aggregate::Aggregates
 
 use std::collections::HashMap;
+use std::path::Path;
 
 use chrono::{DateTime, Utc};
 use rusqlite::types::{Type, ValueRef};
 use rusqlite::{Connection, Row, Statement, params};
 
-use crate::evidence::aggregate::{JudgedContext, Judge, RequestContext};
+use crate::evidence::aggregate::{Judge, JudgedContext, RequestContext};
 use crate::perimeter::{Fingerprint, Verdict};
 
 use super::{Doing, Store, StoreError};
@@ -78,7 +79,9 @@ fn rebuild(conn: &Connection, judge: &Judge) -> rusqlite::Result<u64> {
             conn.execute(&format!("DELETE FROM {table}"), [])?;
         } else {
             conn.execute(
-                &format!("DELETE FROM {table} WHERE ({HOUR_KEY}) IN (SELECT DISTINCT {HOUR_KEY} FROM evidence_context)"),
+                &format!(
+                    "DELETE FROM {table} WHERE ({HOUR_KEY}) IN (SELECT DISTINCT {HOUR_KEY} FROM evidence_context)"
+                ),
                 [],
             )?;
         }
@@ -95,9 +98,8 @@ fn rebuild(conn: &Connection, judge: &Judge) -> rusqlite::Result<u64> {
             "UPDATE evidence_hour SET first_call = ?4, last_call = ?5 WHERE hour = ?1 AND user_name = ?2 AND origin = ?3",
         )?,
     };
-    let mut spans = conn.prepare(&format!(
-        "SELECT {HOUR_KEY}, first_call, last_call FROM evidence_hour ORDER BY {HOUR_KEY}"
-    ))?;
+    let mut spans =
+        conn.prepare(&format!("SELECT {HOUR_KEY}, first_call, last_call FROM evidence_hour ORDER BY {HOUR_KEY}"))?;
     let mut spans = spans.query([])?;
     // The hour row read last and not yet matched: both streams are in key order (a merge join).
     let mut stored = StoredSpan::default();
@@ -359,5 +361,21 @@ fn text<'r>(row: &'r Row<'_>, index: usize) -> rusqlite::Result<&'r str> {
         ValueRef::Text(bytes) => std::str::from_utf8(bytes)
             .map_err(|e| rusqlite::Error::FromSqlConversionFailure(index, Type::Text, Box::new(e))),
         other => Err(rusqlite::Error::InvalidColumnType(index, format!("column {index}"), other.data_type())),
+    }
+}
+
+impl Store {
+    /// A private, migrated copy of the store at `original`, written to the new file `copy`: the
+    /// original is opened read-only and never written, so what-if questions change nothing.
+    pub fn copy_of(original: &Path, copy: &Path) -> Result<Store, StoreError> {
+        use rusqlite::OpenFlags;
+        let doing = format!("copying the store {} to {}", original.display(), copy.display());
+        let target = copy.to_str().ok_or_else(|| StoreError::Refused(format!("{doing}: the path is not UTF-8")))?;
+        let conn = Connection::open_with_flags(original, OpenFlags::SQLITE_OPEN_READ_ONLY).doing(&doing)?;
+        conn.busy_timeout(std::time::Duration::from_secs(10)).doing(&doing)?;
+        // A consistent snapshot, even with the daemon writing.
+        conn.execute("VACUUM INTO ?1", [target]).doing(&doing)?;
+        drop(conn);
+        Store::open(copy)
     }
 }
