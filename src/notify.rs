@@ -190,6 +190,7 @@ mod tests {
                 ],
                 waiting: vec![],
                 users: Default::default(),
+                forecast: Default::default(),
             },
             verdicts: Default::default(),
             iam_writes: vec![],
