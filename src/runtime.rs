@@ -329,6 +329,9 @@ pub struct Status {
     pub users: BTreeMap<String, usize>,
     pub evidence: Freshness,
     pub last_step: Option<DateTime<Utc>>,
+    /// The last step's forecast of the waves still to come (empty without one).
+    #[serde(default)]
+    pub forecast: crate::planner::Forecast,
 }
 
 /// The status from a ledger snapshot, the last step's report (if any) and evidence freshness.
@@ -381,5 +384,6 @@ pub fn status(
         users,
         evidence,
         last_step: report.map(|r| r.at),
+        forecast: report.map(|r| r.plan.forecast.clone()).unwrap_or_default(),
     }
 }
