@@ -118,7 +118,7 @@ pub fn evidence_problem(freshness: &Freshness, config: &Config, now: DateTime<Ut
     if freshness.legacy_hours > 0 {
         return Some(format!(
             "{} user-hours of evidence were stored before request contexts were kept and cannot be re-judged; \
-             they need a re-read (or must age out of evidence.retention)",
+             nobody is promoted until the next evidence refresh has re-read them from CloudTrail",
             freshness.legacy_hours
         ));
     }

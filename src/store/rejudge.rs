@@ -379,3 +379,208 @@ impl Store {
         Store::open(copy)
     }
 }
+
+/// The tables derived from (or holding) an hour's calls, emptied when the hour is read again.
+const CALL_TABLES: &[&str] = &["evidence_verdict", "evidence_outside", "evidence_context"];
+
+impl Store {
+    /// Prepares re-reading `origin`'s hours stored before request contexts were kept: from the
+    /// oldest such hour on, every hour of `origin` is emptied and marked `needs_reread` (so the
+    /// gate stays closed until the re-read is done), and the read marks of trail files that
+    /// contributed to those hours are dropped, all in one transaction. Returns that oldest hour:
+    /// the refresh reads from there and writes no hour before it (those are still stored). A
+    /// re-read cut short leaves the marks in place, and the next refresh starts it over.
+    pub fn begin_reread(&self, origin: &str) -> Result<Option<DateTime<Utc>>, StoreError> {
+        let doing = format!("preparing to re-read {origin} evidence stored before request contexts were kept");
+        let mut conn = self.conn();
+        let tx = conn.transaction().doing(&doing)?;
+        let oldest: Option<i64> = tx
+            .query_row("SELECT min(hour) FROM evidence_hour WHERE needs_reread = 1 AND origin = ?1", [origin], |row| {
+                row.get(0)
+            })
+            .doing(&doing)?;
+        let Some(oldest) = oldest else { return Ok(None) };
+        for table in CALL_TABLES {
+            tx.execute(&format!("DELETE FROM {table} WHERE origin = ?1 AND hour >= ?2"), params![origin, oldest])
+                .doing(&doing)?;
+        }
+        tx.execute(
+            "UPDATE evidence_hour SET needs_reread = 1, first_call = NULL, last_call = NULL, explicit_denials = 0,
+                 other_denials = 0
+             WHERE origin = ?1 AND hour >= ?2",
+            params![origin, oldest],
+        )
+        .doing(&doing)?;
+        if origin == super::TRAIL_ORIGIN {
+            // A file's calls are no later than its newest hour.
+            tx.execute("DELETE FROM trail_file WHERE coalesce(newest_hour, read_at) >= ?1", [oldest]).doing(&doing)?;
+        }
+        tx.commit().doing(&doing)?;
+        Ok(DateTime::from_timestamp(oldest, 0))
+    }
+
+    /// Ends a successful re-read begun by [`Store::begin_reread`] at `from`: hours that got their
+    /// calls back are judged like any other; hours nothing was found for again are dropped.
+    pub fn finish_reread(&self, origin: &str, from: DateTime<Utc>) -> Result<(), StoreError> {
+        let doing = format!("finishing the re-read of {origin} evidence from {from}");
+        let mut conn = self.conn();
+        let tx = conn.transaction().doing(&doing)?;
+        tx.execute(
+            "DELETE FROM evidence_hour AS h WHERE origin = ?1 AND hour >= ?2 AND needs_reread = 1 AND NOT EXISTS
+                 (SELECT 1 FROM evidence_context c WHERE c.hour = h.hour AND c.user_name = h.user_name AND c.origin = h.origin)",
+            params![origin, from.timestamp()],
+        )
+        .doing(&doing)?;
+        tx.execute(
+            "UPDATE evidence_hour SET needs_reread = 0 WHERE origin = ?1 AND hour >= ?2",
+            params![origin, from.timestamp()],
+        )
+        .doing(&doing)?;
+        tx.commit().doing(&doing)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+
+    use chrono::TimeDelta;
+
+    use super::*;
+    use crate::clock::ManualClock;
+    use crate::config::Config;
+    use crate::evidence::EvidenceStore;
+    use crate::evidence::files::Folder;
+    use crate::evidence::refresh::{self, Source, Window};
+    use crate::store::sqlite::MIGRATIONS;
+
+    fn at(text: &str) -> DateTime<Utc> {
+        text.parse().unwrap()
+    }
+
+    const START: &str = "2024-03-01T00:00:00Z";
+    const NOW: &str = "2024-03-15T00:00:00Z";
+
+    /// Ten days of calls, one every eight hours, from the office NAT (trusted) and from home.
+    fn write_history(trail: &Path, account: &str) {
+        use lockstep_synth::{Faults, Identity, Origin, RecordSpec};
+        let mut records = Vec::new();
+        for step in 0..30 {
+            for (user, ip) in [("office", "198.51.100.40"), ("home", "192.0.2.10")] {
+                let when = at(START) + TimeDelta::hours(8 * step);
+                records.push(RecordSpec::new(
+                    Identity::iam_user(account, user),
+                    when,
+                    "s3:ListBuckets",
+                    Origin::ip(ip),
+                ));
+            }
+        }
+        lockstep_synth::write_trail(trail, account, &records, Faults::default()).unwrap();
+    }
+
+    async fn refresh(store: &Store, config: &Config, since: DateTime<Utc>) {
+        let source = Source::Folder(Arc::new(Folder::new(&config.evidence.files_path)));
+        let window = Window { since, until: at(NOW) };
+        refresh::refresh(store, &source, config, window, &ManualClock::new(at(NOW)), None, &mut |_| {}).await.unwrap();
+    }
+
+    /// A store as lockstep wrote it at schema version `version` (the first `version` migrations,
+    /// which never change once shipped), holding the rows of `from` that its tables had.
+    fn older_store(path: &Path, version: usize, from: &Path) {
+        let conn = Connection::open(path).unwrap();
+        for sql in &MIGRATIONS[..version] {
+            conn.execute_batch(sql).unwrap();
+        }
+        conn.pragma_update(None, "user_version", version as i64).unwrap();
+        conn.execute("ATTACH ?1 AS current", [from.to_str().unwrap()]).unwrap();
+        let tables: Vec<String> = conn
+            .prepare("SELECT name FROM main.sqlite_master WHERE type = 'table'")
+            .unwrap()
+            .query_map([], |row| row.get(0))
+            .unwrap()
+            .collect::<Result<_, _>>()
+            .unwrap();
+        for table in tables {
+            let columns: Vec<String> = conn
+                .prepare(&format!("SELECT name FROM pragma_table_info('{table}', 'main')"))
+                .unwrap()
+                .query_map([], |row| row.get(0))
+                .unwrap()
+                .collect::<Result<_, _>>()
+                .unwrap();
+            let columns = columns.join(", ");
+            conn.execute(
+                &format!("INSERT OR REPLACE INTO main.{table} ({columns}) SELECT {columns} FROM current.{table}"),
+                [],
+            )
+            .unwrap();
+        }
+    }
+
+    fn dump(store: &Store) -> String {
+        ["evidence_hour", "evidence_verdict", "evidence_outside", "evidence_context"]
+            .iter()
+            .map(|table| store.dump_query(table, &format!("SELECT * FROM {table}")).unwrap())
+            .collect()
+    }
+
+    #[tokio::test]
+    async fn hours_stored_before_contexts_were_kept_are_re_read_by_the_next_refresh() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut config = Config::parse(include_str!("../../rollout.yaml"), Path::new("rollout.yaml")).unwrap();
+        config.evidence.files_path = dir.path().join("trail");
+        write_history(&config.evidence.files_path, &config.account_id);
+        // What lockstep stores today, the reference.
+        let reference_path = dir.path().join("reference.db");
+        let reference = Store::open(&reference_path).unwrap();
+        refresh(&reference, &config, at(START)).await;
+
+        // The same evidence as lockstep stored it before request contexts were kept (version 3).
+        let path = dir.path().join("v3.db");
+        older_store(&path, 3, &reference_path);
+        let store = Store::open(&path).unwrap();
+        assert_eq!(store.schema_version().unwrap(), MIGRATIONS.len() as i64);
+        let legacy = store.freshness().unwrap().legacy_hours;
+        assert_eq!(legacy, 60, "30 hours of each user, none re-judgeable");
+        store.ensure_judged(&Judge::new(&config), at(NOW)).unwrap();
+        let problem = crate::planner::evidence_problem(&store.freshness().unwrap(), &config, at(NOW));
+        assert!(problem.as_deref().is_some_and(|p| p.contains("re-read")), "nobody is promoted: {problem:?}");
+
+        // The next refresh asks for the last two hours only; it re-reads from the oldest old hour.
+        refresh(&store, &config, at(NOW) - TimeDelta::hours(2)).await;
+        let fresh = store.freshness().unwrap();
+        assert_eq!(fresh.legacy_hours, 0);
+        assert_eq!(crate::planner::evidence_problem(&fresh, &config, at(NOW)), None);
+        assert_eq!(dump(&store), dump(&reference), "the re-read stores exactly what a first reading does");
+
+        // A later refresh reads nothing twice.
+        refresh(&store, &config, at(START)).await;
+        assert_eq!(dump(&store), dump(&reference));
+    }
+
+    #[tokio::test]
+    async fn a_store_at_the_current_schema_migrates_and_its_evidence_is_re_judged() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut config = Config::parse(include_str!("../../rollout.yaml"), Path::new("rollout.yaml")).unwrap();
+        config.evidence.files_path = dir.path().join("trail");
+        write_history(&config.evidence.files_path, &config.account_id);
+        let reference_path = dir.path().join("reference.db");
+        let reference = Store::open(&reference_path).unwrap();
+        refresh(&reference, &config, at(START)).await;
+
+        // The schema as of this writing: migrations 1 to 5 (request contexts and foreign members).
+        let path = dir.path().join("v5.db");
+        older_store(&path, 5, &reference_path);
+        let store = Store::open(&path).unwrap();
+        assert_eq!(store.schema_version().unwrap(), MIGRATIONS.len() as i64);
+        assert_eq!(store.freshness().unwrap().legacy_hours, 0);
+        assert_eq!(dump(&store), dump(&reference));
+        // Its evidence follows the perimeter: home's network trusted, home's calls are allowed.
+        let mut wider = config.clone();
+        wider.perimeter.trusted_cidrs.push("192.0.2.0/24".parse().unwrap());
+        assert_eq!(store.rejudge(&Judge::new(&wider), at(NOW)).unwrap().hours, 60);
+        let home = &store.evidence(at(START), at(NOW), Some("home")).unwrap()[0];
+        assert_eq!((home.calls, home.would_deny), (30, 0));
+    }
+}
