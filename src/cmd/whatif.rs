@@ -89,6 +89,13 @@ pub async fn run(
     let users = AwsIam::new(&sdk, &current.account_id).list_users().await.context("listing IAM users")?;
     let now = SystemClock.now();
     let ledger = store.snapshot()?;
+    let legacy = lockstep::evidence::EvidenceStore::freshness(&store)?.legacy_hours;
+    if legacy > 0 {
+        eprintln!(
+            "warning: {legacy} user-hours were stored before request contexts were kept and keep their old \
+             verdicts here; the next evidence refresh re-reads them"
+        );
+    }
     let before = judged(&store, &current, now)?;
     let after = judged(&store, candidate, now)?;
     let report = compare((&current, current_path, &before), (candidate, candidate_path, &after), &users, &ledger, now)?;

@@ -181,20 +181,20 @@ impl Writer<'_> {
 }
 
 /// One user-hour's verdicts, derived from its contexts under a judge.
-pub(crate) struct DerivedHour<'a> {
+struct DerivedHour<'a> {
     /// The hour's start, in seconds.
-    pub hour: i64,
-    pub user: &'a str,
-    pub origin: &'a str,
+    hour: i64,
+    user: &'a str,
+    origin: &'a str,
     /// Calls by verdict, not-applicable ones included.
-    pub verdicts: &'a [(Verdict, u64)],
+    verdicts: &'a [(Verdict, u64)],
     /// Calls the policy would deny, by source (each source once).
-    pub outside: &'a [OutsideDerived],
+    outside: &'a [OutsideDerived],
     /// Every distinct context judged so far; [`OutsideDerived::latest`] indexes it.
-    pub judged: &'a [JudgedContext],
+    judged: &'a [JudgedContext],
     /// First and last applicable call, in seconds.
-    pub first_call: Option<i64>,
-    pub last_call: Option<i64>,
+    first_call: Option<i64>,
+    last_call: Option<i64>,
 }
 
 impl DerivedHour<'_> {
@@ -204,16 +204,16 @@ impl DerivedHour<'_> {
 }
 
 /// Calls from one outside source in an hour.
-pub(crate) struct OutsideDerived {
-    pub calls: u64,
+struct OutsideDerived {
+    calls: u64,
     /// The latest call's time, in seconds.
-    pub last_seen: i64,
+    last_seen: i64,
     /// The judged context of the latest call (ties: the greater action, then reason).
-    pub latest: usize,
+    latest: usize,
 }
 
 /// Streams every user-hour that has contexts, in key order, derived under `judge`, to `each`.
-pub(crate) fn derive_hours(
+fn derive_hours(
     conn: &Connection,
     judge: &Judge,
     mut each: impl FnMut(DerivedHour<'_>) -> rusqlite::Result<()>,
