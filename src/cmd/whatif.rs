@@ -186,7 +186,7 @@ fn reason(eligibility: &Eligibility) -> &str {
 
 fn policy_diff(current: &Config, candidate: &Config) -> anyhow::Result<PolicyDiff> {
     let render = |config: &Config| -> anyhow::Result<String> {
-        Ok(config.perimeter.policy().to_pretty_json().context("rendering the policy")?)
+        config.perimeter.policy().to_pretty_json().context("rendering the policy")
     };
     let (before, after) = (render(current)?, render(candidate)?);
     let before_lines: Vec<&str> = before.lines().collect();
