@@ -518,6 +518,18 @@ mod tests {
         }
     }
 
+    /// The shipped configuration reading the history written under `dir/trail` into the
+    /// reference store `dir/reference.db`: what lockstep stores today.
+    async fn reference(dir: &Path) -> (Config, std::path::PathBuf, Store) {
+        let mut config = Config::parse(include_str!("../../rollout.yaml"), Path::new("rollout.yaml")).unwrap();
+        config.evidence.files_path = dir.join("trail");
+        write_history(&config.evidence.files_path, &config.account_id);
+        let path = dir.join("reference.db");
+        let store = Store::open(&path).unwrap();
+        refresh(&store, &config, at(START)).await;
+        (config, path, store)
+    }
+
     fn dump(store: &Store) -> String {
         ["evidence_hour", "evidence_verdict", "evidence_outside", "evidence_context"]
             .iter()
@@ -528,13 +540,7 @@ mod tests {
     #[tokio::test]
     async fn hours_stored_before_contexts_were_kept_are_re_read_by_the_next_refresh() {
         let dir = tempfile::tempdir().unwrap();
-        let mut config = Config::parse(include_str!("../../rollout.yaml"), Path::new("rollout.yaml")).unwrap();
-        config.evidence.files_path = dir.path().join("trail");
-        write_history(&config.evidence.files_path, &config.account_id);
-        // What lockstep stores today, the reference.
-        let reference_path = dir.path().join("reference.db");
-        let reference = Store::open(&reference_path).unwrap();
-        refresh(&reference, &config, at(START)).await;
+        let (config, reference_path, reference) = reference(dir.path()).await;
 
         // The same evidence as lockstep stored it before request contexts were kept (version 3).
         let path = dir.path().join("v3.db");
@@ -562,12 +568,7 @@ mod tests {
     #[tokio::test]
     async fn a_store_at_the_current_schema_migrates_and_its_evidence_is_re_judged() {
         let dir = tempfile::tempdir().unwrap();
-        let mut config = Config::parse(include_str!("../../rollout.yaml"), Path::new("rollout.yaml")).unwrap();
-        config.evidence.files_path = dir.path().join("trail");
-        write_history(&config.evidence.files_path, &config.account_id);
-        let reference_path = dir.path().join("reference.db");
-        let reference = Store::open(&reference_path).unwrap();
-        refresh(&reference, &config, at(START)).await;
+        let (config, reference_path, reference) = reference(dir.path()).await;
 
         // The schema as of this writing: migrations 1 to 5 (request contexts and foreign members).
         let path = dir.path().join("v5.db");
