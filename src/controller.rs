@@ -541,6 +541,7 @@ impl<I: Iam, F: EventFeed> Controller<I, F> {
                 actions: Vec::new(),
                 waiting: Vec::new(),
                 users: BTreeMap::new(),
+                forecast: Default::default(),
             },
             verdicts: BTreeMap::new(),
             iam_writes: Vec::new(),
@@ -1269,6 +1270,7 @@ mod tests {
             actions: vec![Action::RollBack { batch: 4, reason: "spike".into() }],
             waiting: vec![],
             users: BTreeMap::new(),
+            forecast: Default::default(),
         };
         assert_eq!(dry_run_writes(&plan, &snapshot, "lockdown"), ["RemoveUserFromGroup lockdown cat"]);
     }
@@ -1420,6 +1422,7 @@ mod tests {
             ],
             waiting: vec![],
             users: BTreeMap::new(),
+            forecast: Default::default(),
         };
         assert_eq!(
             dry_run_writes(&plan, &snapshot, "lockdown"),

@@ -211,6 +211,19 @@ pub enum Command {
         #[arg(long = "exempt", value_name = "USER")]
         exempt: Vec<String>,
     },
+    /// Show what a candidate configuration would change, changing nothing: the policy diff, who
+    /// becomes eligible and who stops being eligible, and the calls that make the difference.
+    ///
+    /// --config names the CANDIDATE file; --against names the configuration in force, whose
+    /// store is copied (opened read-only) and re-judged under each. IAM is only read.
+    Whatif {
+        /// The configuration in force.
+        #[arg(long, default_value = "rollout.yaml")]
+        against: PathBuf,
+        /// Machine-readable output.
+        #[arg(long)]
+        json: bool,
+    },
     /// Print a shell completion script (e.g. `lockstep completions bash > /etc/bash_completion.d/lockstep`).
     Completions {
         #[arg(value_enum)]

@@ -198,7 +198,14 @@ mod tests {
         StepReport {
             at: chrono::DateTime::UNIX_EPOCH,
             mode,
-            plan: Plan { gate: Gate::Open, current_wave: None, actions, waiting: vec![], users: Default::default() },
+            plan: Plan {
+                gate: Gate::Open,
+                current_wave: None,
+                actions,
+                waiting: vec![],
+                users: Default::default(),
+                forecast: Default::default(),
+            },
             verdicts: Default::default(),
             iam_writes: vec![],
             drift: vec![],

@@ -125,6 +125,10 @@ pub struct Plan {
     pub waiting: Vec<String>,
     /// Each known user's eligibility.
     pub users: BTreeMap<String, Eligibility>,
+    /// Each wave still to come at today's eligibility and the current pace (absent from
+    /// answers of daemons older than the forecast).
+    #[serde(default)]
+    pub forecast: Forecast,
 }
 
 /// Why the evidence cannot be acted on now (stale, missing, judged under another perimeter), if it cannot.
@@ -140,7 +144,7 @@ pub fn evidence_problem(freshness: &Freshness, config: &Config, now: DateTime<Ut
     if freshness.legacy_hours > 0 {
         return Some(format!(
             "{} user-hours of evidence were stored before request contexts were kept and cannot be re-judged; \
-             they need a re-read (or must age out of evidence.retention)",
+             nobody is promoted until the next evidence refresh has re-read them from CloudTrail",
             freshness.legacy_hours
         ));
     }
@@ -254,7 +258,14 @@ pub fn plan(inputs: &Inputs) -> Plan {
         .iter()
         .map(|u| (u.name.clone(), eligibility(u, evidence.get(u.name.as_str()).copied(), ledger, config, now)))
         .collect();
-    let mut plan = Plan { gate: Gate::Open, current_wave: None, actions: Vec::new(), waiting: Vec::new(), users };
+    let mut plan = Plan {
+        gate: Gate::Open,
+        current_wave: None,
+        actions: Vec::new(),
+        waiting: Vec::new(),
+        users,
+        forecast: Forecast::default(),
+    };
 
     // Batches under watch: roll back on a spike, succeed when soaked and healthy.
     let mut guard_blind = None;
@@ -317,7 +328,84 @@ pub fn plan(inputs: &Inputs) -> Plan {
     if let Some(problem) = inputs.blocked {
         plan.gate = Gate::Blocked(problem.to_string());
     }
+    plan.forecast = forecast(inputs, &plan.users);
     plan
+}
+
+/// The waves still to come, at today's eligibility and the current pace.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct Forecast {
+    /// Users promoted per day in the last [`RECENT_DAYS`] days (the recent promotion rate).
+    pub recent_per_day: f64,
+    /// One entry per wave not yet done, in order.
+    pub waves: Vec<WaveForecast>,
+}
+
+/// One wave still to come: how many users it would take today and, roughly, when.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct WaveForecast {
+    /// The wave's name.
+    pub wave: String,
+    /// Eligible users it would take today; a user selected by several waves counts in the first.
+    pub users: usize,
+    /// The batches those users make.
+    pub batches: usize,
+    /// The pace assumed for it, users a day: what its caps and soak allow, or the recent
+    /// promotion rate when that is slower.
+    pub users_per_day: f64,
+    /// Roughly when it starts (now for the current wave), if the gate is open from now on.
+    pub starts: DateTime<Utc>,
+    /// Roughly when its last batch has soaked and the next wave can start.
+    pub finishes: DateTime<Utc>,
+}
+
+/// The days over which the recent promotion rate is measured.
+pub const RECENT_DAYS: u32 = 7;
+
+/// Forecasts the waves not yet done (pure). Each takes the eligible users it selects that no
+/// earlier wave took, up to the batches it has left; batches follow each other at the pace its
+/// caps allow (`max_soaking_batches` per soak, `max_promotions_per_day`), or at the recent
+/// promotion rate when that is slower; a wave finishes once its last batch has soaked.
+pub fn forecast(inputs: &Inputs, eligibility: &BTreeMap<String, Eligibility>) -> Forecast {
+    let Inputs { config, ledger, now, .. } = *inputs;
+    let day = std::time::Duration::from_secs(86_400);
+    let recent_since = crate::config::earlier(now, day * RECENT_DAYS);
+    let recent_per_day = ledger.promoted_since(recent_since) as f64 / f64::from(RECENT_DAYS);
+    let eligible: Vec<&IamUser> =
+        inputs.users.iter().filter(|u| matches!(eligibility.get(&u.name), Some(Eligibility::Eligible(_)))).collect();
+    let mut taken: std::collections::BTreeSet<&str> = std::collections::BTreeSet::new();
+    let mut at = now;
+    let mut waves = Vec::new();
+    for wave in config.waves.iter().filter(|w| !ledger.waves_done.contains_key(&w.name)) {
+        let run = ledger.batches.iter().filter(|b| b.wave == wave.name).count();
+        let room = wave.batches.map(|n| n.saturating_sub(run).saturating_mul(wave.batch_size));
+        let mut users: Vec<&IamUser> = candidates(wave, &eligible, inputs.evidence);
+        users.retain(|u| !taken.contains(u.name.as_str()));
+        users.truncate(room.unwrap_or(usize::MAX));
+        taken.extend(users.iter().map(|u| u.name.as_str()));
+        let batches = users.len().div_ceil(wave.batch_size.max(1));
+        let soaks_per_day = day.as_secs_f64() / wave.soak.as_secs_f64().max(1.0);
+        let capacity = (config.rollout.max_promotions_per_day as f64)
+            .min((wave.batch_size * config.rollout.max_soaking_batches) as f64 * soaks_per_day);
+        let users_per_day = if recent_per_day > 0.0 { capacity.min(recent_per_day) } else { capacity };
+        let starts = at;
+        if batches > 0 {
+            // The last batch starts once the others are promoted, then soaks.
+            let promoting = ((batches - 1) * wave.batch_size) as f64 / users_per_day.max(f64::MIN_POSITIVE);
+            let promoting = std::time::Duration::try_from_secs_f64(promoting * day.as_secs_f64())
+                .unwrap_or(std::time::Duration::MAX);
+            at = crate::config::later(crate::config::later(at, promoting), wave.soak);
+        }
+        waves.push(WaveForecast {
+            wave: wave.name.clone(),
+            users: users.len(),
+            batches,
+            users_per_day,
+            starts,
+            finishes: at,
+        });
+    }
+    Forecast { recent_per_day, waves }
 }
 
 /// Walks the waves in order: finishes the ones that are done and starts the next batch of the
@@ -769,5 +857,53 @@ mod tests {
         assert!(!selects(&sel(Some("/data/"), None, None), &u));
         assert!(!selects(&sel(None, Some("human-*"), None), &u));
         assert!(!selects(&sel(None, None, Some(("team", "data"))), &u));
+    }
+
+    fn hours(n: i64) -> chrono::Duration {
+        chrono::Duration::hours(n)
+    }
+
+    #[test]
+    fn the_forecast_takes_each_user_in_the_first_wave_that_selects_them_at_the_pace_of_caps_and_soak() {
+        let plan = World::new().plan();
+        let waves: Vec<_> = plan.forecast.waves.iter().map(|w| (w.wave.as_str(), w.users, w.batches)).collect();
+        // The canary takes its one batch of two; engineering the third engineer; everyone dan.
+        assert_eq!(waves, [("canary", 2, 1), ("engineering", 1, 1), ("everyone", 1, 1)]);
+        let dates: Vec<_> = plan.forecast.waves.iter().map(|w| (w.starts - now(), w.finishes - now())).collect();
+        // Each wave waits for the previous one's last soak (24h, 24h, 48h).
+        assert_eq!(dates, [(hours(0), hours(24)), (hours(24), hours(48)), (hours(48), hours(96))]);
+        // Caps and soak: 2 users per 24h soak for the canary, one batch of 10 at a time for engineering.
+        assert_eq!(plan.forecast.waves[0].users_per_day, 2.0);
+        assert_eq!(plan.forecast.waves[1].users_per_day, 10.0);
+        assert_eq!(plan.forecast.recent_per_day, 0.0);
+        let json = serde_json::to_value(&plan).unwrap();
+        assert_eq!(json["forecast"]["waves"][2]["wave"], "everyone");
+        assert_eq!(json["forecast"]["waves"][2]["users"], 1);
+        assert!(json["forecast"]["waves"][2]["finishes"].is_string(), "{json}");
+    }
+
+    #[test]
+    fn the_forecast_follows_a_slower_recent_pace_and_skips_finished_waves_and_batches() {
+        let mut world = World::new();
+        for i in 0..30 {
+            let name = format!("u{i:02}");
+            world.users.push(user(&name, "/data/"));
+            world.evidence.push(clean(&name, 40));
+        }
+        // Seven promotions over the last week (the canary's one batch, done): one a day.
+        let mut canary = soaking_batch(1, "canary", &["x1", "x2", "x3", "x4", "x5", "x6", "x7"], -100);
+        canary.state = BatchState::Succeeded;
+        canary.created_at = now() - hours(48);
+        world.ledger.batches.push(canary);
+        world.ledger.waves_done.insert("canary".into(), now() - hours(24));
+        let forecast = world.plan().forecast;
+        assert_eq!(forecast.recent_per_day, 1.0);
+        let waves: Vec<_> = forecast.waves.iter().map(|w| (w.wave.as_str(), w.users, w.batches)).collect();
+        assert_eq!(waves, [("engineering", 3, 1), ("everyone", 31, 2)]);
+        let everyone = &forecast.waves[1];
+        assert_eq!(everyone.users_per_day, 1.0, "slower than the caps allow (12.5 a day)");
+        assert_eq!(everyone.starts, now() + hours(24));
+        // The first batch of 25 at one a day takes 25 days before the last starts, then 48h soak.
+        assert_eq!(everyone.finishes, now() + hours(24) + chrono::Duration::days(25) + hours(48));
     }
 }

@@ -384,6 +384,9 @@ pub struct Status {
     /// recent denied calls and their sources (the protection figure: outside calls blocked).
     #[serde(default)]
     pub locked_denied: Vec<LockedUserReport>,
+    /// The last step's forecast of the waves still to come (empty without one).
+    #[serde(default)]
+    pub forecast: crate::planner::Forecast,
 }
 
 /// The status from a ledger snapshot, the last step's report (if any) and evidence freshness.
@@ -437,5 +440,6 @@ pub fn status(
         evidence,
         last_step: report.map(|r| r.at),
         locked_denied: report.map(|r| r.locked.reports.clone()).unwrap_or_default(),
+        forecast: report.map(|r| r.plan.forecast.clone()).unwrap_or_default(),
     }
 }

@@ -15,6 +15,7 @@ mod ops;
 mod policy;
 mod run;
 mod sandbox;
+mod whatif;
 
 /// Logs go to stderr; `LOCKSTEP_LOG` (an `EnvFilter` directive) overrides `default_level`, except
 /// that the AWS SDK and its HTTP stack never log below info (see [`sdk_ceiling`]).
@@ -94,6 +95,7 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         }
         Command::Exemptions { json } => block_on(exempt::list(&load(&cli.config)?, json)),
         Command::Evidence { command } => evidence::run(&load(&cli.config)?, command),
+        Command::Whatif { against, json } => block_on(whatif::run(&cli.config, &load(&cli.config)?, &against, json)),
         Command::Classify { files, exempt } => {
             // Only the perimeter matters here: a file without waves (or a full one) will do.
             let perimeter = Config::load_perimeter(&cli.config)

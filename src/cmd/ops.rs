@@ -23,7 +23,7 @@ use lockstep::feed::EventFeed;
 use lockstep::guard::{Explanation, LockedUserReport, VerdictKind};
 use lockstep::iam::AwsIam;
 use lockstep::metrics::{MeteredIam, Metrics};
-use lockstep::planner::{Action, Eligibility, Gate, Plan};
+use lockstep::planner::{Action, Eligibility, Forecast, Gate, Plan};
 use lockstep::runtime::{self, Command, Status};
 use lockstep::store::{Ledger, LockError, Store, StoreError, StoreLock};
 use lockstep::trail::Record;
@@ -170,7 +170,7 @@ fn render_status(status: &Status) -> String {
         }
     }
     out += &locked_denied_lines(&status.locked_denied);
-    out
+    out + &forecast_lines(&status.forecast)
 }
 
 /// Locked users the lockdown policy denied after their soak: breakage, or the lock doing its job.
@@ -200,6 +200,35 @@ fn locked_denied_lines(reports: &[LockedUserReport]) -> String {
                 call.source.as_deref().unwrap_or("unrecorded")
             );
         }
+    }
+    out
+}
+
+/// The waves still to come, as a table; nothing when there are none.
+fn forecast_lines(forecast: &Forecast) -> String {
+    if forecast.waves.is_empty() {
+        return String::new();
+    }
+    let mut out = format!(
+        "\nforecast at the current pace if the gate stays open ({:.1} promoted a day over the last {} days):\n",
+        forecast.recent_per_day,
+        lockstep::planner::RECENT_DAYS
+    );
+    out += &format!(
+        "  {:<14} {:>6} {:>8} {:>9}  {:<17}  {}\n",
+        "WAVE", "USERS", "BATCHES", "USERS/DAY", "STARTS", "DONE BY"
+    );
+    for w in &forecast.waves {
+        let date = |at: chrono::DateTime<chrono::Utc>| at.format("%Y-%m-%d %H:%MZ").to_string();
+        out += &format!(
+            "  {:<14} {:>6} {:>8} {:>9.1}  {:<17}  {}\n",
+            w.wave,
+            w.users,
+            w.batches,
+            w.users_per_day,
+            date(w.starts),
+            date(w.finishes)
+        );
     }
     out
 }
@@ -416,7 +445,7 @@ fn render_plan(plan: &Plan) -> String {
             out += &format!("  {user:<24} {why}\n");
         }
     }
-    out
+    out + &forecast_lines(&plan.forecast)
 }
 
 /// The status from the store alone, with the mode of the last run that recorded anything.
@@ -566,7 +595,31 @@ mod tests {
             evidence: Default::default(),
             last_step: None,
             locked_denied: Vec::new(),
+            forecast: Default::default(),
         }
+    }
+
+    #[test]
+    fn status_shows_the_forecast_of_each_wave_to_come() {
+        let mut shown = status(Some(Gate::Open), Some("canary"), None);
+        assert!(!render_status(&shown).contains("forecast"), "no waves to come, no table");
+        let at = |hours: i64| chrono::DateTime::UNIX_EPOCH + chrono::Duration::hours(hours);
+        shown.forecast = Forecast {
+            recent_per_day: 1.5,
+            waves: vec![lockstep::planner::WaveForecast {
+                wave: "everyone".into(),
+                users: 31,
+                batches: 2,
+                users_per_day: 12.5,
+                starts: at(24),
+                finishes: at(96),
+            }],
+        };
+        let text = render_status(&shown);
+        assert!(text.contains("(1.5 promoted a day over the last 7 days)"), "{text}");
+        let row = text.lines().find(|l| l.trim_start().starts_with("everyone")).unwrap();
+        let cells: Vec<&str> = row.split_whitespace().collect();
+        assert_eq!(cells, ["everyone", "31", "2", "12.5", "1970-01-02", "00:00Z", "1970-01-05", "00:00Z"], "{text}");
     }
 
     #[test]

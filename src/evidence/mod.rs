@@ -96,8 +96,8 @@ pub struct Freshness {
     pub covered_until: Option<DateTime<Utc>>,
     /// The perimeter the stored verdicts were derived under (`None`: never stamped).
     pub judged_under: Option<crate::perimeter::Fingerprint>,
-    /// User-hours stored before request contexts were kept: their verdicts cannot follow a
-    /// perimeter change until they are read again or age out.
+    /// User-hours stored before request contexts were kept (or being read again): their
+    /// verdicts cannot follow a perimeter change until the next refresh has re-read them.
     pub legacy_hours: u64,
 }
 

@@ -24,7 +24,7 @@ use crate::evidence::aggregate::{Judge, aggregate, hour_of};
 use crate::evidence::files::{self, Folder, TrailFile};
 use crate::evidence::s3::S3Trail;
 use crate::evidence::{SourceError, TrailObjects, athena};
-use crate::store::{ATHENA_ORIGIN, RolloutStore, RunCounts, StoreError};
+use crate::store::{ATHENA_ORIGIN, RolloutStore, RunCounts, StoreError, TRAIL_ORIGIN};
 
 /// Where evidence comes from, built once from the configuration.
 pub enum Source {
@@ -213,17 +213,18 @@ impl LoggedRun<'_> {
         progress: &mut (dyn FnMut(Progress) + Send),
     ) -> Result<Report, RefreshError> {
         let LoggedRun { store, name, config, window, clock, timeout } = self;
-        let log = RunLog::start(store, name, config, window, clock)?;
-        let cutoff = log.cutoff;
+        let origin = match reading {
+            Reading::Trail(_) => TRAIL_ORIGIN,
+            Reading::Athena { .. } => ATHENA_ORIGIN,
+        };
+        let log = RunLog::start(store, name, origin, config, window, clock)?;
         let mut counts = RunCounts::default();
         let read = async {
             match reading {
-                Reading::Trail(objects) => {
-                    read_trail(store, objects, config, window, cutoff, clock, &mut counts, progress).await
-                }
+                Reading::Trail(objects) => read_trail(store, objects, config, &log, clock, &mut counts, progress).await,
                 Reading::Athena { client, athena } => {
                     progress(Progress::Querying);
-                    read_athena(store, client, athena, config, window, cutoff, &mut counts).await
+                    read_athena(store, client, athena, config, log.window, log.cutoff, &mut counts).await
                 }
             }
         };
@@ -252,6 +253,11 @@ struct RunLog {
     window: Window,
     /// Hours before this are past retention: not written, and dropped after success.
     cutoff: DateTime<Utc>,
+    /// The evidence's origin in the store.
+    origin: &'static str,
+    /// Hours stored before request contexts were kept are re-read from this hour on (see
+    /// [`EvidenceWriter::begin_reread`](crate::store::EvidenceWriter::begin_reread)); the window reaches back to it.
+    reread: Option<DateTime<Utc>>,
     /// The run's `evidence_refresh` span: account, source, window, and the batches it feeds.
     span: tracing::Span,
 }
@@ -260,13 +266,20 @@ impl RunLog {
     fn start(
         store: &dyn RolloutStore,
         name: &'static str,
+        origin: &'static str,
         config: &Config,
-        window: Window,
+        mut window: Window,
         clock: &dyn Clock,
     ) -> Result<RunLog, RefreshError> {
         let now = clock.now();
         // New verdicts are derived under the configured perimeter: the stored ones must be too.
         rejudge_if_changed(store, config, now)?;
+        // Verdicts that cannot be re-judged are read again, whatever the window asked for.
+        let reread = store.begin_reread(origin)?;
+        if let Some(from) = reread {
+            tracing::info!(%from, origin, "re-reading evidence stored before request contexts were kept");
+            window.since = window.since.min(from);
+        }
         let id = store.start_run(name, window.since, window.until, now)?;
         // The evidence this run records is what the guard judges the active batches on.
         let batches = store.snapshot()?.active_batch_ids();
@@ -279,7 +292,7 @@ impl RunLog {
             until = %window.until,
             batches = ?batches,
         );
-        Ok(RunLog { id, name, window, cutoff: before(now, config.evidence.retention), span })
+        Ok(RunLog { id, name, window, cutoff: before(now, config.evidence.retention), origin, reread, span })
     }
 
     fn finish(
@@ -289,7 +302,9 @@ impl RunLog {
         counts: RunCounts,
         clock: &dyn Clock,
     ) -> Result<Report, RefreshError> {
-        let result = result.and_then(|()| Ok(store.drop_before(self.cutoff)?));
+        let result = result
+            .and_then(|()| Ok(self.reread.map(|from| store.finish_reread(self.origin, from)).transpose()?))
+            .and_then(|_| Ok(store.drop_before(self.cutoff)?));
         let error = result.as_ref().err().map(|e| e.to_string());
         store.finish_run(self.id, &counts, error.as_deref(), clock.now())?;
         result.map(|()| Report { source: self.name, window: self.window, counts })
@@ -311,16 +326,19 @@ async fn read_trail<T: TrailObjects + 'static>(
     store: &dyn RolloutStore,
     objects: &Arc<T>,
     config: &Config,
-    window: Window,
-    cutoff: DateTime<Utc>,
+    log: &RunLog,
     clock: &dyn Clock,
     counts: &mut RunCounts,
     progress: &mut (dyn FnMut(Progress) + Send),
 ) -> Result<(), RefreshError> {
+    let window = log.window;
+    // Hours before a re-read's start are still stored: a re-read file adds none of them.
+    let cutoff = log.cutoff.max(log.reread.unwrap_or(log.cutoff));
     progress(Progress::Listing);
     let mut keys = Vec::new();
     for scan in files::scan_prefixes(&**objects, &config.account_id, window.since, window.until).await? {
-        let after = match scan.ordered {
+        // Files to re-read sort anywhere in their prefix: list it whole.
+        let after = match scan.ordered && log.reread.is_none() {
             true => store.last_read(&scan.prefix)?.map(|last| files::resume_after(&last).to_string()),
             false => None,
         };

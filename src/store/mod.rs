@@ -9,6 +9,7 @@
 
 mod ledger;
 mod lock;
+mod rejudge;
 mod sqlite;
 
 use std::collections::HashSet;
@@ -22,7 +23,8 @@ use crate::exemption::{ExemptionState, Grant, Record as ExemptionRecord};
 use crate::guard::{DenialEvent, SourceHealth, VerdictKind};
 use crate::rollout::{AuditEntry, Snapshot};
 pub use lock::{LockError, StoreLock, lock_path};
-pub use sqlite::{ATHENA_ORIGIN, Rejudged, Run, RunCounts, Store, TRAIL_ORIGIN};
+pub use rejudge::Rejudged;
+pub use sqlite::{ATHENA_ORIGIN, Run, RunCounts, Store, TRAIL_ORIGIN};
 
 /// Why a store operation failed.
 #[derive(Debug, thiserror::Error)]
@@ -244,6 +246,14 @@ pub trait EvidenceWriter: EvidenceStore<Error = StoreError> + Send + Sync {
     /// Derives every stored verdict again under `judge` from the stored request contexts (no
     /// CloudTrail read) and stamps the evidence with its perimeter's fingerprint.
     fn rejudge(&self, judge: &Judge, now: DateTime<Utc>) -> Result<Rejudged, StoreError>;
+    /// Prepares re-reading `origin`'s hours stored before request contexts were kept: from the
+    /// oldest such hour on, every hour of `origin` is emptied and marked for a re-read (the gate
+    /// stays closed until it is done) and the read marks of the files behind them are dropped.
+    /// Returns that oldest hour (`None`: nothing to re-read); a re-read cut short starts over.
+    fn begin_reread(&self, origin: &str) -> Result<Option<DateTime<Utc>>, StoreError>;
+    /// Ends a successful re-read begun at `from`: hours that got their calls back are judged like
+    /// any other; hours nothing was found for again are dropped.
+    fn finish_reread(&self, origin: &str, from: DateTime<Utc>) -> Result<(), StoreError>;
     /// The greatest key read under `prefix` (`/`-separated; `prefix` ends with `/` or is empty).
     fn last_read(&self, prefix: &str) -> Result<Option<String>, StoreError>;
     /// The keys read under `prefix` that sort after `after` (all of them when `None`).

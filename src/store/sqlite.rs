@@ -19,12 +19,12 @@ use std::time::Duration;
 use chrono::{DateTime, Utc};
 use rusqlite::{Connection, OptionalExtension, Transaction, params};
 
-use crate::evidence::aggregate::{Aggregates, Judge, RequestContext, UserHour, hour_of};
+use crate::evidence::aggregate::{Aggregates, Judge, UserHour, hour_of};
 use crate::evidence::files::TrailFile;
 use crate::evidence::{EvidenceStore, Freshness, OutsideCall, OutsideSource, UserEvidence};
 use crate::perimeter::{AllowReason, DenyReason, Fingerprint, SkipReason, Verdict};
 
-use super::{Doing, EvidenceWriter, RefreshLog, StoreError};
+use super::{Doing, EvidenceWriter, RefreshLog, Rejudged, StoreError};
 
 /// Schema migrations, applied in order; `user_version` is the number applied.
 pub(crate) const MIGRATIONS: &[&str] = &[
@@ -224,6 +224,18 @@ impl Store {
 
 /// Writing evidence.
 impl EvidenceWriter for Store {
+    fn rejudge(&self, judge: &Judge, now: DateTime<Utc>) -> Result<Rejudged, StoreError> {
+        super::rejudge::rejudge(self, judge, now)
+    }
+
+    fn begin_reread(&self, origin: &str) -> Result<Option<DateTime<Utc>>, StoreError> {
+        super::rejudge::begin_reread(self, origin)
+    }
+
+    fn finish_reread(&self, origin: &str, from: DateTime<Utc>) -> Result<(), StoreError> {
+        super::rejudge::finish_reread(self, origin, from)
+    }
+
     /// Adds trail files' contributions and marks them read, all in one transaction. A file
     /// already marked (read by a concurrent refresh) adds nothing. Returns, per file, whether it
     /// was added.
@@ -297,80 +309,6 @@ impl EvidenceWriter for Store {
         }
         add_aggregates(&tx, origin, &within).doing(&doing)?;
         tx.commit().doing(&doing)
-    }
-
-    /// Derives every user-hour's verdicts again under `judge` from the stored request contexts
-    /// (no CloudTrail read) and stamps the evidence with its perimeter's fingerprint, in one
-    /// transaction. Hours stored before contexts were kept are left alone: freshness counts them.
-    ///
-    /// A verdict depends on the context alone, so each distinct context is judged once, in
-    /// Rust (the one classifier), and the derived rows are rebuilt from that table in SQL.
-    fn rejudge(&self, judge: &Judge, now: DateTime<Utc>) -> Result<Rejudged, StoreError> {
-        let fingerprint = judge.perimeter.fingerprint();
-        let doing = format!("re-judging the stored evidence under perimeter {fingerprint}");
-        let doing = doing.as_str();
-        let mut conn = self.conn();
-        let tx = conn.transaction().doing(doing)?;
-        let columns = CONTEXT_KEY.replace(", ", " TEXT NOT NULL, ");
-        tx.execute_batch(&format!(
-            "DROP TABLE IF EXISTS temp.judged_context;
-             CREATE TEMP TABLE judged_context (
-                 {columns} TEXT NOT NULL, verdict TEXT NOT NULL, reason TEXT NOT NULL,
-                 applicable INTEGER NOT NULL, outside_source TEXT, action TEXT NOT NULL,
-                 PRIMARY KEY ({CONTEXT_KEY})
-             ) WITHOUT ROWID;"
-        ))
-        .doing(doing)?;
-        {
-            let contexts: Vec<RequestContext> = tx
-                .prepare(&format!("SELECT DISTINCT {CONTEXT_KEY} FROM evidence_context"))
-                .and_then(|mut stmt| stmt.query_map([], |row| context_at(row, 0))?.collect())
-                .doing(doing)?;
-            let mut insert = tx
-                .prepare(&format!(
-                    "INSERT INTO judged_context ({CONTEXT_KEY}, verdict, reason, applicable, outside_source, action)
-                     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14)"
-                ))
-                .doing(doing)?;
-            for context in contexts {
-                let judged = judge.judge_context(&context);
-                insert
-                    .execute(params![
-                        context.event_source,
-                        context.event_name,
-                        context.event_type,
-                        context.account,
-                        context.source_ip,
-                        context.endpoint,
-                        context.endpoint_account,
-                        context.invoked_by,
-                        context.s3_auth_method,
-                        judged.verdict.kind_name(),
-                        judged.verdict.reason_name(),
-                        !matches!(judged.verdict, Verdict::NotApplicable(_)),
-                        judged.outside_source,
-                        judged.action,
-                    ])
-                    .doing(doing)?;
-            }
-        }
-        let hours = tx
-            .execute_batch(REBUILD_VERDICTS)
-            .and_then(|()| {
-                tx.query_row("SELECT count(*) FROM evidence_hour WHERE needs_reread = 0", [], |row| {
-                    row.get::<_, i64>(0)
-                })
-            })
-            .doing(doing)?;
-        tx.execute(
-            "INSERT INTO evidence_judged (only, fingerprint, judged_at) VALUES (1, ?1, ?2)
-             ON CONFLICT (only) DO UPDATE SET fingerprint = excluded.fingerprint, judged_at = excluded.judged_at",
-            params![fingerprint.to_string(), now.timestamp()],
-        )
-        .doing(doing)?;
-        tx.execute_batch("DROP TABLE temp.judged_context").doing(doing)?;
-        tx.commit().doing(doing)?;
-        Ok(Rejudged { fingerprint, hours: count(Some(hours)) })
     }
 
     /// The greatest key read under `prefix` (keys are `/`-separated; `prefix` ends with `/` or is
@@ -898,70 +836,6 @@ fn add_verdicts(tx: &Transaction<'_>, origin: &str, user: &str, hour: i64, agg: 
         ])?;
     }
     Ok(())
-}
-
-/// What a re-judgement did.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
-pub struct Rejudged {
-    /// The perimeter the evidence is now judged under.
-    pub fingerprint: Fingerprint,
-    /// User-hours whose verdicts were derived again.
-    pub hours: u64,
-}
-
-/// The columns of a request context, in [`RequestContext`] field order.
-const CONTEXT_KEY: &str =
-    "event_source, event_name, event_type, account, source_ip, endpoint, endpoint_account, invoked_by, s3_auth_method";
-
-/// Rebuilds the derived rows of every hour that has contexts from `judged_context`, as
-/// [`Aggregates`] derives them: verdict counts, outside sources with their latest call (ties by
-/// the greater action, then reason), and the first and last applicable call.
-const REBUILD_VERDICTS: &str = "
-    CREATE TEMP TABLE judged_call AS
-        SELECT c.hour, c.user_name, c.origin, c.calls, c.first_seen, c.last_seen,
-               j.verdict, j.reason, j.applicable, j.outside_source, j.action
-        FROM evidence_hour h
-        JOIN evidence_context c ON c.hour = h.hour AND c.user_name = h.user_name AND c.origin = h.origin
-        JOIN judged_context j USING (event_source, event_name, event_type, account, source_ip, endpoint,
-                                     endpoint_account, invoked_by, s3_auth_method)
-        WHERE h.needs_reread = 0;
-    DELETE FROM evidence_verdict WHERE (hour, user_name, origin) IN
-        (SELECT hour, user_name, origin FROM evidence_hour WHERE needs_reread = 0);
-    DELETE FROM evidence_outside WHERE (hour, user_name, origin) IN
-        (SELECT hour, user_name, origin FROM evidence_hour WHERE needs_reread = 0);
-    INSERT INTO evidence_verdict (user_name, hour, origin, verdict, reason, calls)
-        SELECT user_name, hour, origin, verdict, reason, sum(calls) FROM judged_call
-        GROUP BY hour, user_name, origin, verdict, reason;
-    INSERT INTO evidence_outside (user_name, hour, origin, source, calls, last_seen, last_action, last_reason)
-        SELECT user_name, hour, origin, outside_source, calls, last_seen,
-               substr(latest, 1, instr(latest, char(31)) - 1), substr(latest, instr(latest, char(31)) + 1)
-        FROM (SELECT user_name, hour, origin, outside_source, sum(calls) AS calls, max(last_seen) AS last_seen,
-                     substr(max(printf('%020d', last_seen) || char(31) || action || char(31) || reason), 22) AS latest
-              FROM judged_call WHERE verdict = 'would_deny'
-              GROUP BY hour, user_name, origin, outside_source);
-    UPDATE evidence_hour SET first_call = span.first_call, last_call = span.last_call
-        FROM (SELECT c.hour, c.user_name, c.origin,
-                     min(CASE WHEN c.applicable THEN c.first_seen END) AS first_call,
-                     max(CASE WHEN c.applicable THEN c.last_seen END) AS last_call
-              FROM judged_call c GROUP BY c.hour, c.user_name, c.origin) AS span
-        WHERE evidence_hour.hour = span.hour AND evidence_hour.user_name = span.user_name
-          AND evidence_hour.origin = span.origin;
-    DROP TABLE temp.judged_call;
-";
-
-/// The request context in columns `first..first + 9` of `row`.
-fn context_at(row: &rusqlite::Row<'_>, first: usize) -> rusqlite::Result<RequestContext> {
-    Ok(RequestContext {
-        event_source: row.get(first)?,
-        event_name: row.get(first + 1)?,
-        event_type: row.get(first + 2)?,
-        account: row.get(first + 3)?,
-        source_ip: row.get(first + 4)?,
-        endpoint: row.get(first + 5)?,
-        endpoint_account: row.get(first + 6)?,
-        invoked_by: row.get(first + 7)?,
-        s3_auth_method: row.get(first + 8)?,
-    })
 }
 
 fn verdict_from_names(kind: &str, reason: &str) -> Option<Verdict> {
