@@ -292,7 +292,7 @@ pub(crate) fn soak_of(batch: &Batch, config: &Config) -> chrono::Duration {
 }
 
 /// The soak a new batch of `wave` records.
-fn wave_soak(config: &Config, wave: &str) -> chrono::Duration {
+pub(crate) fn wave_soak(config: &Config, wave: &str) -> chrono::Duration {
     chrono_of(config.waves.iter().find(|w| w.name == wave).map_or(config.guard.window, |w| w.soak))
 }
 
