@@ -27,7 +27,7 @@ use chrono::{DateTime, NaiveDate, TimeDelta, Utc};
 use serde::Serialize;
 
 use crate::config::Config;
-use crate::controller::{await_delivery, not_at_fault, rollback_reason, soak_of, soaks_to_start, wave_soak, watched};
+use crate::controller::{await_delivery, not_at_fault, rollback_reason, soak_of, soaks_to_start, watched, wave_soak};
 use crate::duration::chrono_of;
 use crate::evidence::aggregate::hour_of;
 use crate::evidence::{EvidenceStore, Freshness, OutsideCalls, RecordedDenials, UserEvidence};
@@ -422,7 +422,10 @@ impl<'a, E: EvidenceStore<Error = StoreError>> Replay<'a, E> {
             && now >= pause.at + after
         {
             self.ledger.resume(ACTOR, now)?;
-            self.milestones.push(Milestone { at: now, what: format!("resumed by an operator {} after the pause", crate::duration::elapsed(after)) });
+            self.milestones.push(Milestone {
+                at: now,
+                what: format!("resumed by an operator {} after the pause", crate::duration::elapsed(after)),
+            });
             return self.step(history, previous, now, users, options);
         }
         let judgements = self.judge(&snapshot, now)?;
@@ -467,7 +470,11 @@ impl<'a, E: EvidenceStore<Error = StoreError>> Replay<'a, E> {
     }
 
     /// The guard's judgement of every watched batch at `now`, as the controller makes it.
-    fn judge(&mut self, snapshot: &Snapshot, now: DateTime<Utc>) -> Result<BTreeMap<i64, guard::Judgement>, StoreError> {
+    fn judge(
+        &mut self,
+        snapshot: &Snapshot,
+        now: DateTime<Utc>,
+    ) -> Result<BTreeMap<i64, guard::Judgement>, StoreError> {
         let guard = &self.config.guard;
         let window = chrono_of(guard.window);
         let recent = self.events_between(now - window - TimeDelta::nanoseconds(1), now);
@@ -501,7 +508,11 @@ impl<'a, E: EvidenceStore<Error = StoreError>> Replay<'a, E> {
 
     /// Members' other denials per hour over the eligibility window before `applied_at`, as the
     /// controller weighs them.
-    fn baselines_before(&self, members: &[String], applied_at: DateTime<Utc>) -> Result<BTreeMap<String, f64>, StoreError> {
+    fn baselines_before(
+        &self,
+        members: &[String],
+        applied_at: DateTime<Utc>,
+    ) -> Result<BTreeMap<String, f64>, StoreError> {
         let window = self.config.eligibility.window;
         let before = self.evidence.user_evidence(crate::config::earlier(applied_at, window), applied_at)?;
         let hours = (window.as_secs_f64() / 3600.0).max(1.0);
@@ -514,7 +525,8 @@ impl<'a, E: EvidenceStore<Error = StoreError>> Replay<'a, E> {
 
     /// `unknown` denials per user-hour among users not promoted, over the guard window.
     fn cohort_rate(&self, snapshot: &Snapshot, recent: &[DenialEvent]) -> CohortRate {
-        let active = self.current.as_ref().map_or(0, |(_, e)| e.iter().filter(|e| !is_locked(snapshot, &e.user)).count());
+        let active =
+            self.current.as_ref().map_or(0, |(_, e)| e.iter().filter(|e| !is_locked(snapshot, &e.user)).count());
         CohortRate {
             denials: recent.iter().filter(|e| e.kind.cause == Cause::Unknown && !is_locked(snapshot, &e.user)).count()
                 as u64,
@@ -626,12 +638,14 @@ impl<'a, E: EvidenceStore<Error = StoreError>> Replay<'a, E> {
                     )?;
                     for user in &users {
                         self.ledger.mark_held(user, ACTOR, now)?;
-                        if let Some(span) = self.locked.iter_mut().rev().find(|l| &l.user == user && l.until.is_none()) {
+                        if let Some(span) = self.locked.iter_mut().rev().find(|l| &l.user == user && l.until.is_none())
+                        {
                             span.until = Some(now);
                         }
                     }
-                    let culprits =
-                        judgement.map(|j| j.explanation.culprits.iter().map(|c| c.user.clone()).collect()).unwrap_or_default();
+                    let culprits = judgement
+                        .map(|j| j.explanation.culprits.iter().map(|c| c.user.clone()).collect())
+                        .unwrap_or_default();
                     self.culprits.insert(*batch, culprits);
                     self.milestones.push(Milestone { at: now, what: format!("paused: {pause}") });
                     self.day(now).rollbacks += 1;
@@ -642,7 +656,8 @@ impl<'a, E: EvidenceStore<Error = StoreError>> Replay<'a, E> {
                     self.milestones.push(Milestone { at: now, what: format!("wave {wave} finished: {why}") });
                 }
                 Action::StartBatch { wave, users } => {
-                    let journal: Vec<(String, String)> = users.iter().map(|c| (c.user.clone(), c.why.clone())).collect();
+                    let journal: Vec<(String, String)> =
+                        users.iter().map(|c| (c.user.clone(), c.why.clone())).collect();
                     let new = NewBatch { wave, users: &journal, soak: wave_soak(config, wave) };
                     let batch = self.ledger.start_batch(&new, ACTOR, now)?;
                     for (user, _) in &journal {
@@ -671,7 +686,11 @@ impl<'a, E: EvidenceStore<Error = StoreError>> Replay<'a, E> {
         })
     }
 
-    fn report(mut self, options: &Options, users: &BTreeMap<String, (IamUser, DateTime<Utc>)>) -> Result<Report, BacktestError> {
+    fn report(
+        mut self,
+        options: &Options,
+        users: &BTreeMap<String, (IamUser, DateTime<Utc>)>,
+    ) -> Result<Report, BacktestError> {
         let snapshot = self.ledger.snapshot()?;
         for index in 0..self.hits.len() {
             let (at, calls) = (self.hits[index].at, self.hits[index].calls);
@@ -736,4 +755,166 @@ fn caveats(options: &Options) -> Vec<String> {
         None => "a guard pause is never resumed".to_string(),
     });
     caveats
+}
+
+#[cfg(test)]
+mod tests {
+    use std::path::Path;
+
+    use super::*;
+    use crate::config::{Selector, Wave};
+    use crate::evidence::CallGroup;
+    use crate::evidence::aggregate::{Aggregates, Judge};
+    use crate::store::{ATHENA_ORIGIN, Store};
+    use crate::trail::{Record, UserIdentity};
+
+    const TRUSTED: &str = "203.0.113.9";
+    const OUTSIDE: &str = "198.18.0.7";
+
+    fn at(text: &str) -> DateTime<Utc> {
+        text.parse().unwrap()
+    }
+
+    /// The example configuration with one wave taking every user two at a time.
+    fn config(soak: &str) -> Config {
+        let mut config = Config::parse(include_str!("../rollout.yaml"), Path::new("rollout.yaml")).unwrap();
+        config.waves = vec![Wave {
+            name: "all".into(),
+            batch_size: 2,
+            soak: crate::config::parse_duration(soak).unwrap(),
+            batches: None,
+            select: Selector { path_prefix: None, user_glob: None, tag: None },
+        }];
+        config.rollout.max_promotions_per_day = 2;
+        config
+    }
+
+    fn calls(user: &str, at: DateTime<Utc>, source: &str, calls: u64) -> CallGroup {
+        let record = Record {
+            event_time: Some(at.to_rfc3339()),
+            event_source: Some("s3.amazonaws.com".into()),
+            event_name: Some("ListBuckets".into()),
+            source_ip_address: Some(source.into()),
+            user_identity: Some(UserIdentity {
+                kind: Some("IAMUser".into()),
+                user_name: Some(user.into()),
+                arn: Some(format!("arn:aws:iam::123456789012:user/engineering/{user}")),
+                account_id: Some("123456789012".into()),
+                ..UserIdentity::default()
+            }),
+            ..Record::default()
+        };
+        CallGroup { record, calls, first: at, last: at }
+    }
+
+    /// Users calling from the office every hour of the 20 days from 2026-03-01, plus `extra` calls.
+    fn store(config: &Config, users: &[&str], extra: &[CallGroup]) -> Store {
+        let (start, end) = (at("2026-03-01T00:00:00Z"), at("2026-03-21T00:00:00Z"));
+        let judge = Judge::new(config);
+        let mut aggregates = Aggregates::default();
+        let mut hour = start;
+        while hour < end {
+            for user in users {
+                aggregates.add(&calls(user, hour + TimeDelta::minutes(10), TRUSTED, 5), &judge);
+            }
+            hour += TimeDelta::hours(1);
+        }
+        for group in extra {
+            aggregates.add(group, &judge);
+        }
+        let store = Store::open_in_memory().unwrap();
+        store.replace_hours(ATHENA_ORIGIN, start, end, &aggregates).unwrap();
+        store.ensure_judged(&judge, end).unwrap();
+        store
+    }
+
+    fn run(config: &Config, store: &Store, since: &str, until: &str) -> Report {
+        let options = Options { since: at(since), until: at(until), resume_after: None };
+        let history = History {
+            outside: store.outside_calls(options.since, options.until).unwrap(),
+            denials: store.recorded_denials(options.since, options.until).unwrap(),
+        };
+        let scratch = Store::open_in_memory().unwrap();
+        replay(config, store, &history, &scratch, &options).unwrap()
+    }
+
+    fn starts(report: &Report) -> Vec<(DateTime<Utc>, Vec<&str>)> {
+        report.batches.iter().map(|b| (b.started_at, b.members.iter().map(String::as_str).collect())).collect()
+    }
+
+    #[test]
+    fn batches_start_as_soaks_delivery_and_the_daily_cap_allow() {
+        let config = config("1h");
+        let store = store(&config, &["ann", "ben", "cat", "dan"], &[]);
+        let report = run(&config, &store, "2026-03-10T00:00:00Z", "2026-03-12T00:00:00Z");
+        // Batch 1 soaks an hour and succeeds at the first step past soak end + delivery lag; the
+        // cap (2 a day) holds batch 2 until batch 1 is more than 24h old.
+        assert_eq!(
+            starts(&report),
+            [(at("2026-03-10T00:00:00Z"), vec!["ann", "ben"]), (at("2026-03-11T01:00:00Z"), vec!["cat", "dan"])]
+        );
+        let first = &report.batches[0];
+        assert_eq!(first.soak_until, Some(at("2026-03-10T01:00:00Z")));
+        assert_eq!(first.finished_at, Some(at("2026-03-10T02:00:00Z")));
+        assert_eq!(first.state, BatchState::Succeeded);
+        assert!(report.hits.is_empty(), "{:?}", report.hits);
+        assert_eq!(report.totals.locked_at_end, 4);
+        let day = |d: &str| report.coverage.iter().find(|c| c.day.to_string() == d).unwrap();
+        assert_eq!((day("2026-03-10").locked, day("2026-03-10").total), (2, 4));
+        assert_eq!(day("2026-03-10").eligible, 2, "cat and dan, still waiting");
+        assert_eq!(day("2026-03-11").locked, 4);
+    }
+
+    #[test]
+    fn a_late_call_from_outside_in_soak_rolls_the_batch_back_and_holds_the_culprit() {
+        let config = config("24h");
+        let late = calls("ben", at("2026-03-10T00:30:00Z"), OUTSIDE, 4);
+        let store = store(&config, &["ann", "ben"], &[late]);
+        let report = run(&config, &store, "2026-03-10T00:00:00Z", "2026-03-11T00:00:00Z");
+        assert_eq!(starts(&report), [(at("2026-03-10T00:00:00Z"), vec!["ann", "ben"])]);
+        let batch = &report.batches[0];
+        assert_eq!(batch.state, BatchState::RolledBack);
+        // Rolled back at the guard's first poll after the calls.
+        assert_eq!(batch.finished_at, Some(at("2026-03-10T00:30:00Z")));
+        assert_eq!(batch.culprits, ["ben"]);
+        assert_eq!(report.hits.len(), 1, "{:?}", report.hits);
+        let hit = &report.hits[0];
+        assert_eq!((hit.user.as_str(), hit.source.as_str(), hit.calls), ("ben", OUTSIDE, 4));
+        assert_eq!((hit.phase, hit.outcome, hit.cause), (Phase::Soak, Outcome::RolledBack, Cause::Lockdown));
+        assert_eq!(hit.guard, "spike");
+        assert!(
+            report.milestones.iter().any(|m| m.what.contains("rolled back by the guard")),
+            "{:?}",
+            report.milestones
+        );
+        assert_eq!(report.totals.locked_at_end, 0, "paused by the guard: nobody is promoted again");
+        assert_eq!(report.locked.iter().map(|l| l.until).collect::<Vec<_>>(), [batch.finished_at, batch.finished_at]);
+    }
+
+    #[test]
+    fn a_call_from_outside_after_the_soak_is_a_breakage() {
+        let config = config("1h");
+        let late = calls("ann", at("2026-03-10T05:20:00Z"), OUTSIDE, 2);
+        let store = store(&config, &["ann", "ben"], &[late]);
+        let report = run(&config, &store, "2026-03-10T00:00:00Z", "2026-03-10T12:00:00Z");
+        assert_eq!(report.batches[0].state, BatchState::Succeeded);
+        let hit = &report.hits[0];
+        assert_eq!((hit.phase, hit.outcome), (Phase::AfterSoak, Outcome::Breakage));
+        assert_eq!(hit.guard, "after_soak_alert");
+        assert_eq!(report.totals.breakages, 1);
+        assert_eq!(report.coverage[0].would_deny_calls, 2);
+    }
+
+    #[test]
+    fn evidence_judged_under_another_perimeter_is_refused() {
+        let config = config("1h");
+        let store = store(&config, &["ann"], &[]);
+        let mut other = config.clone();
+        other.perimeter.trusted_cidrs.pop();
+        let options =
+            Options { since: at("2026-03-10T00:00:00Z"), until: at("2026-03-11T00:00:00Z"), resume_after: None };
+        let scratch = Store::open_in_memory().unwrap();
+        let error = replay(&other, &store, &History::default(), &scratch, &options).unwrap_err();
+        assert!(error.to_string().contains("re-judged"), "{error}");
+    }
 }
