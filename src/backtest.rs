@@ -76,25 +76,25 @@ pub enum BacktestError {
     Refused(String),
 }
 
-/// Where a would-be denial of a locked user falls.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
-#[serde(rename_all = "snake_case")]
-pub enum Phase {
-    /// The user's batch is soaking (or in its grace): the guard judges it.
-    Soak,
-    /// The user's batch succeeded: the lock is for good.
-    AfterSoak,
-}
+named_enum!(
+    /// Where a would-be denial of a locked user falls.
+    Phase {
+        /// The user's batch is soaking (or in its grace): the guard judges it.
+        Soak = "soak",
+        /// The user's batch succeeded: the lock is for good.
+        AfterSoak = "after_soak",
+    }
+);
 
-/// What a would-be denial of a locked user led to.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
-#[serde(rename_all = "snake_case")]
-pub enum Outcome {
-    /// The guard called a spike: the batch is rolled back.
-    RolledBack,
-    /// The user stayed locked and the call failed: something broke.
-    Breakage,
-}
+named_enum!(
+    /// What a would-be denial of a locked user led to.
+    Outcome {
+        /// The guard called a spike: the batch is rolled back.
+        RolledBack = "rolled_back",
+        /// The user stayed locked and the call failed: something broke.
+        Breakage = "breakage",
+    }
+);
 
 /// Calls from one source a lockdown would have denied to a locked user, in one hour.
 #[derive(Debug, Clone, PartialEq, Serialize)]

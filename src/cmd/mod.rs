@@ -8,6 +8,7 @@ use lockstep::config::Config;
 
 use crate::{Cli, Command, LogFormat, PolicyAction};
 
+mod backtest;
 mod classify;
 pub mod evidence;
 mod ops;
@@ -86,6 +87,9 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Run { commit, once, json } => {
             let config = load(&cli.config)?;
             block_on(run::run(config, run::Options { commit, once, json }))
+        }
+        Command::Backtest { since, until, resume_after, json, html } => {
+            backtest::run(&load(&cli.config)?, backtest::Options { since, until, resume_after, json, html })
         }
         Command::Evidence { command } => evidence::run(&load(&cli.config)?, command),
         Command::Classify { files, exempt } => {
