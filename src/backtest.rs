@@ -27,7 +27,7 @@ use chrono::{DateTime, NaiveDate, TimeDelta, Utc};
 use serde::Serialize;
 
 use crate::config::Config;
-use crate::controller::{await_delivery, not_at_fault, rollback_reason, soak_of, soaks_to_start, watched, wave_soak};
+use crate::controller::{await_delivery, journal_guard_rollback, soaks_to_start, watched, wave_soak};
 use crate::duration::chrono_of;
 use crate::evidence::aggregate::hour_of;
 use crate::evidence::{EvidenceStore, Freshness, OutsideCalls, RecordedDenials, UserEvidence};
@@ -35,7 +35,7 @@ use crate::guard::{self, Attribution, Cause, CohortRate, DenialEvent, SourceHeal
 use crate::perimeter;
 use crate::planner::{self, Action, Eligibility};
 use crate::rollout::{BatchState, IamUser, Snapshot};
-use crate::store::{Ledger, NewBatch, Requeue, RollbackRequest, StoreError};
+use crate::store::{Ledger, NewBatch, StoreError};
 use crate::trail::{PolicyType, StatedCause};
 
 /// The actor the scratch ledger's audit lines name.
@@ -453,18 +453,11 @@ impl<'a, E: EvidenceStore<Error = StoreError>> Replay<'a, E> {
         self.apply(&plan.actions, &snapshot, &judgements, now)?;
         if hourly {
             let after = self.ledger.snapshot()?;
-            let day = now.date_naive();
-            let entry = self.coverage.entry(day).or_insert(Coverage {
-                day,
-                locked: 0,
-                eligible: 0,
-                total: 0,
-                would_deny_calls: 0,
-                rollbacks: 0,
-            });
+            let total = users.values().filter(|(_, first)| *first <= now).count();
+            let entry = self.day(now);
             entry.locked = after.members.values().filter(|m| m.state.wants_membership()).count();
             entry.eligible = plan.users.values().filter(|e| matches!(e, Eligibility::Eligible(_))).count();
-            entry.total = users.values().filter(|(_, first)| *first <= now).count();
+            entry.total = total;
         }
         Ok(())
     }
@@ -616,26 +609,9 @@ impl<'a, E: EvidenceStore<Error = StoreError>> Replay<'a, E> {
             match action {
                 Action::RollBack { batch, reason } => {
                     let judgement = judgements.get(batch);
-                    let reason = rollback_reason(reason, judgement.map(|j| &j.verdict));
-                    let pause = format!("batch {batch} rolled back by the guard");
-                    let bystanders = not_at_fault(judgement);
-                    let requeue_after = config
-                        .guard
-                        .requeue_after
-                        .map(chrono_of)
-                        .or_else(|| snapshot.batch(*batch).map(|b| soak_of(b, config)))
-                        .unwrap_or_else(|| chrono_of(config.guard.window));
-                    let users = self.ledger.begin_rollback(
-                        &RollbackRequest {
-                            batch: *batch,
-                            actor: ACTOR,
-                            reason: &reason,
-                            hold_until: crate::config::later(now, config.eligibility.hold_expiry),
-                            pause: Some(&pause),
-                            requeue: Some(Requeue { users: &bystanders, until: now + requeue_after }),
-                        },
-                        now,
-                    )?;
+                    let rollback =
+                        journal_guard_rollback(self.ledger, config, snapshot, (*batch, reason), judgement, ACTOR, now)?;
+                    let users = rollback.users;
                     for user in &users {
                         self.ledger.mark_held(user, ACTOR, now)?;
                         if let Some(span) = self.locked.iter_mut().rev().find(|l| &l.user == user && l.until.is_none())
@@ -647,7 +623,8 @@ impl<'a, E: EvidenceStore<Error = StoreError>> Replay<'a, E> {
                         .map(|j| j.explanation.culprits.iter().map(|c| c.user.clone()).collect())
                         .unwrap_or_default();
                     self.culprits.insert(*batch, culprits);
-                    self.milestones.push(Milestone { at: now, what: format!("paused: {pause}") });
+                    self.milestones
+                        .push(Milestone { at: now, what: format!("paused: batch {batch} rolled back by the guard") });
                     self.day(now).rollbacks += 1;
                 }
                 Action::Succeed { batch, detail } => self.ledger.succeed(*batch, detail, now)?,
