@@ -48,7 +48,7 @@ const MAX_EVENTS_PER_ROW: u64 = 1_000;
 /// The stored history the replay reads besides the per-step evidence.
 #[derive(Debug, Clone, Default)]
 pub struct History {
-    /// Calls from outside the perimeter, per user-hour and source, in time order.
+    /// Calls from outside the perimeter, per user-hour and source, in `last_seen` order.
     pub outside: Vec<OutsideCalls>,
     /// Recorded denials per user-hour.
     pub denials: Vec<RecordedDenials>,
@@ -287,9 +287,17 @@ fn fresh_at(stored: Freshness, now: DateTime<Utc>) -> Freshness {
     Freshness { last_success: Some(now), covered_until: Some(now), ..stored }
 }
 
+/// The users the evidence knows.
+struct Users {
+    /// As the planner takes them: name, ARN and the path read from it.
+    directory: Vec<IamUser>,
+    /// Each one's first call.
+    first_calls: Vec<DateTime<Utc>>,
+}
+
 /// The users the evidence knows, as the planner takes them: name, ARN and the path read from it.
-fn directory(evidence: &[UserEvidence]) -> BTreeMap<String, (IamUser, DateTime<Utc>)> {
-    evidence
+fn directory(evidence: &[UserEvidence]) -> Users {
+    let (directory, first_calls) = evidence
         .iter()
         .map(|e| {
             let arn = e.arn.clone().unwrap_or_default();
@@ -297,10 +305,10 @@ fn directory(evidence: &[UserEvidence]) -> BTreeMap<String, (IamUser, DateTime<U
                 .split_once(":user/")
                 .and_then(|(_, rest)| rest.rsplit_once('/'))
                 .map_or("/".to_string(), |(path, _)| format!("/{path}/").replace("//", "/"));
-            let user = IamUser { name: e.user.clone(), arn, path, tags: BTreeMap::new() };
-            (e.user.clone(), (user, e.first_call))
+            (IamUser { name: e.user.clone(), arn, path, tags: BTreeMap::new() }, e.first_call)
         })
-        .collect()
+        .unzip();
+    Users { directory, first_calls }
 }
 
 /// The denials locked users would have met, and the recorded ones, as the guard counts them,
@@ -403,16 +411,16 @@ impl<'a, E: EvidenceStore<Error = StoreError>> Replay<'a, E> {
         history: &History,
         previous: DateTime<Utc>,
         now: DateTime<Utc>,
-        users: &BTreeMap<String, (IamUser, DateTime<Utc>)>,
+        users: &Users,
         options: &Options,
     ) -> Result<(), BacktestError> {
         let snapshot = self.ledger.snapshot()?;
         let hourly = hour_of(now) == now || now == options.since;
-        let new_calls: Vec<&OutsideCalls> = history
-            .outside
-            .iter()
-            .filter(|o| o.last_seen > previous && o.last_seen <= now && is_locked(&snapshot, &o.user))
-            .collect();
+        // The rows are in time order (see `History::outside`).
+        let from = history.outside.partition_point(|o| o.last_seen <= previous);
+        let to = history.outside.partition_point(|o| o.last_seen <= now).max(from);
+        let new_calls: Vec<&OutsideCalls> =
+            history.outside[from..to].iter().filter(|o| is_locked(&snapshot, &o.user)).collect();
         // Between hours only a denial of a promoted user can change anything.
         let promoted_denied = self.events_between(previous, now).iter().any(|e| is_locked(&snapshot, &e.user));
         if !hourly && !promoted_denied {
@@ -437,12 +445,11 @@ impl<'a, E: EvidenceStore<Error = StoreError>> Replay<'a, E> {
             self.current = Some((hour, evidence));
         }
         let evidence = self.current.as_ref().map(|(_, e)| e.as_slice()).unwrap_or_default();
-        let known: Vec<IamUser> = users.values().map(|(u, _)| u.clone()).collect();
         let verdicts = judgements.iter().map(|(id, j)| (*id, j.verdict.clone())).collect();
         let plan = planner::plan(&planner::Inputs {
             config: self.config,
             ledger: &snapshot,
-            users: &known,
+            users: &users.directory,
             evidence,
             freshness: fresh_at(self.stored, hour),
             verdicts: &verdicts,
@@ -453,7 +460,7 @@ impl<'a, E: EvidenceStore<Error = StoreError>> Replay<'a, E> {
         self.apply(&plan.actions, &snapshot, &judgements, now)?;
         if hourly {
             let after = self.ledger.snapshot()?;
-            let total = users.values().filter(|(_, first)| *first <= now).count();
+            let total = users.first_calls.iter().filter(|first| **first <= now).count();
             let entry = self.day(now);
             entry.locked = after.members.values().filter(|m| m.state.wants_membership()).count();
             entry.eligible = plan.users.values().filter(|e| matches!(e, Eligibility::Eligible(_))).count();
@@ -663,11 +670,7 @@ impl<'a, E: EvidenceStore<Error = StoreError>> Replay<'a, E> {
         })
     }
 
-    fn report(
-        mut self,
-        options: &Options,
-        users: &BTreeMap<String, (IamUser, DateTime<Utc>)>,
-    ) -> Result<Report, BacktestError> {
+    fn report(mut self, options: &Options, users: &Users) -> Result<Report, BacktestError> {
         let snapshot = self.ledger.snapshot()?;
         for index in 0..self.hits.len() {
             let (at, calls) = (self.hits[index].at, self.hits[index].calls);
@@ -689,7 +692,7 @@ impl<'a, E: EvidenceStore<Error = StoreError>> Replay<'a, E> {
             })
             .collect();
         let totals = Totals {
-            users: users.len(),
+            users: users.directory.len(),
             batches: batches.len(),
             rollbacks: batches.iter().filter(|b| b.state == BatchState::RolledBack).count(),
             locked_users: self.locked.iter().map(|l| l.user.as_str()).collect::<BTreeSet<_>>().len(),
