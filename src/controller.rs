@@ -361,7 +361,7 @@ pub(crate) fn soak_of(batch: &Batch, config: &Config) -> chrono::Duration {
 }
 
 /// The soak a new batch of `wave` records.
-fn wave_soak(config: &Config, wave: &str) -> chrono::Duration {
+pub(crate) fn wave_soak(config: &Config, wave: &str) -> chrono::Duration {
     chrono_of(config.waves.iter().find(|w| w.name == wave).map_or(config.guard.window, |w| w.soak))
 }
 
@@ -391,6 +391,51 @@ pub(crate) fn not_at_fault(judgement: Option<&guard::Judgement>) -> Vec<String> 
         .filter(|j| j.verdict.kind() == guard::VerdictKind::Spike)
         .map(|j| j.explanation.not_at_fault().to_vec())
         .unwrap_or_default()
+}
+
+/// A guard rollback as journaled: the users to take out of the group, the bystanders requeued,
+/// and the reason recorded.
+pub(crate) struct JournaledRollback {
+    pub(crate) users: Vec<String>,
+    pub(crate) bystanders: Vec<String>,
+    pub(crate) reason: String,
+}
+
+/// Journals the planner's rollback of a batch (its id and the plan's reason) on the guard's
+/// judgement: the culprits held for `eligibility.hold_expiry`, the bystanders requeued after
+/// `guard.requeue_after` (default: the batch's soak), the rollout paused unless the spike is
+/// fully attributed to named culprits (then nothing is left for an operator to decide).
+pub(crate) fn journal_guard_rollback(
+    ledger: &dyn Ledger,
+    config: &Config,
+    snapshot: &Snapshot,
+    (batch, reason): (i64, &str),
+    judgement: Option<&guard::Judgement>,
+    actor: &str,
+    now: DateTime<Utc>,
+) -> Result<JournaledRollback, StoreError> {
+    let reason = rollback_reason(reason, judgement.map(|j| &j.verdict));
+    let pause = format!("batch {batch} rolled back by the guard");
+    let pause = (!judgement.is_some_and(|j| j.explanation.fully_attributed())).then_some(pause);
+    let bystanders = not_at_fault(judgement);
+    let requeue_after = config
+        .guard
+        .requeue_after
+        .map(chrono_of)
+        .or_else(|| snapshot.batch(batch).map(|b| soak_of(b, config)))
+        .unwrap_or_else(|| chrono_of(config.guard.window));
+    let users = ledger.begin_rollback(
+        &RollbackRequest {
+            batch,
+            actor,
+            reason: &reason,
+            hold_until: later(now, config.eligibility.hold_expiry),
+            pause: pause.as_deref(),
+            requeue: Some(Requeue { users: &bystanders, until: now + requeue_after }),
+        },
+        now,
+    )?;
+    Ok(JournaledRollback { users, bystanders, reason })
 }
 
 /// A healthy batch whose soak is over succeeds only once the event source has delivered events
@@ -932,27 +977,13 @@ impl<I: Iam, F: EventFeed> Controller<I, F> {
             match action {
                 Action::RollBack { batch, reason } => {
                     let judgement = judgements.get(batch);
-                    let reason = rollback_reason(reason, judgement.map(|j| &j.verdict));
-                    let pause = format!("batch {batch} rolled back by the guard");
-                    // Fully attributed to named culprits: nothing for an operator to decide.
-                    let pause = (!judgement.is_some_and(|j| j.explanation.fully_attributed())).then_some(pause);
-                    let bystanders = not_at_fault(judgement);
-                    let requeue_after = self
-                        .config
-                        .guard
-                        .requeue_after
-                        .map(chrono_of)
-                        .or_else(|| snapshot.batch(*batch).map(|b| soak_of(b, &self.config)))
-                        .unwrap_or_else(|| chrono_of(self.config.guard.window));
-                    let users = self.store.begin_rollback(
-                        &RollbackRequest {
-                            batch: *batch,
-                            actor: "controller",
-                            reason: &reason,
-                            hold_until: later(now, self.config.eligibility.hold_expiry),
-                            pause: pause.as_deref(),
-                            requeue: Some(Requeue { users: &bystanders, until: now + requeue_after }),
-                        },
+                    let JournaledRollback { users, bystanders, reason } = journal_guard_rollback(
+                        self.store.as_ref(),
+                        &self.config,
+                        &snapshot,
+                        (*batch, reason),
+                        judgement,
+                        "controller",
                         now,
                     )?;
                     self.note_explanation(*batch, judgement, now)?;

@@ -54,6 +54,7 @@ macro_rules! named_enum {
 pub mod api;
 pub(crate) mod athena;
 pub mod aws;
+pub mod backtest;
 pub mod clock;
 pub mod config;
 pub mod controller;

@@ -224,6 +224,30 @@ pub enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Replay the configured rollout over the stored evidence in virtual time, as if it had
+    /// started at --since. Changes nothing: reads the store, never IAM.
+    ///
+    /// Reports when each batch would have started, who would have been locked, every call from
+    /// outside the perimeter that would then have hit a locked user (a rollback during soak or a
+    /// breakage after, with the guard's verdict), and coverage per day.
+    Backtest {
+        /// When the replayed rollout starts: an RFC 3339 time, a duration ago (60d), or `now`.
+        #[arg(long, value_name = "TIME", default_value = "60d", value_parser = cmd::evidence::parse_time)]
+        since: cmd::evidence::TimeArg,
+        /// When the replay ends, same forms as --since.
+        #[arg(long, value_name = "TIME", default_value = "now", value_parser = cmd::evidence::parse_time)]
+        until: cmd::evidence::TimeArg,
+        /// After the guard pauses the rollout, resume it as an operator would after this long
+        /// (default: never).
+        #[arg(long, value_name = "DURATION", value_parser = lockstep::config::parse_duration)]
+        resume_after: Option<std::time::Duration>,
+        /// Print the report as JSON.
+        #[arg(long)]
+        json: bool,
+        /// Also write a self-contained HTML report (chart and figures) to FILE.
+        #[arg(long, value_name = "FILE")]
+        html: Option<PathBuf>,
+    },
     /// Print a shell completion script (e.g. `lockstep completions bash > /etc/bash_completion.d/lockstep`).
     Completions {
         #[arg(value_enum)]

@@ -78,7 +78,7 @@ pub enum TimeArg {
     Ago(Duration),
 }
 
-fn parse_time(text: &str) -> Result<TimeArg, String> {
+pub(crate) fn parse_time(text: &str) -> Result<TimeArg, String> {
     if text == "now" {
         return Ok(TimeArg::Ago(Duration::ZERO));
     }
@@ -91,7 +91,7 @@ fn parse_time(text: &str) -> Result<TimeArg, String> {
 }
 
 impl TimeArg {
-    fn resolve(self, now: DateTime<Utc>) -> DateTime<Utc> {
+    pub(crate) fn resolve(self, now: DateTime<Utc>) -> DateTime<Utc> {
         match self {
             TimeArg::At(at) => at,
             TimeArg::Ago(span) => refresh::before(now, span),
@@ -432,7 +432,7 @@ fn list(
 }
 
 /// Writes a command's output in one go; a closed pipe is an error, not a panic.
-fn emit(text: String) -> anyhow::Result<()> {
+pub(crate) fn emit(text: String) -> anyhow::Result<()> {
     let mut stdout = std::io::stdout().lock();
     stdout.write_all(text.as_bytes()).and_then(|()| stdout.flush()).context("cannot write the output")
 }
@@ -445,7 +445,7 @@ fn day_time(at: DateTime<Utc>) -> String {
     at.format("%Y-%m-%d %H:%M UTC").to_string()
 }
 
-fn thousands(n: u64) -> String {
+pub(crate) fn thousands(n: u64) -> String {
     let digits = n.to_string();
     let mut out = String::with_capacity(digits.len() + digits.len() / 3);
     for (i, c) in digits.chars().enumerate() {

@@ -8,6 +8,7 @@ use lockstep::config::Config;
 
 use crate::{Cli, Command, LogFormat, PolicyAction};
 
+mod backtest;
 mod classify;
 pub mod evidence;
 mod exempt;
@@ -94,6 +95,9 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             block_on(exempt::exempt(&load(&cli.config)?, request))
         }
         Command::Exemptions { json } => block_on(exempt::list(&load(&cli.config)?, json)),
+        Command::Backtest { since, until, resume_after, json, html } => {
+            backtest::run(&load(&cli.config)?, backtest::Options { since, until, resume_after, json, html })
+        }
         Command::Evidence { command } => evidence::run(&load(&cli.config)?, command),
         Command::Whatif { against, json } => block_on(whatif::run(&cli.config, &load(&cli.config)?, &against, json)),
         Command::Classify { files, exempt } => {

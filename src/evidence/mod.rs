@@ -179,3 +179,39 @@ pub enum SourceError {
     /// Any other failure, described for people.
     Other(String),
 }
+
+/// One user-hour's calls from one source outside the perimeter, as the store keeps them (judged
+/// under the perimeter the evidence is stamped with): what a replay of the rollout needs to know
+/// which calls a lockdown would have denied.
+#[derive(Debug, Clone, PartialEq, serde::Serialize)]
+pub struct OutsideCalls {
+    /// The IAM user who made the calls.
+    pub user: String,
+    /// The hour the calls fell in.
+    pub hour: DateTime<Utc>,
+    /// The IP address, VPC endpoint ID or service the calls came from.
+    pub source: String,
+    /// How many calls.
+    pub calls: u64,
+    /// The last such call in the hour.
+    pub last_seen: DateTime<Utc>,
+    /// The action of that last call.
+    pub action: String,
+    /// Why the policy would deny the last call.
+    pub reason: crate::perimeter::DenyReason,
+}
+
+/// One user-hour's recorded denials, counted when the evidence was read.
+#[derive(Debug, Clone, PartialEq, serde::Serialize)]
+pub struct RecordedDenials {
+    /// The IAM user who was denied.
+    pub user: String,
+    /// The hour the denials fell in.
+    pub hour: DateTime<Utc>,
+    /// The user's last applicable call in the hour (the hour itself when none was recorded).
+    pub last_call: DateTime<Utc>,
+    /// Denials that look like the lockdown policy's (explicit identity-based deny).
+    pub explicit: u64,
+    /// Every other denial ("no policy allows", SCPs, resource policies).
+    pub other: u64,
+}

@@ -7,6 +7,7 @@
 //! `pause`), each one transaction inside the implementation that checks the current state,
 //! changes it and writes its audit line, so a server database can implement the same trait.
 
+mod history;
 mod ledger;
 mod lock;
 mod rejudge;

@@ -192,6 +192,29 @@ impl Store {
         Store::init(conn, &doing)
     }
 
+    /// Opens the database at `path` for reading only: nothing is created, migrated or written.
+    /// Refuses a store whose schema is not the current one (an older one needs the migration
+    /// that opening it normally applies).
+    pub fn open_read_only(path: &Path) -> Result<Store, StoreError> {
+        use rusqlite::OpenFlags;
+        let doing = format!("opening the store {} read-only", path.display());
+        let flags = OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_URI | OpenFlags::SQLITE_OPEN_NO_MUTEX;
+        let conn = Connection::open_with_flags(path, flags).doing(&doing)?;
+        conn.busy_timeout(Duration::from_secs(10)).doing(&doing)?;
+        let found = schema_version(&conn)?;
+        if found != MIGRATIONS.len() as i64 {
+            return Err(match usize::try_from(found) {
+                Ok(applied) if applied > MIGRATIONS.len() => StoreError::TooNew { found, known: MIGRATIONS.len() },
+                _ => StoreError::Refused(format!(
+                    "{doing}: schema version {found}, this lockstep reads version {}; open it once with a \
+                     command that writes (`lockstep evidence refresh`) to migrate it",
+                    MIGRATIONS.len()
+                )),
+            });
+        }
+        Ok(Store { conn: Mutex::new(conn) })
+    }
+
     /// A private database in memory, for tests and dry runs.
     pub fn open_in_memory() -> Result<Store, StoreError> {
         let doing = "opening an in-memory store";
@@ -857,13 +880,13 @@ fn key_range(prefix: &str) -> (String, Option<String>) {
     (prefix.to_string(), high)
 }
 
-fn time(seconds: i64, doing: &str) -> Result<DateTime<Utc>, StoreError> {
+pub(super) fn time(seconds: i64, doing: &str) -> Result<DateTime<Utc>, StoreError> {
     DateTime::from_timestamp(seconds, 0)
         .ok_or_else(|| StoreError::Corrupt { doing: doing.to_string(), what: format!("timestamp {seconds}") })
 }
 
 /// SQLite sums are signed; counts are never negative.
-fn count(sum: Option<i64>) -> u64 {
+pub(super) fn count(sum: Option<i64>) -> u64 {
     sum.and_then(|n| u64::try_from(n).ok()).unwrap_or(0)
 }
 
