@@ -630,8 +630,13 @@ impl<'a, E: EvidenceStore<Error = StoreError>> Replay<'a, E> {
                         .map(|j| j.explanation.culprits.iter().map(|c| c.user.clone()).collect())
                         .unwrap_or_default();
                     self.culprits.insert(*batch, culprits);
-                    self.milestones
-                        .push(Milestone { at: now, what: format!("paused: batch {batch} rolled back by the guard") });
+                    let what = match rollback.paused {
+                        true => format!("paused: batch {batch} rolled back by the guard"),
+                        false => format!(
+                            "batch {batch} rolled back by the guard, fully attributed to its culprits: no pause"
+                        ),
+                    };
+                    self.milestones.push(Milestone { at: now, what });
                     self.day(now).rollbacks += 1;
                 }
                 Action::Succeed { batch, detail } => self.ledger.succeed(*batch, detail, now)?,

@@ -399,6 +399,8 @@ pub(crate) struct JournaledRollback {
     pub(crate) users: Vec<String>,
     pub(crate) bystanders: Vec<String>,
     pub(crate) reason: String,
+    /// Whether the rollout was paused with it (not when fully attributed to its culprits).
+    pub(crate) paused: bool,
 }
 
 /// Journals the planner's rollback of a batch (its id and the plan's reason) on the guard's
@@ -435,7 +437,7 @@ pub(crate) fn journal_guard_rollback(
         },
         now,
     )?;
-    Ok(JournaledRollback { users, bystanders, reason })
+    Ok(JournaledRollback { users, bystanders, reason, paused: pause.is_some() })
 }
 
 /// A healthy batch whose soak is over succeeds only once the event source has delivered events
@@ -977,7 +979,7 @@ impl<I: Iam, F: EventFeed> Controller<I, F> {
             match action {
                 Action::RollBack { batch, reason } => {
                     let judgement = judgements.get(batch);
-                    let JournaledRollback { users, bystanders, reason } = journal_guard_rollback(
+                    let JournaledRollback { users, bystanders, reason, .. } = journal_guard_rollback(
                         self.store.as_ref(),
                         &self.config,
                         &snapshot,

@@ -161,8 +161,9 @@ fn late_calls_from_outside_roll_the_canary_back_or_break_in_the_table_the_json_a
             && rolled_back_at <= since + TimeDelta::hours(3) + TimeDelta::minutes(15),
         "rolled back at {rolled_back_at}"
     );
+    // The spike is fully attributed to mallory, so the guard does not pause: oscar, not at fault,
+    // is promoted again after the cool-down, and his calls from outside after his soak break him.
     let hits = report["hits"].as_array().unwrap();
-    assert_eq!(hits.len(), 1, "{hits:?}");
     let hit = &hits[0];
     assert_eq!(
         (hit["user"].as_str(), hit["source"].as_str(), hit["calls"].as_u64()),
@@ -173,28 +174,38 @@ fn late_calls_from_outside_roll_the_canary_back_or_break_in_the_table_the_json_a
         (Some("soak"), Some("rolled_back"), Some("spike"))
     );
     assert_eq!((hit["cause"].as_str(), hit["reason"].as_str()), (Some("lockdown"), Some("untrusted_ip")));
+    let later = &hits[1..];
+    assert!(!later.is_empty(), "{hits:?}");
+    for hit in later {
+        assert_eq!(
+            (hit["user"].as_str(), hit["phase"].as_str(), hit["outcome"].as_str(), hit["guard"].as_str()),
+            (Some("oscar"), Some("after_soak"), Some("breakage"), Some("after_soak_alert")),
+            "{hit:?}"
+        );
+        assert!(hit["at"].as_str().unwrap().parse::<DateTime<Utc>>().unwrap() >= since + TimeDelta::days(5));
+    }
+    let oscar_locked: Vec<&Value> =
+        report["locked"].as_array().unwrap().iter().filter(|l| l["user"] == "oscar").collect();
+    assert_eq!(oscar_locked.len(), 2, "locked in the canary, then again after the cool-down: {oscar_locked:?}");
     let totals = &report["totals"];
-    assert_eq!(
-        (totals["batches"].as_u64(), totals["rollbacks"].as_u64(), totals["locked_at_end"].as_u64()),
-        (Some(1), Some(1), Some(0))
-    );
+    assert_eq!(totals["rollbacks"].as_u64(), Some(1));
+    assert_eq!(totals["breakages"].as_u64(), Some(later.len() as u64));
+    assert!(totals["batches"].as_u64().unwrap() >= 2, "{totals:?}");
+    assert!(totals["locked_at_end"].as_u64().unwrap() >= 1, "{totals:?}");
     assert_eq!(
         totals["users"].as_u64(),
         Some(report["coverage"].as_array().unwrap().last().unwrap()["total"].as_u64().unwrap())
     );
-    assert!(
-        report["milestones"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .any(|m| m["what"].as_str().unwrap().contains("rolled back by the guard"))
-    );
+    let milestones = report["milestones"].as_array().unwrap();
+    assert!(milestones.iter().any(|m| m["what"].as_str().unwrap().contains("rolled back by the guard")));
+    assert!(!milestones.iter().any(|m| m["what"].as_str().unwrap().starts_with("paused")), "{milestones:?}");
 
     // The same run for people.
     let out = lockstep(&["backtest", "--since", &since.to_rfc3339()], &config);
     assert!(out.status.success(), "{}", text(&out.stderr));
     let table = text(&out.stdout);
-    assert!(table.contains("1 batches (1 rolled back)"), "{table}");
+    let batches = totals["batches"].as_u64().unwrap();
+    assert!(table.contains(&format!("{batches} batches (1 rolled back)")), "{table}");
     assert!(table.contains(&format!("mallory (batch 1): 3 x ec2:DescribeInstances from {OUTSIDE}")), "{table}");
     assert!(table.contains("rolled_back in soak; guard: spike"), "{table}");
 
@@ -246,25 +257,15 @@ fn late_calls_from_outside_roll_the_canary_back_or_break_in_the_table_the_json_a
     let bar = tag_with(&dom, "class=\"calls\"");
     assert_eq!(attr(bar, "data-value"), "3");
 
-    with_an_operator_resuming_a_late_call_after_soak_is_a_breakage(&config, since);
+    with_no_pause_an_operator_standing_by_changes_nothing(&config, since);
 }
 
-/// With an operator resuming after the guard's pause, Oscar (not at fault in the canary) is
-/// promoted again, and his late calls from outside after his soak are a breakage.
-fn with_an_operator_resuming_a_late_call_after_soak_is_a_breakage(config: &Path, since: DateTime<Utc>) {
-    let report = json_report(config, since, &["--resume-after", "1h"]);
-    let hits = report["hits"].as_array().unwrap();
-    let oscar: Vec<&Value> = hits.iter().filter(|h| h["user"] == "oscar").collect();
-    assert!(!oscar.is_empty(), "{hits:?}");
-    let first = oscar[0];
-    assert_eq!((first["phase"].as_str(), first["outcome"].as_str()), (Some("after_soak"), Some("breakage")));
-    assert_eq!(first["guard"], "after_soak_alert");
-    assert!(first["at"].as_str().unwrap().parse::<DateTime<Utc>>().unwrap() >= since + TimeDelta::days(5));
-    assert!(report["totals"]["breakages"].as_u64().unwrap() >= 1);
-    assert!(
-        report["milestones"].as_array().unwrap().iter().any(|m| m["what"].as_str().unwrap().starts_with("resumed"))
-    );
-    // Oscar, not at fault in the canary, was promoted again after the resume.
-    let locked: Vec<&Value> = report["locked"].as_array().unwrap().iter().filter(|l| l["user"] == "oscar").collect();
-    assert_eq!(locked.len(), 2, "{locked:?}");
+/// A guard pause is what `--resume-after` ends; a rollback fully attributed to its culprits
+/// pauses nothing, so the same replay with an operator standing by is the same replay.
+fn with_no_pause_an_operator_standing_by_changes_nothing(config: &Path, since: DateTime<Utc>) {
+    let without = json_report(config, since, &[]);
+    let with = json_report(config, since, &["--resume-after", "1h"]);
+    for key in ["batches", "locked", "hits", "coverage", "totals", "milestones"] {
+        assert_eq!(with[key], without[key], "{key}");
+    }
 }
