@@ -88,6 +88,10 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         user_hours * 3,
         filling.elapsed().as_secs_f64()
     );
+    let (since, until) = (start, start + TimeDelta::days(days));
+    let reading = Instant::now();
+    let read = store.evidence(since, until, None)?;
+    println!("read the evidence of {} users over {days} days in {:.2} s", read.len(), reading.elapsed().as_secs_f64());
     for (name, judge) in [("one CIDR removed", &narrower), ("back to the original", &original)] {
         let started = Instant::now();
         let rejudged = store.rejudge(judge, start + TimeDelta::days(days))?;
@@ -97,6 +101,12 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             rejudged.hours,
             rejudged.hours as f64 / seconds
         );
+    }
+    let reading = Instant::now();
+    let again = store.evidence(since, until, None)?;
+    println!("read it again in {:.2} s", reading.elapsed().as_secs_f64());
+    if again != read {
+        return Err("the evidence read back differs after re-judging there and back".into());
     }
     Ok(())
 }
