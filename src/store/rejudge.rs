@@ -9,7 +9,7 @@
 //! call whose applicability changed. Contexts waiting unjudged since the migration that interned
 //! them are judged and interned, their hours' stored verdicts dropped. One transaction.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::path::Path;
 
 use chrono::{DateTime, Utc};
@@ -177,9 +177,22 @@ fn fold_pending(conn: &Connection, judge: &Judge) -> rusqlite::Result<()> {
          FROM pending_context",
     )?;
     let mut rows = stmt.query([])?;
+    // Contexts repeat across rows: they are looked up by their columns joined, in one buffer.
+    let (mut ids, mut key) = (HashMap::<String, i64>::new(), String::new());
     while let Some(row) = rows.next()? {
-        let context = context_of(row, 3)?;
-        let id = contexts.id(&context, |c| Some(judge.judge_context(c)))?;
+        key.clear();
+        for column in 3..12 {
+            key.push_str(text(row, column)?);
+            key.push('\u{1f}');
+        }
+        let id = match ids.get(key.as_str()) {
+            Some(&id) => id,
+            None => {
+                let id = contexts.id(&context_of(row, 3)?, |c| Some(judge.judge_context(c)))?;
+                ids.insert(key.clone(), id);
+                id
+            }
+        };
         let calls: i64 = row.get(12)?;
         contexts.add_calls(
             row.get(0)?,
@@ -491,6 +504,25 @@ mod tests {
         assert_eq!(store.freshness().unwrap(), reference.freshness().unwrap());
         assert_eq!(dump(&store), dumped, "the migrated evidence reads back as stored");
         assert_eq!(readings(&store), read);
+
+        // Calls added before the re-judgement, to an hour whose contexts still wait and to a new
+        // context, add to what was stored.
+        let calls = [
+            crate::testkit::user_call("home", "2024-03-02T08:20:00Z", "192.0.2.10", "s3:ListBuckets"),
+            crate::testkit::user_call("home", "2024-03-02T08:30:00Z", "192.0.2.11", "s3:ListBuckets"),
+        ];
+        let late = crate::evidence::files::TrailFile {
+            key: "late".into(),
+            records: 2,
+            aggregates: crate::evidence::aggregate::aggregate(&calls, &Judge::new(&config)),
+            ..Default::default()
+        };
+        for target in [&store, &reference] {
+            target.add_trail_files(std::slice::from_ref(&late), at(NOW)).unwrap();
+        }
+        assert_eq!(dump(&store), dump(&reference));
+        assert_eq!(readings(&store), readings(&reference));
+        let read = readings(&reference);
 
         // Re-judged, it follows the perimeter like a store written at this schema.
         let mut wider = config.clone();

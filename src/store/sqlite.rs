@@ -152,7 +152,8 @@ const SCHEMA_V4: &str = "
     );
 ";
 
-/// Each distinct request context is kept once (`request_context`), with what the perimeter rule
+/// Each distinct request context is kept once (`request_context`, found by a hash of its columns,
+/// [`context_key`]: an index of integers stays small where contexts are many), with what the perimeter rule
 /// derives from it (verdict, reason, applicability, outside source, action); a user-hour's calls
 /// (`evidence_call`) refer to it by ID. Verdict counts and outside sources are summed from them
 /// when read, so a re-judgement rewrites the distinct contexts, not every user-hour.
@@ -172,6 +173,7 @@ const SCHEMA_INTERNED_CONTEXTS: &str = "
 
     CREATE TABLE request_context (
         id INTEGER PRIMARY KEY,
+        key INTEGER NOT NULL,
         event_source TEXT NOT NULL,
         event_name TEXT NOT NULL,
         event_type TEXT NOT NULL,
@@ -185,10 +187,9 @@ const SCHEMA_INTERNED_CONTEXTS: &str = "
         reason TEXT NOT NULL,
         applicable INTEGER NOT NULL,
         outside_source TEXT,
-        action TEXT NOT NULL,
-        UNIQUE (event_source, event_name, event_type, account, source_ip, endpoint, endpoint_account, invoked_by,
-                s3_auth_method)
+        action TEXT NOT NULL
     );
+    CREATE INDEX request_context_by_key ON request_context (key);
 
     CREATE TABLE evidence_call (
         hour INTEGER NOT NULL,
@@ -323,6 +324,9 @@ impl Store {
         // WAL with NORMAL keeps every commit atomic; only the last commits may be lost on power loss.
         conn.pragma_update(None, "synchronous", "NORMAL").doing(doing)?;
         conn.pragma_update(None, "foreign_keys", "ON").doing(doing)?;
+        // Up to 64 MiB of pages (2 MiB by default): the index that finds request contexts is
+        // written at random places, and stays cached at hundreds of thousands of contexts.
+        conn.pragma_update(None, "cache_size", -65536).doing(doing)?;
         migrate(&mut conn)?;
         Ok(Store { conn: Mutex::new(conn) })
     }
@@ -966,14 +970,14 @@ impl<'c> Contexts<'c> {
         Ok(Contexts {
             conn,
             find: conn.prepare_cached(
-                "SELECT id FROM request_context WHERE event_source = ?1 AND event_name = ?2 AND event_type = ?3
-                 AND account = ?4 AND source_ip = ?5 AND endpoint = ?6 AND endpoint_account = ?7 AND invoked_by = ?8
-                 AND s3_auth_method = ?9",
+                "SELECT id, event_source, event_name, event_type, account, source_ip, endpoint, endpoint_account,
+                        invoked_by, s3_auth_method
+                 FROM request_context WHERE key = ?1",
             )?,
             insert: conn.prepare_cached(
-                "INSERT INTO request_context (event_source, event_name, event_type, account, source_ip, endpoint,
+                "INSERT INTO request_context (key, event_source, event_name, event_type, account, source_ip, endpoint,
                      endpoint_account, invoked_by, s3_auth_method, verdict, reason, applicable, outside_source, action)
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14)",
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15)",
             )?,
             calls: conn.prepare_cached(
                 "INSERT INTO evidence_call (hour, user_name, origin, context, calls, first_seen, last_seen)
@@ -999,18 +1003,32 @@ impl<'c> Contexts<'c> {
             return Ok(id);
         }
         let c = context;
-        let columns = params![
-            c.event_source,
-            c.event_name,
-            c.event_type,
-            c.account,
-            c.source_ip,
-            c.endpoint,
-            c.endpoint_account,
-            c.invoked_by,
-            c.s3_auth_method
-        ];
-        let id = match self.find.query_row(columns, |row| row.get(0)).optional()? {
+        let key = context_key(c);
+        let mut found = None;
+        let mut rows = self.find.query([key])?;
+        while let Some(row) = rows.next()? {
+            let columns = [
+                &c.event_source,
+                &c.event_name,
+                &c.event_type,
+                &c.account,
+                &c.source_ip,
+                &c.endpoint,
+                &c.endpoint_account,
+                &c.invoked_by,
+                &c.s3_auth_method,
+            ];
+            let mut same = true;
+            for (i, column) in columns.into_iter().enumerate() {
+                same &= text(row, i + 1)? == column.as_str();
+            }
+            if same {
+                found = Some(row.get(0)?);
+                break;
+            }
+        }
+        drop(rows);
+        let id = match found {
             Some(id) => id,
             None => {
                 let judged = judge(context).ok_or_else(|| {
@@ -1019,6 +1037,7 @@ impl<'c> Contexts<'c> {
                     )
                 })?;
                 self.insert.execute(params![
+                    key,
                     c.event_source,
                     c.event_name,
                     c.event_type,
@@ -1070,6 +1089,30 @@ fn keep_latest(latest: &mut Option<OutsideCall>, call: OutsideCall) {
 fn deny_reason(name: &str, doing: &str) -> Result<DenyReason, StoreError> {
     DenyReason::from_name(name)
         .ok_or_else(|| StoreError::Corrupt { doing: doing.to_string(), what: format!("deny reason {name:?}") })
+}
+
+/// A stable 64-bit hash (FNV-1a) of a request context's columns, each ended by a separator: what
+/// `request_context` finds a context by (equal keys are told apart by their columns).
+pub(super) fn context_key(c: &RequestContext) -> i64 {
+    let mut hash: u64 = 0xcbf2_9ce4_8422_2325;
+    let columns = [
+        &c.event_source,
+        &c.event_name,
+        &c.event_type,
+        &c.account,
+        &c.source_ip,
+        &c.endpoint,
+        &c.endpoint_account,
+        &c.invoked_by,
+        &c.s3_auth_method,
+    ];
+    for column in columns {
+        for byte in column.bytes().chain(std::iter::once(0x1f)) {
+            hash ^= u64::from(byte);
+            hash = hash.wrapping_mul(0x0000_0100_0000_01b3);
+        }
+    }
+    hash as i64
 }
 
 /// What [`Store::evidence`] sums from the calls that refer to stored contexts, per user.
