@@ -6,8 +6,10 @@
 //! migrations; never edit one that has shipped.
 //!
 //! Evidence layout: per user, hour and origin ("trail" for trail files, read additively, each
-//! file once; "athena" for query windows, replaced window by window) the calls by verdict, the
-//! outside sources and the denials. Reads sum across origins. `trail_file` marks each file read;
+//! file once; "athena" for query windows, replaced window by window) the first and last applicable
+//! call, the denials, and the calls by request context; each distinct context is stored once with
+//! its judgement (migration 10), and the calls by verdict and the outside sources are summed from
+//! them when read. Reads sum across origins. `trail_file` marks each file read;
 //! a file's mark and its contribution are written in one transaction, so a crash leaves either
 //! both or neither. Files are written in batches (one transaction each), merged first.
 
@@ -1433,6 +1435,33 @@ mod tests {
         assert!(store.evidence(at("2024-01-02T00:00:00Z"), now, Some("bob")).unwrap().is_empty());
         let verdicts = store.verdict_counts("alice", at("2024-01-02T00:00:00Z"), now).unwrap();
         assert_eq!(verdicts[0], (Verdict::WouldDeny(DenyReason::UntrustedIp), 3));
+    }
+
+    #[test]
+    fn contexts_whose_keys_collide_are_told_apart_by_their_columns() {
+        let store = Store::open_in_memory().unwrap();
+        let now = at("2024-01-03T00:00:00Z");
+        let office = call("alice", "2024-01-02T10:00:00Z", "203.0.113.5", false);
+        let key = context_key(&RequestContext::of(&office.record));
+        // Another context already stored under the same key (a hash collision), judged otherwise.
+        store
+            .conn()
+            .execute(
+                "INSERT INTO request_context (key, event_source, event_name, event_type, account, source_ip,
+                     endpoint, endpoint_account, invoked_by, s3_auth_method, verdict, reason, applicable,
+                     outside_source, action)
+                 VALUES (?1, 'x', 'x', 'x', 'x', 'x', '', '', '', '', 'would_deny', 'untrusted_ip', 1, 'x', 'x:x')",
+                [key],
+            )
+            .unwrap();
+        store.add_trail_files(&[file("f", &[office])], now).unwrap();
+        let e = &store.evidence(at("2024-01-02T00:00:00Z"), now, Some("alice")).unwrap()[0];
+        assert_eq!((e.calls, e.would_deny), (1, 0));
+        let under: i64 = store
+            .conn()
+            .query_row("SELECT count(*) FROM request_context WHERE key = ?1", [key], |row| row.get(0))
+            .unwrap();
+        assert_eq!(under, 2);
     }
 
     #[test]
