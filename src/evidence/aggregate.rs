@@ -61,6 +61,8 @@ pub struct JudgedContext {
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct Aggregates {
     users: BTreeMap<String, BTreeMap<DateTime<Utc>, UserHour>>,
+    /// Every distinct request context of the calls, judged once: what the store keeps of it.
+    judged: BTreeMap<RequestContext, JudgedContext>,
 }
 
 /// One user's calls in one hour.
@@ -258,11 +260,14 @@ impl Aggregates {
         let Some(user) = record.user_name().filter(|u| !u.is_empty()) else {
             return;
         };
-        // Judged as stored, so that a re-judgement under the same perimeter gives the same verdict.
+        // Judged as stored (each distinct context once), so that a re-judgement under the same
+        // perimeter gives the same verdict.
         let context = RequestContext::of(record);
-        let judged = context.record(user, record.user_arn());
+        if !self.judged.contains_key(&context) {
+            self.judged.insert(context.clone(), judge.judge_context(&context));
+        }
         let seen = ContextSeen { calls: group.calls, first: group.first, last: group.last };
-        let Some(hour) = self.add_judged(user, hour_of(group.first), &judged, &seen, judge) else {
+        let Some(hour) = self.add_judged(user, hour_of(group.first), record.user_arn(), &context, &seen) else {
             return;
         };
         hour.contexts.entry(context).and_modify(|mine| mine.merge(&seen)).or_insert(seen);
@@ -273,38 +278,40 @@ impl Aggregates {
         }
     }
 
-    /// Adds the verdict of `record` (seen `seen.calls` times) to `user`'s `hour`.
+    /// Adds the verdict of `context` (judged already, seen `seen.calls` times) to `user`'s `hour`.
     fn add_judged(
         &mut self,
         user: &str,
         hour: DateTime<Utc>,
-        record: &Record,
+        arn: Option<&str>,
+        context: &RequestContext,
         seen: &ContextSeen,
-        judge: &Judge,
     ) -> Option<&mut UserHour> {
-        let verdict = judge.perimeter.classify(record, &HashSet::new());
+        let judged = self.judged.get(context)?;
+        let verdict = judged.verdict;
         // Most records add to an existing user: look up by &str before allocating a key.
         if !self.users.contains_key(user) {
             self.users.insert(user.to_string(), BTreeMap::new());
         }
         let hour = self.users.get_mut(user)?.entry(hour).or_default();
         // Like every merge here, independent of input order: a renamed user keeps one ARN.
-        if record.user_arn() > hour.arn.as_deref() {
-            hour.arn = record.user_arn().map(str::to_string);
+        if arn > hour.arn.as_deref() {
+            hour.arn = arn.map(str::to_string);
         }
         *hour.verdicts.entry(verdict).or_default() += seen.calls;
         if !matches!(verdict, Verdict::NotApplicable(_)) {
             hour.first_call = earliest(hour.first_call, Some(seen.first));
             hour.last_call = hour.last_call.max(Some(seen.last));
         }
-        if let Verdict::WouldDeny(reason) = verdict {
-            let call = OutsideSeen {
-                calls: seen.calls,
-                last_seen: seen.last,
-                last_action: record.action().unwrap_or_default(),
-                reason,
-            };
-            hour.outside.entry(outside_source(record, reason)).and_modify(|seen| seen.merge(&call)).or_insert(call);
+        if let (Verdict::WouldDeny(reason), Some(source)) = (verdict, &judged.outside_source) {
+            let call =
+                OutsideSeen { calls: seen.calls, last_seen: seen.last, last_action: judged.action.clone(), reason };
+            match hour.outside.get_mut(source) {
+                Some(known) => known.merge(&call),
+                None => {
+                    hour.outside.insert(source.clone(), call);
+                }
+            }
         }
         Some(hour)
     }
@@ -312,6 +319,11 @@ impl Aggregates {
     /// Adds `other` in, as if its calls had been added here: the result does not depend on the
     /// order aggregates are merged in.
     pub fn merge(&mut self, other: &Aggregates) {
+        for (context, judged) in &other.judged {
+            if !self.judged.contains_key(context) {
+                self.judged.insert(context.clone(), judged.clone());
+            }
+        }
         for (user, hours) in &other.users {
             if !self.users.contains_key(user) {
                 self.users.insert(user.clone(), hours.clone());
@@ -327,6 +339,11 @@ impl Aggregates {
     /// Every (user, hour) in user and hour order.
     pub fn iter(&self) -> impl Iterator<Item = (&str, DateTime<Utc>, &UserHour)> {
         self.users.iter().flat_map(|(user, hours)| hours.iter().map(move |(hour, agg)| (user.as_str(), *hour, agg)))
+    }
+
+    /// The judgement of a request context of these calls (each was judged when added).
+    pub fn judgement(&self, context: &RequestContext) -> Option<&JudgedContext> {
+        self.judged.get(context)
     }
 
     /// Whether no user had an applicable call.

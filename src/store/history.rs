@@ -22,7 +22,14 @@ impl Store {
             .prepare_cached(
                 "SELECT user_name, hour, source, sum(calls), max(last_seen),
                         substr(max(printf('%020d', last_seen) || char(31) || last_action || char(31) || last_reason), 22)
-                 FROM evidence_outside WHERE hour >= ?1 AND hour < ?2
+                 FROM (
+                     SELECT user_name, hour, source, calls, last_seen, last_action, last_reason FROM stored_outside
+                     WHERE hour >= ?1 AND hour < ?2
+                     UNION ALL
+                     SELECT e.user_name, e.hour, c.outside_source, e.calls, e.last_seen, c.action, c.reason
+                     FROM evidence_call e JOIN request_context c ON c.id = e.context
+                     WHERE e.hour >= ?1 AND e.hour < ?2 AND c.verdict = 'would_deny'
+                 )
                  GROUP BY hour, user_name, source ORDER BY max(last_seen), user_name, source",
             )
             .doing(doing)?;

@@ -1,25 +1,24 @@
 //! Re-judging the stored evidence from its request contexts, without reading CloudTrail again.
 //!
 //! A verdict depends on the request context alone, and contexts repeat massively across hours and
-//! users, so each distinct context is judged once (by the one classifier, [`Judge`]) and cached.
-//! The contexts are then streamed once in primary-key order, one user-hour after another, and
-//! each hour's derived rows (verdict counts, outside sources with their latest call, first and
-//! last applicable call) are rebuilt in memory as [`Aggregates`] derives them, then written in
-//! key order with prepared statements. Everything happens in one transaction; per row, nothing
-//! is allocated but the cache entry of a context seen for the first time.
-//!
-//! [`Aggregates`]: crate::evidence::aggregate::Aggregates
+//! users, so the store keeps each distinct context once (`request_context`) with its judgement,
+//! and a user-hour's calls refer to it; verdict counts and outside sources are summed from them
+//! when read. A re-judgement therefore judges each stored context again (by the one classifier,
+//! [`Judge`]) and rewrites those whose judgement changed. What else depends on the perimeter is
+//! redone only where it changed: an hour's first and last applicable call, for the hours with a
+//! call whose applicability changed. Contexts waiting unjudged since the migration that interned
+//! them are judged and interned, their hours' stored verdicts dropped. One transaction.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::path::Path;
 
 use chrono::{DateTime, Utc};
-use rusqlite::types::{Type, ValueRef};
-use rusqlite::{Connection, Row, Statement, params};
+use rusqlite::{Connection, params};
 
-use crate::evidence::aggregate::{Judge, JudgedContext, RequestContext};
+use crate::evidence::aggregate::{Judge, RequestContext};
 use crate::perimeter::{Fingerprint, Verdict};
 
+use super::sqlite::{Contexts, text};
 use super::{Doing, Store, StoreError};
 
 /// What a re-judgement did.
@@ -50,306 +49,205 @@ pub(super) fn rejudge(store: &Store, judge: &Judge, now: DateTime<Utc>) -> Resul
     Ok(Rejudged { fingerprint, hours })
 }
 
-/// The primary key of a user-hour, in the order the tables sort it.
-const HOUR_KEY: &str = "hour, user_name, origin";
+/// Scratch tables of one re-judgement: contexts whose applicability changed, hours whose first
+/// and last applicable call are derived again.
+const SCRATCH: &str = "
+    CREATE TEMP TABLE IF NOT EXISTS rejudged_context (id INTEGER PRIMARY KEY);
+    CREATE TEMP TABLE IF NOT EXISTS rejudged_hour (
+        hour INTEGER NOT NULL, user_name TEXT NOT NULL, origin TEXT NOT NULL, PRIMARY KEY (hour, user_name, origin)
+    ) WITHOUT ROWID;
+    DELETE FROM temp.rejudged_context;
+    DELETE FROM temp.rejudged_hour;
+";
 
-/// Replaces the derived rows of every hour that has contexts; returns how many hours that is.
+/// Judges every stored context again and folds in those waiting unjudged; returns how many
+/// user-hours have calls (all of them are judged under `judge` now).
 fn rebuild(conn: &Connection, judge: &Judge) -> rusqlite::Result<u64> {
-    let without_contexts: i64 = conn.query_row(
-        "SELECT count(*) FROM evidence_hour h WHERE NOT EXISTS (SELECT 1 FROM evidence_context c
-             WHERE c.hour = h.hour AND c.user_name = h.user_name AND c.origin = h.origin)",
-        [],
-        |row| row.get(0),
-    )?;
-    for table in ["evidence_verdict", "evidence_outside"] {
-        if without_contexts == 0 {
-            // Every row is rebuilt: emptying the table whole is far cheaper than row by row.
-            conn.execute(&format!("DELETE FROM {table}"), [])?;
-        } else {
+    conn.execute_batch(SCRATCH)?;
+    let stored = judge_stored(conn, judge)?;
+    fold_pending(conn, judge)?;
+    derive_spans(conn)?;
+    // Verdicts stored as such give way to the derived ones wherever an hour has calls.
+    for table in ["stored_verdict", "stored_outside"] {
+        let any: bool = conn.query_row(&format!("SELECT EXISTS (SELECT 1 FROM {table})"), [], |row| row.get(0))?;
+        if any {
             conn.execute(
                 &format!(
-                    "DELETE FROM {table} WHERE ({HOUR_KEY}) IN (SELECT DISTINCT {HOUR_KEY} FROM evidence_context)"
+                    "DELETE FROM {table} AS s WHERE EXISTS (SELECT 1 FROM evidence_call e
+                         WHERE e.hour = s.hour AND e.user_name = s.user_name AND e.origin = s.origin)"
                 ),
                 [],
             )?;
         }
     }
-    let mut writer = Writer {
-        verdict: conn.prepare(
-            "INSERT INTO evidence_verdict (user_name, hour, origin, verdict, reason, calls) VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
-        )?,
-        outside: conn.prepare(
-            "INSERT INTO evidence_outside (user_name, hour, origin, source, calls, last_seen, last_action, last_reason)
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
-        )?,
-        span: conn.prepare(
-            "UPDATE evidence_hour SET first_call = ?4, last_call = ?5 WHERE hour = ?1 AND user_name = ?2 AND origin = ?3",
-        )?,
-    };
-    let mut spans =
-        conn.prepare(&format!("SELECT {HOUR_KEY}, first_call, last_call FROM evidence_hour ORDER BY {HOUR_KEY}"))?;
-    let mut spans = spans.query([])?;
-    // The hour row read last and not yet matched: both streams are in key order (a merge join).
-    let mut stored = StoredSpan::default();
-    let mut hours = 0;
-    derive_hours(conn, judge, |derived| {
-        hours += 1;
-        let key = (derived.hour, derived.user, derived.origin);
-        while stored.key() < key {
-            let Some(row) = spans.next()? else { break };
-            stored.read(row)?;
-        }
-        if stored.key() == key && stored.span != derived.span() {
-            let (first, last) = derived.span();
-            writer.span.execute(params![derived.hour, derived.user, derived.origin, first, last])?;
-        }
-        writer.write(&derived)
-    })?;
+    let (hours, referenced) = scan_calls(conn)?;
+    // Contexts no call refers to any more (their hours dropped or replaced) go.
+    let mut forget = conn.prepare("DELETE FROM request_context WHERE id = ?1")?;
+    for id in stored.difference(&referenced) {
+        forget.execute([id])?;
+    }
+    conn.execute_batch("DELETE FROM temp.rejudged_context; DELETE FROM temp.rejudged_hour;")?;
     Ok(hours)
 }
 
-/// A row of `evidence_hour`: its key and its first and last applicable call.
-#[derive(Default)]
-struct StoredSpan {
-    hour: i64,
-    user: String,
-    origin: String,
-    span: (Option<i64>, Option<i64>),
-}
-
-impl StoredSpan {
-    fn key(&self) -> (i64, &str, &str) {
-        (self.hour, &self.user, &self.origin)
-    }
-
-    fn read(&mut self, row: &Row<'_>) -> rusqlite::Result<()> {
-        self.hour = row.get(0)?;
-        self.user.clear();
-        self.user.push_str(text(row, 1)?);
-        self.origin.clear();
-        self.origin.push_str(text(row, 2)?);
-        self.span = (row.get(3)?, row.get(4)?);
-        Ok(())
-    }
-}
-
-struct Writer<'c> {
-    verdict: Statement<'c>,
-    outside: Statement<'c>,
-    span: Statement<'c>,
-}
-
-impl Writer<'_> {
-    fn write(&mut self, hour: &DerivedHour) -> rusqlite::Result<()> {
-        for (verdict, calls) in hour.verdicts {
-            self.verdict.execute(params![
-                hour.user,
-                hour.hour,
-                hour.origin,
-                verdict.kind_name(),
-                verdict.reason_name(),
-                *calls as i64
-            ])?;
-        }
-        for outside in hour.outside {
-            let judged = &hour.judged[outside.latest];
-            self.outside.execute(params![
-                hour.user,
-                hour.hour,
-                hour.origin,
-                judged.outside_source,
-                outside.calls as i64,
-                outside.last_seen,
-                judged.action,
+/// Judges every stored context under `judge`, rewrites those whose judgement changed and notes
+/// those whose applicability did; returns the IDs of all of them.
+fn judge_stored(conn: &Connection, judge: &Judge) -> rusqlite::Result<HashSet<i64>> {
+    let mut ids = HashSet::new();
+    let mut changed = Vec::new();
+    {
+        let mut stmt = conn.prepare(
+            "SELECT id, event_source, event_name, event_type, account, source_ip, endpoint, endpoint_account,
+                    invoked_by, s3_auth_method, verdict, reason, applicable, outside_source, action
+             FROM request_context",
+        )?;
+        let mut rows = stmt.query([])?;
+        while let Some(row) = rows.next()? {
+            let id: i64 = row.get(0)?;
+            ids.insert(id);
+            let context = context_of(row, 1)?;
+            let judged = judge.judge_context(&context);
+            let stored = (text(row, 10)?, text(row, 11)?, row.get_ref(13)?.as_str_or_null()?, text(row, 14)?);
+            let now = (
+                judged.verdict.kind_name(),
                 judged.verdict.reason_name(),
-            ])?;
+                judged.outside_source.as_deref(),
+                judged.action.as_str(),
+            );
+            if stored != now {
+                let applicable = !matches!(judged.verdict, Verdict::NotApplicable(_));
+                let was_applicable: bool = row.get(12)?;
+                changed.push((id, judged, applicable, applicable != was_applicable));
+            }
         }
-        Ok(())
     }
-}
-
-/// One user-hour's verdicts, derived from its contexts under a judge.
-struct DerivedHour<'a> {
-    /// The hour's start, in seconds.
-    hour: i64,
-    user: &'a str,
-    origin: &'a str,
-    /// Calls by verdict, not-applicable ones included.
-    verdicts: &'a [(Verdict, u64)],
-    /// Calls the policy would deny, by source (each source once).
-    outside: &'a [OutsideDerived],
-    /// Every distinct context judged so far; [`OutsideDerived::latest`] indexes it.
-    judged: &'a [JudgedContext],
-    /// First and last applicable call, in seconds.
-    first_call: Option<i64>,
-    last_call: Option<i64>,
-}
-
-impl DerivedHour<'_> {
-    fn span(&self) -> (Option<i64>, Option<i64>) {
-        (self.first_call, self.last_call)
+    let mut update = conn.prepare(
+        "UPDATE request_context SET verdict = ?2, reason = ?3, applicable = ?4, outside_source = ?5, action = ?6
+         WHERE id = ?1",
+    )?;
+    let mut note = conn.prepare("INSERT INTO temp.rejudged_context (id) VALUES (?1)")?;
+    for (id, judged, applicable, applicability_changed) in changed {
+        update.execute(params![
+            id,
+            judged.verdict.kind_name(),
+            judged.verdict.reason_name(),
+            applicable,
+            judged.outside_source,
+            judged.action
+        ])?;
+        if applicability_changed {
+            note.execute([id])?;
+        }
     }
+    Ok(ids)
 }
 
-/// Calls from one outside source in an hour.
-struct OutsideDerived {
-    calls: u64,
-    /// The latest call's time, in seconds.
-    last_seen: i64,
-    /// The judged context of the latest call (ties: the greater action, then reason).
-    latest: usize,
+/// The request context in the nine columns from `first` on.
+fn context_of(row: &rusqlite::Row<'_>, first: usize) -> rusqlite::Result<RequestContext> {
+    let field = |i: usize| text(row, first + i).map(str::to_string);
+    Ok(RequestContext {
+        event_source: field(0)?,
+        event_name: field(1)?,
+        event_type: field(2)?,
+        account: field(3)?,
+        source_ip: field(4)?,
+        endpoint: field(5)?,
+        endpoint_account: field(6)?,
+        invoked_by: field(7)?,
+        s3_auth_method: field(8)?,
+    })
 }
 
-/// Streams every user-hour that has contexts, in key order, derived under `judge`, to `each`.
-fn derive_hours(
-    conn: &Connection,
-    judge: &Judge,
-    mut each: impl FnMut(DerivedHour<'_>) -> rusqlite::Result<()>,
-) -> rusqlite::Result<()> {
-    let mut contexts = conn.prepare(&format!(
-        "SELECT {HOUR_KEY}, event_source, event_name, event_type, account, source_ip, endpoint, endpoint_account,
-                invoked_by, s3_auth_method, calls, first_seen, last_seen
-         FROM evidence_context ORDER BY {HOUR_KEY}"
-    ))?;
-    let mut rows = contexts.query([])?;
-    let mut cache = JudgeCache { judge, index: HashMap::new(), judged: Vec::new(), key: String::new() };
-    let mut current = HourBuffer::default();
+/// Judges and interns the contexts the migration to interned contexts left waiting (their
+/// hours read as their stored verdicts until now); their hours' spans are derived again.
+fn fold_pending(conn: &Connection, judge: &Judge) -> rusqlite::Result<()> {
+    let any: bool = conn.query_row("SELECT EXISTS (SELECT 1 FROM pending_context)", [], |row| row.get(0))?;
+    if !any {
+        return Ok(());
+    }
+    conn.execute(
+        "INSERT OR IGNORE INTO temp.rejudged_hour (hour, user_name, origin)
+         SELECT DISTINCT hour, user_name, origin FROM pending_context",
+        [],
+    )?;
+    let mut contexts = Contexts::new(conn)?;
+    let mut stmt = conn.prepare(
+        "SELECT hour, user_name, origin, event_source, event_name, event_type, account, source_ip, endpoint,
+                endpoint_account, invoked_by, s3_auth_method, calls, first_seen, last_seen
+         FROM pending_context",
+    )?;
+    let mut rows = stmt.query([])?;
+    // Contexts repeat across rows: they are looked up by their columns joined, in one buffer.
+    let (mut ids, mut key) = (HashMap::<String, i64>::new(), String::new());
     while let Some(row) = rows.next()? {
-        let hour: i64 = row.get(0)?;
-        let (user, origin) = (text(row, 1)?, text(row, 2)?);
-        if current.started && (current.hour, current.user.as_str(), current.origin.as_str()) != (hour, user, origin) {
-            each(current.derived(&cache.judged))?;
-            current.clear();
+        key.clear();
+        for column in 3..12 {
+            key.push_str(text(row, column)?);
+            key.push('\u{1f}');
         }
-        if !current.started {
-            current.start(hour, user, origin);
-        }
-        let judged = cache.judge(row)?;
-        let (calls, first, last) = (row.get::<_, i64>(12)?, row.get::<_, i64>(13)?, row.get::<_, i64>(14)?);
-        current.add(judged, &cache.judged, u64::try_from(calls).unwrap_or(0), first, last);
+        let id = match ids.get(key.as_str()) {
+            Some(&id) => id,
+            None => {
+                let id = contexts.id(&context_of(row, 3)?, |c| Some(judge.judge_context(c)))?;
+                ids.insert(key.clone(), id);
+                id
+            }
+        };
+        let calls: i64 = row.get(12)?;
+        contexts.add_calls(
+            row.get(0)?,
+            text(row, 1)?,
+            text(row, 2)?,
+            id,
+            u64::try_from(calls).unwrap_or(0),
+            row.get(13)?,
+            row.get(14)?,
+        )?;
     }
-    if current.started {
-        each(current.derived(&cache.judged))?;
-    }
+    drop(rows);
+    conn.execute("DELETE FROM pending_context", [])?;
     Ok(())
 }
 
-/// The judgement of every distinct context seen, by its columns joined with a separator.
-struct JudgeCache<'j> {
-    judge: &'j Judge,
-    index: HashMap<String, usize>,
-    judged: Vec<JudgedContext>,
-    /// Reused for every lookup.
-    key: String,
+/// Derives again the first and last applicable call of the hours noted, and of those with a
+/// call whose context's applicability changed.
+fn derive_spans(conn: &Connection) -> rusqlite::Result<()> {
+    conn.execute(
+        "INSERT OR IGNORE INTO temp.rejudged_hour (hour, user_name, origin)
+         SELECT DISTINCT hour, user_name, origin FROM evidence_call
+         WHERE EXISTS (SELECT 1 FROM temp.rejudged_context) AND context IN (SELECT id FROM temp.rejudged_context)",
+        [],
+    )?;
+    conn.execute(
+        "UPDATE evidence_hour AS h SET (first_call, last_call) = (
+             SELECT min(e.first_seen), max(e.last_seen) FROM evidence_call e JOIN request_context c ON c.id = e.context
+             WHERE e.hour = h.hour AND e.user_name = h.user_name AND e.origin = h.origin AND c.applicable = 1)
+         WHERE (hour, user_name, origin) IN (SELECT hour, user_name, origin FROM temp.rejudged_hour)",
+        [],
+    )?;
+    Ok(())
 }
 
-/// Columns 3..12 of a context row: the request context.
-const CONTEXT_COLUMNS: std::ops::Range<usize> = 3..12;
-
-impl JudgeCache<'_> {
-    fn judge(&mut self, row: &Row<'_>) -> rusqlite::Result<usize> {
-        self.key.clear();
-        for column in CONTEXT_COLUMNS {
-            self.key.push_str(text(row, column)?);
-            self.key.push('\u{1f}');
+/// How many user-hours have calls, and the contexts their calls refer to: one pass in key order.
+fn scan_calls(conn: &Connection) -> rusqlite::Result<(u64, HashSet<i64>)> {
+    let mut stmt =
+        conn.prepare("SELECT hour, user_name, origin, context FROM evidence_call ORDER BY hour, user_name, origin")?;
+    let mut rows = stmt.query([])?;
+    let (mut hours, mut referenced) = (0, HashSet::new());
+    let (mut hour, mut user, mut origin) = (None, String::new(), String::new());
+    while let Some(row) = rows.next()? {
+        let (h, u, o): (i64, &str, &str) = (row.get(0)?, text(row, 1)?, text(row, 2)?);
+        if hour != Some(h) || user != u || origin != o {
+            hours += 1;
+            hour = Some(h);
+            user.clear();
+            user.push_str(u);
+            origin.clear();
+            origin.push_str(o);
         }
-        if let Some(&known) = self.index.get(self.key.as_str()) {
-            return Ok(known);
-        }
-        let field = |i: usize| text(row, CONTEXT_COLUMNS.start + i).map(str::to_string);
-        let context = RequestContext {
-            event_source: field(0)?,
-            event_name: field(1)?,
-            event_type: field(2)?,
-            account: field(3)?,
-            source_ip: field(4)?,
-            endpoint: field(5)?,
-            endpoint_account: field(6)?,
-            invoked_by: field(7)?,
-            s3_auth_method: field(8)?,
-        };
-        self.judged.push(self.judge.judge_context(&context));
-        self.index.insert(self.key.clone(), self.judged.len() - 1);
-        Ok(self.judged.len() - 1)
+        referenced.insert(row.get(3)?);
     }
-}
-
-/// The hour being derived; its buffers are reused from hour to hour.
-#[derive(Default)]
-struct HourBuffer {
-    started: bool,
-    hour: i64,
-    user: String,
-    origin: String,
-    verdicts: Vec<(Verdict, u64)>,
-    outside: Vec<OutsideDerived>,
-    first_call: Option<i64>,
-    last_call: Option<i64>,
-}
-
-impl HourBuffer {
-    fn start(&mut self, hour: i64, user: &str, origin: &str) {
-        self.started = true;
-        self.hour = hour;
-        self.user.push_str(user);
-        self.origin.push_str(origin);
-    }
-
-    fn clear(&mut self) {
-        self.started = false;
-        self.user.clear();
-        self.origin.clear();
-        self.verdicts.clear();
-        self.outside.clear();
-        (self.first_call, self.last_call) = (None, None);
-    }
-
-    fn add(&mut self, index: usize, judged: &[JudgedContext], calls: u64, first: i64, last: i64) {
-        let context = &judged[index];
-        match self.verdicts.iter_mut().find(|(verdict, _)| *verdict == context.verdict) {
-            Some((_, sum)) => *sum += calls,
-            None => self.verdicts.push((context.verdict, calls)),
-        }
-        if matches!(context.verdict, Verdict::NotApplicable(_)) {
-            return;
-        }
-        self.first_call = Some(self.first_call.map_or(first, |f| f.min(first)));
-        self.last_call = Some(self.last_call.map_or(last, |l| l.max(last)));
-        let Verdict::WouldDeny(reason) = context.verdict else { return };
-        let source = context.outside_source.as_deref();
-        let latest = |seen: i64, i: usize| (seen, judged[i].action.as_str(), judged[i].verdict.reason_name());
-        match self.outside.iter_mut().find(|o| judged[o.latest].outside_source.as_deref() == source) {
-            Some(outside) => {
-                outside.calls += calls;
-                if (last, context.action.as_str(), reason.as_str()) > latest(outside.last_seen, outside.latest) {
-                    (outside.last_seen, outside.latest) = (last, index);
-                }
-            }
-            None => self.outside.push(OutsideDerived { calls, last_seen: last, latest: index }),
-        }
-    }
-
-    fn derived<'a>(&'a self, judged: &'a [JudgedContext]) -> DerivedHour<'a> {
-        DerivedHour {
-            hour: self.hour,
-            user: &self.user,
-            origin: &self.origin,
-            verdicts: &self.verdicts,
-            outside: &self.outside,
-            judged,
-            first_call: self.first_call,
-            last_call: self.last_call,
-        }
-    }
-}
-
-/// Column `index` of `row` as text, borrowed.
-fn text<'r>(row: &'r Row<'_>, index: usize) -> rusqlite::Result<&'r str> {
-    match row.get_ref(index)? {
-        ValueRef::Text(bytes) => std::str::from_utf8(bytes)
-            .map_err(|e| rusqlite::Error::FromSqlConversionFailure(index, Type::Text, Box::new(e))),
-        other => Err(rusqlite::Error::InvalidColumnType(index, format!("column {index}"), other.data_type())),
-    }
+    Ok((hours, referenced))
 }
 
 impl Store {
@@ -368,8 +266,8 @@ impl Store {
     }
 }
 
-/// The tables derived from (or holding) an hour's calls, emptied when the hour is read again.
-const CALL_TABLES: &[&str] = &["evidence_verdict", "evidence_outside", "evidence_context"];
+/// The tables holding an hour's calls or verdicts, emptied when the hour is read again.
+const CALL_TABLES: &[&str] = &["evidence_call", "stored_verdict", "stored_outside", "pending_context"];
 
 /// Prepares re-reading `origin`'s hours stored before request contexts were kept: from the
 /// oldest such hour on, every hour of `origin` is emptied and marked `needs_reread` (so the
@@ -413,8 +311,11 @@ pub(super) fn finish_reread(store: &Store, origin: &str, from: DateTime<Utc>) ->
     let mut conn = store.conn();
     let tx = conn.transaction().doing(&doing)?;
     tx.execute(
-        "DELETE FROM evidence_hour AS h WHERE origin = ?1 AND hour >= ?2 AND needs_reread = 1 AND NOT EXISTS
-             (SELECT 1 FROM evidence_context c WHERE c.hour = h.hour AND c.user_name = h.user_name AND c.origin = h.origin)",
+        "DELETE FROM evidence_hour AS h WHERE origin = ?1 AND hour >= ?2 AND needs_reread = 1
+             AND NOT EXISTS (SELECT 1 FROM evidence_call c
+                 WHERE c.hour = h.hour AND c.user_name = h.user_name AND c.origin = h.origin)
+             AND NOT EXISTS (SELECT 1 FROM pending_context c
+                 WHERE c.hour = h.hour AND c.user_name = h.user_name AND c.origin = h.origin)",
         params![origin, from.timestamp()],
     )
     .doing(&doing)?;
@@ -570,5 +471,99 @@ mod tests {
         assert_eq!(store.rejudge(&Judge::new(&wider), at(NOW)).unwrap().hours, 60);
         let home = &store.evidence(at(START), at(NOW), Some("home")).unwrap()[0];
         assert_eq!((home.calls, home.would_deny), (30, 0));
+    }
+
+    /// Everything the evidence read paths answer over the history, for every user.
+    fn readings(store: &Store) -> String {
+        let (since, until) = (at(START), at(NOW));
+        let mut out = format!("{:?}\n", store.evidence(since, until, None).unwrap());
+        for user in ["office", "home"] {
+            out.push_str(&format!("{user}: {:?}\n", store.verdict_counts(user, since, until).unwrap()));
+        }
+        out.push_str(&format!(
+            "{:?}\n{:?}\n",
+            store.outside_calls(since, until).unwrap(),
+            store.recorded_denials(since, until).unwrap()
+        ));
+        out
+    }
+
+    #[tokio::test]
+    async fn a_store_from_before_contexts_were_interned_reads_back_the_same_and_re_judges() {
+        let dir = tempfile::tempdir().unwrap();
+        let (config, reference_path, reference) = reference(dir.path()).await;
+        let (dumped, read) = (dump(&reference), readings(&reference));
+
+        // The schema before request contexts were interned: migrations 1 to 9.
+        let path = dir.path().join("v9.db");
+        older_store(&path, 9, &reference_path);
+        let store = Store::open(&path).unwrap();
+        assert_eq!(store.schema_version().unwrap(), MIGRATIONS.len() as i64);
+        let pending = store.dump_query("pending", "SELECT count(*) FROM pending_context").unwrap();
+        assert_eq!(pending, "[pending]\n60\n", "contexts wait unjudged, one per user-hour");
+        assert_eq!(store.freshness().unwrap(), reference.freshness().unwrap());
+        assert_eq!(dump(&store), dumped, "the migrated evidence reads back as stored");
+        assert_eq!(readings(&store), read);
+
+        // Calls added before the re-judgement, to an hour whose contexts still wait and to a new
+        // context, add to what was stored.
+        let calls = [
+            crate::testkit::user_call("home", "2024-03-02T08:20:00Z", "192.0.2.10", "s3:ListBuckets"),
+            crate::testkit::user_call("home", "2024-03-02T08:30:00Z", "192.0.2.11", "s3:ListBuckets"),
+        ];
+        let late = crate::evidence::files::TrailFile {
+            key: "late".into(),
+            records: 2,
+            aggregates: crate::evidence::aggregate::aggregate(&calls, &Judge::new(&config)),
+            ..Default::default()
+        };
+        for target in [&store, &reference] {
+            target.add_trail_files(std::slice::from_ref(&late), at(NOW)).unwrap();
+        }
+        assert_eq!(dump(&store), dump(&reference));
+        assert_eq!(readings(&store), readings(&reference));
+        let read = readings(&reference);
+
+        // Re-judged, it follows the perimeter like a store written at this schema.
+        let mut wider = config.clone();
+        wider.perimeter.trusted_cidrs.push("192.0.2.0/24".parse().unwrap());
+        for judge in [Judge::new(&wider), Judge::new(&config)] {
+            assert_eq!(store.rejudge(&judge, at(NOW)).unwrap().hours, 60);
+            assert_eq!(reference.rejudge(&judge, at(NOW)).unwrap().hours, 60);
+            assert_eq!(dump(&store), dump(&reference));
+            assert_eq!(readings(&store), readings(&reference));
+        }
+        assert_eq!(readings(&store), read, "back under the first perimeter");
+        let left = store.dump_query("left", "SELECT (SELECT count(*) FROM pending_context) + (SELECT count(*) FROM stored_verdict) + (SELECT count(*) FROM stored_outside)").unwrap();
+        assert_eq!(left, "[left]\n0\n", "every verdict is derived now");
+    }
+
+    #[tokio::test]
+    async fn calls_that_stop_being_applicable_leave_their_hours_span() {
+        let dir = tempfile::tempdir().unwrap();
+        let (config, _, store) = reference(dir.path()).await;
+        let (dumped, read) = (dump(&store), readings(&store));
+        // Under another account's perimeter none of these calls is one the policy applies to.
+        let mut elsewhere = config.clone();
+        elsewhere.perimeter.account_id = "999999999999".into();
+        assert_eq!(store.rejudge(&Judge::new(&elsewhere), at(NOW)).unwrap().hours, 60);
+        assert!(store.evidence(at(START), at(NOW), None).unwrap().is_empty());
+        let spans = store.dump_query("spans", "SELECT DISTINCT first_call, last_call FROM evidence_hour").unwrap();
+        assert_eq!(spans, "[spans]\nNULL|NULL\n");
+        // And back: every span and verdict as first read.
+        store.rejudge(&Judge::new(&config), at(NOW)).unwrap();
+        assert_eq!(dump(&store), dumped);
+        assert_eq!(readings(&store), read);
+    }
+
+    #[tokio::test]
+    async fn contexts_no_call_refers_to_are_forgotten_by_the_next_re_judgement() {
+        let dir = tempfile::tempdir().unwrap();
+        let (config, _, store) = reference(dir.path()).await;
+        let contexts = || store.dump_query("n", "SELECT count(*) FROM request_context").unwrap();
+        assert_eq!(contexts(), "[n]\n2\n");
+        store.drop_before(at(NOW)).unwrap();
+        assert_eq!(store.rejudge(&Judge::new(&config), at(NOW)).unwrap().hours, 0);
+        assert_eq!(contexts(), "[n]\n0\n");
     }
 }

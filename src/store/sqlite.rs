@@ -6,20 +6,22 @@
 //! migrations; never edit one that has shipped.
 //!
 //! Evidence layout: per user, hour and origin ("trail" for trail files, read additively, each
-//! file once; "athena" for query windows, replaced window by window) the calls by verdict, the
-//! outside sources and the denials. Reads sum across origins. `trail_file` marks each file read;
+//! file once; "athena" for query windows, replaced window by window) the first and last applicable
+//! call, the denials, and the calls by request context; each distinct context is stored once with
+//! its judgement (migration 10), and the calls by verdict and the outside sources are summed from
+//! them when read. Reads sum across origins. `trail_file` marks each file read;
 //! a file's mark and its contribution are written in one transaction, so a crash leaves either
 //! both or neither. Files are written in batches (one transaction each), merged first.
 
-use std::collections::{BTreeMap, HashSet};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::path::Path;
 use std::sync::{Mutex, MutexGuard};
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
-use rusqlite::{Connection, OptionalExtension, Transaction, params};
+use rusqlite::{CachedStatement, Connection, OptionalExtension, Transaction, params};
 
-use crate::evidence::aggregate::{Aggregates, Judge, UserHour, hour_of};
+use crate::evidence::aggregate::{Aggregates, Judge, JudgedContext, RequestContext, hour_of};
 use crate::evidence::files::TrailFile;
 use crate::evidence::{EvidenceStore, Freshness, OutsideCall, OutsideSource, UserEvidence};
 use crate::perimeter::{AllowReason, DenyReason, Fingerprint, SkipReason, Verdict};
@@ -107,6 +109,8 @@ pub(crate) const MIGRATIONS: &[&str] = &[
     super::ledger::SCHEMA_DENIAL_SOURCE,
     // 9: exemptions that expire: who granted them, why, until when.
     super::ledger::SCHEMA_EXEMPTIONS,
+    // 10: request contexts kept once each with their verdict; calls refer to them.
+    SCHEMA_INTERNED_CONTEXTS,
 ];
 
 /// The events trail refreshes recorded lately ([`crate::evidence::files::EventKey`]; the ID
@@ -150,13 +154,107 @@ const SCHEMA_V4: &str = "
     );
 ";
 
+/// Each distinct request context is kept once (`request_context`, found by a hash of its columns,
+/// [`context_key`]: an index of integers stays small where contexts are many), with what the perimeter rule
+/// derives from it (verdict, reason, applicability, outside source, action); a user-hour's calls
+/// (`evidence_call`) refer to it by ID. Verdict counts and outside sources are summed from them
+/// when read, so a re-judgement rewrites the distinct contexts, not every user-hour.
+///
+/// Verdicts that were stored rather than derived keep their tables, renamed: those of hours
+/// stored before contexts were kept (until re-read), and, until the next re-judgement, those of
+/// the hours migrated here, whose contexts wait unjudged in `pending_context` (the former
+/// `evidence_context`): they are judged, interned and their stored verdicts dropped by the next
+/// re-judgement. Until then they read back exactly as stored.
+///
+/// Views under the former table names (`evidence_verdict`, `evidence_outside`,
+/// `evidence_context`) show the evidence per user-hour as those tables held it.
+const SCHEMA_INTERNED_CONTEXTS: &str = "
+    ALTER TABLE evidence_verdict RENAME TO stored_verdict;
+    ALTER TABLE evidence_outside RENAME TO stored_outside;
+    ALTER TABLE evidence_context RENAME TO pending_context;
+
+    CREATE TABLE request_context (
+        id INTEGER PRIMARY KEY,
+        key INTEGER NOT NULL,
+        event_source TEXT NOT NULL,
+        event_name TEXT NOT NULL,
+        event_type TEXT NOT NULL,
+        account TEXT NOT NULL,
+        source_ip TEXT NOT NULL,
+        endpoint TEXT NOT NULL,
+        endpoint_account TEXT NOT NULL,
+        invoked_by TEXT NOT NULL,
+        s3_auth_method TEXT NOT NULL,
+        verdict TEXT NOT NULL,
+        reason TEXT NOT NULL,
+        applicable INTEGER NOT NULL,
+        outside_source TEXT,
+        action TEXT NOT NULL
+    );
+    CREATE INDEX request_context_by_key ON request_context (key);
+
+    CREATE TABLE evidence_call (
+        hour INTEGER NOT NULL,
+        user_name TEXT NOT NULL,
+        origin TEXT NOT NULL,
+        context INTEGER NOT NULL,
+        calls INTEGER NOT NULL,
+        first_seen INTEGER NOT NULL,
+        last_seen INTEGER NOT NULL,
+        PRIMARY KEY (hour, user_name, origin, context)
+    ) WITHOUT ROWID;
+
+    CREATE VIEW evidence_verdict (user_name, hour, origin, verdict, reason, calls) AS
+        SELECT user_name, hour, origin, verdict, reason, sum(calls) FROM (
+            SELECT user_name, hour, origin, verdict, reason, calls FROM stored_verdict
+            UNION ALL
+            SELECT e.user_name, e.hour, e.origin, c.verdict, c.reason, e.calls
+            FROM evidence_call e JOIN request_context c ON c.id = e.context
+        ) GROUP BY hour, user_name, origin, verdict, reason;
+
+    CREATE VIEW evidence_outside (user_name, hour, origin, source, calls, last_seen, last_action, last_reason) AS
+        SELECT user_name, hour, origin, source, calls, last_seen,
+               substr(latest, 1, instr(latest, char(31)) - 1), substr(latest, instr(latest, char(31)) + 1)
+        FROM (
+            SELECT user_name, hour, origin, source, sum(calls) AS calls, max(last_seen) AS last_seen,
+                   substr(max(printf('%020d', last_seen) || char(31) || last_action || char(31) || last_reason), 22)
+                       AS latest
+            FROM (
+                SELECT user_name, hour, origin, source, calls, last_seen, last_action, last_reason FROM stored_outside
+                UNION ALL
+                SELECT e.user_name, e.hour, e.origin, c.outside_source, e.calls, e.last_seen, c.action, c.reason
+                FROM evidence_call e JOIN request_context c ON c.id = e.context
+                WHERE c.verdict = 'would_deny'
+            ) GROUP BY hour, user_name, origin, source
+        );
+
+    CREATE VIEW evidence_context (user_name, hour, origin, event_source, event_name, event_type, account, source_ip,
+                                  endpoint, endpoint_account, invoked_by, s3_auth_method, calls, first_seen, last_seen) AS
+        SELECT user_name, hour, origin, event_source, event_name, event_type, account, source_ip, endpoint,
+               endpoint_account, invoked_by, s3_auth_method, sum(calls), min(first_seen), max(last_seen)
+        FROM (
+            SELECT user_name, hour, origin, event_source, event_name, event_type, account, source_ip, endpoint,
+                   endpoint_account, invoked_by, s3_auth_method, calls, first_seen, last_seen
+            FROM pending_context
+            UNION ALL
+            SELECT e.user_name, e.hour, e.origin, c.event_source, c.event_name, c.event_type, c.account, c.source_ip,
+                   c.endpoint, c.endpoint_account, c.invoked_by, c.s3_auth_method, e.calls, e.first_seen, e.last_seen
+            FROM evidence_call e JOIN request_context c ON c.id = e.context
+        ) GROUP BY hour, user_name, origin, event_source, event_name, event_type, account, source_ip, endpoint,
+                   endpoint_account, invoked_by, s3_auth_method;
+";
+
 /// The origin of trail-file contributions (folder or S3).
 pub const TRAIL_ORIGIN: &str = "trail";
 /// The origin of Athena query windows.
 pub const ATHENA_ORIGIN: &str = "athena";
 
-/// The tables whose rows are the evidence itself (what [`Store::dump_evidence`] compares).
+/// The evidence per user-hour, as tables and views (what [`Store::dump_evidence`] compares).
 const EVIDENCE_TABLES: &[&str] = &["evidence_hour", "evidence_verdict", "evidence_outside", "evidence_context"];
+
+/// The tables holding rows per user-hour (what replacing and dropping hours deletes from).
+pub(super) const HOUR_TABLES: &[&str] =
+    &["evidence_hour", "evidence_call", "stored_verdict", "stored_outside", "pending_context"];
 
 /// The SQLite store: the evidence and the rollout ledger in one database file.
 pub struct Store {
@@ -228,6 +326,9 @@ impl Store {
         // WAL with NORMAL keeps every commit atomic; only the last commits may be lost on power loss.
         conn.pragma_update(None, "synchronous", "NORMAL").doing(doing)?;
         conn.pragma_update(None, "foreign_keys", "ON").doing(doing)?;
+        // Up to 64 MiB of pages (2 MiB by default): the index that finds request contexts is
+        // written at random places, and stays cached at hundreds of thousands of contexts.
+        conn.pragma_update(None, "cache_size", -65536).doing(doing)?;
         migrate(&mut conn)?;
         Ok(Store { conn: Mutex::new(conn) })
     }
@@ -323,7 +424,7 @@ impl EvidenceWriter for Store {
         within.retain_hours(|h| h >= from && h < to);
         let mut conn = self.conn();
         let tx = conn.transaction().doing(&doing)?;
-        for table in EVIDENCE_TABLES {
+        for table in HOUR_TABLES {
             tx.execute(
                 &format!("DELETE FROM {table} WHERE origin = ?1 AND hour >= ?2 AND hour < ?3"),
                 params![origin, from.timestamp(), to.timestamp()],
@@ -390,7 +491,7 @@ impl EvidenceWriter for Store {
         let cutoff = cutoff.timestamp();
         let mut conn = self.conn();
         let tx = conn.transaction().doing(&doing)?;
-        for table in EVIDENCE_TABLES {
+        for table in HOUR_TABLES {
             tx.execute(&format!("DELETE FROM {table} WHERE hour < ?1"), [cutoff]).doing(&doing)?;
         }
         // A mark may go once all the file contributed is gone: were the file read again, its
@@ -536,9 +637,10 @@ impl Store {
             );
         }
 
+        // Verdicts stored as such (hours from before contexts were kept, or not re-judged since).
         let mut stmt = conn
             .prepare_cached(&format!(
-                "SELECT user_name, verdict, sum(calls) FROM evidence_verdict
+                "SELECT user_name, verdict, sum(calls) FROM stored_verdict
                  WHERE {filter} AND verdict != 'not_applicable' GROUP BY user_name, verdict"
             ))
             .doing(doing)?;
@@ -554,36 +656,88 @@ impl Store {
                 }
             }
         }
-
+        let mut sources: BTreeMap<(String, String), OutsideSource> = BTreeMap::new();
         let mut stmt = conn
             .prepare_cached(&format!(
-                "SELECT user_name, source, calls, last_seen, last_action, last_reason FROM evidence_outside
-                 WHERE {filter} ORDER BY user_name, last_seen, source"
+                "SELECT user_name, source, calls, last_seen, last_action, last_reason FROM stored_outside WHERE {filter}"
             ))
             .doing(doing)?;
         let mut rows = stmt.query(window).doing(doing)?;
-        let mut sources: BTreeMap<(String, String), OutsideSource> = BTreeMap::new();
         while let Some(row) = rows.next().doing(doing)? {
             let user: String = row.get(0).doing(doing)?;
-            let source: String = row.get(1).doing(doing)?;
-            let calls = count(row.get(2).doing(doing)?);
-            let seen = time(row.get(3).doing(doing)?, doing)?;
             let Some(e) = users.get_mut(&user) else { continue };
-            // Rows come oldest first, so the last one wins.
             let reason: String = row.get(5).doing(doing)?;
-            e.last_outside = Some(OutsideCall {
-                at: seen,
-                source: source.clone(),
+            let call = OutsideCall {
+                at: time(row.get(3).doing(doing)?, doing)?,
+                source: row.get(1).doing(doing)?,
                 action: row.get(4).doing(doing)?,
-                reason: DenyReason::from_name(&reason).ok_or_else(|| StoreError::Corrupt {
-                    doing: doing.to_string(),
-                    what: format!("deny reason {reason:?}"),
-                })?,
+                reason: deny_reason(&reason, doing)?,
+            };
+            let entry = sources.entry((user, call.source.clone())).or_insert(OutsideSource {
+                source: call.source.clone(),
+                calls: 0,
+                last_seen: call.at,
             });
-            let entry =
-                sources.entry((user, source.clone())).or_insert(OutsideSource { source, calls: 0, last_seen: seen });
-            entry.calls += calls;
-            entry.last_seen = entry.last_seen.max(seen);
+            entry.calls += count(row.get(2).doing(doing)?);
+            entry.last_seen = entry.last_seen.max(call.at);
+            keep_latest(&mut e.last_outside, call);
+        }
+
+        // Verdicts derived from the calls' contexts.
+        let mut derived = Derived::default();
+        {
+            let mut context = conn
+                .prepare_cached("SELECT verdict, reason, outside_source, action FROM request_context WHERE id = ?1")
+                .doing(doing)?;
+            let mut stmt = conn
+                .prepare_cached(&format!(
+                    "SELECT user_name, context, calls, last_seen FROM evidence_call WHERE {filter}"
+                ))
+                .doing(doing)?;
+            let mut rows = stmt.query(window).doing(doing)?;
+            let mut current: Option<usize> = None;
+            let mut current_user = String::new();
+            while let Some(row) = rows.next().doing(doing)? {
+                let user = text(row, 0).doing(doing)?;
+                if current.is_none() || user != current_user {
+                    current_user.clear();
+                    current_user.push_str(user);
+                    current = Some(derived.user(user));
+                }
+                let id: i64 = row.get(1).doing(doing)?;
+                let calls = count(row.get(2).doing(doing)?);
+                let last_seen: i64 = row.get(3).doing(doing)?;
+                let known = derived.context(id, &mut context).doing(doing)?;
+                derived.add(current.unwrap_or_default(), known, calls, last_seen);
+            }
+        }
+        for (user, index) in &derived.users {
+            let Some(e) = users.get_mut(user) else { continue };
+            let totals = &derived.totals[*index];
+            e.calls += totals.calls;
+            e.would_deny += totals.would_deny;
+            for (source, calls, last_seen) in &totals.sources {
+                let source = &derived.sources[*source];
+                let last_seen = time(*last_seen, doing)?;
+                let entry = sources.entry((user.clone(), source.clone())).or_insert(OutsideSource {
+                    source: source.clone(),
+                    calls: 0,
+                    last_seen,
+                });
+                entry.calls += calls;
+                entry.last_seen = entry.last_seen.max(last_seen);
+            }
+            if let Some((at, context)) = totals.latest {
+                let context = &derived.contexts[context];
+                let source = context.source.map(|s| derived.sources[s].clone()).unwrap_or_default();
+                let call = OutsideCall {
+                    at: time(at, doing)?,
+                    source,
+                    action: context.action.clone(),
+                    reason: deny_reason(&context.reason, doing)?,
+                };
+                keep_latest(&mut e.last_outside, call);
+            }
         }
         for ((user, _), source) in sources {
             if let Some(e) = users.get_mut(&user) {
@@ -692,9 +846,12 @@ impl EvidenceStore for Store {
         let conn = self.conn();
         let mut stmt = conn
             .prepare_cached(
-                "SELECT verdict, reason, sum(calls) AS n FROM evidence_verdict
-                 WHERE user_name = ?1 AND hour >= ?2 AND hour < ?3
-                 GROUP BY verdict, reason ORDER BY n DESC, verdict, reason",
+                "SELECT verdict, reason, sum(calls) AS n FROM (
+                     SELECT verdict, reason, calls FROM stored_verdict WHERE user_name = ?1 AND hour >= ?2 AND hour < ?3
+                     UNION ALL
+                     SELECT c.verdict, c.reason, e.calls FROM evidence_call e JOIN request_context c ON c.id = e.context
+                     WHERE e.user_name = ?1 AND e.hour >= ?2 AND e.hour < ?3
+                 ) GROUP BY verdict, reason ORDER BY n DESC, verdict, reason",
             )
             .doing(doing)?;
         let mut rows = stmt.query(params![user, hour_of(since).timestamp(), until.timestamp()]).doing(doing)?;
@@ -766,7 +923,8 @@ fn migrate(conn: &mut Connection) -> Result<(), StoreError> {
     Ok(())
 }
 
-/// Adds `aggregates` to `origin`'s rows, summing counts and keeping the latest outside call.
+/// Adds `aggregates` to `origin`'s rows, summing counts; each request context is stored once,
+/// with its judgement when it is new.
 fn add_aggregates(tx: &Transaction<'_>, origin: &str, aggregates: &Aggregates) -> rusqlite::Result<()> {
     let mut hour_stmt = tx.prepare_cached(
         "INSERT INTO evidence_hour (user_name, hour, origin, arn, first_call, last_call, explicit_denials, other_denials)
@@ -778,16 +936,7 @@ fn add_aggregates(tx: &Transaction<'_>, origin: &str, aggregates: &Aggregates) -
              explicit_denials = explicit_denials + excluded.explicit_denials,
              other_denials = other_denials + excluded.other_denials",
     )?;
-    let mut context_stmt = tx.prepare_cached(
-        "INSERT INTO evidence_context (user_name, hour, origin, event_source, event_name, event_type, account,
-             source_ip, endpoint, endpoint_account, invoked_by, s3_auth_method, calls, first_seen, last_seen)
-         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15)
-         ON CONFLICT (hour, user_name, origin, event_source, event_name, event_type, account, source_ip,
-                      endpoint, endpoint_account, invoked_by, s3_auth_method) DO UPDATE SET
-             calls = calls + excluded.calls,
-             first_seen = min(first_seen, excluded.first_seen),
-             last_seen = max(last_seen, excluded.last_seen)",
-    )?;
+    let mut contexts = Contexts::new(tx)?;
     for (user, hour, agg) in aggregates.iter() {
         let hour = hour.timestamp();
         hour_stmt.execute(params![
@@ -800,65 +949,286 @@ fn add_aggregates(tx: &Transaction<'_>, origin: &str, aggregates: &Aggregates) -
             agg.explicit_denials as i64,
             agg.other_denials as i64,
         ])?;
-        add_verdicts(tx, origin, user, hour, agg)?;
-        for (c, seen) in &agg.contexts {
-            context_stmt.execute(params![
-                user,
-                hour,
-                origin,
-                c.event_source,
-                c.event_name,
-                c.event_type,
-                c.account,
-                c.source_ip,
-                c.endpoint,
-                c.endpoint_account,
-                c.invoked_by,
-                c.s3_auth_method,
-                seen.calls as i64,
-                seen.first.timestamp(),
-                seen.last.timestamp(),
-            ])?;
+        for (context, seen) in &agg.contexts {
+            let id = contexts.id(context, |c| aggregates.judgement(c).cloned())?;
+            contexts.add_calls(hour, user, origin, id, seen.calls, seen.first.timestamp(), seen.last.timestamp())?;
         }
     }
     Ok(())
 }
 
-/// Adds one user-hour's verdicts and outside sources to `origin`'s rows.
-fn add_verdicts(tx: &Transaction<'_>, origin: &str, user: &str, hour: i64, agg: &UserHour) -> rusqlite::Result<()> {
-    let mut verdict_stmt = tx.prepare_cached(
-        "INSERT INTO evidence_verdict (user_name, hour, origin, verdict, reason, calls) VALUES (?1, ?2, ?3, ?4, ?5, ?6)
-         ON CONFLICT (hour, user_name, origin, verdict, reason) DO UPDATE SET calls = calls + excluded.calls",
-    )?;
-    // SET expressions see the old row. The latest call wins, ties by the greater action and
-    // reason, so the result does not depend on the order files are added in.
-    let mut outside_stmt = tx.prepare_cached(
-        "INSERT INTO evidence_outside (user_name, hour, origin, source, calls, last_seen, last_action, last_reason)
-         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)
-         ON CONFLICT (hour, user_name, origin, source) DO UPDATE SET
-             calls = calls + excluded.calls,
-             last_action = CASE WHEN (excluded.last_seen, excluded.last_action, excluded.last_reason) > (last_seen, last_action, last_reason)
-                 THEN excluded.last_action ELSE last_action END,
-             last_reason = CASE WHEN (excluded.last_seen, excluded.last_action, excluded.last_reason) > (last_seen, last_action, last_reason)
-                 THEN excluded.last_reason ELSE last_reason END,
-             last_seen = max(last_seen, excluded.last_seen)",
-    )?;
-    for (verdict, calls) in &agg.verdicts {
-        verdict_stmt.execute(params![user, hour, origin, verdict.kind_name(), verdict.reason_name(), *calls as i64])?;
+/// The stored request contexts (`request_context`) by their columns, and the calls that refer
+/// to them (`evidence_call`), within one transaction.
+pub(super) struct Contexts<'c> {
+    conn: &'c Connection,
+    find: CachedStatement<'c>,
+    insert: CachedStatement<'c>,
+    calls: CachedStatement<'c>,
+    ids: HashMap<RequestContext, i64>,
+}
+
+impl<'c> Contexts<'c> {
+    pub(super) fn new(conn: &'c Connection) -> rusqlite::Result<Contexts<'c>> {
+        Ok(Contexts {
+            conn,
+            find: conn.prepare_cached(
+                "SELECT id, event_source, event_name, event_type, account, source_ip, endpoint, endpoint_account,
+                        invoked_by, s3_auth_method
+                 FROM request_context WHERE key = ?1",
+            )?,
+            insert: conn.prepare_cached(
+                "INSERT INTO request_context (key, event_source, event_name, event_type, account, source_ip, endpoint,
+                     endpoint_account, invoked_by, s3_auth_method, verdict, reason, applicable, outside_source, action)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15)",
+            )?,
+            calls: conn.prepare_cached(
+                "INSERT INTO evidence_call (hour, user_name, origin, context, calls, first_seen, last_seen)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)
+                 ON CONFLICT (hour, user_name, origin, context) DO UPDATE SET
+                     calls = calls + excluded.calls,
+                     first_seen = min(first_seen, excluded.first_seen),
+                     last_seen = max(last_seen, excluded.last_seen)",
+            )?,
+            ids: HashMap::new(),
+        })
     }
-    for (source, seen) in &agg.outside {
-        outside_stmt.execute(params![
-            user,
-            hour,
-            origin,
-            source,
-            seen.calls as i64,
-            seen.last_seen.timestamp(),
-            seen.last_action,
-            seen.reason.as_str(),
-        ])?;
+
+    /// The ID of `context`, stored with its judgement (`judge` answers it) when new. A stored
+    /// context keeps its judgement: every stored one is judged under the same perimeter, the
+    /// one the evidence is stamped with, and a re-judgement changes them all together.
+    pub(super) fn id(
+        &mut self,
+        context: &RequestContext,
+        judge: impl FnOnce(&RequestContext) -> Option<JudgedContext>,
+    ) -> rusqlite::Result<i64> {
+        if let Some(&id) = self.ids.get(context) {
+            return Ok(id);
+        }
+        let c = context;
+        let key = context_key(c);
+        let mut found = None;
+        let mut rows = self.find.query([key])?;
+        while let Some(row) = rows.next()? {
+            let columns = [
+                &c.event_source,
+                &c.event_name,
+                &c.event_type,
+                &c.account,
+                &c.source_ip,
+                &c.endpoint,
+                &c.endpoint_account,
+                &c.invoked_by,
+                &c.s3_auth_method,
+            ];
+            let mut same = true;
+            for (i, column) in columns.into_iter().enumerate() {
+                same &= text(row, i + 1)? == column.as_str();
+            }
+            if same {
+                found = Some(row.get(0)?);
+                break;
+            }
+        }
+        drop(rows);
+        let id = match found {
+            Some(id) => id,
+            None => {
+                let judged = judge(context).ok_or_else(|| {
+                    rusqlite::Error::ToSqlConversionFailure(
+                        format!("request context {context:?} was not judged").into(),
+                    )
+                })?;
+                self.insert.execute(params![
+                    key,
+                    c.event_source,
+                    c.event_name,
+                    c.event_type,
+                    c.account,
+                    c.source_ip,
+                    c.endpoint,
+                    c.endpoint_account,
+                    c.invoked_by,
+                    c.s3_auth_method,
+                    judged.verdict.kind_name(),
+                    judged.verdict.reason_name(),
+                    !matches!(judged.verdict, Verdict::NotApplicable(_)),
+                    judged.outside_source,
+                    judged.action,
+                ])?;
+                self.conn.last_insert_rowid()
+            }
+        };
+        self.ids.insert(context.clone(), id);
+        Ok(id)
     }
-    Ok(())
+
+    /// Adds `calls` with the context `context` (an ID) to a user-hour of `origin`.
+    #[allow(clippy::too_many_arguments)]
+    pub(super) fn add_calls(
+        &mut self,
+        hour: i64,
+        user: &str,
+        origin: &str,
+        context: i64,
+        calls: u64,
+        first_seen: i64,
+        last_seen: i64,
+    ) -> rusqlite::Result<()> {
+        self.calls.execute(params![hour, user, origin, context, calls as i64, first_seen, last_seen])?;
+        Ok(())
+    }
+}
+
+/// The latest of two calls from outside: by time, then source, action and reason (so that the
+/// answer does not depend on the order rows are read in).
+fn keep_latest(latest: &mut Option<OutsideCall>, call: OutsideCall) {
+    let key = |c: &OutsideCall| (c.at, c.source.clone(), c.action.clone(), c.reason.as_str());
+    if latest.as_ref().is_none_or(|l| key(&call) > key(l)) {
+        *latest = Some(call);
+    }
+}
+
+fn deny_reason(name: &str, doing: &str) -> Result<DenyReason, StoreError> {
+    DenyReason::from_name(name)
+        .ok_or_else(|| StoreError::Corrupt { doing: doing.to_string(), what: format!("deny reason {name:?}") })
+}
+
+/// A stable 64-bit hash (FNV-1a) of a request context's columns, each ended by a separator: what
+/// `request_context` finds a context by (equal keys are told apart by their columns).
+pub(super) fn context_key(c: &RequestContext) -> i64 {
+    let mut hash: u64 = 0xcbf2_9ce4_8422_2325;
+    let columns = [
+        &c.event_source,
+        &c.event_name,
+        &c.event_type,
+        &c.account,
+        &c.source_ip,
+        &c.endpoint,
+        &c.endpoint_account,
+        &c.invoked_by,
+        &c.s3_auth_method,
+    ];
+    for column in columns {
+        for byte in column.bytes().chain(std::iter::once(0x1f)) {
+            hash ^= u64::from(byte);
+            hash = hash.wrapping_mul(0x0000_0100_0000_01b3);
+        }
+    }
+    hash as i64
+}
+
+/// What [`Store::evidence`] sums from the calls that refer to stored contexts, per user.
+#[derive(Default)]
+struct Derived {
+    /// Each user's index in `totals`.
+    users: HashMap<String, usize>,
+    totals: Vec<DerivedTotals>,
+    /// The contexts read so far (by ID: their index in `contexts`).
+    known: HashMap<i64, usize>,
+    contexts: Vec<KnownContext>,
+    /// Outside sources, each once; [`KnownContext::source`] indexes it.
+    sources: Vec<String>,
+    source_index: HashMap<String, usize>,
+}
+
+/// A stored context's judgement, as [`Store::evidence`] needs it.
+struct KnownContext {
+    applicable: bool,
+    would_deny: bool,
+    /// Where from, when the policy would deny it (an index in [`Derived::sources`]).
+    source: Option<usize>,
+    action: String,
+    reason: String,
+}
+
+/// One user's calls, summed from their contexts.
+#[derive(Default)]
+struct DerivedTotals {
+    calls: u64,
+    would_deny: u64,
+    /// Per outside source (an index in [`Derived::sources`]): calls and the latest, in seconds.
+    sources: Vec<(usize, u64, i64)>,
+    /// The latest call from outside: when, in seconds, and its context (an index).
+    latest: Option<(i64, usize)>,
+}
+
+impl Derived {
+    fn user(&mut self, user: &str) -> usize {
+        if let Some(&index) = self.users.get(user) {
+            return index;
+        }
+        self.totals.push(DerivedTotals::default());
+        self.users.insert(user.to_string(), self.totals.len() - 1);
+        self.totals.len() - 1
+    }
+
+    /// The context with ID `id`, read with `stmt` the first time.
+    fn context(&mut self, id: i64, stmt: &mut CachedStatement<'_>) -> rusqlite::Result<usize> {
+        if let Some(&index) = self.known.get(&id) {
+            return Ok(index);
+        }
+        let (verdict, reason, source, action): (String, String, Option<String>, String) =
+            stmt.query_row([id], |row| Ok((row.get(0)?, row.get(1)?, row.get(2)?, row.get(3)?)))?;
+        let source = source.map(|source| self.source(&source));
+        let would_deny = verdict == "would_deny";
+        // A denied call always has a source; were one missing, it is named as the rule names it.
+        let source = match source {
+            None if would_deny => Some(self.source("(no source)")),
+            source => source,
+        };
+        self.contexts.push(KnownContext {
+            applicable: verdict != "not_applicable",
+            would_deny,
+            source: source.filter(|_| would_deny),
+            action,
+            reason,
+        });
+        self.known.insert(id, self.contexts.len() - 1);
+        Ok(self.contexts.len() - 1)
+    }
+
+    fn source(&mut self, source: &str) -> usize {
+        if let Some(&index) = self.source_index.get(source) {
+            return index;
+        }
+        self.sources.push(source.to_string());
+        self.source_index.insert(source.to_string(), self.sources.len() - 1);
+        self.sources.len() - 1
+    }
+
+    fn add(&mut self, user: usize, context: usize, calls: u64, last_seen: i64) {
+        let known = &self.contexts[context];
+        let Some(totals) = self.totals.get_mut(user) else { return };
+        if !known.applicable {
+            return;
+        }
+        totals.calls += calls;
+        if !known.would_deny {
+            return;
+        }
+        totals.would_deny += calls;
+        let source = known.source.unwrap_or_default();
+        match totals.sources.iter_mut().find(|(s, _, _)| *s == source) {
+            Some((_, sum, last)) => {
+                *sum += calls;
+                *last = (*last).max(last_seen);
+            }
+            None => totals.sources.push((source, calls, last_seen)),
+        }
+        let later = match totals.latest {
+            None => true,
+            Some((at, _)) if last_seen != at => last_seen > at,
+            Some((_, other)) => {
+                fn key<'a>(sources: &'a [String], c: &'a KnownContext) -> (Option<&'a str>, &'a str, &'a str) {
+                    (c.source.map(|s| sources[s].as_str()), c.action.as_str(), c.reason.as_str())
+                }
+                key(&self.sources, known) > key(&self.sources, &self.contexts[other])
+            }
+        };
+        if later {
+            totals.latest = Some((last_seen, context));
+        }
+    }
 }
 
 fn verdict_from_names(kind: &str, reason: &str) -> Option<Verdict> {
@@ -883,6 +1253,16 @@ fn key_range(prefix: &str) -> (String, Option<String>) {
 pub(super) fn time(seconds: i64, doing: &str) -> Result<DateTime<Utc>, StoreError> {
     DateTime::from_timestamp(seconds, 0)
         .ok_or_else(|| StoreError::Corrupt { doing: doing.to_string(), what: format!("timestamp {seconds}") })
+}
+
+/// Column `index` of `row` as text, borrowed.
+pub(super) fn text<'r>(row: &'r rusqlite::Row<'_>, index: usize) -> rusqlite::Result<&'r str> {
+    use rusqlite::types::{Type, ValueRef};
+    match row.get_ref(index)? {
+        ValueRef::Text(bytes) => std::str::from_utf8(bytes)
+            .map_err(|e| rusqlite::Error::FromSqlConversionFailure(index, Type::Text, Box::new(e))),
+        other => Err(rusqlite::Error::InvalidColumnType(index, format!("column {index}"), other.data_type())),
+    }
 }
 
 /// SQLite sums are signed; counts are never negative.
@@ -1055,6 +1435,33 @@ mod tests {
         assert!(store.evidence(at("2024-01-02T00:00:00Z"), now, Some("bob")).unwrap().is_empty());
         let verdicts = store.verdict_counts("alice", at("2024-01-02T00:00:00Z"), now).unwrap();
         assert_eq!(verdicts[0], (Verdict::WouldDeny(DenyReason::UntrustedIp), 3));
+    }
+
+    #[test]
+    fn contexts_whose_keys_collide_are_told_apart_by_their_columns() {
+        let store = Store::open_in_memory().unwrap();
+        let now = at("2024-01-03T00:00:00Z");
+        let office = call("alice", "2024-01-02T10:00:00Z", "203.0.113.5", false);
+        let key = context_key(&RequestContext::of(&office.record));
+        // Another context already stored under the same key (a hash collision), judged otherwise.
+        store
+            .conn()
+            .execute(
+                "INSERT INTO request_context (key, event_source, event_name, event_type, account, source_ip,
+                     endpoint, endpoint_account, invoked_by, s3_auth_method, verdict, reason, applicable,
+                     outside_source, action)
+                 VALUES (?1, 'x', 'x', 'x', 'x', 'x', '', '', '', '', 'would_deny', 'untrusted_ip', 1, 'x', 'x:x')",
+                [key],
+            )
+            .unwrap();
+        store.add_trail_files(&[file("f", &[office])], now).unwrap();
+        let e = &store.evidence(at("2024-01-02T00:00:00Z"), now, Some("alice")).unwrap()[0];
+        assert_eq!((e.calls, e.would_deny), (1, 0));
+        let under: i64 = store
+            .conn()
+            .query_row("SELECT count(*) FROM request_context WHERE key = ?1", [key], |row| row.get(0))
+            .unwrap();
+        assert_eq!(under, 2);
     }
 
     #[test]
