@@ -5,56 +5,18 @@
 //! evidence over the 30 days, before and after. Run with `cargo bench --bench rejudge`;
 //! `LOCKSTEP_BENCH_USERS` and `LOCKSTEP_BENCH_DAYS` scale it down.
 
+mod common;
+
 use std::time::Instant;
 
-use chrono::{DateTime, TimeDelta, TimeZone, Utc};
+use chrono::{TimeDelta, TimeZone, Utc};
+use common::{Density, SOURCES, benching, fill, peak_rss_mib, setting};
 use lockstep::config::Config;
-use lockstep::evidence::CallGroup;
-use lockstep::evidence::aggregate::{Judge, aggregate};
-use lockstep::store::{ATHENA_ORIGIN, EvidenceWriter, Store};
-use lockstep::trail::{Record, UserIdentity};
-
-const ACTIVE_HOURS_PER_DAY: i64 = 8;
-const SOURCES: [&str; 3] = ["203.0.113.7", "198.51.100.40", "192.0.2.10"];
-const ACTIONS: [(&str, &str); 3] = [
-    ("s3.amazonaws.com", "GetObject"),
-    ("ec2.amazonaws.com", "DescribeInstances"),
-    ("sts.amazonaws.com", "AssumeRole"),
-];
-
-fn setting(name: &str, default: usize) -> Result<usize, Box<dyn std::error::Error>> {
-    match std::env::var(name) {
-        Ok(text) => Ok(text.parse().map_err(|e| format!("{name}={text:?}: {e}"))?),
-        Err(_) => Ok(default),
-    }
-}
-
-/// One user's calls in one hour: one group per context.
-fn hour_of_calls(account: &str, user: usize, hour: DateTime<Utc>) -> impl Iterator<Item = CallGroup> + '_ {
-    (0..3).map(move |i| {
-        let (source, name) = ACTIONS[(user + i) % ACTIONS.len()];
-        let record = Record {
-            event_source: Some(source.into()),
-            event_name: Some(name.into()),
-            event_type: Some("AwsApiCall".into()),
-            source_ip_address: Some(SOURCES[(user / 7 + i) % SOURCES.len()].into()),
-            recipient_account_id: Some(account.into()),
-            user_identity: Some(UserIdentity {
-                kind: Some("IAMUser".into()),
-                user_name: Some(format!("user{user:05}")),
-                arn: Some(format!("arn:aws:iam::{account}:user/user{user:05}")),
-                account_id: Some(account.into()),
-                ..UserIdentity::default()
-            }),
-            ..Record::default()
-        };
-        CallGroup { record, calls: 5 + i as u64, first: hour, last: hour + TimeDelta::minutes(50) }
-    })
-}
+use lockstep::evidence::aggregate::Judge;
+use lockstep::store::{EvidenceWriter, Store};
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
-    // `cargo test --all-targets` runs bench binaries too, without `--bench`.
-    if !std::env::args().any(|arg| arg == "--bench") {
+    if !benching() {
         println!("rejudge benchmark: skipped (run it with `cargo bench --bench rejudge`)");
         return Ok(());
     }
@@ -70,24 +32,12 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let store = Store::open(&dir.path().join("bench.db"))?;
     let start = Utc.with_ymd_and_hms(2026, 3, 1, 0, 0, 0).single().ok_or("bad start time")?;
     let account = config.account_id.as_str();
-    let filling = Instant::now();
-    for day in 0..days {
-        let midnight = start + TimeDelta::days(day);
-        let groups: Vec<CallGroup> = (0..users)
-            .flat_map(|user| {
-                // Each user works a different 8-hour stretch.
-                let first = (user % (24 - ACTIVE_HOURS_PER_DAY as usize)) as i64;
-                (first..first + ACTIVE_HOURS_PER_DAY)
-                    .flat_map(move |h| hour_of_calls(account, user, midnight + TimeDelta::hours(h)))
-            })
-            .collect();
-        store.replace_hours(ATHENA_ORIGIN, midnight, midnight + TimeDelta::days(1), &aggregate(&groups, &original))?;
-    }
-    let user_hours = users as i64 * days * ACTIVE_HOURS_PER_DAY;
+    let density = Density { days, hours_per_day: 8, contexts: 3 };
+    let (user_hours, seconds) =
+        fill(&store, &original, account, users, density, &SOURCES, start + TimeDelta::days(days))?;
     println!(
-        "filled {days} days x {users} users ({user_hours} user-hours, {} contexts) in {:.1} s",
-        user_hours * 3,
-        filling.elapsed().as_secs_f64()
+        "filled {days} days x {users} users ({user_hours} user-hours, {} contexts) in {seconds:.1} s",
+        user_hours * 3
     );
     let (since, until) = (start, start + TimeDelta::days(days));
     let reading = Instant::now();
@@ -108,6 +58,9 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     println!("read it again in {:.2} s", reading.elapsed().as_secs_f64());
     if again != read {
         return Err("the evidence read back differs after re-judging there and back".into());
+    }
+    if let Some(mib) = peak_rss_mib() {
+        println!("peak RSS {mib:.0} MiB");
     }
     Ok(())
 }
