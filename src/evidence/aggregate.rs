@@ -112,6 +112,21 @@ pub struct RequestContext {
 }
 
 impl RequestContext {
+    /// The fields in declaration order: the order the store's columns follow.
+    pub fn columns(&self) -> [&str; 9] {
+        [
+            &self.event_source,
+            &self.event_name,
+            &self.event_type,
+            &self.account,
+            &self.source_ip,
+            &self.endpoint,
+            &self.endpoint_account,
+            &self.invoked_by,
+            &self.s3_auth_method,
+        ]
+    }
+
     /// The context of `record`, the fields the classifier reads.
     pub fn of(record: &Record) -> RequestContext {
         let text = |field: Option<&str>| field.unwrap_or_default().to_string();

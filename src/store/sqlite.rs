@@ -1009,20 +1009,9 @@ impl<'c> Contexts<'c> {
         let mut found = None;
         let mut rows = self.find.query([key])?;
         while let Some(row) = rows.next()? {
-            let columns = [
-                &c.event_source,
-                &c.event_name,
-                &c.event_type,
-                &c.account,
-                &c.source_ip,
-                &c.endpoint,
-                &c.endpoint_account,
-                &c.invoked_by,
-                &c.s3_auth_method,
-            ];
             let mut same = true;
-            for (i, column) in columns.into_iter().enumerate() {
-                same &= text(row, i + 1)? == column.as_str();
+            for (i, column) in c.columns().into_iter().enumerate() {
+                same &= text(row, i + 1)? == column;
             }
             if same {
                 found = Some(row.get(0)?);
@@ -1097,18 +1086,7 @@ fn deny_reason(name: &str, doing: &str) -> Result<DenyReason, StoreError> {
 /// `request_context` finds a context by (equal keys are told apart by their columns).
 pub(super) fn context_key(c: &RequestContext) -> i64 {
     let mut hash: u64 = 0xcbf2_9ce4_8422_2325;
-    let columns = [
-        &c.event_source,
-        &c.event_name,
-        &c.event_type,
-        &c.account,
-        &c.source_ip,
-        &c.endpoint,
-        &c.endpoint_account,
-        &c.invoked_by,
-        &c.s3_auth_method,
-    ];
-    for column in columns {
+    for column in c.columns() {
         for byte in column.bytes().chain(std::iter::once(0x1f)) {
             hash ^= u64::from(byte);
             hash = hash.wrapping_mul(0x0000_0100_0000_01b3);
