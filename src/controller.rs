@@ -536,7 +536,7 @@ pub struct Controller<I, F> {
     feed: F,
     clock: Arc<dyn Clock>,
     mode: Mode,
-    directory: Option<(DateTime<Utc>, Vec<IamUser>)>,
+    directory: Option<(DateTime<Utc>, Arc<Vec<IamUser>>)>,
     cohort: VecDeque<CohortEvent>,
     last_dry_plan: Option<Vec<Action>>,
 }
@@ -909,13 +909,15 @@ impl<I: Iam, F: EventFeed> Controller<I, F> {
         Ok(verdicts)
     }
 
-    async fn directory(&mut self, now: DateTime<Utc>) -> Result<Vec<IamUser>, ControllerError> {
+    /// The cached IAM user directory, listed again once older than [`DIRECTORY_TTL`]; shared,
+    /// not copied, with each step's readers.
+    async fn directory(&mut self, now: DateTime<Utc>) -> Result<Arc<Vec<IamUser>>, ControllerError> {
         if let Some((at, users)) = &self.directory
             && now - *at < DIRECTORY_TTL
         {
             return Ok(users.clone());
         }
-        let users = self.iam.list_users().await?.users;
+        let users = Arc::new(self.iam.list_users().await?.users);
         self.directory = Some((now, users.clone()));
         Ok(users)
     }
@@ -927,10 +929,10 @@ impl<I: Iam, F: EventFeed> Controller<I, F> {
         let Some(key) = self.config.perimeter.exempt_tag_key.clone() else {
             return Ok(());
         };
-        let users = self.directory(now).await?;
+        let due = exemption::due(&self.directory(now).await?, &key, now);
         let keys = exemption::tag_keys(&key);
         let mut ended = Vec::new();
-        for user in exemption::due(&users, &key, now) {
+        for user in due {
             let write = format!("UntagUser {user} {}", keys.join(" "));
             if self.mode == Mode::DryRun {
                 report.iam_writes.push(write);
@@ -948,6 +950,7 @@ impl<I: Iam, F: EventFeed> Controller<I, F> {
             }
         }
         if let Some((_, cached)) = &mut self.directory {
+            let cached = Arc::make_mut(cached);
             for user in cached.iter_mut().filter(|u| ended.contains(&u.name)) {
                 user.tags.retain(|k, _| !keys.contains(k));
             }
