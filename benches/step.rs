@@ -237,13 +237,6 @@ async fn measure(users: usize, steps: usize) -> Result<Figures, Failure> {
             Ok(())
         }),
     )?;
-    best(
-        "directory copy",
-        Box::new(|| {
-            std::hint::black_box(directory.clone());
-            Ok(())
-        }),
-    )?;
     let window = config.eligibility.window;
     best(
         "evidence read (eligibility window)",
