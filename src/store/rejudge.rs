@@ -10,7 +10,6 @@
 //! them are judged and interned, their hours' stored verdicts dropped. One transaction.
 
 use std::collections::{HashMap, HashSet};
-use std::path::Path;
 
 use chrono::{DateTime, Utc};
 use rusqlite::{Connection, params};
@@ -250,22 +249,6 @@ fn scan_calls(conn: &Connection) -> rusqlite::Result<(u64, HashSet<i64>)> {
     Ok((hours, referenced))
 }
 
-impl Store {
-    /// A private, migrated copy of the store at `original`, written to the new file `copy`: the
-    /// original is opened read-only and never written, so what-if questions change nothing.
-    pub fn copy_of(original: &Path, copy: &Path) -> Result<Store, StoreError> {
-        use rusqlite::OpenFlags;
-        let doing = format!("copying the store {} to {}", original.display(), copy.display());
-        let target = copy.to_str().ok_or_else(|| StoreError::Refused(format!("{doing}: the path is not UTF-8")))?;
-        let conn = Connection::open_with_flags(original, OpenFlags::SQLITE_OPEN_READ_ONLY).doing(&doing)?;
-        conn.busy_timeout(std::time::Duration::from_secs(10)).doing(&doing)?;
-        // A consistent snapshot, even with the daemon writing.
-        conn.execute("VACUUM INTO ?1", [target]).doing(&doing)?;
-        drop(conn);
-        Store::open(copy)
-    }
-}
-
 /// The tables holding an hour's calls or verdicts, emptied when the hour is read again.
 const CALL_TABLES: &[&str] = &["evidence_call", "stored_verdict", "stored_outside", "pending_context"];
 
@@ -329,6 +312,7 @@ pub(super) fn finish_reread(store: &Store, origin: &str, from: DateTime<Utc>) ->
 
 #[cfg(test)]
 mod tests {
+    use std::path::Path;
     use std::sync::Arc;
 
     use chrono::TimeDelta;

@@ -294,11 +294,8 @@ impl Store {
     /// Refuses a store whose schema is not the current one (an older one needs the migration
     /// that opening it normally applies).
     pub fn open_read_only(path: &Path) -> Result<Store, StoreError> {
-        use rusqlite::OpenFlags;
         let doing = format!("opening the store {} read-only", path.display());
-        let flags = OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_URI | OpenFlags::SQLITE_OPEN_NO_MUTEX;
-        let conn = Connection::open_with_flags(path, flags).doing(&doing)?;
-        conn.busy_timeout(Duration::from_secs(10)).doing(&doing)?;
+        let conn = read_only_connection(path, &doing)?;
         let found = schema_version(&conn)?;
         if found != MIGRATIONS.len() as i64 {
             return Err(match usize::try_from(found) {
@@ -311,6 +308,18 @@ impl Store {
             });
         }
         Ok(Store { conn: Mutex::new(conn) })
+    }
+
+    /// A private, migrated copy of the store at `original`, written to the new file `copy`: the
+    /// original is opened read-only and never written, so what-if questions change nothing.
+    pub fn copy_of(original: &Path, copy: &Path) -> Result<Store, StoreError> {
+        let doing = format!("copying the store {} to {}", original.display(), copy.display());
+        let target = copy.to_str().ok_or_else(|| StoreError::Refused(format!("{doing}: the path is not UTF-8")))?;
+        let conn = read_only_connection(original, &doing)?;
+        // A consistent snapshot, even with the daemon writing.
+        conn.execute("VACUUM INTO ?1", [target]).doing(&doing)?;
+        drop(conn);
+        Store::open(copy)
     }
 
     /// A private database in memory, for tests and dry runs.
@@ -1075,6 +1084,15 @@ fn keep_latest(latest: &mut Option<OutsideCall>, call: OutsideCall) {
     if latest.as_ref().is_none_or(|l| key(&call) > key(l)) {
         *latest = Some(call);
     }
+}
+
+/// A read-only connection to the store at `path` that waits out a writer's lock (the daemon's).
+fn read_only_connection(path: &Path, doing: &str) -> Result<Connection, StoreError> {
+    use rusqlite::OpenFlags;
+    let flags = OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_URI | OpenFlags::SQLITE_OPEN_NO_MUTEX;
+    let conn = Connection::open_with_flags(path, flags).doing(doing)?;
+    conn.busy_timeout(Duration::from_secs(10)).doing(doing)?;
+    Ok(conn)
 }
 
 fn deny_reason(name: &str, doing: &str) -> Result<DenyReason, StoreError> {
