@@ -1,11 +1,14 @@
 //! AWS SDK setup, the standard way: region from configuration, the standard credential chain,
 //! the standard endpoint override (`AWS_ENDPOINT_URL`, or an explicit URL for tests), and the
 //! SDK's standard retry with extra attempts so that throttling (frequent on CloudTrail-sized
-//! accounts) is waited out instead of failing a refresh.
+//! accounts) is waited out instead of failing a refresh, and timeouts so that a call that hangs
+//! (a half-open connection, an endpoint that stopped answering) fails and is retried instead of
+//! stalling the controller, and with it the guard, forever.
 
 use std::time::Duration;
 
 use aws_config::retry::RetryConfig;
+use aws_config::timeout::TimeoutConfig;
 use aws_config::{BehaviorVersion, ConfigLoader, Region, SdkConfig};
 use aws_sdk_s3::error::{DisplayErrorContext, ProvideErrorMetadata, SdkError};
 
@@ -13,13 +16,26 @@ use aws_sdk_s3::error::{DisplayErrorContext, ProvideErrorMetadata, SdkError};
 const MAX_ATTEMPTS: u32 = 8;
 /// Longest pause between attempts.
 const MAX_BACKOFF: Duration = Duration::from_secs(20);
+/// Longest wait for a connection to open.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+/// Longest wait for one attempt, a large trail file's download included.
+const ATTEMPT_TIMEOUT: Duration = Duration::from_secs(120);
+/// Longest wait for a call, every attempt and pause included.
+const OPERATION_TIMEOUT: Duration = Duration::from_secs(600);
 
 /// The loader behind [`load`], for callers that must also pin something else (tests pin static
 /// credentials so the chain never probes instance metadata).
 pub fn loader(region: &str, endpoint_url: Option<&str>) -> ConfigLoader {
     let loader = aws_config::defaults(BehaviorVersion::latest())
         .region(Region::new(region.to_string()))
-        .retry_config(RetryConfig::standard().with_max_attempts(MAX_ATTEMPTS).with_max_backoff(MAX_BACKOFF));
+        .retry_config(RetryConfig::standard().with_max_attempts(MAX_ATTEMPTS).with_max_backoff(MAX_BACKOFF))
+        .timeout_config(
+            TimeoutConfig::builder()
+                .connect_timeout(CONNECT_TIMEOUT)
+                .operation_attempt_timeout(ATTEMPT_TIMEOUT)
+                .operation_timeout(OPERATION_TIMEOUT)
+                .build(),
+        );
     match endpoint_url {
         Some(url) => loader.endpoint_url(url),
         None => loader,
