@@ -59,10 +59,6 @@ COPY --from=build /src/target/release/lockstep /usr/local/bin/lockstep
 
 # The CLI reads --config from LOCKSTEP_CONFIG; mount the file here (read-only is enough).
 ENV LOCKSTEP_CONFIG=/etc/lockstep/rollout.yaml
-# glibc's dynamic mmap/trim thresholds keep freed multi-megabyte buffers (trail files, decoded
-# batches) resident: a 60-user sandbox peaks at 1.1 GB with the default and 150 MB with a fixed
-# trim threshold (README, Performance: memory).
-ENV MALLOC_TRIM_THRESHOLD_=131072
 # The SQLite ledger and evidence store (store.path), and files evidence (evidence.files.path)
 # if used: it must outlive the container, or a restart forgets every batch in flight.
 WORKDIR /var/lib/lockstep

@@ -170,8 +170,13 @@ pub async fn run(options: Options) -> anyhow::Result<ExitCode> {
         org.users.len()
     );
     eprintln!("sandbox: the IAM group is a LOCAL STAND-IN held in memory; nothing talks to AWS");
-    let history = org.generate(start - chrono::Duration::days(HISTORY_DAYS), start);
-    write_trail(&trail, &config.account_id, &history.records, Faults::default())?;
+    // A day at a time: the whole history of a large organisation does not fit in memory at once.
+    let mut day = start - chrono::Duration::days(HISTORY_DAYS);
+    while day < start {
+        let until = (day + chrono::Duration::days(1)).min(start);
+        write_trail(&trail, &config.account_id, &org.generate(day, until).records, Faults::default())?;
+        day = until;
+    }
 
     let store = Arc::new(Store::open(&config.store.path)?);
     let source = Source::Folder(Arc::new(Folder::new(&config.evidence.files_path)));

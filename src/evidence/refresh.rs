@@ -350,6 +350,7 @@ async fn read_trail<T: TrailObjects + 'static>(
     let (dedup_since, dedup_until) = dedup_hours(config, clock.now());
     let seen = files::SeenEvents::new(store.recent_event_ids(dedup_since, dedup_until)?);
     let mut batch = Vec::with_capacity(BATCH);
+    let mut batch_records = 0;
     let read = files::read_files(
         objects.clone(),
         keys,
@@ -359,10 +360,12 @@ async fn read_trail<T: TrailObjects + 'static>(
         |mut file: TrailFile| {
             file.aggregates.retain_hours(|hour| hour >= cutoff);
             file.event_ids.retain(|event| (dedup_since..dedup_until).contains(&event.hour));
+            batch_records += file.records;
             batch.push(file);
-            if batch.len() < BATCH {
+            if batch.len() < BATCH && batch_records < BATCH_RECORDS {
                 return Ok(());
             }
+            batch_records = 0;
             record(store, &mut batch, clock, counts, progress)
         },
     )
@@ -386,6 +389,10 @@ fn dedup_hours(config: &Config, now: DateTime<Utc>) -> (DateTime<Utc>, DateTime<
 /// Trail files recorded per transaction: enough to merge away most rows, few enough that a crash
 /// costs little rework.
 const BATCH: usize = 256;
+/// Records after which a batch is recorded even if it has fewer files: the batch's aggregates
+/// are held in memory until then, and their size follows the records (files of a large account
+/// hold thousands each), not the file count.
+const BATCH_RECORDS: u64 = 50_000;
 
 /// Writes and empties `batch`, counting the files this run added.
 fn record(
