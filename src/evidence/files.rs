@@ -8,7 +8,7 @@
 //! pool; results come back in key order so the caller can record them in order. Corrupt files
 //! and records are logged and counted, never fatal.
 
-use std::collections::{HashSet, VecDeque};
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
@@ -187,27 +187,91 @@ struct Reader {
     seen: SeenEvents,
 }
 
+/// Events of this read that a read remembers before forgetting the least recently added hours:
+/// about 16 bytes each, so memory stays bounded on a first read of a large organisation's 14 days
+/// (hundreds of millions of events).
+const SEEN_EVENTS_LIMIT: usize = 2_000_000;
+
 /// The events (by [`event_id_hash`]) a read has aggregated, starting with those earlier reads
-/// recorded in the store: 8 bytes each.
-#[derive(Default)]
+/// recorded in the store (within the store's own horizon, all kept).
+///
+/// This read's own events are kept by the hour of their `eventTime` (a copy CloudTrail delivers
+/// again has the same `eventTime`). Past [`SEEN_EVENTS_LIMIT`], the hours added to least recently
+/// are forgotten whole: files are read in time order per region, so those are the hours whose
+/// copies were due long ago. A copy arriving after its hour was forgotten is counted twice.
 pub struct SeenEvents {
-    ids: std::sync::Mutex<HashSet<u64>>,
+    state: std::sync::Mutex<Seen>,
+}
+
+#[derive(Default)]
+struct Seen {
+    stored: HashSet<u64>,
+    /// By `eventTime` up to the hour (`YYYY-MM-DDTHH`): the events, and the add that last touched it.
+    hours: HashMap<[u8; 13], (HashSet<u64>, u64)>,
+    len: usize,
+    adds: u64,
+    limit: usize,
 }
 
 impl SeenEvents {
     /// Events already counted (read back from the store).
     pub fn new(ids: HashSet<u64>) -> SeenEvents {
-        SeenEvents { ids: std::sync::Mutex::new(ids) }
+        SeenEvents::limited(ids, SEEN_EVENTS_LIMIT)
+    }
+
+    fn limited(stored: HashSet<u64>, limit: usize) -> SeenEvents {
+        SeenEvents { state: std::sync::Mutex::new(Seen { stored, limit, ..Seen::default() }) }
     }
 
     /// Drops the records whose event was seen before; returns how many were dropped. Records
     /// without an `eventID` are all kept.
     fn keep_first(&self, records: &mut Vec<trail::Record>) -> u64 {
         let before = records.len();
-        // A panic elsewhere while holding the lock leaves the set valid: keep using it.
-        let mut ids = self.ids.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
-        records.retain(|r| r.event_id.as_deref().is_none_or(|id| ids.insert(event_id_hash(id))));
+        // A panic elsewhere while holding the lock leaves the sets valid: keep using them.
+        let mut seen = self.state.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        seen.adds += 1;
+        records.retain(|r| match r.event_id.as_deref() {
+            Some(id) => seen.first(r.event_time.as_deref().unwrap_or_default(), event_id_hash(id)),
+            None => true,
+        });
+        seen.forget_beyond_limit();
         (before - records.len()) as u64
+    }
+}
+
+impl Default for SeenEvents {
+    /// Nothing seen yet.
+    fn default() -> SeenEvents {
+        SeenEvents::new(HashSet::new())
+    }
+}
+
+impl Seen {
+    /// Whether `id` (of an event at `event_time`) is new, remembering it.
+    fn first(&mut self, event_time: &str, id: u64) -> bool {
+        if self.stored.contains(&id) {
+            return false;
+        }
+        let mut hour = [0u8; 13];
+        let prefix = &event_time.as_bytes()[..event_time.len().min(13)];
+        hour[..prefix.len()].copy_from_slice(prefix);
+        let adds = self.adds;
+        let (ids, touched) = self.hours.entry(hour).or_default();
+        *touched = adds;
+        let new = ids.insert(id);
+        self.len += usize::from(new);
+        new
+    }
+
+    fn forget_beyond_limit(&mut self) {
+        while self.len > self.limit {
+            let Some(oldest) = self.hours.iter().min_by_key(|(_, (_, touched))| *touched).map(|(hour, _)| *hour) else {
+                return;
+            };
+            if let Some((ids, _)) = self.hours.remove(&oldest) {
+                self.len -= ids.len();
+            }
+        }
     }
 }
 
@@ -401,6 +465,37 @@ async fn blocking<R: Send + 'static>(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn event(id: &str, time: &str) -> trail::Record {
+        trail::Record { event_id: Some(id.to_string()), event_time: Some(time.to_string()), ..Default::default() }
+    }
+
+    #[test]
+    fn seen_events_count_copies_once_and_forget_the_least_recent_hours_past_their_limit() {
+        let stored: HashSet<u64> = [event_id_hash("stored")].into();
+        let seen = SeenEvents::limited(stored, 4);
+        let mut first = vec![
+            event("stored", "2024-01-02T09:59:00Z"),
+            event("a", "2024-01-02T10:01:00Z"),
+            event("b", "2024-01-02T10:02:00Z"),
+            event("a", "2024-01-02T10:01:00Z"),
+        ];
+        assert_eq!(seen.keep_first(&mut first), 2, "the stored event and the copy of a");
+        assert_eq!(first.len(), 2);
+        // Hour 11 fills the set past its limit (5 > 4): hour 10, added to least recently, goes.
+        let mut later = vec![
+            event("c", "2024-01-02T11:00:00Z"),
+            event("d", "2024-01-02T11:30:00Z"),
+            event("no-time", ""),
+        ];
+        assert_eq!(seen.keep_first(&mut later), 0);
+        let mut copies =
+            vec![event("a", "2024-01-02T10:01:00Z"), event("c", "2024-01-02T11:00:00Z"), event("stored", "")];
+        assert_eq!(seen.keep_first(&mut copies), 2, "c and the stored event are still known; a was forgotten");
+        assert_eq!(copies[0].event_id.as_deref(), Some("a"));
+        let state = seen.state.lock().unwrap();
+        assert!(state.len <= 4, "{} events remembered", state.len);
+    }
 
     fn at(text: &str) -> DateTime<Utc> {
         text.parse().unwrap()
