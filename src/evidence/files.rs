@@ -483,11 +483,8 @@ mod tests {
         assert_eq!(seen.keep_first(&mut first), 2, "the stored event and the copy of a");
         assert_eq!(first.len(), 2);
         // Hour 11 fills the set past its limit (5 > 4): hour 10, added to least recently, goes.
-        let mut later = vec![
-            event("c", "2024-01-02T11:00:00Z"),
-            event("d", "2024-01-02T11:30:00Z"),
-            event("no-time", ""),
-        ];
+        let mut later =
+            vec![event("c", "2024-01-02T11:00:00Z"), event("d", "2024-01-02T11:30:00Z"), event("no-time", "")];
         assert_eq!(seen.keep_first(&mut later), 0);
         let mut copies =
             vec![event("a", "2024-01-02T10:01:00Z"), event("c", "2024-01-02T11:00:00Z"), event("stored", "")];
