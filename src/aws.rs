@@ -4,13 +4,24 @@
 //! accounts) is waited out instead of failing a refresh, and timeouts so that a call that hangs
 //! (a half-open connection, an endpoint that stopped answering) fails and is retried instead of
 //! stalling the controller, and with it the guard, forever.
+//!
+//! Other accounts are reached with [`account_config`]: the same configuration, with credentials
+//! from `sts:AssumeRole` into the account's role.
 
 use std::time::Duration;
 
 use aws_config::retry::RetryConfig;
+use aws_config::sts::AssumeRoleProvider;
 use aws_config::timeout::TimeoutConfig;
 use aws_config::{BehaviorVersion, ConfigLoader, Region, SdkConfig};
+use aws_sdk_iam::config::{ProvideCredentials, SharedCredentialsProvider};
 use aws_sdk_s3::error::{DisplayErrorContext, ProvideErrorMetadata, SdkError};
+
+use crate::config::Access;
+
+/// The role session name lockstep's assumed sessions carry (CloudTrail records it in each
+/// call's `userIdentity.arn`).
+pub const SESSION_NAME: &str = "lockstep";
 
 /// Attempts per request, first one included (the SDK's default is 3).
 const MAX_ATTEMPTS: u32 = 8;
@@ -46,6 +57,41 @@ pub fn loader(region: &str, endpoint_url: Option<&str>) -> ConfigLoader {
 /// `AWS_ENDPOINT_URL` is still honoured by aws-config itself.
 pub async fn load(region: &str, endpoint_url: Option<&str>) -> SdkConfig {
     loader(region, endpoint_url).load().await
+}
+
+/// An account's role could not be assumed.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("cannot assume role {role_arn}: {reason}")]
+pub struct AssumeRoleFailed {
+    /// The role lockstep tried to assume.
+    pub role_arn: String,
+    /// STS's answer (or why no answer came), for an operator.
+    pub reason: String,
+}
+
+/// The SDK configuration that acts in one account: `base` itself for [`Access::Default`];
+/// otherwise `base` with credentials from `sts:AssumeRole` into the account's role (session
+/// [`SESSION_NAME`], the external ID if set), made with `base`'s own credentials, endpoint and
+/// retry settings. The role is assumed once here, so that an account lockstep cannot reach is
+/// reported as such before any call is made in it; clients built from the result then get
+/// their credentials through the SDK's identity cache, which assumes the role on first use and
+/// again shortly before the temporary credentials expire.
+pub async fn account_config(base: &SdkConfig, access: &Access) -> Result<SdkConfig, AssumeRoleFailed> {
+    let Access::AssumeRole { role_arn, external_id } = access else {
+        return Ok(base.clone());
+    };
+    let builder = AssumeRoleProvider::builder(role_arn.as_str()).session_name(SESSION_NAME).configure(base);
+    let builder = match external_id {
+        Some(id) => builder.external_id(id),
+        None => builder,
+    };
+    let provider = builder.build().await;
+    let provider = SharedCredentialsProvider::new(provider);
+    provider
+        .provide_credentials()
+        .await
+        .map_err(|e| AssumeRoleFailed { role_arn: role_arn.clone(), reason: DisplayErrorContext(&e).to_string() })?;
+    Ok(base.to_builder().credentials_provider(provider).build())
 }
 
 /// An S3 client. With an endpoint override (an emulator on 127.0.0.1, a private gateway), bucket
