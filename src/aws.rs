@@ -16,6 +16,7 @@ use aws_config::timeout::TimeoutConfig;
 use aws_config::{BehaviorVersion, ConfigLoader, Region, SdkConfig};
 use aws_sdk_iam::config::{ProvideCredentials, SharedCredentialsProvider};
 use aws_sdk_s3::error::{DisplayErrorContext, ProvideErrorMetadata, SdkError};
+use aws_smithy_types::error::ErrorMetadata;
 
 use crate::config::Access;
 
@@ -69,7 +70,8 @@ pub struct AssumeRoleFailed {
     pub reason: String,
 }
 
-/// The SDK configuration that acts in one account: `base` itself for [`Access::Default`];
+/// The SDK configuration that acts in one account: `base` (as [`load`] makes it: STS needs its
+/// time source) itself for [`Access::Default`];
 /// otherwise `base` with credentials from `sts:AssumeRole` into the account's role (session
 /// [`SESSION_NAME`], the external ID if set), made with `base`'s own credentials, endpoint and
 /// retry settings. The role is assumed once here, so that an account lockstep cannot reach is
@@ -90,7 +92,7 @@ pub async fn account_config(base: &SdkConfig, access: &Access) -> Result<SdkConf
     provider
         .provide_credentials()
         .await
-        .map_err(|e| AssumeRoleFailed { role_arn: role_arn.clone(), reason: DisplayErrorContext(&e).to_string() })?;
+        .map_err(|e| AssumeRoleFailed { role_arn: role_arn.clone(), reason: cause_message(&e) })?;
     Ok(base.to_builder().credentials_provider(provider).build())
 }
 
@@ -108,10 +110,25 @@ where
     E: ProvideErrorMetadata + std::error::Error + 'static,
     R: std::fmt::Debug,
 {
-    match (err.code(), err.message()) {
-        (Some(code), Some(message)) => format!("{code}: {message}"),
-        (Some(code), None) => code.to_string(),
-        _ => DisplayErrorContext(err).to_string(),
+    described(err.code(), err.message()).unwrap_or_else(|| DisplayErrorContext(err).to_string())
+}
+
+/// [`error_message`] for an error that carries the SDK error somewhere in its cause chain (a
+/// credentials provider's error wraps STS's): the first service answer's code and message found
+/// there, otherwise the whole chain.
+fn cause_message(err: &(dyn std::error::Error + 'static)) -> String {
+    std::iter::successors(Some(err), |e| e.source())
+        .find_map(|e| e.downcast_ref::<ErrorMetadata>())
+        .and_then(|answer| described(answer.code(), answer.message()))
+        .unwrap_or_else(|| DisplayErrorContext(err).to_string())
+}
+
+/// `code: message` (or the code alone), if the service answered with a code.
+fn described(code: Option<&str>, message: Option<&str>) -> Option<String> {
+    match (code, message) {
+        (Some(code), Some(message)) => Some(format!("{code}: {message}")),
+        (Some(code), None) => Some(code.to_string()),
+        (None, _) => None,
     }
 }
 
@@ -130,5 +147,28 @@ mod tests {
         let retry = config.retry_config().expect("retry config is set");
         assert_eq!(retry.max_attempts(), MAX_ATTEMPTS);
         assert_eq!(retry.max_backoff(), MAX_BACKOFF);
+    }
+
+    /// A provider's error wrapping the service's answer, as `CredentialsError` wraps STS's.
+    #[derive(Debug)]
+    struct Wrapped(Option<ErrorMetadata>);
+
+    impl std::fmt::Display for Wrapped {
+        fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+            f.write_str("an error occurred while loading credentials")
+        }
+    }
+
+    impl std::error::Error for Wrapped {
+        fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+            self.0.as_ref().map(|answer| answer as &(dyn std::error::Error + 'static))
+        }
+    }
+
+    #[test]
+    fn the_service_answer_is_found_in_the_cause_chain() {
+        let denied = ErrorMetadata::builder().code("AccessDenied").message("not authorized").build();
+        assert_eq!(cause_message(&Wrapped(Some(denied))), "AccessDenied: not authorized");
+        assert_eq!(cause_message(&Wrapped(None)), "an error occurred while loading credentials");
     }
 }
