@@ -1779,6 +1779,195 @@ waves:
         assert!(shown.starts_with("rollout.yaml:5:"), "{shown}");
     }
 
+    /// The `accounts` example shipped commented out in rollout.yaml, uncommented.
+    fn accounts_example() -> String {
+        let mut lines = EXAMPLE.lines().skip_while(|line| *line != "# accounts:");
+        let first = lines.next().expect("rollout.yaml has a commented accounts example");
+        std::iter::once(first)
+            .chain(lines.take_while(|line| line.starts_with("#  ")))
+            .map(|line| &line[2..])
+            .collect::<Vec<_>>()
+            .join("\n")
+    }
+
+    /// The shipped file with `accounts` appended.
+    fn with_accounts(accounts: &str) -> String {
+        format!("{EXAMPLE}\n{accounts}\n")
+    }
+
+    #[test]
+    fn the_shipped_accounts_example_is_valid_and_names_two_accounts() {
+        let config = Config::parse(&with_accounts(&accounts_example()), Path::new("rollout.yaml")).unwrap();
+        let [main, payments] = config.accounts.as_slice() else { panic!("{:#?}", config.accounts) };
+        assert_eq!((main.id.as_str(), main.name.as_deref()), ("123456789012", Some("security")));
+        assert_eq!(main.access, Access::Default, "account_id's account uses the default credentials");
+        assert_eq!(main.perimeter, config.perimeter);
+        assert_eq!(payments.to_string(), "account 111122223333 (payments)");
+        assert_eq!(
+            payments.access,
+            Access::AssumeRole {
+                role_arn: "arn:aws:iam::111122223333:role/lockstep-rollout".into(),
+                external_id: None
+            }
+        );
+        assert_eq!(payments.perimeter.account_id, "111122223333");
+        assert!(payments.perimeter.trusted_vpcs.contains(&"vpc-0c1d2e3f".to_string()));
+        assert_eq!(payments.perimeter.trusted_endpoints.len(), config.perimeter.trusted_endpoints.len() + 1);
+        assert_eq!(payments.perimeter.trusted_cidrs, config.perimeter.trusted_cidrs, "CIDRs stay shared");
+        assert!(!main.perimeter.trusted_vpcs.contains(&"vpc-0c1d2e3f".to_string()));
+        let refused = config.single_account("run").unwrap_err().to_string();
+        assert!(
+            refused
+                .contains("multi-account rollout is not supported by `lockstep run` yet; `policy` and `validate` are"),
+            "{refused}"
+        );
+    }
+
+    #[test]
+    fn without_accounts_the_file_means_account_id_alone() {
+        let config = Config::parse(EXAMPLE, Path::new("rollout.yaml")).unwrap();
+        let [only] = config.accounts.as_slice() else { panic!("{:#?}", config.accounts) };
+        assert_eq!(
+            (only.id.as_str(), &only.access, &only.perimeter),
+            ("123456789012", &Access::Default, &config.perimeter)
+        );
+        assert!(config.single_account("run").is_ok());
+        // An accounts section that leaves account_id alone (the rest excluded) means the same.
+        let text = with_accounts(
+            "accounts:\n  role: \"arn:aws:iam::{account}:role/r\"\n  list:\n    - id: \"123456789012\"\n    - id: \"111122223333\"\n  exclude: [\"111122223333\"]",
+        );
+        assert!(Config::parse(&text, Path::new("r.yaml")).unwrap().single_account("run").is_ok());
+    }
+
+    #[test]
+    fn every_accounts_problem_is_reported_at_once_with_its_line() {
+        let accounts = r#"accounts:
+  role: "arn:aws:iam::123456789012:role/fixed"
+  external_id: "x"
+  list:
+    - id: "12345"
+    - id: "111122223333"
+      name: payments
+    - id: "111122223333"
+    - id: "444455556666"
+      name: payments
+      role: "arn:aws:iam::999999999999:role/elsewhere"
+    - id: "123456789012"
+      role: "arn:aws:iam::123456789012:role/default"
+  exclude: ["777788889999"]
+  perimeter:
+    "555566667777":
+      trusted_vpcs: [vpc-0c1d2e3f]
+    "111122223333":
+      trusted_vpcs: [vpc-nothex00, vpc-1b2c3d4e]
+      trusted_vpc_endpoints:
+        vpce-zz: vpc-0c1d2e3f
+        vpce-0c1d2e3f: vpc-99999999
+        vpce-0123456789abcdef0: vpc-1b2c3d4e"#;
+        let text = with_accounts(accounts);
+        let found = problems(&text);
+        // (path, text on the problem's line within `accounts`, which occurrence, message)
+        let expected = [
+            ("accounts.role", "role/fixed", 1, "{account}"),
+            ("accounts.external_id", "external_id", 1, "2 to 1224"),
+            ("accounts.list[0].id", "\"12345\"", 1, "12-digit"),
+            ("accounts.list[2].id", "id: \"111122223333\"", 2, "listed twice (first as accounts.list[1])"),
+            ("accounts.list[3].name", "name: payments", 2, "already used by accounts.list[1]"),
+            ("accounts.list[3].role", "role/elsewhere", 1, "a role in account 444455556666"),
+            ("accounts.list[4].role", "role/default", 1, "default credentials"),
+            ("accounts.exclude[0]", "777788889999", 1, "not in accounts.list"),
+            ("accounts.perimeter.555566667777", "[vpc-0c1d2e3f]", 1, "no account 555566667777"),
+            ("accounts.perimeter.111122223333.trusted_vpcs[0]", "vpc-nothex00", 1, "expected a VPC ID"),
+            ("accounts.perimeter.111122223333.trusted_vpcs[1]", "vpc-nothex00", 1, "already trusted for every account"),
+            ("accounts.perimeter.111122223333.trusted_vpc_endpoints.vpce-zz", "vpce-zz", 1, "VPC endpoint ID"),
+            (
+                "accounts.perimeter.111122223333.trusted_vpc_endpoints.vpce-0c1d2e3f",
+                "vpc-99999999",
+                1,
+                "not in perimeter.trusted_vpcs or accounts.perimeter.111122223333.trusted_vpcs",
+            ),
+            (
+                "accounts.perimeter.111122223333.trusted_vpc_endpoints.vpce-0123456789abcdef0",
+                "vpce-0123456789abcdef0",
+                1,
+                "already trusted for every account",
+            ),
+        ];
+        // The section starts on this line of `text`.
+        let offset = text.lines().position(|line| line == "accounts:").unwrap();
+        for (path, at, nth, message) in expected {
+            let problem =
+                found.iter().find(|p| p.path == path).unwrap_or_else(|| panic!("no problem at {path}: {found:#?}"));
+            let line = accounts.lines().enumerate().filter(|(_, line)| line.contains(at)).nth(nth - 1).unwrap().0;
+            assert_eq!(problem.line, Some(offset + line + 1), "{problem}");
+            assert!(problem.column.is_some(), "{problem}");
+            assert!(problem.message.contains(message), "{problem}");
+        }
+        assert_eq!(found.len(), expected.len(), "{found:#?}");
+    }
+
+    #[test]
+    fn roles_templates_and_exclusions_are_checked() {
+        let cases = [
+            // The template's account field must be {account}.
+            (
+                "  role: \"arn:aws:iam::123456789012:role/x-{account}\"\n  list: [{id: \"111122223333\"}]",
+                "accounts.role",
+                "as its account",
+            ),
+            // No template and no role of its own: nothing to assume.
+            ("  list: [{id: \"111122223333\"}]", "accounts.list[0].id", "no role to assume in 111122223333"),
+            (
+                "  role: \"arn:aws:iam::{account}:role/r\"\n  list: [{id: \"111122223333\"}]\n  exclude: [\"111122223333\"]",
+                "accounts.exclude",
+                "every listed account is excluded",
+            ),
+            (
+                "  role: \"arn:aws:iam::{account}:role/r\"\n  list: [{id: \"111122223333\"}]\n  exclude: [\"111122223333\", \"111122223333\"]",
+                "accounts.exclude[1]",
+                "excluded twice",
+            ),
+            ("  list: []", "accounts.list", "at least one account"),
+            ("  discover: organizations", "accounts.discover", "not supported yet"),
+            (
+                "  role: \"arn:aws:iam::{account}:user/r\"\n  list: [{id: \"111122223333\"}]",
+                "accounts.role",
+                "as its account",
+            ),
+            (
+                "  role: \"arn:aws:iam::{account}:role/r\"\n  list: [{id: \"111122223333\", name: \"\"}]",
+                "accounts.list[0].name",
+                "1 to 50",
+            ),
+        ];
+        for (section, path, message) in cases {
+            let found = problems(&with_accounts(&format!("accounts:\n{section}")));
+            assert!(
+                found.iter().any(|p| p.path == path && p.message.contains(message) && p.line.is_some()),
+                "{section}: {found:#?}"
+            );
+        }
+        let valid = "accounts:\n  role: \"arn:aws:iam::{account}:role/ops/lockstep\"\n  external_id: \"ext-1:2\"\n  list:\n    - id: \"111122223333\"\n    - id: \"444455556666\"\n      role: \"arn:aws:iam::444455556666:role/own\"";
+        let config = Config::parse(&with_accounts(valid), Path::new("r.yaml")).unwrap();
+        let roles: Vec<_> = config.accounts.iter().map(|a| a.access.clone()).collect();
+        let role = |arn: &str| Access::AssumeRole { role_arn: arn.into(), external_id: Some("ext-1:2".into()) };
+        assert_eq!(
+            roles,
+            [role("arn:aws:iam::111122223333:role/ops/lockstep"), role("arn:aws:iam::444455556666:role/own")]
+        );
+    }
+
+    #[test]
+    fn classify_refuses_a_file_naming_several_accounts() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("rollout.yaml");
+        std::fs::write(&path, with_accounts(&accounts_example())).unwrap();
+        let error = Config::load_perimeter(&path, "classify").unwrap_err();
+        assert_eq!(error.problems().len(), 1, "{error}");
+        assert_eq!(error.problems()[0].path, "accounts");
+        assert!(error.to_string().contains("not supported by `lockstep classify` yet"), "{error}");
+    }
+
     #[test]
     fn a_valid_file_round_trips() {
         let raw: RawConfig = serde_yaml::from_str(EXAMPLE).unwrap();
