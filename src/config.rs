@@ -1240,7 +1240,7 @@ impl Checker<'_> {
             }
             accounts.push(Account { id: entry.id.clone(), name: entry.name.clone(), access, perimeter });
         }
-        if accounts.is_empty() && !listed.is_empty() && !excluded.is_empty() {
+        if !listed.is_empty() && listed.keys().all(|id| excluded.contains(id)) {
             self.problem("accounts.exclude", "every listed account is excluded: nothing would be rolled out");
         }
         accounts
@@ -1821,6 +1821,17 @@ waves:
                 .contains("multi-account rollout is not supported by `lockstep run` yet; `policy` and `validate` are"),
             "{refused}"
         );
+    }
+
+    #[test]
+    fn the_readme_accounts_example_is_valid() {
+        let readme = include_str!("../README.md");
+        let section = readme.split("## Several accounts").nth(1).expect("README has a Several accounts section");
+        let block = section.split("```yaml\n").nth(1).and_then(|b| b.split("```").next()).expect("a yaml block");
+        let accounts = block.split_once("accounts:\n").map(|(_, rest)| format!("accounts:\n{rest}")).unwrap();
+        let config = Config::parse(&with_accounts(&accounts), Path::new("README.md")).unwrap();
+        let ids: Vec<_> = config.accounts.iter().map(|a| a.id.as_str()).collect();
+        assert_eq!(ids, ["123456789012", "111122223333"], "444455556666 is excluded");
     }
 
     #[test]
