@@ -4,13 +4,25 @@
 //! accounts) is waited out instead of failing a refresh, and timeouts so that a call that hangs
 //! (a half-open connection, an endpoint that stopped answering) fails and is retried instead of
 //! stalling the controller, and with it the guard, forever.
+//!
+//! Other accounts are reached with [`account_config`]: the same configuration, with credentials
+//! from `sts:AssumeRole` into the account's role.
 
 use std::time::Duration;
 
 use aws_config::retry::RetryConfig;
+use aws_config::sts::AssumeRoleProvider;
 use aws_config::timeout::TimeoutConfig;
 use aws_config::{BehaviorVersion, ConfigLoader, Region, SdkConfig};
+use aws_sdk_iam::config::{ProvideCredentials, SharedCredentialsProvider};
 use aws_sdk_s3::error::{DisplayErrorContext, ProvideErrorMetadata, SdkError};
+use aws_smithy_types::error::ErrorMetadata;
+
+use crate::config::Access;
+
+/// The role session name lockstep's assumed sessions carry (CloudTrail records it in each
+/// call's `userIdentity.arn`).
+pub const SESSION_NAME: &str = "lockstep";
 
 /// Attempts per request, first one included (the SDK's default is 3).
 const MAX_ATTEMPTS: u32 = 8;
@@ -48,6 +60,42 @@ pub async fn load(region: &str, endpoint_url: Option<&str>) -> SdkConfig {
     loader(region, endpoint_url).load().await
 }
 
+/// An account's role could not be assumed.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("cannot assume role {role_arn}: {reason}")]
+pub struct AssumeRoleFailed {
+    /// The role lockstep tried to assume.
+    pub role_arn: String,
+    /// STS's answer (or why no answer came), for an operator.
+    pub reason: String,
+}
+
+/// The SDK configuration that acts in one account: `base` (as [`load`] makes it: STS needs its
+/// time source) itself for [`Access::Default`];
+/// otherwise `base` with credentials from `sts:AssumeRole` into the account's role (session
+/// [`SESSION_NAME`], the external ID if set), made with `base`'s own credentials, endpoint and
+/// retry settings. The role is assumed once here, so that an account lockstep cannot reach is
+/// reported as such before any call is made in it; clients built from the result then get
+/// their credentials through the SDK's identity cache, which assumes the role on first use and
+/// again shortly before the temporary credentials expire.
+pub async fn account_config(base: &SdkConfig, access: &Access) -> Result<SdkConfig, AssumeRoleFailed> {
+    let Access::AssumeRole { role_arn, external_id } = access else {
+        return Ok(base.clone());
+    };
+    let builder = AssumeRoleProvider::builder(role_arn.as_str()).session_name(SESSION_NAME).configure(base);
+    let builder = match external_id {
+        Some(id) => builder.external_id(id),
+        None => builder,
+    };
+    let provider = builder.build().await;
+    let provider = SharedCredentialsProvider::new(provider);
+    provider
+        .provide_credentials()
+        .await
+        .map_err(|e| AssumeRoleFailed { role_arn: role_arn.clone(), reason: cause_message(&e) })?;
+    Ok(base.to_builder().credentials_provider(provider).build())
+}
+
 /// An S3 client. With an endpoint override (an emulator on 127.0.0.1, a private gateway), bucket
 /// names cannot become host names, so requests use path-style addressing.
 pub fn s3_client(config: &SdkConfig) -> aws_sdk_s3::Client {
@@ -62,10 +110,25 @@ where
     E: ProvideErrorMetadata + std::error::Error + 'static,
     R: std::fmt::Debug,
 {
-    match (err.code(), err.message()) {
-        (Some(code), Some(message)) => format!("{code}: {message}"),
-        (Some(code), None) => code.to_string(),
-        _ => DisplayErrorContext(err).to_string(),
+    described(err.code(), err.message()).unwrap_or_else(|| DisplayErrorContext(err).to_string())
+}
+
+/// [`error_message`] for an error that carries the SDK error somewhere in its cause chain (a
+/// credentials provider's error wraps STS's): the first service answer's code and message found
+/// there, otherwise the whole chain.
+fn cause_message(err: &(dyn std::error::Error + 'static)) -> String {
+    std::iter::successors(Some(err), |e| e.source())
+        .find_map(|e| e.downcast_ref::<ErrorMetadata>())
+        .and_then(|answer| described(answer.code(), answer.message()))
+        .unwrap_or_else(|| DisplayErrorContext(err).to_string())
+}
+
+/// `code: message` (or the code alone), if the service answered with a code.
+fn described(code: Option<&str>, message: Option<&str>) -> Option<String> {
+    match (code, message) {
+        (Some(code), Some(message)) => Some(format!("{code}: {message}")),
+        (Some(code), None) => Some(code.to_string()),
+        (None, _) => None,
     }
 }
 
@@ -84,5 +147,29 @@ mod tests {
         let retry = config.retry_config().expect("retry config is set");
         assert_eq!(retry.max_attempts(), MAX_ATTEMPTS);
         assert_eq!(retry.max_backoff(), MAX_BACKOFF);
+    }
+
+    /// A provider's error wrapping the service's answer, as `CredentialsError` wraps STS's.
+    #[derive(Debug)]
+    struct Wrapped(Option<ErrorMetadata>);
+
+    impl std::fmt::Display for Wrapped {
+        fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+            f.write_str("an error occurred while loading credentials")
+        }
+    }
+
+    impl std::error::Error for Wrapped {
+        fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+            self.0.as_ref().map(|answer| answer as &(dyn std::error::Error + 'static))
+        }
+    }
+
+    #[test]
+    fn the_service_answer_is_found_in_the_cause_chain() {
+        let denied = ErrorMetadata::builder().code("AccessDenied").message("not authorized").build();
+        assert_eq!(cause_message(&Wrapped(Some(denied))), "AccessDenied: not authorized");
+        // No answer in the chain: the whole chain, as for a transport failure.
+        assert!(cause_message(&Wrapped(None)).starts_with("an error occurred while loading credentials"));
     }
 }

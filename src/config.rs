@@ -14,7 +14,7 @@ use std::time::Duration;
 use ipnet::IpNet;
 use serde::{Deserialize, Serialize};
 
-use crate::perimeter::Perimeter;
+use crate::perimeter::{Additions, Perimeter};
 
 /// The actions whose services do not populate the network condition keys; the AWS
 /// data-perimeter examples exclude them from the network Deny.
@@ -24,13 +24,18 @@ pub const DEFAULT_NOT_ACTIONS: &[&str] =
 /// A validated configuration. Everything here has been checked; callers never re-validate.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Config {
-    /// The AWS account whose IAM users are rolled out (12 digits).
+    /// The account of the default credentials (12 digits); without an `accounts` section, the
+    /// one account whose IAM users are rolled out.
     pub account_id: String,
+    /// Every account the configuration covers, excluded ones left out, in the file's order;
+    /// never empty. Without an `accounts` section: `account_id` alone, with [`Config::perimeter`].
+    pub accounts: Vec<Account>,
     /// The region for the IAM, Athena and S3 API calls.
     pub region: String,
     /// The group whose policy locks its members to the perimeter.
     pub lockdown: Lockdown,
-    /// The trusted network: renders the Deny policy and judges every recorded call.
+    /// The trusted network shared by every account, as it applies to `account_id` (without any
+    /// account's own additions): renders the Deny policy and judges every recorded call.
     pub perimeter: Perimeter,
     /// Where CloudTrail evidence comes from and how it is refreshed and kept.
     pub evidence: Evidence,
@@ -46,6 +51,57 @@ pub struct Config {
     pub store: Store,
     /// The admin API and metrics addresses, the admin token and the webhook.
     pub listeners: Listeners,
+}
+
+/// One account the rollout covers (`accounts.list`), and how lockstep reaches it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Account {
+    /// The 12-digit account ID.
+    pub id: String,
+    /// The operator's name for it, if given.
+    pub name: Option<String>,
+    /// Whose credentials act in the account.
+    pub access: Access,
+    /// The shared perimeter with the account's own VPCs and endpoints: renders the account's
+    /// policy and judges the account's calls.
+    pub perimeter: Perimeter,
+}
+
+impl fmt::Display for Account {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match &self.name {
+            Some(name) => write!(f, "account {} ({name})", self.id),
+            None => write!(f, "account {}", self.id),
+        }
+    }
+}
+
+/// How lockstep gets credentials that act in an account.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Access {
+    /// The default credentials (the account of `account_id`).
+    Default,
+    /// Temporary credentials from `sts:AssumeRole` into this role of the account.
+    AssumeRole {
+        /// The role's ARN (`accounts.role` with the account filled in, or the account's `role`).
+        role_arn: String,
+        /// The external ID the role's trust policy asks for (`accounts.external_id`).
+        external_id: Option<String>,
+    },
+}
+
+/// A command that handles one account was given a configuration that names several.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error(
+    "`accounts` names {accounts}: multi-account rollout is not supported by `lockstep {command}` yet; `policy` and `validate` are (without an `accounts` section the file means account_id {account_id} alone)"
+)]
+pub struct MultiAccount {
+    /// The command that refused (`run`, `status`, ...).
+    pub command: String,
+    /// The accounts named, comma-separated.
+    pub accounts: String,
+    /// The configuration's `account_id`.
+    pub account_id: String,
 }
 
 /// The lockdown IAM group and the name of the perimeter policy attached to it.
@@ -322,16 +378,45 @@ impl Config {
         Checker::run(text, file, |check| check.config(raw))
     }
 
-    /// Loads only what reading trail files needs: `account_id` and `perimeter` (checked as
-    /// [`Config::load`] checks them); every other section may be missing and is not checked.
-    /// For commands that judge records without rolling anything out (`classify`).
-    pub fn load_perimeter(path: &Path) -> Result<Perimeter, ConfigError> {
+    /// Loads only what reading trail files needs: `account_id`, `perimeter` and `accounts`
+    /// (checked as [`Config::load`] checks them); every other section may be missing and is not
+    /// checked. For commands that judge records without rolling anything out (`classify`), which
+    /// handle one account: a file naming several is refused as a problem at `accounts`.
+    pub fn load_perimeter(path: &Path, command: &str) -> Result<Perimeter, ConfigError> {
         let text = read_text(path)?;
         let raw: RawPerimeterFile = deserialize(&text, path)?;
         Checker::run(&text, path, |check| {
             check.account_id(&raw.account_id);
-            check.perimeter(raw.perimeter, &raw.account_id)
+            let perimeter = check.perimeter(raw.perimeter, &raw.account_id);
+            let accounts = check.accounts(raw.accounts, &raw.account_id, &perimeter);
+            if let Err(refused) = single_account(command, &raw.account_id, &perimeter, &accounts) {
+                check.problem("accounts", refused.to_string());
+            }
+            perimeter
         })
+    }
+
+    /// This configuration, if it means one account exactly as a file without `accounts` does
+    /// (`account_id` with the default credentials and the shared perimeter); otherwise the
+    /// refusal for `command`, which handles one account only.
+    pub fn single_account(&self, command: &str) -> Result<&Config, MultiAccount> {
+        single_account(command, &self.account_id, &self.perimeter, &self.accounts).map(|()| self)
+    }
+}
+
+fn single_account(
+    command: &str,
+    account_id: &str,
+    shared: &Perimeter,
+    accounts: &[Account],
+) -> Result<(), MultiAccount> {
+    match accounts {
+        [only] if only.id == account_id && only.access == Access::Default && only.perimeter == *shared => Ok(()),
+        _ => Err(MultiAccount {
+            command: command.to_string(),
+            accounts: accounts.iter().map(|a| a.id.as_str()).collect::<Vec<_>>().join(", "),
+            account_id: account_id.to_string(),
+        }),
     }
 }
 
@@ -477,6 +562,8 @@ struct RawConfig {
     store: RawStore,
     #[serde(default)]
     listeners: RawListeners,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    accounts: Option<RawAccounts>,
 }
 
 /// The part of the file `load_perimeter` reads; other keys are ignored, not checked.
@@ -484,6 +571,49 @@ struct RawConfig {
 struct RawPerimeterFile {
     account_id: String,
     perimeter: RawPerimeter,
+    #[serde(default)]
+    accounts: Option<RawAccounts>,
+}
+
+/// `accounts`: the accounts rolled out, how to reach them, and their own perimeter additions.
+#[derive(Debug, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+struct RawAccounts {
+    /// Role ARN template with `{account}`, assumed in every listed account but `account_id`'s.
+    #[serde(default)]
+    role: Option<String>,
+    #[serde(default)]
+    external_id: Option<String>,
+    #[serde(default)]
+    list: Vec<RawAccount>,
+    #[serde(default)]
+    exclude: Vec<String>,
+    /// Account ID -> its own VPCs and endpoints.
+    #[serde(default)]
+    perimeter: BTreeMap<String, RawAdditions>,
+    /// AWS Organizations discovery: refused (not supported yet), so it is read as anything.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    discover: Option<serde_yaml::Value>,
+}
+
+#[derive(Debug, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+struct RawAccount {
+    id: String,
+    #[serde(default)]
+    name: Option<String>,
+    /// This account's role, instead of the template's.
+    #[serde(default)]
+    role: Option<String>,
+}
+
+#[derive(Debug, Default, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+struct RawAdditions {
+    #[serde(default)]
+    trusted_vpcs: Vec<String>,
+    #[serde(default)]
+    trusted_vpc_endpoints: BTreeMap<String, String>,
 }
 
 #[derive(Debug, Deserialize, Serialize)]
@@ -783,7 +913,7 @@ impl Checker<'_> {
     }
 
     fn account_id(&mut self, account_id: &str) {
-        if !(account_id.len() == 12 && account_id.bytes().all(|b| b.is_ascii_digit())) {
+        if !is_account_id(account_id) {
             self.problem("account_id", format!("expected a 12-digit AWS account ID, got {account_id:?}"));
         }
     }
@@ -909,8 +1039,10 @@ impl Checker<'_> {
         let guard = self.guard(raw.guard, &evidence);
         let listeners = self.listeners(raw.listeners);
         self.non_empty("store.path", &raw.store.path);
+        let accounts = self.accounts(raw.accounts, &raw.account_id, &perimeter);
         Config {
             account_id: raw.account_id,
+            accounts,
             region: raw.region,
             lockdown: Lockdown { group: raw.lockdown.group, policy_name: raw.lockdown.policy_name },
             perimeter,
@@ -925,31 +1057,8 @@ impl Checker<'_> {
     }
 
     fn perimeter(&mut self, raw: RawPerimeter, account_id: &str) -> Perimeter {
-        let mut trusted_vpcs = Vec::new();
-        for (i, vpc) in raw.trusted_vpcs.iter().enumerate() {
-            let path = format!("perimeter.trusted_vpcs[{i}]");
-            if is_aws_id(vpc, "vpc-") {
-                trusted_vpcs.push(vpc.clone());
-            } else {
-                self.problem(&path, format!("expected a VPC ID like vpc-0a1b2c3d (8 or 17 hex digits), got {vpc:?}"));
-            }
-        }
-        let mut trusted_endpoints = BTreeMap::new();
-        for (endpoint, vpc) in &raw.trusted_vpc_endpoints {
-            let path = format!("perimeter.trusted_vpc_endpoints.{endpoint}");
-            if !is_aws_id(endpoint, "vpce-") {
-                self.problem(
-                    &path,
-                    format!("expected a VPC endpoint ID like vpce-0a1b2c3d4e5f60718 as the key, got {endpoint:?}"),
-                );
-            } else if !is_aws_id(vpc, "vpc-") {
-                self.problem(&path, format!("expected the endpoint's VPC ID like vpc-0a1b2c3d, got {vpc:?}"));
-            } else if !raw.trusted_vpcs.contains(vpc) {
-                self.problem(&path, format!("endpoint is mapped to {vpc}, which is not in perimeter.trusted_vpcs"));
-            } else {
-                trusted_endpoints.insert(endpoint.clone(), vpc.clone());
-            }
-        }
+        let Additions { trusted_vpcs, trusted_endpoints } =
+            self.vpcs("perimeter", &raw.trusted_vpcs, &raw.trusted_vpc_endpoints, None);
         let widest_v4 = self.prefix_length("perimeter.widest_ipv4_prefix", raw.widest_ipv4_prefix, 32);
         let widest_v6 = self.prefix_length("perimeter.widest_ipv6_prefix", raw.widest_ipv6_prefix, 128);
         let mut trusted_cidrs = Vec::new();
@@ -1011,6 +1120,215 @@ impl Checker<'_> {
             self.problem("perimeter", too_large.to_string());
         }
         perimeter
+    }
+
+    /// `<section>.trusted_vpcs` and `<section>.trusted_vpc_endpoints`: well-formed IDs, each
+    /// endpoint mapped to a VPC trusted here or, for an account's additions, in the `shared`
+    /// perimeter, which the additions must not repeat.
+    fn vpcs(
+        &mut self,
+        section: &str,
+        vpcs: &[String],
+        endpoints: &BTreeMap<String, String>,
+        shared: Option<&Perimeter>,
+    ) -> Additions {
+        let mut trusted = Additions::default();
+        for (i, vpc) in vpcs.iter().enumerate() {
+            let path = format!("{section}.trusted_vpcs[{i}]");
+            if !is_aws_id(vpc, "vpc-") {
+                self.problem(&path, format!("expected a VPC ID like vpc-0a1b2c3d (8 or 17 hex digits), got {vpc:?}"));
+            } else if shared.is_some_and(|p| p.trusted_vpcs.contains(vpc)) {
+                self.problem(&path, format!("{vpc} is already trusted for every account in perimeter.trusted_vpcs"));
+            } else {
+                trusted.trusted_vpcs.push(vpc.clone());
+            }
+        }
+        let known = |vpc: &String| vpcs.contains(vpc) || shared.is_some_and(|p| p.trusted_vpcs.contains(vpc));
+        let where_trusted = match shared {
+            Some(_) => format!("perimeter.trusted_vpcs or {section}.trusted_vpcs"),
+            None => format!("{section}.trusted_vpcs"),
+        };
+        for (endpoint, vpc) in endpoints {
+            let path = format!("{section}.trusted_vpc_endpoints.{endpoint}");
+            if !is_aws_id(endpoint, "vpce-") {
+                self.problem(
+                    &path,
+                    format!("expected a VPC endpoint ID like vpce-0a1b2c3d4e5f60718 as the key, got {endpoint:?}"),
+                );
+            } else if !is_aws_id(vpc, "vpc-") {
+                self.problem(&path, format!("expected the endpoint's VPC ID like vpc-0a1b2c3d, got {vpc:?}"));
+            } else if !known(vpc) {
+                self.problem(&path, format!("endpoint is mapped to {vpc}, which is not in {where_trusted}"));
+            } else if shared.is_some_and(|p| p.trusted_endpoints.contains_key(endpoint)) {
+                self.problem(
+                    &path,
+                    format!("{endpoint} is already trusted for every account in perimeter.trusted_vpc_endpoints"),
+                );
+            } else {
+                trusted.trusted_endpoints.insert(endpoint.clone(), vpc.clone());
+            }
+        }
+        trusted
+    }
+
+    /// `accounts`: without it, `account_id` alone with the default credentials and the shared
+    /// perimeter, exactly as before the section existed.
+    fn accounts(&mut self, raw: Option<RawAccounts>, account_id: &str, shared: &Perimeter) -> Vec<Account> {
+        let Some(raw) = raw else {
+            return vec![Account {
+                id: account_id.to_string(),
+                name: None,
+                access: Access::Default,
+                perimeter: shared.clone(),
+            }];
+        };
+        if raw.discover.is_some() {
+            self.problem(
+                "accounts.discover",
+                "discovering accounts through AWS Organizations is not supported yet; list them under accounts.list",
+            );
+        } else if raw.list.is_empty() {
+            self.problem("accounts.list", "expected at least one account: - id: \"123456789012\"");
+        }
+        if let Some(template) = &raw.role {
+            self.role_template(template);
+        }
+        if let Some(external_id) = &raw.external_id
+            && !is_external_id(external_id)
+        {
+            self.problem(
+                "accounts.external_id",
+                "expected 2 to 1224 letters, digits and _+=,.@:/- characters (the role's sts:ExternalId)",
+            );
+        }
+        let listed = self.account_list(&raw.list, account_id);
+        let excluded = self.exclusions(&raw.exclude, &listed);
+        let mut additions = BTreeMap::new();
+        for (id, add) in &raw.perimeter {
+            let section = format!("accounts.perimeter.{id}");
+            if !listed.contains_key(id.as_str()) {
+                self.problem(&section, format!("no account {id} in accounts.list"));
+            }
+            let add = self.vpcs(&section, &add.trusted_vpcs, &add.trusted_vpc_endpoints, Some(shared));
+            additions.insert(id.as_str(), add);
+        }
+        let mut accounts = Vec::new();
+        for (i, entry) in raw.list.iter().enumerate() {
+            if listed.get(entry.id.as_str()) != Some(&i) || excluded.contains(entry.id.as_str()) {
+                continue;
+            }
+            let access = if entry.id == account_id {
+                Access::Default
+            } else if let Some(role_arn) =
+                entry.role.clone().or_else(|| raw.role.as_ref().map(|t| t.replace(ACCOUNT_PLACEHOLDER, &entry.id)))
+            {
+                Access::AssumeRole { role_arn, external_id: raw.external_id.clone() }
+            } else {
+                self.problem(
+                    &format!("accounts.list[{i}].id"),
+                    format!(
+                        "no role to assume in {}: set accounts.role (such as arn:aws:iam::{ACCOUNT_PLACEHOLDER}:role/lockstep-rollout) or this account's role",
+                        entry.id
+                    ),
+                );
+                continue;
+            };
+            let perimeter =
+                shared.for_account(&entry.id, additions.get(entry.id.as_str()).unwrap_or(&Additions::default()));
+            if let Err(too_large) = perimeter.policy().to_json() {
+                self.problem(&format!("accounts.perimeter.{}", entry.id), too_large.to_string());
+            }
+            accounts.push(Account { id: entry.id.clone(), name: entry.name.clone(), access, perimeter });
+        }
+        if !listed.is_empty() && listed.keys().all(|id| excluded.contains(id)) {
+            self.problem("accounts.exclude", "every listed account is excluded: nothing would be rolled out");
+        }
+        accounts
+    }
+
+    /// `accounts.list`: each well-formed account ID once, names unique, roles in their own
+    /// account. Returns each valid ID with the index of its first entry.
+    fn account_list<'r>(&mut self, list: &'r [RawAccount], account_id: &str) -> BTreeMap<&'r str, usize> {
+        let mut listed = BTreeMap::new();
+        let mut names = BTreeMap::new();
+        for (i, entry) in list.iter().enumerate() {
+            let path = format!("accounts.list[{i}]");
+            if !is_account_id(&entry.id) {
+                self.problem(&format!("{path}.id"), format!("expected a 12-digit AWS account ID, got {:?}", entry.id));
+            } else if let Some(first) = listed.get(entry.id.as_str()) {
+                self.problem(
+                    &format!("{path}.id"),
+                    format!("account {} is listed twice (first as accounts.list[{first}])", entry.id),
+                );
+            } else {
+                listed.insert(entry.id.as_str(), i);
+            }
+            if let Some(name) = &entry.name {
+                if name.trim().is_empty() || name.chars().count() > 50 || name.chars().any(char::is_control) {
+                    self.problem(
+                        &format!("{path}.name"),
+                        format!("expected a name of 1 to 50 printable characters, got {name:?}"),
+                    );
+                } else if let Some(first) = names.insert(name.as_str(), i) {
+                    self.problem(
+                        &format!("{path}.name"),
+                        format!("name {name:?} is already used by accounts.list[{first}]"),
+                    );
+                }
+            }
+            if let Some(role) = &entry.role {
+                if entry.id == account_id {
+                    self.problem(
+                        &format!("{path}.role"),
+                        "account_id's account is reached with the default credentials, never through a role; remove this role",
+                    );
+                } else if role_arn_account(role) != Some(entry.id.as_str()) {
+                    self.problem(
+                        &format!("{path}.role"),
+                        format!("expected the ARN of a role in account {}, such as arn:aws:iam::{}:role/lockstep-rollout, got {role:?}", entry.id, entry.id),
+                    );
+                }
+            }
+        }
+        listed
+    }
+
+    /// `accounts.exclude`: listed accounts, each once.
+    fn exclusions<'r>(&mut self, exclude: &'r [String], listed: &BTreeMap<&str, usize>) -> HashSet<&'r str> {
+        let mut excluded = HashSet::new();
+        for (i, id) in exclude.iter().enumerate() {
+            let path = format!("accounts.exclude[{i}]");
+            if !is_account_id(id) {
+                self.problem(&path, format!("expected a 12-digit AWS account ID, got {id:?}"));
+            } else if !listed.contains_key(id.as_str()) {
+                self.problem(
+                    &path,
+                    format!("account {id} is not in accounts.list; only listed accounts can be excluded"),
+                );
+            } else if !excluded.insert(id.as_str()) {
+                self.problem(&path, format!("account {id} is excluded twice"));
+            }
+        }
+        excluded
+    }
+
+    /// `accounts.role`: a role ARN whose account is `{account}`.
+    fn role_template(&mut self, template: &str) {
+        const SAMPLE: &str = "000000000000";
+        let example = format!("arn:aws:iam::{ACCOUNT_PLACEHOLDER}:role/lockstep-rollout");
+        if !template.contains(ACCOUNT_PLACEHOLDER) {
+            self.problem(
+                "accounts.role",
+                format!("expected a role ARN template with {ACCOUNT_PLACEHOLDER}, such as {example}, got {template:?}"),
+            );
+        } else if role_arn_account(&template.replace(ACCOUNT_PLACEHOLDER, SAMPLE)) != Some(SAMPLE) {
+            self.problem(
+                "accounts.role",
+                format!(
+                    "expected a role ARN with {ACCOUNT_PLACEHOLDER} as its account, such as {example}, got {template:?}"
+                ),
+            );
+        }
     }
 
     fn evidence(&mut self, raw: RawEvidence) -> Evidence {
@@ -1233,6 +1551,33 @@ impl Checker<'_> {
     }
 }
 
+/// What `accounts.role` writes where each account's ID goes.
+const ACCOUNT_PLACEHOLDER: &str = "{account}";
+
+/// Twelve digits.
+fn is_account_id(text: &str) -> bool {
+    text.len() == 12 && text.bytes().all(|b| b.is_ascii_digit())
+}
+
+/// The account of an IAM role ARN (`arn:aws:iam::<account>:role/[<path>/]<name>`), if `arn` is one.
+fn role_arn_account(arn: &str) -> Option<&str> {
+    let rest =
+        ["arn:aws:iam::", "arn:aws-cn:iam::", "arn:aws-us-gov:iam::"].iter().find_map(|p| arn.strip_prefix(p))?;
+    let (account, resource) = rest.split_once(':')?;
+    let role = resource.strip_prefix("role/")?;
+    let well_formed = is_account_id(account)
+        && (1..=576).contains(&role.len())
+        && !role.starts_with('/')
+        && !role.ends_with('/')
+        && role.bytes().all(|b| b.is_ascii_alphanumeric() || b"_+=,.@-/".contains(&b));
+    well_formed.then_some(account)
+}
+
+/// `sts:ExternalId`: 2 to 1224 characters of `[\w+=,.@:/-]`.
+fn is_external_id(text: &str) -> bool {
+    (2..=1224).contains(&text.len()) && text.bytes().all(|b| b.is_ascii_alphanumeric() || b"_+=,.@:/-".contains(&b))
+}
+
 /// `vpc-` / `vpce-` followed by 8 or 17 lowercase hex digits, as AWS issues them.
 fn is_aws_id(text: &str, prefix: &str) -> bool {
     text.strip_prefix(prefix).is_some_and(|hex| {
@@ -1434,6 +1779,206 @@ waves:
         assert!(shown.starts_with("rollout.yaml:5:"), "{shown}");
     }
 
+    /// The `accounts` example shipped commented out in rollout.yaml, uncommented.
+    fn accounts_example() -> String {
+        let mut lines = EXAMPLE.lines().skip_while(|line| *line != "# accounts:");
+        let first = lines.next().expect("rollout.yaml has a commented accounts example");
+        std::iter::once(first)
+            .chain(lines.take_while(|line| line.starts_with("#  ")))
+            .map(|line| &line[2..])
+            .collect::<Vec<_>>()
+            .join("\n")
+    }
+
+    /// The shipped file with `accounts` appended.
+    fn with_accounts(accounts: &str) -> String {
+        format!("{EXAMPLE}\n{accounts}\n")
+    }
+
+    #[test]
+    fn the_shipped_accounts_example_is_valid_and_names_two_accounts() {
+        let config = Config::parse(&with_accounts(&accounts_example()), Path::new("rollout.yaml")).unwrap();
+        let [main, payments] = config.accounts.as_slice() else { panic!("{:#?}", config.accounts) };
+        assert_eq!((main.id.as_str(), main.name.as_deref()), ("123456789012", Some("security")));
+        assert_eq!(main.access, Access::Default, "account_id's account uses the default credentials");
+        assert_eq!(main.perimeter, config.perimeter);
+        assert_eq!(payments.to_string(), "account 111122223333 (payments)");
+        assert_eq!(
+            payments.access,
+            Access::AssumeRole {
+                role_arn: "arn:aws:iam::111122223333:role/lockstep-rollout".into(),
+                external_id: None
+            }
+        );
+        assert_eq!(payments.perimeter.account_id, "111122223333");
+        assert!(payments.perimeter.trusted_vpcs.contains(&"vpc-0c1d2e3f".to_string()));
+        assert_eq!(payments.perimeter.trusted_endpoints.len(), config.perimeter.trusted_endpoints.len() + 1);
+        assert_eq!(payments.perimeter.trusted_cidrs, config.perimeter.trusted_cidrs, "CIDRs stay shared");
+        assert!(!main.perimeter.trusted_vpcs.contains(&"vpc-0c1d2e3f".to_string()));
+        let refused = config.single_account("run").unwrap_err().to_string();
+        assert!(
+            refused
+                .contains("multi-account rollout is not supported by `lockstep run` yet; `policy` and `validate` are"),
+            "{refused}"
+        );
+    }
+
+    #[test]
+    fn the_readme_accounts_example_is_valid() {
+        let readme = include_str!("../README.md");
+        let section = readme.split("## Several accounts").nth(1).expect("README has a Several accounts section");
+        let block = section.split("```yaml\n").nth(1).and_then(|b| b.split("```").next()).expect("a yaml block");
+        let accounts = block.split_once("accounts:\n").map(|(_, rest)| format!("accounts:\n{rest}")).unwrap();
+        let config = Config::parse(&with_accounts(&accounts), Path::new("README.md")).unwrap();
+        let ids: Vec<_> = config.accounts.iter().map(|a| a.id.as_str()).collect();
+        assert_eq!(ids, ["123456789012", "111122223333"], "444455556666 is excluded");
+    }
+
+    #[test]
+    fn without_accounts_the_file_means_account_id_alone() {
+        let config = Config::parse(EXAMPLE, Path::new("rollout.yaml")).unwrap();
+        let [only] = config.accounts.as_slice() else { panic!("{:#?}", config.accounts) };
+        assert_eq!(
+            (only.id.as_str(), &only.access, &only.perimeter),
+            ("123456789012", &Access::Default, &config.perimeter)
+        );
+        assert!(config.single_account("run").is_ok());
+        // An accounts section that leaves account_id alone (the rest excluded) means the same.
+        let text = with_accounts(
+            "accounts:\n  role: \"arn:aws:iam::{account}:role/r\"\n  list:\n    - id: \"123456789012\"\n    - id: \"111122223333\"\n  exclude: [\"111122223333\"]",
+        );
+        assert!(Config::parse(&text, Path::new("r.yaml")).unwrap().single_account("run").is_ok());
+    }
+
+    #[test]
+    fn every_accounts_problem_is_reported_at_once_with_its_line() {
+        let accounts = r#"accounts:
+  role: "arn:aws:iam::123456789012:role/fixed"
+  external_id: "x"
+  list:
+    - id: "12345"
+    - id: "111122223333"
+      name: payments
+    - id: "111122223333"
+    - id: "444455556666"
+      name: payments
+      role: "arn:aws:iam::999999999999:role/elsewhere"
+    - id: "123456789012"
+      role: "arn:aws:iam::123456789012:role/default"
+  exclude: ["777788889999"]
+  perimeter:
+    "555566667777":
+      trusted_vpcs: [vpc-0c1d2e3f]
+    "111122223333":
+      trusted_vpcs: [vpc-nothex00, vpc-1b2c3d4e]
+      trusted_vpc_endpoints:
+        vpce-zz: vpc-0c1d2e3f
+        vpce-0c1d2e3f: vpc-99999999
+        vpce-0123456789abcdef0: vpc-1b2c3d4e"#;
+        let text = with_accounts(accounts);
+        let found = problems(&text);
+        // (path, text on the problem's line within `accounts`, which occurrence, message)
+        let expected = [
+            ("accounts.role", "role/fixed", 1, "{account}"),
+            ("accounts.external_id", "external_id", 1, "2 to 1224"),
+            ("accounts.list[0].id", "\"12345\"", 1, "12-digit"),
+            ("accounts.list[2].id", "id: \"111122223333\"", 2, "listed twice (first as accounts.list[1])"),
+            ("accounts.list[3].name", "name: payments", 2, "already used by accounts.list[1]"),
+            ("accounts.list[3].role", "role/elsewhere", 1, "a role in account 444455556666"),
+            ("accounts.list[4].role", "role/default", 1, "default credentials"),
+            ("accounts.exclude[0]", "777788889999", 1, "not in accounts.list"),
+            ("accounts.perimeter.555566667777", "[vpc-0c1d2e3f]", 1, "no account 555566667777"),
+            ("accounts.perimeter.111122223333.trusted_vpcs[0]", "vpc-nothex00", 1, "expected a VPC ID"),
+            ("accounts.perimeter.111122223333.trusted_vpcs[1]", "vpc-nothex00", 1, "already trusted for every account"),
+            ("accounts.perimeter.111122223333.trusted_vpc_endpoints.vpce-zz", "vpce-zz", 1, "VPC endpoint ID"),
+            (
+                "accounts.perimeter.111122223333.trusted_vpc_endpoints.vpce-0c1d2e3f",
+                "vpc-99999999",
+                1,
+                "not in perimeter.trusted_vpcs or accounts.perimeter.111122223333.trusted_vpcs",
+            ),
+            (
+                "accounts.perimeter.111122223333.trusted_vpc_endpoints.vpce-0123456789abcdef0",
+                "vpce-0123456789abcdef0",
+                1,
+                "already trusted for every account",
+            ),
+        ];
+        // The section starts on this line of `text`.
+        let offset = text.lines().position(|line| line == "accounts:").unwrap();
+        for (path, at, nth, message) in expected {
+            let problem =
+                found.iter().find(|p| p.path == path).unwrap_or_else(|| panic!("no problem at {path}: {found:#?}"));
+            let line = accounts.lines().enumerate().filter(|(_, line)| line.contains(at)).nth(nth - 1).unwrap().0;
+            assert_eq!(problem.line, Some(offset + line + 1), "{problem}");
+            assert!(problem.column.is_some(), "{problem}");
+            assert!(problem.message.contains(message), "{problem}");
+        }
+        assert_eq!(found.len(), expected.len(), "{found:#?}");
+    }
+
+    #[test]
+    fn roles_templates_and_exclusions_are_checked() {
+        let cases = [
+            // The template's account field must be {account}.
+            (
+                "  role: \"arn:aws:iam::123456789012:role/x-{account}\"\n  list: [{id: \"111122223333\"}]",
+                "accounts.role",
+                "as its account",
+            ),
+            // No template and no role of its own: nothing to assume.
+            ("  list: [{id: \"111122223333\"}]", "accounts.list[0].id", "no role to assume in 111122223333"),
+            (
+                "  role: \"arn:aws:iam::{account}:role/r\"\n  list: [{id: \"111122223333\"}]\n  exclude: [\"111122223333\"]",
+                "accounts.exclude",
+                "every listed account is excluded",
+            ),
+            (
+                "  role: \"arn:aws:iam::{account}:role/r\"\n  list: [{id: \"111122223333\"}]\n  exclude: [\"111122223333\", \"111122223333\"]",
+                "accounts.exclude[1]",
+                "excluded twice",
+            ),
+            ("  list: []", "accounts.list", "at least one account"),
+            ("  discover: organizations", "accounts.discover", "not supported yet"),
+            (
+                "  role: \"arn:aws:iam::{account}:user/r\"\n  list: [{id: \"111122223333\"}]",
+                "accounts.role",
+                "as its account",
+            ),
+            (
+                "  role: \"arn:aws:iam::{account}:role/r\"\n  list: [{id: \"111122223333\", name: \"\"}]",
+                "accounts.list[0].name",
+                "1 to 50",
+            ),
+        ];
+        for (section, path, message) in cases {
+            let found = problems(&with_accounts(&format!("accounts:\n{section}")));
+            assert!(
+                found.iter().any(|p| p.path == path && p.message.contains(message) && p.line.is_some()),
+                "{section}: {found:#?}"
+            );
+        }
+        let valid = "accounts:\n  role: \"arn:aws:iam::{account}:role/ops/lockstep\"\n  external_id: \"ext-1:2\"\n  list:\n    - id: \"111122223333\"\n    - id: \"444455556666\"\n      role: \"arn:aws:iam::444455556666:role/own\"";
+        let config = Config::parse(&with_accounts(valid), Path::new("r.yaml")).unwrap();
+        let roles: Vec<_> = config.accounts.iter().map(|a| a.access.clone()).collect();
+        let role = |arn: &str| Access::AssumeRole { role_arn: arn.into(), external_id: Some("ext-1:2".into()) };
+        assert_eq!(
+            roles,
+            [role("arn:aws:iam::111122223333:role/ops/lockstep"), role("arn:aws:iam::444455556666:role/own")]
+        );
+    }
+
+    #[test]
+    fn classify_refuses_a_file_naming_several_accounts() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("rollout.yaml");
+        std::fs::write(&path, with_accounts(&accounts_example())).unwrap();
+        let error = Config::load_perimeter(&path, "classify").unwrap_err();
+        assert_eq!(error.problems().len(), 1, "{error}");
+        assert_eq!(error.problems()[0].path, "accounts");
+        assert!(error.to_string().contains("not supported by `lockstep classify` yet"), "{error}");
+    }
+
     #[test]
     fn a_valid_file_round_trips() {
         let raw: RawConfig = serde_yaml::from_str(EXAMPLE).unwrap();
@@ -1611,10 +2156,10 @@ waves:
         let path = dir.path().join("perimeter.yaml");
         std::fs::write(&path, "account_id: \"123456789012\"\nperimeter:\n  trusted_cidrs: [203.0.113.0/24]\n").unwrap();
         assert!(Config::load(&path).is_err(), "not a rollout configuration");
-        let perimeter = Config::load_perimeter(&path).unwrap();
+        let perimeter = Config::load_perimeter(&path, "classify").unwrap();
         assert_eq!(perimeter.trusted_cidrs.len(), 1);
         std::fs::write(&path, "account_id: \"123456789012\"\nperimeter:\n  trusted_cidrs: [0.0.0.0/0]\n").unwrap();
-        let error = Config::load_perimeter(&path).unwrap_err();
+        let error = Config::load_perimeter(&path, "classify").unwrap_err();
         assert_eq!(error.problems()[0].line, Some(3), "{error}");
     }
 

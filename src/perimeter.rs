@@ -49,6 +49,16 @@ pub struct Perimeter {
     pub not_actions: Vec<String>,
 }
 
+/// One account's own trusted VPCs and endpoints (`accounts.perimeter.<id>`), trusted for that
+/// account alone on top of the shared perimeter; CIDRs and every other setting stay shared.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Additions {
+    /// VPCs trusted for this account only.
+    pub trusted_vpcs: Vec<String>,
+    /// Endpoint ID -> its VPC (one of the shared or this account's VPCs), for this account only.
+    pub trusted_endpoints: BTreeMap<String, String>,
+}
+
 /// What the perimeter policy would do to one CloudTrail record, and why.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
 #[serde(tag = "verdict", content = "reason", rename_all = "snake_case")]
@@ -191,6 +201,21 @@ fn origin(record: &Record) -> Origin<'_> {
 }
 
 impl Perimeter {
+    /// The perimeter of one account: this shared one, for `account_id`, with that account's
+    /// additions merged in. Both the account's policy and its classifier are this one value, so
+    /// they cannot disagree about which VPCs and endpoints the account trusts.
+    pub fn for_account(&self, account_id: &str, additions: &Additions) -> Perimeter {
+        let mut merged = self.clone();
+        merged.account_id = account_id.to_string();
+        for vpc in &additions.trusted_vpcs {
+            if !merged.trusted_vpcs.contains(vpc) {
+                merged.trusted_vpcs.push(vpc.clone());
+            }
+        }
+        merged.trusted_endpoints.extend(additions.trusted_endpoints.iter().map(|(e, v)| (e.clone(), v.clone())));
+        merged
+    }
+
     /// Would the rendered policy deny this recorded call? `exempt` answers whether a user name
     /// carries the exemption tag (CloudTrail records do not carry tags).
     pub fn classify(&self, record: &Record, exempt: &HashSet<String>) -> Verdict {
@@ -471,6 +496,40 @@ mod tests {
     fn with(mut r: Record, f: impl FnOnce(&mut Record)) -> Record {
         f(&mut r);
         r
+    }
+
+    #[test]
+    fn each_account_trusts_its_own_endpoints_and_the_shared_ones_only() {
+        const OTHER: &str = "111122223333";
+        let shared = perimeter();
+        let own = Additions {
+            trusted_vpcs: vec!["vpc-11112222".into()],
+            trusted_endpoints: BTreeMap::from([("vpce-11112222".into(), "vpc-11112222".into())]),
+        };
+        let other = shared.for_account(OTHER, &own);
+        let main = shared.for_account(ACCOUNT, &Additions::default());
+        assert_eq!(main, shared, "no additions: the shared perimeter itself");
+        assert_eq!(other.trusted_vpcs, ["vpc-0a1b2c3d", "vpc-11112222"]);
+        assert_eq!(other.trusted_cidrs, shared.trusted_cidrs);
+        let through = |account: &str, endpoint: &str| {
+            with(call("10.0.0.1"), |r| {
+                r.recipient_account_id = Some(account.into());
+                r.vpc_endpoint_id = Some(endpoint.into());
+                if let Some(user) = r.user_identity.as_mut() {
+                    user.account_id = Some(account.into());
+                }
+            })
+        };
+        let none = HashSet::new();
+        let trusted = Verdict::Allowed(AllowReason::TrustedEndpoint);
+        let untrusted = Verdict::WouldDeny(DenyReason::UntrustedEndpoint);
+        assert_eq!(other.classify(&through(OTHER, "vpce-11112222"), &none), trusted);
+        assert_eq!(other.classify(&through(OTHER, "vpce-0123456789abcdef0"), &none), trusted);
+        assert_eq!(main.classify(&through(ACCOUNT, "vpce-11112222"), &none), untrusted);
+        // The account's policy names its own VPC; the other account's does not.
+        let policy = |p: &Perimeter| p.policy().to_json().unwrap();
+        assert!(policy(&other).contains("vpc-11112222"));
+        assert!(!policy(&main).contains("vpc-11112222"));
     }
 
     #[test]

@@ -644,24 +644,28 @@ struct Corpus {
 
 fn corpus() -> &'static Corpus {
     static CORPUS: OnceLock<Corpus> = OnceLock::new();
-    CORPUS.get_or_init(|| {
-        let mut generator = Generator::new(0x10c4_57e9_a9e3_3e47, &shipped());
-        let json: Vec<Value> = (0..CORPUS_SIZE).map(|_| generator.record()).collect();
-        let mut records = Vec::with_capacity(json.len());
-        // One file per chunk, cycling through the shapes the reader accepts.
-        for (i, file) in json.chunks(RECORDS_PER_FILE).enumerate() {
-            let text = match i % 3 {
-                0 => json!({ "Records": file }).to_string(),
-                1 => Value::Array(file.to_vec()).to_string(),
-                _ => file.iter().map(Value::to_string).collect::<Vec<_>>().join("\n"),
-            };
-            let parsed = trail::parse_text(&text);
-            assert!(parsed.bad.is_empty(), "file {i}: {:?}", parsed.bad);
-            assert_eq!(parsed.records.len(), file.len(), "file {i}");
-            records.extend(parsed.records);
-        }
-        Corpus { json, records }
-    })
+    CORPUS.get_or_init(|| generate(0x10c4_57e9_a9e3_3e47, &shipped(), CORPUS_SIZE))
+}
+
+/// `size` records generated around `perimeter` (its account, CIDRs, endpoints and services),
+/// written as trail files of every shape and read back.
+fn generate(seed: u64, perimeter: &Perimeter, size: usize) -> Corpus {
+    let mut generator = Generator::new(seed, perimeter);
+    let json: Vec<Value> = (0..size).map(|_| generator.record()).collect();
+    let mut records = Vec::with_capacity(json.len());
+    // One file per chunk, cycling through the shapes the reader accepts.
+    for (i, file) in json.chunks(RECORDS_PER_FILE).enumerate() {
+        let text = match i % 3 {
+            0 => json!({ "Records": file }).to_string(),
+            1 => Value::Array(file.to_vec()).to_string(),
+            _ => file.iter().map(Value::to_string).collect::<Vec<_>>().join("\n"),
+        };
+        let parsed = trail::parse_text(&text);
+        assert!(parsed.bad.is_empty(), "file {i}: {:?}", parsed.bad);
+        assert_eq!(parsed.records.len(), file.len(), "file {i}");
+        records.extend(parsed.records);
+    }
+    Corpus { json, records }
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -744,7 +748,11 @@ const MAX_EXAMPLES: usize = 10;
 /// Runs the corpus through the classifier and, for in-scope records, through the evaluator.
 /// `perimeter` supplies the context mapping (endpoints, account, exempt tag key).
 fn compare(policy: &Value, perimeter: &Perimeter, classify: impl Fn(&Record) -> Verdict) -> Tally {
-    let corpus = corpus();
+    compare_on(corpus(), policy, perimeter, classify)
+}
+
+/// [`compare`] over another corpus.
+fn compare_on(corpus: &Corpus, policy: &Value, perimeter: &Perimeter, classify: impl Fn(&Record) -> Verdict) -> Tally {
     let exempt = exempt_users();
     let mut tally = Tally::default();
     for (json, record) in corpus.json.iter().zip(&corpus.records) {
@@ -807,6 +815,45 @@ fn policy_and_classifier_agree_on_every_record() {
             examples.len(),
             examples.join("\n\n")
         );
+    }
+}
+
+/// Three accounts on top of the shipped file: two with VPCs and endpoints of their own.
+const ACCOUNTS: &str = r#"
+accounts:
+  role: "arn:aws:iam::{account}:role/lockstep-rollout"
+  list:
+    - id: "123456789012"
+    - id: "111122223333"
+    - id: "444455556666"
+  perimeter:
+    "111122223333":
+      trusted_vpcs: [vpc-0c1d2e3f]
+      trusted_vpc_endpoints: {vpce-0c1d2e3f: vpc-0c1d2e3f}
+    "444455556666":
+      trusted_vpc_endpoints: {vpce-44445555: vpc-1b2c3d4e}
+"#;
+
+#[test]
+fn each_accounts_policy_and_classifier_agree() {
+    let text = format!("{}{ACCOUNTS}", include_str!("../rollout.yaml"));
+    let config = Config::parse(&text, Path::new("rollout.yaml")).expect("the three-account file is valid");
+    assert_eq!(config.accounts.len(), 3);
+    // Every account's records also come through the other accounts' endpoints.
+    let every_endpoint: BTreeMap<String, String> =
+        config.accounts.iter().flat_map(|a| a.perimeter.trusted_endpoints.clone()).collect();
+    let exempt = exempt_users();
+    for (i, account) in config.accounts.iter().enumerate() {
+        let mut around = account.perimeter.clone();
+        around.trusted_endpoints = every_endpoint.clone();
+        let corpus = generate(0x5eed_0000 + i as u64, &around, CORPUS_SIZE / 3);
+        let policy = rendered(&account.perimeter);
+        let tally = compare_on(&corpus, &policy, &account.perimeter, |r| account.perimeter.classify(r, &exempt));
+        println!("{account} {:?} disagreements: {}", tally.kinds, tally.disagreements);
+        for reason in ["trusted_endpoint", "untrusted_endpoint", "other_account"] {
+            assert!(tally.reasons.get(reason).is_some_and(|n| *n > 20), "{account}: {:?}", tally.reasons);
+        }
+        assert_eq!(tally.disagreements, 0, "{account}:\n\n{}", tally.examples.join("\n\n"));
     }
 }
 

@@ -9,7 +9,7 @@ use std::path::Path;
 use std::process::{Command, Output};
 
 use lockstep::clock::{Clock, SystemClock};
-use lockstep::config::Config;
+use lockstep::config::{Access, Config};
 use lockstep::store::{Ledger, NewBatch, Store};
 
 fn lockstep(args: &[&str], config: Option<&Path>) -> Output {
@@ -651,4 +651,108 @@ fn run_refuses_a_policy_over_the_size_limit_before_writing_the_store() {
         assert!(text(&refused.stderr).contains("limit for a managed policy"), "{}", text(&refused.stderr));
     }
     assert!(!dir.path().join("lockstep.db").exists(), "nothing written");
+}
+
+/// Three accounts: account_id's own (default credentials), one reached through its role with a
+/// VPC and endpoint of its own, and one whose role STS refuses (the proxy answers AccessDenied).
+#[test]
+fn policy_apply_puts_the_policy_in_place_in_every_account_it_can_reach() {
+    const PAYMENTS: &str = "111122223333";
+    const BLOCKED: &str = "444455556666";
+    let dir = tempfile::tempdir().unwrap();
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    let proxy = runtime
+        .block_on(faults::Proxy::start(&common::endpoint(), faults::Fault::RefuseAssumeRole { account: BLOCKED }));
+    let accounts = format!(
+        r#"
+accounts:
+  role: "arn:aws:iam::{{account}}:role/lockstep-rollout"
+  external_id: "lockstep-tests"
+  list:
+    - id: "{account}"
+      name: security
+    - id: "{PAYMENTS}"
+      name: payments
+    - id: "{BLOCKED}"
+      name: blocked
+  perimeter:
+    "{PAYMENTS}":
+      trusted_vpcs: [vpc-0c1d2e3f]
+      trusted_vpc_endpoints: {{vpce-0c1d2e3f: vpc-0c1d2e3f}}
+"#,
+        account = common::ACCOUNT
+    );
+    let shipped = std::fs::read_to_string("rollout.yaml")
+        .unwrap()
+        .replace("group: lockstep-network-perimeter", "group: accounts-lockdown")
+        .replace("policy_name: lockstep-network-perimeter", "policy_name: accounts-perimeter")
+        .replace("path: ./lockstep.db", &format!("path: {}/lockstep.db", dir.path().display()));
+    let config = dir.path().join("rollout.yaml");
+    std::fs::write(&config, format!("{shipped}{accounts}")).unwrap();
+    let reachable = dir.path().join("reachable.yaml");
+    std::fs::write(&reachable, format!("{shipped}{accounts}  exclude: [\"{BLOCKED}\"]\n")).unwrap();
+    let lockstep = |args: &[&str], config: &Path| {
+        emulated_cli::lockstep(args, config, dir.path()).env("AWS_ENDPOINT_URL", proxy.url()).output().unwrap()
+    };
+
+    // IAM in each account, read through credentials acting in it (moto itself grants any role).
+    let base = runtime.block_on(common::lockstep_sdk(&common::endpoint()));
+    let iam_in = |account: &str| {
+        let access = match account {
+            common::ACCOUNT => Access::Default,
+            _ => Access::AssumeRole {
+                role_arn: format!("arn:aws:iam::{account}:role/lockstep-rollout"),
+                external_id: None,
+            },
+        };
+        let sdk = runtime.block_on(lockstep::aws::account_config(&base, &access)).unwrap();
+        aws_sdk_iam::Client::new(&sdk)
+    };
+    let attached = |account: &str| -> Option<String> {
+        let iam = iam_in(account);
+        let listed =
+            runtime.block_on(iam.list_attached_group_policies().group_name("accounts-lockdown").send()).ok()?;
+        let arn = listed.attached_policies().first()?.policy_arn()?.to_string();
+        assert_eq!(arn, format!("arn:aws:iam::{account}:policy/accounts-perimeter"));
+        let version = runtime.block_on(iam.get_policy_version().policy_arn(&arn).version_id("v1").send()).unwrap();
+        version.policy_version().and_then(|v| v.document()).map(str::to_string)
+    };
+
+    let shown = lockstep(&["policy"], &config);
+    assert!(shown.status.success(), "{}", text(&shown.stderr));
+    let shown = text(&shown.stdout);
+    let sections: Vec<&str> = shown.split("== ").skip(1).collect();
+    assert_eq!(sections.len(), 3, "{shown}");
+    assert!(sections[1].starts_with("account 111122223333 (payments) ==") && sections[1].contains("vpc-0c1d2e3f"));
+    assert!(!sections[0].contains("vpc-0c1d2e3f"), "another account's VPC is not trusted here");
+
+    // A dry run writes nothing, in any account.
+    let dry = lockstep(&["policy", "apply"], &config);
+    assert!(!dry.status.success(), "the blocked account fails the command");
+    assert_eq!(text(&dry.stdout).matches("create group accounts-lockdown").count(), 2, "{}", text(&dry.stdout));
+    assert!(attached(common::ACCOUNT).is_none() && attached(PAYMENTS).is_none());
+
+    let applied = lockstep(&["policy", "apply", "--commit"], &config);
+    let (out, err) = (text(&applied.stdout), text(&applied.stderr));
+    assert!(!applied.status.success(), "{out}");
+    assert_eq!(out.matches("created managed policy arn:aws:iam::").count(), 2, "{out}");
+    let refused = format!("cannot assume role arn:aws:iam::{BLOCKED}:role/lockstep-rollout");
+    assert!(out.contains(&format!("{refused}: AccessDenied: User is not authorized")), "{out}");
+    assert!(err.contains(&format!("1 of 3 accounts failed: {BLOCKED}")), "{err}");
+    let payments = attached(PAYMENTS).expect("the payments account has its policy");
+    assert!(payments.contains("vpc-0c1d2e3f"), "{payments}");
+    let security = attached(common::ACCOUNT).expect("account_id's account has its policy");
+    assert!(!security.contains("vpc-0c1d2e3f"), "{security}");
+    assert!(attached(BLOCKED).is_none(), "nothing was written in the account that could not be reached");
+
+    let again = lockstep(&["policy", "apply"], &reachable);
+    assert!(again.status.success(), "{}", text(&again.stderr));
+    assert_eq!(text(&again.stdout).matches("nothing to change").count(), 2, "{}", text(&again.stdout));
+
+    // The other commands refuse a file naming several accounts rather than use one of them.
+    let run = lockstep(&["run", "--once"], &config);
+    assert!(!run.status.success());
+    let expected = "multi-account rollout is not supported by `lockstep run` yet; `policy` and `validate` are";
+    assert!(text(&run.stderr).contains(expected), "{}", text(&run.stderr));
+    assert!(!dir.path().join("lockstep.db").exists(), "refused before opening the store");
 }

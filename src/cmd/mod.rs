@@ -4,7 +4,7 @@ use std::process::ExitCode;
 
 use anyhow::Context;
 use lockstep::api::Command as OpCommand;
-use lockstep::config::Config;
+use lockstep::config::{Access, Config};
 
 use crate::{Cli, Command, LogFormat, PolicyAction};
 
@@ -51,7 +51,7 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     match cli.command {
         Command::Validate => validate(&cli.config),
         Command::Policy { action } => {
-            let config = load(&cli.config)?;
+            let config = load_accounts(&cli.config)?;
             match action.unwrap_or(PolicyAction::Show) {
                 PolicyAction::Show => policy::show(&config),
                 PolicyAction::Apply { commit } => block_on(policy::apply(&config, commit)),
@@ -60,57 +60,69 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Sandbox { dir, users, seed, pace, admin_port, metrics_port, json } => {
             block_on(sandbox::run(sandbox::Options { dir, users, seed, pace, admin_port, metrics_port, json }))
         }
-        Command::Status { json, watch: false, .. } => block_on(ops::status(&load(&cli.config)?, json)),
-        Command::Status { json, watch: true, interval } => block_on(ops::watch(&load(&cli.config)?, json, interval)),
+        Command::Status { json, watch: false, .. } => block_on(ops::status(&load(&cli.config, "status")?, json)),
+        Command::Status { json, watch: true, interval } => {
+            block_on(ops::watch(&load(&cli.config, "status")?, json, interval))
+        }
         Command::Wait { target, timeout, interval } => {
-            block_on(ops::wait(&load(&cli.config)?, &target, timeout, interval))
+            block_on(ops::wait(&load(&cli.config, "wait")?, &target, timeout, interval))
         }
         Command::Completions { shell } => crate::print_completions(shell),
         Command::Man => crate::print_man(),
-        Command::Plan { json } => block_on(ops::plan(&load(&cli.config)?, json)),
+        Command::Plan { json } => block_on(ops::plan(&load(&cli.config, "plan")?, json)),
         Command::Pause { reason, operator } => {
-            operator_command(&cli.config, OpCommand::Pause { operator: operator.operator, reason }, false)
+            operator_command(&cli.config, "pause", OpCommand::Pause { operator: operator.operator, reason }, false)
         }
         Command::Resume { operator } => {
-            operator_command(&cli.config, OpCommand::Resume { operator: operator.operator }, false)
+            operator_command(&cli.config, "resume", OpCommand::Resume { operator: operator.operator }, false)
         }
-        Command::Rollback { batch, reason, commit, operator } => {
-            operator_command(&cli.config, OpCommand::Rollback { operator: operator.operator, batch, reason }, commit)
-        }
+        Command::Rollback { batch, reason, commit, operator } => operator_command(
+            &cli.config,
+            "rollback",
+            OpCommand::Rollback { operator: operator.operator, batch, reason },
+            commit,
+        ),
         Command::Hold { user, reason, operator } => {
-            operator_command(&cli.config, OpCommand::Hold { operator: operator.operator, user, reason }, false)
+            operator_command(&cli.config, "hold", OpCommand::Hold { operator: operator.operator, user, reason }, false)
         }
         Command::Release { user, operator } => {
-            operator_command(&cli.config, OpCommand::Release { operator: operator.operator, user }, false)
+            operator_command(&cli.config, "release", OpCommand::Release { operator: operator.operator, user }, false)
         }
         Command::PromoteNext { operator } => {
-            operator_command(&cli.config, OpCommand::PromoteNext { operator: operator.operator }, false)
+            operator_command(&cli.config, "promote-next", OpCommand::PromoteNext { operator: operator.operator }, false)
         }
         Command::Run { commit, once, json } => {
-            let config = load(&cli.config)?;
+            let config = load(&cli.config, "run")?;
             block_on(run::run(config, run::Options { commit, once, json }))
         }
         Command::Exempt { user, until, reason, commit, operator } => {
             let request = exempt::Request { user, until, reason, operator: operator.operator, commit };
-            block_on(exempt::exempt(&load(&cli.config)?, request))
+            block_on(exempt::exempt(&load(&cli.config, "exempt")?, request))
         }
-        Command::Exemptions { json } => block_on(exempt::list(&load(&cli.config)?, json)),
+        Command::Exemptions { json } => block_on(exempt::list(&load(&cli.config, "exemptions")?, json)),
         Command::Backtest { since, until, resume_after, json, html } => {
-            backtest::run(&load(&cli.config)?, backtest::Options { since, until, resume_after, json, html })
+            backtest::run(&load(&cli.config, "backtest")?, backtest::Options { since, until, resume_after, json, html })
         }
-        Command::Evidence { command } => evidence::run(&load(&cli.config)?, command),
-        Command::Whatif { against, json } => block_on(whatif::run(&cli.config, &load(&cli.config)?, &against, json)),
+        Command::Evidence { command } => evidence::run(&load(&cli.config, "evidence")?, command),
+        Command::Whatif { against, json } => {
+            block_on(whatif::run(&cli.config, &load(&cli.config, "whatif")?, &against, json))
+        }
         Command::Classify { files, exempt } => {
             // Only the perimeter matters here: a file without waves (or a full one) will do.
-            let perimeter = Config::load_perimeter(&cli.config)
+            let perimeter = Config::load_perimeter(&cli.config, "classify")
                 .with_context(|| format!("configuration {} is not usable", cli.config.display()))?;
             classify::run(&perimeter, &files, exempt.into_iter().collect())
         }
     }
 }
 
-fn operator_command(config: &std::path::Path, command: OpCommand, commit: bool) -> anyhow::Result<ExitCode> {
-    let config = load(config)?;
+fn operator_command(
+    config: &std::path::Path,
+    name: &str,
+    command: OpCommand,
+    commit: bool,
+) -> anyhow::Result<ExitCode> {
+    let config = load(config, name)?;
     block_on(ops::command(&config, command, commit))
 }
 
@@ -123,8 +135,16 @@ pub fn block_on<T>(work: impl std::future::Future<Output = anyhow::Result<T>>) -
         .block_on(work)
 }
 
-/// Loads and validates the configuration; every problem is in the error.
-pub fn load(path: &std::path::Path) -> anyhow::Result<Config> {
+/// Loads and validates the configuration for `command`, which handles one account: every
+/// problem is in the error, and so is the refusal of a configuration naming several accounts.
+pub fn load(path: &std::path::Path, command: &str) -> anyhow::Result<Config> {
+    let config = load_accounts(path)?;
+    config.single_account(command)?;
+    Ok(config)
+}
+
+/// Loads and validates the configuration, however many accounts it names (`policy`).
+fn load_accounts(path: &std::path::Path) -> anyhow::Result<Config> {
     Config::load(path).with_context(|| format!("configuration {} is not usable", path.display()))
 }
 
@@ -141,6 +161,16 @@ fn validate(path: &std::path::Path) -> anyhow::Result<ExitCode> {
                 config.perimeter.trusted_vpcs.len(),
                 config.perimeter.trusted_endpoints.len(),
             );
+            if config.single_account("validate").is_err() {
+                for account in &config.accounts {
+                    let size = account.perimeter.policy().to_json().map(|json| json.len()).unwrap_or(0);
+                    let access = match &account.access {
+                        Access::Default => "default credentials".to_string(),
+                        Access::AssumeRole { role_arn, .. } => format!("role {role_arn}"),
+                    };
+                    println!("  {account}: {access}; policy {size} characters");
+                }
+            }
             Ok(ExitCode::SUCCESS)
         }
         Err(error) => {

@@ -78,7 +78,7 @@ pub async fn run(
     current_path: &Path,
     json: bool,
 ) -> anyhow::Result<ExitCode> {
-    let current = super::load(current_path)?;
+    let current = super::load(current_path, "whatif")?;
     let original = &current.store.path;
     if !original.exists() {
         bail!("no store at {} (store.path): nothing has run yet with this configuration", original.display());

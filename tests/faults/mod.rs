@@ -2,7 +2,7 @@
 //! its own). It answers a request with IAM's `Throttling` error, a 5xx, or no answer at all
 //! (the connection dropped before or after relaying it), or relays it after a delay; either the
 //! first `times` requests are throttled, or every request draws its fate from a seeded
-//! generator. It records every IAM group write moto accepted, so a test can compare what
+//! generator, or STS refuses every `AssumeRole` into one account (moto grants any role). It records every IAM group write moto accepted, so a test can compare what
 //! really reached IAM with what the daemon's audit log says. Each request is relayed on a fresh
 //! upstream connection and the client connection is closed after the answer, which keeps the
 //! relay to a few lines.
@@ -28,6 +28,9 @@ pub enum Fault {
     Random { seed: u64, rates: Rates },
     /// Every request is relayed after this delay, as a slow AWS answers.
     Slow(std::time::Duration),
+    /// `sts:AssumeRole` into a role of this account is answered `AccessDenied` (HTTP 403), as
+    /// when the role's trust policy does not name the caller; everything else is relayed.
+    RefuseAssumeRole { account: &'static str },
 }
 
 /// Per-request probabilities of each fault (the error faults are exclusive; latency adds to
@@ -54,6 +57,8 @@ pub enum Kind {
     DropAfterRelay,
     /// Relayed after a delay of up to `max_latency`.
     Latency,
+    /// HTTP 403 `AccessDenied` for an `AssumeRole`.
+    AccessDenied,
 }
 
 /// An IAM group write that moto accepted (HTTP 200).
@@ -111,11 +116,18 @@ enum Schedule {
     Budget(usize),
     Random { rng: Rng, rates: Rates },
     Slow(std::time::Duration),
+    RefuseAssumeRole(&'static str),
 }
 
 impl Schedule {
-    fn draw(&mut self) -> Fate {
+    fn draw(&mut self, request: &[u8]) -> Fate {
         match self {
+            Schedule::RefuseAssumeRole(account) => {
+                let body = String::from_utf8_lossy(request);
+                let role_in = [format!("%3A{account}%3Arole"), format!(":{account}:role")];
+                let refused = body.contains("Action=AssumeRole") && role_in.iter().any(|r| body.contains(r.as_str()));
+                Fate { fault: refused.then_some(Kind::AccessDenied), ..Fate::default() }
+            }
             Schedule::Budget(0) => Fate::default(),
             Schedule::Budget(left) => {
                 *left -= 1;
@@ -172,6 +184,7 @@ impl Proxy {
             Fault::Throttle { times } => Schedule::Budget(times),
             Fault::Random { seed, rates } => Schedule::Random { rng: Rng::new(seed), rates },
             Fault::Slow(delay) => Schedule::Slow(delay),
+            Fault::RefuseAssumeRole { account } => Schedule::RefuseAssumeRole(account),
         };
         let state = Arc::new(State {
             schedule: Mutex::new(schedule),
@@ -214,7 +227,7 @@ async fn relay(mut client: TcpStream, upstream: &str, state: &State) -> std::io:
     let Some(request) = read_request(&mut client).await? else {
         return Ok(());
     };
-    let fate = lock(&state.schedule).draw();
+    let fate = lock(&state.schedule).draw(&request);
     if let Some(delay) = fate.delay {
         state.count(Kind::Latency);
         tokio::time::sleep(delay).await;
@@ -233,6 +246,10 @@ async fn relay(mut client: TcpStream, upstream: &str, state: &State) -> std::io:
         Some(Kind::ServerError) => {
             return answer_error(&mut client, "503 Service Unavailable", "Receiver", "ServiceUnavailable", "injected")
                 .await;
+        }
+        Some(Kind::AccessDenied) => {
+            let message = "User is not authorized to perform: sts:AssumeRole (refused by the test proxy)";
+            return answer_error(&mut client, "403 Forbidden", "Sender", "AccessDenied", message).await;
         }
         Some(Kind::DropBeforeRelay) => return Ok(()),
         _ => {}
