@@ -180,6 +180,10 @@ pub struct Athena {
     pub output_location: String,
     /// How the table is partitioned, which decides the partition filter.
     pub partitioning: Partitioning,
+    /// The partition column holding the account, on a table over an organisation trail
+    /// (`AWSLogs/<org-id>/<account>/...`, projected with `${account}` or partitioned by account):
+    /// every query constrains it too, so it scans only the account's files.
+    pub account_partition: Option<String>,
     /// How often a running query is polled.
     pub poll_interval: Duration,
     /// A query running longer is cancelled and the refresh fails.
@@ -704,6 +708,7 @@ raw_section!(RawAthena {
     workgroup: String = "primary",
     output_location: String = "",
     partitioning: String = "projected",
+    account_partition: Option<String> = None,
     poll_interval: String = "1s",
     timeout: String = "10m",
 });
@@ -1349,7 +1354,12 @@ impl Checker<'_> {
                     format!("expected an s3:// URL, got {:?}", a.output_location),
                 );
             }
-            for (key, value) in [("database", &a.database), ("table", &a.table)] {
+            let names = [
+                ("database", Some(&a.database)),
+                ("table", Some(&a.table)),
+                ("account_partition", a.account_partition.as_ref()),
+            ];
+            for (key, value) in names.into_iter().filter_map(|(key, value)| Some((key, value?))) {
                 if value.is_empty() || !value.chars().all(|c| c.is_ascii_alphanumeric() || c == '_') {
                     self.problem(
                         &format!("evidence.athena.{key}"),
@@ -1376,6 +1386,7 @@ impl Checker<'_> {
                 workgroup: a.workgroup,
                 output_location: a.output_location,
                 partitioning,
+                account_partition: a.account_partition,
             }
         });
         match parse_cron(&raw.schedule) {
@@ -2006,6 +2017,23 @@ waves:
         assert_eq!(found.len(), 1, "{found:#?}");
         assert_eq!(found[0].path, "guard.source");
         assert!(found[0].message.contains("evidence.athena section is missing"));
+    }
+
+    #[test]
+    fn an_athena_account_partition_is_a_column_name() {
+        let text = EXAMPLE
+            .replace("  # athena:\n", "  athena:\n")
+            .replace(
+                "  #   output_location: s3://my-athena-results/lockstep/",
+                "    output_location: s3://my-athena-results/lockstep/",
+            )
+            .replace("  #   account_partition: account", "    account_partition: \"account; DROP\"");
+        let found = problems(&text);
+        assert_eq!(found.len(), 1, "{found:#?}");
+        assert_eq!(found[0].path, "evidence.athena.account_partition");
+        assert!(found[0].line.is_some(), "{:?}", found[0]);
+        let fine = text.replace("\"account; DROP\"", "account");
+        assert!(problems(&fine).is_empty(), "{:#?}", problems(&fine));
     }
 
     #[test]

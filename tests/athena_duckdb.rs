@@ -281,7 +281,19 @@ fn generate() -> Trail {
 }
 
 fn write_trail_file(root: &Path, region: &str, slot: DateTime<Utc>, n: usize, records: &[Value]) -> PathBuf {
-    let dir = root.join(format!("AWSLogs/{ACCOUNT}/CloudTrail/{region}/{}", slot.format("%Y/%m/%d")));
+    write_file_under(root, &format!("AWSLogs/{ACCOUNT}"), region, slot, n, records)
+}
+
+/// Writes a trail file of `records` under `<root>/<logs>/CloudTrail/<region>/<day>/`.
+fn write_file_under(
+    root: &Path,
+    logs: &str,
+    region: &str,
+    slot: DateTime<Utc>,
+    n: usize,
+    records: &[Value],
+) -> PathBuf {
+    let dir = root.join(format!("{logs}/CloudTrail/{region}/{}", slot.format("%Y/%m/%d")));
     std::fs::create_dir_all(&dir).unwrap();
     let path = dir.join(format!("{ACCOUNT}_CloudTrail_{region}_{}_{n:05}.json.gz", slot.format("%Y%m%dT%H%MZ")));
     let mut gz = flate2::write::GzEncoder::new(std::fs::File::create(&path).unwrap(), flate2::Compression::fast());
@@ -328,13 +340,14 @@ fn direct_groups(files: &[PathBuf]) -> Vec<CallGroup> {
     groups
 }
 
-fn athena_cfg(partitioning: Partitioning) -> Athena {
+fn athena_cfg(partitioning: Partitioning, account_partition: Option<&str>) -> Athena {
     Athena {
         database: "cloudtrail".into(),
         table: "cloudtrail_logs".into(),
         workgroup: "primary".into(),
         output_location: "s3://athena-results/".into(),
         partitioning,
+        account_partition: account_partition.map(str::to_string),
         poll_interval: Duration::from_millis(5),
         timeout: Duration::from_secs(20),
     }
@@ -401,7 +414,7 @@ async fn athena_query_run_by_duckdb_matches_the_files() {
 
     let layouts = [Partitioning::Projected, Partitioning::RegionYearMonthDay];
     let queries: Vec<String> =
-        layouts.iter().map(|p| window_query(&athena_cfg(*p), ACCOUNT, POLICY, since, until)).collect();
+        layouts.iter().map(|p| window_query(&athena_cfg(*p, None), ACCOUNT, POLICY, since, until)).collect();
     let results = common::duckdb(trail.root.path(), &queries);
     let client = aws_sdk_athena::Client::new(&common::sdk_config());
     let _serial = common::exclusive().await;
@@ -409,7 +422,7 @@ async fn athena_query_run_by_duckdb_matches_the_files() {
         let label = format!("{layout:?}");
         let columns: Vec<&str> = result.columns.iter().map(String::as_str).collect();
         common::queue_athena_result(&columns, &result.rows);
-        let run = run_window(&client, &athena_cfg(*layout), ACCOUNT, POLICY, since, until).await.unwrap();
+        let run = run_window(&client, &athena_cfg(*layout, None), ACCOUNT, POLICY, since, until).await.unwrap();
         assert_eq!(run.skipped_rows, 0, "{label}");
         assert_eq!(run.groups.len(), result.rows.len(), "{label}");
         let calls: u64 = run.groups.iter().map(|g| g.calls).sum();
@@ -425,4 +438,48 @@ async fn athena_query_run_by_duckdb_matches_the_files() {
         assert!(!run.groups.iter().any(foreign), "{label}: the query let through calls that are not our IAM users'");
         assert_same(&label, &aggregate(&run.groups, &judge), &direct);
     }
+}
+
+/// An organisation trail's table partitioned by account: the query constrains the account
+/// column, so calls filed under another account's folder are not read even where their records
+/// name this account (and, unconstrained, the same query would read them).
+#[tokio::test]
+async fn athena_query_over_an_organisation_table_reads_only_the_accounts_partition() {
+    let trail = generate();
+    let (since, until) = window();
+    let judge = judge();
+    let direct = aggregate(&direct_groups(&trail.files), &judge);
+    let elsewhere: Vec<Value> =
+        (0..5).map(|i| call(&mut Dice(7 + i), "filed-elsewhere", since + TimeDelta::hours(2))).collect();
+    let slot = since + TimeDelta::hours(2) + TimeDelta::minutes(15);
+    write_file_under(
+        trail.root.path(),
+        &format!("AWSLogs/o-exampleorgid/{OTHER_ACCOUNT}"),
+        "us-east-1",
+        slot,
+        0,
+        &elsewhere,
+    );
+
+    let constrained = athena_cfg(Partitioning::Projected, Some("account"));
+    let queries = [
+        window_query(&constrained, ACCOUNT, POLICY, since, until),
+        window_query(&athena_cfg(Partitioning::Projected, None), ACCOUNT, POLICY, since, until),
+    ];
+    assert!(queries[0].contains(&format!("\"account\" = '{ACCOUNT}'")), "{}", queries[0]);
+    let results = common::duckdb(trail.root.path(), &queries);
+    let user_column = |result: &common::DuckResult| result.columns.iter().position(|c| c == "user_name");
+    let names = |result: &common::DuckResult| -> HashSet<String> {
+        let Some(column) = user_column(result) else { return HashSet::new() };
+        result.rows.iter().filter_map(|row| row[column].clone()).collect()
+    };
+    assert!(names(&results[1]).contains("filed-elsewhere"), "unconstrained, the other folder's file is read");
+    assert!(!names(&results[0]).contains("filed-elsewhere"), "constrained to the account's partition, it is not");
+
+    let client = aws_sdk_athena::Client::new(&common::sdk_config());
+    let _serial = common::exclusive().await;
+    let columns: Vec<&str> = results[0].columns.iter().map(String::as_str).collect();
+    common::queue_athena_result(&columns, &results[0].rows);
+    let run = run_window(&client, &constrained, ACCOUNT, POLICY, since, until).await.unwrap();
+    assert_same("account partition", &aggregate(&run.groups, &judge), &direct);
 }

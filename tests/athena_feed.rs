@@ -49,6 +49,7 @@ fn athena_cfg(partitioning: Partitioning) -> Athena {
         workgroup: "primary".into(),
         output_location: "s3://athena-results/lockstep/".into(),
         partitioning,
+        account_partition: None,
         poll_interval: Duration::from_millis(5),
         timeout: Duration::from_secs(20),
     }

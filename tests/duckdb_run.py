@@ -7,7 +7,8 @@ AWSLogs/<account>/CloudTrail/<region>/YYYY/MM/DD/<file>) into DATABASE.TABLE wit
 CloudTrail table's column names and types: one row per record of "Records", field names
 lowercased as Athena's SerDe reads them, JSON-valued string columns (additionaleventdata,
 requestparameters, ...) kept as JSON text, and both partition layouts' columns: `timestamp`
-('yyyy/MM/dd', partition projection) and region, year, month, day, taken from the key.
+('yyyy/MM/dd', partition projection) and region, year, month, day, taken from the key, plus
+`account` (the partition an organisation trail's table adds), also from the key.
 
 Then runs each QUERY_FILE and prints one JSON document: a list of {"columns": [...],
 "rows": [[...], ...]} with every value as a string (null for SQL NULL), as Athena returns them.
@@ -71,8 +72,8 @@ COLUMNS = {
     "edgedevicedetails": V,
     "tlsdetails": {"tlsversion": V, "ciphersuite": V, "clientprovidedhostheader": V},
 }
-PARTITIONS = ["region", "year", "month", "day", "timestamp"]
-KEY = re.compile(r"AWSLogs/(?:[^/]+/)?\d{12}/CloudTrail/([^/]+)/(\d{4})/(\d{2})/(\d{2})/[^/]+$")
+PARTITIONS = ["account", "region", "year", "month", "day", "timestamp"]
+KEY = re.compile(r"AWSLogs/(?:[^/]+/)?(\d{12})/CloudTrail/([^/]+)/(\d{4})/(\d{2})/(\d{2})/[^/]+$")
 
 
 def sql_type(spec):
@@ -130,8 +131,8 @@ def main(argv):
                     match = KEY.search(os.path.relpath(path, root).replace(os.sep, "/"))
                     if not match or not name.endswith((".json.gz", ".json")):
                         continue
-                    region, year, month, day = match.groups()
-                    partitions = [region, year, month, day, f"{year}/{month}/{day}"]
+                    account, region, year, month, day = match.groups()
+                    partitions = [account, region, year, month, day, f"{year}/{month}/{day}"]
                     for record in records(path):
                         lower = {k.lower(): v for k, v in record.items()}
                         row = {c: convert(lower.get(c), s) for c, s in COLUMNS.items()}

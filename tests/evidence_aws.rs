@@ -163,6 +163,7 @@ fn athena_cfg() -> Athena {
         workgroup: "primary".into(),
         output_location: "s3://athena-results/lockstep/".into(),
         partitioning: Partitioning::Projected,
+        account_partition: None,
         poll_interval: Duration::from_millis(5),
         timeout: Duration::from_secs(20),
     }

@@ -21,6 +21,7 @@ pub(crate) mod fixtures {
             workgroup: "primary".into(),
             output_location: "s3://results/".into(),
             partitioning,
+            account_partition: None,
             poll_interval: std::time::Duration::from_millis(1),
             timeout: std::time::Duration::from_secs(5),
         }

@@ -19,7 +19,8 @@ use crate::config::{self, Partitioning};
 const DELIVERY_SLACK: chrono::TimeDelta = chrono::TimeDelta::hours(1);
 
 /// The `FROM` and `WHERE` every query over the table shares: the account's IAM-user records
-/// with `eventTime` in `[since, until)`, constrained to the partitions that can hold them.
+/// with `eventTime` in `[since, until)`, constrained to the partitions that can hold them (the
+/// account's own, on an organisation trail's table partitioned by account).
 /// Callers append further `AND` conditions and any `GROUP BY`.
 pub(crate) fn from_window(
     cfg: &config::Athena,
@@ -33,7 +34,15 @@ pub(crate) fn from_window(
         "FROM {db}.{table}\nWHERE {partitions}\n  AND eventtime >= {since}\n  AND eventtime < {until}\n  AND useridentity.type = 'IAMUser'\n  AND coalesce(useridentity.accountid, recipientaccountid) = {account}",
         db = sql_identifier(&cfg.database),
         table = sql_identifier(&cfg.table),
-        partitions = partition_filter(cfg.partitioning, first_day, last_day),
+        partitions = match &cfg.account_partition {
+            Some(column) => format!(
+                "{} = {}\n  AND {}",
+                sql_identifier(column),
+                sql_string(account_id),
+                partition_filter(cfg.partitioning, first_day, last_day)
+            ),
+            None => partition_filter(cfg.partitioning, first_day, last_day),
+        },
         since = sql_string(&trail_time(since)),
         until = sql_string(&trail_time(until)),
         account = sql_string(account_id),
@@ -97,6 +106,23 @@ fn sql_identifier(name: &str) -> String {
 mod tests {
     use super::*;
     use crate::athena::fixtures::{at, cfg};
+
+    #[test]
+    fn an_organisation_table_is_constrained_to_the_accounts_partition_too() {
+        let mut config = cfg(Partitioning::Projected);
+        config.account_partition = Some("account".into());
+        let text = from_window(&config, "123456789012", at(2024, 1, 2, 0, 0), at(2024, 1, 3, 0, 0));
+        assert!(
+            text.contains(
+                "WHERE \"account\" = '123456789012'\n  AND \"timestamp\" BETWEEN '2024/01/02' AND '2024/01/03'"
+            ),
+            "{text}"
+        );
+        assert!(
+            !from_window(&cfg(Partitioning::Projected), "123456789012", at(2024, 1, 2, 0, 0), at(2024, 1, 3, 0, 0))
+                .contains("\"account\"")
+        );
+    }
 
     fn query(partitioning: Partitioning, since: DateTime<Utc>, until: DateTime<Utc>) -> String {
         from_window(&cfg(partitioning), "123456789012", since, until)
