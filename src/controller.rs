@@ -969,7 +969,11 @@ impl<I: Iam, F: EventFeed> Controller<I, F> {
 
     /// The evidence over the eligibility window ending at `now`, read again only when the
     /// evidence changed or the window reaches another hour.
-    fn window_evidence(&mut self, generation: u64, now: DateTime<Utc>) -> Result<Arc<Vec<UserEvidence>>, ControllerError> {
+    fn window_evidence(
+        &mut self,
+        generation: u64,
+        now: DateTime<Utc>,
+    ) -> Result<Arc<Vec<UserEvidence>>, ControllerError> {
         let since = earlier(now, self.config.eligibility.window);
         let key = window_key(generation, since, now);
         if let Some((kept, evidence)) = &self.evidence

@@ -899,10 +899,8 @@ impl EvidenceStore for Store {
 
     fn evidence_generation(&self) -> Result<u64, StoreError> {
         let doing = "reading the evidence generation";
-        let generation: i64 = self
-            .conn()
-            .query_row("SELECT generation FROM evidence_generation", [], |row| row.get(0))
-            .doing(doing)?;
+        let generation: i64 =
+            self.conn().query_row("SELECT generation FROM evidence_generation", [], |row| row.get(0)).doing(doing)?;
         Ok(generation as u64)
     }
 
