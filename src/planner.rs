@@ -6,7 +6,7 @@
 //! calls it healthy. Users are chosen deterministically: most applicable calls first (the users
 //! the evidence knows best), then by name.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
@@ -252,7 +252,7 @@ pub(crate) fn selects(selector: &Selector, user: &IamUser) -> bool {
 /// Decides the next actions from the inputs alone (pure: no I/O, no clock).
 pub fn plan(inputs: &Inputs) -> Plan {
     let Inputs { config, ledger, now, .. } = *inputs;
-    let evidence: BTreeMap<&str, &UserEvidence> = inputs.evidence.iter().map(|e| (e.user.as_str(), e)).collect();
+    let evidence: HashMap<&str, &UserEvidence> = inputs.evidence.iter().map(|e| (e.user.as_str(), e)).collect();
     let users: BTreeMap<String, Eligibility> = inputs
         .users
         .iter()
@@ -488,13 +488,16 @@ fn plan_waves(inputs: &Inputs, plan: &mut Plan) -> bool {
 
 /// Eligible users the wave selects, best-known first.
 fn candidates<'u>(wave: &Wave, eligible: &[&'u IamUser], evidence: &[UserEvidence]) -> Vec<&'u IamUser> {
-    let calls: BTreeMap<&str, u64> = evidence.iter().map(|e| (e.user.as_str(), e.calls)).collect();
-    let mut chosen: Vec<&IamUser> = eligible.iter().copied().filter(|u| selects(&wave.select, u)).collect();
-    chosen.sort_by(|a, b| {
-        let calls_of = |u: &IamUser| calls.get(u.name.as_str()).copied().unwrap_or(0);
-        calls_of(b).cmp(&calls_of(a)).then_with(|| a.name.cmp(&b.name))
-    });
-    chosen
+    let calls: HashMap<&str, u64> = evidence.iter().map(|e| (e.user.as_str(), e.calls)).collect();
+    // Each user's calls looked up once, not at every comparison (100,000 users sort in ms).
+    let mut chosen: Vec<(u64, &IamUser)> = eligible
+        .iter()
+        .copied()
+        .filter(|u| selects(&wave.select, u))
+        .map(|u| (calls.get(u.name.as_str()).copied().unwrap_or(0), u))
+        .collect();
+    chosen.sort_by(|(a_calls, a), (b_calls, b)| b_calls.cmp(a_calls).then_with(|| a.name.cmp(&b.name)));
+    chosen.into_iter().map(|(_, u)| u).collect()
 }
 
 #[cfg(test)]

@@ -11,7 +11,9 @@
 //! its judgement (migration 10), and the calls by verdict and the outside sources are summed from
 //! them when read. Reads sum across origins. `trail_file` marks each file read;
 //! a file's mark and its contribution are written in one transaction, so a crash leaves either
-//! both or neither. Files are written in batches (one transaction each), merged first.
+//! both or neither. Files are written in batches (one transaction each), merged first. Every
+//! transaction that writes evidence also moves its generation (migration 11), which readers key
+//! what they keep on.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::path::Path;
@@ -111,19 +113,22 @@ pub(crate) const MIGRATIONS: &[&str] = &[
     super::ledger::SCHEMA_EXEMPTIONS,
     // 10: request contexts kept once each with their verdict; calls refer to them.
     SCHEMA_INTERNED_CONTEXTS,
-    // 11: a counter every evidence write bumps, so readers can keep what they read.
+    // 11: a counter every evidence write bumps, so readers can keep what they read; hours
+    // waiting for a re-read found without a scan.
     SCHEMA_EVIDENCE_GENERATION,
 ];
 
 /// The evidence's generation: bumped in the same transaction as every write to the evidence
 /// ([`bump_generation`]), so a reader that saw generation N and reads again at N gets the same
-/// answer, even when another process wrote it.
+/// answer, even when another process wrote it. And the hours waiting for a re-read, indexed
+/// alone (there are none once re-read): freshness counts them every step, without a scan.
 const SCHEMA_EVIDENCE_GENERATION: &str = "
     CREATE TABLE evidence_generation (
         only INTEGER PRIMARY KEY CHECK (only = 1),
         generation INTEGER NOT NULL
     );
     INSERT INTO evidence_generation (only, generation) VALUES (1, 0);
+    CREATE INDEX evidence_hour_needs_reread ON evidence_hour (needs_reread) WHERE needs_reread = 1;
 ";
 
 /// Marks the evidence changed: every transaction that writes evidence calls it before committing.
