@@ -31,6 +31,8 @@ use chrono::{DateTime, Utc};
 use crate::clock::Clock;
 use crate::config::{AfterSoak, Config, earlier, later};
 use crate::duration::chrono_of;
+use crate::evidence::UserEvidence;
+use crate::evidence::aggregate::hour_of;
 use crate::exemption::{self, ExemptionState};
 use crate::feed::EventFeed;
 use crate::guard::{self, CohortRate, DenialEvent};
@@ -528,6 +530,32 @@ pub(crate) fn dry_run_writes(plan: &Plan, snapshot: &Snapshot, group: &str) -> V
     writes
 }
 
+/// What reading the evidence in `[since, until)` depends on: the store's evidence generation
+/// and the whole hours the window covers (evidence is stored by whole hour). Two reads with the
+/// same key give the same answer, so the controller keeps what it read until the key changes:
+/// on an evidence write, or when the window slides into another hour.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct WindowKey {
+    generation: u64,
+    first_hour: DateTime<Utc>,
+    end_hour: DateTime<Utc>,
+}
+
+/// The key of a read of `[since, until)` at evidence generation `generation`.
+pub(crate) fn window_key(generation: u64, since: DateTime<Utc>, until: DateTime<Utc>) -> WindowKey {
+    let end = hour_of(until);
+    // Hours before `until`: up to the one it falls in, unless it falls on the hour.
+    let end_hour = if end < until { end + chrono::Duration::hours(1) } else { end };
+    WindowKey { generation, first_hour: hour_of(since), end_hour }
+}
+
+/// A watched batch's members' denial baselines, with what they were read under.
+struct Baselines {
+    key: WindowKey,
+    members: Vec<String>,
+    rates: Arc<BTreeMap<String, f64>>,
+}
+
 /// The controller: the edges (store, IAM, event feed, clock) and what it keeps between steps.
 pub struct Controller<I, F> {
     config: Config,
@@ -537,6 +565,10 @@ pub struct Controller<I, F> {
     clock: Arc<dyn Clock>,
     mode: Mode,
     directory: Option<(DateTime<Utc>, Arc<Vec<IamUser>>)>,
+    /// The eligibility window's evidence as last read (see [`WindowKey`]).
+    evidence: Option<(WindowKey, Arc<Vec<UserEvidence>>)>,
+    /// Each watched batch's baselines as last read.
+    baselines: BTreeMap<i64, Baselines>,
     cohort: VecDeque<CohortEvent>,
     last_dry_plan: Option<Vec<Action>>,
 }
@@ -562,6 +594,8 @@ impl<I: Iam, F: EventFeed> Controller<I, F> {
             clock,
             mode,
             directory: None,
+            evidence: None,
+            baselines: BTreeMap::new(),
             cohort: VecDeque::new(),
             last_dry_plan: None,
         }
@@ -637,10 +671,13 @@ impl<I: Iam, F: EventFeed> Controller<I, F> {
         record: bool,
     ) -> Result<(Plan, BTreeMap<i64, guard::Judgement>), ControllerError> {
         let snapshot = self.store.snapshot()?;
-        let judgements = self.judge_batches(&snapshot, now, record)?;
+        // Read before the evidence: a write in between makes what is kept newer than its key
+        // says, so it is read again next step, never kept stale.
+        let generation = self.store.evidence_generation()?;
+        let judgements = self.judge_batches(&snapshot, generation, now, record)?;
         let verdicts: BTreeMap<i64, guard::Verdict> =
             judgements.iter().map(|(id, j)| (*id, j.verdict.clone())).collect();
-        let evidence = self.store.user_evidence(earlier(now, self.config.eligibility.window), now)?;
+        let evidence = self.window_evidence(generation, now)?;
         let freshness = self.store.freshness()?;
         let users = self.directory(now).await?;
         let blocked = self.policy_problem().await?;
@@ -868,24 +905,18 @@ impl<I: Iam, F: EventFeed> Controller<I, F> {
     }
 
     fn judge_batches(
-        &self,
+        &mut self,
         snapshot: &Snapshot,
+        generation: u64,
         now: DateTime<Utc>,
         record: bool,
     ) -> Result<BTreeMap<i64, guard::Judgement>, ControllerError> {
-        let window = chrono_of(self.config.eligibility.window);
         let health = self.store.source_health()?.as_of(now);
         let cohort = self.cohort_rate(now);
         let mut verdicts = BTreeMap::new();
         for batch in watched(snapshot, chrono_of(self.config.guard.grace), now) {
             let Some(applied_at) = batch.applied_at else { continue };
-            let before = self.store.user_evidence(earlier(applied_at, self.config.eligibility.window), applied_at)?;
-            let hours = (window.num_seconds() as f64 / 3600.0).max(1.0);
-            let baselines = before
-                .iter()
-                .filter(|e| batch.members.contains(&e.user))
-                .map(|e| (e.user.clone(), e.other_denials as f64 / hours))
-                .collect();
+            let baselines = self.baselines(batch, applied_at, generation)?;
             let events = self.store.denials(batch.id)?;
             let judgement = guard::assess(&guard::Input {
                 batch,
@@ -906,7 +937,53 @@ impl<I: Iam, F: EventFeed> Controller<I, F> {
             }
             verdicts.insert(batch.id, judgement);
         }
+        self.baselines.retain(|batch, _| verdicts.contains_key(batch));
         Ok(verdicts)
+    }
+
+    /// The batch members' rates of denials other than the lockdown's per hour over the
+    /// eligibility window before it was applied, read for its members alone, again only when the
+    /// evidence changed.
+    fn baselines(
+        &mut self,
+        batch: &Batch,
+        applied_at: DateTime<Utc>,
+        generation: u64,
+    ) -> Result<Arc<BTreeMap<String, f64>>, ControllerError> {
+        let since = earlier(applied_at, self.config.eligibility.window);
+        let key = window_key(generation, since, applied_at);
+        if let Some(kept) = self.baselines.get(&batch.id)
+            && kept.key == key
+            && kept.members == batch.members
+        {
+            return Ok(kept.rates.clone());
+        }
+        let hours = (chrono_of(self.config.eligibility.window).num_seconds() as f64 / 3600.0).max(1.0);
+        let before = self.store.evidence_of_users(&batch.members, since, applied_at)?;
+        let rates: Arc<BTreeMap<String, f64>> =
+            Arc::new(before.into_iter().map(|e| (e.user, e.other_denials as f64 / hours)).collect());
+        let kept = Baselines { key, members: batch.members.clone(), rates: rates.clone() };
+        self.baselines.insert(batch.id, kept);
+        Ok(rates)
+    }
+
+    /// The evidence over the eligibility window ending at `now`, read again only when the
+    /// evidence changed or the window reaches another hour.
+    fn window_evidence(
+        &mut self,
+        generation: u64,
+        now: DateTime<Utc>,
+    ) -> Result<Arc<Vec<UserEvidence>>, ControllerError> {
+        let since = earlier(now, self.config.eligibility.window);
+        let key = window_key(generation, since, now);
+        if let Some((kept, evidence)) = &self.evidence
+            && *kept == key
+        {
+            return Ok(evidence.clone());
+        }
+        let evidence = Arc::new(self.store.user_evidence(since, now)?);
+        self.evidence = Some((key, evidence.clone()));
+        Ok(evidence)
     }
 
     /// The cached IAM user directory, listed again once older than [`DIRECTORY_TTL`]; shared,
@@ -1464,6 +1541,67 @@ mod tests {
             dry_run_writes(&plan, &snapshot, "lockdown"),
             ["RemoveUserFromGroup lockdown cat", "RemoveUserFromGroup lockdown dan", "AddUserToGroup lockdown ann"]
         );
+    }
+
+    #[test]
+    fn a_window_read_is_keyed_by_generation_and_whole_hours() {
+        let key = |generation, minutes| {
+            let until = t(24) + chrono::Duration::minutes(minutes);
+            window_key(generation, until - chrono::Duration::days(14), until)
+        };
+        assert_eq!(key(1, 1), key(1, 59), "within one hour the window covers the same hours");
+        assert_ne!(key(1, 59), key(1, 60), "the window slid into another hour");
+        assert_ne!(key(1, 1), key(2, 1), "the evidence changed");
+        // Its end: the hours that start before it.
+        let end = |minutes| window_key(1, t(0), t(24) + chrono::Duration::minutes(minutes));
+        assert_ne!(end(0), end(1), "on the hour the hour that starts is not covered yet");
+        assert_eq!(end(1), end(60), "up to and including the next hour's start");
+        assert_ne!(end(60), end(61));
+    }
+
+    /// A feed that never delivers anything.
+    struct Silent;
+
+    impl EventFeed for Silent {
+        async fn poll(&mut self) -> Result<Vec<Record>, crate::evidence::SourceError> {
+            Ok(Vec::new())
+        }
+    }
+
+    #[tokio::test]
+    async fn the_kept_evidence_is_read_again_after_an_evidence_write() {
+        use crate::clock::ManualClock;
+        use crate::evidence::aggregate::Judge;
+        use crate::evidence::files::TrailFile;
+        use crate::store::EvidenceWriter;
+
+        let config = config();
+        let judge = Judge::new(&config);
+        let store = Arc::new(Store::open_in_memory().unwrap());
+        let now = t(24 * 20);
+        let alice = IamUser { name: "alice".into(), arn: String::new(), path: "/".into(), tags: BTreeMap::new() };
+        let iam = MemoryIam::new(vec![alice], &[]);
+        let clock = Arc::new(ManualClock::new(now));
+        let mut controller = Controller::new(config, store.clone(), iam, Silent, clock.clone(), Mode::DryRun);
+        let calls_on = |day: i64| {
+            let time = (t(24 * day) + chrono::Duration::hours(10)).to_rfc3339();
+            let call = crate::testkit::user_call("alice", &time, "203.0.113.7", "s3:ListBuckets");
+            let aggregates = crate::evidence::aggregate::aggregate(&[call], &judge);
+            TrailFile { key: format!("day-{day}"), aggregates, ..TrailFile::default() }
+        };
+        let alice = |plan: Plan| plan.users["alice"].clone();
+
+        let before = alice(controller.preview().await.unwrap());
+        assert!(matches!(&before, planner::Eligibility::Ineligible(why) if why.starts_with("no recorded calls")));
+        store.add_trail_files(&[calls_on(15)], now).unwrap();
+        clock.advance(chrono::Duration::minutes(1));
+        let one = alice(controller.preview().await.unwrap());
+        assert_ne!(one, before, "the write within the same hour is seen");
+        store.add_trail_files(&[calls_on(10)], now).unwrap();
+        let two = alice(controller.preview().await.unwrap());
+        assert_ne!(two, one, "and the next write too: {two:?}");
+        clock.advance(chrono::Duration::minutes(1));
+        assert_eq!(alice(controller.preview().await.unwrap()), two, "nothing written, nothing changed");
     }
 
     #[tokio::test]

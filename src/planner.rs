@@ -6,7 +6,9 @@
 //! calls it healthy. Users are chosen deterministically: most applicable calls first (the users
 //! the evidence knows best), then by name.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
+
+use rayon::prelude::*;
 
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
@@ -252,12 +254,24 @@ pub(crate) fn selects(selector: &Selector, user: &IamUser) -> bool {
 /// Decides the next actions from the inputs alone (pure: no I/O, no clock).
 pub fn plan(inputs: &Inputs) -> Plan {
     let Inputs { config, ledger, now, .. } = *inputs;
-    let evidence: BTreeMap<&str, &UserEvidence> = inputs.evidence.iter().map(|e| (e.user.as_str(), e)).collect();
-    let users: BTreeMap<String, Eligibility> = inputs
+    let evidence: HashMap<&str, &UserEvidence> = inputs.evidence.iter().map(|e| (e.user.as_str(), e)).collect();
+    // Each user's eligibility depends on that user alone: judged on every core (100,000 users a step).
+    let judged: Vec<Eligibility> = inputs
+        .users
+        .par_iter()
+        .map(|u| eligibility(u, evidence.get(u.name.as_str()).copied(), ledger, config, now))
+        .collect();
+    let eligible: Vec<&IamUser> = inputs
         .users
         .iter()
-        .map(|u| (u.name.clone(), eligibility(u, evidence.get(u.name.as_str()).copied(), ledger, config, now)))
+        .zip(&judged)
+        .filter(|(_, e)| matches!(e, Eligibility::Eligible(_)))
+        .map(|(u, _)| u)
         .collect();
+    let users: BTreeMap<String, Eligibility> =
+        inputs.users.iter().zip(judged).map(|(u, e)| (u.name.clone(), e)).collect();
+    let calls: HashMap<&str, u64> = evidence.iter().map(|(user, e)| (*user, e.calls)).collect();
+    let judged = Judged { eligible, calls };
     let mut plan = Plan {
         gate: Gate::Open,
         current_wave: None,
@@ -321,14 +335,14 @@ pub fn plan(inputs: &Inputs) -> Plan {
         plan.waiting.push(why);
     }
 
-    let finished = plan_waves(inputs, &mut plan);
+    let finished = plan_waves(inputs, &judged, &mut plan);
     if finished && plan.gate == Gate::Open {
         plan.gate = Gate::Finished;
     }
     if let Some(problem) = inputs.blocked {
         plan.gate = Gate::Blocked(problem.to_string());
     }
-    plan.forecast = forecast(inputs, &plan.users);
+    plan.forecast = forecast(inputs, &judged);
     plan
 }
 
@@ -359,6 +373,15 @@ pub struct WaveForecast {
     pub finishes: DateTime<Utc>,
 }
 
+/// What planning the waves reads besides the inputs: the eligible users (directory order) and
+/// every user's applicable calls.
+pub struct Judged<'a> {
+    /// The users eligible now, in the directory's order.
+    pub eligible: Vec<&'a IamUser>,
+    /// Applicable calls in the window, by user (absent: none).
+    pub calls: HashMap<&'a str, u64>,
+}
+
 /// The days over which the recent promotion rate is measured.
 pub const RECENT_DAYS: u32 = 7;
 
@@ -366,20 +389,18 @@ pub const RECENT_DAYS: u32 = 7;
 /// earlier wave took, up to the batches it has left; batches follow each other at the pace its
 /// caps allow (`max_soaking_batches` per soak, `max_promotions_per_day`), or at the recent
 /// promotion rate when that is slower; a wave finishes once its last batch has soaked.
-pub fn forecast(inputs: &Inputs, eligibility: &BTreeMap<String, Eligibility>) -> Forecast {
+pub fn forecast(inputs: &Inputs, judged: &Judged) -> Forecast {
     let Inputs { config, ledger, now, .. } = *inputs;
     let day = std::time::Duration::from_secs(86_400);
     let recent_since = crate::config::earlier(now, day * RECENT_DAYS);
     let recent_per_day = ledger.promoted_since(recent_since) as f64 / f64::from(RECENT_DAYS);
-    let eligible: Vec<&IamUser> =
-        inputs.users.iter().filter(|u| matches!(eligibility.get(&u.name), Some(Eligibility::Eligible(_)))).collect();
     let mut taken: std::collections::BTreeSet<&str> = std::collections::BTreeSet::new();
     let mut at = now;
     let mut waves = Vec::new();
     for wave in config.waves.iter().filter(|w| !ledger.waves_done.contains_key(&w.name)) {
         let run = ledger.batches.iter().filter(|b| b.wave == wave.name).count();
         let room = wave.batches.map(|n| n.saturating_sub(run).saturating_mul(wave.batch_size));
-        let mut users: Vec<&IamUser> = candidates(wave, &eligible, inputs.evidence);
+        let mut users: Vec<&IamUser> = candidates(wave, judged);
         users.retain(|u| !taken.contains(u.name.as_str()));
         users.truncate(room.unwrap_or(usize::MAX));
         taken.extend(users.iter().map(|u| u.name.as_str()));
@@ -412,10 +433,8 @@ pub fn forecast(inputs: &Inputs, eligibility: &BTreeMap<String, Eligibility>) ->
 /// first one that is not. The last wave stays open when it merely runs out of eligible users, so
 /// users who become eligible later (released, new) are still promoted. Returns whether every
 /// wave is done (the last one possibly idle).
-fn plan_waves(inputs: &Inputs, plan: &mut Plan) -> bool {
+fn plan_waves(inputs: &Inputs, judged: &Judged, plan: &mut Plan) -> bool {
     let Inputs { config, ledger, now, .. } = *inputs;
-    let chosen_users: Vec<&IamUser> =
-        inputs.users.iter().filter(|u| matches!(plan.users.get(&u.name), Some(Eligibility::Eligible(_)))).collect();
     for (index, wave) in config.waves.iter().enumerate() {
         if ledger.waves_done.contains_key(&wave.name) {
             continue;
@@ -423,7 +442,7 @@ fn plan_waves(inputs: &Inputs, plan: &mut Plan) -> bool {
         let last = index + 1 == config.waves.len();
         let batches: Vec<_> = ledger.batches.iter().filter(|b| b.wave == wave.name).collect();
         let active = batches.iter().any(|b| b.state.is_active());
-        let candidates = candidates(wave, &chosen_users, inputs.evidence);
+        let candidates = candidates(wave, judged);
         let all_batches_run = wave.batches.is_some_and(|n| batches.len() >= n);
         let out_of_users = candidates.is_empty() && plan.gate == Gate::Open;
         if !active && last && out_of_users && !all_batches_run {
@@ -487,14 +506,17 @@ fn plan_waves(inputs: &Inputs, plan: &mut Plan) -> bool {
 }
 
 /// Eligible users the wave selects, best-known first.
-fn candidates<'u>(wave: &Wave, eligible: &[&'u IamUser], evidence: &[UserEvidence]) -> Vec<&'u IamUser> {
-    let calls: BTreeMap<&str, u64> = evidence.iter().map(|e| (e.user.as_str(), e.calls)).collect();
-    let mut chosen: Vec<&IamUser> = eligible.iter().copied().filter(|u| selects(&wave.select, u)).collect();
-    chosen.sort_by(|a, b| {
-        let calls_of = |u: &IamUser| calls.get(u.name.as_str()).copied().unwrap_or(0);
-        calls_of(b).cmp(&calls_of(a)).then_with(|| a.name.cmp(&b.name))
-    });
-    chosen
+fn candidates<'u>(wave: &Wave, judged: &Judged<'u>) -> Vec<&'u IamUser> {
+    // Each user's calls looked up once, not at every comparison (100,000 users sort in ms).
+    let mut chosen: Vec<(u64, &IamUser)> = judged
+        .eligible
+        .iter()
+        .copied()
+        .filter(|u| selects(&wave.select, u))
+        .map(|u| (judged.calls.get(u.name.as_str()).copied().unwrap_or(0), u))
+        .collect();
+    chosen.sort_by(|(a_calls, a), (b_calls, b)| b_calls.cmp(a_calls).then_with(|| a.name.cmp(&b.name)));
+    chosen.into_iter().map(|(_, u)| u).collect()
 }
 
 #[cfg(test)]

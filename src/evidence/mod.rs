@@ -109,6 +109,19 @@ pub trait EvidenceStore {
     /// Every user with applicable calls in `[since, until)`, in user-name order.
     fn user_evidence(&self, since: DateTime<Utc>, until: DateTime<Utc>) -> Result<Vec<UserEvidence>, Self::Error>;
 
+    /// The evidence of `users` alone in `[since, until)`: what [`EvidenceStore::user_evidence`]
+    /// says of them, read user by user rather than for everyone.
+    fn evidence_of_users(
+        &self,
+        users: &[String],
+        since: DateTime<Utc>,
+        until: DateTime<Utc>,
+    ) -> Result<Vec<UserEvidence>, Self::Error>;
+
+    /// A number that changes whenever the stored evidence may have (every evidence write moves
+    /// it, in the same transaction): a reader may keep what it read while it stays the same.
+    fn evidence_generation(&self) -> Result<u64, Self::Error>;
+
     /// How current the stored evidence is, from the refresh log.
     fn freshness(&self) -> Result<Freshness, Self::Error>;
 

@@ -17,7 +17,7 @@ use rusqlite::{Connection, params};
 use crate::evidence::aggregate::{Judge, RequestContext};
 use crate::perimeter::{Fingerprint, Verdict};
 
-use super::sqlite::{Contexts, text};
+use super::sqlite::{Contexts, bump_generation, text};
 use super::{Doing, Store, StoreError};
 
 /// What a re-judgement did.
@@ -44,6 +44,7 @@ pub(super) fn rejudge(store: &Store, judge: &Judge, now: DateTime<Utc>) -> Resul
         params![fingerprint.to_string(), now.timestamp()],
     )
     .doing(&doing)?;
+    bump_generation(&tx).doing(&doing)?;
     tx.commit().doing(&doing)?;
     Ok(Rejudged { fingerprint, hours })
 }
@@ -283,6 +284,7 @@ pub(super) fn begin_reread(store: &Store, origin: &str) -> Result<Option<DateTim
         // A file's calls are no later than its newest hour.
         tx.execute("DELETE FROM trail_file WHERE coalesce(newest_hour, read_at) >= ?1", [oldest]).doing(&doing)?;
     }
+    bump_generation(&tx).doing(&doing)?;
     tx.commit().doing(&doing)?;
     Ok(DateTime::from_timestamp(oldest, 0))
 }
@@ -307,6 +309,7 @@ pub(super) fn finish_reread(store: &Store, origin: &str, from: DateTime<Utc>) ->
         params![origin, from.timestamp()],
     )
     .doing(&doing)?;
+    bump_generation(&tx).doing(&doing)?;
     tx.commit().doing(&doing)
 }
 

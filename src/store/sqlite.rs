@@ -11,7 +11,9 @@
 //! its judgement (migration 10), and the calls by verdict and the outside sources are summed from
 //! them when read. Reads sum across origins. `trail_file` marks each file read;
 //! a file's mark and its contribution are written in one transaction, so a crash leaves either
-//! both or neither. Files are written in batches (one transaction each), merged first.
+//! both or neither. Files are written in batches (one transaction each), merged first. Every
+//! transaction that writes evidence also moves its generation (migration 11), which readers key
+//! what they keep on.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::path::Path;
@@ -111,7 +113,28 @@ pub(crate) const MIGRATIONS: &[&str] = &[
     super::ledger::SCHEMA_EXEMPTIONS,
     // 10: request contexts kept once each with their verdict; calls refer to them.
     SCHEMA_INTERNED_CONTEXTS,
+    // 11: a counter every evidence write bumps, so readers can keep what they read; hours
+    // waiting for a re-read found without a scan.
+    SCHEMA_EVIDENCE_GENERATION,
 ];
+
+/// The evidence's generation: bumped in the same transaction as every write to the evidence
+/// ([`bump_generation`]), so a reader that saw generation N and reads again at N gets the same
+/// answer, even when another process wrote it. And the hours waiting for a re-read, indexed
+/// alone (there are none once re-read): freshness counts them every step, without a scan.
+const SCHEMA_EVIDENCE_GENERATION: &str = "
+    CREATE TABLE evidence_generation (
+        only INTEGER PRIMARY KEY CHECK (only = 1),
+        generation INTEGER NOT NULL
+    );
+    INSERT INTO evidence_generation (only, generation) VALUES (1, 0);
+    CREATE INDEX evidence_hour_needs_reread ON evidence_hour (needs_reread) WHERE needs_reread = 1;
+";
+
+/// Marks the evidence changed: every transaction that writes evidence calls it before committing.
+pub(super) fn bump_generation(tx: &Transaction<'_>) -> rusqlite::Result<()> {
+    tx.execute("UPDATE evidence_generation SET generation = generation + 1", []).map(|_| ())
+}
 
 /// The events trail refreshes recorded lately ([`crate::evidence::files::EventKey`]; the ID
 /// hash bit-cast to SQLite's signed integer), pruned to the dedup horizon by each refresh.
@@ -414,6 +437,7 @@ impl EvidenceWriter for Store {
             }
         }
         add_aggregates(&tx, TRAIL_ORIGIN, &merged).doing(&doing)?;
+        bump_generation(&tx).doing(&doing)?;
         tx.commit().doing(&doing)?;
         Ok(added)
     }
@@ -441,6 +465,7 @@ impl EvidenceWriter for Store {
             .doing(&doing)?;
         }
         add_aggregates(&tx, origin, &within).doing(&doing)?;
+        bump_generation(&tx).doing(&doing)?;
         tx.commit().doing(&doing)
     }
 
@@ -507,6 +532,7 @@ impl EvidenceWriter for Store {
         // hours would be dropped on write.
         tx.execute("DELETE FROM trail_file WHERE coalesce(newest_hour, read_at) < ?1", [cutoff]).doing(&doing)?;
         tx.execute("DELETE FROM refresh_run WHERE started < ?1 AND status != 'running'", [cutoff]).doing(&doing)?;
+        bump_generation(&tx).doing(&doing)?;
         tx.commit().doing(&doing)
     }
 }
@@ -613,20 +639,42 @@ impl Store {
         until: DateTime<Utc>,
         user: Option<&str>,
     ) -> Result<Vec<UserEvidence>, StoreError> {
+        self.read_evidence(since, until, user.as_ref().map(std::slice::from_ref))
+    }
+
+    /// Every user's evidence in `[since, until)`, or only that of `users`.
+    fn read_evidence(
+        &self,
+        since: DateTime<Utc>,
+        until: DateTime<Utc>,
+        users: Option<&[&str]>,
+    ) -> Result<Vec<UserEvidence>, StoreError> {
         let doing = format!("reading evidence from {since} to {until}");
         let doing = doing.as_str();
         let conn = self.conn();
-        let window = params![hour_of(since).timestamp(), until.timestamp(), user];
-        let filter = "hour >= ?1 AND hour < ?2 AND (?3 IS NULL OR user_name = ?3)";
+        let mut window: Vec<rusqlite::types::Value> = vec![hour_of(since).timestamp().into(), until.timestamp().into()];
+        // The evidence tables are keyed by hour, then user. Hours are stored whole (`hour_of`), so
+        // some users' evidence is one seek per (hour, user) rather than a scan of everyone's hours.
+        let (with, filter) = match users {
+            None => ("", "hour >= ?1 AND hour < ?2"),
+            Some(users) => {
+                window.push(serde_json::Value::from(users.to_vec()).to_string().into());
+                (
+                    "WITH RECURSIVE window_hour (h) AS
+                         (SELECT ?1 WHERE ?1 < ?2 UNION ALL SELECT h + 3600 FROM window_hour WHERE h + 3600 < ?2) ",
+                    "hour IN (SELECT h FROM window_hour) AND user_name IN (SELECT value FROM json_each(?3))",
+                )
+            }
+        };
 
         let mut users: BTreeMap<String, UserEvidence> = BTreeMap::new();
         let mut stmt = conn
             .prepare_cached(&format!(
-                "SELECT user_name, max(arn), min(first_call), max(last_call), sum(explicit_denials), sum(other_denials)
+                "{with}SELECT user_name, max(arn), min(first_call), max(last_call), sum(explicit_denials), sum(other_denials)
                  FROM evidence_hour WHERE {filter} GROUP BY user_name HAVING min(first_call) IS NOT NULL"
             ))
             .doing(doing)?;
-        let mut rows = stmt.query(window).doing(doing)?;
+        let mut rows = stmt.query(rusqlite::params_from_iter(&window)).doing(doing)?;
         while let Some(row) = rows.next().doing(doing)? {
             let user: String = row.get(0).doing(doing)?;
             users.insert(
@@ -649,11 +697,11 @@ impl Store {
         // Verdicts stored as such (hours from before contexts were kept, or not re-judged since).
         let mut stmt = conn
             .prepare_cached(&format!(
-                "SELECT user_name, verdict, sum(calls) FROM stored_verdict
+                "{with}SELECT user_name, verdict, sum(calls) FROM stored_verdict
                  WHERE {filter} AND verdict != 'not_applicable' GROUP BY user_name, verdict"
             ))
             .doing(doing)?;
-        let mut rows = stmt.query(window).doing(doing)?;
+        let mut rows = stmt.query(rusqlite::params_from_iter(&window)).doing(doing)?;
         while let Some(row) = rows.next().doing(doing)? {
             let user: String = row.get(0).doing(doing)?;
             let verdict: String = row.get(1).doing(doing)?;
@@ -668,10 +716,11 @@ impl Store {
         let mut sources: BTreeMap<(String, String), OutsideSource> = BTreeMap::new();
         let mut stmt = conn
             .prepare_cached(&format!(
-                "SELECT user_name, source, calls, last_seen, last_action, last_reason FROM stored_outside WHERE {filter}"
+                "{with}SELECT user_name, source, calls, last_seen, last_action, last_reason FROM stored_outside \
+                 WHERE {filter}"
             ))
             .doing(doing)?;
-        let mut rows = stmt.query(window).doing(doing)?;
+        let mut rows = stmt.query(rusqlite::params_from_iter(&window)).doing(doing)?;
         while let Some(row) = rows.next().doing(doing)? {
             let user: String = row.get(0).doing(doing)?;
             let Some(e) = users.get_mut(&user) else { continue };
@@ -700,10 +749,10 @@ impl Store {
                 .doing(doing)?;
             let mut stmt = conn
                 .prepare_cached(&format!(
-                    "SELECT user_name, context, calls, last_seen FROM evidence_call WHERE {filter}"
+                    "{with}SELECT user_name, context, calls, last_seen FROM evidence_call WHERE {filter}"
                 ))
                 .doing(doing)?;
-            let mut rows = stmt.query(window).doing(doing)?;
+            let mut rows = stmt.query(rusqlite::params_from_iter(&window)).doing(doing)?;
             let mut current: Option<usize> = None;
             let mut current_user = String::new();
             while let Some(row) = rows.next().doing(doing)? {
@@ -841,6 +890,23 @@ impl EvidenceStore for Store {
         until: DateTime<Utc>,
     ) -> Result<Option<UserEvidence>, StoreError> {
         Ok(self.evidence(since, until, Some(user))?.into_iter().next())
+    }
+
+    fn evidence_of_users(
+        &self,
+        users: &[String],
+        since: DateTime<Utc>,
+        until: DateTime<Utc>,
+    ) -> Result<Vec<UserEvidence>, StoreError> {
+        let users: Vec<&str> = users.iter().map(String::as_str).collect();
+        self.read_evidence(since, until, Some(&users))
+    }
+
+    fn evidence_generation(&self) -> Result<u64, StoreError> {
+        let doing = "reading the evidence generation";
+        let generation: i64 =
+            self.conn().query_row("SELECT generation FROM evidence_generation", [], |row| row.get(0)).doing(doing)?;
+        Ok(generation as u64)
     }
 
     /// One user's calls in `[since, until)` by verdict and reason, most calls first.
@@ -1540,6 +1606,63 @@ mod tests {
         let e = store.user_evidence(at("2024-01-01T00:00:00Z"), now).unwrap();
         assert_eq!(e[0].calls, 1);
         assert!(store.recent_runs(5).unwrap().is_empty());
+    }
+
+    #[test]
+    fn every_evidence_write_moves_the_generation_and_reads_do_not() {
+        let store = Store::open_in_memory().unwrap();
+        let now = at("2024-01-10T00:00:00Z");
+        let generation = || store.evidence_generation().unwrap();
+        let mut last = generation();
+        let mut moved = |what: &str| {
+            let now = generation();
+            assert!(now > last, "{what} wrote evidence but the generation stayed at {last}");
+            last = now;
+        };
+        let hour = [call("alice", "2024-01-09T10:00:00Z", "203.0.113.5", false)];
+        store.add_trail_files(&[file("a", &hour)], now).unwrap();
+        moved("add_trail_files");
+        let (since, until) = (at("2024-01-09T00:00:00Z"), now);
+        store.replace_hours(ATHENA_ORIGIN, since, until, &aggregate(&hour, &judge())).unwrap();
+        moved("replace_hours");
+        store.rejudge(&judge(), now).unwrap();
+        moved("rejudge");
+        store.finish_reread(TRAIL_ORIGIN, since).unwrap();
+        moved("finish_reread");
+        store.drop_before(at("2024-01-05T00:00:00Z")).unwrap();
+        moved("drop_before");
+        store.user_evidence(since, until).unwrap();
+        store.freshness().unwrap();
+        assert_eq!(generation(), last, "reading changes nothing");
+    }
+
+    #[test]
+    fn some_users_evidence_is_theirs_from_everyones() {
+        let store = Store::open_in_memory().unwrap();
+        let now = at("2024-01-03T00:00:00Z");
+        let calls = [
+            call("alice", "2024-01-01T10:00:00Z", "203.0.113.5", false),
+            call("alice", "2024-01-02T11:30:00Z", "198.51.100.8", true),
+            call("bob", "2024-01-02T10:00:00Z", "198.51.100.7", false),
+            call("carol", "2024-01-02T23:59:00Z", "203.0.113.5", false),
+        ];
+        store.add_trail_files(&[file("a", &calls)], now).unwrap();
+        for since in [at("2024-01-01T00:00:00Z"), at("2024-01-01T10:30:00Z"), at("2024-01-02T11:00:00Z")] {
+            let all = store.user_evidence(since, now).unwrap();
+            let users = ["alice".to_string(), "carol".to_string(), "nobody".to_string()];
+            let some = store.evidence_of_users(&users, since, now).unwrap();
+            let expected: Vec<_> = all.into_iter().filter(|e| users.contains(&e.user)).collect();
+            assert!(!expected.is_empty());
+            assert_eq!(some, expected, "since {since}");
+        }
+        // The window ends where it says, within an hour too.
+        let until = at("2024-01-02T11:00:00Z");
+        let all = store.user_evidence(at("2024-01-01T00:00:00Z"), until).unwrap();
+        assert_eq!(
+            store.evidence_of_users(&["alice".to_string()], at("2024-01-01T00:00:00Z"), until).unwrap(),
+            all.into_iter().filter(|e| e.user == "alice").collect::<Vec<_>>()
+        );
+        assert!(store.evidence_of_users(&[], at("2024-01-01T00:00:00Z"), now).unwrap().is_empty());
     }
 
     #[test]
