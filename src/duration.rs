@@ -10,34 +10,53 @@ use chrono::TimeDelta;
 /// `d` in rollout.yaml's notation, largest unit first and exact: `14d`, `1h30m`, `1m30s`,
 /// `500ms`, `0s`. Weeks are written as days.
 pub fn format(d: Duration) -> String {
-    let mut secs = d.as_secs();
     let mut out = String::new();
+    let _ = write_duration(&mut out, d);
+    out
+}
+
+fn write_duration(out: &mut impl Write, d: Duration) -> std::fmt::Result {
+    let mut secs = d.as_secs();
+    let mut empty = true;
     for (unit, name) in [(86_400, "d"), (3_600, "h"), (60, "m"), (1, "s")] {
         if secs >= unit {
-            let _ = write!(out, "{}{name}", secs / unit);
+            write!(out, "{}{name}", secs / unit)?;
             secs %= unit;
+            empty = false;
         }
     }
     if d.subsec_millis() > 0 {
-        let _ = write!(out, "{}ms", d.subsec_millis());
+        write!(out, "{}ms", d.subsec_millis())?;
+        empty = false;
     }
-    if out.is_empty() {
-        out.push_str("0s");
+    if empty {
+        out.write_str("0s")?;
     }
-    out
+    Ok(())
 }
 
 /// A span of time between two instants (an age, a remaining soak), rounded for reading with
 /// [`format`]: to the second under an hour, to the minute under a day, to the hour beyond.
 /// A negative span reads as `0s`.
 pub fn elapsed(d: TimeDelta) -> String {
-    let secs = d.num_seconds().max(0) as u64;
-    let rounded = match secs {
-        s if s >= 86_400 => s / 3_600 * 3_600,
-        s if s >= 3_600 => s / 60 * 60,
-        s => s,
-    };
-    format(Duration::from_secs(rounded))
+    Elapsed(d).to_string()
+}
+
+/// [`elapsed`] as a [`Display`](std::fmt::Display), written straight into the text around it
+/// (no string of its own: the planner writes one for each of 100,000 users a step).
+#[derive(Debug, Clone, Copy)]
+pub struct Elapsed(pub TimeDelta);
+
+impl std::fmt::Display for Elapsed {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let secs = self.0.num_seconds().max(0) as u64;
+        let rounded = match secs {
+            s if s >= 86_400 => s / 3_600 * 3_600,
+            s if s >= 3_600 => s / 60 * 60,
+            s => s,
+        };
+        write_duration(f, Duration::from_secs(rounded))
+    }
 }
 
 /// A configured duration as a `chrono` one, saturating at the largest for absurd values.
@@ -65,6 +84,7 @@ mod tests {
         assert_eq!(elapsed(TimeDelta::seconds(3_600 + 90)), "1h1m");
         assert_eq!(elapsed(TimeDelta::hours(239) + TimeDelta::minutes(59)), "9d23h");
         assert_eq!(elapsed(TimeDelta::seconds(-5)), "0s");
+        assert_eq!(format!("[{}]", Elapsed(TimeDelta::seconds(3_600 + 90))), "[1h1m]");
     }
 
     #[test]

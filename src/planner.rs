@@ -7,6 +7,7 @@
 //! the evidence knows best), then by name.
 
 use std::collections::{BTreeMap, HashMap};
+use std::fmt::Write as _;
 
 use rayon::prelude::*;
 
@@ -14,7 +15,7 @@ use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 
 use crate::config::{Config, Selector, Wave};
-use crate::duration::{chrono_of, elapsed as human};
+use crate::duration::{Elapsed, chrono_of, elapsed as human};
 use crate::evidence::{Freshness, UserEvidence};
 use crate::guard;
 use crate::rollout::IamUser;
@@ -202,14 +203,14 @@ pub fn eligibility(
         return Ineligible(format!("exempt (tag {key}=true)"));
     }
     let Some(ev) = evidence else {
-        return Ineligible(format!("no recorded calls in the last {}", human(chrono_of(rules.window))));
+        return Ineligible(format!("no recorded calls in the last {}", Elapsed(chrono_of(rules.window))));
     };
     let span = now - ev.first_call;
     if span < chrono_of(rules.min_history) {
         return Ineligible(format!(
             "evidence spans only {} (needs {})",
-            human(span),
-            human(chrono_of(rules.min_history))
+            Elapsed(span),
+            Elapsed(chrono_of(rules.min_history))
         ));
     }
     if ev.calls < rules.min_calls {
@@ -218,7 +219,7 @@ pub fn eligibility(
     let last_outside = ev.last_outside.as_ref();
     if ev.would_deny > rules.max_would_deny {
         let last = last_outside
-            .map(|o| format!("; last {} from {} {} ago", o.action, o.source, human(now - o.at)))
+            .map(|o| format!("; last {} from {} {} ago", o.action, o.source, Elapsed(now - o.at)))
             .unwrap_or_default();
         return Ineligible(format!(
             "{} calls in the window would have been denied (allowed: {}){last}",
@@ -228,21 +229,18 @@ pub fn eligibility(
     if let Some(outside) = last_outside.filter(|o| now - o.at < chrono_of(rules.quiet_for)) {
         return Ineligible(format!(
             "last outside call {} ago ({} from {}; needs {} quiet)",
-            human(now - outside.at),
+            Elapsed(now - outside.at),
             outside.action,
             outside.source,
-            human(chrono_of(rules.quiet_for))
+            Elapsed(chrono_of(rules.quiet_for))
         ));
     }
-    Eligible(format!(
-        "{} calls over {}, {}",
-        ev.calls,
-        human(span),
-        match last_outside {
-            None => "all from trusted networks".to_string(),
-            Some(o) => format!("last outside call {} ago", human(now - o.at)),
-        }
-    ))
+    let mut why = format!("{} calls over {}, ", ev.calls, Elapsed(span));
+    let _ = match last_outside {
+        None => why.write_str("all from trusted networks"),
+        Some(o) => write!(why, "last outside call {} ago", Elapsed(now - o.at)),
+    };
+    Eligible(why)
 }
 
 pub(crate) fn selects(selector: &Selector, user: &IamUser) -> bool {
@@ -261,17 +259,19 @@ pub fn plan(inputs: &Inputs) -> Plan {
         .par_iter()
         .map(|u| eligibility(u, evidence.get(u.name.as_str()).copied(), ledger, config, now))
         .collect();
-    let eligible: Vec<&IamUser> = inputs
+    // The eligible users ranked once, best-known first (most applicable calls, then name): every
+    // wave's candidates are this order filtered, never sorted again.
+    let mut ranked: Vec<(u64, &IamUser)> = inputs
         .users
         .iter()
         .zip(&judged)
         .filter(|(_, e)| matches!(e, Eligibility::Eligible(_)))
-        .map(|(u, _)| u)
+        .map(|(u, _)| (evidence.get(u.name.as_str()).map_or(0, |e| e.calls), u))
         .collect();
+    ranked.par_sort_by(|(a_calls, a), (b_calls, b)| b_calls.cmp(a_calls).then_with(|| a.name.cmp(&b.name)));
     let users: BTreeMap<String, Eligibility> =
         inputs.users.iter().zip(judged).map(|(u, e)| (u.name.clone(), e)).collect();
-    let calls: HashMap<&str, u64> = evidence.iter().map(|(user, e)| (*user, e.calls)).collect();
-    let judged = Judged { eligible, calls };
+    let judged = Judged { eligible: ranked.into_iter().map(|(_, u)| u).collect() };
     let mut plan = Plan {
         gate: Gate::Open,
         current_wave: None,
@@ -373,13 +373,10 @@ pub struct WaveForecast {
     pub finishes: DateTime<Utc>,
 }
 
-/// What planning the waves reads besides the inputs: the eligible users (directory order) and
-/// every user's applicable calls.
+/// What planning the waves reads besides the inputs: the eligible users, best-known first.
 pub struct Judged<'a> {
-    /// The users eligible now, in the directory's order.
+    /// The users eligible now, most applicable calls in the window first, then by name.
     pub eligible: Vec<&'a IamUser>,
-    /// Applicable calls in the window, by user (absent: none).
-    pub calls: HashMap<&'a str, u64>,
 }
 
 /// The days over which the recent promotion rate is measured.
@@ -394,7 +391,7 @@ pub fn forecast(inputs: &Inputs, judged: &Judged) -> Forecast {
     let day = std::time::Duration::from_secs(86_400);
     let recent_since = crate::config::earlier(now, day * RECENT_DAYS);
     let recent_per_day = ledger.promoted_since(recent_since) as f64 / f64::from(RECENT_DAYS);
-    let mut taken: std::collections::BTreeSet<&str> = std::collections::BTreeSet::new();
+    let mut taken: std::collections::HashSet<&str> = std::collections::HashSet::new();
     let mut at = now;
     let mut waves = Vec::new();
     for wave in config.waves.iter().filter(|w| !ledger.waves_done.contains_key(&w.name)) {
@@ -507,16 +504,8 @@ fn plan_waves(inputs: &Inputs, judged: &Judged, plan: &mut Plan) -> bool {
 
 /// Eligible users the wave selects, best-known first.
 fn candidates<'u>(wave: &Wave, judged: &Judged<'u>) -> Vec<&'u IamUser> {
-    // Each user's calls looked up once, not at every comparison (100,000 users sort in ms).
-    let mut chosen: Vec<(u64, &IamUser)> = judged
-        .eligible
-        .iter()
-        .copied()
-        .filter(|u| selects(&wave.select, u))
-        .map(|u| (judged.calls.get(u.name.as_str()).copied().unwrap_or(0), u))
-        .collect();
-    chosen.sort_by(|(a_calls, a), (b_calls, b)| b_calls.cmp(a_calls).then_with(|| a.name.cmp(&b.name)));
-    chosen.into_iter().map(|(_, u)| u).collect()
+    // Already ranked: filtering keeps the order.
+    judged.eligible.iter().copied().filter(|u| selects(&wave.select, u)).collect()
 }
 
 #[cfg(test)]
