@@ -1354,12 +1354,10 @@ impl Checker<'_> {
                     format!("expected an s3:// URL, got {:?}", a.output_location),
                 );
             }
-            let names = [
-                ("database", Some(&a.database)),
-                ("table", Some(&a.table)),
-                ("account_partition", a.account_partition.as_ref()),
-            ];
-            for (key, value) in names.into_iter().filter_map(|(key, value)| Some((key, value?))) {
+            let names = [("database", &a.database), ("table", &a.table)]
+                .into_iter()
+                .chain(a.account_partition.as_ref().map(|column| ("account_partition", column)));
+            for (key, value) in names {
                 if value.is_empty() || !value.chars().all(|c| c.is_ascii_alphanumeric() || c == '_') {
                     self.problem(
                         &format!("evidence.athena.{key}"),

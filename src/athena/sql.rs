@@ -30,19 +30,15 @@ pub(crate) fn from_window(
 ) -> String {
     let first_day = since.date_naive();
     let last_day = (until + DELIVERY_SLACK).date_naive().max(first_day);
+    let days = partition_filter(cfg.partitioning, first_day, last_day);
+    let partitions = match &cfg.account_partition {
+        Some(column) => format!("{} = {}\n  AND {days}", sql_identifier(column), sql_string(account_id)),
+        None => days,
+    };
     format!(
         "FROM {db}.{table}\nWHERE {partitions}\n  AND eventtime >= {since}\n  AND eventtime < {until}\n  AND useridentity.type = 'IAMUser'\n  AND coalesce(useridentity.accountid, recipientaccountid) = {account}",
         db = sql_identifier(&cfg.database),
         table = sql_identifier(&cfg.table),
-        partitions = match &cfg.account_partition {
-            Some(column) => format!(
-                "{} = {}\n  AND {}",
-                sql_identifier(column),
-                sql_string(account_id),
-                partition_filter(cfg.partitioning, first_day, last_day)
-            ),
-            None => partition_filter(cfg.partitioning, first_day, last_day),
-        },
         since = sql_string(&trail_time(since)),
         until = sql_string(&trail_time(until)),
         account = sql_string(account_id),

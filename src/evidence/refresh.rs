@@ -350,7 +350,6 @@ async fn read_trail<T: TrailObjects + 'static>(
     let (dedup_since, dedup_until) = dedup_hours(config, clock.now());
     let seen = files::SeenEvents::new(store.recent_event_ids(dedup_since, dedup_until)?);
     let mut batch = Vec::with_capacity(BATCH);
-    let mut batch_records = 0;
     let read = files::read_files(
         objects.clone(),
         keys,
@@ -360,12 +359,10 @@ async fn read_trail<T: TrailObjects + 'static>(
         |mut file: TrailFile| {
             file.aggregates.retain_hours(|hour| hour >= cutoff);
             file.event_ids.retain(|event| (dedup_since..dedup_until).contains(&event.hour));
-            batch_records += file.records;
             batch.push(file);
-            if batch.len() < BATCH && batch_records < BATCH_RECORDS {
+            if batch.len() < BATCH && batch.iter().map(|f| f.records).sum::<u64>() < BATCH_RECORDS {
                 return Ok(());
             }
-            batch_records = 0;
             record(store, &mut batch, clock, counts, progress)
         },
     )
