@@ -70,6 +70,12 @@ pub struct AssumeRoleFailed {
     pub reason: String,
 }
 
+/// The SDK configuration acting in `config`'s account (an account view, or a file without
+/// `accounts`): the default chain, or the account's role assumed on top of it.
+pub async fn for_config(config: &crate::config::Config) -> Result<SdkConfig, AssumeRoleFailed> {
+    account_config(&load(&config.region, None).await, config.access()).await
+}
+
 /// The SDK configuration that acts in one account: `base` (as [`load`] makes it: STS needs its
 /// time source) itself for [`Access::Default`];
 /// otherwise `base` with credentials from `sts:AssumeRole` into the account's role (session
@@ -79,21 +85,30 @@ pub struct AssumeRoleFailed {
 /// their credentials through the SDK's identity cache, which assumes the role on first use and
 /// again shortly before the temporary credentials expire.
 pub async fn account_config(base: &SdkConfig, access: &Access) -> Result<SdkConfig, AssumeRoleFailed> {
+    let config = lazy_account_config(base, access).await;
+    if let (Access::AssumeRole { role_arn, .. }, Some(provider)) = (access, config.credentials_provider()) {
+        provider
+            .provide_credentials()
+            .await
+            .map_err(|e| AssumeRoleFailed { role_arn: role_arn.clone(), reason: cause_message(&e) })?;
+    }
+    Ok(config)
+}
+
+/// [`account_config`] without assuming the role first: the first call made in the account
+/// assumes it, and fails with STS's reason if it cannot (the daemon keeps such an account, blocked,
+/// and tries again every step).
+pub async fn lazy_account_config(base: &SdkConfig, access: &Access) -> SdkConfig {
     let Access::AssumeRole { role_arn, external_id } = access else {
-        return Ok(base.clone());
+        return base.clone();
     };
     let builder = AssumeRoleProvider::builder(role_arn.as_str()).session_name(SESSION_NAME).configure(base);
     let builder = match external_id {
         Some(id) => builder.external_id(id),
         None => builder,
     };
-    let provider = builder.build().await;
-    let provider = SharedCredentialsProvider::new(provider);
-    provider
-        .provide_credentials()
-        .await
-        .map_err(|e| AssumeRoleFailed { role_arn: role_arn.clone(), reason: cause_message(&e) })?;
-    Ok(base.to_builder().credentials_provider(provider).build())
+    let provider = SharedCredentialsProvider::new(builder.build().await);
+    base.to_builder().credentials_provider(provider).build()
 }
 
 /// An S3 client. With an endpoint override (an emulator on 127.0.0.1, a private gateway), bucket

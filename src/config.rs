@@ -93,7 +93,7 @@ pub enum Access {
 /// A command that handles one account was given a configuration that names several.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[error(
-    "`accounts` names {accounts}: multi-account rollout is not supported by `lockstep {command}` yet; `policy` and `validate` are (without an `accounts` section the file means account_id {account_id} alone)"
+    "`accounts` names {accounts}: `lockstep {command}` acts in one account; pass --account with one of them, or name the user as <account>/<user> (without an `accounts` section the file means account_id {account_id} alone)"
 )]
 pub struct MultiAccount {
     /// The command that refused (`run`, `status`, ...).
@@ -406,6 +406,75 @@ impl Config {
     pub fn single_account(&self, command: &str) -> Result<&Config, MultiAccount> {
         single_account(command, &self.account_id, &self.perimeter, &self.accounts).map(|()| self)
     }
+
+    /// Whether the file names any account but `account_id` with the default credentials and the
+    /// shared perimeter (an `accounts` section that means more than the file without one).
+    pub fn is_multi_account(&self) -> bool {
+        self.single_account("").is_err()
+    }
+
+    /// The account `id` names among [`Config::accounts`], or the error listing them.
+    pub fn account(&self, id: &str) -> Result<&Account, UnknownAccount> {
+        self.accounts.iter().find(|a| a.id == id).ok_or_else(|| UnknownAccount {
+            given: id.to_string(),
+            accounts: self.accounts.iter().map(|a| a.id.as_str()).collect::<Vec<_>>().join(", "),
+        })
+    }
+
+    /// This configuration as it applies to one of its accounts: `account_id` is the account's,
+    /// the perimeter its merged one, `accounts` the account alone (with its access), and the
+    /// store the account's own (see [`Config::store_path_for`]). Every single-account path
+    /// (controller, evidence, guard, CLI) runs on such a view unchanged.
+    pub fn for_account(&self, account: &Account) -> Config {
+        Config {
+            account_id: account.id.clone(),
+            accounts: vec![account.clone()],
+            perimeter: account.perimeter.clone(),
+            store: Store { path: self.store_path_for(&account.id) },
+            ..self.clone()
+        }
+    }
+
+    /// Every account's view ([`Config::for_account`]), in the file's order.
+    pub fn account_views(&self) -> Vec<Config> {
+        self.accounts.iter().map(|account| self.for_account(account)).collect()
+    }
+
+    /// How lockstep acts in this configuration's account: the access of its only account (an
+    /// account view, or a file without `accounts`); the default credentials otherwise.
+    pub fn access(&self) -> &Access {
+        match self.accounts.as_slice() {
+            [only] => &only.access,
+            _ => &Access::Default,
+        }
+    }
+
+    /// The store of an account. The account of `account_id` keeps `store.path` itself, so the
+    /// store of a single-account rollout becomes that account's store in an organisation
+    /// unchanged; every other account's store sits beside it, named with the account
+    /// (`lockstep.db` → `lockstep-111122223333.db`).
+    pub fn store_path_for(&self, account: &str) -> PathBuf {
+        if account == self.account_id {
+            return self.store.path.clone();
+        }
+        let path = &self.store.path;
+        let stem = path.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_default();
+        let name = match path.extension() {
+            Some(ext) => format!("{stem}-{account}.{}", ext.to_string_lossy()),
+            None => format!("{stem}-{account}"),
+        };
+        path.with_file_name(name)
+    }
+}
+
+/// An account ID that is not among the configuration's accounts.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("account {given} is not in the configuration's accounts ({accounts})")]
+pub struct UnknownAccount {
+    /// The ID given.
+    pub given: String,
+    /// The accounts configured, comma-separated.
+    pub accounts: String,
 }
 
 fn single_account(

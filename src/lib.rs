@@ -62,6 +62,7 @@ pub mod duration;
 pub mod evidence;
 pub mod exemption;
 pub mod feed;
+pub mod fleet;
 pub mod guard;
 pub mod iam;
 pub mod metrics;

@@ -16,6 +16,11 @@ pub struct Cli {
     #[arg(short, long, global = true, default_value = "rollout.yaml", env = "LOCKSTEP_CONFIG")]
     pub config: PathBuf,
 
+    /// The account a command acts in, when the configuration names several (`accounts`): its
+    /// 12-digit ID. `run` and `policy` always cover every account.
+    #[arg(long, global = true, env = "LOCKSTEP_ACCOUNT", value_name = "ID")]
+    pub account: Option<String>,
+
     /// Log line format on stderr.
     #[arg(long, global = true, value_enum, default_value_t = LogFormat::Text)]
     pub log_format: LogFormat,

@@ -72,6 +72,9 @@ pub struct Metrics {
     pub directory_iam_calls: IntGauge,
     /// Exemptions ending within 7 days.
     pub exemptions_expiring_soon: IntGauge,
+    /// 1 while the account's last step failed (its reason is in `status`): the account is
+    /// blocked, and every other account goes on.
+    pub account_blocked: IntGauge,
 }
 
 fn register<T: prometheus::core::Collector + Clone + 'static>(registry: &Registry, metric: T) -> T {
@@ -101,9 +104,28 @@ impl Default for Metrics {
 }
 
 impl Metrics {
-    /// A fresh registry with every series registered (known labels start at zero).
+    /// A fresh registry with every series registered (known labels start at zero), without an
+    /// `account` label: for the CLI's own IAM clients and tests.
     pub fn new() -> Metrics {
-        let r = Registry::new();
+        Metrics::with_registry(Registry::new())
+    }
+
+    /// The series of one account's controller: every one carries `account="<id>"` (accounts
+    /// are bounded by the configuration; users never become labels). The daemon renders every
+    /// account's registry together ([`render_accounts`]).
+    pub fn for_account(account: &str) -> Metrics {
+        let labels = std::collections::HashMap::from([("account".to_string(), account.to_string())]);
+        match Registry::new_custom(None, Some(labels)) {
+            Ok(registry) => Metrics::with_registry(registry),
+            Err(error) => {
+                // Only an invalid label name fails here, and "account" is valid.
+                tracing::error!(%error, "account metric label refused; exporting without it");
+                Metrics::new()
+            }
+        }
+    }
+
+    fn with_registry(r: Registry) -> Metrics {
         let metrics = Metrics {
             users: metric!(
                 &r,
@@ -271,6 +293,12 @@ impl Metrics {
                 "lockstep_exemptions_expiring_soon",
                 "Exemptions (the perimeter's exemption tag) that end within 7 days; review or extend them."
             ),
+            account_blocked: metric!(
+                &r,
+                IntGauge,
+                "lockstep_account_blocked",
+                "1 while the account's last controller step failed (its reason is in status); other accounts go on"
+            ),
             registry: r,
         };
         // Labelled series appear on first use; start the known ones at zero so that rate()
@@ -295,7 +323,7 @@ impl Metrics {
 
     /// Every metric family name the daemon exports, whether or not it has samples yet.
     pub fn names(&self) -> Vec<String> {
-        let collectors: [&dyn prometheus::core::Collector; 27] = [
+        let collectors: [&dyn prometheus::core::Collector; 28] = [
             &self.users,
             &self.batches,
             &self.promotions,
@@ -323,6 +351,7 @@ impl Metrics {
             &self.locked_users_denied,
             &self.directory_iam_calls,
             &self.exemptions_expiring_soon,
+            &self.account_blocked,
         ];
         let mut names: Vec<String> = collectors.iter().flat_map(|c| c.desc()).map(|d| d.fq_name.clone()).collect();
         names.sort();
@@ -332,11 +361,7 @@ impl Metrics {
 
     /// The Prometheus text exposition of every series.
     pub fn render(&self) -> String {
-        let mut out = Vec::new();
-        if let Err(error) = TextEncoder::new().encode(&self.registry.gather(), &mut out) {
-            tracing::error!(%error, "metrics encoding failed");
-        }
-        String::from_utf8(out).unwrap_or_default()
+        render_accounts(std::slice::from_ref(self))
     }
 
     /// Updates the gauges from the ledger and counts what one step did.
@@ -478,6 +503,29 @@ impl<I: Iam> Iam for MeteredIam<I> {
     async fn untag_user(&self, user: &str, keys: &[String]) -> Result<(), IamError> {
         self.count("UntagUser", self.inner.untag_user(user, keys).await)
     }
+}
+
+/// The Prometheus text exposition of several accounts' series: each family once, with every
+/// account's samples (the exposition format allows one `# TYPE` line per name).
+pub fn render_accounts(accounts: &[Metrics]) -> String {
+    let mut families: Vec<prometheus::proto::MetricFamily> = Vec::new();
+    let mut index: std::collections::HashMap<String, usize> = std::collections::HashMap::new();
+    for metrics in accounts {
+        for mut family in metrics.registry.gather() {
+            match index.get(family.name()) {
+                Some(&at) => families[at].mut_metric().extend(family.take_metric()),
+                None => {
+                    index.insert(family.name().to_string(), families.len());
+                    families.push(family);
+                }
+            }
+        }
+    }
+    let mut out = Vec::new();
+    if let Err(error) = TextEncoder::new().encode(&families, &mut out) {
+        tracing::error!(%error, "metrics encoding failed");
+    }
+    String::from_utf8(out).unwrap_or_default()
 }
 
 #[cfg(test)]

@@ -42,16 +42,37 @@ struct Inner {
     mode: Mode,
     last_report: RwLock<Option<StepReport>>,
     promote_now: AtomicBool,
-    wake: Notify,
+    wake: Arc<Notify>,
     ready: AtomicBool,
+    /// Why the account's last step failed, since its first failure in a row; `None` after a
+    /// step that succeeded.
+    blocked: RwLock<Option<Blocked>>,
     webhook: Option<Webhook>,
     /// When the daemon started (earlier refresh runs are not counted) and the runs counted since.
     runs_counted: Mutex<(DateTime<Utc>, HashSet<RunKey>)>,
 }
 
+/// An account whose controller step fails: it makes no progress, and says why, until a step
+/// succeeds. Other accounts are not affected.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Blocked {
+    /// The first failed step of the run of failures.
+    pub since: DateTime<Utc>,
+    /// The last failure's kind (the `kind` label of `lockstep_step_failures_total`).
+    pub kind: String,
+    /// The last failure, for people (a role that cannot be assumed says so, with STS's reason).
+    pub reason: String,
+}
+
 impl Shared {
     /// The runtime around `controller`, publishing into `metrics`.
     pub fn new(controller: impl Stepper + 'static, metrics: Metrics) -> Shared {
+        Shared::with_wake(controller, metrics, Arc::new(Notify::new()))
+    }
+
+    /// [`Shared::new`], woken by `wake` (one [`Notify`] shared by every account of a daemon, so
+    /// an operator command for any of them wakes the step loop).
+    pub fn with_wake(controller: impl Stepper + 'static, metrics: Metrics, wake: Arc<Notify>) -> Shared {
         let config = controller.config().clone();
         let store = controller.store().clone();
         let clock = controller.clock().clone();
@@ -74,8 +95,9 @@ impl Shared {
                 mode,
                 last_report: RwLock::new(None),
                 promote_now: AtomicBool::new(false),
-                wake: Notify::new(),
+                wake,
                 ready: AtomicBool::new(false),
+                blocked: RwLock::new(None),
                 webhook,
                 runs_counted: Mutex::new((started, HashSet::new())),
             }),
@@ -85,6 +107,26 @@ impl Shared {
     /// Whether a controller step has completed.
     pub(crate) fn is_ready(&self) -> bool {
         self.inner.ready.load(Ordering::SeqCst)
+    }
+
+    /// What wakes the step loop (shared by every account of a daemon).
+    pub(crate) fn wake_handle(&self) -> Arc<Notify> {
+        self.inner.wake.clone()
+    }
+
+    /// The account this runtime rolls out.
+    pub fn account(&self) -> &str {
+        &self.inner.config.account_id
+    }
+
+    /// The account's configuration view.
+    pub fn config(&self) -> &Config {
+        &self.inner.config
+    }
+
+    /// Why the account is blocked, while its steps fail.
+    pub async fn blocked(&self) -> Option<Blocked> {
+        self.inner.blocked.read().await.clone()
     }
 
     /// The daemon's metrics.
@@ -110,6 +152,16 @@ impl Shared {
         let started = std::time::Instant::now();
         let result = self.publish_step().instrument(span).await;
         self.inner.metrics.observe_step_outcome(started.elapsed(), result.as_ref().err().map(ControllerError::kind));
+        let mut blocked = self.inner.blocked.write().await;
+        *blocked = match &result {
+            Ok(_) => None,
+            Err(error) => Some(Blocked {
+                since: blocked.as_ref().map(|b| b.since).unwrap_or_else(|| self.inner.clock.now()),
+                kind: error.kind().to_string(),
+                reason: format!("{error:#}"),
+            }),
+        };
+        self.inner.metrics.account_blocked.set(i64::from(blocked.is_some()));
         result
     }
 
@@ -193,7 +245,10 @@ impl Shared {
         let snapshot = self.inner.store.snapshot()?;
         let freshness = self.inner.store.freshness()?;
         let report = self.inner.last_report.read().await.clone();
-        Ok(status(&snapshot, report.as_ref(), freshness, self.inner.mode, self.inner.clock.now()))
+        let mut status = status(&snapshot, report.as_ref(), freshness, self.inner.mode, self.inner.clock.now());
+        status.account = self.inner.config.account_id.clone();
+        status.blocked = self.blocked().await;
+        Ok(status)
     }
 
     /// Applies an operator command to the ledger, then wakes the controller.
@@ -360,6 +415,12 @@ pub struct BatchView {
 /// The rollout at a glance: what `lockstep status` prints.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Status {
+    /// The account (absent from daemons that predate accounts).
+    #[serde(default)]
+    pub account: String,
+    /// Why the account's steps fail, while they do: it is blocked, others go on.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub blocked: Option<Blocked>,
     /// When the status was taken.
     pub at: DateTime<Utc>,
     /// `commit` or `dry-run`.
@@ -414,6 +475,8 @@ pub fn status(
         users.insert("candidate".to_string(), candidates);
     }
     Status {
+        account: String::new(),
+        blocked: None,
         at: now,
         mode: mode.to_string(),
         paused: snapshot.paused.clone(),

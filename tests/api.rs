@@ -85,8 +85,11 @@ async fn daemon(prefix: &str) -> Daemon {
     let admin = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let metrics = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let (admin_port, metrics_port) = (admin.local_addr().unwrap().port(), metrics.local_addr().unwrap().port());
-    tokio::spawn(axum::serve(admin, api::admin_router(shared.clone(), TOKEN.to_string())).into_future());
-    tokio::spawn(axum::serve(metrics, api::metrics_router(shared.clone())).into_future());
+    tokio::spawn(
+        axum::serve(admin, api::admin_router(lockstep::fleet::Fleet::one(shared.clone()), TOKEN.to_string()))
+            .into_future(),
+    );
+    tokio::spawn(axum::serve(metrics, api::metrics_router(lockstep::fleet::Fleet::one(shared.clone()))).into_future());
     Daemon { shared, config, clock, admin: admin_port, metrics: metrics_port, store, _dir: dir }
 }
 

@@ -109,7 +109,8 @@ pub fn run(config: &Config, command: EvidenceCommand) -> anyhow::Result<ExitCode
 }
 
 fn open(config: &Config) -> anyhow::Result<Store> {
-    Store::open(&config.store.path).with_context(|| format!("cannot open the store {}", config.store.path.display()))
+    Store::open_for_account(&config.store.path, &config.account_id)
+        .with_context(|| format!("cannot open the store {}", config.store.path.display()))
 }
 
 async fn refresh_now(

@@ -35,9 +35,9 @@ fn exemption_key(config: &Config) -> anyhow::Result<&str> {
     })
 }
 
-async fn iam(config: &Config) -> MeteredIam<AwsIam> {
-    let sdk = lockstep::aws::load(&config.region, None).await;
-    MeteredIam::new(AwsIam::new(&sdk, &config.account_id), Metrics::new())
+async fn iam(config: &Config) -> anyhow::Result<MeteredIam<AwsIam>> {
+    let sdk = lockstep::aws::for_config(config).await?;
+    Ok(MeteredIam::new(AwsIam::new(&sdk, &config.account_id), Metrics::new()))
 }
 
 fn rfc3339(at: DateTime<Utc>) -> String {
@@ -68,11 +68,12 @@ pub async fn exempt(config: &Config, request: Request) -> anyhow::Result<ExitCod
         );
         return Ok(ExitCode::SUCCESS);
     }
-    let store = Store::open(&config.store.path).with_context(|| format!("opening the store {store_path}"))?;
+    let store = Store::open_for_account(&config.store.path, &config.account_id)
+        .with_context(|| format!("opening the store {store_path}"))?;
     let grant = Grant { user, until, reason: &request.reason, by: &request.operator };
     store.begin_exemption(&grant, now)?;
     iam(config)
-        .await
+        .await?
         .tag_user(user, &tags)
         .await
         .with_context(|| format!("tagging IAM user {user} (the exemption is journaled; rerun to retry)"))?;
@@ -108,10 +109,10 @@ struct Listed {
 pub async fn list(config: &Config, json: bool) -> anyhow::Result<ExitCode> {
     let key = exemption_key(config)?;
     let now = SystemClock.now();
-    let directory = iam(config).await.list_users().await.context("reading the IAM user directory")?;
+    let directory = iam(config).await?.list_users().await.context("reading the IAM user directory")?;
     // The store is optional here: exemptions set by hand are in IAM only.
     let records = match config.store.path.exists() {
-        true => Store::open(&config.store.path)
+        true => Store::open_for_account(&config.store.path, &config.account_id)
             .with_context(|| format!("opening the store {}", config.store.path.display()))?
             .exemption_records()?,
         false => Vec::new(),

@@ -48,6 +48,7 @@ fn sdk_ceiling() -> tracing_subscriber::filter::Targets {
 }
 
 pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
+    let account = cli.account.as_deref();
     match cli.command {
         Command::Validate => validate(&cli.config),
         Command::Policy { action } => {
@@ -60,52 +61,82 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Sandbox { dir, users, seed, pace, admin_port, metrics_port, json } => {
             block_on(sandbox::run(sandbox::Options { dir, users, seed, pace, admin_port, metrics_port, json }))
         }
-        Command::Status { json, watch: false, .. } => block_on(ops::status(&load(&cli.config, "status")?, json)),
+        Command::Status { json, watch: false, .. } if account.is_none() => {
+            let config = load_accounts(&cli.config)?;
+            match config.is_multi_account() {
+                true => block_on(ops::accounts(&config, json)),
+                false => block_on(ops::status(&config, json)),
+            }
+        }
+        Command::Status { json, watch: false, .. } => {
+            block_on(ops::status(&load(&cli.config, "status", account)?, json))
+        }
         Command::Status { json, watch: true, interval } => {
-            block_on(ops::watch(&load(&cli.config, "status")?, json, interval))
+            block_on(ops::watch(&load(&cli.config, "status", account)?, json, interval))
         }
         Command::Wait { target, timeout, interval } => {
-            block_on(ops::wait(&load(&cli.config, "wait")?, &target, timeout, interval))
+            block_on(ops::wait(&load(&cli.config, "wait", account)?, &target, timeout, interval))
         }
         Command::Completions { shell } => crate::print_completions(shell),
         Command::Man => crate::print_man(),
-        Command::Plan { json } => block_on(ops::plan(&load(&cli.config, "plan")?, json)),
-        Command::Pause { reason, operator } => {
-            operator_command(&cli.config, "pause", OpCommand::Pause { operator: operator.operator, reason }, false)
-        }
+        Command::Plan { json } => block_on(ops::plan(&load(&cli.config, "plan", account)?, json)),
+        Command::Pause { reason, operator } => operator_command(
+            &cli.config,
+            account,
+            "pause",
+            OpCommand::Pause { operator: operator.operator, reason },
+            false,
+        ),
         Command::Resume { operator } => {
-            operator_command(&cli.config, "resume", OpCommand::Resume { operator: operator.operator }, false)
+            operator_command(&cli.config, account, "resume", OpCommand::Resume { operator: operator.operator }, false)
         }
         Command::Rollback { batch, reason, commit, operator } => operator_command(
             &cli.config,
+            account,
             "rollback",
             OpCommand::Rollback { operator: operator.operator, batch, reason },
             commit,
         ),
-        Command::Hold { user, reason, operator } => {
-            operator_command(&cli.config, "hold", OpCommand::Hold { operator: operator.operator, user, reason }, false)
-        }
-        Command::Release { user, operator } => {
-            operator_command(&cli.config, "release", OpCommand::Release { operator: operator.operator, user }, false)
-        }
-        Command::PromoteNext { operator } => {
-            operator_command(&cli.config, "promote-next", OpCommand::PromoteNext { operator: operator.operator }, false)
-        }
+        Command::Hold { user, reason, operator } => operator_command(
+            &cli.config,
+            account,
+            "hold",
+            OpCommand::Hold { operator: operator.operator, user, reason },
+            false,
+        ),
+        Command::Release { user, operator } => operator_command(
+            &cli.config,
+            account,
+            "release",
+            OpCommand::Release { operator: operator.operator, user },
+            false,
+        ),
+        Command::PromoteNext { operator } => operator_command(
+            &cli.config,
+            account,
+            "promote-next",
+            OpCommand::PromoteNext { operator: operator.operator },
+            false,
+        ),
         Command::Run { commit, once, json } => {
-            let config = load(&cli.config, "run")?;
+            let config = match account {
+                Some(_) => load(&cli.config, "run", account)?,
+                None => load_accounts(&cli.config)?,
+            };
             block_on(run::run(config, run::Options { commit, once, json }))
         }
         Command::Exempt { user, until, reason, commit, operator } => {
             let request = exempt::Request { user, until, reason, operator: operator.operator, commit };
-            block_on(exempt::exempt(&load(&cli.config, "exempt")?, request))
+            block_on(exempt::exempt(&load(&cli.config, "exempt", account)?, request))
         }
-        Command::Exemptions { json } => block_on(exempt::list(&load(&cli.config, "exemptions")?, json)),
-        Command::Backtest { since, until, resume_after, json, html } => {
-            backtest::run(&load(&cli.config, "backtest")?, backtest::Options { since, until, resume_after, json, html })
-        }
-        Command::Evidence { command } => evidence::run(&load(&cli.config, "evidence")?, command),
+        Command::Exemptions { json } => block_on(exempt::list(&load(&cli.config, "exemptions", account)?, json)),
+        Command::Backtest { since, until, resume_after, json, html } => backtest::run(
+            &load(&cli.config, "backtest", account)?,
+            backtest::Options { since, until, resume_after, json, html },
+        ),
+        Command::Evidence { command } => evidence::run(&load(&cli.config, "evidence", account)?, command),
         Command::Whatif { against, json } => {
-            block_on(whatif::run(&cli.config, &load(&cli.config, "whatif")?, &against, json))
+            block_on(whatif::run(&cli.config, &load(&cli.config, "whatif", account)?, &against, account, json))
         }
         Command::Classify { files, exempt } => {
             // Only the perimeter matters here: a file without waves (or a full one) will do.
@@ -118,11 +149,12 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
 
 fn operator_command(
     config: &std::path::Path,
+    account: Option<&str>,
     name: &str,
     command: OpCommand,
     commit: bool,
 ) -> anyhow::Result<ExitCode> {
-    let config = load(config, name)?;
+    let config = load(config, name, account)?;
     block_on(ops::command(&config, command, commit))
 }
 
@@ -137,10 +169,15 @@ pub fn block_on<T>(work: impl std::future::Future<Output = anyhow::Result<T>>) -
 
 /// Loads and validates the configuration for `command`, which handles one account: every
 /// problem is in the error, and so is the refusal of a configuration naming several accounts.
-pub fn load(path: &std::path::Path, command: &str) -> anyhow::Result<Config> {
+pub fn load(path: &std::path::Path, command: &str, account: Option<&str>) -> anyhow::Result<Config> {
     let config = load_accounts(path)?;
-    config.single_account(command)?;
-    Ok(config)
+    match account {
+        Some(id) => Ok(config.for_account(config.account(id)?)),
+        None => {
+            config.single_account(command)?;
+            Ok(config)
+        }
+    }
 }
 
 /// Loads and validates the configuration, however many accounts it names (`policy`).

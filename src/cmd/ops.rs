@@ -20,6 +20,7 @@ use lockstep::controller::{Controller, Mode, remove_and_hold};
 use lockstep::duration::elapsed as ago;
 use lockstep::evidence::{EvidenceStore, SourceError};
 use lockstep::feed::EventFeed;
+use lockstep::fleet::{self, AccountSummary};
 use lockstep::guard::{Explanation, LockedUserReport, VerdictKind};
 use lockstep::iam::AwsIam;
 use lockstep::metrics::{MeteredIam, Metrics};
@@ -82,7 +83,9 @@ async fn ask(
     let Some(client) = AdminClient::new(config)? else {
         return Ok(Err(format!("no admin token configured (listeners.token_file or ${})", config.listeners.token_env)));
     };
-    match client.call(method, path, body).await {
+    // The daemon may roll out several accounts: every call names the one it is about.
+    let path = format!("{path}?account={}", config.account_id);
+    match client.call(method, &path, body).await {
         Ok(answer) => Ok(Ok(answer)),
         Err(Reach::Down(why)) => Ok(Err(why)),
         Err(Reach::Failed(error)) => Err(error),
@@ -109,6 +112,100 @@ async fn current_status(config: &Config, announce: bool) -> anyhow::Result<Statu
             offline_status(config)?
         }
     })
+}
+
+/// `lockstep status` of a configuration naming several accounts: one line per account, from the
+/// daemon, or from each account's store when it is down.
+pub async fn accounts(config: &Config, json: bool) -> anyhow::Result<ExitCode> {
+    let summary = match ask(config, Method::GET, "/v1/accounts", None).await? {
+        Ok((code, body)) if code.is_success() => {
+            serde_json::from_slice::<Vec<AccountSummary>>(&body).context("the daemon's accounts answer")?
+        }
+        Ok((code, body)) => bail!("daemon answered {code}: {}", answer_text(&body)),
+        Err(why) => {
+            eprintln!("{why}; showing each account's ledger");
+            let mut summary = Vec::new();
+            for view in config.account_views() {
+                match offline_status(&view) {
+                    Ok(status) => summary.push(fleet::summarize(status)),
+                    Err(error) => summary.push(AccountSummary {
+                        account: view.account_id.clone(),
+                        blocked: Some(runtime::Blocked {
+                            since: SystemClock.now(),
+                            kind: "store".to_string(),
+                            reason: format!("{error:#}"),
+                        }),
+                        gate: None,
+                        current_wave: None,
+                        users: Default::default(),
+                        active_batches: 0,
+                        evidence_last_success: None,
+                        last_step: None,
+                    }),
+                }
+            }
+            summary
+        }
+    };
+    if json {
+        println!("{}", serde_json::to_string_pretty(&summary)?);
+    } else {
+        print!("{}", render_accounts(config, &summary, SystemClock.now()));
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// One line per account: its state (blocked, or the gate), wave, users and evidence age; then
+/// each blocked account's reason.
+fn render_accounts(config: &Config, summary: &[AccountSummary], now: chrono::DateTime<chrono::Utc>) -> String {
+    let mut out = String::new();
+    let name = |id: &str| config.accounts.iter().find(|a| a.id == id).and_then(|a| a.name.clone()).unwrap_or_default();
+    out += &format!(
+        "{:<12}  {:<14}  {:<12}  {:<14}  {:>6}  {:>8}  {:>9}  {:>7}  evidence\n",
+        "account", "name", "state", "wave", "locked", "soaking", "candidate", "batches"
+    );
+    for account in summary {
+        let state = match (&account.blocked, &account.gate) {
+            (Some(_), _) => "BLOCKED",
+            (None, Some(Gate::Open)) => "open",
+            (None, Some(Gate::Finished)) => "finished",
+            (None, Some(Gate::Paused(_))) => "paused",
+            (None, Some(Gate::Inconclusive(_))) => "inconclusive",
+            (None, Some(Gate::Blocked(_))) => "gate closed",
+            (None, None) => "no step yet",
+        };
+        let count = |state: &str| account.users.get(state).copied().unwrap_or(0);
+        let evidence = match account.evidence_last_success {
+            Some(at) => format!("{} ago", ago(now - at)),
+            None => "never refreshed".to_string(),
+        };
+        out += &format!(
+            "{:<12}  {:<14}  {:<12}  {:<14}  {:>6}  {:>8}  {:>9}  {:>7}  {evidence}\n",
+            account.account,
+            name(&account.account),
+            state,
+            account.current_wave.as_deref().unwrap_or("-"),
+            count("locked"),
+            count("soaking") + count("promoting"),
+            count("candidate"),
+            account.active_batches,
+        );
+    }
+    for account in summary {
+        if let Some(blocked) = &account.blocked {
+            out += &format!(
+                "\n{} blocked since {} ({}): {}\n",
+                account.account,
+                blocked.since.format("%Y-%m-%d %H:%MZ"),
+                blocked.kind,
+                blocked.reason
+            );
+        } else if let Some(Gate::Blocked(why) | Gate::Paused(why) | Gate::Inconclusive(why)) = &account.gate {
+            out += &format!("\n{}: {why}\n", account.account);
+        }
+    }
+    out += "\n(lockstep --account <id> status shows one account in full)\n";
+    out
 }
 
 fn format_status(status: &Status, json: bool) -> anyhow::Result<String> {
@@ -348,7 +445,7 @@ async fn offline(config: &Config, command: Command, commit: bool) -> anyhow::Res
 /// Takes every `rolling_back` user out of the group and marks them held, through the daemon's
 /// removal path and its metered IAM client.
 async fn remove_rolled_back(config: &Config, store: &dyn Ledger, operator: &str) -> anyhow::Result<()> {
-    let sdk = lockstep::aws::load(&config.region, None).await;
+    let sdk = lockstep::aws::for_config(config).await?;
     let iam = MeteredIam::new(AwsIam::new(&sdk, &config.account_id), Metrics::new());
     let group = &config.lockdown.group;
     let snapshot = store.snapshot()?;
@@ -367,7 +464,7 @@ fn existing_store(config: &Config) -> anyhow::Result<Store> {
     if !path.exists() {
         bail!("no store at {} (store.path): nothing has run yet with this configuration", path.display());
     }
-    Store::open(path).with_context(|| format!("opening the store {}", path.display()))
+    Store::open_for_account(path, &config.account_id).with_context(|| format!("opening the store {}", path.display()))
 }
 
 /// A feed that is never polled: `plan` only previews.
@@ -388,7 +485,7 @@ pub async fn plan(config: &Config, json: bool) -> anyhow::Result<ExitCode> {
         Err(why) => {
             eprintln!("{why}; planning from the store and IAM directly");
             let store = Arc::new(existing_store(config)?);
-            let sdk = lockstep::aws::load(&config.region, None).await;
+            let sdk = lockstep::aws::for_config(config).await?;
             let clock: Arc<dyn Clock> = Arc::new(SystemClock);
             let mut controller = Controller::new(
                 config.clone(),
@@ -459,6 +556,7 @@ fn offline_status(config: &Config) -> anyhow::Result<Status> {
         status.mode = "unknown (no run recorded)".to_string();
     }
     status.locked_denied = lockstep::controller::locked_watch(&store, config, status.at)?.reports;
+    status.account = config.account_id.clone();
     Ok(status)
 }
 
@@ -584,6 +682,8 @@ mod tests {
     fn status(gate: Option<Gate>, wave: Option<&str>, paused_by: Option<&str>) -> Status {
         let at = chrono::DateTime::UNIX_EPOCH;
         Status {
+            account: String::new(),
+            blocked: None,
             at,
             mode: "commit".to_string(),
             paused: paused_by.map(|by| Pause { reason: "why".to_string(), by: by.to_string(), at }),

@@ -12,11 +12,13 @@ use lockstep::config::Config;
 use lockstep::controller::{Controller, Mode};
 use lockstep::evidence::EvidenceStore;
 use lockstep::evidence::refresh::{self, Source};
-use lockstep::feed::{self, EventFeed};
+use lockstep::feed::{self, AnyFeed};
+use lockstep::fleet::Fleet;
 use lockstep::iam::AwsIam;
 use lockstep::metrics::{MeteredIam, Metrics};
 use lockstep::runtime::Shared;
 use lockstep::store::{Ledger, Store, StoreLock};
+use tokio::sync::Notify;
 
 pub struct Options {
     pub commit: bool,
@@ -29,56 +31,95 @@ const LOCK_PATIENCE: std::time::Duration = std::time::Duration::from_secs(10);
 
 pub async fn run(config: Config, options: Options) -> anyhow::Result<ExitCode> {
     let clock: Arc<dyn Clock> = Arc::new(SystemClock);
-    // Held for the daemon's life: while it is, the CLI refuses to act on the store directly.
-    let _lock = StoreLock::daemon(&config.store.path, LOCK_PATIENCE)
-        .context("taking the store lock; is lockstep already running?")?;
-    let store = Arc::new(
-        Store::open(&config.store.path)
-            .with_context(|| format!("opening the store {}", config.store.path.display()))?,
-    );
-    let sdk = lockstep::aws::load(&config.region, None).await;
-    let metrics = Metrics::new();
-    let iam = MeteredIam::new(AwsIam::new(&sdk, &config.account_id), metrics.clone());
     let mode = if options.commit { Mode::Commit } else { Mode::DryRun };
     if mode == Mode::DryRun {
         tracing::warn!("dry run: nothing will be written to IAM; pass --commit to act");
     }
-    // With the daemon down, `lockstep status` reads the mode from the last controller audit line.
-    store.note(mode.actor(), "start", &format!("lockstep run started in {mode} mode"), clock.now())?;
-
-    // Stored verdicts follow the perimeter: re-judge them before the first step if it changed
-    // (the planner promotes no one until they are).
-    refresh::rejudge_if_changed(&*store, &config, clock.now())?;
-    let source = Source::from_config(&config).await?;
-    let schedule = if options.once {
-        // One-shot (cron-style) runs bring the evidence up to date first.
-        let window = refresh::scheduled_window(&store.freshness()?, clock.now(), &config.evidence);
-        refresh::refresh(&*store, &source, &config, window, clock.as_ref(), None, &mut |_| {}).await?;
-        None
-    } else {
-        Some(refresh::start_schedule(store.clone(), source, Arc::new(config.clone()), clock.clone()).await?)
-    };
-    let feed = feed::from_config(&config, clock.clone()).await?;
-    let outcome = drive(Controller::new(config, store, iam, feed, clock, mode), metrics, options).await;
-    if let Some(schedule) = schedule {
+    let base = lockstep::aws::load(&config.region, None).await;
+    let wake = Arc::new(Notify::new());
+    let mut accounts = Vec::with_capacity(config.accounts.len());
+    let mut schedules = Vec::new();
+    let mut locks = Vec::new();
+    for view in config.account_views() {
+        let account = Account::start(view, &base, mode, &options, clock.clone()).await?;
+        locks.push(account.lock);
+        schedules.extend(account.schedule);
+        accounts.push(Shared::with_wake(account.controller, account.metrics, wake.clone()));
+    }
+    if accounts.len() > 1 {
+        tracing::info!(accounts = accounts.len(), "rolling out every account of the configuration");
+    }
+    let outcome = drive(Fleet::new(accounts, wake), &config, options).await;
+    for schedule in schedules {
         schedule.shutdown().await?;
     }
+    drop(locks);
     outcome
 }
 
-/// Steps the controller every guard poll (of the clock's time) until Ctrl-C or SIGTERM.
-pub async fn drive<F: EventFeed + 'static>(
-    controller: Controller<MeteredIam<AwsIam>, F>,
+/// One account's part of the daemon, started: its controller, metrics, evidence schedule and
+/// the lock on its store.
+struct Account {
+    controller: Controller<MeteredIam<AwsIam>, AnyFeed>,
     metrics: Metrics,
-    options: Options,
-) -> anyhow::Result<ExitCode> {
+    schedule: Option<refresh::Schedule>,
+    lock: StoreLock,
+}
+
+impl Account {
+    /// Opens the account's store (held for the daemon's life: the CLI refuses to act on it
+    /// directly meanwhile), reaches its IAM (a role that cannot be assumed is logged here and
+    /// blocks the account at every step until it can), and starts its evidence schedule.
+    async fn start(
+        config: Config,
+        base: &aws_config::SdkConfig,
+        mode: Mode,
+        options: &Options,
+        clock: Arc<dyn Clock>,
+    ) -> anyhow::Result<Account> {
+        let id = config.account_id.clone();
+        let path = config.store.path.clone();
+        let lock = StoreLock::daemon(&path, LOCK_PATIENCE)
+            .with_context(|| format!("account {id}: taking the store lock; is lockstep already running?"))?;
+        let store = Arc::new(
+            Store::open_for_account(&path, &id)
+                .with_context(|| format!("account {id}: opening the store {}", path.display()))?,
+        );
+        let sdk = match lockstep::aws::account_config(base, config.access()).await {
+            Ok(sdk) => sdk,
+            Err(error) => {
+                tracing::error!(account = %id, %error, "account blocked until its role can be assumed; other accounts go on");
+                lockstep::aws::lazy_account_config(base, config.access()).await
+            }
+        };
+        let metrics = Metrics::for_account(&id);
+        let iam = MeteredIam::new(AwsIam::new(&sdk, &id), metrics.clone());
+        // With the daemon down, `lockstep status` reads the mode from the last controller audit line.
+        store.note(mode.actor(), "start", &format!("lockstep run started in {mode} mode"), clock.now())?;
+        // Stored verdicts follow the perimeter: re-judge them before the first step if it changed
+        // (the planner promotes no one until they are).
+        refresh::rejudge_if_changed(&*store, &config, clock.now())?;
+        let source = Source::from_config(&config).await?;
+        let schedule = if options.once {
+            // One-shot (cron-style) runs bring the evidence up to date first.
+            let window = refresh::scheduled_window(&store.freshness()?, clock.now(), &config.evidence);
+            refresh::refresh(&*store, &source, &config, window, clock.as_ref(), None, &mut |_| {}).await?;
+            None
+        } else {
+            Some(refresh::start_schedule(store.clone(), source, Arc::new(config.clone()), clock.clone()).await?)
+        };
+        let feed = feed::from_config(&config, clock.clone()).await?;
+        let controller = Controller::new(config, store, iam, feed, clock, mode);
+        Ok(Account { controller, metrics, schedule, lock })
+    }
+}
+
+/// Steps every account every guard poll (of the clock's time) until Ctrl-C or SIGTERM.
+pub async fn drive(fleet: Fleet, config: &Config, options: Options) -> anyhow::Result<ExitCode> {
     // Installed before the first step and kept for the daemon's life: no signal is lost.
     let mut shutdown = Shutdown::install().context("listening for shutdown signals")?;
-    let config = controller.config().clone();
-    let shared = Shared::new(controller, metrics);
-    let servers = if options.once { None } else { Some(api::serve(shared.clone(), &config.listeners).await?) };
-    let poll = shared.real_poll_interval();
-    let mut ticker = tokio::time::interval(poll);
+    let servers = if options.once { None } else { Some(api::serve(fleet.clone(), &config.listeners).await?) };
+    let mut ticker = tokio::time::interval(config.guard.poll);
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tokio::select! {
@@ -89,16 +130,26 @@ pub async fn drive<F: EventFeed + 'static>(
                 break;
             }
             _ = ticker.tick() => {}
-            _ = shared.woken() => {}
+            _ = fleet.woken() => {}
         }
         // Not raced against the signal: a step finishes its IAM writes and their journal.
-        match shared.step().await {
-            Ok(report) => {
-                if options.json {
-                    println!("{}", serde_json::to_string(&report)?);
+        for (account, outcome) in fleet.step().await {
+            match outcome {
+                Ok(report) => {
+                    if options.json {
+                        let mut line = serde_json::to_value(&report)?;
+                        if let Some(fields) = line.as_object_mut() {
+                            fields.insert("account".to_string(), account.into());
+                        }
+                        println!("{line}");
+                    }
                 }
+                Err(error) => tracing::error!(
+                    %account,
+                    error = %format!("{error:#}"),
+                    "controller step failed; the account is blocked until a step succeeds"
+                ),
             }
-            Err(error) => tracing::error!(error = %format!("{error:#}"), "controller step failed; retrying next poll"),
         }
         if options.once {
             break;

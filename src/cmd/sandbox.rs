@@ -178,7 +178,7 @@ pub async fn run(options: Options) -> anyhow::Result<ExitCode> {
         day = until;
     }
 
-    let store = Arc::new(Store::open(&config.store.path)?);
+    let store = Arc::new(Store::open_for_account(&config.store.path, &config.account_id)?);
     let source = Source::Folder(Arc::new(Folder::new(&config.evidence.files_path)));
     refresh_evidence(&*store, &source, &config, clock.as_ref()).await?;
 
@@ -200,7 +200,7 @@ pub async fn run(options: Options) -> anyhow::Result<ExitCode> {
     let feed = feed::from_config(&config, dyn_clock.clone()).await?;
     let controller = Controller::new(config.clone(), store.clone(), iam.clone(), feed, dyn_clock, Mode::Commit);
     let shared = Shared::new(controller, Metrics::new());
-    let servers = api::serve(shared.clone(), &config.listeners).await?;
+    let servers = api::serve(lockstep::fleet::Fleet::one(shared.clone()), &config.listeners).await?;
     eprintln!(
         "sandbox: live at http://{}/metrics; in another shell: LOCKSTEP_CONFIG={} lockstep status",
         config.listeners.metrics,

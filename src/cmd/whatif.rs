@@ -76,9 +76,10 @@ pub async fn run(
     candidate_path: &Path,
     candidate: &Config,
     current_path: &Path,
+    account: Option<&str>,
     json: bool,
 ) -> anyhow::Result<ExitCode> {
-    let current = super::load(current_path, "whatif")?;
+    let current = super::load(current_path, "whatif", account)?;
     let original = &current.store.path;
     if !original.exists() {
         bail!("no store at {} (store.path): nothing has run yet with this configuration", original.display());

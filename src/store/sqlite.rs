@@ -116,6 +116,8 @@ pub(crate) const MIGRATIONS: &[&str] = &[
     // 11: a counter every evidence write bumps, so readers can keep what they read; hours
     // waiting for a re-read found without a scan.
     SCHEMA_EVIDENCE_GENERATION,
+    // 12: the account the store belongs to.
+    SCHEMA_STORE_ACCOUNT,
 ];
 
 /// The evidence's generation: bumped in the same transaction as every write to the evidence
@@ -129,6 +131,16 @@ const SCHEMA_EVIDENCE_GENERATION: &str = "
     );
     INSERT INTO evidence_generation (only, generation) VALUES (1, 0);
     CREATE INDEX evidence_hour_needs_reread ON evidence_hour (needs_reread) WHERE needs_reread = 1;
+";
+
+/// The account whose users, ledger and evidence the store holds (one row once claimed). A store
+/// written before accounts existed has none: the first open for an account claims it, which is
+/// how a single-account store becomes its account's store in an organisation, in place.
+const SCHEMA_STORE_ACCOUNT: &str = "
+    CREATE TABLE store_account (
+        only INTEGER PRIMARY KEY CHECK (only = 1),
+        account TEXT NOT NULL
+    );
 ";
 
 /// Marks the evidence changed: every transaction that writes evidence calls it before committing.
@@ -311,6 +323,38 @@ impl Store {
         let doing = format!("opening the store {}", path.display());
         let conn = Connection::open(path).doing(&doing)?;
         Store::init(conn, &doing)
+    }
+
+    /// Opens the store of `account` at `path` ([`Store::open`]): a store claimed by no account
+    /// (new, or written before accounts existed) is claimed for it; one claimed by another
+    /// account is refused, so no account's ledger or evidence is ever read as another's.
+    pub fn open_for_account(path: &Path, account: &str) -> Result<Store, StoreError> {
+        let store = Store::open(path)?;
+        store.claim_account(account, path)?;
+        Ok(store)
+    }
+
+    fn claim_account(&self, account: &str, path: &Path) -> Result<(), StoreError> {
+        let doing = format!("claiming the store {} for account {account}", path.display());
+        let conn = self.conn();
+        conn.execute("INSERT OR IGNORE INTO store_account (only, account) VALUES (1, ?1)", [account]).doing(&doing)?;
+        let owner: String = conn.query_row("SELECT account FROM store_account", [], |row| row.get(0)).doing(&doing)?;
+        if owner != account {
+            return Err(StoreError::Refused(format!(
+                "the store {} holds account {owner}'s rollout, not account {account}'s; check `account_id`, \
+                 `accounts` and `store.path`",
+                path.display()
+            )));
+        }
+        Ok(())
+    }
+
+    /// The account the store belongs to, once claimed.
+    pub fn account(&self) -> Result<Option<String>, StoreError> {
+        self.conn()
+            .query_row("SELECT account FROM store_account", [], |row| row.get(0))
+            .optional()
+            .doing("reading the store's account")
     }
 
     /// Opens the database at `path` for reading only: nothing is created, migrated or written.
