@@ -287,6 +287,7 @@ async fn measure(users: usize, steps: usize) -> Result<Figures, Failure> {
                 blocked: None,
                 now: at,
                 promote_now: false,
+                promoted_elsewhere: 0,
             });
             std::hint::black_box(plan);
             Ok(())

@@ -456,6 +456,7 @@ impl<'a, E: EvidenceStore<Error = StoreError>> Replay<'a, E> {
             blocked: None,
             now,
             promote_now: false,
+            promoted_elsewhere: 0,
         });
         self.apply(&plan.actions, &snapshot, &judgements, now)?;
         if hourly {
@@ -768,7 +769,7 @@ mod tests {
             batch_size: 2,
             soak: crate::config::parse_duration(soak).unwrap(),
             batches: None,
-            select: Selector { path_prefix: None, user_glob: None, tag: None },
+            select: Selector::default(),
         }];
         config.rollout.max_promotions_per_day = 2;
         config

@@ -65,6 +65,10 @@ pub struct Account {
     /// The shared perimeter with the account's own VPCs and endpoints: renders the account's
     /// policy and judges the account's calls.
     pub perimeter: Perimeter,
+    /// The account's tags as the operator lists them (`accounts.list[].tags`), for wave selectors.
+    pub tags: BTreeMap<String, String>,
+    /// The organisational unit the account sits in (`accounts.list[].ou`), for wave selectors.
+    pub ou: Option<String>,
 }
 
 impl fmt::Display for Account {
@@ -235,13 +239,31 @@ pub struct Selector {
     pub user_glob: Option<glob::Pattern>,
     /// The user must carry this tag key with this value.
     pub tag: Option<(String, String)>,
+    /// The user's account must be one of these (empty: any account).
+    pub accounts: Vec<String>,
+    /// The user's account must carry this tag key with this value (`accounts.list[].tags`).
+    pub account_tag: Option<(String, String)>,
+    /// The user's account must sit in this organisational unit (`accounts.list[].ou`).
+    pub ou: Option<String>,
+}
+
+impl Selector {
+    /// Whether the selector's account criteria (`accounts`, `account_tag`, `ou`) take users of
+    /// `account`; the per-user criteria are the planner's.
+    pub fn selects_account(&self, account: &Account) -> bool {
+        (self.accounts.is_empty() || self.accounts.contains(&account.id))
+            && self.account_tag.as_ref().is_none_or(|(k, v)| account.tags.get(k) == Some(v))
+            && self.ou.as_ref().is_none_or(|ou| account.ou.as_ref() == Some(ou))
+    }
 }
 
 /// `rollout`: rate limits on promotions across waves.
 #[derive(Debug, Clone, PartialEq)]
 pub struct RolloutLimits {
-    /// The most users promoted in any 24 hours.
+    /// The most users promoted in any 24 hours, across every account.
     pub max_promotions_per_day: usize,
+    /// The most users promoted in any 24 hours in one account (`None`: only the global cap).
+    pub max_promotions_per_day_per_account: Option<usize>,
     /// The most batches soaking at once.
     pub max_soaking_batches: usize,
 }
@@ -385,18 +407,31 @@ impl Config {
     /// Loads only what reading trail files needs: `account_id`, `perimeter` and `accounts`
     /// (checked as [`Config::load`] checks them); every other section may be missing and is not
     /// checked. For commands that judge records without rolling anything out (`classify`), which
-    /// handle one account: a file naming several is refused as a problem at `accounts`.
-    pub fn load_perimeter(path: &Path, command: &str) -> Result<Perimeter, ConfigError> {
+    /// handle one account: `account`'s perimeter; without one, a file naming several is refused
+    /// as a problem at `accounts`.
+    pub fn load_perimeter(path: &Path, command: &str, account: Option<&str>) -> Result<Perimeter, ConfigError> {
         let text = read_text(path)?;
         let raw: RawPerimeterFile = deserialize(&text, path)?;
         Checker::run(&text, path, |check| {
             check.account_id(&raw.account_id);
             let perimeter = check.perimeter(raw.perimeter, &raw.account_id);
             let accounts = check.accounts(raw.accounts, &raw.account_id, &perimeter);
-            if let Err(refused) = single_account(command, &raw.account_id, &perimeter, &accounts) {
-                check.problem("accounts", refused.to_string());
+            match account {
+                Some(id) => match accounts.into_iter().find(|a| a.id == id) {
+                    Some(account) => account.perimeter,
+                    None => {
+                        check
+                            .problem("accounts", format!("account {id} (--account) is not one of the file's accounts"));
+                        perimeter
+                    }
+                },
+                None => {
+                    if let Err(refused) = single_account(command, &raw.account_id, &perimeter, &accounts) {
+                        check.problem("accounts", refused.to_string());
+                    }
+                    perimeter
+                }
             }
-            perimeter
         })
     }
 
@@ -678,6 +713,12 @@ struct RawAccount {
     /// This account's role, instead of the template's.
     #[serde(default)]
     role: Option<String>,
+    /// Tags wave selectors can match (`select.account_tag`).
+    #[serde(default)]
+    tags: BTreeMap<String, String>,
+    /// The organisational unit (`ou-...`) wave selectors can match (`select.ou`).
+    #[serde(default)]
+    ou: Option<String>,
 }
 
 #[derive(Debug, Default, Deserialize, Serialize)]
@@ -811,6 +852,10 @@ struct RawSelector {
     path_prefix: Option<String>,
     user_glob: Option<String>,
     tag: Option<RawTag>,
+    #[serde(default)]
+    accounts: Vec<String>,
+    account_tag: Option<RawTag>,
+    ou: Option<String>,
 }
 
 #[derive(Debug, Deserialize, Serialize)]
@@ -820,7 +865,11 @@ struct RawTag {
     value: String,
 }
 
-raw_section!(RawRollout { max_promotions_per_day: i64 = 50, max_soaking_batches: i64 = 1 });
+raw_section!(RawRollout {
+    max_promotions_per_day: i64 = 50,
+    max_soaking_batches: i64 = 1,
+    max_promotions_per_day_per_account: Option<i64> = None,
+});
 
 raw_section!(RawGuard {
     source: String = "files",
@@ -1109,11 +1158,16 @@ impl Checker<'_> {
                 raw.rollout.max_soaking_batches,
                 SOAKING_BATCHES,
             ),
+            max_promotions_per_day_per_account: raw
+                .rollout
+                .max_promotions_per_day_per_account
+                .map(|n| self.count("rollout.max_promotions_per_day_per_account", n, PROMOTIONS_PER_DAY)),
         };
         let guard = self.guard(raw.guard, &evidence);
         let listeners = self.listeners(raw.listeners);
         self.non_empty("store.path", &raw.store.path);
         let accounts = self.accounts(raw.accounts, &raw.account_id, &perimeter);
+        self.wave_accounts(&waves, &accounts);
         Config {
             account_id: raw.account_id,
             accounts,
@@ -1254,6 +1308,8 @@ impl Checker<'_> {
                 name: None,
                 access: Access::Default,
                 perimeter: shared.clone(),
+                tags: BTreeMap::new(),
+                ou: None,
             }];
         };
         if raw.discover.is_some() {
@@ -1312,7 +1368,22 @@ impl Checker<'_> {
             if let Err(too_large) = perimeter.policy().to_json() {
                 self.problem(&format!("accounts.perimeter.{}", entry.id), too_large.to_string());
             }
-            accounts.push(Account { id: entry.id.clone(), name: entry.name.clone(), access, perimeter });
+            if let Some(ou) = &entry.ou
+                && !is_ou_id(ou)
+            {
+                self.problem(
+                    &format!("accounts.list[{i}].ou"),
+                    format!("expected an OU ID such as ou-ab12-cd34ef56, got {ou:?}"),
+                );
+            }
+            accounts.push(Account {
+                id: entry.id.clone(),
+                name: entry.name.clone(),
+                access,
+                perimeter,
+                tags: entry.tags.clone(),
+                ou: entry.ou.clone(),
+            });
         }
         if !listed.is_empty() && listed.keys().all(|id| excluded.contains(id)) {
             self.problem("accounts.exclude", "every listed account is excluded: nothing would be rolled out");
@@ -1541,11 +1612,39 @@ impl Checker<'_> {
                     path_prefix: wave.select.path_prefix,
                     user_glob,
                     tag: wave.select.tag.map(|t| (t.key, t.value)),
+                    accounts: wave.select.accounts,
+                    account_tag: wave.select.account_tag.map(|t| (t.key, t.value)),
+                    ou: wave.select.ou,
                 },
                 name: wave.name,
             });
         }
         waves
+    }
+
+    /// Wave selectors' accounts are configured ones, their OUs well-formed; a selector that
+    /// takes no configured account would finish its wave at once, so it is refused.
+    fn wave_accounts(&mut self, waves: &[Wave], accounts: &[Account]) {
+        for (i, wave) in waves.iter().enumerate() {
+            let at = format!("waves[{i}].select");
+            for (j, id) in wave.select.accounts.iter().enumerate() {
+                if !accounts.iter().any(|a| &a.id == id) {
+                    let known = accounts.iter().map(|a| a.id.as_str()).collect::<Vec<_>>().join(", ");
+                    self.problem(
+                        &format!("{at}.accounts[{j}]"),
+                        format!("account {id:?} is not one of the accounts rolled out ({known})"),
+                    );
+                }
+            }
+            if let Some(ou) = &wave.select.ou
+                && !is_ou_id(ou)
+            {
+                self.problem(&format!("{at}.ou"), format!("expected an OU ID such as ou-ab12-cd34ef56, got {ou:?}"));
+            }
+            if !accounts.iter().any(|a| wave.select.selects_account(a)) {
+                self.problem(&at, "selects no account of the configuration: the wave could never promote anyone");
+            }
+        }
     }
 
     fn guard(&mut self, raw: RawGuard, evidence: &Evidence) -> Guard {
@@ -1631,6 +1730,18 @@ impl Checker<'_> {
 
 /// What `accounts.role` writes where each account's ID goes.
 const ACCOUNT_PLACEHOLDER: &str = "{account}";
+
+/// An AWS Organizations OU ID: `ou-` then 4 to 32 lowercase letters or digits (the root's
+/// ID), `-`, and 8 to 32 more.
+fn is_ou_id(text: &str) -> bool {
+    let part = |p: &str, min: usize| {
+        (min..=32).contains(&p.len()) && p.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit())
+    };
+    match text.strip_prefix("ou-").and_then(|rest| rest.split_once('-')) {
+        Some((root, unit)) => part(root, 4) && part(unit, 8),
+        None => false,
+    }
+}
 
 /// Twelve digits.
 fn is_account_id(text: &str) -> bool {
@@ -1893,12 +2004,65 @@ waves:
         assert_eq!(payments.perimeter.trusted_endpoints.len(), config.perimeter.trusted_endpoints.len() + 1);
         assert_eq!(payments.perimeter.trusted_cidrs, config.perimeter.trusted_cidrs, "CIDRs stay shared");
         assert!(!main.perimeter.trusted_vpcs.contains(&"vpc-0c1d2e3f".to_string()));
-        let refused = config.single_account("run").unwrap_err().to_string();
-        assert!(
-            refused
-                .contains("multi-account rollout is not supported by `lockstep run` yet; `policy` and `validate` are"),
-            "{refused}"
+        assert_eq!(
+            (main.ou.as_deref(), payments.tags.get("env").map(String::as_str)),
+            (Some("ou-ab12-platform1"), Some("prod"))
         );
+        let refused = config.single_account("plan").unwrap_err().to_string();
+        assert!(refused.contains("`lockstep plan` acts in one account; pass --account"), "{refused}");
+        assert!(config.is_multi_account());
+    }
+
+    #[test]
+    fn an_account_view_is_the_account_with_its_own_store() {
+        let config = Config::parse(&with_accounts(&accounts_example()), Path::new("rollout.yaml")).unwrap();
+        let views = config.account_views();
+        let [main, payments] = views.as_slice() else { panic!("{views:#?}") };
+        assert_eq!(main.store.path, config.store.path, "account_id's account keeps the store it always had");
+        assert_eq!(main.perimeter, config.perimeter);
+        assert!(!main.is_multi_account(), "a view of account_id's account is a single-account configuration");
+        assert_eq!(payments.account_id, "111122223333");
+        assert_eq!(payments.perimeter, config.accounts[1].perimeter);
+        assert_eq!(payments.store.path, config.store.path.with_file_name("lockstep-111122223333.db"));
+        assert!(matches!(payments.access(), Access::AssumeRole { .. }));
+        assert_eq!(payments.waves, config.waves, "everything else is shared");
+        let unknown = config.account("999999999999").unwrap_err().to_string();
+        assert_eq!(unknown, "account 999999999999 is not in the configuration's accounts (123456789012, 111122223333)");
+    }
+
+    #[test]
+    fn waves_select_accounts_by_id_tag_and_ou() {
+        let text = with_accounts(&accounts_example()).replace(
+            "    soak: 48h\n",
+            "    soak: 48h\n  - name: payments-prod\n    batch_size: 5\n    soak: 24h\n    select:\n      accounts: [\"111122223333\"]\n      account_tag: {key: env, value: prod}\n  - name: platform\n    batch_size: 5\n    soak: 24h\n    select: {ou: ou-ab12-platform1}\n",
+        );
+        let config = Config::parse(&text, Path::new("rollout.yaml")).unwrap();
+        let by_name = |name: &str| &config.waves.iter().find(|w| w.name == name).unwrap().select;
+        let [main, payments] = config.accounts.as_slice() else { panic!() };
+        assert!(by_name("payments-prod").selects_account(payments));
+        assert!(!by_name("payments-prod").selects_account(main));
+        assert!(by_name("platform").selects_account(main));
+        assert!(!by_name("platform").selects_account(payments));
+        assert!(by_name("everyone").selects_account(main) && by_name("everyone").selects_account(payments));
+
+        let text = with_accounts(&accounts_example()).replace(
+            "    soak: 48h\n",
+            "    soak: 48h\n  - name: nowhere\n    batch_size: 5\n    soak: 24h\n    select:\n      accounts: [\"444455556666\"]\n      ou: OU-1\n",
+        )
+        .replace("# max_promotions_per_day_per_account: 20", "max_promotions_per_day_per_account: 0");
+        let found = problems(&text);
+        let paths: Vec<&str> = found.iter().map(|p| p.path.as_str()).collect();
+        for expected in [
+            "waves[3].select.accounts[0]",
+            "waves[3].select.ou",
+            "waves[3].select",
+            "rollout.max_promotions_per_day_per_account",
+        ] {
+            assert!(paths.contains(&expected), "{expected} in {found:#?}");
+        }
+        let at = |path: &str| found.iter().find(|p| p.path == path).and_then(|p| p.line);
+        let line_of = |needle: &str| text.lines().position(|l| l.contains(needle)).map(|i| i + 1);
+        assert_eq!(at("waves[3].select.accounts[0]"), line_of("[\"444455556666\"]"));
     }
 
     #[test]
@@ -2051,10 +2215,14 @@ waves:
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("rollout.yaml");
         std::fs::write(&path, with_accounts(&accounts_example())).unwrap();
-        let error = Config::load_perimeter(&path, "classify").unwrap_err();
+        let error = Config::load_perimeter(&path, "classify", None).unwrap_err();
         assert_eq!(error.problems().len(), 1, "{error}");
         assert_eq!(error.problems()[0].path, "accounts");
-        assert!(error.to_string().contains("not supported by `lockstep classify` yet"), "{error}");
+        assert!(error.to_string().contains("`lockstep classify` acts in one account; pass --account"), "{error}");
+        let payments = Config::load_perimeter(&path, "classify", Some("111122223333")).unwrap();
+        assert!(payments.trusted_vpcs.contains(&"vpc-0c1d2e3f".to_string()), "the account's own perimeter");
+        let unknown = Config::load_perimeter(&path, "classify", Some("999999999999")).unwrap_err();
+        assert!(unknown.to_string().contains("account 999999999999 (--account) is not one of the file's accounts"));
     }
 
     #[test]
@@ -2251,10 +2419,10 @@ waves:
         let path = dir.path().join("perimeter.yaml");
         std::fs::write(&path, "account_id: \"123456789012\"\nperimeter:\n  trusted_cidrs: [203.0.113.0/24]\n").unwrap();
         assert!(Config::load(&path).is_err(), "not a rollout configuration");
-        let perimeter = Config::load_perimeter(&path, "classify").unwrap();
+        let perimeter = Config::load_perimeter(&path, "classify", None).unwrap();
         assert_eq!(perimeter.trusted_cidrs.len(), 1);
         std::fs::write(&path, "account_id: \"123456789012\"\nperimeter:\n  trusted_cidrs: [0.0.0.0/0]\n").unwrap();
-        let error = Config::load_perimeter(&path, "classify").unwrap_err();
+        let error = Config::load_perimeter(&path, "classify", None).unwrap_err();
         assert_eq!(error.problems()[0].line, Some(3), "{error}");
     }
 

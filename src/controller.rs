@@ -59,6 +59,9 @@ pub trait Stepper: Send {
     fn clock(&self) -> &Arc<dyn Clock>;
     /// Whether the controller writes to IAM.
     fn mode(&self) -> Mode;
+    /// The batches the configuration's other accounts started lately (when, how many users),
+    /// which count against the organisation's daily cap from the next step on.
+    fn set_promotions_elsewhere(&mut self, batches: Vec<(DateTime<Utc>, usize)>);
 }
 
 impl<I: Iam + 'static, F: EventFeed + 'static> Stepper for Controller<I, F> {
@@ -82,6 +85,9 @@ impl<I: Iam + 'static, F: EventFeed + 'static> Stepper for Controller<I, F> {
     }
     fn mode(&self) -> Mode {
         self.mode
+    }
+    fn set_promotions_elsewhere(&mut self, batches: Vec<(DateTime<Utc>, usize)>) {
+        self.promotions_elsewhere = batches;
     }
 }
 
@@ -571,6 +577,8 @@ pub struct Controller<I, F> {
     baselines: BTreeMap<i64, Baselines>,
     cohort: VecDeque<CohortEvent>,
     last_dry_plan: Option<Vec<Action>>,
+    /// The other accounts' recent batches (when, how many users), from the daemon's fleet.
+    promotions_elsewhere: Vec<(DateTime<Utc>, usize)>,
 }
 
 /// How long the IAM user directory (names, paths, tags) is reused before it is listed again.
@@ -598,6 +606,7 @@ impl<I: Iam, F: EventFeed> Controller<I, F> {
             baselines: BTreeMap::new(),
             cohort: VecDeque::new(),
             last_dry_plan: None,
+            promotions_elsewhere: Vec::new(),
         }
     }
 
@@ -691,6 +700,10 @@ impl<I: Iam, F: EventFeed> Controller<I, F> {
             blocked: blocked.as_deref(),
             now,
             promote_now,
+            promoted_elsewhere: {
+                let day_ago = crate::config::earlier(now, std::time::Duration::from_secs(86_400));
+                self.promotions_elsewhere.iter().filter(|(at, _)| *at >= day_ago).map(|(_, users)| users).sum()
+            },
         });
         Ok((plan, judgements))
     }

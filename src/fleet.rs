@@ -99,12 +99,22 @@ impl Fleet {
         self.wake.notified().await;
     }
 
-    /// One step of every account, one after another (so the accounts' steps never race for
-    /// the CPU or the store, and a promotion cap shared by them could be counted exactly);
-    /// each account's outcome, in order. A failure is its account's alone.
+    /// One step of every account, one after another, each told what the others promoted in
+    /// the last day (so `max_promotions_per_day` caps the organisation exactly: no two steps
+    /// race for the same room); each account's outcome, in order. A failure is its account's
+    /// alone.
     pub async fn step(&self) -> Vec<(String, Result<StepReport, ControllerError>)> {
         let mut outcomes = Vec::with_capacity(self.accounts.len());
-        for shared in self.accounts.iter() {
+        for (i, shared) in self.accounts.iter().enumerate() {
+            if self.accounts.len() > 1 {
+                let mut elsewhere = Vec::new();
+                for (j, other) in self.accounts.iter().enumerate() {
+                    if j != i {
+                        elsewhere.extend(other.recent_batches().await);
+                    }
+                }
+                shared.set_promotions_elsewhere(elsewhere).await;
+            }
             outcomes.push((shared.account().to_string(), shared.step().await));
         }
         outcomes

@@ -536,7 +536,7 @@ mod tests {
     fn every_series_follows_the_naming_conventions() {
         let metrics = Metrics::new();
         let names = metrics.names();
-        assert_eq!(names.len(), 27, "{names:?}");
+        assert_eq!(names.len(), 28, "{names:?}");
         assert!(names.iter().all(|n| n.starts_with("lockstep_")), "{names:?}");
         metrics.rollbacks.with_label_values(&["manual"]).inc();
         metrics.iam_errors.with_label_values(&["GetGroup", "Throttling"]).inc();
@@ -548,6 +548,19 @@ mod tests {
         }
         let text = metrics.render();
         assert!(text.contains("lockstep_rollbacks_total{reason=\"manual\"} 1"), "{text}");
+    }
+
+    #[test]
+    fn every_account_series_is_rendered_once_per_family_with_its_account() {
+        let (main, payments) = (Metrics::for_account("123456789012"), Metrics::for_account("111122223333"));
+        main.promotions.inc_by(3);
+        payments.account_blocked.set(1);
+        let text = render_accounts(&[main, payments]);
+        assert_eq!(text.matches("# TYPE lockstep_promotions_total counter").count(), 1, "{text}");
+        assert!(text.contains("lockstep_promotions_total{account=\"123456789012\"} 3"), "{text}");
+        assert!(text.contains("lockstep_promotions_total{account=\"111122223333\"} 0"), "{text}");
+        assert!(text.contains("lockstep_account_blocked{account=\"111122223333\"} 1"), "{text}");
+        assert!(text.contains("lockstep_rollbacks_total{reason=\"manual\",account=\"123456789012\"} 0"), "{text}");
     }
 
     #[test]

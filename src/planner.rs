@@ -43,6 +43,9 @@ pub struct Inputs<'a> {
     pub now: DateTime<Utc>,
     /// An operator asked for the next batch now: skip the soaking-batch cap, nothing else.
     pub promote_now: bool,
+    /// Users the configuration's other accounts promoted in the last 24 hours: they count
+    /// against `rollout.max_promotions_per_day`, which caps the whole organisation.
+    pub promoted_elsewhere: usize,
 }
 
 /// Whether new batches may start.
@@ -397,14 +400,18 @@ pub fn forecast(inputs: &Inputs, judged: &Judged) -> Forecast {
     for wave in config.waves.iter().filter(|w| !ledger.waves_done.contains_key(&w.name)) {
         let run = ledger.batches.iter().filter(|b| b.wave == wave.name).count();
         let room = wave.batches.map(|n| n.saturating_sub(run).saturating_mul(wave.batch_size));
-        let mut users: Vec<&IamUser> = candidates(wave, judged);
+        let mut users: Vec<&IamUser> = candidates(wave, judged, config);
         users.retain(|u| !taken.contains(u.name.as_str()));
         users.truncate(room.unwrap_or(usize::MAX));
         taken.extend(users.iter().map(|u| u.name.as_str()));
         let batches = users.len().div_ceil(wave.batch_size.max(1));
         let soaks_per_day = day.as_secs_f64() / wave.soak.as_secs_f64().max(1.0);
-        let capacity = (config.rollout.max_promotions_per_day as f64)
-            .min((wave.batch_size * config.rollout.max_soaking_batches) as f64 * soaks_per_day);
+        let daily = config
+            .rollout
+            .max_promotions_per_day_per_account
+            .map_or(config.rollout.max_promotions_per_day, |own| own.min(config.rollout.max_promotions_per_day));
+        let capacity =
+            (daily as f64).min((wave.batch_size * config.rollout.max_soaking_batches) as f64 * soaks_per_day);
         let users_per_day = if recent_per_day > 0.0 { capacity.min(recent_per_day) } else { capacity };
         let starts = at;
         if batches > 0 {
@@ -439,7 +446,7 @@ fn plan_waves(inputs: &Inputs, judged: &Judged, plan: &mut Plan) -> bool {
         let last = index + 1 == config.waves.len();
         let batches: Vec<_> = ledger.batches.iter().filter(|b| b.wave == wave.name).collect();
         let active = batches.iter().any(|b| b.state.is_active());
-        let candidates = candidates(wave, judged);
+        let candidates = candidates(wave, judged, config);
         let all_batches_run = wave.batches.is_some_and(|n| batches.len() >= n);
         let out_of_users = candidates.is_empty() && plan.gate == Gate::Open;
         if !active && last && out_of_users && !all_batches_run {
@@ -474,14 +481,13 @@ fn plan_waves(inputs: &Inputs, judged: &Judged, plan: &mut Plan) -> bool {
             return false;
         }
         let promoted_today = ledger.promoted_since(crate::config::earlier(now, std::time::Duration::from_secs(86_400)));
-        let room = config.rollout.max_promotions_per_day.saturating_sub(promoted_today);
-        if room == 0 {
-            plan.waiting.push(format!(
-                "daily cap reached: {promoted_today} users promoted in the last 24h (max {})",
-                config.rollout.max_promotions_per_day
-            ));
-            return false;
-        }
+        let room = match daily_room(config, promoted_today, inputs.promoted_elsewhere) {
+            Ok(room) => room,
+            Err(why) => {
+                plan.waiting.push(why);
+                return false;
+            }
+        };
         let take = wave.batch_size.min(room);
         let users = candidates
             .into_iter()
@@ -503,9 +509,40 @@ fn plan_waves(inputs: &Inputs, judged: &Judged, plan: &mut Plan) -> bool {
 }
 
 /// Eligible users the wave selects, best-known first.
-fn candidates<'u>(wave: &Wave, judged: &Judged<'u>) -> Vec<&'u IamUser> {
+/// None when the wave's account criteria do not take this configuration's account: there the
+/// wave is done as soon as it comes up.
+fn candidates<'u>(wave: &Wave, judged: &Judged<'u>, config: &Config) -> Vec<&'u IamUser> {
+    let here = config.accounts.iter().find(|a| a.id == config.account_id);
+    if !here.is_some_and(|account| wave.select.selects_account(account)) {
+        return Vec::new();
+    }
     // Already ranked: filtering keeps the order.
     judged.eligible.iter().copied().filter(|u| selects(&wave.select, u)).collect()
+}
+
+/// How many more users may be promoted now under the daily caps, or why none: the
+/// organisation's (`max_promotions_per_day`, counting every account's promotions) and the
+/// account's own (`max_promotions_per_day_per_account`).
+fn daily_room(config: &Config, promoted_here: usize, promoted_elsewhere: usize) -> Result<usize, String> {
+    let limits = &config.rollout;
+    let everywhere = promoted_here + promoted_elsewhere;
+    let global = limits.max_promotions_per_day.saturating_sub(everywhere);
+    let own = limits.max_promotions_per_day_per_account.map_or(usize::MAX, |max| max.saturating_sub(promoted_here));
+    match (global, own) {
+        (0, _) if promoted_elsewhere > 0 => Err(format!(
+            "daily cap reached: {everywhere} users promoted in the last 24h across accounts, {promoted_here} of them here (max {})",
+            limits.max_promotions_per_day
+        )),
+        (0, _) => Err(format!(
+            "daily cap reached: {everywhere} users promoted in the last 24h (max {})",
+            limits.max_promotions_per_day
+        )),
+        (_, 0) => Err(format!(
+            "account daily cap reached: {promoted_here} users promoted here in the last 24h (max_promotions_per_day_per_account {})",
+            limits.max_promotions_per_day_per_account.unwrap_or_default()
+        )),
+        (global, own) => Ok(global.min(own)),
+    }
 }
 
 #[cfg(test)]
@@ -565,6 +602,7 @@ mod tests {
         evidence: Vec<UserEvidence>,
         freshness: Freshness,
         verdicts: BTreeMap<i64, guard::Verdict>,
+        promoted_elsewhere: usize,
     }
 
     impl World {
@@ -581,6 +619,7 @@ mod tests {
                 evidence: vec![clean("ann", 50), clean("ben", 500), clean("cat", 100), clean("dan", 80)],
                 freshness: fresh(),
                 verdicts: BTreeMap::new(),
+                promoted_elsewhere: 0,
             }
         }
 
@@ -595,6 +634,7 @@ mod tests {
                 blocked: None,
                 now: now(),
                 promote_now: false,
+                promoted_elsewhere: self.promoted_elsewhere,
             })
         }
     }
@@ -637,6 +677,7 @@ mod tests {
             blocked: Some("managed policy drifted"),
             now: now(),
             promote_now: false,
+            promoted_elsewhere: 0,
         });
         assert_eq!(plan.gate, Gate::Blocked("managed policy drifted".into()));
         assert_eq!(started(&plan), None);
@@ -820,6 +861,46 @@ mod tests {
     }
 
     #[test]
+    fn the_daily_cap_counts_every_account_and_the_account_cap_this_one() {
+        let mut world = World::new();
+        world.config.rollout.max_promotions_per_day = 5;
+        world.promoted_elsewhere = 5;
+        let plan = world.plan();
+        assert_eq!(started(&plan), None);
+        assert!(
+            plan.waiting.iter().any(|w| w.contains("5 users promoted in the last 24h across accounts, 0 of them here")),
+            "{:?}",
+            plan.waiting
+        );
+        world.promoted_elsewhere = 4;
+        assert_eq!(started(&world.plan()), Some(("canary", vec!["ben"])), "one user of room left");
+        world.promoted_elsewhere = 0;
+        world.config.rollout.max_promotions_per_day_per_account = Some(1);
+        assert_eq!(started(&world.plan()), Some(("canary", vec!["ben"])), "the account's own cap is lower");
+        let mut done = soaking_batch(1, "x", &["zed"], -1);
+        done.state = BatchState::Succeeded;
+        world.ledger.batches.push(done);
+        let plan = world.plan();
+        assert_eq!(started(&plan), None);
+        assert!(plan.waiting.iter().any(|w| w.starts_with("account daily cap reached")), "{:?}", plan.waiting);
+    }
+
+    #[test]
+    fn a_wave_selecting_other_accounts_finishes_here_without_promoting() {
+        let mut world = World::new();
+        for wave in &mut world.config.waves {
+            wave.select.accounts = vec!["111122223333".to_string()];
+        }
+        let plan = world.plan();
+        assert_eq!(started(&plan), None);
+        assert!(plan.actions.iter().all(|a| matches!(a, Action::FinishWave { .. })), "{:?}", plan.actions);
+        // The same waves in the account they select promote as usual.
+        world.config.account_id = "111122223333".to_string();
+        world.config.accounts[0].id = "111122223333".to_string();
+        assert_eq!(started(&world.plan()), Some(("canary", vec!["ben", "cat"])));
+    }
+
+    #[test]
     fn waves_without_matching_users_finish_and_the_rollout_ends() {
         let mut world = World::new();
         world.users.retain(|u| u.name == "dan");
@@ -862,6 +943,7 @@ mod tests {
             path_prefix: p.map(Into::into),
             user_glob: g.map(|g| glob::Pattern::new(g).unwrap()),
             tag: t.map(|(k, v)| (k.into(), v.into())),
+            ..Selector::default()
         };
         assert!(selects(&sel(None, None, None), &u));
         assert!(selects(&sel(Some("/engineering/"), Some("ci-*"), Some(("team", "platform"))), &u));

@@ -47,6 +47,9 @@ struct Inner {
     /// Why the account's last step failed, since its first failure in a row; `None` after a
     /// step that succeeded.
     blocked: RwLock<Option<Blocked>>,
+    /// The account's batches of the last day (when, how many users), as of its last step: what
+    /// the other accounts count against the organisation's daily cap.
+    recent_batches: RwLock<Vec<(DateTime<Utc>, usize)>>,
     webhook: Option<Webhook>,
     /// When the daemon started (earlier refresh runs are not counted) and the runs counted since.
     runs_counted: Mutex<(DateTime<Utc>, HashSet<RunKey>)>,
@@ -78,6 +81,13 @@ impl Shared {
         let clock = controller.clock().clone();
         let started = clock.now();
         let mode = controller.mode();
+        let recent = match store.snapshot() {
+            Ok(snapshot) => recent_batches(&snapshot, started),
+            Err(error) => {
+                tracing::error!(%error, "cannot read the ledger's recent batches; the first step reads them");
+                Vec::new()
+            }
+        };
         let webhook = config.listeners.webhook_url.as_deref().and_then(|url| match Webhook::new(url) {
             Ok(webhook) => Some(webhook),
             Err(error) => {
@@ -98,6 +108,7 @@ impl Shared {
                 wake,
                 ready: AtomicBool::new(false),
                 blocked: RwLock::new(None),
+                recent_batches: RwLock::new(recent),
                 webhook,
                 runs_counted: Mutex::new((started, HashSet::new())),
             }),
@@ -122,6 +133,17 @@ impl Shared {
     /// The account's configuration view.
     pub fn config(&self) -> &Config {
         &self.inner.config
+    }
+
+    /// The account's batches of the last day (when, how many users), as of its last step.
+    pub async fn recent_batches(&self) -> Vec<(DateTime<Utc>, usize)> {
+        self.inner.recent_batches.read().await.clone()
+    }
+
+    /// Tells the controller what the other accounts promoted lately (see
+    /// [`Stepper::set_promotions_elsewhere`]).
+    pub async fn set_promotions_elsewhere(&self, batches: Vec<(DateTime<Utc>, usize)>) {
+        self.inner.controller.lock().await.set_promotions_elsewhere(batches);
     }
 
     /// Why the account is blocked, while its steps fail.
@@ -172,6 +194,7 @@ impl Shared {
         tracing::Span::current().record("batches", tracing::field::debug(before.active_batch_ids()));
         let report = controller.step(promote_now).await?;
         let snapshot = self.inner.store.snapshot()?;
+        *self.inner.recent_batches.write().await = recent_batches(&snapshot, report.at);
         let new: Vec<i64> = snapshot.batches.iter().map(|b| b.id).filter(|id| before.batch(*id).is_none()).collect();
         if !new.is_empty() {
             tracing::Span::current().record("started_batches", tracing::field::debug(&new));
@@ -280,6 +303,12 @@ impl Shared {
         self.inner.wake.notify_one();
         Ok(message)
     }
+}
+
+/// The batches started in the day before `now`: when, and how many users.
+fn recent_batches(snapshot: &Snapshot, now: DateTime<Utc>) -> Vec<(DateTime<Utc>, usize)> {
+    let day_ago = crate::config::earlier(now, std::time::Duration::from_secs(86_400));
+    snapshot.batches.iter().filter(|b| b.created_at >= day_ago).map(|b| (b.created_at, b.members.len())).collect()
 }
 
 fn log_report(report: &StepReport) {

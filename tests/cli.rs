@@ -749,10 +749,17 @@ accounts:
     assert!(again.status.success(), "{}", text(&again.stderr));
     assert_eq!(text(&again.stdout).matches("nothing to change").count(), 2, "{}", text(&again.stdout));
 
-    // The other commands refuse a file naming several accounts rather than use one of them.
-    let run = lockstep(&["run", "--once"], &config);
-    assert!(!run.status.success());
-    let expected = "multi-account rollout is not supported by `lockstep run` yet; `policy` and `validate` are";
-    assert!(text(&run.stderr).contains(expected), "{}", text(&run.stderr));
+    // A command that acts in one account refuses a file naming several unless told which.
+    let plan = lockstep(&["plan"], &config);
+    assert!(!plan.status.success());
+    let expected = "`lockstep plan` acts in one account; pass --account with one of them";
+    assert!(text(&plan.stderr).contains(expected), "{}", text(&plan.stderr));
     assert!(!dir.path().join("lockstep.db").exists(), "refused before opening the store");
+    let unknown = lockstep(&["--account", "999999999999", "plan"], &config);
+    assert!(!unknown.status.success());
+    assert!(
+        text(&unknown.stderr).contains("account 999999999999 is not in the configuration's accounts"),
+        "{}",
+        text(&unknown.stderr)
+    );
 }

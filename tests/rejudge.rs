@@ -89,6 +89,7 @@ fn plan(store: &Store, config: &Config) -> (Gate, Vec<String>) {
         blocked: None,
         now,
         promote_now: false,
+        promoted_elsewhere: 0,
     });
     let promoted = plan
         .actions

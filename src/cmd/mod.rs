@@ -140,7 +140,7 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         }
         Command::Classify { files, exempt } => {
             // Only the perimeter matters here: a file without waves (or a full one) will do.
-            let perimeter = Config::load_perimeter(&cli.config, "classify")
+            let perimeter = Config::load_perimeter(&cli.config, "classify", account)
                 .with_context(|| format!("configuration {} is not usable", cli.config.display()))?;
             classify::run(&perimeter, &files, exempt.into_iter().collect())
         }

@@ -25,6 +25,7 @@ use lockstep::guard::{Explanation, LockedUserReport, VerdictKind};
 use lockstep::iam::AwsIam;
 use lockstep::metrics::{MeteredIam, Metrics};
 use lockstep::planner::{Action, Eligibility, Forecast, Gate, Plan};
+use lockstep::rollout::UserState;
 use lockstep::runtime::{self, Command, Status};
 use lockstep::store::{Ledger, LockError, Store, StoreError, StoreLock};
 use lockstep::trail::Record;
@@ -161,8 +162,8 @@ fn render_accounts(config: &Config, summary: &[AccountSummary], now: chrono::Dat
     let mut out = String::new();
     let name = |id: &str| config.accounts.iter().find(|a| a.id == id).and_then(|a| a.name.clone()).unwrap_or_default();
     out += &format!(
-        "{:<12}  {:<14}  {:<12}  {:<14}  {:>6}  {:>8}  {:>9}  {:>7}  evidence\n",
-        "account", "name", "state", "wave", "locked", "soaking", "candidate", "batches"
+        "{:<12}  {:<14}  {:<12}  {:<14}  {:>6}  {:>4}  {:>9}  {:>7}  evidence\n",
+        "account", "name", "state", "wave", "locked", "held", "candidate", "batches"
     );
     for account in summary {
         let state = match (&account.blocked, &account.gate) {
@@ -180,13 +181,13 @@ fn render_accounts(config: &Config, summary: &[AccountSummary], now: chrono::Dat
             None => "never refreshed".to_string(),
         };
         out += &format!(
-            "{:<12}  {:<14}  {:<12}  {:<14}  {:>6}  {:>8}  {:>9}  {:>7}  {evidence}\n",
+            "{:<12}  {:<14}  {:<12}  {:<14}  {:>6}  {:>4}  {:>9}  {:>7}  {evidence}\n",
             account.account,
             name(&account.account),
             state,
             account.current_wave.as_deref().unwrap_or("-"),
-            count("locked"),
-            count("soaking") + count("promoting"),
+            count(UserState::Locked.as_str()),
+            count(UserState::Held.as_str()),
             count("candidate"),
             account.active_batches,
         );

@@ -1438,6 +1438,37 @@ mod tests {
     }
 
     #[test]
+    fn a_store_of_the_previous_schema_becomes_its_accounts_store_in_place_and_no_other_accounts() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("lockstep.db");
+        {
+            // A store as the single-account lockstep wrote it (every migration before accounts).
+            let mut conn = Connection::open(&path).unwrap();
+            let tx = conn.transaction().unwrap();
+            for sql in &MIGRATIONS[..MIGRATIONS.len() - 1] {
+                tx.execute_batch(sql).unwrap();
+            }
+            tx.pragma_update(None, "user_version", MIGRATIONS.len() - 1).unwrap();
+            tx.execute_batch(
+                "INSERT INTO batches (wave, state, created_at) VALUES ('canary', 'soaking', 0);
+                 INSERT INTO batch_members (batch, user) VALUES (1, 'alice');
+                 INSERT INTO members (user, state, batch, since) VALUES ('alice', 'locked', 1, 0);",
+            )
+            .unwrap();
+            tx.commit().unwrap();
+        }
+        let store = Store::open_for_account(&path, "123456789012").unwrap();
+        assert_eq!(store.schema_version().unwrap(), MIGRATIONS.len() as i64);
+        assert_eq!(store.account().unwrap().as_deref(), Some("123456789012"));
+        let snapshot = crate::store::Ledger::snapshot(&store).unwrap();
+        assert_eq!(snapshot.members["alice"].state, crate::rollout::UserState::Locked, "the ledger is intact");
+        drop(store);
+        assert!(Store::open_for_account(&path, "123456789012").is_ok(), "its own account opens it again");
+        let refused = Store::open_for_account(&path, "111122223333").unwrap_err().to_string();
+        assert!(refused.contains("holds account 123456789012's rollout, not account 111122223333's"), "{refused}");
+    }
+
+    #[test]
     fn a_store_written_before_migration_4_keeps_its_evidence_marked_for_a_reread() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("v3.db");
