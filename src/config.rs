@@ -28,8 +28,12 @@ pub struct Config {
     /// one account whose IAM users are rolled out.
     pub account_id: String,
     /// Every account the configuration covers, excluded ones left out, in the file's order;
-    /// never empty. Without an `accounts` section: `account_id` alone, with [`Config::perimeter`].
+    /// never empty once discovery (if any) has run. Without an `accounts` section: `account_id`
+    /// alone, with [`Config::perimeter`].
     pub accounts: Vec<Account>,
+    /// `accounts.discover`: accounts AWS Organizations lists are still to be added
+    /// ([`Config::with_discovered`]); `None` once they are, or when nothing is discovered.
+    pub discovery: Option<Discovery>,
     /// The region for the IAM, Athena and S3 API calls.
     pub region: String,
     /// The group whose policy locks its members to the perimeter.
@@ -415,7 +419,7 @@ impl Config {
         Checker::run(&text, path, |check| {
             check.account_id(&raw.account_id);
             let perimeter = check.perimeter(raw.perimeter, &raw.account_id);
-            let accounts = check.accounts(raw.accounts, &raw.account_id, &perimeter);
+            let (accounts, _) = check.accounts(raw.accounts, &raw.account_id, &perimeter);
             match account {
                 Some(id) => match accounts.into_iter().find(|a| a.id == id) {
                     Some(account) => account.perimeter,
@@ -439,7 +443,60 @@ impl Config {
     /// (`account_id` with the default credentials and the shared perimeter); otherwise the
     /// refusal for `command`, which handles one account only.
     pub fn single_account(&self, command: &str) -> Result<&Config, MultiAccount> {
-        single_account(command, &self.account_id, &self.perimeter, &self.accounts).map(|()| self)
+        match &self.discovery {
+            Some(_) => Err(MultiAccount {
+                command: command.to_string(),
+                accounts: "the accounts AWS Organizations lists (accounts.discover)".to_string(),
+                account_id: self.account_id.clone(),
+            }),
+            None => single_account(command, &self.account_id, &self.perimeter, &self.accounts).map(|()| self),
+        }
+    }
+
+    /// The configuration with the accounts AWS Organizations listed added after `accounts.list`'s
+    /// (in ID order, excluded ones left out): each reached through the role template, judged by
+    /// the shared perimeter plus its `accounts.perimeter` additions, with its OU and tags. A
+    /// listed account keeps what the file says, taking the OU and tags it does not set.
+    pub fn with_discovered(&self, mut found: Vec<Discovered>) -> Result<Config, NothingDiscovered> {
+        let Some(discovery) = &self.discovery else { return Ok(self.clone()) };
+        found.sort_by(|a, b| a.id.cmp(&b.id));
+        found.dedup_by(|a, b| a.id == b.id);
+        let mut config = Config { discovery: None, ..self.clone() };
+        let mut excluded = 0;
+        for account in found.iter() {
+            if discovery.exclude.contains(&account.id) {
+                excluded += 1;
+                continue;
+            }
+            if let Some(listed) = config.accounts.iter_mut().find(|a| a.id == account.id) {
+                listed.ou = listed.ou.take().or_else(|| account.ou.clone());
+                for (key, value) in &account.tags {
+                    listed.tags.entry(key.clone()).or_insert_with(|| value.clone());
+                }
+                continue;
+            }
+            let access = if account.id == self.account_id {
+                Access::Default
+            } else {
+                Access::AssumeRole {
+                    role_arn: discovery.role_template.replace(ACCOUNT_PLACEHOLDER, &account.id),
+                    external_id: discovery.external_id.clone(),
+                }
+            };
+            let additions = discovery.additions.get(&account.id).cloned().unwrap_or_default();
+            config.accounts.push(Account {
+                id: account.id.clone(),
+                name: account.name.clone(),
+                access,
+                perimeter: self.perimeter.for_account(&account.id, &additions),
+                tags: account.tags.clone(),
+                ou: account.ou.clone(),
+            });
+        }
+        if config.accounts.is_empty() {
+            return Err(NothingDiscovered { found: found.len(), excluded });
+        }
+        Ok(config)
     }
 
     /// Whether the file names any account but `account_id` with the default credentials and the
@@ -466,6 +523,7 @@ impl Config {
             accounts: vec![account.clone()],
             perimeter: account.perimeter.clone(),
             store: Store { path: self.store_path_for(&account.id) },
+            discovery: None,
             ..self.clone()
         }
     }
@@ -500,6 +558,43 @@ impl Config {
         };
         path.with_file_name(name)
     }
+}
+
+/// `accounts.discover`: which accounts AWS Organizations is asked for, and how a discovered
+/// account is reached and judged (the role template, exclusions and perimeter additions).
+#[derive(Debug, Clone, PartialEq)]
+pub struct Discovery {
+    /// Only the accounts directly in these OUs (or roots); empty: every account of the organisation.
+    pub ous: Vec<String>,
+    role_template: String,
+    external_id: Option<String>,
+    exclude: HashSet<String>,
+    additions: BTreeMap<String, Additions>,
+}
+
+/// An active account AWS Organizations listed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Discovered {
+    /// The 12-digit account ID.
+    pub id: String,
+    /// The account's name in the organisation.
+    pub name: Option<String>,
+    /// The OU it sits in directly, if not the root.
+    pub ou: Option<String>,
+    /// The account's tags.
+    pub tags: BTreeMap<String, String>,
+}
+
+/// Discovery found no account to roll out (after `accounts.exclude`).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error(
+    "accounts.discover found no account to roll out ({found} listed by AWS Organizations, {excluded} excluded, none listed in accounts.list)"
+)]
+pub struct NothingDiscovered {
+    /// Active accounts Organizations listed.
+    pub found: usize,
+    /// Of those, excluded.
+    pub excluded: usize,
 }
 
 /// An account ID that is not among the configuration's accounts.
@@ -699,9 +794,17 @@ struct RawAccounts {
     /// Account ID -> its own VPCs and endpoints.
     #[serde(default)]
     perimeter: BTreeMap<String, RawAdditions>,
-    /// AWS Organizations discovery: refused (not supported yet), so it is read as anything.
+    /// AWS Organizations discovery.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    discover: Option<serde_yaml::Value>,
+    discover: Option<RawDiscover>,
+}
+
+#[derive(Debug, Default, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+struct RawDiscover {
+    /// OU (or root) IDs; none: the whole organisation.
+    #[serde(default)]
+    ous: Vec<String>,
 }
 
 #[derive(Debug, Deserialize, Serialize)]
@@ -1166,11 +1269,15 @@ impl Checker<'_> {
         let guard = self.guard(raw.guard, &evidence);
         let listeners = self.listeners(raw.listeners);
         self.non_empty("store.path", &raw.store.path);
-        let accounts = self.accounts(raw.accounts, &raw.account_id, &perimeter);
-        self.wave_accounts(&waves, &accounts);
+        let (accounts, discovery) = self.accounts(raw.accounts, &raw.account_id, &perimeter);
+        if discovery.is_none() {
+            // Discovered accounts' IDs, tags and OUs are known at start only.
+            self.wave_accounts(&waves, &accounts);
+        }
         Config {
             account_id: raw.account_id,
             accounts,
+            discovery,
             region: raw.region,
             lockdown: Lockdown { group: raw.lockdown.group, policy_name: raw.lockdown.policy_name },
             perimeter,
@@ -1301,22 +1408,41 @@ impl Checker<'_> {
 
     /// `accounts`: without it, `account_id` alone with the default credentials and the shared
     /// perimeter, exactly as before the section existed.
-    fn accounts(&mut self, raw: Option<RawAccounts>, account_id: &str, shared: &Perimeter) -> Vec<Account> {
+    fn accounts(
+        &mut self,
+        raw: Option<RawAccounts>,
+        account_id: &str,
+        shared: &Perimeter,
+    ) -> (Vec<Account>, Option<Discovery>) {
         let Some(raw) = raw else {
-            return vec![Account {
-                id: account_id.to_string(),
-                name: None,
-                access: Access::Default,
-                perimeter: shared.clone(),
-                tags: BTreeMap::new(),
-                ou: None,
-            }];
-        };
-        if raw.discover.is_some() {
-            self.problem(
-                "accounts.discover",
-                "discovering accounts through AWS Organizations is not supported yet; list them under accounts.list",
+            return (
+                vec![Account {
+                    id: account_id.to_string(),
+                    name: None,
+                    access: Access::Default,
+                    perimeter: shared.clone(),
+                    tags: BTreeMap::new(),
+                    ou: None,
+                }],
+                None,
             );
+        };
+        let discovering = raw.discover.is_some();
+        if let Some(discover) = &raw.discover {
+            if raw.role.is_none() {
+                self.problem(
+                    "accounts.discover",
+                    format!("discovered accounts are reached through accounts.role: set it (such as arn:aws:iam::{ACCOUNT_PLACEHOLDER}:role/lockstep-rollout)"),
+                );
+            }
+            for (i, ou) in discover.ous.iter().enumerate() {
+                if !is_ou_id(ou) && !is_root_id(ou) {
+                    self.problem(
+                        &format!("accounts.discover.ous[{i}]"),
+                        format!("expected an OU ID (ou-ab12-cd34ef56) or a root ID (r-ab12), got {ou:?}"),
+                    );
+                }
+            }
         } else if raw.list.is_empty() {
             self.problem("accounts.list", "expected at least one account: - id: \"123456789012\"");
         }
@@ -1332,11 +1458,13 @@ impl Checker<'_> {
             );
         }
         let listed = self.account_list(&raw.list, account_id);
-        let excluded = self.exclusions(&raw.exclude, &listed);
+        let excluded = self.exclusions(&raw.exclude, &listed, discovering);
         let mut additions = BTreeMap::new();
         for (id, add) in &raw.perimeter {
             let section = format!("accounts.perimeter.{id}");
-            if !listed.contains_key(id.as_str()) {
+            if discovering && !is_account_id(id) {
+                self.problem(&section, format!("expected a 12-digit AWS account ID, got {id:?}"));
+            } else if !discovering && !listed.contains_key(id.as_str()) {
                 self.problem(&section, format!("no account {id} in accounts.list"));
             }
             let add = self.vpcs(&section, &add.trusted_vpcs, &add.trusted_vpc_endpoints, Some(shared));
@@ -1385,10 +1513,17 @@ impl Checker<'_> {
                 ou: entry.ou.clone(),
             });
         }
-        if !listed.is_empty() && listed.keys().all(|id| excluded.contains(id)) {
+        if !discovering && !listed.is_empty() && listed.keys().all(|id| excluded.contains(id)) {
             self.problem("accounts.exclude", "every listed account is excluded: nothing would be rolled out");
         }
-        accounts
+        let discovery = raw.discover.map(|discover| Discovery {
+            ous: discover.ous,
+            role_template: raw.role.clone().unwrap_or_default(),
+            external_id: raw.external_id.clone(),
+            exclude: raw.exclude.iter().cloned().collect(),
+            additions: additions.into_iter().map(|(id, add)| (id.to_string(), add)).collect(),
+        });
+        (accounts, discovery)
     }
 
     /// `accounts.list`: each well-formed account ID once, names unique, roles in their own
@@ -1439,13 +1574,18 @@ impl Checker<'_> {
     }
 
     /// `accounts.exclude`: listed accounts, each once.
-    fn exclusions<'r>(&mut self, exclude: &'r [String], listed: &BTreeMap<&str, usize>) -> HashSet<&'r str> {
+    fn exclusions<'r>(
+        &mut self,
+        exclude: &'r [String],
+        listed: &BTreeMap<&str, usize>,
+        discovering: bool,
+    ) -> HashSet<&'r str> {
         let mut excluded = HashSet::new();
         for (i, id) in exclude.iter().enumerate() {
             let path = format!("accounts.exclude[{i}]");
             if !is_account_id(id) {
                 self.problem(&path, format!("expected a 12-digit AWS account ID, got {id:?}"));
-            } else if !listed.contains_key(id.as_str()) {
+            } else if !discovering && !listed.contains_key(id.as_str()) {
                 self.problem(
                     &path,
                     format!("account {id} is not in accounts.list; only listed accounts can be excluded"),
@@ -1730,6 +1870,12 @@ impl Checker<'_> {
 
 /// What `accounts.role` writes where each account's ID goes.
 const ACCOUNT_PLACEHOLDER: &str = "{account}";
+
+/// An AWS Organizations root ID: `r-` then 4 to 32 lowercase letters or digits.
+fn is_root_id(text: &str) -> bool {
+    text.strip_prefix("r-")
+        .is_some_and(|p| (4..=32).contains(&p.len()) && p.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit()))
+}
 
 /// An AWS Organizations OU ID: `ou-` then 4 to 32 lowercase letters or digits (the root's
 /// ID), `-`, and 8 to 32 more.
@@ -2031,6 +2177,63 @@ waves:
     }
 
     #[test]
+    fn discovered_accounts_join_the_listed_ones_through_the_role_template() {
+        let text = with_accounts(
+            r#"accounts:
+  role: "arn:aws:iam::{account}:role/lockstep-rollout"
+  external_id: "ext-1"
+  discover: {ous: [ou-ab12-cd34ef56]}
+  list:
+    - id: "123456789012"
+      name: security
+      tags: {env: prod}
+  exclude: ["444455556666"]
+  perimeter:
+    "555566667777":
+      trusted_vpcs: [vpc-0c1d2e3f]"#,
+        );
+        let config = Config::parse(&text, Path::new("rollout.yaml")).unwrap();
+        assert_eq!(config.discovery.as_ref().map(|d| d.ous.clone()), Some(vec!["ou-ab12-cd34ef56".to_string()]));
+        assert!(config.is_multi_account(), "nothing acts in one account before discovery");
+        let found = |id: &str, ou: Option<&str>, tags: &[(&str, &str)]| Discovered {
+            id: id.into(),
+            name: Some(format!("n{id}")),
+            ou: ou.map(Into::into),
+            tags: tags.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect(),
+        };
+        let discovered = config
+            .with_discovered(vec![
+                found("555566667777", Some("ou-ab12-cd34ef56"), &[("team", "payments")]),
+                found("444455556666", None, &[]),
+                found("123456789012", Some("ou-ab12-cd34ef56"), &[("env", "dev"), ("owner", "sec")]),
+            ])
+            .unwrap();
+        assert_eq!(discovered.discovery, None);
+        let ids: Vec<_> = discovered.accounts.iter().map(|a| a.id.as_str()).collect();
+        assert_eq!(ids, ["123456789012", "555566667777"], "listed first, the excluded one left out");
+        let (main, found) = (&discovered.accounts[0], &discovered.accounts[1]);
+        assert_eq!(main.access, Access::Default);
+        assert_eq!(main.tags.get("env").map(String::as_str), Some("prod"), "the file's tags win");
+        assert_eq!(main.tags.get("owner").map(String::as_str), Some("sec"), "Organizations' tags fill in");
+        assert_eq!(main.ou.as_deref(), Some("ou-ab12-cd34ef56"));
+        assert_eq!(
+            found.access,
+            Access::AssumeRole {
+                role_arn: "arn:aws:iam::555566667777:role/lockstep-rollout".into(),
+                external_id: Some("ext-1".into())
+            }
+        );
+        assert!(found.perimeter.trusted_vpcs.contains(&"vpc-0c1d2e3f".to_string()), "its own additions");
+        assert_eq!(found.name.as_deref(), Some("n555566667777"));
+        let nothing = config.with_discovered(vec![found_only("444455556666")]);
+        assert!(nothing.is_ok(), "the listed account remains");
+    }
+
+    fn found_only(id: &str) -> Discovered {
+        Discovered { id: id.into(), name: None, ou: None, tags: BTreeMap::new() }
+    }
+
+    #[test]
     fn waves_select_accounts_by_id_tag_and_ou() {
         let text = with_accounts(&accounts_example()).replace(
             "    soak: 48h\n",
@@ -2181,7 +2384,12 @@ waves:
                 "excluded twice",
             ),
             ("  list: []", "accounts.list", "at least one account"),
-            ("  discover: organizations", "accounts.discover", "not supported yet"),
+            ("  discover: {ous: [ou-ab12-cd34ef56]}", "accounts.discover", "reached through accounts.role"),
+            (
+                "  role: \"arn:aws:iam::{account}:role/r\"\n  discover: {ous: [OU-1]}",
+                "accounts.discover.ous[0]",
+                "an OU ID (ou-ab12-cd34ef56) or a root ID",
+            ),
             (
                 "  role: \"arn:aws:iam::{account}:user/r\"\n  list: [{id: \"111122223333\"}]",
                 "accounts.role",

@@ -40,6 +40,17 @@ pub enum AccountChoice {
     },
 }
 
+/// One account's step in a round of [`Fleet::step`].
+#[derive(Debug)]
+pub struct AccountStep {
+    /// The account.
+    pub account: String,
+    /// How long its step took.
+    pub took: std::time::Duration,
+    /// Its report, or why it failed (the account is blocked until a step succeeds).
+    pub outcome: Result<StepReport, ControllerError>,
+}
+
 /// One account in `lockstep status` of an organisation: the one-line summary's numbers.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct AccountSummary {
@@ -103,7 +114,7 @@ impl Fleet {
     /// the last day (so `max_promotions_per_day` caps the organisation exactly: no two steps
     /// race for the same room); each account's outcome, in order. A failure is its account's
     /// alone.
-    pub async fn step(&self) -> Vec<(String, Result<StepReport, ControllerError>)> {
+    pub async fn step(&self) -> Vec<AccountStep> {
         let mut outcomes = Vec::with_capacity(self.accounts.len());
         for (i, shared) in self.accounts.iter().enumerate() {
             if self.accounts.len() > 1 {
@@ -115,7 +126,9 @@ impl Fleet {
                 }
                 shared.set_promotions_elsewhere(elsewhere).await;
             }
-            outcomes.push((shared.account().to_string(), shared.step().await));
+            let started = std::time::Instant::now();
+            let outcome = shared.step().await;
+            outcomes.push(AccountStep { account: shared.account().to_string(), took: started.elapsed(), outcome });
         }
         outcomes
     }

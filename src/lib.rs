@@ -67,6 +67,7 @@ pub mod guard;
 pub mod iam;
 pub mod metrics;
 pub(crate) mod notify;
+pub mod organizations;
 pub mod perimeter;
 pub mod planner;
 pub mod rollout;

@@ -107,9 +107,20 @@ fn explanation_pauses(explanation: Option<&Explanation>) -> bool {
     explanation.is_none_or(|e| !e.fully_attributed())
 }
 
+/// An event as posted: the event's fields, and the account it happened in.
+#[derive(Serialize)]
+struct Posted<'a> {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    account: Option<&'a str>,
+    #[serde(flatten)]
+    event: &'a Event,
+}
+
 #[derive(Clone)]
 pub struct Webhook {
     url: Uri,
+    /// The account every event is about, posted beside the event's own fields.
+    account: Option<String>,
     client: Client<hyper_rustls::HttpsConnector<HttpConnector>, Full<Bytes>>,
 }
 
@@ -133,7 +144,12 @@ impl Webhook {
             .https_or_http()
             .enable_http1()
             .build();
-        Ok(Webhook { url: parsed, client: Client::builder(TokioExecutor::new()).build(connector) })
+        Ok(Webhook { url: parsed, account: None, client: Client::builder(TokioExecutor::new()).build(connector) })
+    }
+
+    /// The webhook of one account's runtime: every event it posts names the account.
+    pub fn for_account(self, account: &str) -> Webhook {
+        Webhook { account: Some(account.to_string()), ..self }
     }
 
     /// Posts `event` in the background.
@@ -147,7 +163,8 @@ impl Webhook {
     }
 
     pub async fn post(&self, event: &Event) -> Result<(), String> {
-        let body = serde_json::to_vec(event).map_err(|e| e.to_string())?;
+        let body =
+            serde_json::to_vec(&Posted { account: self.account.as_deref(), event }).map_err(|e| e.to_string())?;
         let request = Request::post(self.url.clone())
             .header("content-type", "application/json")
             .header("user-agent", concat!("lockstep/", env!("CARGO_PKG_VERSION")))
@@ -186,10 +203,11 @@ mod tests {
             wave: "canary".into(),
             why: "all 1 batches done".into(),
         };
-        Webhook::new(&url).unwrap().post(&event).await.unwrap();
+        Webhook::new(&url).unwrap().for_account("111122223333").post(&event).await.unwrap();
         let request = received.await.unwrap();
         assert!(request.starts_with("POST /hook HTTP/1.1"), "{request}");
         assert!(request.contains("\"event\":\"wave_finished\""), "{request}");
+        assert!(request.contains("\"account\":\"111122223333\""), "{request}");
     }
 
     /// A step report at the epoch with these actions and nothing else.

@@ -89,7 +89,7 @@ impl Shared {
             }
         };
         let webhook = config.listeners.webhook_url.as_deref().and_then(|url| match Webhook::new(url) {
-            Ok(webhook) => Some(webhook),
+            Ok(webhook) => Some(webhook.for_account(&config.account_id)),
             Err(error) => {
                 tracing::error!(%error, "webhook notifications disabled");
                 None

@@ -653,6 +653,81 @@ fn run_refuses_a_policy_over_the_size_limit_before_writing_the_store() {
     assert!(!dir.path().join("lockstep.db").exists(), "nothing written");
 }
 
+/// `accounts.discover` against the emulator's AWS Organizations: the accounts directly in one OU
+/// join account_id's listed one (an excluded one left out, one outside the OU not asked for), each
+/// reached through the role template, with its tags; `policy apply --commit` acts in each.
+#[test]
+fn discovered_accounts_are_rolled_out_through_the_role_template() {
+    use aws_sdk_organizations::types::Tag;
+    let dir = tempfile::tempdir().unwrap();
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    let base = runtime.block_on(common::lockstep_sdk(&common::endpoint()));
+    let org = aws_sdk_organizations::Client::new(&base);
+    let (in_ou, excluded, elsewhere, ou) = runtime.block_on(async {
+        // One organisation per emulator: another run of this test may have made it already.
+        let _ = org.create_organization().send().await;
+        let mut ids = Vec::new();
+        for name in ["discover-a", "discover-b", "discover-c"] {
+            let created =
+                org.create_account().account_name(name).email(format!("{name}@example.com")).send().await.unwrap();
+            ids.push(created.create_account_status().and_then(|s| s.account_id()).unwrap().to_string());
+        }
+        let root = org.list_roots().send().await.unwrap().roots()[0].id().unwrap().to_string();
+        let ou = org.create_organizational_unit().parent_id(&root).name("rollout").send().await.unwrap();
+        let ou = ou.organizational_unit().and_then(|u| u.id()).unwrap().to_string();
+        for id in &ids[..2] {
+            org.move_account().account_id(id).source_parent_id(&root).destination_parent_id(&ou).send().await.unwrap();
+        }
+        let tag = Tag::builder().key("env").value("prod").build().unwrap();
+        org.tag_resource().resource_id(&ids[0]).tags(tag).send().await.unwrap();
+        (ids[0].clone(), ids[1].clone(), ids[2].clone(), ou)
+    });
+    let shipped = std::fs::read_to_string("rollout.yaml")
+        .unwrap()
+        .replace("group: lockstep-network-perimeter", "group: discovered-lockdown")
+        .replace("policy_name: lockstep-network-perimeter", "policy_name: discovered-perimeter")
+        .replace("path: ./lockstep.db", &format!("path: {}/lockstep.db", dir.path().display()));
+    let accounts = format!(
+        "accounts:\n  role: \"arn:aws:iam::{{account}}:role/lockstep-rollout\"\n  discover: {{ous: [{ou}]}}\n  list:\n    - id: \"{}\"\n      name: security\n  exclude: [\"{excluded}\"]\n",
+        common::ACCOUNT
+    );
+    let config = dir.path().join("rollout.yaml");
+    std::fs::write(&config, format!("{shipped}\n{accounts}")).unwrap();
+    let lockstep = |args: &[&str]| emulated_cli::lockstep(args, &config, dir.path()).output().unwrap();
+
+    let valid = lockstep(&["validate"]);
+    assert!(valid.status.success(), "{}", text(&valid.stdout));
+    assert!(text(&valid.stdout).contains(&format!("accounts.discover: the active accounts in {ou}")));
+
+    let shown = lockstep(&["policy"]);
+    assert!(shown.status.success(), "{}", text(&shown.stderr));
+    let shown = text(&shown.stdout);
+    let headers: Vec<&str> = shown.lines().filter(|l| l.starts_with("== ")).collect();
+    assert_eq!(
+        headers,
+        [format!("== account {} (security) ==", common::ACCOUNT), format!("== account {in_ou} (discover-a) ==")],
+        "{shown}"
+    );
+    assert!(!shown.contains(&excluded) && !shown.contains(&elsewhere));
+
+    let applied = lockstep(&["policy", "apply", "--commit"]);
+    assert!(applied.status.success(), "{}{}", text(&applied.stdout), text(&applied.stderr));
+    let access =
+        Access::AssumeRole { role_arn: format!("arn:aws:iam::{in_ou}:role/lockstep-rollout"), external_id: None };
+    let sdk = runtime.block_on(lockstep::aws::account_config(&base, &access)).unwrap();
+    let group = runtime
+        .block_on(
+            aws_sdk_iam::Client::new(&sdk).list_attached_group_policies().group_name("discovered-lockdown").send(),
+        )
+        .unwrap();
+    let arn = group.attached_policies().first().and_then(|p| p.policy_arn()).unwrap();
+    assert_eq!(arn, format!("arn:aws:iam::{in_ou}:policy/discovered-perimeter"));
+
+    // An account the file does not list is reached once discovered.
+    let planned = lockstep(&["--account", &in_ou, "plan"]);
+    assert!(!text(&planned.stderr).contains("not in the configuration's accounts"), "{}", text(&planned.stderr));
+}
+
 /// Three accounts: account_id's own (default credentials), one reached through its role with a
 /// VPC and endpoint of its own, and one whose role STS refuses (the proxy answers AccessDenied).
 #[test]

@@ -170,8 +170,13 @@ pub fn block_on<T>(work: impl std::future::Future<Output = anyhow::Result<T>>) -
 /// Loads and validates the configuration for `command`, which handles one account: every
 /// problem is in the error, and so is the refusal of a configuration naming several accounts.
 pub fn load(path: &std::path::Path, command: &str, account: Option<&str>) -> anyhow::Result<Config> {
-    let config = load_accounts(path)?;
+    let config = Config::load(path).with_context(|| format!("configuration {} is not usable", path.display()))?;
     match account {
+        // A listed account needs no discovery; a discovered one does.
+        Some(id) if config.account(id).is_err() && config.discovery.is_some() => {
+            let config = load_accounts(path)?;
+            Ok(config.for_account(config.account(id)?))
+        }
         Some(id) => Ok(config.for_account(config.account(id)?)),
         None => {
             config.single_account(command)?;
@@ -180,9 +185,37 @@ pub fn load(path: &std::path::Path, command: &str, account: Option<&str>) -> any
     }
 }
 
-/// Loads and validates the configuration, however many accounts it names (`policy`).
+/// Loads and validates the configuration, however many accounts it names (`run`, `policy`,
+/// `status`), with the accounts `accounts.discover` asks AWS Organizations for added.
 fn load_accounts(path: &std::path::Path) -> anyhow::Result<Config> {
-    Config::load(path).with_context(|| format!("configuration {} is not usable", path.display()))
+    let config = Config::load(path).with_context(|| format!("configuration {} is not usable", path.display()))?;
+    match config.discovery {
+        None => Ok(config),
+        // On a thread of its own: a runtime cannot be started inside another.
+        Some(_) => std::thread::scope(|scope| {
+            scope
+                .spawn(|| block_on(discover(&config)))
+                .join()
+                .unwrap_or_else(|_| Err(anyhow::anyhow!("account discovery stopped unexpectedly")))
+        }),
+    }
+}
+
+/// `config` with the accounts AWS Organizations lists (`accounts.discover`), read with the default
+/// credentials.
+async fn discover(config: &Config) -> anyhow::Result<Config> {
+    let Some(discovery) = &config.discovery else { return Ok(config.clone()) };
+    let sdk = lockstep::aws::load(&config.region, None).await;
+    let found = lockstep::organizations::discover(&sdk, &discovery.ous)
+        .await
+        .context("discovering the accounts (accounts.discover); the default credentials need organizations:ListAccounts, ListAccountsForParent, ListParents and ListTagsForResource")?;
+    let discovered = config.with_discovered(found)?;
+    tracing::info!(
+        accounts = discovered.accounts.len(),
+        ids = %discovered.accounts.iter().map(|a| a.id.as_str()).collect::<Vec<_>>().join(","),
+        "accounts discovered through AWS Organizations"
+    );
+    Ok(discovered)
 }
 
 fn validate(path: &std::path::Path) -> anyhow::Result<ExitCode> {
@@ -198,6 +231,13 @@ fn validate(path: &std::path::Path) -> anyhow::Result<ExitCode> {
                 config.perimeter.trusted_vpcs.len(),
                 config.perimeter.trusted_endpoints.len(),
             );
+            if let Some(discovery) = &config.discovery {
+                let scope = match discovery.ous.as_slice() {
+                    [] => "every active account of the organisation".to_string(),
+                    ous => format!("the active accounts in {}", ous.join(", ")),
+                };
+                println!("  accounts.discover: {scope}, listed through AWS Organizations when a command starts");
+            }
             if config.single_account("validate").is_err() {
                 for account in &config.accounts {
                     let size = account.perimeter.policy().to_json().map(|json| json.len()).unwrap_or(0);

@@ -13,7 +13,7 @@ use lockstep::controller::{Controller, Mode};
 use lockstep::evidence::EvidenceStore;
 use lockstep::evidence::refresh::{self, Source};
 use lockstep::feed::{self, AnyFeed};
-use lockstep::fleet::Fleet;
+use lockstep::fleet::{AccountStep, Fleet};
 use lockstep::iam::AwsIam;
 use lockstep::metrics::{MeteredIam, Metrics};
 use lockstep::runtime::Shared;
@@ -133,7 +133,7 @@ pub async fn drive(fleet: Fleet, config: &Config, options: Options) -> anyhow::R
             _ = fleet.woken() => {}
         }
         // Not raced against the signal: a step finishes its IAM writes and their journal.
-        for (account, outcome) in fleet.step().await {
+        for AccountStep { account, outcome, .. } in fleet.step().await {
             match outcome {
                 Ok(report) => {
                     if options.json {
