@@ -1,6 +1,6 @@
 //! `deploy/lockstep-iam-policy.json` grants exactly what the code calls: every AWS SDK operation
-//! in src/ maps to one IAM action, and the policy's actions are those plus the few that Athena
-//! needs on the caller's behalf. A new SDK call without its action in the policy fails here.
+//! in src/ maps to one IAM action, and the policy's actions are those plus the few that Athena and
+//! the SDK need on the caller's behalf. A new SDK call without its action in the policy fails here.
 
 use std::collections::BTreeSet;
 
@@ -29,21 +29,34 @@ const OPERATIONS: &[(&str, &str)] = &[
     ("get_query_execution", "athena:GetQueryExecution"),
     ("get_query_results", "athena:GetQueryResults"),
     ("stop_query_execution", "athena:StopQueryExecution"),
+    ("list_accounts", "organizations:ListAccounts"),
+    ("list_accounts_for_parent", "organizations:ListAccountsForParent"),
+    ("list_parents", "organizations:ListParents"),
+    ("list_tags_for_resource", "organizations:ListTagsForResource"),
 ];
 
 /// Actions IAM authorizes only on every resource (`"Resource": "*"`): no statement may grant
 /// anything else that way.
-const ACCOUNT_WIDE: &[&str] = &["iam:GetAccountAuthorizationDetails"];
+const ACCOUNT_WIDE: &[&str] = &[
+    "iam:GetAccountAuthorizationDetails",
+    "organizations:ListAccounts",
+    "organizations:ListAccountsForParent",
+    "organizations:ListParents",
+    "organizations:ListTagsForResource",
+];
 
-/// Actions no code calls directly: Athena runs queries with the caller's permissions, reading
-/// the table from Glue and writing results to the output location in S3.
-const ON_ATHENAS_BEHALF: &[&str] = &[
+/// Actions no code calls directly: the SDK's credentials provider assumes other accounts' roles,
+/// and Athena runs queries with the caller's permissions, reading the table from Glue and writing
+/// results to the output location in S3.
+const NOT_CALLED_DIRECTLY: &[&str] = &[
     "glue:GetDatabase",
     "glue:GetTable",
     "glue:GetPartitions",
     "s3:GetBucketLocation",
     "s3:PutObject",
     "s3:AbortMultipartUpload",
+    // The SDK's credentials provider, for every account reached through a role (`accounts.role`).
+    "sts:AssumeRole",
 ];
 
 fn rust_files(dir: &std::path::Path, out: &mut Vec<std::path::PathBuf>) {
@@ -113,7 +126,7 @@ fn the_shipped_iam_policy_grants_exactly_the_calls_the_code_makes() {
         granted.extend(actions);
     }
     let mut needed = called.clone();
-    needed.extend(ON_ATHENAS_BEHALF.iter().map(|a| a.to_string()));
+    needed.extend(NOT_CALLED_DIRECTLY.iter().map(|a| a.to_string()));
     let missing: Vec<_> = needed.difference(&granted).collect();
     let extra: Vec<_> = granted.difference(&needed).collect();
     assert!(missing.is_empty(), "the policy lacks {missing:?}");

@@ -18,7 +18,7 @@ use lockstep::iam::AwsIam;
 use lockstep::metrics::{MeteredIam, Metrics};
 use lockstep::runtime::Shared;
 use lockstep::store::{Ledger, Store, StoreLock};
-use tokio::sync::Notify;
+use tokio::sync::{Notify, Semaphore};
 
 pub struct Options {
     pub commit: bool,
@@ -40,8 +40,10 @@ pub async fn run(config: Config, options: Options) -> anyhow::Result<ExitCode> {
     let mut accounts = Vec::with_capacity(config.accounts.len());
     let mut schedules = Vec::new();
     let mut locks = Vec::new();
+    // One evidence refresh at a time across the accounts (their schedules fire together).
+    let turns = Arc::new(Semaphore::new(1));
     for view in config.account_views() {
-        let account = Account::start(view, &base, mode, &options, clock.clone()).await?;
+        let account = Account::start(view, &base, mode, &options, clock.clone(), turns.clone()).await?;
         locks.push(account.lock);
         schedules.extend(account.schedule);
         accounts.push(Shared::with_wake(account.controller, account.metrics, wake.clone()));
@@ -76,6 +78,7 @@ impl Account {
         mode: Mode,
         options: &Options,
         clock: Arc<dyn Clock>,
+        turns: Arc<Semaphore>,
     ) -> anyhow::Result<Account> {
         let id = config.account_id.clone();
         let path = config.store.path.clone();
@@ -106,7 +109,7 @@ impl Account {
             refresh::refresh(&*store, &source, &config, window, clock.as_ref(), None, &mut |_| {}).await?;
             None
         } else {
-            Some(refresh::start_schedule(store.clone(), source, Arc::new(config.clone()), clock.clone()).await?)
+            Some(refresh::start_schedule(store.clone(), source, Arc::new(config.clone()), clock.clone(), turns).await?)
         };
         let feed = feed::from_config(&config, clock.clone()).await?;
         let controller = Controller::new(config, store, iam, feed, clock, mode);

@@ -507,6 +507,8 @@ struct Runner {
     clock: Arc<dyn Clock>,
     /// At most one refresh at a time; a tick that finds one running is skipped.
     busy: tokio::sync::Mutex<()>,
+    /// Shared by every account's schedule: how many refreshes may run at once in the daemon.
+    turns: Arc<tokio::sync::Semaphore>,
     /// A run may take one schedule period, then it is abandoned for the next tick.
     timeout: Duration,
     stats: Arc<RefreshStats>,
@@ -514,12 +516,14 @@ struct Runner {
 
 /// Starts refreshing on `evidence.schedule` (six-field cron, seconds first, UTC), plus one run
 /// right away: on a new store that is the `lookback` backfill, after a restart it catches up. A
-/// failed or timed-out run is logged and counted, and the next tick retries it.
+/// failed or timed-out run is logged and counted, and the next tick retries it. A run waits for
+/// one of `turns` (shared by the daemon's accounts) before it starts.
 pub async fn start_schedule(
     store: Arc<dyn RolloutStore>,
     source: Source,
     config: Arc<Config>,
     clock: Arc<dyn Clock>,
+    turns: Arc<tokio::sync::Semaphore>,
 ) -> Result<Schedule, RefreshError> {
     let schedule = config.evidence.schedule.clone();
     let failed = |why: String| RefreshError::Schedule { schedule: schedule.clone(), why };
@@ -530,6 +534,7 @@ pub async fn start_schedule(
         config,
         clock,
         busy: tokio::sync::Mutex::new(()),
+        turns,
         stats: Arc::new(RefreshStats::default()),
     });
     let stats = runner.stats.clone();
@@ -555,6 +560,9 @@ impl Runner {
             self.stats.skipped.fetch_add(1, Ordering::Relaxed);
             return;
         };
+        // Every account's schedule fires at the same time: their refreshes take turns, so a
+        // daemon of 50 accounts reads one account's trail at a time, in one account's memory.
+        let Ok(_turn) = self.turns.acquire().await else { return };
         let outcome = match self.store.freshness() {
             Ok(freshness) => {
                 let window = scheduled_window(&freshness, self.clock.now(), &self.config.evidence);
@@ -637,6 +645,10 @@ mod tests {
     use crate::evidence::{EvidenceStore, Freshness};
     use crate::store::{RefreshLog, Store};
 
+    fn one_turn() -> Arc<tokio::sync::Semaphore> {
+        Arc::new(tokio::sync::Semaphore::new(1))
+    }
+
     fn at(text: &str) -> DateTime<Utc> {
         text.parse().unwrap()
     }
@@ -704,7 +716,8 @@ mod tests {
         let clock: Arc<dyn Clock> = Arc::new(crate::clock::ManualClock::new(now));
 
         let source = Source::Folder(Arc::new(Folder::new(dir.path())));
-        let schedule = start_schedule(store.clone(), source, Arc::new(config.clone()), clock.clone()).await.unwrap();
+        let schedule =
+            start_schedule(store.clone(), source, Arc::new(config.clone()), clock.clone(), one_turn()).await.unwrap();
         wait_for("two successful runs", || schedule.stats.succeeded.load(Ordering::Relaxed) >= 2).await;
         schedule.shutdown().await.unwrap();
         let runs = store.recent_runs(100).unwrap();
@@ -716,7 +729,7 @@ mod tests {
 
         let failing = Arc::new(Store::open_in_memory().unwrap());
         let missing = Source::Folder(Arc::new(Folder::new(dir.path().join("missing"))));
-        let schedule = start_schedule(failing.clone(), missing, Arc::new(config), clock).await.unwrap();
+        let schedule = start_schedule(failing.clone(), missing, Arc::new(config), clock, one_turn()).await.unwrap();
         wait_for("two failed runs", || schedule.stats.failed.load(Ordering::Relaxed) >= 2).await;
         schedule.shutdown().await.unwrap();
         assert!(failing.recent_runs(100).unwrap().iter().all(|r| r.status == "failed"));
