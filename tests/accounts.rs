@@ -366,6 +366,22 @@ impl Drop for Org {
     }
 }
 
+/// Runs `sql` on the SQLite file at `path` (Python's sqlite3: the tests do not link SQLite);
+/// what it prints, one value a line.
+fn sqlite(path: &Path, sql: &str) -> String {
+    let script = "import sqlite3, sys\nc = sqlite3.connect(sys.argv[1])\n\
+                  rows = c.execute(sys.argv[2]).fetchall()\nc.commit()\n\
+                  print('\\n'.join(str(v) for r in rows for v in r))";
+    let out = Command::new(common::python()).args(["-c", script]).arg(path).arg(sql).output().unwrap();
+    assert!(out.status.success(), "{sql}: {}", text(&out.stderr));
+    text(&out.stdout).trim().to_string()
+}
+
+/// The account a store is claimed by, if any.
+fn store_owner(path: &Path) -> Option<String> {
+    Some(sqlite(path, "SELECT account FROM store_account")).filter(|owner| !owner.is_empty())
+}
+
 fn summary_of<'a>(summary: &'a [AccountSummary], account: &str) -> &'a AccountSummary {
     summary.iter().find(|a| a.account == account).unwrap_or_else(|| panic!("no {account} in {summary:#?}"))
 }
@@ -433,6 +449,29 @@ fn one_daemon_rolls_out_three_accounts_each_into_its_own_group() {
     for account in accounts {
         let series = format!("lockstep_account_blocked{{account=\"{account}\"}} 0");
         assert!(metrics.contains(&series), "{series} in:\n{metrics}");
+    }
+
+    // A call about one account must name it; pause and resume without one act in every account.
+    let (code, answer) = http(org.admin, "GET", "/v1/status", "").unwrap();
+    assert_eq!(code, 400, "{answer}");
+    assert!(answer.contains("name one"), "{answer}");
+    let (code, answer) =
+        http(org.admin, "POST", "/v1/command", r#"{"command":"pause","operator":"kim","reason":"freeze"}"#).unwrap();
+    assert_eq!(code, 200, "{answer}");
+    assert_eq!(answer.matches("rollout paused").count(), 3, "{answer}");
+    eventually(
+        "every account paused",
+        Duration::from_secs(20),
+        || {
+            let summary = org.accounts()?;
+            summary.iter().all(|a| matches!(&a.gate, Some(Gate::Paused(why)) if why.contains("freeze"))).then_some(())
+        },
+        || format!("{:#?}", org.accounts()),
+    );
+    let (code, answer) = http(org.admin, "POST", "/v1/command", r#"{"command":"resume","operator":"kim"}"#).unwrap();
+    assert_eq!((code, answer.matches("rollout resumed").count()), (200, 3), "{answer}");
+    for account in accounts {
+        assert!(org.status_of(account).paused.is_none(), "{account} resumed");
     }
 }
 
@@ -567,6 +606,11 @@ fn a_single_account_store_stays_its_accounts_store_and_no_other_account_opens_it
     assert_eq!(before.batches.len(), 1, "{:?}", before.batches);
     assert_eq!(before.batches[0].members, vec!["accm-ann"]);
     assert_eq!(org.group_members(common::ACCOUNT), vec!["accm-ann"]);
+    let store = org.dir.path().join("lockstep.db");
+    assert_eq!(store_owner(&store), Some(common::ACCOUNT.to_string()), "claimed by its first run");
+    // As a store written before stores had owners (migrated, unclaimed): the next open claims it.
+    sqlite(&store, "DELETE FROM store_account");
+    assert_eq!(store_owner(&store), None);
 
     // Then the same file listing account_id and another account.
     org.configure(common::ACCOUNT, &[common::ACCOUNT, PAYMENTS]);
@@ -574,7 +618,9 @@ fn a_single_account_store_stays_its_accounts_store_and_no_other_account_opens_it
     assert!(applied.status.success(), "{}", text(&applied.stderr));
     let once = org.run(&["run", "--once", "--commit"]);
     assert!(once.status.success(), "{}", text(&once.stderr));
-    assert!(org.dir.path().join(format!("lockstep-{PAYMENTS}.db")).exists(), "a new store for {PAYMENTS}");
+    let payments_store = org.dir.path().join(format!("lockstep-{PAYMENTS}.db"));
+    assert_eq!(store_owner(&payments_store), Some(PAYMENTS.to_string()), "a new store for {PAYMENTS}");
+    assert_eq!(store_owner(&store), Some(common::ACCOUNT.to_string()), "account_id keeps store.path");
 
     let after = org.status_of(common::ACCOUNT);
     assert_eq!(after.account, common::ACCOUNT);
