@@ -437,8 +437,10 @@ fn one_daemon_rolls_out_three_accounts_each_into_its_own_group() {
     for account in accounts {
         let line = line_of(&table, account);
         assert!(line.contains(" finished "), "{line}");
-        let numbers: Vec<&str> = line.split_whitespace().collect();
-        assert!(numbers.contains(&"2"), "two locked users: {line}");
+        // ... locked, soaking, candidate, batches (active), then the evidence's age ("4s ago").
+        let columns: Vec<&str> = line.split_whitespace().collect();
+        let n = columns.len();
+        assert_eq!((columns[n - 6], columns[n - 3], columns[n - 1]), ("2", "0", "ago"), "two locked users: {line}");
     }
     assert!(!table.contains("BLOCKED"), "{table}");
     // Every account's own stores, beside account_id's.
