@@ -97,20 +97,26 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             OpCommand::Rollback { operator: operator.operator, batch, reason },
             commit,
         ),
-        Command::Hold { user, reason, operator } => operator_command(
-            &cli.config,
-            account,
-            "hold",
-            OpCommand::Hold { operator: operator.operator, user, reason },
-            false,
-        ),
-        Command::Release { user, operator } => operator_command(
-            &cli.config,
-            account,
-            "release",
-            OpCommand::Release { operator: operator.operator, user },
-            false,
-        ),
+        Command::Hold { user, reason, operator } => {
+            let (account, user) = account_of_user(account, &user)?;
+            operator_command(
+                &cli.config,
+                account,
+                "hold",
+                OpCommand::Hold { operator: operator.operator, user, reason },
+                false,
+            )
+        }
+        Command::Release { user, operator } => {
+            let (account, user) = account_of_user(account, &user)?;
+            operator_command(
+                &cli.config,
+                account,
+                "release",
+                OpCommand::Release { operator: operator.operator, user },
+                false,
+            )
+        }
         Command::PromoteNext { operator } => operator_command(
             &cli.config,
             account,
@@ -156,6 +162,21 @@ fn operator_command(
 ) -> anyhow::Result<ExitCode> {
     let config = load(config, name, account)?;
     block_on(ops::command(&config, command, commit))
+}
+
+/// A user named `<account>/<name>` (IAM user names never hold a `/`): the account it names and
+/// the bare name, so the command acts in that account alone, through the daemon or on that
+/// account's store; otherwise `--account` and the name as given.
+fn account_of_user<'a>(account: Option<&'a str>, user: &'a str) -> anyhow::Result<(Option<&'a str>, String)> {
+    let Some((named, name)) = user.split_once('/') else {
+        return Ok((account, user.to_string()));
+    };
+    if let Some(given) = account
+        && given != named
+    {
+        anyhow::bail!("{user} names account {named}, but --account names {given}");
+    }
+    Ok((Some(named), name.to_string()))
 }
 
 /// Runs an async command body on a multi-threaded runtime.

@@ -118,6 +118,7 @@ async fn current_status(config: &Config, announce: bool) -> anyhow::Result<Statu
 /// `lockstep status` of a configuration naming several accounts: one line per account, from the
 /// daemon, or from each account's store when it is down.
 pub async fn accounts(config: &Config, json: bool) -> anyhow::Result<ExitCode> {
+    let mut daemon_down = false;
     let summary = match ask(config, Method::GET, "/v1/accounts", None).await? {
         Ok((code, body)) if code.is_success() => {
             serde_json::from_slice::<Vec<AccountSummary>>(&body).context("the daemon's accounts answer")?
@@ -125,6 +126,7 @@ pub async fn accounts(config: &Config, json: bool) -> anyhow::Result<ExitCode> {
         Ok((code, body)) => bail!("daemon answered {code}: {}", answer_text(&body)),
         Err(why) => {
             eprintln!("{why}; showing each account's ledger");
+            daemon_down = true;
             let mut summary = Vec::new();
             for view in config.account_views() {
                 match offline_status(&view) {
@@ -151,14 +153,20 @@ pub async fn accounts(config: &Config, json: bool) -> anyhow::Result<ExitCode> {
     if json {
         println!("{}", serde_json::to_string_pretty(&summary)?);
     } else {
-        print!("{}", render_accounts(config, &summary, SystemClock.now()));
+        print!("{}", render_accounts(config, &summary, daemon_down, SystemClock.now()));
     }
     Ok(ExitCode::SUCCESS)
 }
 
 /// One line per account: its state (blocked, or the gate), wave, users and evidence age; then
-/// each blocked account's reason.
-fn render_accounts(config: &Config, summary: &[AccountSummary], now: chrono::DateTime<chrono::Utc>) -> String {
+/// each blocked account's reason. With the daemon down (`daemon_down`) there is no gate: the
+/// ledgers say what was done, not what the next step would do.
+fn render_accounts(
+    config: &Config,
+    summary: &[AccountSummary],
+    daemon_down: bool,
+    now: chrono::DateTime<chrono::Utc>,
+) -> String {
     let mut out = String::new();
     let name = |id: &str| config.accounts.iter().find(|a| a.id == id).and_then(|a| a.name.clone()).unwrap_or_default();
     out += &format!(
@@ -173,6 +181,7 @@ fn render_accounts(config: &Config, summary: &[AccountSummary], now: chrono::Dat
             (None, Some(Gate::Paused(_))) => "paused",
             (None, Some(Gate::Inconclusive(_))) => "inconclusive",
             (None, Some(Gate::Blocked(_))) => "gate closed",
+            (None, None) if daemon_down => "daemon down",
             (None, None) => "no step yet",
         };
         let count = |state: &str| account.users.get(state).copied().unwrap_or(0);
