@@ -131,7 +131,7 @@ where
 /// [`error_message`] for an error that carries the SDK error somewhere in its cause chain (a
 /// credentials provider's error wraps STS's): the first service answer's code and message found
 /// there, otherwise the whole chain.
-fn cause_message(err: &(dyn std::error::Error + 'static)) -> String {
+pub(crate) fn cause_message(err: &(dyn std::error::Error + 'static)) -> String {
     std::iter::successors(Some(err), |e| e.source())
         .find_map(|e| e.downcast_ref::<ErrorMetadata>())
         .and_then(|answer| described(answer.code(), answer.message()))

@@ -412,7 +412,7 @@ where
     }
 }
 
-fn error<E: ProvideErrorMetadata + std::error::Error + 'static, R: std::fmt::Debug>(
+fn error<E: ProvideErrorMetadata + std::error::Error + 'static, R: std::fmt::Debug + 'static>(
     operation: &'static str,
     e: SdkError<E, R>,
 ) -> IamError {
@@ -431,7 +431,8 @@ fn error<E: ProvideErrorMetadata + std::error::Error + 'static, R: std::fmt::Deb
                 _ => "ConstructionFailure",
             }
             .to_string(),
-            message: aws_smithy_types::error::display::DisplayErrorContext(other).to_string(),
+            // A credentials failure (a role that cannot be assumed) carries STS's answer inside.
+            message: crate::aws::cause_message(other),
         },
     }
 }

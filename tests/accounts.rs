@@ -470,8 +470,14 @@ fn one_daemon_rolls_out_three_accounts_each_into_its_own_group() {
         },
         || format!("{:#?}", org.accounts()),
     );
-    let (code, answer) = http(org.admin, "POST", "/v1/command", r#"{"command":"resume","operator":"kim"}"#).unwrap();
-    assert_eq!((code, answer.matches("rollout resumed").count()), (200, 3), "{answer}");
+    // `lockstep resume` without --account resumes every account, each answer under its ID.
+    let resumed = org.run(&["resume", "--operator", "kim"]);
+    let out = String::from_utf8_lossy(&resumed.stdout);
+    assert!(resumed.status.success(), "{out}{}", String::from_utf8_lossy(&resumed.stderr));
+    assert_eq!(out.matches("rollout resumed").count(), 3, "{out}");
+    for account in accounts {
+        assert!(out.contains(&format!("{account}:\n")), "{out}");
+    }
     for account in accounts {
         assert!(org.status_of(account).paused.is_none(), "{account} resumed");
     }

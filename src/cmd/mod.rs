@@ -80,15 +80,11 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Completions { shell } => crate::print_completions(shell),
         Command::Man => crate::print_man(),
         Command::Plan { json } => block_on(ops::plan(&load(&cli.config, "plan", account)?, json)),
-        Command::Pause { reason, operator } => operator_command(
-            &cli.config,
-            account,
-            "pause",
-            OpCommand::Pause { operator: operator.operator, reason },
-            false,
-        ),
+        Command::Pause { reason, operator } => {
+            brake(&cli.config, account, "pause", OpCommand::Pause { operator: operator.operator, reason })
+        }
         Command::Resume { operator } => {
-            operator_command(&cli.config, account, "resume", OpCommand::Resume { operator: operator.operator }, false)
+            brake(&cli.config, account, "resume", OpCommand::Resume { operator: operator.operator })
         }
         Command::Rollback { batch, reason, commit, operator } => operator_command(
             &cli.config,
@@ -162,6 +158,29 @@ fn operator_command(
 ) -> anyhow::Result<ExitCode> {
     let config = load(config, name, account)?;
     block_on(ops::command(&config, command, commit))
+}
+
+/// `pause` and `resume`: in the account `--account` names, or, for a file naming several and no
+/// `--account`, in every account (the brake an operator reaches for first), each account's answer
+/// under its ID; fails if any account refused or failed.
+fn brake(path: &std::path::Path, account: Option<&str>, name: &str, command: OpCommand) -> anyhow::Result<ExitCode> {
+    if account.is_some() || !Config::load(path).is_ok_and(|config| config.is_multi_account()) {
+        return operator_command(path, account, name, command, false);
+    }
+    let config = load_accounts(path)?;
+    let mut outcome = ExitCode::SUCCESS;
+    for view in config.account_views() {
+        println!("{}:", view.account_id);
+        match block_on(ops::command(&view, command.clone(), false)) {
+            Ok(code) if code == ExitCode::SUCCESS => {}
+            Ok(_) => outcome = ExitCode::FAILURE,
+            Err(error) => {
+                eprintln!("error: account {}: {error:#}", view.account_id);
+                outcome = ExitCode::FAILURE;
+            }
+        }
+    }
+    Ok(outcome)
 }
 
 /// A user named `<account>/<name>` (IAM user names never hold a `/`): the account it names and
