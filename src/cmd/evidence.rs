@@ -46,7 +46,7 @@ pub enum EvidenceCommand {
     ///
     /// Exits non-zero when the evidence is stale or missing, or the user has no calls in the window.
     Show {
-        /// IAM user name.
+        #[arg(help = crate::USER_HELP, long_help = crate::USER_LONG_HELP)]
         user: String,
         /// Print JSON instead of text.
         #[arg(long)]
@@ -54,9 +54,11 @@ pub enum EvidenceCommand {
     },
     /// Every user with calls in the window: volume, calls from outside, last outside call.
     ///
-    /// Exits non-zero when the evidence is stale or missing.
+    /// With several accounts and no --account: every account's users, account by account (in
+    /// the configuration's order), with an ACCOUNT column (`account` in --json). Exits non-zero
+    /// when the evidence (of any account) is stale or missing.
     List {
-        /// Order of the rows (counts and times: largest and latest first).
+        /// Order of the rows (counts and times: largest and latest first), within each account.
         #[arg(long, value_enum, default_value_t = SortBy::Name)]
         sort: SortBy,
         /// Print JSON instead of a table.
