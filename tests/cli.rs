@@ -944,3 +944,30 @@ fn evidence_list_of_several_accounts_has_an_account_column() {
     let doc: serde_json::Value = serde_json::from_slice(&one.stdout).unwrap();
     assert!(doc.get("accounts").is_none() && doc["users"][0].get("account").is_none(), "{doc}");
 }
+
+#[test]
+fn an_account_without_a_store_has_no_users_and_is_never_given_one_by_a_reading_command() {
+    const NEW: &str = "444455556666";
+    let (dir, config) = two_account_rollout();
+    let text_before = std::fs::read_to_string(&config).unwrap();
+    std::fs::write(&config, format!("{text_before}    - id: \"{NEW}\"\n      name: new\n")).unwrap();
+    let new_store = dir.path().join(format!("lockstep-{NEW}.db"));
+
+    let listed = lockstep(&["evidence", "list"], Some(&config));
+    assert!(!listed.status.success(), "no evidence at all in one account");
+    let out = text(&listed.stdout);
+    let expected = format!(
+        "  account {NEW} (new): NONE - no refresh has succeeded yet; run `lockstep --account {NEW} evidence refresh`."
+    );
+    assert!(out.lines().any(|l| l == expected), "{out}");
+    assert!(out.contains("4 user(s) with calls") && out.contains("in 3 accounts."), "{out}");
+
+    let bob = lockstep(&["evidence", "show", "bob"], Some(&config));
+    assert!(bob.status.success(), "{}", text(&bob.stderr));
+    let none = lockstep(&["hold", "dave"], Some(&config));
+    let err = text(&none.stderr);
+    assert!(!none.status.success());
+    assert!(err.contains(&format!("accounts 123456789012, 111122223333, {NEW} has it")), "{err}");
+    assert!(err.contains("`lockstep hold <account>/dave`"), "{err}");
+    assert!(!new_store.exists(), "listing and searching created no store");
+}
