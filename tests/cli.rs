@@ -971,3 +971,51 @@ fn an_account_without_a_store_has_no_users_and_is_never_given_one_by_a_reading_c
     assert!(err.contains("`lockstep hold <account>/dave`"), "{err}");
     assert!(!new_store.exists(), "listing and searching created no store");
 }
+
+/// `exempt` tags the user in the account the user names (through that account's role) and
+/// records it in that account's ledger alone.
+#[test]
+fn exempt_of_account_slash_name_tags_the_user_in_that_account() {
+    let (dir, config) = two_account_rollout();
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    let base = runtime.block_on(common::lockstep_sdk(&common::endpoint()));
+    let iam_in = |access: &Access| {
+        let sdk = runtime.block_on(lockstep::aws::account_config(&base, access)).unwrap();
+        aws_sdk_iam::Client::new(&sdk)
+    };
+    let payments = iam_in(&Access::AssumeRole {
+        role_arn: format!("arn:aws:iam::{PAYMENTS}:role/lockstep-rollout"),
+        external_id: None,
+    });
+    // Only PAYMENTS has an IAM user alice: the default account is shared with the other tests.
+    runtime.block_on(payments.create_user().user_name("alice").send()).unwrap();
+    let exempt = |args: &[&str]| emulated_cli::lockstep(args, &config, dir.path()).output().unwrap();
+    let args = ["exempt", "111122223333/alice", "--until", "30d", "--reason", "vendor VPN", "--operator", "ops"];
+
+    let dry = exempt(&args);
+    assert!(dry.status.success(), "{}", text(&dry.stderr));
+    let out = text(&dry.stdout);
+    assert!(
+        out.starts_with(
+            "dry run, nothing changed; with --commit lockstep would tag IAM user alice in account 111122223333:"
+        ),
+        "{out}"
+    );
+    assert!(out.contains("lockstep-111122223333.db"), "{out}");
+    let ambiguous = exempt(&args.map(|a| if a.ends_with("/alice") { "alice" } else { a }));
+    assert!(text(&ambiguous.stderr).contains("123456789012/alice, 111122223333/alice"), "{}", text(&ambiguous.stderr));
+
+    let done = exempt(&[&args[..], &["--commit"]].concat());
+    assert!(done.status.success(), "{}", text(&done.stderr));
+    assert!(text(&done.stdout).starts_with("exempted alice in account 111122223333 until "), "{}", text(&done.stdout));
+    let tags = |iam: &aws_sdk_iam::Client| {
+        let listed = runtime.block_on(iam.list_user_tags().user_name("alice").send()).unwrap();
+        listed.tags().iter().map(|t| t.key().to_string()).collect::<Vec<_>>()
+    };
+    assert!(tags(&payments).contains(&"lockstep-exempt".to_string()), "{:?}", tags(&payments));
+    let security = iam_in(&Access::Default);
+    assert!(runtime.block_on(security.get_user().user_name("alice").send()).is_err(), "nothing done in account_id's");
+    let records = |path: &str| Store::open_read_only(&dir.path().join(path)).unwrap().exemption_records().unwrap();
+    assert_eq!(records("lockstep-111122223333.db").len(), 1);
+    assert!(records("lockstep.db").is_empty());
+}
