@@ -130,11 +130,12 @@ fn open(config: &Config) -> anyhow::Result<Store> {
         .with_context(|| format!("cannot open the store {}", config.store.path.display()))
 }
 
-/// The command that refreshes an account's evidence, as `show` and `list` suggest it.
-fn refresh_command(config: &Config, qualified: bool) -> String {
-    match qualified {
-        true => format!("lockstep --account {} evidence refresh", config.account_id),
-        false => "lockstep evidence refresh".to_string(),
+/// The command that refreshes the evidence, as `show` and `list` suggest it: of `account`, when
+/// the configuration names several.
+fn refresh_command(account: Option<&str>) -> String {
+    match account {
+        Some(id) => format!("lockstep --account {id} evidence refresh"),
+        None => "lockstep evidence refresh".to_string(),
     }
 }
 
@@ -280,6 +281,7 @@ struct VerdictCount {
 
 fn show(resolved: &Resolved, store: &dyn RolloutStore, now: DateTime<Utc>, json: bool) -> anyhow::Result<ExitCode> {
     let (config, user, label) = (&resolved.config, resolved.name.as_str(), resolved.label());
+    let user_account = config.account_id.as_str();
     let window = Window { since: refresh::before(now, config.eligibility.window), until: now };
     let currency = Currency::new(store, config, now)?;
     let evidence = store.evidence_of(user, window.since, window.until)?;
@@ -290,7 +292,7 @@ fn show(resolved: &Resolved, store: &dyn RolloutStore, now: DateTime<Utc>, json:
     let guard_denials = recent_guard_denials(store, user, window.since)?;
     if json {
         let doc = ShowJson {
-            account: &config.account_id,
+            account: user_account,
             user,
             window,
             evidence_currency: &currency,
@@ -304,7 +306,7 @@ fn show(resolved: &Resolved, store: &dyn RolloutStore, now: DateTime<Utc>, json:
     }
 
     let mut out = String::new();
-    writeln!(out, "{}", currency.line(now, &refresh_command(config, resolved.qualified)))?;
+    writeln!(out, "{}", currency.line(now, &refresh_command(resolved.qualified.then_some(user_account))))?;
     let window_span = duration::format(config.eligibility.window);
     let Some(e) = evidence else {
         writeln!(out, "{label}: no calls recorded in the last {window_span} (since {}).", day_time(window.since))?;
@@ -433,7 +435,7 @@ fn list(
         return Ok(code);
     }
     let mut out = String::new();
-    writeln!(out, "{}", currency.line(now, &refresh_command(config, qualified)))?;
+    writeln!(out, "{}", currency.line(now, &refresh_command(qualified.then_some(config.account_id.as_str()))))?;
     writeln!(out, "{} user(s) with calls in {}.", users.len(), window_text(config, window))?;
     let rows: Vec<(Option<&str>, &UserEvidence)> = users.iter().map(|u| (None, u)).collect();
     out += &user_table(&rows, now);
@@ -486,26 +488,21 @@ fn list_accounts(config: &Config, now: DateTime<Utc>, sort: SortBy, json: bool) 
             evidence_currency: currency,
         });
     }
-    let rows: Vec<(Option<&str>, &UserEvidence)> =
-        currencies.iter().zip(&users).flat_map(|(c, users)| users.iter().map(move |u| (Some(c.account), u))).collect();
+    let rows: Vec<(&str, &UserEvidence)> =
+        currencies.iter().zip(&users).flat_map(|(c, users)| users.iter().map(move |u| (c.account, u))).collect();
     let code = match currencies.iter().any(|c| c.evidence_currency.stale) {
         true => ExitCode::FAILURE,
         false => ExitCode::SUCCESS,
     };
     if json {
-        let users = currencies
-            .iter()
-            .zip(&users)
-            .flat_map(|(c, users)| users.iter().map(move |evidence| AccountUser { account: c.account, evidence }))
-            .collect();
+        let users = rows.iter().map(|&(account, evidence)| AccountUser { account, evidence }).collect();
         let doc = AccountsListJson { window, accounts: &currencies, users };
         emit(serde_json::to_string_pretty(&doc)? + "\n")?;
         return Ok(code);
     }
     let mut out = "Evidence by account:\n".to_string();
     for (account, c) in config.accounts.iter().zip(&currencies) {
-        let refresh = refresh_command(&config.for_account(account), true);
-        writeln!(out, "  {account}: {}", c.evidence_currency.state(now, &refresh))?;
+        writeln!(out, "  {account}: {}", c.evidence_currency.state(now, &refresh_command(Some(&account.id))))?;
     }
     writeln!(
         out,
@@ -514,6 +511,7 @@ fn list_accounts(config: &Config, now: DateTime<Utc>, sort: SortBy, json: bool) 
         window_text(config, window),
         currencies.len()
     )?;
+    let rows: Vec<(Option<&str>, &UserEvidence)> = rows.into_iter().map(|(account, u)| (Some(account), u)).collect();
     out += &user_table(&rows, now);
     emit(out)?;
     Ok(code)
