@@ -16,8 +16,11 @@ pub struct Cli {
     #[arg(short, long, global = true, default_value = "rollout.yaml", env = "LOCKSTEP_CONFIG")]
     pub config: PathBuf,
 
-    /// The account a command acts in, when the configuration names several (`accounts`): its
-    /// 12-digit ID. `run` and `policy` always cover every account.
+    /// The account a command acts in (its 12-digit ID), when the configuration names several.
+    ///
+    /// `run` and `policy` always cover every account (`accounts`); `status` and `evidence list`
+    /// without it show every account; a command naming a user may name the account in the user
+    /// instead (`111122223333/alice`).
     #[arg(long, global = true, env = "LOCKSTEP_ACCOUNT", value_name = "ID")]
     pub account: Option<String>,
 
@@ -153,6 +156,7 @@ pub enum Command {
     },
     /// Keep a user out of the rollout until released.
     Hold {
+        #[arg(help = USER_HELP, long_help = USER_LONG_HELP)]
         user: String,
         /// Why, for the audit log.
         #[arg(long, default_value = "held by an operator")]
@@ -162,6 +166,7 @@ pub enum Command {
     },
     /// Make a held (or removed-by-hand) user a candidate again.
     Release {
+        #[arg(help = USER_HELP, long_help = USER_LONG_HELP)]
         user: String,
         #[command(flatten)]
         operator: Operator,
@@ -177,7 +182,7 @@ pub enum Command {
     /// Without --commit, prints exactly what would change. When the exemption ends, the daemon
     /// (with --commit) removes the tags and the user is judged like anyone else.
     Exempt {
-        /// The IAM user name.
+        #[arg(help = USER_HELP, long_help = USER_LONG_HELP)]
         user: String,
         /// When it ends: a date (00:00 UTC that day), an RFC 3339 time, or a duration from now (`30d`).
         #[arg(long)]
@@ -261,6 +266,14 @@ pub enum Command {
     /// Print the manual page in roff (e.g. `lockstep man | man -l -`).
     Man,
 }
+
+/// The short help of every command's user argument.
+pub const USER_HELP: &str = "The IAM user: NAME, or ACCOUNT/NAME (its 12-digit account ID first)";
+
+/// The long help (`--help`) of every command's user argument.
+pub const USER_LONG_HELP: &str = "The IAM user: NAME, or ACCOUNT/NAME (its 12-digit account ID first) when the \
+configuration names several accounts. A plain NAME acts in --account, or else in the one account whose store \
+knows the user (its ledger or its evidence); when several do, the error lists them as ACCOUNT/NAME.";
 
 /// What `lockstep wait` waits for.
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -581,7 +581,11 @@ fn a_user_name_in_two_accounts_is_two_users() {
     assert_eq!(org.status_of(PAYMENTS).users.get("held"), Some(&1));
     let held = org.run(&["--account", DATA, "hold", &format!("{PAYMENTS}/alice")]);
     assert!(!held.status.success(), "two accounts named");
-    assert!(text(&held.stderr).contains(&format!("names account {PAYMENTS}, but --account names {DATA}")));
+    assert!(
+        text(&held.stderr).contains(&format!("--account {DATA} and the user {PAYMENTS}/alice name different accounts")),
+        "{}",
+        text(&held.stderr)
+    );
     for account in [common::ACCOUNT, DATA] {
         let status = org.status_of(account);
         assert_eq!(status.users.get("held"), None, "{account}: {:?}", status.users);

@@ -838,3 +838,259 @@ accounts:
         text(&unknown.stderr)
     );
 }
+
+/// The second account of [`two_account_rollout`], beside `common::ACCOUNT` (account_id's own).
+const PAYMENTS: &str = "111122223333";
+
+/// A configuration naming two accounts (account_id's, "security", and [`PAYMENTS`]), each with
+/// its evidence refreshed from its own trail: `alice` calls in both (from outside the perimeter
+/// in PAYMENTS alone), `bob` only in PAYMENTS, `carol` only in account_id's.
+fn two_account_rollout() -> (tempfile::TempDir, std::path::PathBuf) {
+    let dir = tempfile::tempdir().unwrap();
+    let free_port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let config_text = std::fs::read_to_string("rollout.yaml")
+        .unwrap()
+        .replace("path: ./trail", &format!("path: {}/trail", dir.path().display()))
+        .replace("path: ./lockstep.db", &format!("path: {}/lockstep.db", dir.path().display()))
+        .replace("admin: 127.0.0.1:9440", &format!("admin: 127.0.0.1:{free_port}"));
+    let accounts = format!(
+        "\naccounts:\n  role: \"arn:aws:iam::{{account}}:role/lockstep-rollout\"\n  list:\n    - id: \"{}\"\n      name: security\n    - id: \"{PAYMENTS}\"\n      name: payments\n",
+        common::ACCOUNT
+    );
+    let config = dir.path().join("rollout.yaml");
+    std::fs::write(&config, format!("{config_text}{accounts}")).unwrap();
+
+    let now = SystemClock.now();
+    let calls = |account: &'static str, user: &'static str, from: &'static str, hours: std::ops::Range<i64>| {
+        hours.map(move |hour| {
+            lockstep_synth::RecordSpec::new(
+                lockstep_synth::Identity::iam_user(account, user),
+                now - chrono::Duration::hours(hour),
+                "ec2:DescribeInstances",
+                lockstep_synth::Origin::ip(from),
+            )
+        })
+    };
+    let trail = dir.path().join("trail");
+    let security: Vec<_> = calls(common::ACCOUNT, "alice", "203.0.113.9", 1..11)
+        .chain(calls(common::ACCOUNT, "carol", "203.0.113.9", 1..4))
+        .collect();
+    lockstep_synth::write_trail(&trail, common::ACCOUNT, &security, Default::default()).unwrap();
+    let payments: Vec<_> = calls(PAYMENTS, "alice", "203.0.113.9", 1..21)
+        .chain(calls(PAYMENTS, "alice", "192.0.2.77", 2..4))
+        .chain(calls(PAYMENTS, "bob", "203.0.113.9", 1..6))
+        .collect();
+    lockstep_synth::write_trail(&trail, PAYMENTS, &payments, Default::default()).unwrap();
+    for account in [common::ACCOUNT, PAYMENTS] {
+        let out = lockstep(&["--account", account, "evidence", "refresh", "--since", "36h"], Some(&config));
+        assert!(out.status.success(), "{}", text(&out.stderr));
+    }
+    (dir, config)
+}
+
+#[test]
+fn evidence_show_names_a_user_of_several_accounts_with_its_account() {
+    let (_dir, config) = two_account_rollout();
+    let show = |args: &[&str]| lockstep(&[&["evidence", "show"], args].concat(), Some(&config));
+
+    let ambiguous = show(&["alice"]);
+    assert!(!ambiguous.status.success());
+    let err = text(&ambiguous.stderr);
+    assert!(err.contains("alice is in 2 accounts: 123456789012/alice, 111122223333/alice"), "{err}");
+    assert!(err.contains("lockstep evidence show 123456789012/alice"), "{err}");
+    assert!(ambiguous.stdout.is_empty());
+
+    let payments = show(&["111122223333/alice"]);
+    assert!(payments.status.success(), "{}", text(&payments.stderr));
+    let out = text(&payments.stdout);
+    assert!(out.lines().nth(1).unwrap().starts_with("111122223333/alice"), "{out}");
+    assert!(out.contains("no: 2 of 22 calls"), "{out}");
+    assert!(out.contains("from 192.0.2.77"), "{out}");
+    let security = show(&["123456789012/alice"]);
+    let out = text(&security.stdout);
+    assert!(security.status.success() && out.contains("yes: all 10 calls"), "{out}");
+
+    let bob = show(&["bob", "--json"]);
+    assert!(bob.status.success(), "{}", text(&bob.stderr));
+    assert!(text(&bob.stderr).contains("bob is known in account 111122223333 (payments) alone"));
+    let doc: serde_json::Value = serde_json::from_slice(&bob.stdout).unwrap();
+    assert_eq!((doc["account"].as_str(), doc["user"].as_str()), (Some(PAYMENTS), Some("bob")));
+    assert_eq!(doc["evidence"]["calls"], 5);
+    let flagged = lockstep(&["--account", PAYMENTS, "evidence", "show", "alice"], Some(&config));
+    assert!(text(&flagged.stdout).contains("no: 2 of 22 calls"), "{}", text(&flagged.stdout));
+
+    for (args, why) in [
+        (
+            vec!["dave"],
+            "no account knows dave: neither the ledger nor the evidence of accounts 123456789012, 111122223333 has it; name the account: `lockstep evidence show <account>/dave`",
+        ),
+        (
+            vec!["--account", common::ACCOUNT, "evidence", "show", "111122223333/alice"],
+            "--account 123456789012 and the user 111122223333/alice name different accounts",
+        ),
+        (
+            vec!["444455556666/alice"],
+            "account 444455556666 is not in the configuration's accounts (123456789012, 111122223333)",
+        ),
+        (vec!["payments/alice"], "must be a 12-digit account ID"),
+    ] {
+        let out = match args[0] {
+            "--account" => lockstep(&args, Some(&config)),
+            _ => show(&args),
+        };
+        assert!(!out.status.success(), "{args:?}");
+        assert!(text(&out.stderr).contains(why), "{args:?}: {}", text(&out.stderr));
+    }
+}
+
+#[test]
+fn hold_and_release_of_account_slash_name_act_in_that_account_alone() {
+    let (dir, config) = two_account_rollout();
+    let members = |path: &str| Store::open_read_only(&dir.path().join(path)).unwrap().snapshot().unwrap().members;
+
+    let ambiguous = lockstep(&["hold", "alice"], Some(&config));
+    assert!(!ambiguous.status.success());
+    assert!(text(&ambiguous.stderr).contains("123456789012/alice, 111122223333/alice"), "{}", text(&ambiguous.stderr));
+
+    let held = lockstep(&["hold", "111122223333/alice", "--reason", "contractor laptop"], Some(&config));
+    assert!(held.status.success(), "{}", text(&held.stderr));
+    assert_eq!(text(&held.stdout), "alice held\n");
+    let payments = members("lockstep-111122223333.db");
+    assert_eq!(payments["alice"].state, lockstep::rollout::UserState::Held);
+    assert_eq!(payments["alice"].reason.as_deref(), Some("contractor laptop"));
+    assert!(members("lockstep.db").is_empty(), "the other account's alice is untouched");
+
+    // carol is in account_id's store alone: no prefix needed.
+    let carol = lockstep(&["hold", "carol"], Some(&config));
+    assert!(carol.status.success(), "{}", text(&carol.stderr));
+    assert!(members("lockstep.db").contains_key("carol") && !members("lockstep-111122223333.db").contains_key("carol"));
+
+    let released = lockstep(&["release", "111122223333/alice"], Some(&config));
+    assert!(released.status.success(), "{}", text(&released.stderr));
+    assert!(!members("lockstep-111122223333.db").contains_key("alice"));
+}
+
+#[test]
+fn evidence_list_of_several_accounts_has_an_account_column() {
+    let (_dir, config) = two_account_rollout();
+    let listed = lockstep(&["evidence", "list"], Some(&config));
+    assert!(listed.status.success(), "{}", text(&listed.stderr));
+    let out = text(&listed.stdout);
+    let lines: Vec<&str> = out.lines().collect();
+    assert_eq!(lines[0], "Evidence by account:");
+    assert!(lines[1].starts_with("  account 123456789012 (security): current to "), "{out}");
+    assert!(lines[2].starts_with("  account 111122223333 (payments): current to "), "{out}");
+    assert!(lines[3].starts_with("4 user(s) with calls in the last "), "{out}");
+    assert!(lines[3].ends_with(", in 2 accounts."), "{out}");
+    assert!(lines[5].starts_with("ACCOUNT       USER   "), "{out}");
+    let rows: Vec<(&str, &str)> = lines[6..]
+        .iter()
+        .map(|l| {
+            let mut words = l.split_whitespace();
+            (words.next().unwrap(), words.next().unwrap())
+        })
+        .collect();
+    assert_eq!(rows, [(common::ACCOUNT, "alice"), (common::ACCOUNT, "carol"), (PAYMENTS, "alice"), (PAYMENTS, "bob")]);
+
+    let json = lockstep(&["evidence", "list", "--json", "--sort", "calls"], Some(&config));
+    assert!(json.status.success(), "{}", text(&json.stderr));
+    let doc: serde_json::Value = serde_json::from_slice(&json.stdout).unwrap();
+    let accounts: Vec<_> = doc["accounts"].as_array().unwrap().iter().map(|a| a["account"].as_str().unwrap()).collect();
+    assert_eq!(accounts, [common::ACCOUNT, PAYMENTS]);
+    assert_eq!(doc["accounts"][1]["name"], "payments");
+    assert_eq!(doc["accounts"][1]["evidence_currency"]["stale"], false);
+    let users: Vec<_> = doc["users"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|u| (u["account"].as_str().unwrap(), u["user"].as_str().unwrap(), u["calls"].as_u64().unwrap()))
+        .collect();
+    assert_eq!(
+        users,
+        [(common::ACCOUNT, "alice", 10), (common::ACCOUNT, "carol", 3), (PAYMENTS, "alice", 22), (PAYMENTS, "bob", 5)]
+    );
+
+    // One account, as before: no account column or field.
+    let one = lockstep(&["--account", PAYMENTS, "evidence", "list"], Some(&config));
+    let out = text(&one.stdout);
+    assert!(one.status.success() && out.starts_with("Evidence: current to "), "{out}");
+    assert!(out.contains("\nUSER   ") && !out.contains("ACCOUNT"), "{out}");
+    let one = lockstep(&["--account", PAYMENTS, "evidence", "list", "--json"], Some(&config));
+    let doc: serde_json::Value = serde_json::from_slice(&one.stdout).unwrap();
+    assert!(doc.get("accounts").is_none() && doc["users"][0].get("account").is_none(), "{doc}");
+}
+
+#[test]
+fn an_account_without_a_store_has_no_users_and_is_never_given_one_by_a_reading_command() {
+    const NEW: &str = "444455556666";
+    let (dir, config) = two_account_rollout();
+    let text_before = std::fs::read_to_string(&config).unwrap();
+    std::fs::write(&config, format!("{text_before}    - id: \"{NEW}\"\n      name: new\n")).unwrap();
+    let new_store = dir.path().join(format!("lockstep-{NEW}.db"));
+
+    let listed = lockstep(&["evidence", "list"], Some(&config));
+    assert!(!listed.status.success(), "no evidence at all in one account");
+    let out = text(&listed.stdout);
+    let expected = format!(
+        "  account {NEW} (new): NONE - no refresh has succeeded yet; run `lockstep --account {NEW} evidence refresh`."
+    );
+    assert!(out.lines().any(|l| l == expected), "{out}");
+    assert!(out.contains("4 user(s) with calls") && out.contains("in 3 accounts."), "{out}");
+
+    let bob = lockstep(&["evidence", "show", "bob"], Some(&config));
+    assert!(bob.status.success(), "{}", text(&bob.stderr));
+    let none = lockstep(&["hold", "dave"], Some(&config));
+    let err = text(&none.stderr);
+    assert!(!none.status.success());
+    assert!(err.contains(&format!("accounts 123456789012, 111122223333, {NEW} has it")), "{err}");
+    assert!(err.contains("`lockstep hold <account>/dave`"), "{err}");
+    assert!(!new_store.exists(), "listing and searching created no store");
+}
+
+/// `exempt` tags the user in the account the user names (through that account's role) and
+/// records it in that account's ledger alone.
+#[test]
+fn exempt_of_account_slash_name_tags_the_user_in_that_account() {
+    let (dir, config) = two_account_rollout();
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    let base = runtime.block_on(common::lockstep_sdk(&common::endpoint()));
+    let iam_in = |access: &Access| {
+        let sdk = runtime.block_on(lockstep::aws::account_config(&base, access)).unwrap();
+        aws_sdk_iam::Client::new(&sdk)
+    };
+    let payments = iam_in(&Access::AssumeRole {
+        role_arn: format!("arn:aws:iam::{PAYMENTS}:role/lockstep-rollout"),
+        external_id: None,
+    });
+    // Only PAYMENTS has an IAM user alice: the default account is shared with the other tests.
+    runtime.block_on(payments.create_user().user_name("alice").send()).unwrap();
+    let exempt = |args: &[&str]| emulated_cli::lockstep(args, &config, dir.path()).output().unwrap();
+    let args = ["exempt", "111122223333/alice", "--until", "30d", "--reason", "vendor VPN", "--operator", "ops"];
+
+    let dry = exempt(&args);
+    assert!(dry.status.success(), "{}", text(&dry.stderr));
+    let out = text(&dry.stdout);
+    assert!(
+        out.starts_with(
+            "dry run, nothing changed; with --commit lockstep would tag IAM user alice in account 111122223333:"
+        ),
+        "{out}"
+    );
+    assert!(out.contains("lockstep-111122223333.db"), "{out}");
+    let ambiguous = exempt(&args.map(|a| if a.ends_with("/alice") { "alice" } else { a }));
+    assert!(text(&ambiguous.stderr).contains("123456789012/alice, 111122223333/alice"), "{}", text(&ambiguous.stderr));
+
+    let done = exempt(&[&args[..], &["--commit"]].concat());
+    assert!(done.status.success(), "{}", text(&done.stderr));
+    assert!(text(&done.stdout).starts_with("exempted alice in account 111122223333 until "), "{}", text(&done.stdout));
+    let tags = |iam: &aws_sdk_iam::Client| {
+        let listed = runtime.block_on(iam.list_user_tags().user_name("alice").send()).unwrap();
+        listed.tags().iter().map(|t| t.key().to_string()).collect::<Vec<_>>()
+    };
+    assert!(tags(&payments).contains(&"lockstep-exempt".to_string()), "{:?}", tags(&payments));
+    let security = iam_in(&Access::Default);
+    assert!(runtime.block_on(security.get_user().user_name("alice").send()).is_err(), "nothing done in account_id's");
+    let records = |path: &str| Store::open_read_only(&dir.path().join(path)).unwrap().exemption_records().unwrap();
+    assert_eq!(records("lockstep-111122223333.db").len(), 1);
+    assert!(records("lockstep.db").is_empty());
+}

@@ -23,6 +23,8 @@ use lockstep::perimeter::Verdict;
 use lockstep::store::{RolloutStore, Store};
 use serde::Serialize;
 
+use super::user::Resolved;
+
 #[derive(Debug, Subcommand)]
 pub enum EvidenceCommand {
     /// Read new CloudTrail data from the configured source into the store now.
@@ -44,7 +46,7 @@ pub enum EvidenceCommand {
     ///
     /// Exits non-zero when the evidence is stale or missing, or the user has no calls in the window.
     Show {
-        /// IAM user name.
+        #[arg(help = crate::USER_HELP, long_help = crate::USER_LONG_HELP)]
         user: String,
         /// Print JSON instead of text.
         #[arg(long)]
@@ -52,9 +54,11 @@ pub enum EvidenceCommand {
     },
     /// Every user with calls in the window: volume, calls from outside, last outside call.
     ///
-    /// Exits non-zero when the evidence is stale or missing.
+    /// With several accounts and no --account: every account's users, account by account (in
+    /// the configuration's order), with an ACCOUNT column (`account` in --json). Exits non-zero
+    /// when the evidence (of any account) is stale or missing.
     List {
-        /// Order of the rows (counts and times: largest and latest first).
+        /// Order of the rows (counts and times: largest and latest first), within each account.
         #[arg(long, value_enum, default_value_t = SortBy::Name)]
         sort: SortBy,
         /// Print JSON instead of a table.
@@ -99,18 +103,40 @@ impl TimeArg {
     }
 }
 
-pub fn run(config: &Config, command: EvidenceCommand) -> anyhow::Result<ExitCode> {
+/// Runs an `evidence` command on `config` (every account it names); `account` is `--account`.
+pub fn run(config: &Config, account: Option<&str>, command: EvidenceCommand) -> anyhow::Result<ExitCode> {
     let clock = SystemClock;
     match command {
-        EvidenceCommand::Refresh { since, until } => super::block_on(refresh_now(config, &clock, since, until)),
-        EvidenceCommand::Show { user, json } => show(config, &open(config)?, clock.now(), &user, json),
-        EvidenceCommand::List { sort, json } => list(config, &open(config)?, clock.now(), sort, json),
+        EvidenceCommand::Refresh { since, until } => {
+            let view = super::view(config, "evidence refresh", account)?;
+            super::block_on(refresh_now(&view, &clock, since, until))
+        }
+        EvidenceCommand::Show { user, json } => {
+            let user = super::user::resolve(config, account, &user, "evidence show")?;
+            show(&user, &open(&user.config)?, clock.now(), json)
+        }
+        EvidenceCommand::List { sort, json } if account.is_none() && config.is_multi_account() => {
+            list_accounts(config, clock.now(), sort, json)
+        }
+        EvidenceCommand::List { sort, json } => {
+            let view = super::view(config, "evidence list", account)?;
+            list(&view, config.is_multi_account(), &open(&view)?, clock.now(), sort, json)
+        }
     }
 }
 
 fn open(config: &Config) -> anyhow::Result<Store> {
     Store::open_for_account(&config.store.path, &config.account_id)
         .with_context(|| format!("cannot open the store {}", config.store.path.display()))
+}
+
+/// The command that refreshes the evidence, as `show` and `list` suggest it: of `account`, when
+/// the configuration names several.
+fn refresh_command(account: Option<&str>) -> String {
+    match account {
+        Some(id) => format!("lockstep --account {id} evidence refresh"),
+        None => "lockstep evidence refresh".to_string(),
+    }
 }
 
 async fn refresh_now(
@@ -202,19 +228,24 @@ impl Currency {
         })
     }
 
-    /// One line for people; says plainly when the evidence cannot be trusted.
-    fn line(&self, now: DateTime<Utc>) -> String {
+    /// One line for people; says plainly when the evidence cannot be trusted, and that `refresh`
+    /// (the command) brings it up to date.
+    fn line(&self, now: DateTime<Utc>, refresh: &str) -> String {
+        format!("Evidence: {}", self.state(now, refresh))
+    }
+
+    /// [`Currency::line`] without its `Evidence: ` label.
+    fn state(&self, now: DateTime<Utc>, refresh: &str) -> String {
         let limit = duration::format(Duration::from_secs(self.max_age_seconds));
         match self.freshness.covered_until {
-            None => "Evidence: NONE - no refresh has succeeded yet; run `lockstep evidence refresh`.".to_string(),
+            None => format!("NONE - no refresh has succeeded yet; run `{refresh}`."),
             Some(until) if self.stale => format!(
-                "Evidence: STALE - it ends {} ago ({}), over the {limit} limit; nothing below can be relied on.",
+                "STALE - it ends {} ago ({}), over the {limit} limit; nothing below can be relied on.",
                 duration::elapsed(now - until),
                 day_time(until)
             ),
             Some(until) => {
-                let current =
-                    format!("Evidence: current to {} ({} ago)", day_time(until), duration::elapsed(now - until));
+                let current = format!("current to {} ({} ago)", day_time(until), duration::elapsed(now - until));
                 match &self.unusable {
                     Some(why) => format!("{current}, but NOT USABLE - {why}."),
                     None => format!("{current}."),
@@ -226,6 +257,8 @@ impl Currency {
 
 #[derive(Serialize)]
 struct ShowJson<'a> {
+    /// The user's account.
+    account: &'a str,
     user: &'a str,
     window: Window,
     evidence_currency: &'a Currency,
@@ -246,13 +279,9 @@ struct VerdictCount {
     calls: u64,
 }
 
-fn show(
-    config: &Config,
-    store: &dyn RolloutStore,
-    now: DateTime<Utc>,
-    user: &str,
-    json: bool,
-) -> anyhow::Result<ExitCode> {
+fn show(resolved: &Resolved, store: &dyn RolloutStore, now: DateTime<Utc>, json: bool) -> anyhow::Result<ExitCode> {
+    let (config, user, label) = (&resolved.config, resolved.name.as_str(), resolved.label());
+    let user_account = config.account_id.as_str();
     let window = Window { since: refresh::before(now, config.eligibility.window), until: now };
     let currency = Currency::new(store, config, now)?;
     let evidence = store.evidence_of(user, window.since, window.until)?;
@@ -263,6 +292,7 @@ fn show(
     let guard_denials = recent_guard_denials(store, user, window.since)?;
     if json {
         let doc = ShowJson {
+            account: user_account,
             user,
             window,
             evidence_currency: &currency,
@@ -276,16 +306,16 @@ fn show(
     }
 
     let mut out = String::new();
-    writeln!(out, "{}", currency.line(now))?;
+    writeln!(out, "{}", currency.line(now, &refresh_command(resolved.qualified.then_some(user_account))))?;
     let window_span = duration::format(config.eligibility.window);
     let Some(e) = evidence else {
-        writeln!(out, "{user}: no calls recorded in the last {window_span} (since {}).", day_time(window.since))?;
+        writeln!(out, "{label}: no calls recorded in the last {window_span} (since {}).", day_time(window.since))?;
         out += &guard_denial_lines(&guard_denials);
         emit(out)?;
         return Ok(code);
     };
     let arn = e.arn.as_deref().map(|a| format!("  ({a})")).unwrap_or_default();
-    writeln!(out, "{}{arn}", e.user)?;
+    writeln!(out, "{label}{arn}")?;
     let answer = match trusted_only {
         None => "unknown: the evidence is stale".to_string(),
         Some(true) => format!("yes: all {} in the last {window_span} came from trusted networks", calls(e.calls)),
@@ -386,22 +416,18 @@ struct ListJson<'a> {
     users: &'a [UserEvidence],
 }
 
+/// `evidence list` of one account; `qualified` when the configuration names several.
 fn list(
     config: &Config,
+    qualified: bool,
     store: &dyn RolloutStore,
     now: DateTime<Utc>,
     sort: SortBy,
     json: bool,
 ) -> anyhow::Result<ExitCode> {
-    let window = Window { since: refresh::before(now, config.eligibility.window), until: now };
+    let window = list_window(config, now);
     let currency = Currency::new(store, config, now)?;
-    let mut users = store.user_evidence(window.since, window.until)?;
-    match sort {
-        SortBy::Name => {}
-        SortBy::Calls => users.sort_by_key(|u| Reverse(u.calls)),
-        SortBy::Outside => users.sort_by_key(|u| Reverse(u.would_deny)),
-        SortBy::LastOutside => users.sort_by_key(|u| Reverse(u.last_outside.as_ref().map(|o| o.at))),
-    }
+    let users = sorted_users(store, window, sort)?;
     let code = if currency.stale { ExitCode::FAILURE } else { ExitCode::SUCCESS };
     if json {
         let doc = ListJson { window, evidence_currency: &currency, users: &users };
@@ -409,27 +435,134 @@ fn list(
         return Ok(code);
     }
     let mut out = String::new();
-    writeln!(out, "{}", currency.line(now))?;
-    writeln!(
-        out,
-        "{} user(s) with calls in the last {} (since {}).",
-        users.len(),
-        duration::format(config.eligibility.window),
-        day_time(window.since)
-    )?;
-    if !users.is_empty() {
-        let width = users.iter().map(|u| u.user.len()).max().unwrap_or(4).max(4);
-        writeln!(out, "\n{:<width$}  {:>9}  {:>8}  LAST OUTSIDE CALL", "USER", "CALLS", "OUTSIDE")?;
-        for u in &users {
-            let last = match &u.last_outside {
-                Some(o) => format!("{:>4} ago  {} from {}", duration::elapsed(now - o.at), o.action, o.source),
-                None => "-".to_string(),
-            };
-            writeln!(out, "{:<width$}  {:>9}  {:>8}  {last}", u.user, thousands(u.calls), thousands(u.would_deny))?;
-        }
-    }
+    writeln!(out, "{}", currency.line(now, &refresh_command(qualified.then_some(config.account_id.as_str()))))?;
+    writeln!(out, "{} user(s) with calls in {}.", users.len(), window_text(config, window))?;
+    let rows: Vec<(Option<&str>, &UserEvidence)> = users.iter().map(|u| (None, u)).collect();
+    out += &user_table(&rows, now);
     emit(out)?;
     Ok(code)
+}
+
+/// One account's evidence currency in `evidence list` across accounts.
+#[derive(Serialize)]
+struct AccountCurrency<'a> {
+    account: &'a str,
+    /// The operator's name for the account, if the configuration gives one.
+    name: Option<&'a str>,
+    evidence_currency: Currency,
+}
+
+/// One user of one account in `evidence list` across accounts.
+#[derive(Serialize)]
+struct AccountUser<'a> {
+    account: &'a str,
+    #[serde(flatten)]
+    evidence: &'a UserEvidence,
+}
+
+#[derive(Serialize)]
+struct AccountsListJson<'a> {
+    window: Window,
+    accounts: &'a [AccountCurrency<'a>],
+    users: Vec<AccountUser<'a>>,
+}
+
+/// `evidence list` of a configuration naming several accounts (no `--account`): every account's
+/// users, account by account in the configuration's order, each account's rows in `sort` order.
+/// A missing store has no users (and is not created). Fails when any account's evidence is stale.
+fn list_accounts(config: &Config, now: DateTime<Utc>, sort: SortBy, json: bool) -> anyhow::Result<ExitCode> {
+    let window = list_window(config, now);
+    let mut currencies = Vec::new();
+    let mut users = Vec::new();
+    for (account, view) in config.accounts.iter().zip(config.account_views()) {
+        let store = match view.store.path.exists() {
+            true => open(&view)?,
+            false => Store::open_in_memory().context("opening an empty store in memory")?,
+        };
+        let currency =
+            Currency::new(&store, &view, now).with_context(|| format!("reading the evidence currency of {account}"))?;
+        users.push(sorted_users(&store, window, sort).with_context(|| format!("reading the evidence of {account}"))?);
+        currencies.push(AccountCurrency {
+            account: &account.id,
+            name: account.name.as_deref(),
+            evidence_currency: currency,
+        });
+    }
+    let rows: Vec<(&str, &UserEvidence)> =
+        currencies.iter().zip(&users).flat_map(|(c, users)| users.iter().map(move |u| (c.account, u))).collect();
+    let code = match currencies.iter().any(|c| c.evidence_currency.stale) {
+        true => ExitCode::FAILURE,
+        false => ExitCode::SUCCESS,
+    };
+    if json {
+        let users = rows.iter().map(|&(account, evidence)| AccountUser { account, evidence }).collect();
+        let doc = AccountsListJson { window, accounts: &currencies, users };
+        emit(serde_json::to_string_pretty(&doc)? + "\n")?;
+        return Ok(code);
+    }
+    let mut out = "Evidence by account:\n".to_string();
+    for (account, c) in config.accounts.iter().zip(&currencies) {
+        writeln!(out, "  {account}: {}", c.evidence_currency.state(now, &refresh_command(Some(&account.id))))?;
+    }
+    writeln!(
+        out,
+        "{} user(s) with calls in {}, in {} accounts.",
+        rows.len(),
+        window_text(config, window),
+        currencies.len()
+    )?;
+    let rows: Vec<(Option<&str>, &UserEvidence)> = rows.into_iter().map(|(account, u)| (Some(account), u)).collect();
+    out += &user_table(&rows, now);
+    emit(out)?;
+    Ok(code)
+}
+
+/// The window `list` judges: `eligibility.window` ending now.
+fn list_window(config: &Config, now: DateTime<Utc>) -> Window {
+    Window { since: refresh::before(now, config.eligibility.window), until: now }
+}
+
+/// `the last 30d (since ...)`.
+fn window_text(config: &Config, window: Window) -> String {
+    format!("the last {} (since {})", duration::format(config.eligibility.window), day_time(window.since))
+}
+
+/// Every user with calls in `window`, in `sort` order.
+fn sorted_users(store: &dyn RolloutStore, window: Window, sort: SortBy) -> anyhow::Result<Vec<UserEvidence>> {
+    let mut users = store.user_evidence(window.since, window.until)?;
+    match sort {
+        SortBy::Name => {}
+        SortBy::Calls => users.sort_by_key(|u| Reverse(u.calls)),
+        SortBy::Outside => users.sort_by_key(|u| Reverse(u.would_deny)),
+        SortBy::LastOutside => users.sort_by_key(|u| Reverse(u.last_outside.as_ref().map(|o| o.at))),
+    }
+    Ok(users)
+}
+
+/// The users' table, after a blank line (nothing without rows); an ACCOUNT column first when
+/// the rows carry their account.
+fn user_table(rows: &[(Option<&str>, &UserEvidence)], now: DateTime<Utc>) -> String {
+    if rows.is_empty() {
+        return String::new();
+    }
+    let width = rows.iter().map(|(_, u)| u.user.len()).max().unwrap_or(4).max(4);
+    let account = |a: Option<&str>| a.map(|a| format!("{a:<12}  ")).unwrap_or_default();
+    let heading = account(rows[0].0.map(|_| "ACCOUNT"));
+    let mut out = format!("\n{heading}{:<width$}  {:>9}  {:>8}  LAST OUTSIDE CALL\n", "USER", "CALLS", "OUTSIDE");
+    for (a, u) in rows {
+        let last = match &u.last_outside {
+            Some(o) => format!("{:>4} ago  {} from {}", duration::elapsed(now - o.at), o.action, o.source),
+            None => "-".to_string(),
+        };
+        out += &format!(
+            "{}{:<width$}  {:>9}  {:>8}  {last}\n",
+            account(*a),
+            u.user,
+            thousands(u.calls),
+            thousands(u.would_deny)
+        );
+    }
+    out
 }
 
 /// Writes a command's output in one go; a closed pipe is an error, not a panic.

@@ -19,6 +19,8 @@ use lockstep::store::{Ledger, Store};
 pub struct Request {
     /// The IAM user name.
     pub user: String,
+    /// The user's account, when the configuration names several (output then says which).
+    pub account: Option<String>,
     /// `--until` as typed: a date, an RFC 3339 time or a duration.
     pub until: String,
     /// Why (also the reason tag).
@@ -53,9 +55,10 @@ pub async fn exempt(config: &Config, request: Request) -> anyhow::Result<ExitCod
     exemption::check_reason(&request.reason).map_err(|why| anyhow!("--reason: {why}"))?;
     let tags = exemption::grant_tags(key, until, &request.reason);
     let user = &request.user;
+    let in_account = request.account.as_deref().map(|id| format!(" in account {id}")).unwrap_or_default();
     let store_path = config.store.path.display();
     if !request.commit {
-        println!("dry run, nothing changed; with --commit lockstep would tag IAM user {user}:");
+        println!("dry run, nothing changed; with --commit lockstep would tag IAM user {user}{in_account}:");
         for (key, value) in &tags {
             println!("  {key}={value}");
         }
@@ -76,10 +79,10 @@ pub async fn exempt(config: &Config, request: Request) -> anyhow::Result<ExitCod
         .await?
         .tag_user(user, &tags)
         .await
-        .with_context(|| format!("tagging IAM user {user} (the exemption is journaled; rerun to retry)"))?;
+        .with_context(|| format!("tagging IAM user {user}{in_account} (the exemption is journaled; rerun to retry)"))?;
     store.mark_exemption(user, ExemptionState::Granted, &request.operator, now)?;
     println!(
-        "exempted {user} until {} ({} from now): tags {} set in IAM; recorded by {}",
+        "exempted {user}{in_account} until {} ({} from now): tags {} set in IAM; recorded by {}",
         rfc3339(until),
         elapsed(until - now),
         exemption::tag_keys(key).join(", "),

@@ -16,6 +16,7 @@ mod ops;
 mod policy;
 mod run;
 mod sandbox;
+mod user;
 mod whatif;
 
 /// Logs go to stderr; `LOCKSTEP_LOG` (an `EnvFilter` directive) overrides `default_level`, except
@@ -93,26 +94,12 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             OpCommand::Rollback { operator: operator.operator, batch, reason },
             commit,
         ),
-        Command::Hold { user, reason, operator } => {
-            let (account, user) = account_of_user(account, &user)?;
-            operator_command(
-                &cli.config,
-                account,
-                "hold",
-                OpCommand::Hold { operator: operator.operator, user, reason },
-                false,
-            )
-        }
-        Command::Release { user, operator } => {
-            let (account, user) = account_of_user(account, &user)?;
-            operator_command(
-                &cli.config,
-                account,
-                "release",
-                OpCommand::Release { operator: operator.operator, user },
-                false,
-            )
-        }
+        Command::Hold { user, reason, operator } => user_command(&cli.config, account, "hold", &user, |user| {
+            OpCommand::Hold { operator: operator.operator, user, reason }
+        }),
+        Command::Release { user, operator } => user_command(&cli.config, account, "release", &user, |user| {
+            OpCommand::Release { operator: operator.operator, user }
+        }),
         Command::PromoteNext { operator } => operator_command(
             &cli.config,
             account,
@@ -128,15 +115,18 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             block_on(run::run(config, run::Options { commit, once, json }))
         }
         Command::Exempt { user, until, reason, commit, operator } => {
-            let request = exempt::Request { user, until, reason, operator: operator.operator, commit };
-            block_on(exempt::exempt(&load(&cli.config, "exempt", account)?, request))
+            let user = user::resolve(&load_accounts(&cli.config)?, account, &user, "exempt")?;
+            let account = user.qualified.then(|| user.config.account_id.clone());
+            let request =
+                exempt::Request { user: user.name, account, until, reason, operator: operator.operator, commit };
+            block_on(exempt::exempt(&user.config, request))
         }
         Command::Exemptions { json } => block_on(exempt::list(&load(&cli.config, "exemptions", account)?, json)),
         Command::Backtest { since, until, resume_after, json, html } => backtest::run(
             &load(&cli.config, "backtest", account)?,
             backtest::Options { since, until, resume_after, json, html },
         ),
-        Command::Evidence { command } => evidence::run(&load(&cli.config, "evidence", account)?, command),
+        Command::Evidence { command } => evidence::run(&load_accounts(&cli.config)?, account, command),
         Command::Whatif { against, json } => {
             block_on(whatif::run(&cli.config, &load(&cli.config, "whatif", account)?, &against, account, json))
         }
@@ -183,19 +173,17 @@ fn brake(path: &std::path::Path, account: Option<&str>, name: &str, command: OpC
     Ok(outcome)
 }
 
-/// A user named `<account>/<name>` (IAM user names never hold a `/`): the account it names and
-/// the bare name, so the command acts in that account alone, through the daemon or on that
-/// account's store; otherwise `--account` and the name as given.
-fn account_of_user<'a>(account: Option<&'a str>, user: &'a str) -> anyhow::Result<(Option<&'a str>, String)> {
-    let Some((named, name)) = user.split_once('/') else {
-        return Ok((account, user.to_string()));
-    };
-    if let Some(given) = account
-        && given != named
-    {
-        anyhow::bail!("{user} names account {named}, but --account names {given}");
-    }
-    Ok((Some(named), name.to_string()))
+/// An operator command about one user (`<account>/<name>` or a plain name), in that user's
+/// account.
+fn user_command(
+    config: &std::path::Path,
+    account: Option<&str>,
+    name: &str,
+    user: &str,
+    command: impl FnOnce(String) -> OpCommand,
+) -> anyhow::Result<ExitCode> {
+    let user = user::resolve(&load_accounts(config)?, account, user, name)?;
+    block_on(ops::command(&user.config, command(user.name), false))
 }
 
 /// Runs an async command body on a multi-threaded runtime.
@@ -210,18 +198,15 @@ pub fn block_on<T>(work: impl std::future::Future<Output = anyhow::Result<T>>) -
 /// Loads and validates the configuration for `command`, which handles one account: every
 /// problem is in the error, and so is the refusal of a configuration naming several accounts.
 pub fn load(path: &std::path::Path, command: &str, account: Option<&str>) -> anyhow::Result<Config> {
-    let config = Config::load(path).with_context(|| format!("configuration {} is not usable", path.display()))?;
+    view(&load_accounts(path)?, command, account)
+}
+
+/// The view of `config` for `command`, which handles one account: `account`'s, or the
+/// configuration itself when it names one account (otherwise the refusal).
+pub fn view(config: &Config, command: &str, account: Option<&str>) -> anyhow::Result<Config> {
     match account {
-        // A listed account needs no discovery; a discovered one does.
-        Some(id) if config.account(id).is_err() && config.discovery.is_some() => {
-            let config = load_accounts(path)?;
-            Ok(config.for_account(config.account(id)?))
-        }
         Some(id) => Ok(config.for_account(config.account(id)?)),
-        None => {
-            config.single_account(command)?;
-            Ok(config)
-        }
+        None => Ok(config.single_account(command)?.clone()),
     }
 }
 
