@@ -527,6 +527,7 @@ fn a_refused_role_blocks_its_account_alone_and_says_why() {
     let out = org.run(&["status"]);
     assert!(out.status.success(), "{}", text(&out.stderr));
     let table = text(&out.stdout);
+    println!("{table}");
     assert!(line_of(&table, REFUSED).contains("BLOCKED"), "{table}");
     assert!(line_of(&table, PAYMENTS).contains(" finished "), "{table}");
     assert!(line_of(&table, common::ACCOUNT).contains(" finished "), "{table}");

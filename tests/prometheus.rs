@@ -252,7 +252,12 @@ fn dashboard_expressions() -> Vec<String> {
     assert!(exprs.len() > 20, "found the panels' expressions");
     exprs
         .into_iter()
-        .map(|e| e.replace("$job", "lockstep").replace("$instance", ".*").replace("$__rate_interval", "1m"))
+        .map(|e| {
+            e.replace("$job", "lockstep")
+                .replace("$instance", ".*")
+                .replace("$account", ".*")
+                .replace("$__rate_interval", "1m")
+        })
         .collect()
 }
 
