@@ -29,9 +29,9 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use chrono::{DateTime, TimeDelta, TimeZone, Utc};
+use chrono::{DateTime, TimeDelta, Utc};
 use common::{Density, SOURCES, benching, fill, peak_rss_mib, setting, user_name};
-use lockstep::clock::{Clock, ManualClock};
+use lockstep::clock::{Clock, ManualClock, SystemClock};
 use lockstep::config::{Config, earlier};
 use lockstep::controller::{Controller, Mode};
 use lockstep::evidence::aggregate::Judge;
@@ -160,9 +160,10 @@ fn fresh_refresh(store: &Store, now: DateTime<Utc>) -> Result<(), Failure> {
 }
 
 /// The shipped rollout.yaml over `accounts` accounts: account_id's own and the others through a
-/// role, with its store in `dir`.
+/// role, with its store in `dir`, where the file is written too (for the CLI).
 fn organisation(accounts: usize, dir: &std::path::Path) -> Result<Config, Failure> {
-    let mut text = include_str!("../rollout.yaml").to_string();
+    let store = format!("path: {}", dir.join("lockstep.db").display());
+    let mut text = include_str!("../rollout.yaml").replace("path: ./lockstep.db", &store);
     if accounts > 1 {
         text += "\naccounts:\n  role: \"arn:aws:iam::{account}:role/lockstep-rollout\"\n  list:\n";
         text += "    - id: \"123456789012\"\n";
@@ -170,14 +171,15 @@ fn organisation(accounts: usize, dir: &std::path::Path) -> Result<Config, Failur
             text += &format!("    - id: \"{}\"\n", 200_000_000_000u64 + i as u64);
         }
     }
-    let mut config = Config::parse(&text, std::path::Path::new("rollout.yaml"))?;
-    config.store.path = dir.join("lockstep.db");
-    Ok(config)
+    let path = dir.join("rollout.yaml");
+    std::fs::write(&path, &text)?;
+    Ok(Config::parse(&text, &path)?)
 }
 
 /// One account, filled and set up: its store, and its controller's runtime.
 async fn account(
     view: Config,
+    accounts: usize,
     users: usize,
     per_poll: usize,
     clock: &Arc<ManualClock>,
@@ -187,6 +189,8 @@ async fn account(
     let account = view.account_id.clone();
     let now = clock.now();
     let store = Store::open_for_account(&view.store.path, &account)?;
+    // As the daemon does: the accounts' stores share one page-cache budget.
+    store.share_cache(accounts)?;
     // Stamp the (empty) evidence with the perimeter, as a first refresh does.
     store.ensure_judged(&judge, now)?;
     let (user_hours, fill_seconds) = fill(&store, &judge, &account, users, DENSITY, &SOURCES, now)?;
@@ -255,16 +259,19 @@ async fn measure(users: usize, accounts: usize, steps: usize) -> Result<Figures,
     reset_peak_rss();
     let dir = tempfile::tempdir()?;
     let config = organisation(accounts, dir.path())?;
-    let now = Utc.with_ymd_and_hms(2026, 3, 31, 0, 0, 0).single().ok_or("bad start time")?;
+    // Today's midnight: `lockstep evidence list`, timed below, reads the window ending now.
+    let now = SystemClock.now().date_naive().and_hms_opt(0, 0, 0).ok_or("bad start time")?.and_utc();
     let clock = Arc::new(ManualClock::new(now));
     let wake = Arc::new(tokio::sync::Notify::new());
     let views = config.account_views();
-    let per_account = users.div_ceil(views.len());
+    let count = views.len();
+    let per_account = users.div_ceil(count);
     let per_poll = RECORDS_PER_POLL.div_ceil(views.len());
     let (mut stores, mut runtimes) = (Vec::new(), Vec::new());
     let (mut user_hours, mut fill_seconds, mut locked) = (0, 0.0, 0);
     for view in views {
-        let (store, shared, hours, seconds, locked_here) = account(view, per_account, per_poll, &clock, &wake).await?;
+        let (store, shared, hours, seconds, locked_here) =
+            account(view, count, per_account, per_poll, &clock, &wake).await?;
         stores.push(store);
         runtimes.push(shared);
         user_hours += hours;
@@ -317,16 +324,21 @@ async fn measure(users: usize, accounts: usize, steps: usize) -> Result<Figures,
     let steady_rss = rss_mib();
     let peak_rss = peak_rss_mib();
 
-    // `evidence list` of every user: each account's eligibility window, one store after another.
+    // `lockstep evidence list --json` of every user, the command itself, over every account's store.
     let at = clock.now();
     let window = config.eligibility.window;
     let listing = Instant::now();
-    let mut listed = 0;
-    for store in &stores {
-        listed += store.user_evidence(earlier(at, window), at)?.len();
-    }
+    let listed = std::process::Command::new(env!("CARGO_BIN_EXE_lockstep"))
+        .args(["--config", &dir.path().join("rollout.yaml").to_string_lossy(), "evidence", "list", "--json"])
+        .stderr(std::process::Stdio::null())
+        .output()?;
     let evidence_list = listing.elapsed().as_secs_f64() * 1000.0;
-    println!("  evidence of {listed} users read from {} stores in {evidence_list:.0} ms", stores.len());
+    let listed: serde_json::Value = serde_json::from_slice(&listed.stdout)?;
+    let listed = listed["users"].as_array().map_or(0, Vec::len);
+    println!("  `lockstep evidence list --json`: {listed} users from {} stores in {evidence_list:.0} ms", stores.len());
+    if listed != users {
+        return Err(format!("evidence list showed {listed} users of {users}").into());
+    }
 
     // The phases of one account's step, timed apart with the same calls the step makes (best of 5).
     let store = &stores[0];

@@ -42,8 +42,10 @@ pub async fn run(config: Config, options: Options) -> anyhow::Result<ExitCode> {
     let mut locks = Vec::new();
     // One evidence refresh at a time across the accounts (their schedules fire together).
     let turns = Arc::new(Semaphore::new(1));
-    for view in config.account_views() {
-        let account = Account::start(view, &base, mode, &options, clock.clone(), turns.clone()).await?;
+    let views = config.account_views();
+    let stores = views.len();
+    for view in views {
+        let account = Account::start(view, &base, mode, &options, clock.clone(), turns.clone(), stores).await?;
         locks.push(account.lock);
         schedules.extend(account.schedule);
         accounts.push(Shared::with_wake(account.controller, account.metrics, wake.clone()));
@@ -79,6 +81,7 @@ impl Account {
         options: &Options,
         clock: Arc<dyn Clock>,
         turns: Arc<Semaphore>,
+        stores: usize,
     ) -> anyhow::Result<Account> {
         let id = config.account_id.clone();
         let path = config.store.path.clone();
@@ -88,6 +91,7 @@ impl Account {
             Store::open_for_account(&path, &id)
                 .with_context(|| format!("account {id}: opening the store {}", path.display()))?,
         );
+        store.share_cache(stores)?;
         let sdk = match lockstep::aws::account_config(base, config.access()).await {
             Ok(sdk) => sdk,
             Err(error) => {

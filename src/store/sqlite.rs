@@ -291,6 +291,9 @@ const EVIDENCE_TABLES: &[&str] = &["evidence_hour", "evidence_verdict", "evidenc
 pub(super) const HOUR_TABLES: &[&str] =
     &["evidence_hour", "evidence_call", "stored_verdict", "stored_outside", "pending_context"];
 
+/// A store's page cache, in KiB, when it is the only one open ([`Store::share_cache`]).
+const CACHE_KIB: i64 = 65_536;
+
 /// The SQLite store: the evidence and the rollout ledger in one database file.
 pub struct Store {
     conn: Mutex<Connection>,
@@ -404,9 +407,17 @@ impl Store {
         conn.pragma_update(None, "foreign_keys", "ON").doing(doing)?;
         // Up to 64 MiB of pages (2 MiB by default): the index that finds request contexts is
         // written at random places, and stays cached at hundreds of thousands of contexts.
-        conn.pragma_update(None, "cache_size", -65536).doing(doing)?;
+        conn.pragma_update(None, "cache_size", -CACHE_KIB).doing(doing)?;
         migrate(&mut conn)?;
         Ok(Store { conn: Mutex::new(conn) })
+    }
+
+    /// Shares the page-cache budget one store has alone (64 MiB) among `stores` stores open in
+    /// one process (a daemon of many accounts), at least 1 MiB each: the caches are resident
+    /// memory, and a store's pages beyond its share are read from the OS's file cache instead.
+    pub fn share_cache(&self, stores: usize) -> Result<(), StoreError> {
+        let kib = (CACHE_KIB / stores.max(1) as i64).max(1024);
+        self.conn().pragma_update(None, "cache_size", -kib).doing("sizing the store's page cache")
     }
 
     /// The connection, for other `impl Store` blocks in the crate. A panic while holding it
