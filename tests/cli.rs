@@ -253,6 +253,25 @@ fn the_sandbox_rolls_out_every_account_and_its_summary_shows_the_rollback() {
     assert!(text(&out.stderr).contains("] 111122223333 payments: wave canary"), "narration names the account");
 }
 
+/// The README shows what `cargo run -- sandbox` prints, exactly.
+#[test]
+fn the_readme_shows_the_sandbox_summary_as_printed() {
+    let dir = tempfile::tempdir().unwrap();
+    let port = |_| std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port().to_string();
+    let (admin, metrics) = (port(0), port(1));
+    let run_dir = dir.path().join("run");
+    let args = ["sandbox", "--dir", run_dir.to_str().unwrap(), "--pace", "0", "--admin-port", &admin];
+    let out = lockstep(&[&args[..], &["--metrics-port", &metrics]].concat(), None);
+    assert!(out.status.success(), "{}\n{}", text(&out.stdout), text(&out.stderr));
+    let readme = std::fs::read_to_string("README.md").unwrap();
+    let shown = readme
+        .split("cargo run -- sandbox\n```\n\n```text\n")
+        .nth(1)
+        .and_then(|rest| rest.split("```\n").next())
+        .expect("the README shows the sandbox's summary after `cargo run -- sandbox`");
+    assert_eq!(shown, text(&out.stdout).trim_start_matches('\n'), "README.md, On a fresh machine");
+}
+
 /// A rollout against the emulator: config, two users with eight clean days of trail, and a CLI
 /// runner with the environment the binary needs to reach moto (and nothing else).
 struct EmulatedRollout {

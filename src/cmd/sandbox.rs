@@ -277,7 +277,7 @@ pub async fn run(options: Options) -> anyhow::Result<ExitCode> {
     let config_path = dir.join("rollout.yaml");
     std::fs::write(&config_path, sandbox_config(&dir, options.accounts, options.admin_port, options.metrics_port))?;
     std::fs::write(dir.join("admin-token"), format!("sandbox-{:016x}\n", options.seed ^ 0x5eed_7011_0c57_e900))?;
-    let config = Config::load(&config_path)?;
+    let config = Config::load(&config_path).with_context(|| format!("loading {}", config_path.display()))?;
 
     let start = Utc.with_ymd_and_hms(2026, 3, 2, 8, 0, 0).single().context("sandbox start time")?;
     let clock = Arc::new(ManualClock::new(start));
@@ -294,8 +294,9 @@ pub async fn run(options: Options) -> anyhow::Result<ExitCode> {
         .collect();
     let trail = dir.join("trail");
     eprintln!(
-        "sandbox: {} generated users in {count} accounts ({}), {HISTORY_DAYS} days of history, virtual time from {start}",
+        "sandbox: {} generated users in {} ({}), {HISTORY_DAYS} days of history, virtual time from {start}",
         orgs.iter().map(|o| o.users.len()).sum::<usize>(),
+        accounts_phrase(count),
         views
             .iter()
             .zip(&orgs)
@@ -309,13 +310,7 @@ pub async fn run(options: Options) -> anyhow::Result<ExitCode> {
     while day < start {
         let until = (day + chrono::Duration::days(1)).min(start);
         for org in &orgs {
-            write_org_trail(
-                &trail,
-                ORGANIZATION,
-                &org.account_id,
-                &org.generate(day, until).records,
-                Faults::default(),
-            )?;
+            deliver(&trail, &org.account_id, &org.generate(day, until).records)?;
         }
         day = until;
     }
@@ -326,31 +321,9 @@ pub async fn run(options: Options) -> anyhow::Result<ExitCode> {
     let mut accounts = Vec::with_capacity(count);
     let mut runtimes = Vec::with_capacity(count);
     for (view, org) in views.into_iter().zip(orgs) {
-        let id = view.account_id.clone();
-        let store = Arc::new(
-            Store::open_for_account(&view.store.path, &id)
-                .with_context(|| format!("account {id}: opening the store {}", view.store.path.display()))?,
-        );
-        refresh_evidence(&*store, &source, &view, clock.as_ref()).await.with_context(|| format!("account {id}"))?;
-        let users = org
-            .users
-            .iter()
-            .map(|u| IamUser {
-                name: u.name.clone(),
-                arn: u.arn.clone(),
-                path: u.path.clone(),
-                tags: u.tags.iter().cloned().collect(),
-            })
-            .collect();
-        let iam = LocalIam::new(users);
-        iam.apply_policy(&view.lockdown.group, &view.lockdown.policy_name, &view.perimeter.policy().to_json()?).await?;
-        // The sandbox's guard tails the generated trail folder (`guard.source: files`).
-        let feed = feed::from_config(&view, dyn_clock.clone()).await.with_context(|| format!("account {id}"))?;
-        let controller =
-            Controller::new(view.clone(), store.clone(), iam.clone(), feed, dyn_clock.clone(), Mode::Commit);
-        runtimes.push(Shared::with_wake(controller, Metrics::for_account(&id), wake.clone()));
-        let name = view.accounts.first().and_then(|a| a.name.clone()).unwrap_or_default();
-        accounts.push(Account { config: view, name, org, iam, store, finished: false, rollbacks: Vec::new() });
+        let (account, runtime) = Account::start(view, org, &source, dyn_clock.clone(), wake.clone()).await?;
+        accounts.push(account);
+        runtimes.push(runtime);
     }
     let fleet = Fleet::new(runtimes, wake);
     let servers = api::serve(fleet.clone(), &config.listeners).await?;
@@ -370,24 +343,25 @@ pub async fn run(options: Options) -> anyhow::Result<ExitCode> {
             if i == 0 {
                 records.extend(story.misbehaviour(written_until, now, &account.config));
             }
-            write_org_trail(&trail, ORGANIZATION, &account.config.account_id, &records, Faults::default())?;
+            deliver(&trail, &account.config.account_id, &records)?;
         }
         written_until = now;
         clock.set(now);
         if now - last_refresh >= chrono::Duration::hours(1) {
             for account in &accounts {
-                refresh_evidence(&*account.store, &source, &account.config, clock.as_ref())
-                    .await
-                    .with_context(|| format!("account {}", account.config.account_id))?;
+                refresh_evidence(&*account.store, &source, &account.config, clock.as_ref()).await?;
             }
             last_refresh = now;
         }
-        for (i, ((id, outcome), account)) in fleet.step().await.into_iter().zip(&mut accounts).enumerate() {
+        let outcomes = fleet.step().await;
+        for (i, (((id, outcome), shared), account)) in
+            outcomes.into_iter().zip(fleet.accounts()).zip(&mut accounts).enumerate()
+        {
             let report = outcome.with_context(|| format!("account {id}: controller step"))?;
             narrate(&account.label(), &report);
             account.observe(&report);
             if i == 0 {
-                story.react(&report, &fleet.accounts()[0], now)?;
+                story.react(&report, shared, now)?;
             }
         }
         if accounts.iter().all(|a| a.finished) {
@@ -425,6 +399,46 @@ pub async fn run(options: Options) -> anyhow::Result<ExitCode> {
 }
 
 impl Account {
+    /// Sets up an account on its configuration view: its store with the history's evidence, its
+    /// stand-in IAM with the lockdown policy in place, its feed and controller; and the runtime
+    /// that steps it in the fleet.
+    async fn start(
+        config: Config,
+        org: Org,
+        source: &Source,
+        clock: Arc<dyn Clock>,
+        wake: Arc<tokio::sync::Notify>,
+    ) -> anyhow::Result<(Account, Shared)> {
+        let id = config.account_id.clone();
+        let path = &config.store.path;
+        let store = Arc::new(
+            Store::open_for_account(path, &id)
+                .with_context(|| format!("account {id}: opening the store {}", path.display()))?,
+        );
+        refresh_evidence(&*store, source, &config, clock.as_ref()).await?;
+        let users = org
+            .users
+            .iter()
+            .map(|u| IamUser {
+                name: u.name.clone(),
+                arn: u.arn.clone(),
+                path: u.path.clone(),
+                tags: u.tags.iter().cloned().collect(),
+            })
+            .collect();
+        let iam = LocalIam::new(users);
+        let policy = config.perimeter.policy().to_json().with_context(|| format!("account {id}: the policy"))?;
+        iam.apply_policy(&config.lockdown.group, &config.lockdown.policy_name, &policy).await?;
+        // The sandbox's guard tails the generated trail folder (`guard.source: files`).
+        let feed = feed::from_config(&config, clock.clone())
+            .await
+            .with_context(|| format!("account {id}: the guard's feed"))?;
+        let controller = Controller::new(config.clone(), store.clone(), iam.clone(), feed, clock, Mode::Commit);
+        let runtime = Shared::with_wake(controller, Metrics::for_account(&id), wake);
+        let name = config.accounts.first().and_then(|a| a.name.clone()).unwrap_or_default();
+        Ok((Account { config, name, org, iam, store, finished: false, rollbacks: Vec::new() }, runtime))
+    }
+
     /// `123456789012 platform`: how narration and the summary name the account.
     fn label(&self) -> String {
         format!("{} {}", self.config.account_id, self.name)
@@ -471,14 +485,26 @@ impl Account {
     }
 }
 
+/// Brings an account's evidence up to date, as the daemon's schedule would.
 async fn refresh_evidence(
     store: &dyn RolloutStore,
     source: &Source,
     config: &Config,
     clock: &dyn Clock,
 ) -> anyhow::Result<()> {
-    let window = refresh::scheduled_window(&store.freshness()?, clock.now(), &config.evidence);
-    refresh::refresh(store, source, config, window, clock, None, &mut |_| {}).await?;
+    let account = &config.account_id;
+    let freshness = store.freshness().with_context(|| format!("account {account}: reading evidence freshness"))?;
+    let window = refresh::scheduled_window(&freshness, clock.now(), &config.evidence);
+    refresh::refresh(store, source, config, window, clock, None, &mut |_| {})
+        .await
+        .with_context(|| format!("account {account}: refreshing evidence"))?;
+    Ok(())
+}
+
+/// Writes an account's records into the organisation trail, as CloudTrail delivers them.
+fn deliver(trail: &Path, account: &str, records: &[RecordSpec]) -> anyhow::Result<()> {
+    write_org_trail(trail, ORGANIZATION, account, records, Faults::default())
+        .with_context(|| format!("account {account}: writing trail files under {}", trail.display()))?;
     Ok(())
 }
 
@@ -566,9 +592,9 @@ fn narrate(account: &str, report: &StepReport) {
 
 fn print_summary(summary: &Summary) {
     println!(
-        "\nlockstep sandbox summary ({:.1} virtual days, {} accounts)",
+        "\nlockstep sandbox summary ({:.1} virtual days, {})",
         summary.virtual_days,
-        summary.accounts.len()
+        accounts_phrase(summary.accounts.len())
     );
     println!(
         "  {:<24} {:<9} {:>5} {:>6} {:>4}  {:<27} stand-in group",
@@ -591,7 +617,7 @@ fn print_summary(summary: &Summary) {
     let totals = &summary.totals;
     println!(
         "  {:<24} {:<9} {:>5} {:>6} {:>4}  {}",
-        format!("all {} accounts", summary.accounts.len()),
+        "total",
         finished(summary.finished),
         totals.users,
         totals.locked,
@@ -611,7 +637,39 @@ fn print_summary(summary: &Summary) {
     }
 }
 
+/// `1 account`, `3 accounts`.
+fn accounts_phrase(count: usize) -> String {
+    match count {
+        1 => "1 account".to_string(),
+        n => format!("{n} accounts"),
+    }
+}
+
 /// `4 succeeded, 1 rolled_back`: batches by state.
 fn batches(batches: &BTreeMap<String, usize>) -> String {
     batches.iter().map(|(state, n)| format!("{n} {state}")).collect::<Vec<_>>().join(", ")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_generated_configuration_is_an_organisation_whose_second_account_has_its_own_endpoint() {
+        for count in 1..=MAX_ACCOUNTS {
+            let text = sandbox_config(Path::new("/tmp/sbx"), count, 0, 0);
+            let config = Config::parse(&text, Path::new("rollout.yaml")).unwrap();
+            let ids: Vec<&str> = config.accounts.iter().map(|a| a.id.as_str()).collect();
+            let expected: Vec<&str> = ACCOUNTS[..count].iter().map(|(id, _)| *id).collect();
+            assert_eq!(ids, expected);
+            let views = config.account_views();
+            let stores: BTreeSet<_> = views.iter().map(|v| v.store.path.clone()).collect();
+            assert_eq!(stores.len(), count, "a store per account");
+            for (i, view) in views.iter().enumerate() {
+                let own = view.perimeter.trusted_endpoints.contains_key("vpce-0c1d2e3f");
+                assert_eq!(own, i == 1, "only the second account trusts its own endpoint");
+                assert_eq!(view.perimeter.account_id, view.account_id);
+            }
+        }
+    }
 }
