@@ -12,7 +12,8 @@
 //!
 //! [`RecordSpec`] describes one record and doubles as a builder for scripted ones (a user who
 //! misbehaves after promotion); [`write_trail`] writes records as gzip `{"Records": [...]}`
-//! files in CloudTrail's S3 layout, one file per region and 5-minute delivery window.
+//! files in CloudTrail's S3 layout, one file per region and 5-minute delivery window
+//! ([`write_org_trail`]: an organisation trail's, each account under the organisation).
 
 #![warn(missing_docs)]
 
