@@ -62,18 +62,22 @@ pub enum Command {
         #[arg(long)]
         json: bool,
     },
-    /// Run the whole loop on one machine with no AWS account: a generated organisation, real
-    /// evidence, waves, the guard and a rollback, against a LOCAL STAND-IN for the IAM group.
+    /// Run the whole loop on one machine with no AWS account: a generated organisation of
+    /// several accounts, real evidence from one organisation trail, a rollout per account with
+    /// waves, the guard and a rollback, against a LOCAL STAND-IN for each account's IAM group.
     ///
-    /// Writes its configuration, trail files and store under --dir; /metrics and the admin API
-    /// are live while it runs. Ends with a summary.
+    /// Writes its configuration, trail files and one store per account under --dir; /metrics
+    /// and the admin API are live while it runs. Ends with a summary, one line per account.
     Sandbox {
         /// Where to put the run (must not hold an earlier run).
         #[arg(long, default_value = "sandbox-run")]
         dir: PathBuf,
-        /// Generated IAM users.
+        /// Generated IAM users in all, shared out between the accounts.
         #[arg(long, default_value_t = 40)]
         users: usize,
+        /// Accounts in the generated organisation, each rolled out by its own controller.
+        #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u16).range(1..=cmd::sandbox::MAX_ACCOUNTS as i64))]
+        accounts: u16,
         /// Seed for the generated organisation.
         #[arg(long, default_value_t = 7)]
         seed: u64,

@@ -198,7 +198,7 @@ fn offline_pause_and_rollback_work_against_the_store_and_iam() {
 }
 
 #[test]
-fn the_sandbox_runs_the_whole_loop_and_its_summary_shows_the_rollback() {
+fn the_sandbox_rolls_out_every_account_and_its_summary_shows_the_rollback() {
     let dir = tempfile::tempdir().unwrap();
     let port = |_| std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port().to_string();
     let (admin, metrics) = (port(0), port(1));
@@ -223,12 +223,53 @@ fn the_sandbox_runs_the_whole_loop_and_its_summary_shows_the_rollback() {
     assert!(out.status.success(), "{}\n{}", text(&out.stdout), text(&out.stderr));
     let summary: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(summary["finished"], true);
-    let rollbacks = summary["rollbacks"].as_array().unwrap();
-    assert_eq!(rollbacks.len(), 1, "{summary}");
-    assert!(rollbacks[0].as_str().unwrap().contains("AccessDenied spike"));
-    assert!(!summary["locked"].as_array().unwrap().is_empty());
-    assert_eq!(summary["locked"], summary["stand_in_group"]);
+    let accounts = summary["accounts"].as_array().unwrap();
+    let ids: Vec<&str> = accounts.iter().map(|a| a["account"].as_str().unwrap()).collect();
+    assert_eq!(ids, ["123456789012", "111122223333", "444455556666"], "three accounts by default");
+    let users: Vec<u64> = accounts.iter().map(|a| a["users"].as_u64().unwrap()).collect();
+    assert_eq!(users, [10, 10, 10], "--users is the organisation's total");
+    assert_eq!(summary["totals"]["users"], 30);
+    for account in accounts {
+        let id = account["account"].as_str().unwrap();
+        assert_eq!(account["finished"], true, "{account}");
+        assert!(!account["locked"].as_array().unwrap().is_empty(), "{account}");
+        assert_eq!(account["locked"], account["stand_in_group"], "{account}");
+        // Each account's users ended in its own stand-in group, and no other account's.
+        for arn in account["stand_in_group_arns"].as_array().unwrap() {
+            let arn = arn.as_str().unwrap();
+            assert!(arn.starts_with(&format!("arn:aws:iam::{id}:user/")), "{arn} in the group of {id}");
+        }
+        // One organisation trail, one store per account.
+        assert!(run_dir.join("trail/AWSLogs/o-a1b2c3d4e5").join(id).join("CloudTrail").is_dir(), "{id}");
+        let store = if id == "123456789012" { "lockstep.db".to_string() } else { format!("lockstep-{id}.db") };
+        assert!(run_dir.join(store).is_file(), "{id}");
+    }
+    // The story plays in the first account alone.
+    let rollbacks: Vec<usize> = accounts.iter().map(|a| a["rollbacks"].as_array().unwrap().len()).collect();
+    assert_eq!(rollbacks, [1, 0, 0], "{summary}");
+    assert!(accounts[0]["rollbacks"][0].as_str().unwrap().contains("AccessDenied spike"));
+    assert_eq!(summary["totals"]["rollbacks"], 1);
     assert!(text(&out.stderr).contains("LOCAL STAND-IN"), "the stand-in is labelled");
+    assert!(text(&out.stderr).contains("] 111122223333 payments: wave canary"), "narration names the account");
+}
+
+/// The README shows what `cargo run -- sandbox` prints, exactly.
+#[test]
+fn the_readme_shows_the_sandbox_summary_as_printed() {
+    let dir = tempfile::tempdir().unwrap();
+    let port = |_| std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port().to_string();
+    let (admin, metrics) = (port(0), port(1));
+    let run_dir = dir.path().join("run");
+    let args = ["sandbox", "--dir", run_dir.to_str().unwrap(), "--pace", "0", "--admin-port", &admin];
+    let out = lockstep(&[&args[..], &["--metrics-port", &metrics]].concat(), None);
+    assert!(out.status.success(), "{}\n{}", text(&out.stdout), text(&out.stderr));
+    let readme = std::fs::read_to_string("README.md").unwrap();
+    let shown = readme
+        .split("cargo run -- sandbox\n```\n\n```text\n")
+        .nth(1)
+        .and_then(|rest| rest.split("```\n").next())
+        .expect("the README shows the sandbox's summary after `cargo run -- sandbox`");
+    assert_eq!(shown, text(&out.stdout).trim_start_matches('\n'), "README.md, On a fresh machine");
 }
 
 /// A rollout against the emulator: config, two users with eight clean days of trail, and a CLI

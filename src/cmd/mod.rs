@@ -15,7 +15,7 @@ mod exempt;
 mod ops;
 mod policy;
 mod run;
-mod sandbox;
+pub(crate) mod sandbox;
 mod user;
 mod whatif;
 
@@ -59,8 +59,18 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 PolicyAction::Apply { commit } => block_on(policy::apply(&config, commit)),
             }
         }
-        Command::Sandbox { dir, users, seed, pace, admin_port, metrics_port, json } => {
-            block_on(sandbox::run(sandbox::Options { dir, users, seed, pace, admin_port, metrics_port, json }))
+        Command::Sandbox { dir, users, accounts, seed, pace, admin_port, metrics_port, json } => {
+            let accounts = usize::from(accounts);
+            block_on(sandbox::run(sandbox::Options {
+                dir,
+                users,
+                accounts,
+                seed,
+                pace,
+                admin_port,
+                metrics_port,
+                json,
+            }))
         }
         Command::Status { json, watch: false, .. } if account.is_none() => {
             let config = load_accounts(&cli.config)?;

@@ -12,7 +12,8 @@
 //!
 //! [`RecordSpec`] describes one record and doubles as a builder for scripted ones (a user who
 //! misbehaves after promotion); [`write_trail`] writes records as gzip `{"Records": [...]}`
-//! files in CloudTrail's S3 layout, one file per region and 5-minute delivery window.
+//! files in CloudTrail's S3 layout, one file per region and 5-minute delivery window
+//! ([`write_org_trail`]: an organisation trail's, each account under the organisation).
 
 #![warn(missing_docs)]
 
@@ -747,6 +748,30 @@ pub struct Written {
 /// window. File names derive from their records, so writing the same records again rewrites the
 /// same files. Files are compressed in parallel.
 pub fn write_trail(root: &Path, account_id: &str, records: &[RecordSpec], faults: Faults) -> std::io::Result<Written> {
+    write_deliveries(root, "AWSLogs/", account_id, records, faults)
+}
+
+/// [`write_trail`] for an organisation trail: member account `account_id`'s files under
+/// `AWSLogs/<organization_id>/<account>/CloudTrail/<region>/...` (`organization_id` such as
+/// `o-a1b2c3d4e5`), as the organisation's trail delivers them into one bucket.
+pub fn write_org_trail(
+    root: &Path,
+    organization_id: &str,
+    account_id: &str,
+    records: &[RecordSpec],
+    faults: Faults,
+) -> std::io::Result<Written> {
+    write_deliveries(root, &format!("AWSLogs/{organization_id}/"), account_id, records, faults)
+}
+
+/// The records' files under `root`, each at `<logs><account>/CloudTrail/...`.
+fn write_deliveries(
+    root: &Path,
+    logs: &str,
+    account_id: &str,
+    records: &[RecordSpec],
+    faults: Faults,
+) -> std::io::Result<Written> {
     let mut windows: Deliveries = BTreeMap::new();
     for (position, record) in records.iter().enumerate() {
         let window = record.at.duration_trunc(TimeDelta::minutes(5)).unwrap_or(record.at);
@@ -757,7 +782,8 @@ pub fn write_trail(root: &Path, account_id: &str, records: &[RecordSpec], faults
         .par_iter()
         .enumerate()
         .map(|(n, ((region, window), records))| {
-            let file = TrailFileSpec { root, account_id, region, delivered: *window + TimeDelta::minutes(8), records };
+            let delivered = *window + TimeDelta::minutes(8);
+            let file = TrailFileSpec { root, logs, account_id, region, delivered, records };
             file.write(n < faults.bad_records, (n < faults.corrupt_files).then_some(n))
         })
         .collect();
@@ -780,6 +806,8 @@ type Deliveries<'a> = BTreeMap<(&'a str, DateTime<Utc>), Vec<(usize, &'a RecordS
 /// One delivery: the records of one region and 5-minute window.
 struct TrailFileSpec<'a> {
     root: &'a Path,
+    /// `AWSLogs/`, or an organisation trail's `AWSLogs/<organisation>/`.
+    logs: &'a str,
     account_id: &'a str,
     region: &'a str,
     delivered: DateTime<Utc>,
@@ -794,7 +822,7 @@ impl TrailFileSpec<'_> {
         let mut rendered: Vec<Value> =
             self.records.iter().map(|(position, r)| render(r, self.account_id, *position)).collect();
         let ids: Vec<&str> = rendered.iter().filter_map(|r| r["eventID"].as_str()).collect();
-        let path = trail_path(self.root, self.account_id, self.region, self.delivered, fnv(&ids));
+        let path = trail_path(self.root, self.logs, self.account_id, self.region, self.delivered, fnv(&ids));
         if bad {
             rendered.insert(0, json!({"eventVersion": "1.09", "eventTime": 20240102, "userIdentity": "not an object"}));
         }
@@ -820,14 +848,14 @@ impl TrailFileSpec<'_> {
     }
 }
 
-fn trail_path(root: &Path, account: &str, region: &str, delivered: DateTime<Utc>, hash: u64) -> PathBuf {
+fn trail_path(root: &Path, logs: &str, account: &str, region: &str, delivered: DateTime<Utc>, hash: u64) -> PathBuf {
     let mut suffix = String::with_capacity(16);
     let mut rng = Rng::new(hash);
     for _ in 0..16 {
         suffix.push(char::from(rng.pick(ALPHANUMERIC)));
     }
     root.join(format!(
-        "AWSLogs/{account}/CloudTrail/{region}/{}/{account}_CloudTrail_{region}_{}_{suffix}.json.gz",
+        "{logs}{account}/CloudTrail/{region}/{}/{account}_CloudTrail_{region}_{}_{suffix}.json.gz",
         delivered.format("%Y/%m/%d"),
         delivered.format("%Y%m%dT%H%MZ"),
     ))
@@ -1226,5 +1254,21 @@ mod tests {
         assert_eq!((good, bad, broken), (written.records, 2, 1));
         let again = write_trail(dir.path(), &org.account_id, &generated.records, faults).unwrap();
         assert_eq!(again.files, written.files, "same records, same file names");
+    }
+
+    #[test]
+    fn an_organisation_trail_puts_each_account_under_the_organisation() {
+        let dir = tempfile::tempdir().unwrap();
+        let org = Org::new(5, 4, &perimeter());
+        let generated = org.generate(at("2024-01-08T10:00:00Z"), at("2024-01-08T10:30:00Z"));
+        let written =
+            write_org_trail(dir.path(), "o-a1b2c3d4e5", &org.account_id, &generated.records, Faults::default())
+                .unwrap();
+        assert_eq!(written.records, generated.records.len() as u64);
+        for file in &written.files {
+            let name = file.strip_prefix(dir.path()).unwrap().to_str().unwrap();
+            assert!(name.starts_with("AWSLogs/o-a1b2c3d4e5/123456789012/CloudTrail/"), "{name}");
+            assert!(name.contains("/123456789012_CloudTrail_"), "{name}");
+        }
     }
 }
