@@ -419,9 +419,26 @@ async fn measure(users: usize, accounts: usize, steps: usize) -> Result<Figures,
         .filter_map(|entry| entry.metadata().ok())
         .map(|m| m.len() as f64 / (1024.0 * 1024.0))
         .sum();
+    // Where the steady state's memory is: what the runtimes (controllers, last reports) held,
+    // then what the stores (SQLite's caches) held.
+    let account_count = stores.len();
+    drop((evidence, snapshot, directory));
+    drop(fleet);
+    trim();
+    let without_runtimes = rss_mib();
+    drop(stores);
+    trim();
+    let without_stores = rss_mib();
+    let mib = |m: Option<f64>| m.map_or("?".to_string(), |m| format!("{m:.0} MiB"));
+    println!(
+        "  RSS after the rounds {}; without the runtimes {}; without the stores too {}",
+        mib(steady_rss),
+        mib(without_runtimes),
+        mib(without_stores)
+    );
     Ok(Figures {
         users,
-        accounts: stores.len(),
+        accounts: account_count,
         cold: cold.as_secs_f64() * 1000.0,
         median: percentile(&times, 50.0),
         p99: percentile(&times, 99.0),
@@ -437,7 +454,7 @@ async fn measure(users: usize, accounts: usize, steps: usize) -> Result<Figures,
         store_mib,
         evidence_list,
         // GetAccountAuthorizationDetails pages of IAM's maximum, 1,000 users (tests/directory.rs).
-        directory_pages: stores.len() * per_account.div_ceil(1_000),
+        directory_pages: account_count * per_account.div_ceil(1_000),
         steps,
         locked,
         candidates,
