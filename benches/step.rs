@@ -176,27 +176,17 @@ fn organisation(accounts: usize, dir: &std::path::Path) -> Result<Config, Failur
     Ok(Config::parse(&text, &path)?)
 }
 
-/// One account, filled and set up: its store, and its controller's runtime.
-async fn account(
-    view: Config,
-    accounts: usize,
-    users: usize,
-    per_poll: usize,
-    clock: &Arc<ManualClock>,
-    wake: &Arc<tokio::sync::Notify>,
-) -> Result<(Arc<Store>, Shared, i64, f64, usize), Failure> {
-    let judge = Judge::new(&view);
-    let account = view.account_id.clone();
-    let now = clock.now();
-    let store = Store::open_for_account(&view.store.path, &account)?;
-    // As the daemon does: the accounts' stores share one page-cache budget.
-    store.share_cache(accounts)?;
+/// Fills one account's store: 30 days of evidence, and the ledger (the first two waves done,
+/// 10% locked in finished batches of the last, one batch finished 30 minutes ago, in its grace
+/// period, one soaking for 2 hours). Returns the user-hours written, the seconds the evidence
+/// took, and the users locked.
+fn fill_account(view: &Config, users: usize, now: DateTime<Utc>) -> Result<(i64, f64, usize), Failure> {
+    let judge = Judge::new(view);
+    let account = &view.account_id;
+    let store = Store::open_for_account(&view.store.path, account)?;
     // Stamp the (empty) evidence with the perimeter, as a first refresh does.
     store.ensure_judged(&judge, now)?;
-    let (user_hours, fill_seconds) = fill(&store, &judge, &account, users, DENSITY, &SOURCES, now)?;
-
-    // The ledger: the first two waves done, 10% locked in finished batches of the last, one
-    // batch finished 30 minutes ago (in its grace period), one soaking for 2 hours.
+    let (user_hours, fill_seconds) = fill(&store, &judge, account, users, DENSITY, &SOURCES, now)?;
     let names: Vec<String> = (0..users).map(user_name).collect();
     let locked = users * LOCKED_PERCENT / 100;
     store.finish_wave("canary", "bench", now - TimeDelta::days(20))?;
@@ -217,7 +207,66 @@ async fn account(
         }
     }
     fresh_refresh(&store, now)?;
+    Ok((user_hours, fill_seconds, locked))
+}
 
+/// The environment variable that makes the benchmark a filler: it fills the stores of
+/// `<dir>|<users>|<accounts>|<now>` and exits, so that the measuring process never holds what
+/// filling allocated (a daemon does not fill its stores itself).
+const FILL: &str = "LOCKSTEP_BENCH_FILL";
+
+/// Fills every account's store in a child process; the user-hours, the seconds and the users
+/// locked, and the child's peak RSS.
+fn fill_in_child(
+    dir: &std::path::Path,
+    users: usize,
+    accounts: usize,
+    now: DateTime<Utc>,
+) -> Result<(i64, f64, usize, Option<f64>), Failure> {
+    let job = format!("{}|{users}|{accounts}|{}", dir.display(), now.to_rfc3339());
+    let child = std::process::Command::new(std::env::current_exe()?).arg("--bench").env(FILL, job).output()?;
+    let out = String::from_utf8_lossy(&child.stdout);
+    if !child.status.success() {
+        return Err(format!("the filler failed: {out}{}", String::from_utf8_lossy(&child.stderr)).into());
+    }
+    let fields: Vec<&str> = out.trim().split(' ').collect();
+    let [hours, seconds, locked, peak] = fields.as_slice() else {
+        return Err(format!("the filler said {out:?}").into());
+    };
+    Ok((hours.parse()?, seconds.parse()?, locked.parse()?, peak.parse().ok()))
+}
+
+/// The filler's side of [`fill_in_child`].
+fn fill_here(job: &str) -> Result<(), Failure> {
+    let [dir, users, accounts, now] = job.split('|').collect::<Vec<_>>()[..] else {
+        return Err(format!("{FILL}={job:?}").into());
+    };
+    let config = organisation(accounts.parse()?, std::path::Path::new(dir))?;
+    let now: DateTime<Utc> = now.parse()?;
+    let (mut hours, mut seconds, mut locked) = (0, 0.0, 0);
+    for view in config.account_views() {
+        let (h, s, l) = fill_account(&view, users.parse()?, now)?;
+        (hours, seconds, locked) = (hours + h, seconds + s, locked + l);
+    }
+    println!("{hours} {seconds} {locked} {}", peak_rss_mib().unwrap_or(f64::NAN));
+    Ok(())
+}
+
+/// One account's runtime over its filled store, as the daemon builds it.
+fn runtime(
+    view: Config,
+    accounts: usize,
+    users: usize,
+    per_poll: usize,
+    clock: &Arc<ManualClock>,
+    wake: &Arc<tokio::sync::Notify>,
+) -> Result<(Arc<Store>, Shared), Failure> {
+    let account = view.account_id.clone();
+    let store = Store::open_for_account(&view.store.path, &account)?;
+    // As the daemon does: the accounts' stores share one page-cache budget.
+    store.share_cache(accounts)?;
+    let names: Vec<String> = (0..users).map(user_name).collect();
+    let locked = users * LOCKED_PERCENT / 100;
     let directory: Vec<IamUser> = names
         .iter()
         .enumerate()
@@ -235,7 +284,7 @@ async fn account(
     let dyn_clock: Arc<dyn Clock> = clock.clone();
     let controller = Controller::new(view, store.clone(), iam, feed, dyn_clock, Mode::Commit);
     let shared = Shared::with_wake(controller, Metrics::for_account(&account), wake.clone());
-    Ok((store, shared, user_hours, fill_seconds, locked))
+    Ok((store, shared))
 }
 
 /// Gives freed memory back to the system, as the daemon's trimmer does every 30 s.
@@ -267,20 +316,13 @@ async fn measure(users: usize, accounts: usize, steps: usize) -> Result<Figures,
     let count = views.len();
     let per_account = users.div_ceil(count);
     let per_poll = RECORDS_PER_POLL.div_ceil(views.len());
+    let (user_hours, fill_seconds, locked, fill_rss) = fill_in_child(dir.path(), per_account, accounts, now)?;
     let (mut stores, mut runtimes) = (Vec::new(), Vec::new());
-    let (mut user_hours, mut fill_seconds, mut locked) = (0, 0.0, 0);
     for view in views {
-        let (store, shared, hours, seconds, locked_here) =
-            account(view, count, per_account, per_poll, &clock, &wake).await?;
+        let (store, shared) = runtime(view, count, per_account, per_poll, &clock, &wake)?;
         stores.push(store);
         runtimes.push(shared);
-        user_hours += hours;
-        fill_seconds += seconds;
-        locked += locked_here;
     }
-    let fill_rss = peak_rss_mib();
-    trim();
-    reset_peak_rss();
     let users = per_account * stores.len();
     let candidates = users - locked;
     let fleet = Fleet::new(runtimes, wake);
@@ -419,23 +461,7 @@ async fn measure(users: usize, accounts: usize, steps: usize) -> Result<Figures,
         .filter_map(|entry| entry.metadata().ok())
         .map(|m| m.len() as f64 / (1024.0 * 1024.0))
         .sum();
-    // Where the steady state's memory is: what the runtimes (controllers, last reports) held,
-    // then what the stores (SQLite's caches) held.
     let account_count = stores.len();
-    drop((evidence, snapshot, directory));
-    drop(fleet);
-    trim();
-    let without_runtimes = rss_mib();
-    drop(stores);
-    trim();
-    let without_stores = rss_mib();
-    let mib = |m: Option<f64>| m.map_or("?".to_string(), |m| format!("{m:.0} MiB"));
-    println!(
-        "  RSS after the rounds {}; without the runtimes {}; without the stores too {}",
-        mib(steady_rss),
-        mib(without_runtimes),
-        mib(without_stores)
-    );
     Ok(Figures {
         users,
         accounts: account_count,
@@ -466,6 +492,9 @@ async fn main() -> Result<(), Failure> {
     if !benching() {
         println!("step benchmark: skipped (run it with `cargo bench --bench step`)");
         return Ok(());
+    }
+    if let Ok(job) = std::env::var(FILL) {
+        return fill_here(&job);
     }
     let sizes: Vec<usize> = match std::env::var("LOCKSTEP_BENCH_USERS") {
         Ok(text) => text.split(',').map(|s| s.trim().parse()).collect::<Result<_, _>>()?,

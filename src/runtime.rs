@@ -40,7 +40,9 @@ struct Inner {
     config: Config,
     clock: Arc<dyn Clock>,
     mode: Mode,
-    last_report: RwLock<Option<StepReport>>,
+    /// The last step's report without the plan's reason for every user (100,000 users are
+    /// tens of megabytes a copy), and how many of those users were candidates.
+    last_report: RwLock<Option<(StepReport, usize)>>,
     promote_now: AtomicBool,
     wake: Arc<Notify>,
     ready: AtomicBool,
@@ -192,7 +194,7 @@ impl Shared {
         let mut controller = self.inner.controller.lock().await;
         let before = self.inner.store.snapshot()?;
         tracing::Span::current().record("batches", tracing::field::debug(before.active_batch_ids()));
-        let report = controller.step(promote_now).await?;
+        let mut report = controller.step(promote_now).await?;
         let snapshot = self.inner.store.snapshot()?;
         *self.inner.recent_batches.write().await = recent_batches(&snapshot, report.at);
         let new: Vec<i64> = snapshot.batches.iter().map(|b| b.id).filter(|id| before.batch(*id).is_none()).collect();
@@ -226,11 +228,14 @@ impl Shared {
         self.count_refresh_runs().await?;
         log_report(&report);
         let mut last = self.inner.last_report.write().await;
-        if last.as_ref().map(|r| &r.plan.gate) != Some(&report.plan.gate) {
+        if last.as_ref().map(|(r, _)| &r.plan.gate) != Some(&report.plan.gate) {
             // The gate says whether the rollout can move; operators want to hear when that changes.
             tracing::info!(gate = %serde_json::to_string(&report.plan.gate).unwrap_or_default(), "rollout gate changed");
         }
-        *last = Some(report.clone());
+        let candidates = candidates(&snapshot, &report);
+        let users = std::mem::take(&mut report.plan.users);
+        *last = Some((report.clone(), candidates));
+        report.plan.users = users;
         drop(last);
         self.inner.ready.store(true, Ordering::SeqCst);
         Ok(report)
@@ -267,8 +272,12 @@ impl Shared {
     pub async fn status(&self) -> Result<Status, ControllerError> {
         let snapshot = self.inner.store.snapshot()?;
         let freshness = self.inner.store.freshness()?;
-        let report = self.inner.last_report.read().await.clone();
-        let mut status = status(&snapshot, report.as_ref(), freshness, self.inner.mode, self.inner.clock.now());
+        let last = self.inner.last_report.read().await.clone();
+        let report = last.as_ref().map(|(report, _)| report);
+        let mut status = status(&snapshot, report, freshness, self.inner.mode, self.inner.clock.now());
+        if let Some((_, candidates)) = last {
+            status.users.insert("candidate".to_string(), candidates);
+        }
         status.account = self.inner.config.account_id.clone();
         status.blocked = self.blocked().await;
         Ok(status)
@@ -303,6 +312,16 @@ impl Shared {
         self.inner.wake.notify_one();
         Ok(message)
     }
+}
+
+/// The directory's users the ledger does not hold (nor found in the group unasked).
+fn candidates(snapshot: &Snapshot, report: &StepReport) -> usize {
+    report
+        .plan
+        .users
+        .keys()
+        .filter(|u| !snapshot.members.contains_key(*u) && !snapshot.foreign.contains_key(*u))
+        .count()
 }
 
 /// The batches started in the day before `now`: when, and how many users.
@@ -495,13 +514,7 @@ pub fn status(
         users.insert("not_added_by_lockstep".to_string(), snapshot.foreign.len());
     }
     if let Some(report) = report {
-        let candidates = report
-            .plan
-            .users
-            .keys()
-            .filter(|u| !snapshot.members.contains_key(*u) && !snapshot.foreign.contains_key(*u))
-            .count();
-        users.insert("candidate".to_string(), candidates);
+        users.insert("candidate".to_string(), candidates(snapshot, report));
     }
     Status {
         account: String::new(),
