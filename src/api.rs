@@ -194,6 +194,11 @@ async fn post_command(
     if let Command::Hold { user, .. } | Command::Release { user, .. } = &mut command
         && let Some((account, name)) = user.split_once('/')
     {
+        if account.len() != 12 || !account.bytes().all(|b| b.is_ascii_digit()) || name.is_empty() || name.contains('/')
+        {
+            let why = format!("user {user:?}: write <12-digit account ID>/<IAM user name>");
+            return (StatusCode::BAD_REQUEST, Json(Answer::error(why))).into_response();
+        }
         which.account = Some(account.to_string());
         *user = name.to_string();
     }
@@ -206,7 +211,8 @@ async fn post_command(
             Err(why) => return unpicked(why),
         }
     };
-    let several = targets.len() > 1;
+    // In an organisation every answer names its account.
+    let several = fleet.accounts().len() > 1;
     let mut messages = Vec::new();
     for shared in targets {
         match shared.command(&command) {

@@ -602,6 +602,10 @@ fn a_user_name_in_two_accounts_is_two_users() {
     assert_eq!(code, 200, "{answer}");
     assert_eq!(org.status_of(PAYMENTS).users.get("held"), None);
     assert_eq!(org.group_members(PAYMENTS), vec!["acca-bob"], "released, still ineligible");
+    let body = r#"{"command":"hold","operator":"kim","user":"payments/alice","reason":"x"}"#;
+    let (code, answer) = http(org.admin, "POST", "/v1/command", body).unwrap();
+    assert_eq!(code, 400, "{answer}");
+    assert!(answer.contains("write <12-digit account ID>/<IAM user name>"), "{answer}");
 }
 
 #[test]
