@@ -30,7 +30,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use chrono::{DateTime, TimeDelta, Utc};
-use common::{Density, SOURCES, benching, fill, peak_rss_mib, setting, user_name};
+use common::{Density, SOURCES, benching, fill, peak_rss_mib, setting, status_mib, user_name};
 use lockstep::clock::{Clock, ManualClock, SystemClock};
 use lockstep::config::{Config, earlier};
 use lockstep::controller::{Controller, Mode};
@@ -296,14 +296,6 @@ fn trim() {
     }
 }
 
-/// Resident set size now, in MiB (`VmRSS`), when Linux tells.
-fn rss_mib() -> Option<f64> {
-    let status = std::fs::read_to_string("/proc/self/status").ok()?;
-    let line = status.lines().find(|l| l.starts_with("VmRSS:"))?;
-    let kib: f64 = line.split_whitespace().nth(1)?.parse().ok()?;
-    Some(kib / 1024.0)
-}
-
 async fn measure(users: usize, accounts: usize, steps: usize) -> Result<Figures, Failure> {
     reset_peak_rss();
     let dir = tempfile::tempdir()?;
@@ -363,7 +355,7 @@ async fn measure(users: usize, accounts: usize, steps: usize) -> Result<Figures,
     times.sort();
     rounds.sort();
     trim();
-    let steady_rss = rss_mib();
+    let steady_rss = status_mib("VmRSS:");
     let peak_rss = peak_rss_mib();
 
     // `lockstep evidence list --json` of every user, the command itself, over every account's store.

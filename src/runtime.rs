@@ -273,11 +273,8 @@ impl Shared {
         let snapshot = self.inner.store.snapshot()?;
         let freshness = self.inner.store.freshness()?;
         let last = self.inner.last_report.read().await.clone();
-        let report = last.as_ref().map(|(report, _)| report);
-        let mut status = status(&snapshot, report, freshness, self.inner.mode, self.inner.clock.now());
-        if let Some((_, candidates)) = last {
-            status.users.insert("candidate".to_string(), candidates);
-        }
+        let last = last.as_ref().map(|(report, candidates)| (report, *candidates));
+        let mut status = status(&snapshot, last, freshness, self.inner.mode, self.inner.clock.now());
         status.account = self.inner.config.account_id.clone();
         status.blocked = self.blocked().await;
         Ok(status)
@@ -498,10 +495,11 @@ pub struct Status {
     pub forecast: crate::planner::Forecast,
 }
 
-/// The status from a ledger snapshot, the last step's report (if any) and evidence freshness.
+/// The status from a ledger snapshot, the last step's report and its candidate count (if any), and
+/// evidence freshness.
 pub fn status(
     snapshot: &Snapshot,
-    report: Option<&StepReport>,
+    last: Option<(&StepReport, usize)>,
     evidence: Freshness,
     mode: Mode,
     now: DateTime<Utc>,
@@ -513,8 +511,9 @@ pub fn status(
     if !snapshot.foreign.is_empty() {
         users.insert("not_added_by_lockstep".to_string(), snapshot.foreign.len());
     }
-    if let Some(report) = report {
-        users.insert("candidate".to_string(), candidates(snapshot, report));
+    let report = last.map(|(report, _)| report);
+    if let Some((_, candidates)) = last {
+        users.insert("candidate".to_string(), candidates);
     }
     Status {
         account: String::new(),

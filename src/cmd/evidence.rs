@@ -21,6 +21,7 @@ use lockstep::evidence::{EvidenceStore, Freshness, UserEvidence};
 use lockstep::guard::DenialEvent;
 use lockstep::perimeter::Verdict;
 use lockstep::store::{RolloutStore, Store};
+use rayon::iter::{IntoParallelRefIterator, ParallelIterator};
 use serde::Serialize;
 
 use super::user::Resolved;
@@ -473,20 +474,22 @@ struct AccountsListJson<'a> {
 fn list_accounts(config: &Config, now: DateTime<Utc>, sort: SortBy, json: bool) -> anyhow::Result<ExitCode> {
     let window = list_window(config, now);
     let views = config.account_views();
-    // Each account's store is read on a thread of its own, a core's worth at a time: 50 accounts
-    // are 50 separate reads.
-    let read = in_parallel(&views, |view| -> anyhow::Result<(Currency, Vec<UserEvidence>)> {
-        let account = &view.account_id;
-        let store = match view.store.path.exists() {
-            true => open(view)?,
-            false => Store::open_in_memory().context("opening an empty store in memory")?,
-        };
-        let currency = Currency::new(&store, view, now)
-            .with_context(|| format!("reading the evidence currency of account {account}"))?;
-        let users =
-            sorted_users(&store, window, sort).with_context(|| format!("reading the evidence of account {account}"))?;
-        Ok((currency, users))
-    });
+    // The accounts' stores are separate reads: on every core (rayon keeps the accounts' order).
+    let read: Vec<anyhow::Result<(Currency, Vec<UserEvidence>)>> = views
+        .par_iter()
+        .map(|view| {
+            let account = &view.account_id;
+            let store = match view.store.path.exists() {
+                true => open(view)?,
+                false => Store::open_in_memory().context("opening an empty store in memory")?,
+            };
+            let currency = Currency::new(&store, view, now)
+                .with_context(|| format!("reading the evidence currency of account {account}"))?;
+            let users = sorted_users(&store, window, sort)
+                .with_context(|| format!("reading the evidence of account {account}"))?;
+            Ok((currency, users))
+        })
+        .collect();
     let mut currencies = Vec::new();
     let mut users = Vec::new();
     for (account, result) in config.accounts.iter().zip(read) {
@@ -538,38 +541,6 @@ fn window_text(config: &Config, window: Window) -> String {
 }
 
 /// Every user with calls in `window`, in `sort` order.
-/// `work` over every item, on as many threads as there are cores, each result in its item's
-/// place.
-fn in_parallel<T: Sync, R: Send>(items: &[T], work: impl Fn(&T) -> anyhow::Result<R> + Sync) -> Vec<anyhow::Result<R>> {
-    use std::sync::atomic::{AtomicUsize, Ordering};
-    let threads = std::thread::available_parallelism().map_or(1, |n| n.get()).clamp(1, items.len().max(1));
-    let next = AtomicUsize::new(0);
-    let mut results: Vec<Option<anyhow::Result<R>>> = (0..items.len()).map(|_| None).collect();
-    std::thread::scope(|scope| {
-        let workers: Vec<_> = (0..threads)
-            .map(|_| {
-                scope.spawn(|| {
-                    let mut done = Vec::new();
-                    loop {
-                        let i = next.fetch_add(1, Ordering::Relaxed);
-                        let Some(item) = items.get(i) else { return done };
-                        done.push((i, work(item)));
-                    }
-                })
-            })
-            .collect();
-        for worker in workers {
-            for (i, result) in worker.join().unwrap_or_default() {
-                results[i] = Some(result);
-            }
-        }
-    });
-    results
-        .into_iter()
-        .map(|r| r.unwrap_or_else(|| Err(anyhow::anyhow!("a reading thread stopped unexpectedly"))))
-        .collect()
-}
-
 fn sorted_users(store: &dyn RolloutStore, window: Window, sort: SortBy) -> anyhow::Result<Vec<UserEvidence>> {
     let mut users = store.user_evidence(window.since, window.until)?;
     match sort {

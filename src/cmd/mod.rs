@@ -164,10 +164,10 @@ fn operator_command(
 /// `--account`, in every account (the brake an operator reaches for first), each account's answer
 /// under its ID; fails if any account refused or failed.
 fn brake(path: &std::path::Path, account: Option<&str>, name: &str, command: OpCommand) -> anyhow::Result<ExitCode> {
-    if account.is_some() || !Config::load(path).is_ok_and(|config| config.is_multi_account()) {
-        return operator_command(path, account, name, command, false);
-    }
     let config = load_accounts(path)?;
+    if account.is_some() || !config.is_multi_account() {
+        return block_on(ops::command(&view(&config, name, account)?, command, false));
+    }
     let mut outcome = ExitCode::SUCCESS;
     for view in config.account_views() {
         println!("{}:", view.account_id);
